@@ -1,0 +1,1 @@
+"""e2llm-edge runtime: codec, topics, MQTT bus, agents and orchestrator."""

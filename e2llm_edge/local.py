@@ -1,0 +1,92 @@
+"""The local path: every segment in one process. The reference the cluster must match.
+
+Prefill runs the whole prompt in one pass (batch 1, empty past); decode feeds one token at
+a time with the grown KV cache. Only the last position goes through the head.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from e2llm_edge.runner import Embedder, Head, KVCache, LayerStack
+from e2llm_edge.sampling import Sampling, sample
+from onnx_export.errors import ExportError
+from onnx_export.manifest import Manifest
+
+
+@dataclass
+class GenerationStats:
+    prompt_tokens: int = 0
+    new_tokens: int = 0
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+    step_s: list[float] = field(default_factory=list)
+
+    @property
+    def decode_tokens_per_s(self) -> float:
+        steps = self.new_tokens - 1  # the first token comes out of prefill
+        return steps / self.decode_s if steps > 0 and self.decode_s > 0 else 0.0
+
+    @property
+    def prefill_tokens_per_s(self) -> float:
+        return self.prompt_tokens / self.prefill_s if self.prefill_s > 0 else 0.0
+
+
+class LocalModel:
+    def __init__(self, model_dir: str | Path, *, prefer_ranges: bool = True,
+                 verify: bool = True, threads: int | None = None) -> None:
+        self.manifest = Manifest.load(model_dir)
+        cfg = self.manifest.config
+        self.n_layers = int(cfg["n_layers"])
+        self.context_length = int(cfg["max_position"])
+        self.eos_token_id: int | None = cfg.get("eos_token_id")
+        self.embed = Embedder(self.manifest, verify=verify, threads=threads)
+        self.layers = LayerStack(self.manifest, 0, self.n_layers, verify=verify,
+                                 prefer_ranges=prefer_ranges, threads=threads)
+        self.head = Head(self.manifest, verify=verify, threads=threads)
+
+    def forward(self, ids: list[int], start: int, cache: KVCache) -> np.ndarray:
+        """Logits (V,) of the last of `ids`, placed at positions start..; grows `cache`."""
+        x = self.embed.run(np.asarray([ids], np.int64))
+        pos = np.arange(start, start + len(ids), dtype=np.int64)[None, :]
+        mask = np.ones((1, start + len(ids)), np.int64)
+        h = self.layers.run(x, pos, mask, cache)
+        return self.head.run(h[:, -1:, :])[0, -1]
+
+    def generate(self, prompt_ids: list[int], max_new_tokens: int,
+                 sampling: Sampling | None = None, stats: GenerationStats | None = None,
+                 stop_at_eos: bool = True, logits_out: list[np.ndarray] | None = None,
+                 ) -> Iterator[int]:
+        """Yield new token ids one by one (streaming)."""
+        sampling = sampling or Sampling()
+        if not prompt_ids:
+            raise ExportError("empty prompt: nothing to generate from")
+        if len(prompt_ids) + max_new_tokens > self.context_length:
+            raise ExportError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens "
+                              f"({max_new_tokens}) exceeds the context of {self.context_length}")
+        stats = stats if stats is not None else GenerationStats()
+        stats.prompt_tokens = len(prompt_ids)
+        cache = self.layers.empty_past(1)
+        t0 = time.perf_counter()
+        logits = self.forward(prompt_ids, 0, cache)
+        stats.prefill_s = time.perf_counter() - t0
+        pos = len(prompt_ids)
+        for step in range(max_new_tokens):
+            if logits_out is not None:
+                logits_out.append(logits)
+            tok = sample(logits, sampling, step)
+            stats.new_tokens += 1
+            yield tok
+            if (stop_at_eos and tok == self.eos_token_id) or step == max_new_tokens - 1:
+                return
+            t = time.perf_counter()
+            logits = self.forward([tok], pos, cache)
+            dt = time.perf_counter() - t
+            stats.step_s.append(dt)
+            stats.decode_s += dt
+            pos += 1

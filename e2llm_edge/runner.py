@@ -1,0 +1,142 @@
+"""Run model segments with onnxruntime: the one execution engine of the local path and agents.
+
+All sessions of a process share ONE global thread pool: with default per-session pools, 30+
+sessions on 2 cores oversubscribe and decode collapses (~2 tokens/s measured here).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from onnx_export.errors import ExportError
+from onnx_export.manifest import Manifest, Segment
+
+log = logging.getLogger(__name__)
+
+_pool_lock = threading.Lock()
+_pool_threads: int | None = None
+
+
+def default_threads() -> int:
+    """E2LLM_THREADS, else the CPUs this process may use (cgroup/affinity aware)."""
+    env = os.environ.get("E2LLM_THREADS")
+    if env:
+        return max(1, int(env))
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # pragma: no cover (non-Linux)
+        return os.cpu_count() or 1
+
+
+def configure_threads(threads: int | None = None) -> int:
+    """Create onnxruntime's global thread pool once per process; return its size."""
+    global _pool_threads
+    with _pool_lock:
+        if _pool_threads is None:
+            import onnxruntime.capi._pybind_state as C
+
+            n = threads or default_threads()
+            C.set_global_thread_pool_sizes(n, 1)
+            _pool_threads = n
+        return _pool_threads
+
+
+def make_session(path: Path, threads: int | None = None) -> Any:
+    import onnxruntime as ort
+
+    configure_threads(threads)
+    so = ort.SessionOptions()
+    so.use_per_session_threads = False
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so.log_severity_level = 3
+    try:
+        return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+    except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
+        raise ExportError(f"{path}: onnxruntime cannot load it ({exc})") from exc
+
+
+@dataclass
+class KVCache:
+    """Per-request, per-layer past keys/values `(B, nkv, S, d)` for the layers one holder owns."""
+
+    keys: dict[int, np.ndarray] = field(default_factory=dict)
+    values: dict[int, np.ndarray] = field(default_factory=dict)
+
+    @property
+    def length(self) -> int:
+        return next(iter(self.keys.values())).shape[2] if self.keys else 0
+
+    @property
+    def nbytes(self) -> int:
+        return sum(a.nbytes for d in (self.keys, self.values) for a in d.values())
+
+
+class LayerStack:
+    """Layers [start, end) of a model as few sessions as the manifest allows."""
+
+    def __init__(self, manifest: Manifest, start: int, end: int, *, verify: bool = True,
+                 prefer_ranges: bool = True, threads: int | None = None) -> None:
+        cfg = manifest.config
+        self.start, self.end = start, end
+        self.n_kv_heads, self.head_dim = int(cfg["n_kv_heads"]), int(cfg["head_dim"])
+        if prefer_ranges:
+            self.segments = manifest.cover(start, end)
+        else:
+            self.segments = [manifest.segment(f"layer_{i:02d}") for i in range(start, end)]
+        self.sessions = [make_session(manifest.verify(s) if verify else manifest.path(s), threads)
+                         for s in self.segments]
+
+    def empty_past(self, batch: int) -> KVCache:
+        z = np.zeros((batch, self.n_kv_heads, 0, self.head_dim), np.float32)
+        return KVCache({i: z for i in range(self.start, self.end)},
+                       {i: z for i in range(self.start, self.end)})
+
+    def run(self, hidden: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
+            cache: KVCache) -> np.ndarray:
+        """Advance `hidden` (B, T, H) through the layers; `cache` grows by T in place."""
+        for seg, sess in zip(self.segments, self.sessions, strict=True):
+            feeds: dict[str, np.ndarray] = {"hidden": hidden, "position_ids": position_ids,
+                                            "attention_mask": attention_mask}
+            for i in seg.layers:
+                feeds[f"past_key_{i}"] = cache.keys[i]
+                feeds[f"past_value_{i}"] = cache.values[i]
+            outs = sess.run(None, feeds)
+            hidden = outs[0]
+            for j, i in enumerate(seg.layers):
+                cache.keys[i] = outs[1 + 2 * j]
+                cache.values[i] = outs[2 + 2 * j]
+        return hidden
+
+
+class Embedder:
+    def __init__(self, manifest: Manifest, *, verify: bool = True, threads: int | None = None):
+        seg = _only(manifest, "embed")
+        self.session = make_session(manifest.verify(seg) if verify else manifest.path(seg), threads)
+
+    def run(self, ids: np.ndarray) -> np.ndarray:
+        """(B, T) int64 -> (B, T, H) float32."""
+        return self.session.run(None, {"input_ids": ids})[0]  # type: ignore[no-any-return]
+
+
+class Head:
+    def __init__(self, manifest: Manifest, *, verify: bool = True, threads: int | None = None):
+        seg = _only(manifest, "head")
+        self.session = make_session(manifest.verify(seg) if verify else manifest.path(seg), threads)
+
+    def run(self, hidden: np.ndarray) -> np.ndarray:
+        """(B, T, H) -> (B, T, V) logits."""
+        return self.session.run(None, {"hidden": hidden})[0]  # type: ignore[no-any-return]
+
+
+def _only(manifest: Manifest, kind: str) -> Segment:
+    segs = manifest.by_kind(kind)
+    if not segs:
+        raise ExportError(f"{manifest.directory}: manifest has no {kind} segment")
+    return segs[0]

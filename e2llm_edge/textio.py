@@ -1,0 +1,71 @@
+"""Tokenization and chat templates for the orchestrator and the local path (not agents).
+
+The chat template is the model's own Jinja template, rendered in a sandbox as transformers
+does; `--raw` skips it.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+from onnx_export.errors import ExportError
+from onnx_export.manifest import Manifest
+
+
+class ChatTokenizer:
+    def __init__(self, manifest: Manifest) -> None:
+        from tokenizers import Tokenizer
+
+        d = manifest.directory
+        tok_file = d / manifest.tokenizer.get("file", "tokenizer.json")
+        cfg_file = d / manifest.tokenizer.get("config", "tokenizer_config.json")
+        try:
+            self.tokenizer = Tokenizer.from_file(str(tok_file))
+        except Exception as exc:  # tokenizers raises a bare Exception
+            raise ExportError(f"{tok_file}: cannot load tokenizer ({exc})") from exc
+        cfg: dict[str, Any] = json.loads(cfg_file.read_text()) if cfg_file.is_file() else {}
+        self.chat_template: str | None = cfg.get("chat_template")
+        self.bos_token, self.eos_token = cfg.get("bos_token"), cfg.get("eos_token")
+        self.eos_token_id: int | None = manifest.config.get("eos_token_id")
+        self.context_length = int(manifest.config.get("max_position", 2048))
+        self._template: Any = None
+
+    def render_chat(self, messages: list[dict[str, str]]) -> str:
+        if not self.chat_template:
+            raise ExportError("this model has no chat template; use --raw")
+        if self._template is None:
+            from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            self._template = env.from_string(self.chat_template)
+        return str(self._template.render(messages=messages, add_generation_prompt=True,
+                                         bos_token=self.bos_token or "",
+                                         eos_token=self.eos_token or ""))
+
+    def encode_prompt(self, prompt: str, raw: bool = False) -> list[int]:
+        text = prompt if raw else self.render_chat([{"role": "user", "content": prompt}])
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+
+class StreamDecoder:
+    """Turns a growing list of token ids into text deltas, holding back split UTF-8 chars."""
+
+    def __init__(self, tok: ChatTokenizer) -> None:
+        self.tok, self.ids, self.emitted = tok, [], ""  # type: list[int]
+
+    def push(self, token_id: int) -> str:
+        self.ids.append(token_id)
+        text = self.tok.decode(self.ids)
+        if text.endswith("\ufffd"):
+            return ""
+        delta, self.emitted = text[len(self.emitted):], text
+        return delta
+
+
+def load_tokenizer(model_dir: str | Path) -> ChatTokenizer:
+    return ChatTokenizer(Manifest.load(model_dir))

@@ -1,0 +1,1 @@
+"""Cut a Llama-family model into per-layer ONNX segments with explicit KV cache, without torch."""

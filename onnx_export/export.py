@@ -1,0 +1,192 @@
+"""Write a model directory: embed, per-layer (and optional layer-range) segments, head,
+tokenizer and manifest. Re-running on an unchanged input is a no-op.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from collections.abc import Callable, Sequence
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+
+from onnx_export import graph
+from onnx_export.errors import ExportError
+from onnx_export.manifest import Manifest, Segment, TensorSpec, sha256_path
+from onnx_export.source import ModelWeights, open_model
+from onnx_export.tokenizer import write_tokenizer
+
+log = logging.getLogger(__name__)
+
+EXPORTER_VERSION = "1"
+_ELEM = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64",
+         onnx.TensorProto.INT32: "int32", onnx.TensorProto.FLOAT16: "float16"}
+
+
+def parse_ranges(text: str | None, n_layers: int) -> list[tuple[int, int]]:
+    """'0-10,10-20,20-30' -> [(0, 10), (10, 20), (20, 30)], half-open, validated."""
+    if not text:
+        return []
+    out = []
+    for part in text.split(","):
+        try:
+            a, b = (int(x) for x in part.strip().split("-"))
+        except ValueError:
+            raise ExportError(f"--ranges: {part!r} is not START-END (e.g. 0-10)") from None
+        if not 0 <= a < b <= n_layers:
+            raise ExportError(f"--ranges: {part!r} must satisfy 0 <= START < END <= {n_layers}")
+        out.append((a, b))
+    return out
+
+
+def _specs(values: Sequence[onnx.ValueInfoProto]) -> list[TensorSpec]:
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        shape: list[int | str] = [d.dim_param if d.dim_param else int(d.dim_value)
+                                  for d in t.shape.dim]
+        out.append(TensorSpec(v.name, _ELEM[t.elem_type], shape))
+    return out
+
+
+def model_cost(w: ModelWeights) -> dict[str, Any]:
+    """Bytes and FLOPs the planner needs, from the fp32 weights actually written."""
+    c = w.config
+    layer_bytes, layer_flops = [], []
+    for i in range(c.n_layers):
+        n = sum(int(np.prod(w.get(t).shape)) for t in w.layer_tensor_names(i))
+        layer_bytes.append(4 * n)
+        layer_flops.append(2 * n)
+    emb = c.vocab_size * c.hidden_size
+    return {
+        "dtype": "float32",
+        "layer_param_bytes": layer_bytes,
+        "embed_param_bytes": 4 * emb,
+        "head_param_bytes": 4 * (emb + c.hidden_size),
+        "kv_bytes_per_token_per_layer": 2 * c.n_kv_heads * c.head_dim * 4,
+        "activation_bytes_per_token": c.hidden_size * 4,
+        "layer_flops_per_token": layer_flops,
+        "head_flops_per_token": 2 * emb,
+    }
+
+
+def _fingerprint(w: ModelWeights, source_digest: str) -> str:
+    h = hashlib.sha256()
+    h.update(json.dumps({"exporter": EXPORTER_VERSION, "source": source_digest,
+                         "config": w.config.to_dict()}, sort_keys=True).encode())
+    return h.hexdigest()
+
+
+def _source_digest(w: ModelWeights) -> str:
+    p = Path(w.source["path"])
+    if p.is_file():
+        return sha256_path(p)
+    h = hashlib.sha256()
+    for f in [*sorted(p.glob("*.safetensors")), p / "config.json", p / "tokenizer.json"]:
+        if f.is_file():
+            h.update(f.name.encode())
+            h.update(sha256_path(f).encode())
+    return h.hexdigest()
+
+
+def default_model_dir() -> Path:
+    from onnx_export.source import DEFAULT_MODEL_NAME, cache_dir
+
+    return cache_dir() / "models" / DEFAULT_MODEL_NAME
+
+
+def export_model(source: str | Path | None, out_dir: str | Path | None = None,
+                 ranges: str | None = None, progress: bool = True) -> Manifest:
+    """Export (or update) a model directory and return its manifest."""
+    w = open_model(source)
+    out = Path(out_dir) if out_dir else default_model_dir()
+    out.mkdir(parents=True, exist_ok=True)
+    digest = _source_digest(w)
+    fp = _fingerprint(w, digest)
+    wanted_ranges = parse_ranges(ranges, w.config.n_layers)
+
+    existing: dict[str, Segment] = {}
+    try:
+        old = Manifest.load(out)
+        if old.fingerprint == fp:
+            existing = {s.name: s for s in old.segments
+                        if (out / s.file).is_file() and (out / s.file).stat().st_size == s.bytes}
+    except ExportError:
+        pass
+
+    get = lru_cache(maxsize=None)(w.get)
+    jobs: list[tuple[str, str, int | None, int | None, Callable[[], onnx.ModelProto]]] = [
+        ("embed", "embed", None, None, lambda: graph.embed_model(w.config, get)),
+    ]
+    for i in range(w.config.n_layers):
+        jobs.append((f"layer_{i:02d}", "layers", i, i + 1,
+                     lambda i=i: graph.layers_model(w.config, i, i + 1, get)))  # type: ignore[misc]
+    for a, b in wanted_ranges:
+        if b - a > 1:
+            jobs.append((f"layers_{a:02d}_{b:02d}", "layers", a, b,
+                         lambda a=a, b=b: graph.layers_model(w.config, a, b, get)))  # type: ignore[misc]
+    jobs.append(("head", "head", None, None, lambda: graph.head_model(w.config, get)))
+    # Keep range segments from earlier runs with other --ranges: adding is cheap, losing is not.
+    kept = [s for n, s in existing.items() if n not in {j[0] for j in jobs}]
+
+    todo = [j for j in jobs if j[0] not in existing]
+    tok_files = ["tokenizer.json", "tokenizer_config.json"]
+    if not todo and all((out / f).is_file() for f in tok_files):
+        return old  # unchanged input, nothing missing: a no-op
+    segments: dict[str, Segment] = {n: existing[n] for n, *_ in jobs if n in existing}
+    with _progress(progress, len(todo), f"exporting {w.name}") as advance:
+        for name, kind, a, b, build in todo:
+            model = build()
+            path = out / f"{name}.onnx"
+            tmp = path.with_suffix(".onnx.tmp")
+            onnx.save_model(model, str(tmp))
+            os.replace(tmp, path)
+            segments[name] = Segment(
+                name=name, kind=kind, file=path.name, sha256=sha256_path(path),
+                bytes=path.stat().st_size, layer_start=a, layer_end=b, graph="standard",
+                precision="fp32", inputs=_specs(model.graph.input),
+                outputs=_specs(model.graph.output))
+            advance(name)
+
+    if not existing or not all((out / f).is_file() for f in tok_files):
+        write_tokenizer(w.tokenizer, out)
+    manifest = Manifest(
+        name=w.name, config=w.config.to_dict(), cost=model_cost(w),
+        source={**w.source, "sha256": digest}, fingerprint=fp,
+        segments=[segments[n] for n, *_ in jobs] + kept,
+        tokenizer={"file": "tokenizer.json", "config": "tokenizer_config.json"},
+        directory=out)
+    manifest.write()
+    return manifest
+
+
+class _progress:
+    """A rich progress bar when a person is watching; silent otherwise."""
+
+    def __init__(self, enabled: bool, total: int, label: str) -> None:
+        self.enabled, self.total, self.label = enabled and total > 0, total, label
+        self._bar: Any = None
+
+    def __enter__(self) -> Callable[[str], None]:
+        if self.enabled:
+            from rich.progress import Progress
+
+            self._bar = Progress(transient=False)
+            self._bar.start()
+            task = self._bar.add_task(self.label, total=self.total)
+
+            def advance(name: str) -> None:
+                self._bar.update(task, advance=1, description=f"{self.label}: {name}")
+
+            return advance
+        return lambda name: None
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()

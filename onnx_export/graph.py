@@ -1,0 +1,250 @@
+"""Graph builders for the portable segments: standard ONNX operators only, fp32 throughout.
+
+Each builder appends nodes to a `GraphBuilder` and returns output names, so the same code
+builds a single layer, a contiguous layer range (one session for many layers) or a test
+graph. Shapes: B batch, T new tokens, P past tokens, S = P + T, H hidden, nh heads,
+nkv key/value heads, g = nh / nkv, d head dim.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_export.source import ModelConfig
+
+OPSET = 18
+FLOAT_MIN = float(np.finfo(np.float32).min)  # the additive mask value transformers uses
+
+
+@dataclass
+class GraphBuilder:
+    """Collects nodes and initializers with unique names."""
+
+    name: str
+    nodes: list[onnx.NodeProto] = field(default_factory=list)
+    inits: list[onnx.TensorProto] = field(default_factory=list)
+    inputs: list[onnx.ValueInfoProto] = field(default_factory=list)
+    outputs: list[onnx.ValueInfoProto] = field(default_factory=list)
+    _n: int = 0
+    _consts: dict[tuple[str, bytes], str] = field(default_factory=dict)
+
+    def fresh(self, hint: str) -> str:
+        self._n += 1
+        return f"{hint}_{self._n}"
+
+    def op(self, op_type: str, inputs: list[str], hint: str | None = None, n_out: int = 1,
+           **attrs: object) -> str:
+        outs = [self.fresh(hint or op_type.lower()) for _ in range(n_out)]
+        self.nodes.append(helper.make_node(op_type, inputs, outs, **attrs))
+        return outs[0]
+
+    def init(self, name: str, array: np.ndarray) -> str:
+        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        return name
+
+    def const(self, value: np.ndarray | list[int] | float, dtype: type = np.int64) -> str:
+        arr = np.asarray(value, dtype=dtype)
+        key = (arr.dtype.str + str(arr.shape), arr.tobytes())
+        if key not in self._consts:
+            self._consts[key] = self.init(self.fresh("const"), arr)
+        return self._consts[key]
+
+    def add_input(self, name: str, elem: int, shape: list[int | str]) -> str:
+        self.inputs.append(helper.make_tensor_value_info(name, elem, shape))
+        return name
+
+    def add_output(self, name: str, src: str, elem: int, shape: list[int | str]) -> None:
+        self.nodes.append(helper.make_node("Identity", [src], [name]))
+        self.outputs.append(helper.make_tensor_value_info(name, elem, shape))
+
+    def model(self) -> onnx.ModelProto:
+        graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.inits)
+        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
+                              producer_name="e2llm-edge onnx_export")
+        m.ir_version = 9
+        return m
+
+
+# ----------------------------------------------------------------------------- pieces
+
+def rms_norm(g: GraphBuilder, x: str, weight: str, eps: float) -> str:
+    """x * rsqrt(mean(x^2) + eps) * w, in fp32 as transformers' LlamaRMSNorm."""
+    sq = g.op("Mul", [x, x])
+    mean = g.op("ReduceMean", [sq, g.const([-1])], keepdims=1)
+    inv = g.op("Reciprocal", [g.op("Sqrt", [g.op("Add", [mean, g.const(eps, np.float32)])])])
+    return g.op("Mul", [weight, g.op("Mul", [x, inv])], hint="rmsnorm")
+
+
+def rope_tables(g: GraphBuilder, position_ids: str, head_dim: int, theta: float) -> tuple[str, str]:
+    """cos/sin `[B, 1, T, d]` for rotate-half RoPE from int64 positions `[B, T]`."""
+    inv_freq = (1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32)
+                                  / head_dim))).astype(np.float32)  # (d/2,)
+    pos = g.op("Cast", [position_ids], to=TensorProto.FLOAT)  # (B, T)
+    pos3 = g.op("Unsqueeze", [pos, g.const([-1])])  # (B, T, 1)
+    freqs = g.op("Mul", [pos3, g.const(inv_freq, np.float32)])  # (B, T, d/2)
+    emb = g.op("Concat", [freqs, freqs], axis=-1)  # (B, T, d)
+    emb4 = g.op("Unsqueeze", [emb, g.const([1])])  # (B, 1, T, d)
+    return g.op("Cos", [emb4], hint="cos"), g.op("Sin", [emb4], hint="sin")
+
+
+def apply_rope(g: GraphBuilder, x: str, cos: str, sin: str, head_dim: int) -> str:
+    """x * cos + rotate_half(x) * sin with rotate_half(x) = [-x2, x1]; x is (B, h, T, d)."""
+    half = head_dim // 2
+    x1, x2 = g.fresh("x1"), g.fresh("x2")
+    g.nodes.append(helper.make_node("Split", [x, g.const([half, half])], [x1, x2], axis=-1))
+    rot = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
+    return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rot, sin])], hint="rope")
+
+
+def attention_bias(g: GraphBuilder, attention_mask: str, t_len: str, s_len: str) -> str:
+    """Additive mask `[B, 1, 1, T, S]`: causal over the S = P + T positions and padding.
+
+    Query i (absolute index P + i) may see key j when j <= P + i and attention_mask[b, j].
+    """
+    zero, one = g.const(0), g.const(1)
+    p_len = g.op("Sub", [s_len, t_len])
+    q_idx = g.op("Add", [g.op("Range", [zero, t_len, one]), p_len])  # (T,)
+    k_idx = g.op("Range", [zero, s_len, one])  # (S,)
+    causal = g.op("LessOrEqual", [g.op("Unsqueeze", [k_idx, g.const([0])]),
+                                  g.op("Unsqueeze", [q_idx, g.const([1])])])  # (T, S)
+    pad = g.op("Cast", [attention_mask], to=TensorProto.BOOL)  # (B, S)
+    pad5 = g.op("Unsqueeze", [pad, g.const([1, 2, 3])])  # (B, 1, 1, 1, S)
+    allowed = g.op("And", [causal, pad5])  # (B, 1, 1, T, S)
+    return g.op("Where", [allowed, g.const(0.0, np.float32), g.const(FLOAT_MIN, np.float32)],
+                hint="mask")
+
+
+def linear(g: GraphBuilder, x: str, w: np.ndarray, name: str,
+           bias: np.ndarray | None = None) -> str:
+    """x @ w.T (+ b); `w` is `[out, in]` as in transformers, stored transposed."""
+    y = g.op("MatMul", [x, g.init(name, np.ascontiguousarray(w.T))])
+    if bias is not None:
+        y = g.op("Add", [y, g.init(name + ".bias", bias)])
+    return y
+
+
+@dataclass(frozen=True)
+class LayerIO:
+    """Names shared by all layers of one segment (computed once per segment)."""
+
+    cos: str
+    sin: str
+    mask: str
+    b_dim: str  # (1,) int64 tensors holding B and T
+    t_dim: str
+
+
+def decoder_layer(g: GraphBuilder, cfg: ModelConfig, x: str, io: LayerIO, past_k: str,
+                  past_v: str, get: Callable[[str], np.ndarray], idx: int) -> tuple[str, str, str]:
+    """One Llama decoder layer. Returns (hidden, present_k, present_v)."""
+    p = f"model.layers.{idx}."
+    nh, nkv, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
+    grp = nh // nkv
+
+    def bias(n: str) -> np.ndarray | None:
+        return get(p + n) if cfg.attention_bias else None
+
+    h = rms_norm(g, x, g.init(p + "input_layernorm.weight", get(p + "input_layernorm.weight")),
+                 cfg.rms_norm_eps)
+    q, k, v = (linear(g, h, get(f"{p}self_attn.{n}_proj.weight"), f"{p}{n}_proj",
+                      bias(f"self_attn.{n}_proj.bias")) for n in "qkv")
+
+    def heads(t: str, n: int) -> str:  # (B, T, n*d) -> (B, n, T, d)
+        shape = g.op("Concat", [io.b_dim, io.t_dim, g.const([n, d])], axis=0)
+        return g.op("Transpose", [g.op("Reshape", [t, shape])], perm=[0, 2, 1, 3])
+
+    q4 = apply_rope(g, heads(q, nh), io.cos, io.sin, d)  # (B, nh, T, d)
+    k4 = apply_rope(g, heads(k, nkv), io.cos, io.sin, d)  # (B, nkv, T, d)
+    v4 = heads(v, nkv)
+    present_k = g.op("Concat", [past_k, k4], axis=2, hint="present_k")  # (B, nkv, S, d)
+    present_v = g.op("Concat", [past_v, v4], axis=2, hint="present_v")
+
+    # Group queries by their KV head instead of repeating K/V: (B, nkv, g, T, d).
+    q5 = g.op("Reshape", [q4, g.op("Concat", [io.b_dim, g.const([nkv, grp]), io.t_dim,
+                                               g.const([d])], axis=0)])
+    k5 = g.op("Unsqueeze", [present_k, g.const([2])])  # (B, nkv, 1, S, d)
+    v5 = g.op("Unsqueeze", [present_v, g.const([2])])
+    scores = g.op("MatMul", [q5, g.op("Transpose", [k5], perm=[0, 1, 2, 4, 3])])  # (B,nkv,g,T,S)
+    scores = g.op("Add", [g.op("Mul", [scores, g.const(1.0 / np.sqrt(d), np.float32)]), io.mask])
+    probs = g.op("Softmax", [scores], axis=-1)
+    ctx = g.op("MatMul", [probs, v5])  # (B, nkv, g, T, d)
+    ctx = g.op("Reshape", [ctx, g.op("Concat", [io.b_dim, g.const([nh]), io.t_dim, g.const([d])],
+                                     axis=0)])  # (B, nh, T, d)
+    ctx = g.op("Transpose", [ctx], perm=[0, 2, 1, 3])  # (B, T, nh, d)
+    ctx = g.op("Reshape", [ctx, g.op("Concat", [io.b_dim, io.t_dim, g.const([nh * d])], axis=0)])
+    x = g.op("Add", [x, linear(g, ctx, get(p + "self_attn.o_proj.weight"), p + "o_proj")])
+
+    h2 = rms_norm(g, x, g.init(p + "post_attention_layernorm.weight",
+                               get(p + "post_attention_layernorm.weight")), cfg.rms_norm_eps)
+    gate = linear(g, h2, get(p + "mlp.gate_proj.weight"), p + "gate_proj")
+    up = linear(g, h2, get(p + "mlp.up_proj.weight"), p + "up_proj")
+    act = g.op("Mul", [gate, g.op("Sigmoid", [gate])])  # SiLU
+    down = linear(g, g.op("Mul", [act, up]), get(p + "mlp.down_proj.weight"), p + "down_proj")
+    return g.op("Add", [x, down], hint="hidden"), present_k, present_v
+
+
+# ----------------------------------------------------------------------------- segments
+
+F32, I64 = TensorProto.FLOAT, TensorProto.INT64
+
+
+def layers_model(cfg: ModelConfig, start: int, end: int,
+                 get: Callable[[str], np.ndarray]) -> onnx.ModelProto:
+    """Layers [start, end) in one graph.
+
+    Inputs: hidden (B,T,H) f32, position_ids (B,T) i64, attention_mask (B,S) i64 (1 = real
+    token), past_key_<i>/past_value_<i> (B,nkv,P,d) f32 per layer. Outputs: hidden_out,
+    present_key_<i>/present_value_<i> (B,nkv,S,d). P = 0 for prefill; one file serves both.
+    """
+    g = GraphBuilder(f"layers_{start}_{end}")
+    kv_shape: list[int | str] = ["batch", cfg.n_kv_heads, "past", cfg.head_dim]
+    x = g.add_input("hidden", F32, ["batch", "tokens", cfg.hidden_size])
+    pos = g.add_input("position_ids", I64, ["batch", "tokens"])
+    mask_in = g.add_input("attention_mask", I64, ["batch", "total"])
+    shape = g.op("Shape", [x])
+    b_dim = g.op("Slice", [shape, g.const([0]), g.const([1])])
+    t_dim = g.op("Slice", [shape, g.const([1]), g.const([2])])
+    s_dim = g.op("Slice", [g.op("Shape", [mask_in]), g.const([1]), g.const([2])])
+    cos, sin = rope_tables(g, pos, cfg.head_dim, cfg.rope_theta)
+    t_scalar = g.op("Squeeze", [t_dim, g.const([0])])
+    s_scalar = g.op("Squeeze", [s_dim, g.const([0])])
+    io = LayerIO(cos=cos, sin=sin, mask=attention_bias(g, mask_in, t_scalar, s_scalar),
+                 b_dim=b_dim, t_dim=t_dim)
+    out_kv: list[tuple[int, str, str]] = []
+    for i in range(start, end):
+        pk = g.add_input(f"past_key_{i}", F32, kv_shape)
+        pv = g.add_input(f"past_value_{i}", F32, kv_shape)
+        x, k, v = decoder_layer(g, cfg, x, io, pk, pv, get, i)
+        out_kv.append((i, k, v))
+    g.add_output("hidden_out", x, F32, ["batch", "tokens", cfg.hidden_size])
+    present_shape: list[int | str] = ["batch", cfg.n_kv_heads, "total", cfg.head_dim]
+    for i, k, v in out_kv:
+        g.add_output(f"present_key_{i}", k, F32, present_shape)
+        g.add_output(f"present_value_{i}", v, F32, present_shape)
+    return g.model()
+
+
+def embed_model(cfg: ModelConfig, get: Callable[[str], np.ndarray]) -> onnx.ModelProto:
+    """input_ids (B,T) i64 -> hidden (B,T,H)."""
+    g = GraphBuilder("embed")
+    ids = g.add_input("input_ids", I64, ["batch", "tokens"])
+    table = g.init("model.embed_tokens.weight", get("model.embed_tokens.weight"))
+    g.add_output("hidden", g.op("Gather", [table, ids], axis=0), F32,
+                 ["batch", "tokens", cfg.hidden_size])
+    return g.model()
+
+
+def head_model(cfg: ModelConfig, get: Callable[[str], np.ndarray]) -> onnx.ModelProto:
+    """hidden (B,T,H) -> logits (B,T,V): final RMSNorm and lm_head (tied or not)."""
+    g = GraphBuilder("head")
+    x = g.add_input("hidden", F32, ["batch", "tokens", cfg.hidden_size])
+    h = rms_norm(g, x, g.init("model.norm.weight", get("model.norm.weight")), cfg.rms_norm_eps)
+    w_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+    logits = linear(g, h, get(w_name), "lm_head")
+    g.add_output("logits", logits, F32, ["batch", "tokens", cfg.vocab_size])
+    return g.model()

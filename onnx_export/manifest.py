@@ -1,0 +1,168 @@
+"""The model directory's manifest: the one contract between the exporter and everything else.
+
+Downstream code (runner, agents, planner) reads segment files, shapes and costs from here
+and never guesses. Agents verify each segment's sha256 before loading it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from onnx_export.errors import ExportError
+
+FORMAT = "e2llm-model/1"
+MANIFEST = "manifest.yaml"
+
+
+@dataclass(frozen=True)
+class TensorSpec:
+    name: str
+    dtype: str
+    shape: list[int | str]
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
+
+
+@dataclass(frozen=True)
+class Segment:
+    """One ONNX file: kind 'embed', 'layers' (layer range [start, end)) or 'head'."""
+
+    name: str
+    kind: str
+    file: str
+    sha256: str
+    bytes: int
+    layer_start: int | None
+    layer_end: int | None
+    graph: str
+    precision: str
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+    @property
+    def layers(self) -> range:
+        if self.layer_start is None or self.layer_end is None:
+            return range(0)
+        return range(self.layer_start, self.layer_end)
+
+    def to_dict(self) -> dict[str, Any]:
+        d: dict[str, Any] = {"name": self.name, "kind": self.kind, "file": self.file,
+                             "sha256": self.sha256, "bytes": self.bytes}
+        if self.kind == "layers":
+            d["layers"] = [self.layer_start, self.layer_end]
+        d.update(graph=self.graph, precision=self.precision,
+                 inputs=[t.to_dict() for t in self.inputs],
+                 outputs=[t.to_dict() for t in self.outputs])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> Segment:
+        layers = d.get("layers") or [None, None]
+        return cls(name=d["name"], kind=d["kind"], file=d["file"], sha256=d["sha256"],
+                   bytes=int(d["bytes"]), layer_start=layers[0], layer_end=layers[1],
+                   graph=d.get("graph", "standard"), precision=d.get("precision", "fp32"),
+                   inputs=[TensorSpec(**t) for t in d["inputs"]],
+                   outputs=[TensorSpec(**t) for t in d["outputs"]])
+
+
+@dataclass
+class Manifest:
+    name: str
+    config: dict[str, Any]
+    cost: dict[str, Any]
+    source: dict[str, Any]
+    fingerprint: str
+    segments: list[Segment] = field(default_factory=list)
+    tokenizer: dict[str, str] = field(default_factory=dict)
+    directory: Path = Path(".")
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"format": FORMAT, "name": self.name, "fingerprint": self.fingerprint,
+                "source": self.source, "config": self.config, "cost": self.cost,
+                "tokenizer": self.tokenizer, "segments": [s.to_dict() for s in self.segments]}
+
+    def write(self) -> Path:
+        path = self.directory / MANIFEST
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(yaml.safe_dump(self.to_dict(), sort_keys=False, width=120))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, directory: str | Path) -> Manifest:
+        directory = Path(directory)
+        path = directory / MANIFEST
+        if not path.is_file():
+            raise ExportError(f"{path}: no such file (export the model first: e2llm export)")
+        try:
+            d = yaml.safe_load(path.read_text())
+        except yaml.YAMLError as exc:
+            raise ExportError(f"{path}: invalid YAML ({exc})") from exc
+        if not isinstance(d, dict) or d.get("format") != FORMAT:
+            raise ExportError(f"{path}: not an {FORMAT} manifest")
+        try:
+            return cls(name=d["name"], config=d["config"], cost=d["cost"], source=d["source"],
+                       fingerprint=d["fingerprint"], tokenizer=d.get("tokenizer", {}),
+                       segments=[Segment.from_dict(s) for s in d["segments"]],
+                       directory=directory)
+        except (KeyError, TypeError) as exc:
+            raise ExportError(f"{path}: malformed manifest ({type(exc).__name__}: {exc})") from exc
+
+    # -- lookups
+
+    def segment(self, name: str) -> Segment:
+        for s in self.segments:
+            if s.name == name:
+                return s
+        raise ExportError(f"{self.directory / MANIFEST}: no segment named {name!r}")
+
+    def by_kind(self, kind: str, graph: str = "standard") -> list[Segment]:
+        return [s for s in self.segments if s.kind == kind and s.graph == graph]
+
+    def cover(self, start: int, end: int, graph: str = "standard") -> list[Segment]:
+        """Fewest layer segments that exactly tile [start, end), preferring long ranges."""
+        layer_segs = [s for s in self.by_kind("layers", graph)]
+        best: dict[int, list[Segment]] = {start: []}
+        for pos in range(start, end):
+            if pos not in best:
+                continue
+            for s in layer_segs:
+                if s.layer_start == pos and s.layer_end is not None and s.layer_end <= end:
+                    cand = [*best[pos], s]
+                    if s.layer_end not in best or len(cand) < len(best[s.layer_end]):
+                        best[s.layer_end] = cand
+        if end not in best:
+            raise ExportError(f"{self.directory / MANIFEST}: no segments cover layers "
+                              f"[{start}, {end}) with graph {graph!r}")
+        return best[end]
+
+    def path(self, seg: Segment) -> Path:
+        return self.directory / seg.file
+
+    def verify(self, seg: Segment) -> Path:
+        """The segment's path after checking size and sha256; ExportError names the file."""
+        p = self.path(seg)
+        if not p.is_file():
+            raise ExportError(f"{p}: segment file missing")
+        size = p.stat().st_size
+        if size != seg.bytes:
+            raise ExportError(f"{p}: size {size} != manifest's {seg.bytes} (corrupted segment)")
+        digest = sha256_path(p)
+        if digest != seg.sha256:
+            raise ExportError(f"{p}: sha256 mismatch (corrupted segment): "
+                              f"{digest[:12]}... != manifest's {seg.sha256[:12]}...")
+        return p
+
+
+def sha256_path(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
