@@ -39,7 +39,8 @@ def cmd_export(args: argparse.Namespace) -> int:
     from onnx_export.export import export_model
 
     t0 = time.perf_counter()
-    m = export_model(args.source, args.out, ranges=args.ranges, progress=not args.quiet)
+    m = export_model(args.source, args.out, ranges=args.ranges, progress=not args.quiet,
+                     graph_name=args.graph, precision=args.precision)
     total = sum(s.bytes for s in m.segments)
     print(f"{m.directory}: {len(m.segments)} segments, {total / 1e6:.1f} MB, "
           f"{time.perf_counter() - t0:.1f} s")
@@ -107,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", nargs="?", help="a .gguf file or HF directory (default: SmolLM2-135M)")
     p.add_argument("--out", help="model directory to write (default: the cache)")
     p.add_argument("--ranges", help="extra layer-range segments, e.g. 0-10,10-20,20-30")
+    p.add_argument("--graph", default="standard", choices=["standard", "contrib"],
+                   help="standard ONNX ops (portable) or com.microsoft contrib ops (fast)")
+    p.add_argument("--precision", default="fp32",
+                   help="fp32 (standard); exact or int8 (contrib)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_export)
 

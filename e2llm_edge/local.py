@@ -13,7 +13,7 @@ from pathlib import Path
 
 import numpy as np
 
-from e2llm_edge.runner import Embedder, Head, KVCache, LayerStack
+from e2llm_edge.runner import Embedder, Head, LayerStack, StageCache
 from e2llm_edge.sampling import Sampling, sample
 from onnx_export.errors import ExportError
 from onnx_export.manifest import Manifest
@@ -50,12 +50,10 @@ class LocalModel:
                                  prefer_ranges=prefer_ranges, threads=threads)
         self.head = Head(self.manifest, verify=verify, threads=threads)
 
-    def forward(self, ids: list[int], start: int, cache: KVCache) -> np.ndarray:
+    def forward(self, ids: list[int], start: int, cache: StageCache) -> np.ndarray:
         """Logits (V,) of the last of `ids`, placed at positions start..; grows `cache`."""
         x = self.embed.run(np.asarray([ids], np.int64))
-        pos = np.arange(start, start + len(ids), dtype=np.int64)[None, :]
-        mask = np.ones((1, start + len(ids)), np.int64)
-        h = self.layers.run(x, pos, mask, cache)
+        h = self.layers.run(x, start, cache)
         return self.head.run(h[:, -1:, :])[0, -1]
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int,
@@ -71,7 +69,7 @@ class LocalModel:
                               f"({max_new_tokens}) exceeds the context of {self.context_length}")
         stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens = len(prompt_ids)
-        cache = self.layers.empty_past(1)
+        cache = self.layers.new_cache(len(prompt_ids) + max_new_tokens)
         t0 = time.perf_counter()
         logits = self.forward(prompt_ids, 0, cache)
         stats.prefill_s = time.perf_counter() - t0

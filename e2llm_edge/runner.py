@@ -11,7 +11,7 @@ import os
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -62,9 +62,46 @@ def make_session(path: Path, threads: int | None = None) -> Any:
         raise ExportError(f"{path}: onnxruntime cannot load it ({exc})") from exc
 
 
+class StageCache(Protocol):
+    """One request's KV cache for the layers of one stage."""
+
+    @property
+    def length(self) -> int: ...
+
+    @property
+    def nbytes(self) -> int: ...
+
+    def kv(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        """Keys and values of `layer` so far, `(1, nkv, length, d)` (views where possible)."""
+        ...
+
+    def load(self, layer: int, key: np.ndarray, value: np.ndarray, token_start: int) -> None:
+        """Write a received chunk `(1, nkv, n, d)` at tokens [token_start, token_start + n)."""
+        ...
+
+
+class Stage(Protocol):
+    """What an agent runs: layers [start, end) of one graph variant."""
+
+    start: int
+    end: int
+
+    def new_cache(self, capacity: int) -> StageCache:
+        """An empty cache able to hold `capacity` tokens."""
+        ...
+
+    def run(self, hidden: np.ndarray, start_pos: int, cache: StageCache) -> np.ndarray:
+        """One sequence: hidden `(1, T, H)` at positions start_pos.. -> `(1, T, H)`."""
+        ...
+
+    def run_batch(self, hidden: np.ndarray, caches: list[StageCache]) -> np.ndarray:
+        """Batched decode: hidden `(B, 1, H)`, request b at position caches[b].length."""
+        ...
+
+
 @dataclass
 class KVCache:
-    """Per-request, per-layer past keys/values `(B, nkv, S, d)` for the layers one holder owns."""
+    """Per-layer past keys/values `(B, nkv, S, d)`, grown by the graph's Concat each step."""
 
     keys: dict[int, np.ndarray] = field(default_factory=dict)
     values: dict[int, np.ndarray] = field(default_factory=dict)
@@ -72,6 +109,17 @@ class KVCache:
     @property
     def length(self) -> int:
         return next(iter(self.keys.values())).shape[2] if self.keys else 0
+
+    def kv(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        return self.keys[layer], self.values[layer]
+
+    def load(self, layer: int, key: np.ndarray, value: np.ndarray, token_start: int) -> None:
+        have = self.keys[layer].shape[2]
+        if token_start != have:
+            raise ValueError(f"layer {layer}: chunk starts at token {token_start}, "
+                             f"cache holds {have}")
+        self.keys[layer] = np.concatenate([self.keys[layer], key], axis=2)
+        self.values[layer] = np.concatenate([self.values[layer], value], axis=2)
 
     @property
     def nbytes(self) -> int:
@@ -86,10 +134,7 @@ class LayerStack:
         cfg = manifest.config
         self.start, self.end = start, end
         self.n_kv_heads, self.head_dim = int(cfg["n_kv_heads"]), int(cfg["head_dim"])
-        if prefer_ranges:
-            self.segments = manifest.cover(start, end)
-        else:
-            self.segments = [manifest.segment(f"layer_{i:02d}") for i in range(start, end)]
+        self.segments = manifest.cover(start, end, longest=prefer_ranges)
         self.sessions = [make_session(manifest.verify(s) if verify else manifest.path(s), threads)
                          for s in self.segments]
 
@@ -98,8 +143,22 @@ class LayerStack:
         return KVCache({i: z for i in range(self.start, self.end)},
                        {i: z for i in range(self.start, self.end)})
 
-    def run(self, hidden: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
-            cache: KVCache) -> np.ndarray:
+    def new_cache(self, capacity: int) -> KVCache:
+        return self.empty_past(1)
+
+    def run(self, hidden: np.ndarray, start_pos: int, cache: StageCache) -> np.ndarray:
+        assert isinstance(cache, KVCache)
+        t = hidden.shape[1]
+        pos = np.arange(start_pos, start_pos + t, dtype=np.int64)[None, :]
+        return self.forward(hidden, pos, np.ones((1, start_pos + t), np.int64), cache)
+
+    def run_batch(self, hidden: np.ndarray, caches: list[StageCache]) -> np.ndarray:
+        """The portable graph advances each request on its own (its KV grows by Concat)."""
+        return np.concatenate([self.run(hidden[b:b + 1], c.length, c)
+                               for b, c in enumerate(caches)], axis=0)
+
+    def forward(self, hidden: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
+                cache: KVCache) -> np.ndarray:
         """Advance `hidden` (B, T, H) through the layers; `cache` grows by T in place."""
         for seg, sess in zip(self.segments, self.sessions, strict=True):
             feeds: dict[str, np.ndarray] = {"hidden": hidden, "position_ids": position_ids,

@@ -9,17 +9,15 @@ import json
 import logging
 import os
 from collections.abc import Callable, Sequence
-from functools import lru_cache
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import onnx
 
-from onnx_export import graph
 from onnx_export.errors import ExportError
 from onnx_export.manifest import Manifest, Segment, TensorSpec, sha256_path
-from onnx_export.source import ModelWeights, open_model
+from onnx_export.source import ModelConfig, ModelWeights, open_model
 from onnx_export.tokenizer import write_tokenizer
 
 log = logging.getLogger(__name__)
@@ -101,9 +99,47 @@ def default_model_dir() -> Path:
     return cache_dir() / "models" / DEFAULT_MODEL_NAME
 
 
+class GraphBuilders(Protocol):
+    """A graph family: standard ONNX ops (`onnx_export.graph`) or contrib ops (fast)."""
+
+    def embed_model(self, cfg: ModelConfig, w: ModelWeights, precision: str) -> onnx.ModelProto:
+        ...
+
+    def layers_model(self, cfg: ModelConfig, start: int, end: int, w: ModelWeights,
+                     precision: str) -> onnx.ModelProto:
+        ...
+
+    def head_model(self, cfg: ModelConfig, w: ModelWeights, precision: str) -> onnx.ModelProto:
+        ...
+
+
+def graph_family(name: str) -> GraphBuilders:
+    """Graph families by name; each module registers the precisions it supports."""
+    import importlib
+
+    modules = {"standard": "onnx_export.graph", "contrib": "onnx_export.fast_graph"}
+    if name not in modules:
+        raise ExportError(f"--graph: unknown graph {name!r} (choose from {', '.join(modules)})")
+    return importlib.import_module(modules[name])  # type: ignore[return-value]
+
+
+def segment_prefix(graph_name: str, precision: str) -> str:
+    """File/segment name prefix: none for the portable default, else e.g. 'contrib_int8_'."""
+    return "" if (graph_name, precision) == ("standard", "fp32") else f"{graph_name}_{precision}_"
+
+
 def export_model(source: str | Path | None, out_dir: str | Path | None = None,
-                 ranges: str | None = None, progress: bool = True) -> Manifest:
-    """Export (or update) a model directory and return its manifest."""
+                 ranges: str | None = None, progress: bool = True,
+                 graph_name: str = "standard", precision: str = "fp32") -> Manifest:
+    """Export (or update) a model directory and return its manifest.
+
+    Several graph variants may live in one directory; each call adds or refreshes one.
+    """
+    builders = graph_family(graph_name)
+    supported = getattr(builders, "PRECISIONS", ("fp32",))
+    if precision not in supported:
+        raise ExportError(f"--precision: graph {graph_name!r} supports {', '.join(supported)}, "
+                          f"not {precision!r}")
     w = open_model(source)
     out = Path(out_dir) if out_dir else default_model_dir()
     out.mkdir(parents=True, exist_ok=True)
@@ -112,6 +148,7 @@ def export_model(source: str | Path | None, out_dir: str | Path | None = None,
     wanted_ranges = parse_ranges(ranges, w.config.n_layers)
 
     existing: dict[str, Segment] = {}
+    old: Manifest | None = None
     try:
         old = Manifest.load(out)
         if old.fingerprint == fp:
@@ -120,24 +157,25 @@ def export_model(source: str | Path | None, out_dir: str | Path | None = None,
     except ExportError:
         pass
 
-    get = lru_cache(maxsize=None)(w.get)
+    w.cache()
+    cfg, pre = w.config, segment_prefix(graph_name, precision)
     jobs: list[tuple[str, str, int | None, int | None, Callable[[], onnx.ModelProto]]] = [
-        ("embed", "embed", None, None, lambda: graph.embed_model(w.config, get)),
+        (pre + "embed", "embed", None, None, lambda: builders.embed_model(cfg, w, precision)),
     ]
-    for i in range(w.config.n_layers):
-        jobs.append((f"layer_{i:02d}", "layers", i, i + 1,
-                     lambda i=i: graph.layers_model(w.config, i, i + 1, get)))  # type: ignore[misc]
-    for a, b in wanted_ranges:
-        if b - a > 1:
-            jobs.append((f"layers_{a:02d}_{b:02d}", "layers", a, b,
-                         lambda a=a, b=b: graph.layers_model(w.config, a, b, get)))  # type: ignore[misc]
-    jobs.append(("head", "head", None, None, lambda: graph.head_model(w.config, get)))
+    spans = [(i, i + 1) for i in range(cfg.n_layers)]
+    spans += [r for r in wanted_ranges if r[1] - r[0] > 1]
+    for a, b in spans:
+        name = f"{pre}layer_{a:02d}" if b == a + 1 else f"{pre}layers_{a:02d}_{b:02d}"
+        jobs.append((name, "layers", a, b,
+                     lambda a=a, b=b: builders.layers_model(cfg, a, b, w, precision)))  # type: ignore[misc]
+    jobs.append((pre + "head", "head", None, None, lambda: builders.head_model(cfg, w, precision)))
     # Keep range segments from earlier runs with other --ranges: adding is cheap, losing is not.
     kept = [s for n, s in existing.items() if n not in {j[0] for j in jobs}]
 
     todo = [j for j in jobs if j[0] not in existing]
     tok_files = ["tokenizer.json", "tokenizer_config.json"]
     if not todo and all((out / f).is_file() for f in tok_files):
+        assert old is not None
         return old  # unchanged input, nothing missing: a no-op
     segments: dict[str, Segment] = {n: existing[n] for n, *_ in jobs if n in existing}
     with _progress(progress, len(todo), f"exporting {w.name}") as advance:
@@ -149,8 +187,8 @@ def export_model(source: str | Path | None, out_dir: str | Path | None = None,
             os.replace(tmp, path)
             segments[name] = Segment(
                 name=name, kind=kind, file=path.name, sha256=sha256_path(path),
-                bytes=path.stat().st_size, layer_start=a, layer_end=b, graph="standard",
-                precision="fp32", inputs=_specs(model.graph.input),
+                bytes=path.stat().st_size, layer_start=a, layer_end=b, graph=graph_name,
+                precision=precision, inputs=_specs(model.graph.input),
                 outputs=_specs(model.graph.output))
             advance(name)
 

@@ -15,9 +15,10 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from onnx_export.source import ModelConfig
+from onnx_export.source import ModelConfig, ModelWeights
 
 OPSET = 18
+PRECISIONS = ("fp32",)
 FLOAT_MIN = float(np.finfo(np.float32).min)  # the additive mask value transformers uses
 
 
@@ -193,8 +194,8 @@ def decoder_layer(g: GraphBuilder, cfg: ModelConfig, x: str, io: LayerIO, past_k
 F32, I64 = TensorProto.FLOAT, TensorProto.INT64
 
 
-def layers_model(cfg: ModelConfig, start: int, end: int,
-                 get: Callable[[str], np.ndarray]) -> onnx.ModelProto:
+def layers_model(cfg: ModelConfig, start: int, end: int, w: ModelWeights,
+                 precision: str = "fp32") -> onnx.ModelProto:
     """Layers [start, end) in one graph.
 
     Inputs: hidden (B,T,H) f32, position_ids (B,T) i64, attention_mask (B,S) i64 (1 = real
@@ -219,7 +220,7 @@ def layers_model(cfg: ModelConfig, start: int, end: int,
     for i in range(start, end):
         pk = g.add_input(f"past_key_{i}", F32, kv_shape)
         pv = g.add_input(f"past_value_{i}", F32, kv_shape)
-        x, k, v = decoder_layer(g, cfg, x, io, pk, pv, get, i)
+        x, k, v = decoder_layer(g, cfg, x, io, pk, pv, w.get, i)
         out_kv.append((i, k, v))
     g.add_output("hidden_out", x, F32, ["batch", "tokens", cfg.hidden_size])
     present_shape: list[int | str] = ["batch", cfg.n_kv_heads, "total", cfg.head_dim]
@@ -229,22 +230,22 @@ def layers_model(cfg: ModelConfig, start: int, end: int,
     return g.model()
 
 
-def embed_model(cfg: ModelConfig, get: Callable[[str], np.ndarray]) -> onnx.ModelProto:
+def embed_model(cfg: ModelConfig, w: ModelWeights, precision: str = "fp32") -> onnx.ModelProto:
     """input_ids (B,T) i64 -> hidden (B,T,H)."""
     g = GraphBuilder("embed")
     ids = g.add_input("input_ids", I64, ["batch", "tokens"])
-    table = g.init("model.embed_tokens.weight", get("model.embed_tokens.weight"))
+    table = g.init("model.embed_tokens.weight", w.get("model.embed_tokens.weight"))
     g.add_output("hidden", g.op("Gather", [table, ids], axis=0), F32,
                  ["batch", "tokens", cfg.hidden_size])
     return g.model()
 
 
-def head_model(cfg: ModelConfig, get: Callable[[str], np.ndarray]) -> onnx.ModelProto:
+def head_model(cfg: ModelConfig, w: ModelWeights, precision: str = "fp32") -> onnx.ModelProto:
     """hidden (B,T,H) -> logits (B,T,V): final RMSNorm and lm_head (tied or not)."""
     g = GraphBuilder("head")
     x = g.add_input("hidden", F32, ["batch", "tokens", cfg.hidden_size])
-    h = rms_norm(g, x, g.init("model.norm.weight", get("model.norm.weight")), cfg.rms_norm_eps)
+    h = rms_norm(g, x, g.init("model.norm.weight", w.get("model.norm.weight")), cfg.rms_norm_eps)
     w_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-    logits = linear(g, h, get(w_name), "lm_head")
+    logits = linear(g, h, w.get(w_name), "lm_head")
     g.add_output("logits", logits, F32, ["batch", "tokens", cfg.vocab_size])
     return g.model()

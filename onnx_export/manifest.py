@@ -122,12 +122,25 @@ class Manifest:
                 return s
         raise ExportError(f"{self.directory / MANIFEST}: no segment named {name!r}")
 
-    def by_kind(self, kind: str, graph: str = "standard") -> list[Segment]:
-        return [s for s in self.segments if s.kind == kind and s.graph == graph]
+    def by_kind(self, kind: str, graph: str = "standard", precision: str = "fp32") -> list[Segment]:
+        return [s for s in self.segments
+                if s.kind == kind and s.graph == graph and s.precision == precision]
 
-    def cover(self, start: int, end: int, graph: str = "standard") -> list[Segment]:
-        """Fewest layer segments that exactly tile [start, end), preferring long ranges."""
-        layer_segs = [s for s in self.by_kind("layers", graph)]
+    def variants(self) -> list[tuple[str, str]]:
+        """(graph, precision) pairs with a complete set of segments."""
+        out = []
+        for g, p in dict.fromkeys((s.graph, s.precision) for s in self.segments):
+            layers = {i for s in self.by_kind("layers", g, p) for i in s.layers}
+            if self.by_kind("embed", g, p) and self.by_kind("head", g, p) and \
+                    layers == set(range(int(self.config["n_layers"]))):
+                out.append((g, p))
+        return out
+
+    def cover(self, start: int, end: int, graph: str = "standard",
+              precision: str = "fp32", longest: bool = True) -> list[Segment]:
+        """Segments that exactly tile [start, end): fewest (longest ranges) or one per layer."""
+        layer_segs = [s for s in self.by_kind("layers", graph, precision)
+                      if longest or len(s.layers) == 1]
         best: dict[int, list[Segment]] = {start: []}
         for pos in range(start, end):
             if pos not in best:
@@ -139,7 +152,7 @@ class Manifest:
                         best[s.layer_end] = cand
         if end not in best:
             raise ExportError(f"{self.directory / MANIFEST}: no segments cover layers "
-                              f"[{start}, {end}) with graph {graph!r}")
+                              f"[{start}, {end}) with graph {graph!r}, precision {precision!r}")
         return best[end]
 
     def path(self, seg: Segment) -> Path:

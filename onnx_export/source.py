@@ -121,6 +121,16 @@ class TokenizerData:
     tokenizer_json: str | None = None  # a ready tokenizer.json (HF directories)
 
 
+@dataclass(frozen=True)
+class RawTensor:
+    """A GGUF tensor as stored: `data` is uint8 `(rows, bytes_per_row)` for quantized types
+    (blocks run along the input dimension), rows already in HF order; `shape` is `[out, in]`."""
+
+    qtype: str  # GGMLQuantizationType name: Q4_0, Q4_1, Q8_0, F16, F32, ...
+    data: np.ndarray
+    shape: tuple[int, ...]
+
+
 @dataclass
 class ModelWeights:
     """A model as fp32 numpy arrays in the Hugging Face layout, loaded lazily per tensor."""
@@ -131,12 +141,29 @@ class ModelWeights:
     tokenizer: TokenizerData
     _get: Callable[[str], np.ndarray]
     names: set[str]
+    _raw: Callable[[str], RawTensor] | None = None
+    _cache: dict[str, np.ndarray] | None = None
 
     def get(self, name: str) -> np.ndarray:
         """Tensor by HF name (`model.layers.3.self_attn.q_proj.weight`), fp32."""
         if name not in self.names:
             raise ExportError(f"{self.source.get('path')}: tensor {name!r} is missing")
-        return self._get(name)
+        if self._cache is None:
+            return self._get(name)
+        if name not in self._cache:
+            self._cache[name] = self._get(name)
+        return self._cache[name]
+
+    def cache(self) -> None:
+        """Keep dequantized tensors once read (an export builds several graphs from each)."""
+        if self._cache is None:
+            self._cache = {}
+
+    def raw(self, name: str) -> RawTensor:
+        """The tensor as stored (GGUF blocks), rows in HF order; for exact 4-bit graphs."""
+        if self._raw is None or name not in self.names:
+            raise ExportError(f"{self.source.get('path')}: no stored (quantized) form of {name!r}")
+        return self._raw(name)
 
     def has(self, name: str) -> bool:
         return name in self.names
@@ -262,6 +289,18 @@ def load_gguf(path: Path) -> ModelWeights:
             w = unpermute_qk(w, cfg.n_kv_heads)
         return np.ascontiguousarray(w)
 
+    def raw(hf_name: str) -> RawTensor:
+        t = tensors[hf_names[hf_name]]
+        shape = tuple(int(d) for d in reversed(t.shape))
+        data = np.asarray(t.data)
+        if data.ndim == 1:
+            data = data.reshape(shape[0], -1) if len(shape) > 1 else data
+        if hf_name.endswith(("q_proj.weight", "q_proj.bias")):
+            data = unpermute_qk(data, cfg.n_heads)
+        elif hf_name.endswith(("k_proj.weight", "k_proj.bias")):
+            data = unpermute_qk(data, cfg.n_kv_heads)
+        return RawTensor(t.tensor_type.name, np.ascontiguousarray(data), shape)
+
     tokens = _field(reader, "tokenizer.ggml.tokens") or []
     tok = TokenizerData(
         chat_template=_field(reader, "tokenizer.chat_template"),
@@ -278,8 +317,8 @@ def load_gguf(path: Path) -> ModelWeights:
                           "'gpt2' only)")
     name = str(_field(reader, "general.name") or path.stem)
     return ModelWeights(name=name, config=cfg, tokenizer=tok, _get=get, names=set(hf_names),
-                        source={"kind": "gguf", "path": str(path.resolve()),
-                                "file_type": _field(reader, "general.file_type")})
+                        _raw=raw, source={"kind": "gguf", "path": str(path.resolve()),
+                                          "file_type": _field(reader, "general.file_type")})
 
 
 def _opt_int(v: Any) -> int | None:
