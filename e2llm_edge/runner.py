@@ -48,7 +48,12 @@ def configure_threads(threads: int | None = None) -> int:
         return _pool_threads
 
 
-def make_session(path: Path, threads: int | None = None) -> Any:
+def make_session(path: Path | bytes, threads: int | None = None) -> Any:
+    """An InferenceSession on the global pool (a file path or serialized model bytes).
+
+    Every session of the process must come from here: once the global pool exists,
+    onnxruntime refuses sessions that ask for their own threads.
+    """
     import onnxruntime as ort
 
     configure_threads(threads)
@@ -57,9 +62,11 @@ def make_session(path: Path, threads: int | None = None) -> Any:
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
     try:
-        return ort.InferenceSession(str(path), sess_options=so, providers=["CPUExecutionProvider"])
+        src = path if isinstance(path, bytes) else str(path)
+        return ort.InferenceSession(src, sess_options=so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
-        raise ExportError(f"{path}: onnxruntime cannot load it ({exc})") from exc
+        where = "<model bytes>" if isinstance(path, bytes) else path
+        raise ExportError(f"{where}: onnxruntime cannot load it ({exc})") from exc
 
 
 class StageCache(Protocol):

@@ -1,0 +1,72 @@
+"""The local path against Hugging Face transformers on the same GGUF (fixture from
+scripts/make_reference.py): identical greedy tokens, logits within 1e-3."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+from e2llm_edge.local import LocalModel
+from e2llm_edge.textio import ChatTokenizer
+
+pytestmark = pytest.mark.model
+
+
+@pytest.fixture(scope="module")
+def model(default_model: Path) -> LocalModel:
+    return LocalModel(default_model)
+
+
+def test_tokenizer_matches_transformers(model: LocalModel, reference: dict[str, Any]) -> None:
+    tok = ChatTokenizer(model.manifest)
+    for case in reference["cases"]:
+        ids = tok.encode_prompt(case["prompt"], raw=case["raw"])
+        assert ids == case["prompt_ids"] == case["hf_prompt_ids"], case["name"]
+
+
+@pytest.mark.parametrize("prefer_ranges", [True, False], ids=["range-segments", "per-layer"])
+def test_greedy_tokens_and_logits_match_transformers(
+        default_model: Path, reference: dict[str, Any], prefer_ranges: bool) -> None:
+    model = LocalModel(default_model, prefer_ranges=prefer_ranges)
+    assert any(len(c["prompt_ids"]) > 500 for c in reference["cases"])
+    worst = 0.0
+    for case in reference["cases"]:
+        logits: list[np.ndarray] = []
+        got = list(model.generate(case["prompt_ids"], reference["max_new_tokens"],
+                                  stop_at_eos=False, logits_out=logits))
+        assert got == case["new_ids"], case["name"]
+        for row, step in zip(logits, case["steps"], strict=True):
+            worst = max(worst, float(np.max(np.abs(row[step["ids"]] - np.array(step["logits"])))))
+    print(f"max |logit difference| vs transformers: {worst:.2e}")
+    assert worst < 1e-3
+
+
+def test_cli_json_output(default_model: Path, reference: dict[str, Any]) -> None:
+    case = next(c for c in reference["cases"] if c["name"] == "raw_story")
+    out = subprocess.run(
+        [sys.executable, "-m", "e2llm_edge.cli", "generate", case["prompt"], "--raw",
+         "--max-new-tokens", "12", "--json", "--model", str(default_model)],
+        capture_output=True, text=True, check=True, timeout=120)
+    doc = json.loads(out.stdout)
+    assert doc["prompt_ids"] == case["prompt_ids"]
+    assert doc["new_ids"] == case["new_ids"][:12]
+    assert doc["text"].startswith(" there was")
+
+
+def test_sampling_is_seeded_and_bounded(model: LocalModel, reference: dict[str, Any]) -> None:
+    from e2llm_edge.sampling import Sampling, SamplingError
+
+    ids = reference["cases"][0]["prompt_ids"]
+    s = Sampling(temperature=0.8, top_p=0.9, seed=7)
+    a = list(model.generate(ids, 10, s))
+    assert a == list(model.generate(ids, 10, s))
+    assert a != list(model.generate(ids, 10, Sampling(temperature=0.8, top_p=0.9, seed=8)))
+    for bad in ({"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"seed": -2}):
+        with pytest.raises(SamplingError):
+            Sampling(**bad)  # type: ignore[arg-type]

@@ -1,0 +1,181 @@
+"""The exporter end to end on a tiny real GGUF, and every bad input it must name."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import numpy_ref as ref
+import pytest
+import tiny_model
+
+from e2llm_edge.cli import main as cli_main
+from e2llm_edge.local import LocalModel
+from onnx_export.errors import ExportError
+from onnx_export.export import export_model, parse_ranges
+from onnx_export.manifest import Manifest
+from onnx_export.source import load_gguf, load_hf_dir
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict[str, np.ndarray]]:
+    d = tmp_path_factory.mktemp("tiny")
+    expected = tiny_model.write_gguf(d / "tiny.gguf")
+    return d / "tiny.gguf", expected
+
+
+@pytest.fixture(scope="module")
+def exported(tiny: tuple[Path, dict], tmp_path_factory: pytest.TempPathFactory) -> Manifest:
+    return export_model(tiny[0], tmp_path_factory.mktemp("out"), ranges="0-2", progress=False)
+
+
+def test_reader_dequantizes_and_unpermutes(tiny: tuple[Path, dict]) -> None:
+    w = load_gguf(tiny[0])
+    for name, want in tiny[1].items():
+        np.testing.assert_array_equal(w.get(name), want, err_msg=name)
+
+
+def test_manifest_lists_segments_and_costs(exported: Manifest) -> None:
+    m = Manifest.load(exported.directory)
+    names = [s.name for s in m.segments]
+    assert names == ["embed", "layer_00", "layer_01", "layer_02", "layers_00_02", "head"]
+    seg = m.segment("layers_00_02")
+    assert (seg.layer_start, seg.layer_end) == (0, 2)
+    ins = {t.name: t for t in seg.inputs}
+    assert ins["hidden"].shape == ["batch", "tokens", 64]
+    assert ins["past_key_1"].shape == ["batch", 2, "past", 16]
+    assert {t.name for t in seg.outputs} >= {"hidden_out", "present_key_0", "present_value_1"}
+    for s in m.segments:
+        assert m.verify(s).stat().st_size == s.bytes
+    cost = m.cost
+    assert cost["kv_bytes_per_token_per_layer"] == 2 * 2 * 16 * 4
+    assert cost["activation_bytes_per_token"] == 64 * 4
+    assert len(cost["layer_param_bytes"]) == 3
+    per_layer = 4 * (2 * 64 + 64 * 64 * 2 + 2 * 32 * 64 + 3 * 64 * 96)
+    assert cost["layer_param_bytes"][0] == per_layer
+    tok = json.loads((m.directory / "tokenizer_config.json").read_text())
+    assert "<|im_start|>" in tok["chat_template"]
+
+
+def test_local_generation_matches_numpy_reference(exported: Manifest, tiny: tuple) -> None:
+    """Greedy tokens of the ONNX local path equal a float64 numpy forward of the same weights."""
+    w = tiny[1]
+    c = {**tiny_model.CFG}
+    prompt = [5, 17, 42, 99, 7]
+    model = LocalModel(exported.directory)
+    got = list(model.generate(prompt, 6, stop_at_eos=False))
+    ids = list(prompt)
+    for _ in range(6):
+        x = w["model.embed_tokens.weight"][ids][None].astype(np.float64)
+        pos = np.arange(len(ids))[None]
+        mask = np.ones((1, len(ids)), np.int64)
+        for i in range(c["n_layers"]):
+            p = f"model.layers.{i}."
+            lw = {k[len(p):]: v.astype(np.float64) for k, v in w.items() if k.startswith(p)}
+            z = np.zeros((1, c["n_kv_heads"], 0, c["head_dim"]))
+            x, _, _ = ref.layer(x, pos, mask, z, z, lw, c)
+        h = ref.rms_norm(x[0, -1], w["model.norm.weight"], c["rms_norm_eps"])
+        ids.append(int(np.argmax(h @ w["model.embed_tokens.weight"].T)))
+    assert got == ids[len(prompt):]
+    per_layer = LocalModel(exported.directory, prefer_ranges=False)
+    assert list(per_layer.generate(prompt, 6, stop_at_eos=False)) == got
+
+
+def test_rerun_is_a_noop_and_ranges_add(tiny: tuple, tmp_path: Path) -> None:
+    m1 = export_model(tiny[0], tmp_path, progress=False)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()}
+    m2 = export_model(tiny[0], tmp_path, progress=False)
+    assert {p.name: p.stat().st_mtime_ns for p in tmp_path.iterdir()} == mtimes
+    assert [s.sha256 for s in m1.segments] == [s.sha256 for s in m2.segments]
+    m3 = export_model(tiny[0], tmp_path, ranges="1-3", progress=False)
+    assert "layers_01_03" in [s.name for s in m3.segments]
+    assert (tmp_path / "layer_00.onnx").stat().st_mtime_ns == mtimes["layer_00.onnx"]
+    assert [s.name for s in m3.cover(0, 3)] == ["layer_00", "layers_01_03"]
+
+
+def test_parse_ranges() -> None:
+    assert parse_ranges("0-10,10-30", 30) == [(0, 10), (10, 30)]
+    with pytest.raises(ExportError, match="START-END"):
+        parse_ranges("0:10", 30)
+    with pytest.raises(ExportError, match="0 <= START < END <= 30"):
+        parse_ranges("20-40", 30)
+
+
+def _cli_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
+    assert cli_main(list(argv)) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1, err
+    return err[0]
+
+
+def test_bad_sources_give_one_clear_line(tmp_path: Path, tiny: tuple,
+                                         capsys: pytest.CaptureFixture[str]) -> None:
+    missing = tmp_path / "nope.gguf"
+    assert str(missing) in _cli_error(capsys, "export", str(missing), "--out", str(tmp_path / "o"))
+    junk = tmp_path / "junk.gguf"
+    junk.write_bytes(b"PK\x03\x04 definitely not a gguf" * 10)
+    line = _cli_error(capsys, "export", str(junk), "--out", str(tmp_path / "o"))
+    assert str(junk) in line and "not a GGUF" in line
+    trunc = tmp_path / "trunc.gguf"
+    trunc.write_bytes(tiny[0].read_bytes()[:5000])
+    line = _cli_error(capsys, "export", str(trunc), "--out", str(tmp_path / "o"))
+    assert str(trunc) in line
+    other = tmp_path / "mamba.gguf"
+    tiny_model.write_gguf(other, arch="mamba")
+    line = _cli_error(capsys, "export", str(other), "--out", str(tmp_path / "o"))
+    assert str(other) in line and "unsupported architecture 'mamba'" in line
+
+
+def test_corrupted_segment_is_refused(exported: Manifest, tmp_path: Path,
+                                      capsys: pytest.CaptureFixture[str]) -> None:
+    bad = tmp_path / "bad"
+    shutil.copytree(exported.directory, bad)
+    seg = bad / "layer_01.onnx"
+    data = bytearray(seg.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    seg.write_bytes(bytes(data))
+    with pytest.raises(ExportError, match=r"layer_01\.onnx: sha256 mismatch"):
+        LocalModel(bad, prefer_ranges=False)
+    # the range segment covering layer 1 is intact, so the default path still runs...
+    assert list(LocalModel(bad).generate([1, 2], 2, stop_at_eos=False))
+    emb = bad / "embed.onnx"
+    emb.write_bytes(emb.read_bytes()[:-10] + b"0123456789")
+    line = _cli_error(capsys, "generate", "hi", "--model", str(bad), "--max-new-tokens", "1")
+    assert "embed.onnx: sha256 mismatch" in line
+    shutil.copy(exported.directory / "embed.onnx", emb)
+    (bad / "head.onnx").unlink()
+    with pytest.raises(ExportError, match=r"head\.onnx: segment file missing"):
+        LocalModel(bad)
+
+
+def test_hf_directory_source(tmp_path: Path) -> None:
+    """A Hugging Face directory (safetensors + tokenizer.json) exports to the same model."""
+    from safetensors.numpy import save_file
+
+    w = tiny_model.hf_weights()
+    save_file(w, str(tmp_path / "model.safetensors"))
+    c = tiny_model.CFG
+    (tmp_path / "config.json").write_text(json.dumps({
+        "architectures": ["LlamaForCausalLM"], "num_hidden_layers": c["n_layers"],
+        "hidden_size": c["hidden_size"], "intermediate_size": c["intermediate_size"],
+        "num_attention_heads": c["n_heads"], "num_key_value_heads": c["n_kv_heads"],
+        "vocab_size": c["vocab_size"], "rope_theta": c["rope_theta"],
+        "rms_norm_eps": c["rms_norm_eps"], "tie_word_embeddings": True,
+        "max_position_embeddings": 256, "bos_token_id": 1, "eos_token_id": 2}))
+    gguf_dir = tmp_path / "g"
+    gguf_dir.mkdir()
+    tiny_model.write_gguf(gguf_dir / "t.gguf", quantize=False)
+    g_manifest = export_model(gguf_dir / "t.gguf", tmp_path / "from_gguf", progress=False)
+    shutil.copy(g_manifest.directory / "tokenizer.json", tmp_path / "tokenizer.json")
+    hf = load_hf_dir(tmp_path)
+    assert hf.config.n_kv_heads == 2 and hf.config.tie_word_embeddings
+    m = export_model(tmp_path, tmp_path / "from_hf", progress=False)
+    prompt = [3, 9, 27]
+    a = list(LocalModel(m.directory).generate(prompt, 5, stop_at_eos=False))
+    b = list(LocalModel(g_manifest.directory).generate(prompt, 5, stop_at_eos=False))
+    assert a == b
+    (tmp_path / "config.json").write_text(json.dumps({"architectures": ["MambaForCausalLM"]}))
+    with pytest.raises(ExportError, match="unsupported architecture"):
+        load_hf_dir(tmp_path)
