@@ -21,7 +21,7 @@ def rope(x: np.ndarray, pos: np.ndarray, theta: float) -> np.ndarray:
 
 def attention(q: np.ndarray, k: np.ndarray, v: np.ndarray, mask: np.ndarray) -> np.ndarray:
     """q (B, nh, T, d), k/v (B, nkv, S, d), mask (B, S) of 0/1; causal over the last T of S."""
-    b, nh, t, d = q.shape
+    _, nh, t, d = q.shape
     nkv, s = k.shape[1], k.shape[2]
     k = np.repeat(k, nh // nkv, axis=1)
     v = np.repeat(v, nh // nkv, axis=1)
@@ -58,5 +58,6 @@ def layer(x: np.ndarray, pos: np.ndarray, mask: np.ndarray, past_k: np.ndarray,
     a = attention(q, k, v, mask).transpose(0, 2, 1, 3).reshape(b, t, nh * d)
     x = x + a @ w["self_attn.o_proj.weight"].T
     h2 = rms_norm(x, w["post_attention_layernorm.weight"], cfg["rms_norm_eps"])
-    x = x + swiglu(h2, w["mlp.gate_proj.weight"], w["mlp.up_proj.weight"], w["mlp.down_proj.weight"])
+    mlp = [w[f"mlp.{n}_proj.weight"] for n in ("gate", "up", "down")]
+    x = x + swiglu(h2, *mlp)
     return x, k, v

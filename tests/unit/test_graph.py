@@ -122,8 +122,8 @@ def test_decode_with_past_equals_longer_prefill() -> None:
                                np.ones((1, 8), np.int64), past)
     np.testing.assert_allclose(step[:, 0], full[:, 7], atol=1e-4)
     assert present[0][0].shape == (1, C["n_kv_heads"], 8, C["head_dim"])
-    want, _ = ref_layers(w, 0, 3, x[:, 7:], np.array([[7]]), np.ones((1, 8), np.int64),
-                         {i: (a.astype(np.float64), b.astype(np.float64)) for i, (a, b) in past.items()})
+    past64 = {i: (a.astype(np.float64), b.astype(np.float64)) for i, (a, b) in past.items()}
+    want, _ = ref_layers(w, 0, 3, x[:, 7:], np.array([[7]]), np.ones((1, 8), np.int64), past64)
     np.testing.assert_allclose(step, want, atol=2e-4)
 
 
