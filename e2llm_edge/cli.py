@@ -64,7 +64,7 @@ def cmd_generate(args: argparse.Namespace) -> int:
 
     sampling = _sampling(args)
     assert isinstance(sampling, Sampling)
-    model = LocalModel(_model_dir(args), threads=args.threads)
+    model = LocalModel(_model_dir(args), threads=args.threads, variant=_variant(args))
     tok = ChatTokenizer(model.manifest)
     ids = tok.encode_prompt(args.prompt, raw=args.raw)
     stats = GenerationStats()
@@ -89,6 +89,16 @@ def cmd_generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _variant(args: argparse.Namespace) -> tuple[str, str] | None:
+    """--graph/--precision as a (graph, precision) pair; None lets the model choose."""
+    graph, precision = getattr(args, "graph", None), getattr(args, "precision", None)
+    if graph is None and precision is None:
+        return None
+    if graph is None:
+        graph = "standard" if precision == "fp32" else "contrib"
+    return graph, precision or {"standard": "fp32", "contrib": "exact"}[graph]
+
+
 def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the prompt (a user message unless --raw)")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -97,6 +107,90 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--top-p", type=float, default=1.0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
+
+
+def _bus_config(args: argparse.Namespace, client_id: str | None = None) -> object:
+    from e2llm_edge.bus import BusConfig
+
+    over: dict[str, object] = {"cluster": args.cluster}
+    if client_id:
+        over["client_id"] = client_id
+    if getattr(args, "username", None):
+        over["username"] = args.username
+    if getattr(args, "password_file", None):
+        over["password"] = Path(args.password_file).read_text().strip()
+    return BusConfig.from_url(args.broker, **over)
+
+
+def _link(args: argparse.Namespace) -> dict[str, float] | None:
+    if args.bandwidth_mbps is None and args.latency_ms is None:
+        return None
+    return {"bandwidth_mbps": args.bandwidth_mbps or 1000.0, "latency_ms": args.latency_ms or 0.5}
+
+
+def cmd_agent(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from e2llm_edge.agent import Agent, AgentConfig
+    from e2llm_edge.bus import BusConfig
+
+    bus = _bus_config(args, client_id=f"agent-{args.device_id}")
+    assert isinstance(bus, BusConfig)
+    cfg = AgentConfig(device_id=args.device_id, bus=bus, model_dir=_model_dir(args),
+                      memory_mb=args.memory_mb, threads=args.threads, link=_link(args),
+                      request_timeout=args.request_timeout)
+    asyncio.run(Agent(cfg).run())
+    return 0
+
+
+def cmd_orchestrator(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from e2llm_edge.bus import BusConfig
+    from e2llm_edge.orchestrator import Orchestrator, OrchestratorConfig
+    from planner import Workload
+
+    bus = _bus_config(args, client_id="orchestrator")
+    assert isinstance(bus, BusConfig)
+    cfg = OrchestratorConfig(
+        bus=bus, model_dir=_model_dir(args),
+        inventory_path=Path(args.inventory) if args.inventory else None,
+        expect_devices=args.expect_devices, method=args.method, seed=args.seed,
+        workload=Workload(args.mean_prompt, args.mean_output, args.rate),
+        request_timeout=args.request_timeout)
+    asyncio.run(Orchestrator(cfg).run())
+    return 0
+
+
+def cmd_profile(args: argparse.Namespace) -> int:
+    import yaml
+
+    from e2llm_edge.profile import load_or_measure_profile, measure_profile, profile_path
+    from e2llm_edge.runner import configure_threads
+    from onnx_export.manifest import Manifest
+
+    manifest = Manifest.load(_model_dir(args))
+    if args.fresh:
+        prof = measure_profile(manifest, args.threads)
+    else:
+        prof = load_or_measure_profile(manifest, args.threads)
+        print(f"# cached at {profile_path(manifest, configure_threads(args.threads))}",
+              file=sys.stderr)
+    print(yaml.safe_dump({"profile": prof}, sort_keys=False), end="")
+    return 0
+
+
+def cmd_demo(args: argparse.Namespace) -> int:
+    from e2llm_edge.demo import run_demo
+
+    return run_demo(args, _model_dir(args))
+
+
+def add_broker_args(p: argparse.ArgumentParser, required: bool = True) -> None:
+    p.add_argument("--broker", required=required, help="mqtt://host:port (mqtts:// for TLS)")
+    p.add_argument("--cluster", default="default", help="topics live under e2llm/<cluster>/")
+    p.add_argument("--username", help="broker user (default: anonymous)")
+    p.add_argument("--password-file", help="file holding the broker password")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -119,10 +213,59 @@ def build_parser() -> argparse.ArgumentParser:
     add_generate_args(p)
     p.add_argument("--model", help="model directory or source (default: SmolLM2-135M)")
     p.add_argument("--threads", type=int, help="onnxruntime threads (default: usable CPUs)")
+    p.add_argument("--graph", choices=["standard", "contrib"],
+                   help="graph variant to run locally (default: the best the model has)")
+    p.add_argument("--precision", help="fp32 (standard); exact or int8 (contrib)")
     p.add_argument("--broker", help="mqtt://[user:pass@]host:port of a running cluster")
     p.add_argument("--cluster", default="default")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the answer")
     p.set_defaults(func=cmd_generate)
+
+    p = sub.add_parser("agent", help="run a device agent")
+    add_broker_args(p)
+    p.add_argument("--device-id", required=True)
+    p.add_argument("--memory-mb", type=float, required=True,
+                   help="memory budget for weights + KV cache announced to the planner")
+    p.add_argument("--model", help="model directory (default: the exported default model)")
+    p.add_argument("--threads", type=int, help="onnxruntime threads (default: usable CPUs)")
+    p.add_argument("--bandwidth-mbps", type=float, help="this device's link to the broker")
+    p.add_argument("--latency-ms", type=float)
+    p.add_argument("--request-timeout", type=float, default=120.0)
+    p.set_defaults(func=cmd_agent)
+
+    p = sub.add_parser("orchestrator", help="run the fog orchestrator")
+    add_broker_args(p)
+    p.add_argument("--model", help="model directory (default: the exported default model)")
+    p.add_argument("--inventory", help="YAML naming expected devices (hardware, links)")
+    p.add_argument("--expect-devices", type=int, help="devices to wait for before planning")
+    p.add_argument("--method", default="e2llm", choices=["e2llm", "splitwise", "pipeline",
+                                                          "memprop"])
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--mean-prompt", type=float, default=256, help="workload: mean prompt tokens")
+    p.add_argument("--mean-output", type=float, default=128, help="workload: mean new tokens")
+    p.add_argument("--rate", type=float, default=0.5, help="workload: requests per second")
+    p.add_argument("--request-timeout", type=float, default=60.0)
+    p.set_defaults(func=cmd_orchestrator)
+
+    p = sub.add_parser("profile", help="measure this device's per-layer costs")
+    p.add_argument("--model", help="model directory (default: the exported default model)")
+    p.add_argument("--threads", type=int)
+    p.add_argument("--fresh", action="store_true", help="measure even if a profile is cached")
+    p.set_defaults(func=cmd_profile)
+
+    p = sub.add_parser("demo", help="a whole cluster on this machine answering a prompt")
+    p.add_argument("prompt", nargs="?", default="Explain in two sentences why small devices "
+                   "can serve a language model together.")
+    p.add_argument("--broker", help="use a running broker instead of starting one")
+    p.add_argument("--mosquitto", action="store_true",
+                   help="start Mosquitto (default: the embedded broker)")
+    p.add_argument("--inventory", help="devices to start (default: the bundled 4-device one)")
+    p.add_argument("--model", help="model directory (default: the exported default model)")
+    p.add_argument("--max-new-tokens", type=int, default=48)
+    p.add_argument("--requests", type=int, default=1, help="concurrent copies of the prompt")
+    p.add_argument("--method", default="e2llm")
+    p.add_argument("--cluster", default="demo")
+    p.set_defaults(func=cmd_demo)
 
     for register in _plugins():
         register(sub)

@@ -13,7 +13,14 @@ from pathlib import Path
 
 import numpy as np
 
-from e2llm_edge.runner import Embedder, Head, LayerStack, StageCache
+from e2llm_edge.fast_runner import (
+    FastLayerStack,
+    VariantEmbedder,
+    VariantHead,
+    check_variant,
+    choose_variant,
+)
+from e2llm_edge.runner import LayerStack, Stage, StageCache
 from e2llm_edge.sampling import Sampling, sample
 from onnx_export.errors import ExportError
 from onnx_export.manifest import Manifest
@@ -39,16 +46,28 @@ class GenerationStats:
 
 class LocalModel:
     def __init__(self, model_dir: str | Path, *, prefer_ranges: bool = True,
-                 verify: bool = True, threads: int | None = None) -> None:
+                 verify: bool = True, threads: int | None = None,
+                 variant: tuple[str, str] | None = None) -> None:
+        """`variant` (graph, precision) defaults to the best one the manifest holds and this
+        onnxruntime runs: contrib/exact, else standard/fp32 (see `choose_variant`)."""
         self.manifest = Manifest.load(model_dir)
         cfg = self.manifest.config
         self.n_layers = int(cfg["n_layers"])
         self.context_length = int(cfg["max_position"])
         self.eos_token_id: int | None = cfg.get("eos_token_id")
-        self.embed = Embedder(self.manifest, verify=verify, threads=threads)
-        self.layers = LayerStack(self.manifest, 0, self.n_layers, verify=verify,
-                                 prefer_ranges=prefer_ranges, threads=threads)
-        self.head = Head(self.manifest, verify=verify, threads=threads)
+        self.variant = variant or choose_variant(self.manifest)
+        check_variant(self.manifest, *self.variant)
+        self.embed = VariantEmbedder(self.manifest, self.variant, verify=verify, threads=threads)
+        self.layers: Stage
+        if self.variant[0] == "contrib":
+            # One request at a time here: each generate gets its own KV buffer, no pool.
+            self.layers = FastLayerStack(self.manifest, 0, self.n_layers,
+                                         precision=self.variant[1], verify=verify,
+                                         threads=threads, max_batch=0)
+        else:
+            self.layers = LayerStack(self.manifest, 0, self.n_layers, verify=verify,
+                                     prefer_ranges=prefer_ranges, threads=threads)
+        self.head = VariantHead(self.manifest, self.variant, verify=verify, threads=threads)
 
     def forward(self, ids: list[int], start: int, cache: StageCache) -> np.ndarray:
         """Logits (V,) of the last of `ids`, placed at positions start..; grows `cache`."""

@@ -286,6 +286,9 @@ class Activation(Message):
     """(B, T, hidden) float32."""
     position_start: int
     step: int
+    context: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The request's context (sampling, limits, decoder replica) on the first message a
+    device sees for a request; empty afterwards."""
 
 
 @register
@@ -303,6 +306,9 @@ class KVChunk(Message):
     value: F32_R4
     chunk: int
     n_chunks: int
+    context: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The request's context (sampling, limits, decoder replica) on the first message a
+    device sees for a request; empty afterwards."""
 
 
 @register
@@ -315,6 +321,9 @@ class DecodeStep(Message):
     token_id: int
     position: int
     step: int
+    context: dict[str, Any] = dataclasses.field(default_factory=dict)
+    """The request's context (sampling, limits, decoder replica) on the first message a
+    device sees for a request; empty afterwards."""
 
 
 @register

@@ -1,0 +1,161 @@
+"""Submit prompts to a running cluster and stream the answers.
+
+    async with Client(BusConfig.from_url("mqtt://127.0.0.1:1883")) as c:
+        async for ev in c.generate("Hello"):
+            print(ev.text, end="")
+
+`generate` yields `token` events and ends after the `done` event; an `error` event raises
+`GenerationError` (after the tokens that did arrive). Cancelling the iteration cancels
+the request on the cluster.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import json
+import sys
+import uuid
+from collections.abc import AsyncIterator
+from types import TracebackType
+from typing import Any, Self
+
+from e2llm_edge import messages as m
+from e2llm_edge import topics as t
+from e2llm_edge.bus import Bus, BusConfig
+from e2llm_edge.errors import BusTimeout, E2LLMError
+
+
+class GenerationError(E2LLMError):
+    """The cluster ended a request with an error event (code and message from it)."""
+
+    def __init__(self, code: str, message: str, event: m.ResponseEvent | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code, self.event = code, event
+
+
+class Client:
+    def __init__(self, config: BusConfig, client_id: str | None = None) -> None:
+        self.id = client_id or config.username or f"client-{uuid.uuid4().hex[:10]}"
+        self.config = config
+        self._bus: Bus | None = None
+        self._streams: dict[str, asyncio.Queue[m.ResponseEvent]] = {}
+        self._reader: asyncio.Task[None] | None = None
+
+    async def __aenter__(self) -> Self:
+        self._bus = Bus(self.config)
+        await self._bus.__aenter__()
+        await self._bus.subscribe(t.RESPONSE, client_id=self.id)
+        self._reader = asyncio.create_task(self._read())  # owned: cancelled in __aexit__
+        return self
+
+    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                        tb: TracebackType | None) -> None:
+        if self._reader is not None:
+            self._reader.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._reader
+        if self._bus is not None:
+            await self._bus.__aexit__(exc_type, exc, tb)
+
+    async def _read(self) -> None:
+        assert self._bus is not None
+        async for env in self._bus:
+            if isinstance(env.msg, m.ResponseEvent):
+                q = self._streams.get(env.msg.request_id)
+                if q is not None:
+                    q.put_nowait(env.msg)
+
+    async def generate(self, prompt: str | None = None, *, prompt_ids: list[int] | None = None,
+                       raw: bool = False, max_new_tokens: int = 64, temperature: float = 0.0,
+                       top_p: float = 1.0, seed: int | None = None,
+                       timeout: float = 120.0,  # noqa: ASYNC109 (becomes BusTimeout)
+                       ) -> AsyncIterator[m.ResponseEvent]:
+        """Stream one request's events; `timeout` bounds the wait for each next event."""
+        assert self._bus is not None
+        rid = uuid.uuid4().hex
+        q: asyncio.Queue[m.ResponseEvent] = asyncio.Queue()
+        self._streams[rid] = q
+        finished = False
+        try:
+            await self._bus.publish(t.REQUEST, m.GenerateRequest(
+                request_id=rid, client_id=self.id, prompt=prompt, prompt_ids=prompt_ids,
+                raw=raw, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                seed=seed), client_id=self.id)
+            seen = 0
+            while True:
+                try:
+                    ev = await asyncio.wait_for(q.get(), timeout)
+                except TimeoutError:
+                    raise BusTimeout("response", None, timeout) from None
+                if ev.event == "token":
+                    if ev.index < seen:
+                        continue  # duplicate delivery
+                    seen = ev.index + 1
+                    yield ev
+                elif ev.event == "done":
+                    finished = True
+                    yield ev
+                    return
+                else:
+                    finished = True
+                    raise GenerationError(ev.error_code or "error", ev.error or "", ev)
+        finally:
+            self._streams.pop(rid, None)
+            if not finished and self._bus is not None:
+                with contextlib.suppress(E2LLMError):
+                    await self._bus.publish(t.REQUEST, m.Release(
+                        request_id=rid, reason="cancelled by the client"), client_id=self.id)
+
+
+async def collect(client: Client, prompt: str | None = None, **kw: Any) -> dict[str, Any]:
+    """Run one request to the end: the same fields as the local `--json` output."""
+    new_ids: list[int] = []
+    text: list[str] = []
+    done: m.ResponseEvent | None = None
+    async for ev in client.generate(prompt, **kw):
+        if ev.event == "token":
+            new_ids.extend(ev.token_ids)
+            text.append(ev.text)
+        else:
+            done = ev
+    assert done is not None
+    return {"prompt_ids": done.stats.get("prompt_ids", []), "new_ids": new_ids,
+            "text": "".join(text), "finish_reason": done.finish_reason,
+            "stats": {k: v for k, v in done.stats.items() if k != "prompt_ids"}}
+
+
+def run_generate_cli(args: argparse.Namespace) -> int:
+    """`e2llm generate --broker URL PROMPT`: stream (or --json) an answer from a cluster."""
+
+    async def main() -> int:
+        cfg = BusConfig.from_url(args.broker, cluster=args.cluster)
+        async with Client(cfg) as c:
+            kw = dict(raw=args.raw, max_new_tokens=args.max_new_tokens,
+                      temperature=args.temperature, top_p=args.top_p, seed=args.seed,
+                      timeout=args.timeout)
+            try:
+                if args.json:
+                    print(json.dumps(await collect(c, args.prompt, **kw)))
+                    return 0
+                async for ev in c.generate(args.prompt, **kw):
+                    if ev.event == "token":
+                        sys.stdout.write(ev.text)
+                        sys.stdout.flush()
+                    else:
+                        s = ev.stats
+                        print()
+                        print(f"[{s.get('prompt_tokens')} prompt tokens; {s.get('new_tokens')} "
+                              f"new tokens; waiting {s.get('queue_wait_s')} s, first token "
+                              f"{s.get('ttft_s')} s, {s.get('decode_tokens_per_s')} tokens/s]",
+                              file=sys.stderr)
+            except GenerationError as exc:
+                print(f"\nerror: {exc}", file=sys.stderr)
+                return 1
+            except BusTimeout as exc:
+                print(f"\nerror: {exc}", file=sys.stderr)
+                return 1
+        return 0
+
+    return asyncio.run(main())

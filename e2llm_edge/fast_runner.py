@@ -1,0 +1,326 @@
+"""Run contrib segments: KV caches live in preallocated buffers bound with IO binding.
+
+GroupQueryAttention writes each step's keys/values in place when past and present are bound
+to the same buffer, so decode copies nothing per step. Batched decode advances B requests
+in one session run: their caches are slots of one pooled buffer `(slots, nkv, C, d)` per
+layer, kept contiguous so a batch binds a view of the pool (slots move only when the set of
+requests in flight changes, never per step).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from e2llm_edge.runner import Embedder, Head, StageCache, make_session
+from onnx_export.errors import ExportError
+from onnx_export.manifest import Manifest, Segment
+
+log = logging.getLogger(__name__)
+_serials = itertools.count()
+
+CONTRIB_OPS = ("GroupQueryAttention", "MatMulNBits", "SkipSimplifiedLayerNormalization",
+               "QuickGelu")
+
+
+def contrib_supported() -> bool:
+    """Whether this onnxruntime has the com.microsoft operators the contrib graph uses."""
+    try:
+        import onnxruntime.capi.onnxruntime_pybind11_state as C
+
+        have = {s.name for s in C.get_all_operator_schema() if s.domain == "com.microsoft"}
+    except (ImportError, AttributeError):
+        return False
+    return all(op in have for op in CONTRIB_OPS)
+
+
+@dataclass
+class FastCache:
+    """One request's KV for layers [start, end): views into a pool slot or its own buffer."""
+
+    start: int
+    end: int
+    capacity: int
+    keys: dict[int, np.ndarray]  # layer -> (1, nkv, C, d), C >= capacity
+    values: dict[int, np.ndarray]
+    slot: int | None = None
+    filled: dict[int, int] = field(default_factory=dict)  # tokens held per layer
+    pool: KVPool | None = None
+    serial: int = field(default_factory=lambda: next(_serials))
+
+    @property
+    def length(self) -> int:
+        return min(self.filled.values()) if self.filled else 0
+
+    @property
+    def nbytes(self) -> int:
+        per_token = sum(self.keys[i].shape[1] * self.keys[i].shape[3] * 4 * 2 for i in self.keys)
+        return self.length * per_token
+
+    def kv(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
+        n = self.filled[layer]
+        return self.keys[layer][:, :, :n], self.values[layer][:, :, :n]
+
+    def load(self, layer: int, key: np.ndarray, value: np.ndarray, token_start: int) -> None:
+        have, n = self.filled[layer], key.shape[2]
+        if token_start != have:
+            raise ValueError(f"layer {layer}: chunk starts at token {token_start}, "
+                             f"cache holds {have}")
+        if token_start + n > self.capacity:
+            raise ValueError(f"layer {layer}: {token_start + n} tokens exceed the cache "
+                             f"capacity {self.capacity}")
+        self.keys[layer][:, :, token_start:token_start + n] = key
+        self.values[layer][:, :, token_start:token_start + n] = value
+        self.filled[layer] = token_start + n
+
+    def advance(self, n: int) -> None:
+        for i in self.filled:
+            self.filled[i] += n
+
+    def release(self) -> None:
+        """Give a pool slot back (the cache must not be used afterwards)."""
+        if self.pool is not None and self.slot is not None:
+            self.pool.free(self)
+
+
+class KVPool:
+    """`slots` caches of `context` tokens per layer in one buffer per layer, allocated lazily
+    (np.zeros maps untouched pages lazily, so unused context costs no resident memory)."""
+
+    def __init__(self, layers: range, slots: int, context: int, nkv: int, d: int) -> None:
+        self.layers, self.slots, self.context = layers, slots, context
+        self.keys = {i: np.zeros((slots, nkv, context, d), np.float32) for i in layers}
+        self.values = {i: np.zeros((slots, nkv, context, d), np.float32) for i in layers}
+        self.owner: list[FastCache | None] = [None] * slots
+
+    def alloc(self, capacity: int) -> FastCache | None:
+        if capacity > self.context or None not in self.owner:
+            return None
+        s = self.owner.index(None)
+        c = FastCache(self.layers.start, self.layers.stop, self.context,
+                      {i: self.keys[i][s:s + 1] for i in self.layers},
+                      {i: self.values[i][s:s + 1] for i in self.layers}, slot=s,
+                      filled={i: 0 for i in self.layers}, pool=self)
+        self.owner[s] = c
+        return c
+
+    def free(self, cache: FastCache) -> None:
+        if cache.slot is not None and self.owner[cache.slot] is cache:
+            self.owner[cache.slot] = None
+        cache.slot = None
+
+    def _place(self, cache: FastCache, s: int) -> None:
+        cache.slot = s
+        cache.keys = {i: self.keys[i][s:s + 1] for i in self.layers}
+        cache.values = {i: self.values[i][s:s + 1] for i in self.layers}
+        self.owner[s] = cache
+
+    def _swap(self, a: int, b: int) -> None:
+        """Exchange the contents (used tokens only) and owners of slots a and b."""
+        ca, cb = self.owner[a], self.owner[b]
+        n = max(c.length if c is not None else 0 for c in (ca, cb))
+        for buf in (*self.keys.values(), *self.values.values()):
+            tmp = buf[a, :, :n].copy()
+            buf[a, :, :n] = buf[b, :, :n]
+            buf[b, :, :n] = tmp
+        self.owner[a], self.owner[b] = None, None
+        if ca is not None:
+            self._place(ca, b)
+        if cb is not None:
+            self._place(cb, a)
+
+    def contiguous(self, caches: list[FastCache]) -> int:
+        """Move `caches` (all in this pool) into adjacent slots; return the first one.
+
+        Already adjacent: nothing moves. Otherwise the batch gathers in slots [0, B), each
+        outsider swapped with a slot of the window not held by the batch (B - inside of them).
+        """
+        slots = sorted(c.slot for c in caches if c.slot is not None)
+        if len(slots) != len(caches) or any(self.owner[s] is not c for s, c in
+                                            ((c.slot, c) for c in caches if c.slot is not None)):
+            raise ValueError("a cache in the batch is not in this stage's pool")
+        if slots[-1] - slots[0] == len(slots) - 1:
+            return slots[0]
+        b, wanted = len(caches), {id(c) for c in caches}
+        for c in caches:
+            assert c.slot is not None
+            if c.slot >= b:
+                free = next(j for j in range(b)
+                            if self.owner[j] is None or id(self.owner[j]) not in wanted)
+                self._swap(c.slot, free)
+        return 0
+
+
+class _Bound:
+    """A session with its IO binding and the identity of what is currently bound."""
+
+    def __init__(self, seg: Segment, session: Any) -> None:
+        self.seg, self.session = seg, session
+        self.io = session.io_binding()
+        self.key: tuple[Any, ...] | None = None
+
+
+class FastLayerStack:
+    """Layers [start, end) of a contrib variant: a `Stage` with IO-bound, in-place KV."""
+
+    def __init__(self, manifest: Manifest, start: int, end: int, *, precision: str = "exact",
+                 verify: bool = True, threads: int | None = None, max_batch: int = 8,
+                 context: int | None = None) -> None:
+        cfg = manifest.config
+        self.start, self.end = start, end
+        self.precision = precision
+        self.nkv, self.d, self.hidden = int(cfg["n_kv_heads"]), int(cfg["head_dim"]), \
+            int(cfg["hidden_size"])
+        self.context = min(int(context or cfg["max_position"]), int(cfg["max_position"]))
+        self.segments = manifest.cover(start, end, "contrib", precision)
+        self.bound = [_Bound(s, make_session(manifest.verify(s) if verify else manifest.path(s),
+                                             threads)) for s in self.segments]
+        self.max_batch = max_batch
+        self._pool: KVPool | None = None
+        self._seqlens = np.zeros(max(1, max_batch), np.int32)
+        self._total = np.zeros((), np.int32)
+
+    # -- caches
+
+    @property
+    def pool(self) -> KVPool:
+        if self._pool is None:
+            self._pool = KVPool(range(self.start, self.end), self.max_batch, self.context,
+                                self.nkv, self.d)
+        return self._pool
+
+    def new_cache(self, capacity: int) -> FastCache:
+        """A pool slot when one is free and `capacity` fits, else a buffer of its own."""
+        c = self.pool.alloc(capacity) if self.max_batch > 0 else None
+        if c is not None:
+            return c
+        layers = range(self.start, self.end)
+
+        def buf() -> np.ndarray:
+            return np.zeros((1, self.nkv, capacity, self.d), np.float32)
+
+        return FastCache(self.start, self.end, capacity, {i: buf() for i in layers},
+                         {i: buf() for i in layers}, filled={i: 0 for i in layers})
+
+    # -- running
+
+    def run(self, hidden: np.ndarray, start_pos: int, cache: StageCache) -> np.ndarray:
+        """One sequence: hidden (1, T, H) at positions start_pos.. -> (1, T, H)."""
+        assert isinstance(cache, FastCache)
+        if start_pos != cache.length:
+            raise ValueError(f"start_pos {start_pos} != cache length {cache.length}")
+        t = hidden.shape[1]
+        if start_pos + t > cache.capacity:
+            raise ValueError(f"{start_pos + t} tokens exceed the cache capacity {cache.capacity}")
+        self._seqlens[0] = start_pos + t - 1
+        self._total[...] = start_pos + t
+        out = self._forward(hidden, cache.keys, cache.values, ("one", cache.serial, cache.slot),
+                            self._seqlens[:1])
+        cache.advance(t)
+        return out
+
+    def run_batch(self, hidden: np.ndarray, caches: list[StageCache]) -> np.ndarray:
+        """Batched decode: hidden (B, 1, H), request b at position caches[b].length."""
+        fc = [c for c in caches if isinstance(c, FastCache)]
+        b = len(caches)
+        if b == 1 or len(fc) != b or any(c.pool is not self._pool or c.slot is None for c in fc):
+            return np.concatenate([self.run(hidden[j:j + 1], c.length, c)
+                                   for j, c in enumerate(caches)], axis=0)
+        lengths = [c.length for c in fc]
+        if any(n + 1 > c.capacity for n, c in zip(lengths, fc, strict=True)):
+            raise ValueError("a request's cache is full")
+        pool = self.pool
+        lo = pool.contiguous(fc)
+        order = np.argsort([c.slot or 0 for c in fc])  # batch row r holds request order[r]
+        x = np.ascontiguousarray(hidden[order])
+        self._seqlens[:b] = [lengths[j] for j in order]
+        self._total[...] = max(lengths) + 1
+        keys = {i: pool.keys[i][lo:lo + b] for i in range(self.start, self.end)}
+        values = {i: pool.values[i][lo:lo + b] for i in range(self.start, self.end)}
+        out = self._forward(x, keys, values, ("pool", lo, b), self._seqlens[:b])
+        for c in fc:
+            c.advance(1)
+        res = np.empty_like(out)
+        res[order] = out
+        return res
+
+    def _forward(self, hidden: np.ndarray, keys: dict[int, np.ndarray],
+                 values: dict[int, np.ndarray], key: tuple[Any, ...],
+                 seqlens: np.ndarray) -> np.ndarray:
+        x = np.ascontiguousarray(hidden, dtype=np.float32)
+        for bd in self.bound:
+            io = bd.io
+            if bd.key != key:  # bind the KV buffers once per cache (or batch), not per step
+                for i in bd.seg.layers:
+                    for nm, arr in ((f"key_{i}", keys[i]), (f"value_{i}", values[i])):
+                        _bind(io.bind_input, "past_" + nm, arr)
+                        _bind(io.bind_output, "present_" + nm, arr)
+                bd.key = key
+            _bind(io.bind_input, "seqlens_k", seqlens)
+            _bind(io.bind_input, "total_sequence_length", self._total)
+            _bind(io.bind_input, "hidden", x)
+            out = np.empty(x.shape, np.float32)
+            _bind(io.bind_output, "hidden_out", out)
+            bd.session.run_with_iobinding(io)
+            x = out
+        return x
+
+
+def _bind(fn: Any, name: str, arr: np.ndarray) -> None:
+    """Bind a C-contiguous numpy array (or view) by pointer: no copy in or out."""
+    if not arr.flags.c_contiguous:
+        raise ValueError(f"{name}: buffer is not contiguous")
+    fn(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
+
+
+
+
+def _segment(manifest: Manifest, kind: str, variant: tuple[str, str], verify: bool) -> Any:
+    segs = manifest.by_kind(kind, *variant)
+    if not segs:
+        raise ExportError(f"{manifest.directory}: manifest has no {kind} segment for "
+                          f"{variant[0]}/{variant[1]}")
+    return manifest.verify(segs[0]) if verify else manifest.path(segs[0])
+
+
+class VariantEmbedder(Embedder):
+    """`Embedder` of any graph variant (same input_ids -> hidden interface)."""
+
+    def __init__(self, manifest: Manifest, variant: tuple[str, str], *, verify: bool = True,
+                 threads: int | None = None) -> None:
+        self.session = make_session(_segment(manifest, "embed", variant, verify), threads)
+
+
+class VariantHead(Head):
+    """`Head` of any graph variant (same hidden -> logits interface)."""
+
+    def __init__(self, manifest: Manifest, variant: tuple[str, str], *, verify: bool = True,
+                 threads: int | None = None) -> None:
+        self.session = make_session(_segment(manifest, "head", variant, verify), threads)
+
+
+PREFERENCE = (("contrib", "exact"), ("standard", "fp32"), ("contrib", "int8"))
+
+
+def choose_variant(manifest: Manifest) -> tuple[str, str]:
+    """The best complete variant: exact contrib (fast, same tokens), else the portable
+    graph; int8 (fastest, tokens drift) only when it is all there is or asked for."""
+    have = set(manifest.variants())
+    if not contrib_supported():
+        have = {v for v in have if v[0] != "contrib"}
+    for v in PREFERENCE:
+        if v in have:
+            return v
+    raise ExportError(f"{manifest.directory}: no complete variant this onnxruntime can run "
+                      f"(have {manifest.variants()})")
+
+
+def check_variant(manifest: Manifest, graph: str, precision: str) -> None:
+    if (graph, precision) not in manifest.variants():
+        raise ExportError(f"{manifest.directory}: no complete {graph}/{precision} variant "
+                          f"(have {manifest.variants()}); export it with "
+                          f"e2llm export --graph {graph} --precision {precision}")

@@ -1,0 +1,599 @@
+"""The fog-level orchestrator: registry, planning, routing, and the answer to every request.
+
+It keeps the device registry from retained state and profile messages, asks `planner`
+for a plan when the device set changes, publishes it (retained), and waits until every
+device of the plan reports ready for that version. Requests are tokenized here, routed by
+join-the-shortest-queue on estimated waiting time to a PREFILL replica, and given a
+DECODER replica with a free slot; tokens come back from the devices and are streamed to
+the client. Every request ends with `done` or an `error` event: a lost device or a stuck
+stage sends its requests back to the queue (re-prefilled from prompt plus the tokens
+already streamed) or fails them with a reason, never leaves them silent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from e2llm_edge import messages as m
+from e2llm_edge import topics as t
+from e2llm_edge.bus import BadMessage, Bus, BusConfig, Envelope, Will
+from e2llm_edge.errors import E2LLMError
+from e2llm_edge.router import ReplicaLoad, choose_decoder, choose_prefill
+from e2llm_edge.sampling import Sampling, SamplingError
+from e2llm_edge.textio import ChatTokenizer, StreamDecoder
+from onnx_export.manifest import Manifest
+from planner import Inventory, ModelSpec, Plan, PlanInfeasible, Workload, make_plan
+from planner.errors import PlannerError
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class OrchestratorConfig:
+    """Settings of the orchestrator."""
+
+    bus: BusConfig
+    """How to reach the broker."""
+    model_dir: Path
+    """The exported model (tokenizer, manifest costs)."""
+    inventory_path: Path | None = None
+    """Optional inventory naming expected devices and their hardware figures / links."""
+    expect_devices: int | None = None
+    """Devices to wait for before the first plan (default: the inventory's count, else 1)."""
+    settle_s: float = 1.5
+    """After the device set changes, wait this long for more changes before re-planning."""
+    method: str = "e2llm"
+    """Planning method: e2llm, splitwise, pipeline or memprop."""
+    seed: int = 0
+    """Seed of the genetic algorithm (plans are reproducible)."""
+    workload: Workload = field(default_factory=lambda: Workload(256, 128, 0.5))
+    """Expected workload the plan is optimised for."""
+    min_tokens_per_s: float = 15.0
+    """Floor on per-request generation speed for decoder concurrency."""
+    request_timeout: float = 60.0
+    """Seconds without progress after which a request fails (stuck stage)."""
+    heartbeat_timeout: float = 6.0
+    """Seconds of silence after which a device of the plan is considered lost."""
+    max_queue: int = 1024
+    """Requests waiting beyond this are refused with an 'overloaded' error."""
+    max_retries: int = 3
+    """Times a request is re-prefilled after losing its replica before it fails."""
+    orchestrator_id: str = "orchestrator"
+    """Broker user name / id of this orchestrator."""
+
+
+@dataclass
+class Track:
+    """One request from arrival to its last event."""
+
+    rid: str
+    client_id: str
+    prompt_ids: list[int]
+    max_new_tokens: int
+    sampling: Sampling
+    decoder: StreamDecoder
+    arrived: float = field(default_factory=time.monotonic)
+    generated: list[int] = field(default_factory=list)
+    prefill_replica: int | None = None
+    decoder_replica: int | None = None
+    plan_version: int = 0
+    dispatched: float | None = None
+    first_token: float | None = None
+    prefill_done: bool = False
+    progress: float = field(default_factory=time.monotonic)
+    retries: int = 0
+    first_dispatch: float | None = None
+
+
+@dataclass
+class DeviceEntry:
+    state: m.DeviceState | None = None
+    profile: m.DeviceProfileMsg | None = None
+    last_seen: float = 0.0
+
+
+class Orchestrator:
+    def __init__(self, config: OrchestratorConfig) -> None:
+        self.cfg = config
+        self.manifest = Manifest.load(config.model_dir)
+        self.tokenizer = ChatTokenizer(self.manifest)
+        # Our embed and head segments each carry their own copy of a tied weight, so a
+        # device holding both pays for both: tell the planner the truth about the files.
+        md = self.manifest.to_dict()
+        md["config"] = {**md["config"], "tie_word_embeddings": False}
+        self.model = ModelSpec.from_manifest(md)
+        self.context_length = int(self.manifest.config["max_position"])
+        self.inventory_file: dict[str, Any] = {}
+        if config.inventory_path:
+            self.inventory_file = yaml.safe_load(Path(config.inventory_path).read_text()) or {}
+            Inventory.from_dict(self.inventory_file, source=str(config.inventory_path))
+        n_inv = len(self.inventory_file.get("devices", []))
+        self.expect = config.expect_devices or n_inv or 1
+        self.devices: dict[str, DeviceEntry] = {}
+        self.plan: Plan | None = None
+        self.version = 0
+        self.serving = False
+        self.plan_error: str | None = None
+        self.requests: dict[str, Track] = {}
+        self.queue: deque[str] = deque()
+        self.loads: dict[int, ReplicaLoad] = {}
+        self.bus: Bus | None = None
+        self.replan_at: float | None = None
+        self.planning = False
+        self.lost: set[str] = set()
+        self.completed = 0
+        self.failed = 0
+        self.waits: deque[float] = deque(maxlen=256)
+        self.ttfts: deque[float] = deque(maxlen=256)
+        self.tokens_out = 0
+        self.started = time.monotonic()
+        self.plan_ready = asyncio.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def run(self) -> None:
+        will = Will(t.ORCHESTRATOR_STATE, m.OrchestratorState(
+            orchestrator_id=self.cfg.orchestrator_id, status="offline"))
+        async with Bus(self.cfg.bus, will=will, on_bad_message=self._on_bad) as bus:
+            self.bus = bus
+            for topic in (t.DEVICE_STATE, t.DEVICE_PROFILE, t.ORCHESTRATOR_INBOX, t.REQUEST,
+                          t.PLAN):
+                await bus.subscribe(topic)
+            await bus.publish(t.ORCHESTRATOR_STATE, m.OrchestratorState(
+                orchestrator_id=self.cfg.orchestrator_id, status="online", ts=time.time()))
+            async with asyncio.TaskGroup() as tg:
+                tg.create_task(self._receive(bus))
+                tg.create_task(self._ticker())
+
+    async def _receive(self, bus: Bus) -> None:
+        async for env in bus:
+            try:
+                await self._on_message(env)
+            except E2LLMError as exc:
+                log.warning("handling %s on %s failed: %s", type(env.msg).__name__,
+                            env.topic_str, exc)
+
+    def _on_bad(self, bad: BadMessage) -> None:
+        """A malformed message: answer the requester if the topic names one."""
+        if bad.topic is t.REQUEST and bad.ids and self.bus is not None:
+            rid = getattr(bad.error, "request_id", None) or f"invalid-{uuid.uuid4().hex[:8]}"
+            client = bad.ids["client_id"]
+            asyncio.get_running_loop().create_task(self._reply_error_raw(
+                client, rid, "bad_request", f"malformed request: {bad.error}"))
+
+    async def _reply_error_raw(self, client: str, rid: str, code: str, text: str) -> None:
+        assert self.bus is not None
+        with contextlib.suppress(E2LLMError):
+            await self.bus.publish(t.RESPONSE, m.ResponseEvent(
+                request_id=rid, event="error", error_code=code, error=text),
+                client_id=client, request_id=rid)
+
+    # ------------------------------------------------------------------ inbound
+
+    async def _on_message(self, env: Envelope) -> None:
+        msg = env.msg
+        now = time.monotonic()
+        if isinstance(msg, m.DeviceState):
+            await self._device_state(env.ids["device_id"], msg, now)
+        elif isinstance(msg, m.DeviceProfileMsg):
+            entry = self.devices.setdefault(env.ids["device_id"], DeviceEntry())
+            known = entry.profile is not None
+            entry.profile, entry.last_seen = msg, now
+            if not known:
+                self._schedule_replan("device profile from " + env.ids["device_id"])
+        elif isinstance(msg, m.PlanMsg):
+            if env.retained and self.plan is None:
+                # a plan retained from an earlier orchestrator: continue its numbering
+                self.version = max(self.version, int(msg.plan.get("version", 0)))
+        elif isinstance(msg, m.Heartbeat | m.TokenOut | m.ErrorReport):
+            dev = env.ids["device_id"]
+            self.devices.setdefault(dev, DeviceEntry()).last_seen = now
+            if isinstance(msg, m.TokenOut):
+                await self._token(dev, msg)
+            elif isinstance(msg, m.ErrorReport):
+                await self._device_error(dev, msg)
+        elif isinstance(msg, m.GenerateRequest):
+            await self._new_request(env.ids["client_id"], msg)
+        elif isinstance(msg, m.Release):
+            await self._cancel(env.ids["client_id"], msg)
+
+    async def _device_state(self, dev: str, msg: m.DeviceState, now: float) -> None:
+        entry = self.devices.setdefault(dev, DeviceEntry())
+        entry.state, entry.last_seen = msg, now
+        in_plan = self.plan is not None and dev in self.plan_devices()
+        if msg.status == "offline":
+            if in_plan:
+                await self._device_lost(dev, "went offline")
+            return
+        if dev in self.lost:
+            self.lost.discard(dev)
+            self._schedule_replan(f"device {dev} is back")
+        if self.plan is not None and not self.serving and self._all_ready():
+            self.serving = True
+            self.plan_ready.set()
+            log.info("plan v%d serving", self.version)
+            await self._dispatch()
+        if msg.status == "error" and in_plan:
+            await self._device_lost(dev, f"reported error: {msg.last_error}")
+
+    # ------------------------------------------------------------------ planning
+
+    def plan_devices(self) -> set[str]:
+        assert self.plan is not None
+        return {s.device_id for r in self.plan.replicas for s in r.stages}
+
+    def _all_ready(self) -> bool:
+        assert self.plan is not None
+        for d in self.plan_devices():
+            st = self.devices.get(d, DeviceEntry()).state
+            if st is None or st.status != "ready" or st.plan_version != self.version:
+                return False
+        return True
+
+    def _schedule_replan(self, why: str) -> None:
+        log.info("re-plan scheduled: %s", why)
+        self.replan_at = time.monotonic() + self.cfg.settle_s
+
+    def _available(self) -> list[str]:
+        return sorted(d for d, e in self.devices.items()
+                      if e.profile is not None and d not in self.lost
+                      and (e.state is None or e.state.status not in ("offline",)))
+
+    def build_inventory(self, device_ids: list[str]) -> Inventory:
+        """Live profiles over the inventory file's figures for the same device."""
+        by_id = {d["id"]: d for d in self.inventory_file.get("devices", [])}
+        devices = []
+        for d in device_ids:
+            prof = self.devices[d].profile
+            assert prof is not None
+            entry: dict[str, Any] = dict(by_id.get(d, {"id": d}))
+            entry["id"] = d
+            entry["memory_mb"] = prof.memory_mb or entry.get("memory_mb")
+            if prof.profile:
+                entry["profile"] = {k: v for k, v in prof.profile.items() if k != "measured"}
+            if prof.link:
+                entry["link"] = prof.link
+            devices.append(entry)
+        doc = {"link_defaults": self.inventory_file.get(
+            "link_defaults", {"bandwidth_mbps": 1000.0, "latency_ms": 0.5}), "devices": devices}
+        return Inventory.from_dict(doc, source="live registry")
+
+    async def _maybe_plan(self) -> None:
+        if self.replan_at is None or time.monotonic() < self.replan_at or self.planning:
+            return
+        avail = self._available()
+        if self.plan is None and len(avail) < self.expect:
+            return  # wait for the devices the operator said to expect
+        self.replan_at = None
+        self.planning = True
+        try:
+            inv = self.build_inventory(avail)
+            version = self.version + 1
+            plan = await asyncio.to_thread(
+                make_plan, inv, self.model, self.cfg.workload, method=self.cfg.method,
+                seed=self.cfg.seed, version=version, min_tokens_per_s=self.cfg.min_tokens_per_s)
+        except PlanInfeasible as exc:
+            self.plan_error = f"no plan can hold the model with devices {avail}: {exc}"
+            log.warning("%s", self.plan_error)
+            await self._retire_plan()
+            await self._fail_queue("no_plan", self.plan_error)
+            return
+        except PlannerError as exc:
+            self.plan_error = f"planning failed: {exc}"
+            log.warning("%s", self.plan_error)
+            return
+        finally:
+            self.planning = False
+        await self._install(plan)
+
+    async def _install(self, plan: Plan) -> None:
+        """Publish a new plan; every request in flight restarts under it."""
+        assert self.bus is not None
+        self.plan_error = None
+        await self._requeue_in_flight("plan changed")
+        self.plan, self.version, self.serving = plan, plan.version, False
+        self.plan_ready.clear()
+        self.loads = {r.replica_id: ReplicaLoad.for_replica(r, self.cfg.workload)
+                      for r in plan.replicas}
+        await self.bus.publish(t.PLAN, m.PlanMsg(plan=plan.to_dict(), plan_version=plan.version))
+        log.info("published plan v%d: %s", plan.version, describe_plan(plan))
+
+    async def _retire_plan(self) -> None:
+        self.plan, self.serving = None, False
+        self.plan_ready.clear()
+        await self._requeue_in_flight("plan withdrawn")
+
+    async def _device_lost(self, dev: str, why: str) -> None:
+        if dev in self.lost:
+            return
+        log.warning("device %s lost: %s", dev, why)
+        self.lost.add(dev)
+        self.serving = False
+        self.plan_ready.clear()
+        await self._requeue_in_flight(f"device {dev} {why}")
+        self._schedule_replan(f"device {dev} lost")
+        self.replan_at = time.monotonic()  # losing capacity: re-plan at once
+
+    # ------------------------------------------------------------------ requests
+
+    async def _new_request(self, client: str, req: m.GenerateRequest) -> None:
+        rid = req.request_id
+        if rid in self.requests:
+            return  # QoS 1 redelivery
+        try:
+            if (req.prompt is None) == (req.prompt_ids is None):
+                raise ValueError("give exactly one of prompt or prompt_ids")
+            if req.prompt is not None:
+                if not req.prompt.strip():
+                    raise ValueError("empty prompt")
+                ids = self.tokenizer.encode_prompt(req.prompt, raw=req.raw)
+            else:
+                ids = list(req.prompt_ids or [])
+                vocab = int(self.manifest.config["vocab_size"])
+                if not ids or min(ids) < 0 or max(ids) >= vocab:
+                    raise ValueError(f"prompt_ids must be non-empty ids in [0, {vocab})")
+            if not 1 <= req.max_new_tokens <= self.context_length:
+                raise ValueError(f"max_new_tokens must be in [1, {self.context_length}], "
+                                 f"got {req.max_new_tokens}")
+            if len(ids) + req.max_new_tokens > self.context_length:
+                raise ValueError(f"prompt of {len(ids)} tokens + max_new_tokens "
+                                 f"{req.max_new_tokens} exceeds the context of "
+                                 f"{self.context_length} tokens")
+            sampling = Sampling(temperature=req.temperature, top_p=req.top_p,
+                                seed=0 if req.seed is None else req.seed)
+        except (ValueError, SamplingError) as exc:
+            await self._reply_error_raw(client, rid, "bad_request", str(exc))
+            return
+        if self.plan is None and self.plan_error is not None:
+            await self._reply_error_raw(client, rid, "no_plan", self.plan_error)
+            return
+        if len(self.queue) >= self.cfg.max_queue:
+            await self._reply_error_raw(client, rid, "overloaded",
+                                        f"{len(self.queue)} requests already waiting")
+            return
+        tr = Track(rid=rid, client_id=client, prompt_ids=ids, max_new_tokens=req.max_new_tokens,
+                   sampling=sampling, decoder=StreamDecoder(self.tokenizer))
+        self.requests[rid] = tr
+        self.queue.append(rid)
+        await self._event(rid, "queued", {"prompt_tokens": len(ids)})
+        await self._dispatch()
+
+    async def _dispatch(self) -> None:
+        """Start queued requests while a PREFILL replica and a DECODER slot are free."""
+        if not self.serving or self.plan is None:
+            return
+        while self.queue:
+            rid = self.queue[0]
+            tr = self.requests.get(rid)
+            if tr is None:
+                self.queue.popleft()
+                continue
+            prompt = tr.prompt_ids + tr.generated
+            p = choose_prefill(self.plan, self.loads, len(prompt))
+            d = choose_decoder(self.plan, self.loads, p)
+            if p is None or d is None:
+                return
+            self.queue.popleft()
+            await self._start(tr, p, d, prompt)
+
+    async def _start(self, tr: Track, p: int, d: int, prompt: list[int]) -> None:
+        assert self.plan is not None and self.bus is not None
+        now = time.monotonic()
+        tr.prefill_replica, tr.decoder_replica, tr.plan_version = p, d, self.version
+        tr.dispatched, tr.progress, tr.prefill_done = now, now, False
+        if tr.first_dispatch is None:
+            tr.first_dispatch = now
+            self.waits.append(now - tr.arrived)
+        self.loads[p].start_prefill(len(prompt))
+        self.loads[d].start_decode(tr.rid)
+        replica = self.plan.replica(p)
+        embed_dev = next(s.device_id for s in replica.stages if s.embed)
+        await self.bus.publish(t.DEVICE_INBOX, m.PrefillStart(
+            request_id=tr.rid, token_ids=prompt, decoder_replica=d,
+            sampling=tr.sampling.to_dict(), max_new_tokens=tr.max_new_tokens,
+            generated=list(tr.generated), plan_version=self.version), device_id=embed_dev)
+        await self._event(tr.rid, "routed", {"prefill_replica": p, "decoder_replica": d,
+                                             "plan_version": self.version,
+                                             "retry": tr.retries})
+
+    async def _token(self, dev: str, msg: m.TokenOut) -> None:
+        tr = self.requests.get(msg.request_id)
+        if tr is None or msg.plan_version != tr.plan_version or tr.dispatched is None:
+            return  # late token of a finished, failed or restarted request
+        if msg.index != len(tr.generated):
+            if msg.index > len(tr.generated):
+                log.warning("request %s: token %d arrived, expected %d", tr.rid, msg.index,
+                            len(tr.generated))
+            return  # duplicate (QoS 1 redelivery) or gap
+        now = time.monotonic()
+        tr.progress = now
+        if not tr.prefill_done:
+            tr.prefill_done = True
+            assert tr.prefill_replica is not None
+            self.loads[tr.prefill_replica].finish_prefill(len(tr.prompt_ids) + len(tr.generated))
+            if tr.first_token is None:
+                tr.first_token = now
+                self.ttfts.append(now - tr.arrived)
+                await self._event(tr.rid, "first_token", {"ttft_s": round(now - tr.arrived, 4)})
+        tr.generated.append(msg.token_id)
+        self.tokens_out += 1
+        assert self.bus is not None
+        await self.bus.publish(t.RESPONSE, m.ResponseEvent(
+            request_id=tr.rid, event="token", token_ids=[msg.token_id],
+            text=tr.decoder.push(msg.token_id), index=msg.index),
+            client_id=tr.client_id, request_id=tr.rid)
+        if msg.finished:
+            await self._finish(tr, msg.finish_reason or "stop")
+        else:
+            await self._dispatch()
+
+    async def _finish(self, tr: Track, reason: str) -> None:
+        assert self.bus is not None
+        self._release_slots(tr)
+        self.requests.pop(tr.rid, None)
+        self.completed += 1
+        now = time.monotonic()
+        first = tr.first_token or now
+        n = len(tr.generated)
+        stats = {
+            "prompt_ids": tr.prompt_ids, "prompt_tokens": len(tr.prompt_ids), "new_tokens": n,
+            "queue_wait_s": round((tr.first_dispatch or now) - tr.arrived, 4),
+            "ttft_s": round(first - tr.arrived, 4), "total_s": round(now - tr.arrived, 4),
+            "decode_tokens_per_s": round((n - 1) / (now - first), 2) if n > 1 and now > first
+            else 0.0,
+            "prefill_replica": tr.prefill_replica, "decoder_replica": tr.decoder_replica,
+            "plan_version": tr.plan_version, "retries": tr.retries,
+        }
+        await self.bus.publish(t.RESPONSE, m.ResponseEvent(
+            request_id=tr.rid, event="done", token_ids=list(tr.generated),
+            text=self.tokenizer.decode(tr.generated), index=n, finish_reason=reason,
+            stats=stats), client_id=tr.client_id, request_id=tr.rid)
+        await self._event(tr.rid, "done", {k: v for k, v in stats.items() if k != "prompt_ids"})
+        await self._dispatch()
+
+    async def fail(self, tr: Track, code: str, text: str) -> None:
+        """End a request with an error event; its devices drop their state."""
+        assert self.bus is not None
+        self._release_slots(tr)
+        self.requests.pop(tr.rid, None)
+        with contextlib.suppress(ValueError):
+            self.queue.remove(tr.rid)
+        self.failed += 1
+        await self._release_on_devices(tr)
+        with contextlib.suppress(E2LLMError):
+            await self.bus.publish(t.RESPONSE, m.ResponseEvent(
+                request_id=tr.rid, event="error", error_code=code, error=text,
+                token_ids=list(tr.generated), index=len(tr.generated)),
+                client_id=tr.client_id, request_id=tr.rid)
+        await self._event(tr.rid, "failed", {"code": code})
+        await self._dispatch()
+
+    def _release_slots(self, tr: Track) -> None:
+        if tr.prefill_replica is not None and not tr.prefill_done and \
+                tr.prefill_replica in self.loads and tr.dispatched is not None:
+            self.loads[tr.prefill_replica].finish_prefill(len(tr.prompt_ids) + len(tr.generated))
+        if tr.decoder_replica is not None and tr.decoder_replica in self.loads:
+            self.loads[tr.decoder_replica].finish_decode(tr.rid)
+        tr.dispatched = None
+
+    async def _release_on_devices(self, tr: Track) -> None:
+        if self.plan is None or self.bus is None or tr.plan_version != self.version:
+            return
+        devs = set()
+        for rep in (tr.prefill_replica, tr.decoder_replica):
+            if rep is not None:
+                with contextlib.suppress(KeyError):
+                    devs |= {s.device_id for s in self.plan.replica(rep).stages}
+        for dev in devs - self.lost:
+            with contextlib.suppress(E2LLMError):
+                await self.bus.publish(t.DEVICE_INBOX, m.Release(
+                    request_id=tr.rid, reason="orchestrator", plan_version=self.version),
+                    device_id=dev)
+
+    async def _requeue_in_flight(self, why: str) -> None:
+        """Requests running under the current plan go back to the front of the queue."""
+        running = [tr for tr in self.requests.values() if tr.dispatched is not None]
+        for tr in sorted(running, key=lambda x: x.arrived, reverse=True):
+            self._release_slots(tr)
+            tr.retries += 1
+            if tr.retries > self.cfg.max_retries:
+                await self.fail(tr, "retries_exhausted", f"{why}; gave up after "
+                                f"{self.cfg.max_retries} restarts")
+                continue
+            tr.prefill_replica = tr.decoder_replica = None
+            self.queue.appendleft(tr.rid)
+            await self._event(tr.rid, "requeued", {"reason": why, "generated": len(tr.generated)})
+
+    async def _fail_queue(self, code: str, text: str) -> None:
+        for rid in list(self.queue):
+            tr = self.requests.get(rid)
+            if tr is not None:
+                await self.fail(tr, code, text)
+
+    async def _device_error(self, dev: str, msg: m.ErrorReport) -> None:
+        tr = self.requests.get(msg.request_id) if msg.request_id else None
+        if tr is None or msg.plan_version != tr.plan_version:
+            return
+        await self.fail(tr, msg.code, f"device {dev}: {msg.message}")
+
+    async def _cancel(self, client: str, msg: m.Release) -> None:
+        tr = self.requests.get(msg.request_id)
+        if tr is not None and tr.client_id == client:
+            await self.fail(tr, "cancelled", msg.reason or "cancelled by the client")
+
+    async def _event(self, rid: str, event: str, data: dict[str, Any]) -> None:
+        assert self.bus is not None
+        with contextlib.suppress(E2LLMError):
+            await self.bus.publish(t.REQUEST_EVENTS, m.RequestEvent(
+                request_id=rid, event=event, data=data), request_id=rid)
+
+    # ------------------------------------------------------------------ ticker
+
+    async def _ticker(self) -> None:
+        last_summary = 0.0
+        while True:
+            await asyncio.sleep(0.25)
+            now = time.monotonic()
+            if self.plan is not None:
+                for dev in self.plan_devices() - self.lost:
+                    seen = self.devices.get(dev, DeviceEntry()).last_seen
+                    if now - seen > self.cfg.heartbeat_timeout:
+                        await self._device_lost(dev, f"silent for {now - seen:.1f} s")
+            for tr in list(self.requests.values()):
+                if tr.dispatched is not None and now - tr.progress > self.cfg.request_timeout:
+                    await self.fail(tr, "timeout", f"no progress for "
+                                    f"{self.cfg.request_timeout:.0f} s")
+                elif tr.dispatched is None and self.plan is None and self.plan_error and \
+                        now - tr.arrived > self.cfg.request_timeout:
+                    await self.fail(tr, "no_plan", self.plan_error)
+            await self._maybe_plan()
+            if now - last_summary > 2.0:
+                last_summary = now
+                await self._summary()
+
+    def summary(self) -> dict[str, Any]:
+        up = time.monotonic() - self.started
+        return {
+            "plan_version": self.version, "serving": self.serving,
+            "plan_error": self.plan_error,
+            "devices": {d: (e.state.status if e.state else "unknown")
+                        for d, e in sorted(self.devices.items())},
+            "replicas": [{"id": r.replica_id, "role": r.role, "concurrency": r.concurrency,
+                          "devices": [s.device_id for s in r.stages],
+                          "prefill_queue_tokens": self.loads[r.replica_id].prefill_tokens
+                          if r.replica_id in self.loads else 0,
+                          "decoding": len(self.loads[r.replica_id].decoding)
+                          if r.replica_id in self.loads else 0}
+                         for r in (self.plan.replicas if self.plan else [])],
+            "queued": len(self.queue), "in_flight": len(self.requests) - len(self.queue),
+            "completed": self.completed, "failed": self.failed,
+            "mean_wait_s": round(sum(self.waits) / len(self.waits), 4) if self.waits else None,
+            "mean_ttft_s": round(sum(self.ttfts) / len(self.ttfts), 4) if self.ttfts else None,
+            "tokens_out": self.tokens_out, "uptime_s": round(up, 1),
+        }
+
+    async def _summary(self) -> None:
+        assert self.bus is not None
+        with contextlib.suppress(E2LLMError):
+            await self.bus.publish(t.CLUSTER_TELEMETRY, m.Telemetry(
+                source=self.cfg.orchestrator_id, data=self.summary()))
+
+
+def describe_plan(plan: Plan) -> str:
+    parts = []
+    for r in plan.replicas:
+        stages = ", ".join(f"{s.device_id}[{s.layer_start}:{s.layer_end}"
+                           f"{'+E' if s.embed else ''}{'+H' if s.head else ''}]"
+                           for s in r.stages)
+        parts.append(f"R{r.replica_id} {r.role.upper()} c={r.concurrency}: {stages}")
+    return "; ".join(parts)

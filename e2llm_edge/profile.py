@@ -1,0 +1,127 @@
+"""Measure this device's per-layer costs for one model (`e2llm profile`).
+
+The planner's cost model is fitted from these figures, not from FLOP formulas: one decoder
+layer's prefill time at several prompt lengths, one layer's decode step at several batch
+sizes (with a 128-token past), and the embedding and head costs. Layers of a Llama model
+are identical in shape, so layer 0 stands for all. The result is cached per model
+fingerprint and thread count, so agents restarting on the same device start at once.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import yaml
+
+from e2llm_edge.runner import Embedder, Head, LayerStack, configure_threads
+from onnx_export.manifest import Manifest
+from onnx_export.source import cache_dir
+
+log = logging.getLogger(__name__)
+
+PREFILL_TOKENS = (16, 64, 256, 1024)
+DECODE_BATCHES = (1, 2, 4, 8)
+MAX_CONCURRENCY = 16
+PAST_TOKENS = 128
+
+
+def _best(fn: Callable[[], object], reps: int) -> float:
+    """Fastest of `reps` runs after one warm-up: the device's capability, not its noise."""
+    fn()
+    best = float("inf")
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        best = min(best, time.perf_counter() - t0)
+    return best
+
+
+def _fill(points: dict[int, float], upto: int) -> list[float]:
+    """Per-concurrency list 1..upto by linear interpolation/extrapolation of measured points."""
+    xs = sorted(points)
+    ys = [points[x] for x in xs]
+    out = []
+    for c in range(1, upto + 1):
+        if c <= xs[-1]:
+            out.append(float(np.interp(c, xs, ys)))
+        else:
+            slope = (ys[-1] - ys[-2]) / (xs[-1] - xs[-2])
+            out.append(ys[-1] + slope * (c - xs[-1]))
+    return out
+
+
+def measure_profile(manifest: Manifest, threads: int | None = None, reps: int = 3
+                    ) -> dict[str, Any]:
+    """The profile dict in the inventory schema (planner/inventory.py)."""
+    n = configure_threads(threads)
+    cfg = manifest.config
+    h = int(cfg["hidden_size"])
+    stack = LayerStack(manifest, 0, 1, prefer_ranges=False)
+    emb, head = Embedder(manifest), Head(manifest)
+    rng = np.random.default_rng(0)
+    prefill = []
+    for tokens in PREFILL_TOKENS:
+        x = rng.normal(0, 1, (1, tokens, h)).astype(np.float32)
+        prefill.append(_best(lambda x=x, n=tokens: stack.run(x, 0, stack.new_cache(n)), reps))
+    decode: dict[int, float] = {}
+    head_decode: dict[int, float] = {}
+    past = rng.normal(0, 1, (1, PAST_TOKENS, h)).astype(np.float32)
+    for b in DECODE_BATCHES:
+        caches = []
+        for _ in range(b):
+            c = stack.new_cache(PAST_TOKENS + 8)
+            stack.run(past, 0, c)
+            caches.append(c)
+        step = rng.normal(0, 1, (b, 1, h)).astype(np.float32)
+
+        def one_step(step: np.ndarray = step, caches: list = caches) -> None:  # type: ignore[type-arg]
+            snapshot = [c.kv(0) for c in caches]
+            stack.run_batch(step, caches)
+            for c, (k, v) in zip(caches, snapshot, strict=True):  # keep the past at 128
+                c.keys[0], c.values[0] = k, v  # type: ignore[attr-defined]
+
+        decode[b] = _best(one_step, reps)
+        head_decode[b] = _best(lambda step=step: head.run(step), reps)
+    ids = rng.integers(0, int(cfg["vocab_size"]), (1, 256), dtype=np.int64)
+    embed_s = _best(lambda: emb.run(ids), reps) / 256
+    one = rng.normal(0, 1, (1, 1, h)).astype(np.float32)
+    return {
+        "prefill_tokens": list(PREFILL_TOKENS),
+        "layer_prefill_s": [round(v, 7) for v in prefill],
+        "layer_decode_s": [round(v, 7) for v in _fill(decode, MAX_CONCURRENCY)],
+        "embed_s": round(embed_s, 9),
+        "head_prefill_s": round(_best(lambda: head.run(one), reps), 7),
+        "head_decode_s": [round(v, 7) for v in _fill(head_decode, MAX_CONCURRENCY)],
+        "measured": {"threads": n, "graph": "standard", "precision": "fp32",
+                     "past_tokens": PAST_TOKENS, "decode_batches": list(DECODE_BATCHES),
+                     "model": manifest.name, "at": time.strftime("%Y-%m-%dT%H:%M:%S")},
+    }
+
+
+def profile_path(manifest: Manifest, threads: int) -> Path:
+    return cache_dir() / "profiles" / f"{manifest.fingerprint[:16]}-t{threads}.yaml"
+
+
+def load_or_measure_profile(manifest: Manifest, threads: int | None = None,
+                            path: Path | None = None) -> dict[str, Any]:
+    n = configure_threads(threads)
+    path = path or profile_path(manifest, n)
+    if path.is_file():
+        try:
+            d = yaml.safe_load(path.read_text())
+            if isinstance(d, dict) and "layer_decode_s" in d:
+                return d
+        except yaml.YAMLError:
+            log.warning("%s: unreadable cached profile, measuring again", path)
+    log.info("measuring the device profile (%d threads)...", n)
+    prof = measure_profile(manifest, threads)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(yaml.safe_dump(prof, sort_keys=False))
+    tmp.replace(path)
+    return prof
