@@ -1,0 +1,230 @@
+"""The one cost model shared by the planner (DP, GA, role search) and the simulator.
+
+Per device and layer: prefill seconds for a prompt of P tokens and decode seconds for one
+step of a batch, from the measured profile or else a roofline estimate
+(max(FLOPs / achieved FLOP/s, bytes / achieved bandwidth)). A stage's time is its
+compute plus the hop that brings its input (device -> broker -> device). Decoders run
+their batch as up to k micro-batches through a k-stage pipeline, so one token of every
+request takes a *cycle* = max(sum of stage times, k x slowest stage).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+from functools import lru_cache
+
+import numpy as np
+
+from planner.inventory import Device, Hardware, Inventory, Link, hop_s
+from planner.model import ModelSpec
+from planner.workload import Workload
+
+TOKEN_ID_BYTES = 4
+"""What crosses the loop-back hop per token when the embedding is on stage 0."""
+WORKSPACE_BUFFERS = 2
+"""Activation buffers of the largest pass a device keeps (input and output)."""
+
+
+@dataclass(frozen=True)
+class Layout:
+    """Where the layers of one replica live: ordered devices and layer boundaries."""
+
+    devices: tuple[int, ...]
+    """Inventory indices in pipeline order."""
+    bounds: tuple[int, ...]
+    """len(devices)+1 boundaries 0 = b0 < b1 < ... < bk = L; stage i holds [b_i, b_i+1)."""
+    embed_last: bool
+    """The embedding sits on the last stage (with the head) instead of the first."""
+
+    def embed_on(self, i: int) -> bool:
+        """Stage i runs the embedding."""
+        k = len(self.devices)
+        return i == (k - 1 if self.embed_last else 0)
+
+    def head_on(self, i: int) -> bool:
+        """Stage i runs the head."""
+        return i == len(self.devices) - 1
+
+
+def micro_batch(concurrency: int, n_stages: int) -> int:
+    """Size of each of the min(k, c) micro-batches a k-stage decoder splits c requests into."""
+    return math.ceil(concurrency / min(n_stages, concurrency))
+
+
+class CostModel:
+    """Seconds and bytes for a model on an inventory under a workload's mean lengths."""
+
+    def __init__(
+        self, inventory: Inventory, model: ModelSpec, workload: Workload, max_concurrency: int = 16
+    ) -> None:
+        self.inventory = inventory
+        self.model = model
+        self.workload = workload
+        self.max_concurrency = max_concurrency
+        self.n_layers = model.n_layers
+        self.links: list[Link] = [d.link for d in inventory.devices]
+        self.capacity = np.array([d.memory_bytes for d in inventory.devices])
+        self._flops = np.asarray(model.layer_flops_per_token, dtype=float)
+        self._flop_scale = (
+            self._flops / self._flops.mean() if self._flops.mean() > 0 else np.ones(self.n_layers)
+        )
+        self.weight_prefix = np.concatenate([[0.0], np.cumsum(model.layer_param_bytes)])
+        # Context a decode step attends over, on average across a request's life.
+        self.decode_context = workload.mean_prompt_tokens + workload.mean_output_tokens / 2
+        self.prompt_tokens = workload.mean_prompt_tokens
+        self._prefill_cache = lru_cache(maxsize=4096)(self._prefill_layers)
+
+    # ---- per device, per layer -------------------------------------------------------
+
+    def prefill_layers(self, d: int, tokens: float) -> np.ndarray:
+        """Seconds for each layer to prefill `tokens` tokens on device d.  # (L,)"""
+        return self._prefill_cache(d, float(tokens))
+
+    def _prefill_layers(self, d: int, tokens: float) -> np.ndarray:
+        dev = self.inventory.devices[d]
+        if dev.profile is not None:
+            return dev.profile.layer_prefill(tokens) * self._flop_scale
+        hw = _hardware(dev)
+        m = self.model
+        flops = tokens * (self._flops + m.attention_flops_per_token(tokens / 2))
+        nbytes = np.array([m.decode_weight_bytes(layer, tokens) for layer in range(m.n_layers)])
+        nbytes = nbytes + tokens * (
+            m.kv_bytes_per_token_per_layer + WORKSPACE_BUFFERS * m.activation_bytes_per_token
+        )
+        result: np.ndarray = np.maximum(flops / hw.flops_per_s, nbytes / hw.bytes_per_s)
+        return result
+
+    def decode_layers(self, d: int, batch: int) -> np.ndarray:
+        """Seconds for each layer, one decode step of `batch` requests on device d.  # (L,)"""
+        dev = self.inventory.devices[d]
+        if dev.profile is not None:
+            return dev.profile.layer_decode(batch) * self._flop_scale
+        hw = _hardware(dev)
+        m = self.model
+        ctx = self.decode_context
+        flops = batch * (self._flops + m.attention_flops_per_token(ctx))
+        nbytes = np.array([m.decode_weight_bytes(layer, batch) for layer in range(m.n_layers)])
+        nbytes = nbytes + batch * ctx * m.kv_bytes_per_token_per_layer
+        result: np.ndarray = np.maximum(flops / hw.flops_per_s, nbytes / hw.bytes_per_s)
+        return result
+
+    def embed_s(self, d: int, tokens: float) -> float:
+        """Seconds to embed `tokens` tokens on device d."""
+        dev = self.inventory.devices[d]
+        if dev.profile is not None:
+            return dev.profile.embed_s * tokens
+        return (
+            tokens
+            * WORKSPACE_BUFFERS
+            * self.model.activation_bytes_per_token
+            / _hardware(dev).bytes_per_s
+        )
+
+    def head_s(self, d: int, decode: bool, batch: int) -> float:
+        """Seconds for the head: one position (prefill) or one step of `batch` (decode)."""
+        dev = self.inventory.devices[d]
+        if dev.profile is not None:
+            return dev.profile.head_decode(batch) if decode else dev.profile.head_prefill_s
+        hw = _hardware(dev)
+        m = self.model
+        positions = batch if decode else 1
+        return max(
+            positions * m.head_flops_per_token / hw.flops_per_s, m.head_param_bytes / hw.bytes_per_s
+        )
+
+    # ---- stages -----------------------------------------------------------------------
+
+    def in_hop_s(
+        self, devices: Sequence[int], i: int, embed_last: bool, decode: bool, tokens: float
+    ) -> float:
+        """Seconds of the hop feeding stage i with `tokens` tokens' worth of input."""
+        k = len(devices)
+        if k == 1:
+            return 0.0
+        act = self.model.activation_bytes_per_token
+        if i > 0:
+            return hop_s(self.links[devices[i - 1]], self.links[devices[i]], tokens * act)
+        # Stage 0 is fed by the last stage: hidden states if the embedding is there, else
+        # the sampled token ids (decode only; prompts come from the client, negligible).
+        if embed_last:
+            nbytes = tokens * act
+        elif decode:
+            nbytes = tokens * TOKEN_ID_BYTES
+        else:
+            return 0.0
+        return hop_s(self.links[devices[-1]], self.links[devices[0]], nbytes)
+
+    def stage_times(self, layout: Layout, *, decode: bool, tokens: float) -> list[float]:
+        """Time of each stage for one pass of `tokens` prompt tokens or a decode micro-batch.
+
+        Written plainly (per-layer sums) so tests can check the vectorised DP against it.
+        """
+        out = []
+        batch = int(tokens)
+        for i, d in enumerate(layout.devices):
+            a, b = layout.bounds[i], layout.bounds[i + 1]
+            per_layer = self.decode_layers(d, batch) if decode else self.prefill_layers(d, tokens)
+            t = float(sum(per_layer[a:b]))
+            if layout.embed_on(i):
+                t += self.embed_s(d, tokens)
+            if layout.head_on(i):
+                t += self.head_s(d, decode, batch)
+            t += self.in_hop_s(layout.devices, i, layout.embed_last, decode, tokens)
+            out.append(t)
+        return out
+
+    def stage_memory(self, layout: Layout, *, kv_tokens: float, pass_tokens: float) -> list[float]:
+        """Bytes each stage needs: weights, KV cache for `kv_tokens`, activation workspace."""
+        m = self.model
+        out = []
+        for i in range(len(layout.devices)):
+            a, b = layout.bounds[i], layout.bounds[i + 1]
+            out.append(
+                float(sum(m.layer_param_bytes[a:b]))
+                + m.edge_bytes(embed=layout.embed_on(i), head=layout.head_on(i))
+                + kv_tokens * m.kv_bytes_per_token_per_layer * (b - a)
+                + self.workspace_bytes(pass_tokens)
+            )
+        return out
+
+    def workspace_bytes(self, pass_tokens: float) -> float:
+        """Activation memory for the largest pass a stage runs."""
+        return WORKSPACE_BUFFERS * pass_tokens * self.model.activation_bytes_per_token
+
+    def decode_kv_tokens(self, concurrency: int) -> float:
+        """KV tokens a decoder of this concurrency reserves (mean context per request)."""
+        return concurrency * self.workload.mean_context_tokens
+
+    def kv_transfer_s(self, src: Layout, dst: Layout, prompt_tokens: float) -> float:
+        """Seconds to move a prompt's KV cache from a prefill replica to a decoder.
+
+        Each source device sends the KV of its layers to the devices holding them in the
+        decoder; sends from one device share its uplink, receives share the downlink.
+        """
+        kv = self.model.kv_bytes_per_token_per_layer * prompt_tokens
+        send: dict[int, float] = {}
+        recv: dict[int, float] = {}
+        for i, s in enumerate(src.devices):
+            for j, t in enumerate(dst.devices):
+                lo = max(src.bounds[i], dst.bounds[j])
+                hi = min(src.bounds[i + 1], dst.bounds[j + 1])
+                if hi > lo:
+                    send[s] = send.get(s, 0.0) + kv * (hi - lo)
+                    recv[t] = recv.get(t, 0.0) + kv * (hi - lo)
+        up = max(self.links[s].one_way_s(b) for s, b in send.items())
+        down = max(self.links[t].one_way_s(b) for t, b in recv.items())
+        return up + down
+
+
+def decode_cycle(stage_s: Sequence[float], concurrency: int) -> float:
+    """Seconds per token of every request in a decoder running `concurrency` requests."""
+    m = min(len(stage_s), concurrency)
+    return max(sum(stage_s), m * max(stage_s))
+
+
+def _hardware(dev: Device) -> Hardware:
+    if dev.hardware is None:
+        raise AssertionError(f"device {dev.id!r} has neither profile nor hardware")
+    return dev.hardware

@@ -1,0 +1,263 @@
+"""The plan: replicas, their roles and concurrency, ordered stages with layer ranges.
+
+Produced by `planner.make_plan`, published (retained) by the orchestrator, read by agents.
+`to_dict`/`from_dict` and `to_yaml`/`from_yaml` round-trip exactly; `from_dict`
+validates the structure and names the bad field. Invariants per replica: stages cover
+layers 0..n_layers-1 contiguously in order (half-open ranges, each non-empty); the head
+is on the last stage only; exactly one stage embeds, and it is the first or the last
+(embedding next to the head lets a tied weight be stored once; the last device then
+embeds the sampled token and sends the hidden state to stage 0). A device appears in at
+most one stage of the whole plan.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import Any, Literal
+
+import yaml
+
+from planner.errors import PlanError
+
+Role = Literal["prefill", "decoder", "mixed"]
+ROLES: tuple[str, ...] = ("prefill", "decoder", "mixed")
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One device's share of a replica."""
+
+    device_id: str
+    """Device running this stage."""
+    layer_start: int
+    """First layer held (inclusive)."""
+    layer_end: int
+    """One past the last layer held (half-open)."""
+    embed: bool
+    """This device runs the embedding."""
+    head: bool
+    """This device runs the head (final norm + lm_head); always the last stage."""
+    predicted_prefill_s: float
+    """Predicted stage time (compute + transfer in) for a mean prompt."""
+    predicted_decode_s: float
+    """Predicted stage time for one decode step of this replica's micro-batch."""
+
+    @property
+    def n_layers(self) -> int:
+        """Number of layers held."""
+        return self.layer_end - self.layer_start
+
+
+@dataclass(frozen=True)
+class Replica:
+    """A group of devices that together hold the whole model."""
+
+    replica_id: int
+    """Id unique within the plan."""
+    role: Role
+    """prefill, decoder, or mixed (does both; only when a single replica exists)."""
+    concurrency: int
+    """Requests decoded at once (decoder/mixed); 1 for prefill replicas."""
+    stages: list[Stage]
+    """Stages in pipeline order."""
+
+    @property
+    def device_ids(self) -> list[str]:
+        """Devices in pipeline order."""
+        return [s.device_id for s in self.stages]
+
+    @property
+    def embed_last(self) -> bool:
+        """The embedding sits on the last stage (next to the head)."""
+        return self.stages[-1].embed and len(self.stages) > 1
+
+
+@dataclass(frozen=True)
+class Plan:
+    """A versioned serving plan."""
+
+    version: int
+    """Monotonic version; agents ignore messages of other versions."""
+    method: str
+    """Which planner produced it (e2llm, splitwise, pipeline, memprop)."""
+    n_layers: int
+    """Layers of the model."""
+    replicas: list[Replica]
+    """All replicas."""
+    predicted: dict[str, Any] = field(default_factory=dict)
+    """Predicted figures: bottleneck, capacities, throughput (plain numbers)."""
+
+    def replica(self, replica_id: int) -> Replica:
+        """The replica with this id."""
+        for r in self.replicas:
+            if r.replica_id == replica_id:
+                return r
+        raise KeyError(replica_id)
+
+    def by_role(self, role: Role) -> list[Replica]:
+        """Replicas with this role."""
+        return [r for r in self.replicas if r.role == role]
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain-data form (YAML/msgpack friendly)."""
+        return {
+            "version": self.version,
+            "method": self.method,
+            "n_layers": self.n_layers,
+            "predicted": dict(self.predicted),
+            "replicas": [
+                {
+                    "replica_id": r.replica_id,
+                    "role": r.role,
+                    "concurrency": r.concurrency,
+                    "stages": [
+                        {
+                            "device_id": s.device_id,
+                            "layer_start": s.layer_start,
+                            "layer_end": s.layer_end,
+                            "embed": s.embed,
+                            "head": s.head,
+                            "predicted_prefill_s": s.predicted_prefill_s,
+                            "predicted_decode_s": s.predicted_decode_s,
+                        }
+                        for s in r.stages
+                    ],
+                }
+                for r in self.replicas
+            ],
+        }
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> Plan:
+        """Validate and build a plan from `to_dict` output."""
+        if not isinstance(d, Mapping):
+            raise PlanError(f"plan: expected a mapping, got {type(d).__name__}")
+        version = _int(d, "version", "plan", minimum=1)
+        method = d.get("method")
+        if not isinstance(method, str) or not method:
+            raise PlanError(f"plan: method must be a non-empty string, got {method!r}")
+        n_layers = _int(d, "n_layers", "plan", minimum=1)
+        predicted = d.get("predicted", {})
+        if not isinstance(predicted, Mapping):
+            raise PlanError(f"plan: predicted must be a mapping, got {predicted!r}")
+        raw_replicas = d.get("replicas")
+        if not isinstance(raw_replicas, list) or not raw_replicas:
+            raise PlanError(f"plan: replicas must be a non-empty list, got {raw_replicas!r}")
+        replicas = [_replica(r, n, n_layers) for n, r in enumerate(raw_replicas)]
+        ids = [r.replica_id for r in replicas]
+        if len(set(ids)) != len(ids):
+            raise PlanError(f"plan: replica_id values must be unique, got {ids}")
+        seen: dict[str, int] = {}
+        for r in replicas:
+            for s in r.stages:
+                if s.device_id in seen:
+                    raise PlanError(
+                        f"plan: replica {r.replica_id}: device_id {s.device_id!r} already "
+                        f"used by replica {seen[s.device_id]}"
+                    )
+                seen[s.device_id] = r.replica_id
+        return cls(version, method, n_layers, replicas, dict(predicted))
+
+    def to_yaml(self) -> str:
+        """YAML text; floats are written with repr so they read back bit-exact."""
+        return yaml.safe_dump(self.to_dict(), sort_keys=False)
+
+    @classmethod
+    def from_yaml(cls, text: str) -> Plan:
+        """Parse and validate YAML produced by `to_yaml`."""
+        try:
+            data = yaml.safe_load(text)
+        except yaml.YAMLError as e:
+            raise PlanError(f"plan: not valid YAML: {e}") from e
+        return cls.from_dict(data)
+
+
+def _int(d: Mapping[str, Any], key: str, where: str, *, minimum: int) -> int:
+    value = d.get(key)
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise PlanError(f"{where}: {key} must be an integer >= {minimum}, got {value!r}")
+    return value
+
+
+def _float(d: Mapping[str, Any], key: str, where: str) -> float:
+    value = d.get(key)
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or math.isnan(value)
+        or value < 0
+    ):
+        raise PlanError(f"{where}: {key} must be a number >= 0, got {value!r}")
+    return float(value)
+
+
+def _bool(d: Mapping[str, Any], key: str, where: str) -> bool:
+    value = d.get(key)
+    if not isinstance(value, bool):
+        raise PlanError(f"{where}: {key} must be true or false, got {value!r}")
+    return value
+
+
+def _replica(raw: Any, n: int, n_layers: int) -> Replica:
+    if not isinstance(raw, Mapping):
+        raise PlanError(f"plan: replicas[{n}] must be a mapping, got {raw!r}")
+    rid = _int(raw, "replica_id", f"plan: replicas[{n}]", minimum=0)
+    where = f"plan: replica {rid}"
+    role = raw.get("role")
+    if role not in ROLES:
+        raise PlanError(f"{where}: role must be one of {list(ROLES)}, got {role!r}")
+    concurrency = _int(raw, "concurrency", where, minimum=1)
+    raw_stages = raw.get("stages")
+    if not isinstance(raw_stages, list) or not raw_stages:
+        raise PlanError(f"{where}: stages must be a non-empty list, got {raw_stages!r}")
+    stages: list[Stage] = []
+    expected_start = 0
+    for i, rs in enumerate(raw_stages):
+        sw = f"{where}: stage {i}"
+        if not isinstance(rs, Mapping):
+            raise PlanError(f"{sw}: must be a mapping, got {rs!r}")
+        device_id = rs.get("device_id")
+        if not isinstance(device_id, str) or not device_id:
+            raise PlanError(f"{sw}: device_id must be a non-empty string, got {device_id!r}")
+        start = _int(rs, "layer_start", sw, minimum=0)
+        end = _int(rs, "layer_end", sw, minimum=1)
+        if start != expected_start:
+            raise PlanError(
+                f"{sw}: layer_start must be {expected_start} (contiguous with the previous "
+                f"stage), got {start}"
+            )
+        if end <= start or end > n_layers:
+            raise PlanError(f"{sw}: layer_end must be in ({start}, {n_layers}], got {end}")
+        expected_start = end
+        stages.append(
+            Stage(
+                device_id=device_id,
+                layer_start=start,
+                layer_end=end,
+                embed=_bool(rs, "embed", sw),
+                head=_bool(rs, "head", sw),
+                predicted_prefill_s=_float(rs, "predicted_prefill_s", sw),
+                predicted_decode_s=_float(rs, "predicted_decode_s", sw),
+            )
+        )
+    if expected_start != n_layers:
+        raise PlanError(
+            f"{where}: stage {len(stages) - 1}: layer_end must be n_layers={n_layers} "
+            f"(stages must cover every layer), got {expected_start}"
+        )
+    for i, s in enumerate(stages):
+        last = i == len(stages) - 1
+        if s.head != last:
+            raise PlanError(
+                f"{where}: stage {i}: head must be {str(last).lower()} (the head lives on the "
+                f"last stage only), got {str(s.head).lower()}"
+            )
+    embeds = [i for i, s in enumerate(stages) if s.embed]
+    if len(embeds) != 1 or embeds[0] not in (0, len(stages) - 1):
+        raise PlanError(
+            f"{where}: embed must be true on exactly one stage, the first or the last; "
+            f"got embed on stages {embeds}"
+        )
+    return Replica(rid, role, concurrency, stages)

@@ -1,0 +1,129 @@
+"""Plan serialisation round-trips exactly and validation names the bad field."""
+
+from __future__ import annotations
+
+import copy
+from typing import Any
+
+import pytest
+
+from planner import Plan, PlanError
+from planner.plan import Replica, Stage
+
+
+def sample_plan() -> Plan:
+    return Plan(
+        version=3,
+        method="e2llm",
+        n_layers=6,
+        replicas=[
+            Replica(
+                0,
+                "prefill",
+                1,
+                [
+                    Stage("a", 0, 4, True, False, 0.1 + 0.2, 1e-3 / 3),
+                    Stage("b", 4, 6, False, True, 0.25, 2.0 / 7),
+                ],
+            ),
+            Replica(
+                1,
+                "decoder",
+                8,
+                [
+                    Stage("c", 0, 2, False, False, 0.5, 0.01),
+                    Stage("d", 2, 6, True, True, 1.0 / 3, 0.02),
+                ],
+            ),
+        ],
+        predicted={
+            "bottleneck_s": 0.1 + 0.7,
+            "idle_devices": ["e"],
+            "phase": "decode",
+            "inf": float("inf"),
+        },
+    )
+
+
+def test_yaml_round_trip_is_exact() -> None:
+    plan = sample_plan()
+    again = Plan.from_yaml(plan.to_yaml())
+    assert again == plan
+    assert again.to_dict() == plan.to_dict()
+    assert Plan.from_dict(plan.to_dict()) == plan
+    assert again.replicas[1].embed_last
+    assert again.replica(1).device_ids == ["c", "d"]
+    assert [r.replica_id for r in again.by_role("prefill")] == [0]
+
+
+def broken(path: list[Any], value: Any) -> dict[str, Any]:
+    d = copy.deepcopy(sample_plan().to_dict())
+    target = d
+    for key in path[:-1]:
+        target = target[key]
+    target[path[-1]] = value
+    return d
+
+
+@pytest.mark.parametrize(
+    ("path", "value", "message"),
+    [
+        (["version"], 0, "plan: version must be an integer >= 1, got 0"),
+        (["replicas"], [], "plan: replicas must be a non-empty list"),
+        (["replicas", 0, "role"], "both", "replica 0: role must be one of"),
+        (["replicas", 1, "concurrency"], 0, "replica 1: concurrency must be an integer >= 1"),
+        (
+            ["replicas", 0, "stages", 1, "layer_start"],
+            3,
+            "replica 0: stage 1: layer_start must be 4 (contiguous",
+        ),
+        (
+            ["replicas", 0, "stages", 1, "layer_end"],
+            5,
+            "replica 0: stage 1: layer_end must be n_layers=6",
+        ),
+        (["replicas", 0, "stages", 1, "layer_end"], 9, "replica 0: stage 1: layer_end must be in"),
+        (["replicas", 0, "stages", 0, "head"], True, "replica 0: stage 0: head must be false"),
+        (["replicas", 0, "stages", 1, "head"], False, "replica 0: stage 1: head must be true"),
+        (
+            ["replicas", 0, "stages", 1, "embed"],
+            True,
+            "replica 0: embed must be true on exactly one stage",
+        ),
+        (
+            ["replicas", 1, "stages", 1, "embed"],
+            False,
+            "replica 1: embed must be true on exactly one stage",
+        ),
+        (["replicas", 1, "stages", 0, "device_id"], "a", "device_id 'a' already used by replica 0"),
+        (["replicas", 1, "replica_id"], 0, "replica_id values must be unique"),
+        (
+            ["replicas", 0, "stages", 0, "predicted_prefill_s"],
+            -1.0,
+            "stage 0: predicted_prefill_s must be a number >= 0",
+        ),
+        (["replicas", 0, "stages", 0, "embed"], "yes", "stage 0: embed must be true or false"),
+    ],
+)
+def test_validation_names_the_field(path: list[Any], value: Any, message: str) -> None:
+    with pytest.raises(PlanError) as err:
+        Plan.from_dict(broken(path, value))
+    assert message in str(err.value)
+
+
+def test_embed_must_be_first_or_last_stage() -> None:
+    d = sample_plan().to_dict()
+    d["n_layers"] = 6
+    stages = d["replicas"][0]["stages"]
+    stages[0]["embed"] = False
+    stages.insert(
+        1, {**stages[0], "device_id": "m", "layer_start": 4, "layer_end": 5, "embed": True}
+    )
+    stages[2]["layer_start"] = 5
+    with pytest.raises(PlanError, match=r"got embed on stages \[1\]"):
+        Plan.from_dict(d)
+
+
+def test_bad_yaml() -> None:
+    with pytest.raises(PlanError, match="not valid YAML"):
+        Plan.from_yaml("replicas: [")
