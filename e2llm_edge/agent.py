@@ -526,30 +526,25 @@ class Agent:
         finished = token == ctx.eos_token_id or index >= ctx.max_new_tokens - 1
         reason = ("stop" if token == ctx.eos_token_id else "length") if finished else None
         self.tokens_done += 1
-        await self._send_orchestrator(m.TokenOut(
-            request_id=rid, token_id=token, index=index, finished=finished,
-            finish_reason=reason, plan_version=place.version, seq=index))
+        out = m.TokenOut(request_id=rid, token_id=token, index=index, finished=finished,
+                         finish_reason=reason, plan_version=place.version, seq=index)
+        decoder = handoff_to or place.replica
         if finished:
-            decoder = handoff_to or place.replica
+            await self._send_orchestrator(out)
             for s in decoder.stages:
                 if s.device_id != self.id:
                     await self._send(s.device_id, m.Release(request_id=rid, reason=reason or "",
                                                             plan_version=place.version))
             self._free(rid)
             return
-        decoder = handoff_to or place.replica
-        position = ctx.prompt_len + (index - ctx.index0)
         step = index + 1
-        first = index == ctx.index0
-        target = embed_device(decoder)
-        step_msg = m.DecodeStep(request_id=rid, token_id=token, position=position, step=step,
-                                context=ctx.to_dict() if first else {},
+        step_msg = m.DecodeStep(request_id=rid, token_id=token,
+                                position=ctx.prompt_len + (index - ctx.index0), step=step,
+                                context=ctx.to_dict() if index == ctx.index0 else {},
                                 plan_version=place.version, seq=step)
-        if target == self.id:
-            self.work.append(step_msg)
-            self.work_ready.set()
-        else:
-            await self._send(target, step_msg)
+        # The next step goes first: the token's way to the client is off the critical path.
+        await self._send(embed_device(decoder), step_msg)
+        await self._send_orchestrator(out)
 
     # ------------------------------------------------------------------ plumbing
 

@@ -164,6 +164,7 @@ class BusStats:
     received: int = 0
     dropped_invalid: int = 0
     dropped_overflow: int = 0
+    dropped_unsubscribed: int = 0
 
 
 class RateLimitedLog:
@@ -403,6 +404,11 @@ class Bus:
         topic_str = raw.topic.value
         payload = raw.payload if isinstance(raw.payload, bytes) else b""
         self.stats.received += 1
+        if not any(aiomqtt.Topic(topic_str).matches(f) for f in self._subs):
+            # Not what we subscribed to: a broker quirk (amqtt delivers other retained
+            # topics), not a sender's fault. Nobody to answer; count and move on.
+            self.stats.dropped_unsubscribed += 1
+            return
         topic: Topic | None = None
         ids: Mapping[str, str] | None = None
         try:

@@ -3,5 +3,5 @@
 # Installs what it needs first (scripts/setup.sh). Extra arguments go to `e2llm demo`.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-E2LLM_EXTRAS=fog,export bash scripts/setup.sh
+E2LLM_EXTRAS=fog,demo bash scripts/setup.sh
 exec .venv/bin/e2llm demo "$@"

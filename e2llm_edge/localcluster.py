@@ -1,0 +1,216 @@
+"""A cluster on one machine: broker, orchestrator and agents as separate processes.
+
+What the demo, the end-to-end tests, the benchmarks and the chaos script run: every
+process is the real CLI entry point a user would start on a device or the fog node, and
+every byte between them crosses the broker. Agents can be killed (SIGKILL, like a power
+cut) and started again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Self
+
+import yaml
+
+from e2llm_edge import messages as m
+from e2llm_edge import topics as t
+from e2llm_edge.bus import Bus, BusConfig
+from e2llm_edge.errors import E2LLMError
+
+
+@dataclass
+class Proc:
+    """One child process and its log file."""
+
+    name: str
+    cmd: list[str]
+    log: Path
+    proc: subprocess.Popen[bytes] | None = None
+
+    def start(self) -> None:
+        with self.log.open("ab") as out:
+            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT,
+                                         start_new_session=True,
+                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+
+    @property
+    def alive(self) -> bool:
+        return self.proc is not None and self.proc.poll() is None
+
+    def kill(self) -> None:
+        """SIGKILL: the process gets no chance to say goodbye (its last-will fires)."""
+        if self.alive:
+            assert self.proc is not None
+            self.proc.kill()
+            self.proc.wait()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        if not self.alive:
+            return
+        assert self.proc is not None
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            self.proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            self.proc.wait()
+
+    def tail(self, n: int = 20) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+@dataclass
+class LocalCluster:
+    """`with LocalCluster(model_dir, inventory) as c: c.wait_serving(); ...`"""
+
+    model_dir: Path
+    inventory: dict[str, Any]
+    broker_url: str | None = None
+    broker_kind: str = "mosquitto"
+    cluster: str = "local"
+    threads: int = 1
+    orchestrator_args: list[str] = field(default_factory=list)
+    agent_args: list[str] = field(default_factory=list)
+    workdir: Path | None = None
+    verbose: bool = True
+    agents: dict[str, Proc] = field(default_factory=dict)
+    orchestrator: Proc | None = None
+    _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
+    broker: Any = None
+
+    def __enter__(self) -> Self:
+        try:
+            self._start()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
+                 tb: TracebackType | None) -> None:
+        self.close()
+
+    def _start(self) -> None:
+        if self.workdir is None:
+            self.workdir = Path(self._stack.enter_context(
+                tempfile.TemporaryDirectory(prefix="e2llm-cluster-")))
+        if self.broker_url is None:
+            if self.broker_kind == "embedded":
+                from e2llm_edge.embedded_broker import start_embedded
+
+                self.broker_url = self._stack.enter_context(
+                    start_embedded(self.workdir / "embedded"))
+            else:
+                from e2llm_edge.broker import start_mosquitto
+
+                (self.workdir / "mosquitto").mkdir(exist_ok=True)
+                self.broker = self._stack.enter_context(
+                    start_mosquitto(workdir=self.workdir / "mosquitto"))
+                self.broker_url = self.broker.url
+        inv = self.workdir / "inventory.yaml"
+        inv.write_text(yaml.safe_dump(self.inventory))
+        v = ["-v"] if self.verbose else []
+        self.orchestrator = Proc("orchestrator", [
+            sys.executable, "-m", "e2llm_edge.cli", *v, "orchestrator", "--broker",
+            self.broker_url, "--cluster", self.cluster, "--model", str(self.model_dir),
+            "--inventory", str(inv), *self.orchestrator_args], self.workdir / "orchestrator.log")
+        self.orchestrator.start()
+        for d in self.inventory["devices"]:
+            self.add_agent(d)
+
+    def add_agent(self, device: dict[str, Any], start: bool = True) -> Proc:
+        assert self.workdir is not None and self.broker_url is not None
+        cmd = [sys.executable, "-m", "e2llm_edge.cli", *(["-v"] if self.verbose else []),
+               "agent", "--broker", self.broker_url, "--cluster", self.cluster,
+               "--device-id", device["id"], "--memory-mb", str(device["memory_mb"]),
+               "--model", str(self.model_dir), "--threads", str(self.threads)]
+        link = device.get("link")
+        if link:
+            cmd += ["--bandwidth-mbps", str(link["bandwidth_mbps"]),
+                    "--latency-ms", str(link["latency_ms"])]
+        p = Proc(device["id"], cmd + self.agent_args, self.workdir / f"agent-{device['id']}.log")
+        self.agents[device["id"]] = p
+        if start:
+            p.start()
+        return p
+
+    def close(self) -> None:
+        for p in self.agents.values():
+            p.stop()
+        if self.orchestrator is not None:
+            self.orchestrator.stop()
+        self._stack.close()
+
+    def bus_config(self, **over: Any) -> BusConfig:
+        assert self.broker_url is not None
+        return BusConfig.from_url(self.broker_url, cluster=self.cluster, **over)
+
+    def logs(self) -> str:
+        procs = [self.orchestrator, *self.agents.values()]
+        return "\n".join(f"--- {p.name}\n{p.tail()}" for p in procs if p is not None)
+
+    # ----------------------------------------------------------------- observing
+
+    def wait_serving(self, timeout: float = 120.0, min_version: int = 1) -> dict[str, Any]:
+        """Block until the orchestrator reports a serving plan; returns the plan dict."""
+        return asyncio.run(self.await_serving(timeout, min_version))
+
+    async def await_serving(self, timeout: float = 120.0,  # noqa: ASYNC109
+                            min_version: int = 1) -> dict[str, Any]:
+        deadline = time.monotonic() + timeout
+        plan: dict[str, Any] | None = None
+        async with Bus(self.bus_config()) as bus:
+            await bus.subscribe(t.CLUSTER_TELEMETRY)
+            await bus.subscribe(t.PLAN)
+            while True:
+                left = deadline - time.monotonic()
+                dead = [p for p in [self.orchestrator, *self.agents.values()]
+                        if p is not None and p.proc is not None and not p.alive
+                        and p.proc.returncode not in (-9,)]
+                if dead and self.orchestrator in dead:
+                    raise RuntimeError(f"orchestrator exited:\n{self.logs()}")
+                if left <= 0:
+                    raise TimeoutError(f"cluster not serving after {timeout:.0f} s:\n"
+                                       f"{self.logs()}")
+                try:
+                    env = await bus.recv(timeout=min(left, 1.0))
+                except E2LLMError:
+                    continue
+                if isinstance(env.msg, m.PlanMsg):
+                    plan = env.msg.plan
+                elif isinstance(env.msg, m.Telemetry):
+                    d = env.msg.data
+                    if d.get("serving") and d.get("plan_version", 0) >= min_version and \
+                            plan is not None and plan.get("version") == d["plan_version"]:
+                        return plan
+
+    async def telemetry(self, device_ids: list[str],
+                        timeout: float = 10.0,  # noqa: ASYNC109
+                        ) -> dict[str, dict[str, Any]]:
+        """The next telemetry message of each named device."""
+        out: dict[str, dict[str, Any]] = {}
+        async with Bus(self.bus_config()) as bus:
+            await bus.subscribe(t.DEVICE_TELEMETRY)
+            deadline = time.monotonic() + timeout
+            while set(out) != set(device_ids):
+                left = deadline - time.monotonic()
+                if left <= 0:
+                    raise TimeoutError(f"no telemetry from {set(device_ids) - set(out)}")
+                env = await bus.recv(timeout=left)
+                if isinstance(env.msg, m.Telemetry) and env.msg.source in device_ids:
+                    out[env.msg.source] = env.msg.data
+        return out
