@@ -274,13 +274,14 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _plugins() -> list:  # type: ignore[type-arg]
     """Subcommands that live next to the code they drive."""
-    regs = []
-    try:
-        from planner.cli import register as planner_register
+    import importlib
 
-        regs.append(planner_register)
-    except ImportError:  # the planner needs deap, which devices do not install
-        pass
+    regs = []
+    for mod in ("planner.cli", "e2llm_edge.monitor", "e2llm_edge.broker_cli"):
+        try:
+            regs.append(importlib.import_module(mod).register)
+        except ImportError as exc:  # an extra this machine did not install
+            log.debug("subcommands of %s unavailable: %s", mod, exc)
     return regs
 
 
