@@ -68,3 +68,27 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     return True
 
 # =================================================================== end broker fixtures
+
+
+# ======================================================================== model fixtures
+# (the real default model, SmolLM2-135M-Instruct Q4_1: fetched and exported once per cache)
+import json  # noqa: E402
+import sys  # noqa: E402
+from typing import Any  # noqa: E402
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+REFERENCE = Path(__file__).resolve().parent / "fixtures" / "reference_smollm2.json"
+
+
+@pytest.fixture(scope="session")
+def default_model() -> Path:
+    from onnx_export.export import default_model_dir, export_model
+
+    return export_model(None, default_model_dir(), ranges="0-15,15-30", progress=False).directory
+
+
+@pytest.fixture(scope="session")
+def reference() -> dict[str, Any]:
+    return json.loads(REFERENCE.read_text())  # type: ignore[no-any-return]
+# ==================================================================== end model fixtures

@@ -1,0 +1,138 @@
+"""The distributed runtime end to end: a real Mosquitto, the orchestrator and four agents
+as separate processes, two replicas (PREFILL and DECODER). Answers must equal the local
+path (and transformers) token for token; the KV cache must really move."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import msgpack
+import numpy as np
+import pytest
+import yaml
+
+from e2llm_edge import messages as m
+from e2llm_edge import topics as t
+from e2llm_edge.broker import MosquittoBroker
+from e2llm_edge.bus import Bus
+from e2llm_edge.client import Client, GenerationError, collect
+from e2llm_edge.demo import bundled_inventory
+from e2llm_edge.local import LocalModel
+from e2llm_edge.localcluster import LocalCluster
+from planner import Plan
+
+pytestmark = [pytest.mark.model, pytest.mark.mosquitto, pytest.mark.slow]
+
+EOS = 2
+
+
+@pytest.fixture(scope="module")
+def live(mosquitto: MosquittoBroker, default_model: Path) -> Iterator[LocalCluster]:
+    inv = yaml.safe_load(bundled_inventory().read_text())
+    with LocalCluster(default_model, inv, broker_url=mosquitto.url, cluster="e2e") as c:
+        c.plan = Plan.from_dict(c.wait_serving(timeout=180))  # type: ignore[attr-defined]
+        yield c
+
+
+def expected(case: dict[str, Any]) -> list[int]:
+    """transformers' greedy ids, up to and including the first end-of-sequence token."""
+    ids = case["new_ids"]
+    return ids[: ids.index(EOS) + 1] if EOS in ids else ids
+
+
+def test_plan_has_prefill_and_decoder_replicas(live: LocalCluster) -> None:
+    plan: Plan = live.plan  # type: ignore[attr-defined]
+    roles = sorted(r.role for r in plan.replicas)
+    assert roles == ["decoder", "prefill"]
+    assert all(len(r.stages) >= 2 for r in plan.replicas)
+
+
+async def test_greedy_output_equals_local_path(live: LocalCluster,
+                                               reference: dict[str, Any]) -> None:
+    cases = [c for c in reference["cases"] if c["name"] in
+             ("chat_capital", "raw_story", "raw_code", "chat_long")]
+    assert any(len(c["prompt_ids"]) > 500 for c in cases)
+    async with Client(live.bus_config()) as client:
+        for case in cases:
+            got = await collect(client, case["prompt"], raw=case["raw"],
+                                max_new_tokens=reference["max_new_tokens"], timeout=60)
+            assert got["prompt_ids"] == case["prompt_ids"], case["name"]
+            assert got["new_ids"] == expected(case), case["name"]
+
+
+async def test_eight_concurrent_requests(live: LocalCluster, default_model: Path) -> None:
+    prompts = [f"Give me one fact about the number {n}." for n in range(8)]
+    local = LocalModel(default_model)
+    async with Client(live.bus_config()) as client:
+        results = await asyncio.gather(*[
+            collect(client, p, max_new_tokens=16, timeout=120) for p in prompts])
+    for p, r in zip(prompts, results, strict=True):
+        want = list(local.generate(r["prompt_ids"], 16))
+        assert r["new_ids"] == want, p
+        assert r["stats"]["new_tokens"] == len(want)
+
+
+async def test_kv_cache_moved_from_prefill_to_decoder(live: LocalCluster) -> None:
+    plan: Plan = live.plan  # type: ignore[attr-defined]
+    async with Client(live.bus_config()) as client:
+        await collect(client, "Name three colours.", max_new_tokens=8)
+    devices = {s.device_id: r.role for r in plan.replicas for s in r.stages}
+    tel = await live.telemetry(list(devices), timeout=15)
+    for dev, role in devices.items():
+        c = tel[dev]
+        if role == "prefill":
+            assert c["prefills"] > 0 and c["kv_chunks_out"] > 0, (dev, c)
+            assert c["decode_steps"] == 0 and c["kv_chunks_in"] == 0, (dev, c)
+        else:
+            assert c["prefills"] == 0, (dev, c)  # the decoder never ran the prompt
+            assert c["kv_chunks_in"] > 0 and c["decode_steps"] > 0, (dev, c)
+
+
+async def test_bad_input_is_answered_and_service_continues(live: LocalCluster) -> None:
+    plan: Plan = live.plan  # type: ignore[attr-defined]
+    dev = plan.replicas[0].stages[0].device_id
+    inbox = t.DEVICE_INBOX.format(cluster="e2e", device_id=dev)
+    orch_inbox = t.ORCHESTRATOR_INBOX.format(cluster="e2e", device_id=dev)
+    async with Bus(live.bus_config()) as raw:
+        good = m.encode(m.DecodeStep(request_id="ghost", token_id=5, position=3, step=1))
+        wrong_version = msgpack.unpackb(good, raw=False)
+        wrong_version["v"] = 99
+        act = m.Activation(request_id="r", phase="decode", hidden=np.ones((1, 1, 576), np.float32),
+                           position_start=0, step=1)
+        bad_shape = msgpack.unpackb(m.encode(act), raw=False)
+        bad_shape["b"]["hidden"]["sh"] = [1, 2, 576]
+        bad_dtype = msgpack.unpackb(m.encode(act), raw=False)
+        bad_dtype["b"]["hidden"]["dt"] = "complex128"
+        payloads = [b"\x00garbage\xff" * 20, msgpack.packb(wrong_version),
+                    msgpack.packb(bad_shape), msgpack.packb(bad_dtype),
+                    good]  # well-formed, for a request this device never heard of
+        for topic in (inbox, orch_inbox):
+            for p in payloads:
+                await raw.publish_raw(topic, p, qos=1)
+    # over the receivers' 4 MiB limit, under the broker's packet limit
+    async with Bus(live.bus_config(max_message_bytes=8 << 20)) as big:
+        for topic in (inbox, orch_inbox):
+            await big.publish_raw(topic, b"\x93" + bytes((4 << 20) + 8192), qos=1)
+    async with Bus(live.bus_config()) as raw:
+        # a requester that sent garbage gets an error on its response topic
+        await raw.subscribe(t.RESPONSE, client_id="fuzzer")
+        await raw.publish_raw(t.REQUEST.format(cluster="e2e", client_id="fuzzer"), b"nonsense")
+        ev = await raw.recv(timeout=10)
+        assert isinstance(ev.msg, m.ResponseEvent) and ev.msg.event == "error"
+        assert ev.msg.error_code == "bad_request"
+    async with Client(live.bus_config()) as client:
+        for kwargs, code in [({"prompt": "   "}, "bad_request"),
+                             ({"prompt": "hi", "temperature": -1.0}, "bad_request"),
+                             ({"prompt": "hi", "max_new_tokens": 10**6}, "bad_request"),
+                             ({"prompt_ids": [10**7]}, "bad_request")]:
+            with pytest.raises(GenerationError) as err:
+                await collect(client, **kwargs)
+            assert err.value.code == code, kwargs
+        got = await collect(client, "What is the capital of France?", max_new_tokens=12)
+        assert "Paris" in got["text"]
+    for p in live.agents.values():
+        assert p.alive, p.tail()
+    assert live.orchestrator is not None and live.orchestrator.alive
