@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import logging
 import time
 from collections import deque
@@ -183,8 +184,10 @@ class Agent:
         self.profile: dict[str, Any] = {}
         self.bus: Bus | None = None
         self._rate_t0, self._rate_n = time.monotonic(), 0
-        self.counters = {"prefills": 0, "decode_steps": 0, "decode_batches": 0,
-                         "kv_chunks_in": 0, "kv_chunks_out": 0, "errors": 0}
+        self.counters: dict[str, float] = {
+            "prefills": 0, "decode_steps": 0, "decode_batches": 0, "kv_chunks_in": 0,
+            "kv_chunks_out": 0, "kv_bytes_in": 0, "kv_bytes_out": 0, "last_kv_send_s": 0.0,
+            "last_kv_handoff_s": 0.0, "errors": 0}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -283,7 +286,13 @@ class Agent:
             self.work_ready.clear()
             if self.pending_plan is not None:
                 plan, self.pending_plan = self.pending_plan, None
-                await self._apply_plan(plan)
+                try:
+                    await self._apply_plan(plan)
+                except Exception as exc:  # a bad plan must not take the device down
+                    log.exception("%s: applying plan v%d failed", self.id, plan.version)
+                    self.status, self.last_error = "error", f"plan v{plan.version}: {exc}"
+                    with contextlib.suppress(E2LLMError):
+                        await self._publish_state()
             while self.work:
                 msg = self.work.popleft()
                 if self._is_decode(msg):
@@ -401,14 +410,17 @@ class Agent:
                             st: RequestState) -> None:
         """Send this stage's KV cache, layer by layer, to the decoder devices holding them."""
         assert st.cache is not None and self.stage is not None
+        t0 = time.time()
+        ctx = {**st.ctx.to_dict(), "kv_t0": t0}  # wall clock: the receiver times the handoff
         for layer in range(self.stage.start, self.stage.end):
             k, v = st.cache.kv(layer)
             target = layer_owner(decoder, layer)
             for chunk in m.kv_chunks(rid, layer, np.ascontiguousarray(k), np.ascontiguousarray(v),
                                      plan_version=place.version):
-                chunk = _with_context(chunk, st.ctx)
-                await self._send(target, chunk)
+                await self._send(target, dataclasses.replace(chunk, context=ctx))
                 self.counters["kv_chunks_out"] += 1
+                self.counters["kv_bytes_out"] += chunk.key.nbytes + chunk.value.nbytes
+        self.counters["last_kv_send_s"] = round(time.time() - t0, 6)
 
     # ------------------------------------------------------------------ KV receive
 
@@ -431,8 +443,12 @@ class Agent:
             assert st.cache is not None
             st.cache.load(msg.layer, k, v, start)
             st.kv_layers_done.add(msg.layer)
+            self.counters["kv_bytes_in"] += k.nbytes + v.nbytes
             if len(st.kv_layers_done) == self.stage.end - self.stage.start:
                 st.kv_ready = True
+                if "kv_t0" in msg.context:
+                    self.counters["last_kv_handoff_s"] = round(
+                        time.time() - float(msg.context["kv_t0"]), 6)
                 waiting, st.waiting = st.waiting, []
                 for w, _ in waiting:
                     self.work.appendleft(w)
@@ -629,12 +645,6 @@ class Agent:
 
 def _position(msg: m.DecodeStep | m.Activation) -> int:
     return msg.position if isinstance(msg, m.DecodeStep) else msg.position_start
-
-
-def _with_context(chunk: m.KVChunk, ctx: RequestContext) -> m.KVChunk:
-    import dataclasses
-
-    return dataclasses.replace(chunk, context=ctx.to_dict())
 
 
 def _rss_bytes() -> int:

@@ -28,7 +28,7 @@ F32_R3 = Annotated[np.ndarray, array("float32", rank=3)]
 F32_R4 = Annotated[np.ndarray, array("float32", rank=4)]
 
 DeviceStatus = Literal["online", "loading", "ready", "offline", "error"]
-Role = Literal["prefill", "decoder"]
+Role = Literal["prefill", "decoder", "mixed"]
 
 
 class Kind(IntEnum):
