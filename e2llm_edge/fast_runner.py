@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import weakref
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -95,39 +96,45 @@ class KVPool:
         self.layers, self.slots, self.context = layers, slots, context
         self.keys = {i: np.zeros((slots, nkv, context, d), np.float32) for i in layers}
         self.values = {i: np.zeros((slots, nkv, context, d), np.float32) for i in layers}
-        self.owner: list[FastCache | None] = [None] * slots
+        # Weak: a cache the runtime drops (no explicit release) frees its slot by itself.
+        self._owner: list[weakref.ref[FastCache] | None] = [None] * slots
+
+    def owner(self, s: int) -> FastCache | None:
+        ref = self._owner[s]
+        return ref() if ref is not None else None
 
     def alloc(self, capacity: int) -> FastCache | None:
-        if capacity > self.context or None not in self.owner:
+        free = [s for s in range(self.slots) if self.owner(s) is None]
+        if capacity > self.context or not free:
             return None
-        s = self.owner.index(None)
+        s = free[0]
         c = FastCache(self.layers.start, self.layers.stop, self.context,
                       {i: self.keys[i][s:s + 1] for i in self.layers},
                       {i: self.values[i][s:s + 1] for i in self.layers}, slot=s,
                       filled={i: 0 for i in self.layers}, pool=self)
-        self.owner[s] = c
+        self._owner[s] = weakref.ref(c)
         return c
 
     def free(self, cache: FastCache) -> None:
-        if cache.slot is not None and self.owner[cache.slot] is cache:
-            self.owner[cache.slot] = None
+        if cache.slot is not None and self.owner(cache.slot) is cache:
+            self._owner[cache.slot] = None
         cache.slot = None
 
     def _place(self, cache: FastCache, s: int) -> None:
         cache.slot = s
         cache.keys = {i: self.keys[i][s:s + 1] for i in self.layers}
         cache.values = {i: self.values[i][s:s + 1] for i in self.layers}
-        self.owner[s] = cache
+        self._owner[s] = weakref.ref(cache)
 
     def _swap(self, a: int, b: int) -> None:
         """Exchange the contents (used tokens only) and owners of slots a and b."""
-        ca, cb = self.owner[a], self.owner[b]
+        ca, cb = self.owner(a), self.owner(b)
         n = max(c.length if c is not None else 0 for c in (ca, cb))
         for buf in (*self.keys.values(), *self.values.values()):
             tmp = buf[a, :, :n].copy()
             buf[a, :, :n] = buf[b, :, :n]
             buf[b, :, :n] = tmp
-        self.owner[a], self.owner[b] = None, None
+        self._owner[a], self._owner[b] = None, None
         if ca is not None:
             self._place(ca, b)
         if cb is not None:
@@ -140,8 +147,8 @@ class KVPool:
         outsider swapped with a slot of the window not held by the batch (B - inside of them).
         """
         slots = sorted(c.slot for c in caches if c.slot is not None)
-        if len(slots) != len(caches) or any(self.owner[s] is not c for s, c in
-                                            ((c.slot, c) for c in caches if c.slot is not None)):
+        if len(slots) != len(caches) or any(self.owner(c.slot) is not c for c in caches
+                                            if c.slot is not None):
             raise ValueError("a cache in the batch is not in this stage's pool")
         if slots[-1] - slots[0] == len(slots) - 1:
             return slots[0]
@@ -149,8 +156,7 @@ class KVPool:
         for c in caches:
             assert c.slot is not None
             if c.slot >= b:
-                free = next(j for j in range(b)
-                            if self.owner[j] is None or id(self.owner[j]) not in wanted)
+                free = next(j for j in range(b) if id(self.owner(j)) not in wanted)
                 self._swap(c.slot, free)
         return 0
 
@@ -323,4 +329,5 @@ def check_variant(manifest: Manifest, graph: str, precision: str) -> None:
     if (graph, precision) not in manifest.variants():
         raise ExportError(f"{manifest.directory}: no complete {graph}/{precision} variant "
                           f"(have {manifest.variants()}); export it with "
-                          f"e2llm export --graph {graph} --precision {precision}")
+                          f"e2llm export --graph {graph} --precision {precision} "
+                          f"--ranges 0-{manifest.config['n_layers']} (one session for all layers)")

@@ -1,0 +1,76 @@
+"""Local path speed: decode and prefill tokens/s with per-layer and with range segments.
+
+Each configuration runs in its own process (onnxruntime threading is fixed per process),
+and the configurations alternate round by round so the machine's noise hits all alike.
+Medians are printed, with every round in brackets.
+
+    .venv/bin/python bench/local_decode.py [--rounds 3] [--new-tokens 64]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from onnx_export.export import default_model_dir, export_model  # noqa: E402
+
+CHILD = r"""
+import json, sys, time
+from e2llm_edge.local import GenerationStats, LocalModel
+model_dir, ranges = sys.argv[1], sys.argv[2] == "1"
+threads, n, prompt_len = (int(x) for x in sys.argv[3:6])
+m = LocalModel(model_dir, prefer_ranges=ranges, threads=threads)
+ids = [(7 * i + 11) % 40000 + 100 for i in range(prompt_len)]
+list(m.generate(ids[:8], 4, stop_at_eos=False))  # warm-up
+st = GenerationStats()
+list(m.generate(ids, n, stats=st, stop_at_eos=False))
+print(json.dumps({"sessions": len(m.layers.sessions), "decode": st.decode_tokens_per_s,
+                  "prefill": st.prefill_tokens_per_s}))
+"""
+
+
+def run(model_dir: Path, ranges: bool, threads: int, n: int, prompt_len: int) -> dict[str, float]:
+    out = subprocess.run([sys.executable, "-c", CHILD, str(model_dir), "1" if ranges else "0",
+                          str(threads), str(n), str(prompt_len)],
+                         capture_output=True, text=True, check=True, timeout=600, cwd=ROOT)
+    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__)
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--new-tokens", type=int, default=64)
+    ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
+    args = ap.parse_args()
+    model_dir = export_model(None, default_model_dir(), ranges="0-15,15-30",
+                             progress=False).directory
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
+                .splitlines() if ln.startswith("model name")), "unknown")
+    print(f"CPU: {cpu}, {os.cpu_count()} cores; standard graph, fp32; threads > 1 means one "
+          f"global onnxruntime pool of that size, 1 means no pool")
+    configs = [(r, t) for t in args.threads for r in (False, True)]
+    for ctx in (40, 1000):
+        res: dict[tuple[bool, int], list[dict[str, float]]] = {c: [] for c in configs}
+        for _ in range(args.rounds):
+            for r, t in configs:
+                res[(r, t)].append(run(model_dir, r, t, args.new_tokens, ctx))
+        print(f"\nprompt of {ctx} tokens, {args.new_tokens} new tokens")
+        for (r, t), rows in res.items():
+            dec = [x["decode"] for x in rows]
+            pre = [x["prefill"] for x in rows]
+            label = f"{'range' if r else 'per-layer'} ({int(rows[0]['sessions'])} sessions)"
+            print(f"  {label:24s} threads={t}: decode {statistics.median(dec):6.1f} tok/s "
+                  f"{[round(x, 1) for x in dec]}, prefill {statistics.median(pre):7.0f} tok/s")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

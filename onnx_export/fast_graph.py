@@ -1,0 +1,361 @@
+"""Graph builders for the fast segments: com.microsoft contrib operators, GGUF weights kept as is.
+
+Same three builders as `onnx_export.graph`; a layer is SkipSimplifiedLayerNormalization,
+one packed-QKV MatMulNBits, GroupQueryAttention over a preallocated KV buffer (past and
+present share it), MatMulNBits projections and QuickGelu(alpha=1) as SiLU. Precision
+`exact` keeps fp32 activations (`accuracy_level=0`): the weights are exactly the GGUF's, so
+greedy tokens match transformers on the dequantized GGUF. `int8` quantizes activations
+(`accuracy_level=4`). Shapes: B batch, T new tokens, C cache capacity, H hidden.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto, helper
+
+from onnx_export.errors import ExportError
+from onnx_export.graph import GraphBuilder
+from onnx_export.source import ModelConfig, ModelWeights, RawTensor
+
+PRECISIONS = ("exact", "int8")
+MS = "com.microsoft"
+BLOCK = 32
+F32, I32, I64 = TensorProto.FLOAT, TensorProto.INT32, TensorProto.INT64
+_ACCURACY = {"exact": 0, "int8": 4}
+
+
+# ----------------------------------------------------------------------------- GGUF repacking
+
+@dataclass(frozen=True)
+class NBits:
+    """One MatMulNBits weight: `packed` (N, nb, 32*bits/8) uint8, `scales` (N, nb) f32,
+    optional packed uint8 `zero_points`; dequantized value = (q - zp) * scale."""
+
+    bits: int
+    packed: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray | None = None
+
+
+@dataclass(frozen=True)
+class Quantized:
+    """A `[N, K]` GGUF matrix as a sum of MatMulNBits parts plus an optional block term:
+    W[n, k] = sum(parts)[n, k] + block[n, k // 32] (the Q4_1 minimum, per block)."""
+
+    n: int
+    k: int
+    parts: list[NBits]
+    block: np.ndarray | None  # (N, nb) f32
+
+
+def _blocks(raw: RawTensor, block_bytes: int) -> np.ndarray:
+    n, k = raw.shape
+    if k % BLOCK:
+        raise ValueError(f"{raw.qtype} tensor {raw.shape}: K not a multiple of {BLOCK}")
+    return np.ascontiguousarray(raw.data).reshape(n, k // BLOCK, block_bytes)
+
+
+def _f16(b: np.ndarray) -> np.ndarray:
+    """Little-endian fp16 from two uint8 columns (…, 2) -> f32 (…)."""
+    return np.ascontiguousarray(b).view(np.float16)[..., 0].astype(np.float32)
+
+
+def _nibbles_gguf(qs: np.ndarray) -> np.ndarray:
+    """GGUF Q4 block bytes (…, 16): element i in the low nibble of byte i, i+16 in the high."""
+    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # (…, 32) values 0..15
+
+
+def pack4(q: np.ndarray) -> np.ndarray:
+    """MatMulNBits 4-bit packing of (…, 32) values 0..15: byte i = q[2i] | q[2i+1] << 4."""
+    q = q.astype(np.uint8)
+    return np.ascontiguousarray(q[..., 0::2] | (q[..., 1::2] << 4))
+
+
+def quantize_raw(raw: RawTensor, bits8: bool = False) -> Quantized | None:
+    """The GGUF blocks of `raw` as MatMulNBits parts, or None for unsupported types.
+
+    Q4_0: d*(q-8) is MatMulNBits' default zero point. Q4_1: d*q + m = d*(q-8) + (m + 8d), the
+    second term a per-block constant. Q8_0: q + 128 = 16*hi + lo split in two 4-bit parts,
+    16d*(hi-8) + d*(lo-0), or with `bits8` one 8-bit part. Measured at decode (M=1): the
+    4-bit pair is fast with fp32 and int8 activations, one 8-bit part only with int8 and
+    then still ~1.5x slower than the pair (it wins from M=8 on).
+    """
+    n, k = raw.shape
+    if raw.qtype in ("Q4_0", "Q4_1"):
+        off = 2 if raw.qtype == "Q4_0" else 4
+        b = _blocks(raw, off + 16)
+        d = _f16(b[..., 0:2])
+        q = _nibbles_gguf(b[..., off:])
+        block = None
+        if raw.qtype == "Q4_1":
+            block = (_f16(b[..., 2:4]) + np.float32(8) * d).astype(np.float32)
+        return Quantized(n, k, [NBits(4, pack4(q), d)], block)
+    if raw.qtype == "Q8_0":
+        b = _blocks(raw, 34)
+        d = _f16(b[..., 0:2])
+        u = (b[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)  # (N, nb, 32)
+        if bits8:
+            return Quantized(n, k, [NBits(8, np.ascontiguousarray(u), d)], None)
+        nb = k // BLOCK
+        zero = np.zeros((n, (nb + 1) // 2), np.uint8)
+        return Quantized(n, k, [NBits(4, pack4(u >> 4), np.float32(16) * d),
+                                NBits(4, pack4(u & 0x0F), d, zero)], None)
+    return None
+
+
+def dequantize_nbits(qz: Quantized) -> np.ndarray:
+    """The `[N, K]` fp32 matrix a `Quantized` represents, by MatMulNBits' own formula."""
+    n, k = qz.n, qz.k
+    nb = k // BLOCK
+    w = np.zeros((n, nb, BLOCK), np.float32)
+    for p in qz.parts:
+        if p.bits == 4:
+            q = np.stack([p.packed & 0x0F, p.packed >> 4], axis=-1).reshape(n, nb, BLOCK)
+            zp = np.full((n, nb), 8, np.float32) if p.zero_points is None else \
+                np.stack([p.zero_points & 0x0F, p.zero_points >> 4], -1).reshape(n, -1)[:, :nb]
+        else:
+            q = p.packed.reshape(n, nb, BLOCK)
+            zp = np.full((n, nb), 128, np.float32) if p.zero_points is None else \
+                p.zero_points.reshape(n, nb)
+        w += (q.astype(np.float32) - zp.astype(np.float32)[..., None]) * p.scales[..., None]
+    if qz.block is not None:
+        w += qz.block[..., None]
+    return w.reshape(n, k)
+
+
+def concat_rows(parts: list[Quantized]) -> Quantized | None:
+    """Stack matrices with the same K and layout along N (packed QKV, gate+up), else None."""
+    first = parts[0]
+    shapes = [[(p.bits, p.zero_points is not None) for p in q.parts] for q in parts]
+    if any(s != shapes[0] for s in shapes) or any(q.k != first.k for q in parts) or \
+            len({q.block is None for q in parts}) != 1:
+        return None
+
+    def cat(xs: list[np.ndarray | None]) -> np.ndarray | None:
+        return None if xs[0] is None else np.concatenate(xs, axis=0)  # type: ignore[arg-type]
+
+    merged = [NBits(ps[0].bits, np.concatenate([p.packed for p in ps]),
+                    np.concatenate([p.scales for p in ps]),
+                    cat([p.zero_points for p in ps]))
+              for ps in zip(*(q.parts for q in parts), strict=True)]
+    return Quantized(sum(q.n for q in parts), first.k, merged, cat([q.block for q in parts]))
+
+
+# ----------------------------------------------------------------------------- pieces
+
+class Linear:
+    """x @ W.T for GGUF matrices, x flat `(M, K)`: MatMulNBits parts plus the block term, or
+    fp32 MatMul for types without an exact 4/8-bit form (F32, F16, k-quants).
+
+    The Q4_1 block term is (per-block sums of x) @ block.T: one small MatMul against a 0/1
+    block indicator and one Gemm that adds onto the MatMulNBits output (few ops: at decode
+    each costs more in dispatch than in arithmetic).
+    """
+
+    def __init__(self, g: GraphBuilder, precision: str) -> None:
+        self.g, self.precision = g, precision
+        self._sums: dict[str, str] = {}
+
+    def block_sums(self, x: str, k: int) -> str:
+        """(M, K) -> (M, K/32), once per input."""
+        if x not in self._sums:
+            ind = np.kron(np.eye(k // BLOCK, dtype=np.float32), np.ones((BLOCK, 1), np.float32))
+            self._sums[x] = self.g.op("MatMul", [x, self.g.const(ind, np.float32)],
+                                      hint="block_sums")
+        return self._sums[x]
+
+    def __call__(self, x: str, raws: list[RawTensor | None], name: str,
+                 dense: Callable[[], np.ndarray], bias: np.ndarray | None = None) -> str:
+        g = self.g
+        qs = [quantize_raw(r) if r is not None else None for r in raws]
+        qz = concat_rows([q for q in qs if q is not None]) if None not in qs else None
+        if qz is None:
+            y = g.op("MatMul", [x, g.init(name, np.ascontiguousarray(dense().T))])
+            return g.op("Add", [y, g.init(name + ".bias", bias)]) if bias is not None else y
+        acc = _ACCURACY[self.precision]
+        out = None
+        for j, p in enumerate(qz.parts):
+            pre = f"{name}.p{j}"
+            ins = [x, g.init(pre + ".qweight", p.packed), g.init(pre + ".scales", p.scales),
+                   g.init(pre + ".zp", p.zero_points) if p.zero_points is not None else ""]
+            if bias is not None and j == 0:
+                ins += ["", g.init(name + ".bias", bias)]
+            y = g.op("MatMulNBits", ins, hint="mmnb", domain=MS, K=qz.k, N=qz.n, bits=p.bits,
+                     block_size=BLOCK, accuracy_level=acc)
+            out = y if out is None else g.op("Add", [out, y])
+        assert out is not None
+        if qz.block is not None:
+            out = g.op("Gemm", [self.block_sums(x, qz.k),
+                                g.init(name + ".block_min", np.ascontiguousarray(qz.block.T)),
+                                out], hint="q4_1")
+        return out
+
+
+def rope_cache(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin `(max_position, d/2)` as transformers computes them (fp32 angles)."""
+    d = cfg.head_dim
+    inv_freq = (1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32)
+                                          / d))).astype(np.float32)
+    ang = np.arange(cfg.max_position, dtype=np.float32)[:, None] * inv_freq[None, :]
+    ang64 = ang.astype(np.float64)
+    return np.cos(ang64).astype(np.float32), np.sin(ang64).astype(np.float32)
+
+
+def _dense(w: ModelWeights, names: list[str]) -> Callable[[], np.ndarray]:
+    """fp32 rows of `names` stacked, read only if no exact quantized form exists."""
+    return lambda: np.concatenate([w.get(n) for n in names])
+
+
+def _skip_norm(g: GraphBuilder, x: str, skip: str, gamma: str, eps: float) -> tuple[str, str]:
+    """(rmsnorm(x + skip) * gamma, x + skip)."""
+    out, total = g.fresh("norm"), g.fresh("resid")
+    g.nodes.append(helper.make_node("SkipSimplifiedLayerNormalization", [x, skip, gamma],
+                                    [out, "", "", total], domain=MS, epsilon=eps))
+    return out, total
+
+
+def _norm(g: GraphBuilder, x: str, gamma: str, eps: float) -> str:
+    return g.op("SimplifiedLayerNormalization", [x, gamma], hint="norm", axis=-1, epsilon=eps,
+                stash_type=1)
+
+
+def _finish(g: GraphBuilder) -> onnx.ModelProto:
+    m = g.model()
+    m.opset_import.append(helper.make_opsetid(MS, 1))
+    return m
+
+
+def _check(precision: str) -> None:
+    if precision not in PRECISIONS:
+        raise ValueError(f"contrib graph: precision {precision!r} not in {PRECISIONS}")
+
+
+# ----------------------------------------------------------------------------- segments
+
+def layers_model(cfg: ModelConfig, start: int, end: int, w: ModelWeights,
+                 precision: str = "exact") -> onnx.ModelProto:
+    """Layers [start, end) in one graph.
+
+    Inputs: hidden (B,T,H) f32, seqlens_k (B,) i32 = tokens in cache after this step - 1,
+    total_sequence_length () i32 = max over the batch of seqlens_k + 1, and per layer
+    past_key_<i>/past_value_<i> (B,nkv,C,d) f32: a preallocated buffer to bind also as
+    present_key_<i>/present_value_<i> (GroupQueryAttention then writes in place). Rotary
+    positions follow from seqlens_k, so each request in a batch has its own position.
+    """
+    _check(precision)
+    g = GraphBuilder(f"contrib_{precision}_layers_{start}_{end}")
+    lin = Linear(g, precision)
+    nh, nkv, d, eps = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rms_norm_eps
+    kv_shape: list[int | str] = ["batch", nkv, "capacity", d]
+    x_in = g.add_input("hidden", F32, ["batch", "tokens", cfg.hidden_size])
+    in_shape = g.op("Shape", [x_in])
+    bt_shape = g.op("Concat", [g.op("Slice", [in_shape, g.const([0]), g.const([2])]),
+                               g.const([-1])], axis=0)  # (B, T, -1)
+    x = g.op("Reshape", [x_in, g.const([-1, cfg.hidden_size])])  # (M = B T, H) from here on
+    seqlens = g.add_input("seqlens_k", I32, ["batch"])
+    total = g.add_input("total_sequence_length", I32, [])
+    cos, sin = rope_cache(cfg)
+    cos_n, sin_n = g.init("rope.cos", cos), g.init("rope.sin", sin)
+
+    def raw(n: str) -> RawTensor | None:
+        return stored(w, n)
+
+    delta: str | None = None  # the last sublayer output not yet added to the residual `x`
+    out_kv: list[tuple[int, str, str]] = []
+    for i in range(start, end):
+        p = f"model.layers.{i}."
+        ln1 = g.init(p + "input_layernorm.weight", w.get(p + "input_layernorm.weight"))
+        if delta is None:
+            h = _norm(g, x, ln1, eps)
+        else:
+            h, x = _skip_norm(g, delta, x, ln1, eps)
+        names = [f"{p}self_attn.{n}_proj" for n in "qkv"]
+        bias = np.concatenate([w.get(n + ".bias") for n in names]) \
+            if cfg.attention_bias else None
+        qkv = lin(h, [raw(n + ".weight") for n in names], p + "qkv_proj",
+                  _dense(w, [n + ".weight" for n in names]), bias)  # (B, T, (nh + 2 nkv) d)
+        pk = g.add_input(f"past_key_{i}", F32, kv_shape)
+        pv = g.add_input(f"past_value_{i}", F32, kv_shape)
+        attn, pres_k, pres_v = g.fresh("attn"), g.fresh("present_k"), g.fresh("present_v")
+        g.nodes.append(helper.make_node(
+            "GroupQueryAttention", [g.op("Reshape", [qkv, bt_shape]), "", "", pk, pv, seqlens,
+                                    total, cos_n, sin_n],
+            [attn, pres_k, pres_v], domain=MS, num_heads=nh, kv_num_heads=nkv, do_rotary=1,
+            rotary_interleaved=0, scale=float(1.0 / np.sqrt(d))))  # (B, T, nh d)
+        out_kv.append((i, pres_k, pres_v))
+        o_name = p + "self_attn.o_proj.weight"
+        attn2 = g.op("Reshape", [attn, g.const([-1, nh * d])])  # (M, nh d)
+        o = lin(attn2, [raw(o_name)], p + "o_proj", _dense(w, [o_name]))
+        ln2 = g.init(p + "post_attention_layernorm.weight",
+                     w.get(p + "post_attention_layernorm.weight"))
+        h2, x = _skip_norm(g, o, x, ln2, eps)
+        gu_names = [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
+        gu = lin(h2, [raw(n) for n in gu_names], p + "gate_up_proj",
+                 _dense(w, gu_names))  # (B, T, 2 I)
+        gate, up = g.fresh("gate"), g.fresh("up")
+        g.nodes.append(helper.make_node("Split", [gu, g.const([cfg.intermediate_size] * 2)],
+                                        [gate, up], axis=-1))
+        act = g.op("Mul", [g.op("QuickGelu", [gate], domain=MS, alpha=1.0), up])  # SiLU * up
+        d_name = p + "mlp.down_proj.weight"
+        delta = lin(act, [raw(d_name)], p + "down_proj", _dense(w, [d_name]))
+    assert delta is not None
+    g.add_output("hidden_out", g.op("Reshape", [g.op("Add", [x, delta]), in_shape]), F32,
+                 ["batch", "tokens", cfg.hidden_size])
+    for i, k, v in out_kv:
+        g.add_output(f"present_key_{i}", k, F32, kv_shape)
+        g.add_output(f"present_value_{i}", v, F32, kv_shape)
+    return _finish(g)
+
+
+def stored(w: ModelWeights, name: str) -> RawTensor | None:
+    """The GGUF blocks of `name`, or None when the source keeps no quantized form (HF)."""
+    try:
+        return w.raw(name)
+    except ExportError:
+        return None
+
+
+def embed_model(cfg: ModelConfig, w: ModelWeights, precision: str = "exact") -> onnx.ModelProto:
+    """input_ids (B,T) i64 -> hidden (B,T,H); a Q8_0 table stays int8 with its block scales."""
+    _check(precision)
+    g = GraphBuilder(f"contrib_{precision}_embed")
+    ids = g.add_input("input_ids", I64, ["batch", "tokens"])
+    name = "model.embed_tokens.weight"
+    raw = stored(w, name)
+    if raw is not None and raw.qtype == "Q8_0":
+        b = _blocks(raw, 34)
+        q = np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(raw.shape)  # (V, H)
+        d = _f16(b[..., 0:2])  # (V, H/32)
+        rows = g.op("Cast", [g.op("Gather", [g.init(name + ".q8", q), ids], axis=0)],
+                    to=F32)  # (B, T, H)
+        scales = g.op("Gather", [g.init(name + ".scales", d), ids], axis=0)  # (B, T, H/32)
+        shape = g.op("Concat", [g.op("Shape", [ids]), g.const([cfg.hidden_size // BLOCK,
+                                                              BLOCK])], axis=0)
+        blocks = g.op("Mul", [g.op("Reshape", [rows, shape]),
+                              g.op("Unsqueeze", [scales, g.const([-1])])])
+        hidden = g.op("Reshape", [blocks, g.op("Concat", [g.op("Shape", [ids]),
+                                                          g.const([cfg.hidden_size])], axis=0)])
+    else:
+        hidden = g.op("Gather", [g.init(name, w.get(name)), ids], axis=0)
+    g.add_output("hidden", hidden, F32, ["batch", "tokens", cfg.hidden_size])
+    return _finish(g)
+
+
+def head_model(cfg: ModelConfig, w: ModelWeights, precision: str = "exact") -> onnx.ModelProto:
+    """hidden (B,T,H) -> logits (B,T,V): final RMSNorm and the (tied) lm_head as MatMulNBits."""
+    _check(precision)
+    g = GraphBuilder(f"contrib_{precision}_head")
+    x_in = g.add_input("hidden", F32, ["batch", "tokens", cfg.hidden_size])
+    x = g.op("Reshape", [x_in, g.const([-1, cfg.hidden_size])])  # (B T, H)
+    h = _norm(g, x, g.init("model.norm.weight", w.get("model.norm.weight")), cfg.rms_norm_eps)
+    name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+    logits = Linear(g, precision)(h, [stored(w, name)], "lm_head", _dense(w, [name]))
+    out_shape = g.op("Concat", [g.op("Slice", [g.op("Shape", [x_in]), g.const([0]),
+                                               g.const([2])]), g.const([-1])], axis=0)
+    g.add_output("logits", g.op("Reshape", [logits, out_shape]), F32,
+                 ["batch", "tokens", cfg.vocab_size])
+    return _finish(g)
