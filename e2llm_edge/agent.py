@@ -29,7 +29,14 @@ from e2llm_edge import messages as m
 from e2llm_edge import topics as t
 from e2llm_edge.bus import BadMessage, Bus, BusConfig, Envelope, Will
 from e2llm_edge.errors import CodecError, E2LLMError
-from e2llm_edge.runner import Embedder, Head, LayerStack, Stage, StageCache
+from e2llm_edge.fast_runner import (
+    VariantEmbedder,
+    VariantHead,
+    check_variant,
+    choose_variant,
+    load_stage,
+)
+from e2llm_edge.runner import Embedder, Head, Stage, StageCache
 from e2llm_edge.sampling import Sampling, SamplingError, sample
 from onnx_export.errors import ExportError
 from onnx_export.manifest import Manifest
@@ -63,6 +70,11 @@ class AgentConfig:
     """Seconds a decode step may wait for its KV cache to arrive."""
     max_batch: int = 16
     """Largest decode batch run in one pass."""
+    variant: tuple[str, str] | None = None
+    """(graph, precision) to run; default: the best the manifest holds and this
+    onnxruntime supports (contrib/exact, else standard/fp32)."""
+    kv_context: int = 1024
+    """Tokens per pooled KV slot of a contrib decoder (longer requests get own buffers)."""
     telemetry_interval: float = 2.0
     """Seconds between telemetry and heartbeat messages."""
 
@@ -169,6 +181,8 @@ class Agent:
         self.cfg = config
         self.id = config.device_id
         self.manifest = Manifest.load(config.model_dir)
+        self.variant = config.variant or choose_variant(self.manifest)
+        check_variant(self.manifest, *self.variant)
         self.placement: Placement | None = None
         self.embedder: Embedder | None = None
         self.head: Head | None = None
@@ -195,7 +209,8 @@ class Agent:
         from e2llm_edge.profile import load_or_measure_profile
 
         self.profile = await asyncio.to_thread(
-            load_or_measure_profile, self.manifest, self.cfg.threads, self.cfg.profile_path)
+            load_or_measure_profile, self.manifest, self.cfg.threads, self.cfg.profile_path,
+            self.variant)
         will = Will(t.DEVICE_STATE, self._state_msg("offline"), {"device_id": self.id})
         async with Bus(self.cfg.bus, will=will, on_bad_message=self._on_bad) as bus:
             self.bus = bus
@@ -203,8 +218,9 @@ class Agent:
             await bus.subscribe(t.PLAN)
             await bus.publish(t.DEVICE_PROFILE, m.DeviceProfileMsg(
                 device_id=self.id, memory_mb=self.cfg.memory_mb, profile=self.profile,
-                link=self.cfg.link, capabilities={"variants": [list(v) for v in
-                                                               self.manifest.variants()]}),
+                link=self.cfg.link, capabilities={
+                    "variants": [list(v) for v in self.manifest.variants()],
+                    "running": list(self.variant)}),
                 device_id=self.id)
             await self._publish_state()
             async with asyncio.TaskGroup() as tg:
@@ -246,12 +262,13 @@ class Agent:
             return
         same = old is not None and old.stage.layer_start == place.stage.layer_start and \
             old.stage.layer_end == place.stage.layer_end and old.stage.embed == place.stage.embed \
-            and old.stage.head == place.stage.head
+            and old.stage.head == place.stage.head and old.replica.role == place.replica.role \
+            and old.replica.concurrency == place.replica.concurrency
         if not same:
             self.status = "loading"
             await self._publish_state()
             try:
-                await asyncio.to_thread(self._load, place.stage)
+                await asyncio.to_thread(self._load, place.stage, place.replica)
             except ExportError as exc:
                 self.status = "error"
                 self.last_error = str(exc)
@@ -268,11 +285,14 @@ class Agent:
                  place.stage.layer_start, place.stage.layer_end,
                  " +embed" if place.stage.embed else "", " +head" if place.stage.head else "")
 
-    def _load(self, st: PlanStage) -> None:
-        kw = {"threads": self.cfg.threads}
-        self.stage = LayerStack(self.manifest, st.layer_start, st.layer_end, **kw)
-        self.embedder = Embedder(self.manifest, **kw) if st.embed else None
-        self.head = Head(self.manifest, **kw) if st.head else None
+    def _load(self, st: PlanStage, replica: Replica) -> None:
+        v, n = self.variant, self.cfg.threads
+        # decoders batch their requests in one pool of KV slots (contrib graph)
+        slots = min(replica.concurrency, self.cfg.max_batch) if replica.role != "prefill" else 0
+        self.stage = load_stage(self.manifest, st.layer_start, st.layer_end, v, threads=n,
+                                max_batch=slots, context=self.cfg.kv_context)
+        self.embedder = VariantEmbedder(self.manifest, v, threads=n) if st.embed else None
+        self.head = VariantHead(self.manifest, v, threads=n) if st.head else None
 
     def _drop_all(self, reason: str) -> None:
         for rid in list(self.requests):
@@ -352,6 +372,8 @@ class Agent:
             await self._prefill_activation(place, msg)
         elif isinstance(msg, m.KVChunk):
             await self._kv_chunk(place, msg)
+        elif isinstance(msg, m.DecodeStep) and place.index != 0:
+            await self._embed_for_stage0(place, msg)
         else:
             raise RequestFailed("bad_kind", f"{type(msg).__name__} is not for a device inbox")
 
@@ -379,6 +401,16 @@ class Agent:
             await self._prefill_activation(place, act)
         else:  # embedding next to the head: hand the hidden states to stage 0
             await self._send(place.replica.stages[0].device_id, act)
+
+    async def _embed_for_stage0(self, place: Placement, msg: m.DecodeStep) -> None:
+        if self.embedder is None:
+            raise RequestFailed("misrouted", f"device {self.id} does not hold the embedding")
+        hidden = await asyncio.to_thread(self.embedder.run,
+                                         np.asarray([[msg.token_id]], np.int64))
+        await self._send(place.replica.stages[0].device_id, m.Activation(
+            request_id=msg.request_id, phase="decode", hidden=hidden,
+            position_start=msg.position, step=msg.step, context=msg.context,
+            plan_version=place.version, seq=msg.step))
 
     async def _prefill_activation(self, place: Placement, msg: m.Activation) -> None:
         if msg.phase != "prefill":
@@ -458,6 +490,12 @@ class Agent:
     # ------------------------------------------------------------------ decode
 
     async def _decode_batch(self, batch: list[m.Message]) -> None:
+        place0 = self.placement
+        if place0 is not None and place0.index != 0:
+            # embedding next to the head: this device embeds the token, stage 0 runs it
+            for msg in [x for x in batch if isinstance(x, m.DecodeStep)]:
+                await self._guard(msg)
+            batch = [x for x in batch if not isinstance(x, m.DecodeStep)]
         ready: list[tuple[m.Message, RequestState]] = []
         for msg in batch:
             try:

@@ -138,7 +138,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
     assert isinstance(bus, BusConfig)
     cfg = AgentConfig(device_id=args.device_id, bus=bus, model_dir=_model_dir(args),
                       memory_mb=args.memory_mb, threads=args.threads, link=_link(args),
-                      request_timeout=args.request_timeout)
+                      request_timeout=args.request_timeout, variant=_variant(args))
     asyncio.run(Agent(cfg).run())
     return 0
 
@@ -156,6 +156,7 @@ def cmd_orchestrator(args: argparse.Namespace) -> int:
         bus=bus, model_dir=_model_dir(args),
         inventory_path=Path(args.inventory) if args.inventory else None,
         expect_devices=args.expect_devices, method=args.method, seed=args.seed,
+        fixed_plan=Path(args.plan) if args.plan else None,
         workload=Workload(args.mean_prompt, args.mean_output, args.rate),
         request_timeout=args.request_timeout)
     asyncio.run(Orchestrator(cfg).run())
@@ -165,17 +166,19 @@ def cmd_orchestrator(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     import yaml
 
+    from e2llm_edge.fast_runner import choose_variant
     from e2llm_edge.profile import load_or_measure_profile, measure_profile, profile_path
     from e2llm_edge.runner import configure_threads
     from onnx_export.manifest import Manifest
 
     manifest = Manifest.load(_model_dir(args))
+    variant = choose_variant(manifest)
     if args.fresh:
-        prof = measure_profile(manifest, args.threads)
+        prof = measure_profile(manifest, args.threads, variant=variant)
     else:
-        prof = load_or_measure_profile(manifest, args.threads)
-        print(f"# cached at {profile_path(manifest, configure_threads(args.threads))}",
-              file=sys.stderr)
+        prof = load_or_measure_profile(manifest, args.threads, variant=variant)
+        where = profile_path(manifest, configure_threads(args.threads), variant)
+        print(f"# cached at {where}", file=sys.stderr)
     print(yaml.safe_dump({"profile": prof}, sort_keys=False), end="")
     return 0
 
@@ -218,6 +221,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--precision", help="fp32 (standard); exact or int8 (contrib)")
     p.add_argument("--broker", help="mqtt://[user:pass@]host:port of a running cluster")
     p.add_argument("--cluster", default="default")
+    p.add_argument("--username", help="broker user (with --broker; also the client id)")
+    p.add_argument("--password-file", help="file holding the broker password")
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the answer")
     p.set_defaults(func=cmd_generate)
 
@@ -231,6 +236,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--bandwidth-mbps", type=float, help="this device's link to the broker")
     p.add_argument("--latency-ms", type=float)
     p.add_argument("--request-timeout", type=float, default=120.0)
+    p.add_argument("--graph", choices=["standard", "contrib"],
+                   help="graph variant to run (default: the best this device supports)")
+    p.add_argument("--precision", help="fp32 (standard); exact or int8 (contrib)")
     p.set_defaults(func=cmd_agent)
 
     p = sub.add_parser("orchestrator", help="run the fog orchestrator")
@@ -238,6 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help="model directory (default: the exported default model)")
     p.add_argument("--inventory", help="YAML naming expected devices (hardware, links)")
     p.add_argument("--expect-devices", type=int, help="devices to wait for before planning")
+    p.add_argument("--plan", help="pin this plan (YAML) while all its devices are present")
     p.add_argument("--method", default="e2llm", choices=["e2llm", "splitwise", "pipeline",
                                                           "memprop"])
     p.add_argument("--seed", type=int, default=0)

@@ -18,6 +18,7 @@ import json
 import sys
 import uuid
 from collections.abc import AsyncIterator
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
@@ -129,8 +130,14 @@ async def collect(client: Client, prompt: str | None = None, **kw: Any) -> dict[
 def run_generate_cli(args: argparse.Namespace) -> int:
     """`e2llm generate --broker URL PROMPT`: stream (or --json) an answer from a cluster."""
 
+    over: dict[str, Any] = {"cluster": args.cluster}
+    if getattr(args, "username", None):
+        over["username"] = args.username
+    if getattr(args, "password_file", None):
+        over["password"] = Path(args.password_file).read_text().strip()
+    cfg = BusConfig.from_url(args.broker, **over)
+
     async def main() -> int:
-        cfg = BusConfig.from_url(args.broker, cluster=args.cluster)
         async with Client(cfg) as c:
             kw = dict(raw=args.raw, max_new_tokens=args.max_new_tokens,
                       temperature=args.temperature, top_p=args.top_p, seed=args.seed,

@@ -17,7 +17,7 @@ from typing import Any
 
 import numpy as np
 
-from e2llm_edge.runner import Embedder, Head, StageCache, make_session
+from e2llm_edge.runner import Embedder, Head, LayerStack, Stage, StageCache, make_session
 from onnx_export.errors import ExportError
 from onnx_export.manifest import Manifest, Segment
 
@@ -331,3 +331,16 @@ def check_variant(manifest: Manifest, graph: str, precision: str) -> None:
                           f"(have {manifest.variants()}); export it with "
                           f"e2llm export --graph {graph} --precision {precision} "
                           f"--ranges 0-{manifest.config['n_layers']} (one session for all layers)")
+
+
+def load_stage(manifest: Manifest, start: int, end: int, variant: tuple[str, str], *,
+               verify: bool = True, threads: int | None = None, prefer_ranges: bool = True,
+               max_batch: int = 0, context: int | None = None) -> Stage:
+    """The `Stage` running layers [start, end) of `variant`: the one place that picks the
+    runner class. `max_batch` > 0 gives contrib stages a pool of that many adjacent KV
+    slots of `context` tokens for batched decode (0: every cache its own buffer)."""
+    if variant[0] == "contrib":
+        return FastLayerStack(manifest, start, end, precision=variant[1], verify=verify,
+                              threads=threads, max_batch=max_batch, context=context)
+    return LayerStack(manifest, start, end, verify=verify, prefer_ranges=prefer_ranges,
+                      threads=threads)

@@ -14,13 +14,13 @@ from pathlib import Path
 import numpy as np
 
 from e2llm_edge.fast_runner import (
-    FastLayerStack,
     VariantEmbedder,
     VariantHead,
     check_variant,
     choose_variant,
+    load_stage,
 )
-from e2llm_edge.runner import LayerStack, Stage, StageCache
+from e2llm_edge.runner import Stage, StageCache
 from e2llm_edge.sampling import Sampling, sample
 from onnx_export.errors import ExportError
 from onnx_export.manifest import Manifest
@@ -58,15 +58,10 @@ class LocalModel:
         self.variant = variant or choose_variant(self.manifest)
         check_variant(self.manifest, *self.variant)
         self.embed = VariantEmbedder(self.manifest, self.variant, verify=verify, threads=threads)
-        self.layers: Stage
-        if self.variant[0] == "contrib":
-            # One request at a time here: each generate gets its own KV buffer, no pool.
-            self.layers = FastLayerStack(self.manifest, 0, self.n_layers,
-                                         precision=self.variant[1], verify=verify,
-                                         threads=threads, max_batch=0)
-        else:
-            self.layers = LayerStack(self.manifest, 0, self.n_layers, verify=verify,
-                                     prefer_ranges=prefer_ranges, threads=threads)
+        # One request at a time here: each generate gets its own KV buffer, no pool.
+        self.layers: Stage = load_stage(self.manifest, 0, self.n_layers, self.variant,
+                                        verify=verify, threads=threads,
+                                        prefer_ranges=prefer_ranges)
         self.head = VariantHead(self.manifest, self.variant, verify=verify, threads=threads)
 
     def forward(self, ids: list[int], start: int, cache: StageCache) -> np.ndarray:

@@ -25,6 +25,7 @@ import yaml
 
 from e2llm_edge import messages as m
 from e2llm_edge import topics as t
+from e2llm_edge.broker import Credentials, MosquittoConfig
 from e2llm_edge.bus import Bus, BusConfig
 from e2llm_edge.errors import E2LLMError
 
@@ -87,10 +88,15 @@ class LocalCluster:
     agent_args: list[str] = field(default_factory=list)
     workdir: Path | None = None
     verbose: bool = True
+    secrets_dir: Path | None = None
+    """Output of ``e2llm broker init`` (passwd, acl, credentials.json): the broker requires
+    auth, and every process logs in as its own user (``observer`` for ``bus_config``)."""
+    observer: str = "monitor"
     agents: dict[str, Proc] = field(default_factory=dict)
     orchestrator: Proc | None = None
     _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     broker: Any = None
+    credentials: Credentials | None = None
 
     def __enter__(self) -> Self:
         try:
@@ -105,6 +111,8 @@ class LocalCluster:
         self.close()
 
     def _start(self) -> None:
+        if self.secrets_dir is not None:
+            self.credentials = Credentials.load(self.secrets_dir / "credentials.json")
         if self.workdir is None:
             self.workdir = Path(self._stack.enter_context(
                 tempfile.TemporaryDirectory(prefix="e2llm-cluster-")))
@@ -119,15 +127,17 @@ class LocalCluster:
 
                 (self.workdir / "mosquitto").mkdir(exist_ok=True)
                 self.broker = self._stack.enter_context(
-                    start_mosquitto(workdir=self.workdir / "mosquitto"))
+                    start_mosquitto(self._mosquitto_config(), workdir=self.workdir / "mosquitto"))
                 self.broker_url = self.broker.url
         inv = self.workdir / "inventory.yaml"
         inv.write_text(yaml.safe_dump(self.inventory))
         v = ["-v"] if self.verbose else []
+        orch_user = self.credentials.roles["orchestrator"][0] if self.credentials else ""
         self.orchestrator = Proc("orchestrator", [
             sys.executable, "-m", "e2llm_edge.cli", *v, "orchestrator", "--broker",
-            self.broker_url, "--cluster", self.cluster, "--model", str(self.model_dir),
-            "--inventory", str(inv), *self.orchestrator_args], self.workdir / "orchestrator.log")
+            self.broker_url, "--cluster", self.cluster, *self._login(orch_user),
+            "--model", str(self.model_dir), "--inventory", str(inv), *self.orchestrator_args],
+            self.workdir / "orchestrator.log")
         self.orchestrator.start()
         for d in self.inventory["devices"]:
             self.add_agent(d)
@@ -136,6 +146,7 @@ class LocalCluster:
         assert self.workdir is not None and self.broker_url is not None
         cmd = [sys.executable, "-m", "e2llm_edge.cli", *(["-v"] if self.verbose else []),
                "agent", "--broker", self.broker_url, "--cluster", self.cluster,
+               *self._login(device["id"]),
                "--device-id", device["id"], "--memory-mb", str(device["memory_mb"]),
                "--model", str(self.model_dir), "--threads", str(self.threads)]
         link = device.get("link")
@@ -148,6 +159,20 @@ class LocalCluster:
             p.start()
         return p
 
+    def _mosquitto_config(self) -> MosquittoConfig:
+        if self.secrets_dir is None:
+            return MosquittoConfig()
+        return MosquittoConfig(password_file=self.secrets_dir / "passwd",
+                               acl_file=self.secrets_dir / "acl")
+
+    def _login(self, user: str) -> list[str]:
+        """``--username/--password-file`` of ``user`` (nothing without auth)."""
+        if self.secrets_dir is None:
+            return []
+        from e2llm_edge.broker_cli import password_file
+
+        return ["--username", user, "--password-file", str(password_file(self.secrets_dir, user))]
+
     def close(self) -> None:
         for p in self.agents.values():
             p.stop()
@@ -155,8 +180,12 @@ class LocalCluster:
             self.orchestrator.stop()
         self._stack.close()
 
-    def bus_config(self, **over: Any) -> BusConfig:
+    def bus_config(self, user: str | None = None, **over: Any) -> BusConfig:
+        """How to reach the cluster; with auth, as ``user`` (default: the observer)."""
         assert self.broker_url is not None
+        if self.credentials is not None:
+            name = user or self.observer
+            over = {"username": name, "password": self.credentials.users[name], **over}
         return BusConfig.from_url(self.broker_url, cluster=self.cluster, **over)
 
     def logs(self) -> str:

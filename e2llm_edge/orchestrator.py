@@ -50,6 +50,9 @@ class OrchestratorConfig:
     """Optional inventory naming expected devices and their hardware figures / links."""
     expect_devices: int | None = None
     """Devices to wait for before the first plan (default: the inventory's count, else 1)."""
+    fixed_plan: Path | None = None
+    """A pinned plan (YAML, e.g. from `e2llm plan -o`) used instead of planning while all
+    of its devices are available; planning takes over when one is lost."""
     settle_s: float = 1.5
     """After the device set changes, wait this long for more changes before re-planning."""
     method: str = "e2llm"
@@ -277,8 +280,12 @@ class Orchestrator:
         self.replan_at = None
         self.planning = True
         try:
-            inv = self.build_inventory(avail)
             version = self.version + 1
+            pinned = self._pinned_plan(avail, version)
+            if pinned is not None:
+                await self._install(pinned)
+                return
+            inv = self.build_inventory(avail)
             plan = await asyncio.to_thread(
                 make_plan, inv, self.model, self.cfg.workload, method=self.cfg.method,
                 seed=self.cfg.seed, version=version, min_tokens_per_s=self.cfg.min_tokens_per_s)
@@ -295,6 +302,15 @@ class Orchestrator:
         finally:
             self.planning = False
         await self._install(plan)
+
+    def _pinned_plan(self, avail: list[str], version: int) -> Plan | None:
+        if self.cfg.fixed_plan is None:
+            return None
+        d = yaml.safe_load(Path(self.cfg.fixed_plan).read_text())
+        d["version"] = version
+        plan = Plan.from_dict(d)
+        missing = {s.device_id for r in plan.replicas for s in r.stages} - set(avail)
+        return None if missing else plan
 
     async def _install(self, plan: Plan) -> None:
         """Publish a new plan; every request in flight restarts under it."""

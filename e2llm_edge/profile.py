@@ -18,7 +18,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from e2llm_edge.runner import Embedder, Head, LayerStack, configure_threads
+from e2llm_edge.fast_runner import VariantEmbedder, VariantHead, load_stage
+from e2llm_edge.runner import StageCache, configure_threads
 from onnx_export.manifest import Manifest
 from onnx_export.source import cache_dir
 
@@ -55,14 +56,15 @@ def _fill(points: dict[int, float], upto: int) -> list[float]:
     return out
 
 
-def measure_profile(manifest: Manifest, threads: int | None = None, reps: int = 3
-                    ) -> dict[str, Any]:
-    """The profile dict in the inventory schema (planner/inventory.py)."""
+def measure_profile(manifest: Manifest, threads: int | None = None, reps: int = 3,
+                    variant: tuple[str, str] = ("standard", "fp32")) -> dict[str, Any]:
+    """The profile dict in the inventory schema (planner/inventory.py), for `variant`."""
     n = configure_threads(threads)
     cfg = manifest.config
     h = int(cfg["hidden_size"])
-    stack = LayerStack(manifest, 0, 1, prefer_ranges=False)
-    emb, head = Embedder(manifest), Head(manifest)
+    stack = load_stage(manifest, 0, 1, variant, prefer_ranges=False,
+                       max_batch=max(DECODE_BATCHES), context=PAST_TOKENS + 16)
+    emb, head = VariantEmbedder(manifest, variant), VariantHead(manifest, variant)
     rng = np.random.default_rng(0)
     prefill = []
     for tokens in PREFILL_TOKENS:
@@ -79,13 +81,12 @@ def measure_profile(manifest: Manifest, threads: int | None = None, reps: int = 
             caches.append(c)
         step = rng.normal(0, 1, (b, 1, h)).astype(np.float32)
 
-        def one_step(step: np.ndarray = step, caches: list = caches) -> None:  # type: ignore[type-arg]
-            snapshot = [c.kv(0) for c in caches]
+        def one_step(step: np.ndarray = step, caches: list[StageCache] = caches) -> None:
             stack.run_batch(step, caches)
-            for c, (k, v) in zip(caches, snapshot, strict=True):  # keep the past at 128
-                c.keys[0], c.values[0] = k, v  # type: ignore[attr-defined]
 
+        # every timed step grows the past by one token: 128..~140, close enough to 128
         decode[b] = _best(one_step, reps)
+        del caches
         head_decode[b] = _best(lambda step=step: head.run(step), reps)
     ids = rng.integers(0, int(cfg["vocab_size"]), (1, 256), dtype=np.int64)
     embed_s = _best(lambda: emb.run(ids), reps) / 256
@@ -97,20 +98,26 @@ def measure_profile(manifest: Manifest, threads: int | None = None, reps: int = 
         "embed_s": round(embed_s, 9),
         "head_prefill_s": round(_best(lambda: head.run(one), reps), 7),
         "head_decode_s": [round(v, 7) for v in _fill(head_decode, MAX_CONCURRENCY)],
-        "measured": {"threads": n, "graph": "standard", "precision": "fp32",
+        "measured": {"threads": n, "graph": variant[0], "precision": variant[1],
                      "past_tokens": PAST_TOKENS, "decode_batches": list(DECODE_BATCHES),
                      "model": manifest.name, "at": time.strftime("%Y-%m-%dT%H:%M:%S")},
     }
 
 
-def profile_path(manifest: Manifest, threads: int) -> Path:
-    return cache_dir() / "profiles" / f"{manifest.fingerprint[:16]}-t{threads}.yaml"
+def profile_path(manifest: Manifest, threads: int,
+                 variant: tuple[str, str] = ("standard", "fp32")) -> Path:
+    name = f"{manifest.fingerprint[:16]}-{variant[0]}-{variant[1]}-t{threads}.yaml"
+    return cache_dir() / "profiles" / name
 
 
 def load_or_measure_profile(manifest: Manifest, threads: int | None = None,
-                            path: Path | None = None) -> dict[str, Any]:
+                            path: Path | None = None,
+                            variant: tuple[str, str] | None = None) -> dict[str, Any]:
+    from e2llm_edge.fast_runner import choose_variant
+
+    variant = variant or choose_variant(manifest)
     n = configure_threads(threads)
-    path = path or profile_path(manifest, n)
+    path = path or profile_path(manifest, n, variant)
     if path.is_file():
         try:
             d = yaml.safe_load(path.read_text())
@@ -119,7 +126,7 @@ def load_or_measure_profile(manifest: Manifest, threads: int | None = None,
         except yaml.YAMLError:
             log.warning("%s: unreadable cached profile, measuring again", path)
     log.info("measuring the device profile (%d threads)...", n)
-    prof = measure_profile(manifest, threads)
+    prof = measure_profile(manifest, threads, variant=variant)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(yaml.safe_dump(prof, sort_keys=False))

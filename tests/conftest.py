@@ -85,7 +85,10 @@ REFERENCE = Path(__file__).resolve().parent / "fixtures" / "reference_smollm2.js
 def default_model() -> Path:
     from onnx_export.export import default_model_dir, export_model
 
-    return export_model(None, default_model_dir(), ranges="0-15,15-30", progress=False).directory
+    d = default_model_dir()
+    export_model(None, d, ranges="0-15,15-30", progress=False)
+    return export_model(None, d, ranges="0-15,15-30", progress=False, graph_name="contrib",
+                        precision="exact").directory
 
 
 @pytest.fixture(scope="session")

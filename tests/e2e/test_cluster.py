@@ -32,7 +32,9 @@ EOS = 2
 @pytest.fixture(scope="module")
 def live(mosquitto: MosquittoBroker, default_model: Path) -> Iterator[LocalCluster]:
     inv = yaml.safe_load(bundled_inventory().read_text())
-    with LocalCluster(default_model, inv, broker_url=mosquitto.url, cluster="e2e") as c:
+    # the portable graph here; tests/e2e/test_pinned_plan.py runs the contrib graph
+    with LocalCluster(default_model, inv, broker_url=mosquitto.url, cluster="e2e",
+                      agent_args=["--graph", "standard", "--precision", "fp32"]) as c:
         c.plan = Plan.from_dict(c.wait_serving(timeout=180))  # type: ignore[attr-defined]
         yield c
 

@@ -1,0 +1,190 @@
+"""compose.yaml and the Dockerfile, checked without a Docker engine.
+
+`docker-compose config` (the Debian package) validates and normalises the file; then every
+command a project container runs, health checks included, must parse as a real `e2llm`
+subcommand, and the deployment must match the device inventory and keep secrets per user.
+"""
+
+from __future__ import annotations
+
+import argparse
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from e2llm_edge.cli import build_parser
+from e2llm_edge.demo import bundled_inventory
+
+ROOT = Path(__file__).resolve().parents[2]
+COMPOSE = ROOT / "compose.yaml"
+PASSWORDS = "/run/e2llm-secrets"
+FOG_ONLY = ("tokenizers", "jinja2", "deap", "rich", "onnx", "gguf", "safetensors")
+
+
+@pytest.fixture(scope="module")
+def config() -> dict[str, Any]:
+    exe = shutil.which("docker-compose")
+    if exe is None:
+        pytest.skip("docker-compose not installed")
+    proc = subprocess.run([exe, "-f", str(COMPOSE), "config"], capture_output=True,
+                          text=True, cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    data = yaml.safe_load(proc.stdout)
+    assert isinstance(data, dict)
+    return data
+
+
+def _project(svc: dict[str, Any]) -> bool:
+    return "build" in svc
+
+
+def _commands(config: dict[str, Any]) -> list[tuple[str, list[str]]]:
+    """(where, argv) of every e2llm command a project container runs."""
+    out = []
+    for name, svc in config["services"].items():
+        if not _project(svc):
+            continue
+        out.append((name, svc["command"]))
+        test = svc.get("healthcheck", {}).get("test")
+        if test:
+            assert test[0] == "CMD", f"{name}: health check must exec e2llm directly"
+            out.append((f"{name} healthcheck", test[1:]))
+    return out
+
+
+def _parse(argv: list[str]) -> argparse.Namespace:
+    assert argv[0] == "e2llm", argv
+    try:
+        return build_parser().parse_args(argv[1:])
+    except SystemExit as exc:
+        raise AssertionError(f"not a valid e2llm command line: {argv}") from exc
+
+
+def _devices() -> dict[str, dict[str, Any]]:
+    return {d["id"]: d for d in yaml.safe_load(bundled_inventory().read_text())["devices"]}
+
+
+def _agents(config: dict[str, Any]) -> dict[str, tuple[dict[str, Any], argparse.Namespace]]:
+    out = {}
+    for svc in config["services"].values():
+        if _project(svc) and svc["command"][1] == "agent":
+            args = _parse(svc["command"])
+            out[args.device_id] = (svc, args)
+    return out
+
+
+def test_compose_file_is_valid(config: dict[str, Any]) -> None:
+    assert {"mosquitto", "model", "orchestrator", "client", "monitor"} <= set(config["services"])
+    assert config["services"]["mosquitto"]["image"].startswith("eclipse-mosquitto:2")
+
+
+def test_every_service_command_is_a_real_e2llm_subcommand(config: dict[str, Any]) -> None:
+    cmds = _commands(config)
+    assert len(cmds) >= 10
+    seen = set()
+    for where, argv in cmds:
+        args = _parse(argv)
+        assert callable(args.func), where
+        seen.add(argv[1])
+    assert {"export", "orchestrator", "agent", "health", "generate", "monitor"} <= seen
+
+
+def test_images_come_from_the_dockerfile_targets(config: dict[str, Any]) -> None:
+    stages = set(re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", (ROOT / "Dockerfile").read_text(),
+                            re.M | re.I))
+    for name, svc in config["services"].items():
+        if _project(svc):
+            assert svc["build"]["target"] in stages, name
+            assert Path(svc["build"]["context"]) == ROOT, name
+    # devices get the slim image: the base dependencies only
+    for svc, _ in _agents(config).values():
+        assert svc["build"]["target"] == "agent"
+    dockerfile = (ROOT / "Dockerfile").read_text()
+    agent_stage = dockerfile.split("AS agent", 1)[1].split("FROM", 1)[0]
+    assert re.search(r"pip install \.(\s|$)", agent_stage), agent_stage
+
+
+def test_agents_match_the_inventory_and_are_unequal(config: dict[str, Any]) -> None:
+    agents = _agents(config)
+    devices = _devices()
+    assert set(agents) == set(devices)
+    limits = set()
+    for dev, (svc, args) in agents.items():
+        assert args.memory_mb == devices[dev]["memory_mb"], dev
+        assert "cpus" in svc and "mem_limit" in svc, dev
+        limits.add((float(svc["cpus"]), str(svc["mem_limit"])))
+        assert svc["depends_on"]["mosquitto"]["condition"] == "service_healthy"
+        assert svc["depends_on"]["model"]["condition"] == "service_completed_successfully"
+        health = _parse(svc["healthcheck"]["test"][1:])
+        assert health.command == "health" and health.device_id == dev
+        assert health.username == "monitor"  # read-only user: retained device state
+    assert len(limits) == len(agents), "every device gets its own CPU/memory limits"
+
+
+def test_one_model_export_serves_everyone(config: dict[str, Any]) -> None:
+    services = config["services"]
+    export = _parse(services["model"]["command"])
+    assert export.command == "export"
+    users = [_parse(services["orchestrator"]["command"])] + [a for _, a in
+                                                             _agents(config).values()]
+    for args in users:
+        assert args.model == export.out
+    volume = export.out.split("/")[1]
+    for name in ["model", "orchestrator", *[n for n, s in services.items() if _project(s)
+                                            and s["command"][1] == "agent"]]:
+        mounts = [v for v in services[name]["volumes"] if isinstance(v, str)]
+        assert any(v.startswith("models:/" + volume) for v in mounts), (name, mounts)
+
+
+def test_each_process_logs_in_as_itself_with_only_its_secret(config: dict[str, Any]) -> None:
+    secrets = config["secrets"]
+    for name, path in ((n, s["file"]) for n, s in secrets.items()):
+        assert Path(path).parent == ROOT / "broker" / "secrets", name
+    check = subprocess.run(["git", "check-ignore", "-q", "broker/secrets/x.password"], cwd=ROOT)
+    assert check.returncode == 0, "broker/secrets/ must be gitignored"
+    for where, argv in _commands(config):
+        args = _parse(argv)
+        if getattr(args, "broker", None) is None:
+            continue
+        assert args.username, f"{where}: connects anonymously"
+        assert args.password_file == f"{PASSWORDS}/{args.username}.password", where
+        svc = config["services"][where.split()[0]]
+        mounted = {s["source"] for s in svc.get("secrets", [])}
+        assert f"{args.username}.password" in mounted, where
+    for name, svc in config["services"].items():
+        mounted = {s["source"] for s in svc.get("secrets", [])}
+        users = {getattr(_parse(a), "username", None) for w, a in _commands(config)
+                 if w.split()[0] == name}
+        if _project(svc):
+            assert mounted == {f"{u}.password" for u in users if u}, name
+        for v in svc.get("volumes", []):
+            src = v.split(":")[0] if isinstance(v, str) else v.get("source", "")
+            assert not src.rstrip("/").endswith("broker/secrets"), f"{name} mounts all secrets"
+
+
+def test_agent_image_commands_need_no_fog_extras() -> None:
+    """What the agent image runs (agent, health, generate) imports none of the fog extras."""
+    code = f"""
+import importlib.abc, sys
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if name.split('.')[0] in {FOG_ONLY!r}:
+            raise ImportError('fog-only module imported: ' + name)
+sys.meta_path.insert(0, Block())
+from e2llm_edge.cli import build_parser
+p = build_parser()
+for argv in (['agent', '--broker', 'mqtt://b', '--device-id', 'd', '--memory-mb', '1'],
+             ['health', '--broker', 'mqtt://b', '--device-id', 'd'],
+             ['generate', '--broker', 'mqtt://b', 'hi']):
+    p.parse_args(argv)
+import e2llm_edge.agent, e2llm_edge.client, e2llm_edge.monitor
+"""
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          cwd=ROOT, timeout=60)
+    assert proc.returncode == 0, proc.stderr
