@@ -9,6 +9,7 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from onnx_export.errors import ExportError
 
@@ -281,7 +282,7 @@ def build_parser() -> argparse.ArgumentParser:
     return ap
 
 
-def _plugins() -> list:  # type: ignore[type-arg]
+def _plugins() -> list[Any]:
     """Subcommands that live next to the code they drive."""
     import importlib
 

@@ -199,7 +199,8 @@ class Embedder:
 
     def run(self, ids: np.ndarray) -> np.ndarray:
         """(B, T) int64 -> (B, T, H) float32."""
-        return self.session.run(None, {"input_ids": ids})[0]  # type: ignore[no-any-return]
+        out: np.ndarray = self.session.run(None, {"input_ids": ids})[0]
+        return out
 
 
 class Head:
@@ -209,7 +210,8 @@ class Head:
 
     def run(self, hidden: np.ndarray) -> np.ndarray:
         """(B, T, H) -> (B, T, V) logits."""
-        return self.session.run(None, {"hidden": hidden})[0]  # type: ignore[no-any-return]
+        out: np.ndarray = self.session.run(None, {"hidden": hidden})[0]
+        return out
 
 
 def _only(manifest: Manifest, kind: str) -> Segment:

@@ -56,7 +56,9 @@ class StreamDecoder:
     """Turns a growing list of token ids into text deltas, holding back split UTF-8 chars."""
 
     def __init__(self, tok: ChatTokenizer) -> None:
-        self.tok, self.ids, self.emitted = tok, [], ""  # type: list[int]
+        self.tok = tok
+        self.ids: list[int] = []
+        self.emitted = ""
 
     def push(self, token_id: int) -> str:
         self.ids.append(token_id)

@@ -23,7 +23,7 @@ from onnx_export.tokenizer import write_tokenizer
 log = logging.getLogger(__name__)
 
 EXPORTER_VERSION = "1"
-_ELEM = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64",
+_ELEM: dict[int, str] = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64",
          onnx.TensorProto.INT32: "int32", onnx.TensorProto.FLOAT16: "float16"}
 
 
@@ -120,7 +120,8 @@ def graph_family(name: str) -> GraphBuilders:
     modules = {"standard": "onnx_export.graph", "contrib": "onnx_export.fast_graph"}
     if name not in modules:
         raise ExportError(f"--graph: unknown graph {name!r} (choose from {', '.join(modules)})")
-    return importlib.import_module(modules[name])  # type: ignore[return-value]
+    module: Any = importlib.import_module(modules[name])
+    return module
 
 
 def segment_prefix(graph_name: str, precision: str) -> str:
@@ -179,7 +180,7 @@ def export_model(source: str | Path | None, out_dir: str | Path | None = None,
         return old  # unchanged input, nothing missing: a no-op
     segments: dict[str, Segment] = {n: existing[n] for n, *_ in jobs if n in existing}
     with _progress(progress, len(todo), f"exporting {w.name}") as advance:
-        for name, kind, a, b, build in todo:
+        for name, kind, first, stop, build in todo:
             model = build()
             path = out / f"{name}.onnx"
             tmp = path.with_suffix(".onnx.tmp")
@@ -187,7 +188,7 @@ def export_model(source: str | Path | None, out_dir: str | Path | None = None,
             os.replace(tmp, path)
             segments[name] = Segment(
                 name=name, kind=kind, file=path.name, sha256=sha256_path(path),
-                bytes=path.stat().st_size, layer_start=a, layer_end=b, graph=graph_name,
+                bytes=path.stat().st_size, layer_start=first, layer_end=stop, graph=graph_name,
                 precision=precision, inputs=_specs(model.graph.input),
                 outputs=_specs(model.graph.output))
             advance(name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import onnx
@@ -39,7 +40,7 @@ class GraphBuilder:
         return f"{hint}_{self._n}"
 
     def op(self, op_type: str, inputs: list[str], hint: str | None = None, n_out: int = 1,
-           **attrs: object) -> str:
+           **attrs: Any) -> str:
         outs = [self.fresh(hint or op_type.lower()) for _ in range(n_out)]
         self.nodes.append(helper.make_node(op_type, inputs, outs, **attrs))
         return outs[0]
@@ -49,7 +50,7 @@ class GraphBuilder:
         return name
 
     def const(self, value: np.ndarray | list[int] | float, dtype: type = np.int64) -> str:
-        arr = np.asarray(value, dtype=dtype)
+        arr: np.ndarray = np.asarray(value, dtype=dtype)
         key = (arr.dtype.str + str(arr.shape), arr.tobytes())
         if key not in self._consts:
             self._consts[key] = self.init(self.fresh("const"), arr)

@@ -36,7 +36,10 @@ def build_tokenizer_json(tok: TokenizerData) -> str:
     from tokenizers import AddedToken, Tokenizer, decoders, models
 
     vocab = {t: i for i, t in enumerate(tok.tokens)}
-    merges = [tuple(m.split(" ", 1)) for m in tok.merges]
+    merges: list[tuple[str, str]] = []
+    for m in tok.merges:
+        a, b = m.split(" ", 1)
+        merges.append((a, b))
     tk = Tokenizer(models.BPE(vocab=vocab, merges=merges, fuse_unk=False))
     tk.pre_tokenizer = _pre_tokenizer(tok.pre)
     tk.decoder = decoders.ByteLevel()
