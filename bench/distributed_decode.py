@@ -15,7 +15,6 @@ import argparse
 import asyncio
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -24,6 +23,9 @@ from typing import Any
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from machine import cpu_model  # noqa: E402
 
 from e2llm_edge.client import Client, collect  # noqa: E402
 from e2llm_edge.localcluster import LocalCluster  # noqa: E402
@@ -41,15 +43,6 @@ def inventory(n: int, memory_mb: float) -> dict[str, Any]:
             "devices": [{"id": f"dev{i}", "memory_mb": memory_mb,
                          "hardware": {"tflops": 0.1, "mem_bw_gbps": 10}} for i in range(n)]}
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 async def remote_decode(cluster: LocalCluster, prompt_ids: list[int], n: int) -> float:

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import importlib.util
 import json
-import platform
 import statistics
 import sys
 import time
@@ -28,6 +27,9 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from machine import cpu_model  # noqa: E402
 
 from e2llm_edge.fast_runner import FastLayerStack, VariantEmbedder, VariantHead  # noqa: E402
 from e2llm_edge.local import LocalModel  # noqa: E402
@@ -39,15 +41,6 @@ from onnx_export.source import fetch_default_gguf  # noqa: E402
 Prefill = Callable[[list[int]], Any]  # prompt ids -> state
 Decode = Callable[[Any, int], int]  # (state, token) -> next token
 
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown"
 
 
 def prompts() -> dict[str, list[int]]:

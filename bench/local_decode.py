@@ -19,6 +19,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "bench"))
+
+from machine import cpu_model  # noqa: E402
 
 from onnx_export.export import default_model_dir, export_model  # noqa: E402
 
@@ -52,8 +55,7 @@ def main() -> int:
     args = ap.parse_args()
     model_dir = export_model(None, default_model_dir(), ranges="0-15,15-30",
                              progress=False).directory
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text()
-                .splitlines() if ln.startswith("model name")), "unknown")
+    cpu = cpu_model()
     print(f"CPU: {cpu}, {os.cpu_count()} cores; standard graph, fp32; threads > 1 means one "
           f"global onnxruntime pool of that size, 1 means no pool")
     configs = [(r, t) for t in args.threads for r in (False, True)]
