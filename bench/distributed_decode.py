@@ -51,11 +51,11 @@ async def remote_decode(cluster: LocalCluster, prompt_ids: list[int], n: int) ->
     return float(r["stats"]["decode_tokens_per_s"])
 
 
-def local_decode(model_dir: Path, threads: int, n: int) -> float:
+def local_decode(model_dir: Path, threads: int, n: int, variant: list[str]) -> float:
     """`e2llm generate --json` in its own process (its own thread settings)."""
     out = subprocess.run([sys.executable, "-m", "e2llm_edge.cli", "generate", PROMPT,
                           "--model", str(model_dir), "--threads", str(threads),
-                          "--max-new-tokens", str(n), "--json"],
+                          "--max-new-tokens", str(n), "--json", *variant],
                          capture_output=True, text=True, check=True, timeout=300)
     return float(json.loads(out.stdout)["stats"]["decode_tokens_per_s"])
 
@@ -78,21 +78,26 @@ def main() -> int:
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=1,
                     help="onnxruntime threads per agent (1: no spinning pool threads)")
+    ap.add_argument("--graph", default="standard", choices=["standard", "contrib"])
+    ap.add_argument("--precision", default=None, help="fp32 (standard), exact/int8 (contrib)")
     args = ap.parse_args()
+    precision = args.precision or ("fp32" if args.graph == "standard" else "exact")
+    variant = ["--graph", args.graph, "--precision", precision]
     model_dir = export_model(None, default_model_dir(), ranges="0-15,15-30",
-                             progress=False).directory
+                             progress=False, graph_name=args.graph, precision=precision).directory
     manifest = Manifest.load(model_dir)
     tok = ChatTokenizer(manifest)
     ids = tok.encode_prompt(PROMPT)
-    load_or_measure_profile(manifest, threads=args.threads)
+    load_or_measure_profile(manifest, threads=args.threads, variant=(args.graph, precision))
     print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; local path with 1 thread and with a "
           f"2-thread global pool; agents {args.threads} thread(s) each; prompt {len(ids)} "
-          f"tokens, up to {args.new_tokens} new tokens, {args.rounds} rounds")
+          f"tokens, up to {args.new_tokens} new tokens, {args.rounds} rounds; graph "
+          f"{args.graph}/{precision}")
     pipe = ["--method", "pipeline"]
     with LocalCluster(model_dir, inventory(2, 4000), cluster="bench2", threads=args.threads,
-                      orchestrator_args=pipe, verbose=False) as c2, \
+                      orchestrator_args=pipe, agent_args=variant, verbose=False) as c2, \
             LocalCluster(model_dir, inventory(4, 4000), cluster="bench4", threads=args.threads,
-                         broker_url=None, orchestrator_args=pipe, verbose=False) as c4:
+                         orchestrator_args=pipe, agent_args=variant, verbose=False) as c4:
         p2 = Plan.from_dict(c2.wait_serving(timeout=180))
         p4 = Plan.from_dict(c4.wait_serving(timeout=180))
         assert [len(r.stages) for r in p2.replicas] == [2], p2
@@ -100,8 +105,8 @@ def main() -> int:
         runs: dict[str, list[float]] = {"local 1t": [], "local 2t": [], "2 stages": [],
                                         "4 stages": []}
         for _ in range(args.rounds):
-            runs["local 1t"].append(local_decode(model_dir, 1, args.new_tokens))
-            runs["local 2t"].append(local_decode(model_dir, 2, args.new_tokens))
+            runs["local 1t"].append(local_decode(model_dir, 1, args.new_tokens, variant))
+            runs["local 2t"].append(local_decode(model_dir, 2, args.new_tokens, variant))
             runs["2 stages"].append(asyncio.run(remote_decode(c2, ids, args.new_tokens)))
             runs["4 stages"].append(asyncio.run(remote_decode(c4, ids, args.new_tokens)))
     med = {k: statistics.median(v) for k, v in runs.items()}
@@ -122,7 +127,7 @@ def main() -> int:
            "devices": [{"id": f"kv{i}", "memory_mb": 420,
                         "hardware": {"tflops": 0.1, "mem_bw_gbps": 10}} for i in range(4)]}
     with LocalCluster(model_dir, inv, cluster="benchkv", threads=args.threads,
-                      verbose=False) as ck:
+                      agent_args=variant, verbose=False) as ck:
         pk = Plan.from_dict(ck.wait_serving(timeout=180))
         roles = sorted(r.role for r in pk.replicas)
         if roles != ["decoder", "prefill"]:
