@@ -21,7 +21,12 @@ if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
 if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
-  .venv/bin/python -m pip install -q --upgrade pip
-  .venv/bin/python -m pip install -q -e ".[$extras]"
+  echo "installing e2llm-edge[$extras] into .venv (log: .venv/setup.log)" >&2
+  if ! { .venv/bin/python -m pip install -q --upgrade pip &&
+         .venv/bin/python -m pip install -q -e ".[$extras]"; } >.venv/setup.log 2>&1; then
+    tail -n 30 .venv/setup.log >&2
+    echo "setup failed: see .venv/setup.log" >&2
+    exit 1
+  fi
   touch "$stamp"
 fi
