@@ -8,7 +8,10 @@ Decode steps of the requests in flight are batched: one pass per step for all of
 Every request a device holds has a context (sampling, limits, the decoder replica) that
 travels with the first message it sees for that request, and a deadline after which its
 KV cache is freed. Failures of one request are reported to the orchestrator and never
-stop the others.
+stop the others; errors are logged rate-limited (the network chooses how many there are).
+A worker that holds work but finishes nothing for `stage_timeout` reports status `error`
+(stuck), which the orchestrator treats as a lost device; it reports `ready` again when it
+moves.
 """
 
 from __future__ import annotations
@@ -27,7 +30,7 @@ import numpy as np
 
 from e2llm_edge import messages as m
 from e2llm_edge import topics as t
-from e2llm_edge.bus import BadMessage, Bus, BusConfig, Envelope, Will
+from e2llm_edge.bus import BadMessage, Bus, BusConfig, Envelope, RateLimitedLog, Will
 from e2llm_edge.errors import CodecError, E2LLMError
 from e2llm_edge.fast_runner import (
     VariantEmbedder,
@@ -77,6 +80,9 @@ class AgentConfig:
     """Tokens per pooled KV slot of a contrib decoder (longer requests get own buffers)."""
     telemetry_interval: float = 2.0
     """Seconds between telemetry and heartbeat messages."""
+    stage_timeout: float = 30.0
+    """Seconds the worker may hold queued work without finishing any before this device
+    reports itself stuck (status error)."""
 
 
 @dataclass(frozen=True)
@@ -198,6 +204,9 @@ class Agent:
         self.profile: dict[str, Any] = {}
         self.bus: Bus | None = None
         self._rate_t0, self._rate_n = time.monotonic(), 0
+        self._ratelog = RateLimitedLog(log)
+        self.worker_beat = time.monotonic()
+        self.stuck = False
         self.counters: dict[str, float] = {
             "prefills": 0, "decode_steps": 0, "decode_batches": 0, "kv_chunks_in": 0,
             "kv_chunks_out": 0, "kv_bytes_in": 0, "kv_bytes_out": 0, "last_kv_send_s": 0.0,
@@ -244,15 +253,24 @@ class Agent:
             self.work.append(msg)
         self.work_ready.set()
 
-    def _on_bad(self, bad: BadMessage) -> None:
+    async def _on_bad(self, bad: BadMessage) -> None:
+        """The bus logged it; if it names a request, that request cannot go on here."""
         self.counters["errors"] += 1
         self.last_error = f"bad message on {bad.topic_str}: {bad.error}"
+        rid = getattr(bad.error, "request_id", None)
+        if rid and bad.topic is t.DEVICE_INBOX and self.bus is not None:
+            await self._fail(rid, "bad_message", f"malformed message: {bad.error}")
 
     # ------------------------------------------------------------------ plan
 
     async def _apply_plan(self, plan: Plan) -> None:
         place = find_placement(plan, self.id)
         old = self.placement
+        if old is not None and plan.version <= old.version and self.status == "ready":
+            # the retained plan again (our reconnect, or the orchestrator re-publishing
+            # it after a broker restart), or an older one: keep the requests running
+            await self._publish_state()
+            return
         if place is None:
             self.placement = None
             self.embedder = self.head = self.stage = None
@@ -302,6 +320,7 @@ class Agent:
 
     async def _worker(self) -> None:
         while True:
+            self._beat()
             await self.work_ready.wait()
             self.work_ready.clear()
             if self.pending_plan is not None:
@@ -323,9 +342,18 @@ class Agent:
                     await self._guard_batch(batch)
                 else:
                     await self._guard(msg)
+                self._beat()
                 if self.pending_plan is not None:
                     self.work_ready.set()
                     break
+
+    def _beat(self) -> None:
+        self.worker_beat = time.monotonic()
+        if self.stuck:
+            self.stuck = False
+            log.warning("%s: worker moving again", self.id)
+            if self.status == "error" and self.placement is not None:
+                self.status = "ready"
 
     @staticmethod
     def _is_decode(msg: m.Message) -> bool:
@@ -340,14 +368,17 @@ class Agent:
             code = exc.code if isinstance(exc, RequestFailed) else "bad_request"
             await self._fail(rid, code, str(exc))
         except Exception as exc:
-            log.exception("%s: %s failed", self.id, type(msg).__name__)
+            self._ratelog.warning(f"internal:{type(msg).__name__}:{type(exc).__name__}",
+                                  "%s: %s failed: %s: %s", self.id, type(msg).__name__,
+                                  type(exc).__name__, exc)
             await self._fail(rid, "internal", f"{type(exc).__name__}: {exc}")
 
     async def _guard_batch(self, batch: list[m.Message]) -> None:
         try:
             await self._decode_batch(batch)
         except Exception as exc:
-            log.exception("%s: decode batch failed", self.id)
+            self._ratelog.warning(f"batch:{type(exc).__name__}", "%s: decode batch failed: "
+                                  "%s: %s", self.id, type(exc).__name__, exc)
             for msg in batch:
                 await self._fail(getattr(msg, "request_id", None), "internal",
                                  f"{type(exc).__name__}: {exc}")
@@ -392,6 +423,7 @@ class Agent:
             eos_token_id=self.manifest.config.get("eos_token_id"),
             prompt_len=len(msg.token_ids), index0=len(msg.generated),
             decoder_replica=msg.decoder_replica)
+        self._check_context(place, ctx)
         ids = np.asarray([msg.token_ids], np.int64)
         hidden = await asyncio.to_thread(self.embedder.run, ids)
         act = m.Activation(request_id=msg.request_id, phase="prefill", hidden=hidden,
@@ -419,6 +451,10 @@ class Agent:
         ctx = RequestContext.from_dict(msg.context)
         if msg.request_id in self.requests and self.requests[msg.request_id].prefilled_here:
             return  # QoS 1 redelivery
+        self._check_context(place, ctx)
+        if msg.hidden.shape[0] != 1 or msg.hidden.shape[1] != ctx.prompt_len:
+            raise RequestFailed("bad_request", f"prefill activation of shape "
+                                f"{list(msg.hidden.shape)} for a {ctx.prompt_len}-token prompt")
         st = RequestState(ctx=ctx, cache=self.stage.new_cache(ctx.capacity), prefilled_here=True)
         self.requests[msg.request_id] = st
         assert st.cache is not None
@@ -464,6 +500,7 @@ class Agent:
         st = self.requests.get(msg.request_id)
         if st is None:
             ctx = RequestContext.from_dict(msg.context)
+            self._check_context(place, ctx)
             st = RequestState(ctx=ctx, cache=self.stage.new_cache(ctx.capacity))
             self.requests[msg.request_id] = st
         st.touched = time.monotonic()
@@ -493,8 +530,8 @@ class Agent:
         place0 = self.placement
         if place0 is not None and place0.index != 0:
             # embedding next to the head: this device embeds the token, stage 0 runs it
-            for msg in [x for x in batch if isinstance(x, m.DecodeStep)]:
-                await self._guard(msg)
+            for step_msg in [x for x in batch if isinstance(x, m.DecodeStep)]:
+                await self._guard(step_msg)
             batch = [x for x in batch if not isinstance(x, m.DecodeStep)]
         ready: list[tuple[m.Message, RequestState]] = []
         for msg in batch:
@@ -540,8 +577,9 @@ class Agent:
             if not ctx_d:
                 raise RequestFailed("unknown_request", f"device {self.id} has no state for "
                                     f"request {rid} (released or timed out)")
-            assert self.stage is not None
+            assert self.stage is not None and self.placement is not None
             ctx = RequestContext.from_dict(ctx_d)
+            self._check_context(self.placement, ctx)
             st = RequestState(ctx=ctx, cache=self.stage.new_cache(ctx.capacity))
             # a mixed replica never hands KV over; its cache comes from its own prefill
             self.requests[rid] = st
@@ -602,6 +640,23 @@ class Agent:
 
     # ------------------------------------------------------------------ plumbing
 
+    def _check_context(self, place: Placement, ctx: RequestContext) -> None:
+        """A context from the network decides how much KV memory we allocate: bound it."""
+        limit = int(self.manifest.config["max_position"])
+        if not (ctx.prompt_len >= 1 and ctx.max_new_tokens >= 1 and
+                0 <= ctx.index0 < ctx.max_new_tokens and ctx.prompt_len - ctx.index0 >= 1
+                and ctx.capacity <= limit):
+            raise RequestFailed("bad_request", f"request context out of range: prompt "
+                                f"{ctx.prompt_len}, max_new_tokens {ctx.max_new_tokens}, "
+                                f"index0 {ctx.index0}, context {limit}")
+        try:
+            decoder = place.replica_by_id(ctx.decoder_replica)
+        except KeyError:
+            raise RequestFailed("bad_request", f"plan v{place.version} has no replica "
+                                f"{ctx.decoder_replica}") from None
+        if decoder.role == "prefill":
+            raise RequestFailed("bad_request", f"replica {ctx.decoder_replica} does not decode")
+
     async def _send(self, device_id: str, msg: m.Message) -> None:
         assert self.bus is not None
         if device_id == self.id and not isinstance(msg, m.KVChunk):
@@ -630,7 +685,8 @@ class Agent:
 
     def _log_error(self, rid: str | None, code: str, message: str) -> None:
         self.last_error = f"{code}: {message}"
-        log.warning("%s: request %s: %s: %s", self.id, rid, code, message)
+        self._ratelog.warning(f"fail:{code}", "%s: request %s: %s: %s", self.id, rid, code,
+                              message)
 
     def _state_msg(self, status: str) -> m.DeviceState:
         p = self.placement
@@ -661,6 +717,12 @@ class Agent:
         while True:
             await asyncio.sleep(self.cfg.telemetry_interval)
             now = time.monotonic()
+            if self.work and not self.stuck and \
+                    now - self.worker_beat > self.cfg.stage_timeout and self.status == "ready":
+                self.stuck, self.status = True, "error"
+                self.last_error = (f"stuck: {len(self.work)} message(s) waiting, nothing done "
+                                   f"for {now - self.worker_beat:.0f} s")
+                log.warning("%s: %s", self.id, self.last_error)
             for rid, st in list(self.requests.items()):
                 if now - st.touched > self.cfg.request_timeout:
                     log.info("%s: freeing idle request %s", self.id, rid)

@@ -7,6 +7,13 @@
 `generate` yields `token` events and ends after the `done` event; an `error` event raises
 `GenerationError` (after the tokens that did arrive). Cancelling the iteration cancels
 the request on the cluster.
+
+Across broker restarts: after each reconnect, after `resend_s` seconds without an event,
+and when a token arrives ahead of a missing one, the request is sent again under the same
+id; the orchestrator answers a request it
+knows by sending again what was streamed so far. Token events are yielded strictly in
+index order, each index once (duplicates dropped, early ones held until the gap fills;
+gaps still open at `done` are filled from its full token list).
 """
 
 from __future__ import annotations
@@ -37,26 +44,34 @@ class GenerationError(E2LLMError):
 
 
 class Client:
-    def __init__(self, config: BusConfig, client_id: str | None = None) -> None:
+    def __init__(self, config: BusConfig, client_id: str | None = None,
+                 resend_s: float = 10.0) -> None:
         self.id = client_id or config.username or f"client-{uuid.uuid4().hex[:10]}"
         self.config = config
+        self.resend_s = resend_s
+        """Silence after which a request is sent again (same id; the cluster dedupes)."""
         self._bus: Bus | None = None
         self._streams: dict[str, asyncio.Queue[m.ResponseEvent]] = {}
-        self._reader: asyncio.Task[None] | None = None
+        self._submitted: dict[str, m.GenerateRequest] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self.resent = 0
 
     async def __aenter__(self) -> Self:
         self._bus = Bus(self.config)
         await self._bus.__aenter__()
         await self._bus.subscribe(t.RESPONSE, client_id=self.id)
-        self._reader = asyncio.create_task(self._read())  # owned: cancelled in __aexit__
+        # owned: cancelled and awaited in __aexit__
+        self._tasks = [asyncio.create_task(self._read()),
+                       asyncio.create_task(self._watch_reconnects())]
         return self
 
     async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
                         tb: TracebackType | None) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
             with contextlib.suppress(asyncio.CancelledError):
-                await self._reader
+                await task
         if self._bus is not None:
             await self._bus.__aexit__(exc_type, exc, tb)
 
@@ -67,6 +82,24 @@ class Client:
                 q = self._streams.get(env.msg.request_id)
                 if q is not None:
                     q.put_nowait(env.msg)
+
+    async def _watch_reconnects(self) -> None:
+        """After a reconnect, send every unfinished request again: the first copy, or the
+        answers to it, may have died with the broker."""
+        assert self._bus is not None
+        seen = self._bus.stats.connects
+        while True:
+            await asyncio.sleep(0.2)
+            if self._bus.stats.connects != seen:
+                seen = self._bus.stats.connects
+                for req in list(self._submitted.values()):
+                    await self._resend(req)
+
+    async def _resend(self, req: m.GenerateRequest) -> None:
+        assert self._bus is not None
+        self.resent += 1
+        with contextlib.suppress(E2LLMError):
+            await self._bus.publish(t.REQUEST, req, client_id=self.id)
 
     async def generate(self, prompt: str | None = None, *, prompt_ids: list[int] | None = None,
                        raw: bool = False, max_new_tokens: int = 64, temperature: float = 0.0,
@@ -79,24 +112,44 @@ class Client:
         q: asyncio.Queue[m.ResponseEvent] = asyncio.Queue()
         self._streams[rid] = q
         finished = False
+        req = m.GenerateRequest(
+            request_id=rid, client_id=self.id, prompt=prompt, prompt_ids=prompt_ids,
+            raw=raw, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+            seed=seed)
         try:
-            await self._bus.publish(t.REQUEST, m.GenerateRequest(
-                request_id=rid, client_id=self.id, prompt=prompt, prompt_ids=prompt_ids,
-                raw=raw, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                seed=seed), client_id=self.id)
+            await self._bus.publish(t.REQUEST, req, client_id=self.id)
+            self._submitted[rid] = req
             seen = 0
+            early: dict[int, m.ResponseEvent] = {}
+            loop = asyncio.get_running_loop()
+            silent_since = loop.time()
+            gap_asked = -1.0
             while True:
+                left = timeout - (loop.time() - silent_since)
+                if left <= 0:
+                    raise BusTimeout("response", None, timeout)
                 try:
-                    ev = await asyncio.wait_for(q.get(), timeout)
+                    ev = await asyncio.wait_for(q.get(), min(left, self.resend_s))
                 except TimeoutError:
-                    raise BusTimeout("response", None, timeout) from None
+                    if loop.time() - silent_since < timeout:
+                        await self._resend(req)
+                    continue
+                silent_since = loop.time()
                 if ev.event == "token":
-                    if ev.index < seen:
-                        continue  # duplicate delivery
-                    seen = ev.index + 1
-                    yield ev
+                    if ev.index >= seen:
+                        early.setdefault(ev.index, ev)  # the first copy of an index wins
+                    while seen in early:
+                        yield early.pop(seen)
+                        seen += 1
+                    if early and loop.time() - gap_asked > 1.0:
+                        gap_asked = loop.time()  # tokens went missing: ask for a replay
+                        await self._resend(req)
                 elif ev.event == "done":
                     finished = True
+                    for i in range(seen, len(ev.token_ids)):
+                        yield early.get(i) or m.ResponseEvent(
+                            request_id=rid, event="token", token_ids=[ev.token_ids[i]],
+                            index=i)
                     yield ev
                     return
                 else:
@@ -104,6 +157,7 @@ class Client:
                     raise GenerationError(ev.error_code or "error", ev.error or "", ev)
         finally:
             self._streams.pop(rid, None)
+            self._submitted.pop(rid, None)
             if not finished and self._bus is not None:
                 with contextlib.suppress(E2LLMError):
                     await self._bus.publish(t.REQUEST, m.Release(

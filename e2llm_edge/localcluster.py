@@ -49,6 +49,21 @@ class Proc:
     def alive(self) -> bool:
         return self.proc is not None and self.proc.poll() is None
 
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.alive and self.proc is not None else None
+
+    def rss_bytes(self) -> int:
+        """Resident memory of the process now (0 if it is not running)."""
+        pid = self.pid
+        if pid is None:
+            return 0
+        try:
+            with open(f"/proc/{pid}/statm") as f:
+                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+        except OSError:
+            return 0
+
     def kill(self) -> None:
         """SIGKILL: the process gets no chance to say goodbye (its last-will fires)."""
         if self.alive:
@@ -158,6 +173,18 @@ class LocalCluster:
         if start:
             p.start()
         return p
+
+    def restart_agent(self, device_id: str) -> Proc:
+        """Start a killed (or stopped) agent again, same id and settings, as after a reboot."""
+        p = self.agents[device_id]
+        p.kill()
+        p.start()
+        return p
+
+    def rss(self) -> dict[str, int]:
+        """Resident bytes of the orchestrator and of each running agent."""
+        procs = [self.orchestrator, *self.agents.values()]
+        return {p.name: p.rss_bytes() for p in procs if p is not None and p.alive}
 
     def _mosquitto_config(self) -> MosquittoConfig:
         if self.secrets_dir is None:

@@ -8,6 +8,14 @@ DECODER replica with a free slot; tokens come back from the devices and are stre
 the client. Every request ends with `done` or an `error` event: a lost device or a stuck
 stage sends its requests back to the queue (re-prefilled from prompt plus the tokens
 already streamed) or fails them with a reason, never leaves them silent.
+
+Healing: each dispatch of a request is an *attempt* with its own id on the devices
+(`<request id>@<attempt>`), so late messages of an abandoned attempt are ignored and never
+mix with the live one. A lost device kills only its replicas: their requests restart on the
+others at once (degraded plan) while a new plan is computed; any plan switch first drains
+(no new dispatch, in-flight requests may finish, bounded by a timeout) and restarts the
+rest seamlessly. A reconnect to the broker restarts every attempt in flight (messages may
+have been lost) and waits until each device is heard live again before dispatching.
 """
 
 from __future__ import annotations
@@ -15,9 +23,11 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import time
 import uuid
-from collections import deque
+from collections import OrderedDict, deque
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -26,7 +36,7 @@ import yaml
 
 from e2llm_edge import messages as m
 from e2llm_edge import topics as t
-from e2llm_edge.bus import BadMessage, Bus, BusConfig, Envelope, Will
+from e2llm_edge.bus import BadMessage, Bus, BusConfig, Envelope, RateLimitedLog, Will
 from e2llm_edge.errors import E2LLMError
 from e2llm_edge.router import ReplicaLoad, choose_decoder, choose_prefill
 from e2llm_edge.sampling import Sampling, SamplingError
@@ -64,13 +74,22 @@ class OrchestratorConfig:
     min_tokens_per_s: float = 15.0
     """Floor on per-request generation speed for decoder concurrency."""
     request_timeout: float = 60.0
-    """Seconds without progress after which a request fails (stuck stage)."""
+    """Seconds without progress after which a request's attempt is abandoned (stuck stage)
+    and the request re-queued; it fails once `max_retries` is exhausted."""
     heartbeat_timeout: float = 6.0
     """Seconds of silence after which a device of the plan is considered lost."""
     max_queue: int = 1024
     """Requests waiting beyond this are refused with an 'overloaded' error."""
-    max_retries: int = 3
-    """Times a request is re-prefilled after losing its replica before it fails."""
+    max_retries: int = 5
+    """Faults (lost replica, stall, device error) a request survives before it fails;
+    restarts for a plan switch or a broker reconnect are not faults."""
+    drain_timeout: float = 10.0
+    """Before switching to a plan that adds devices: seconds in-flight requests may run on
+    to finish; the rest restart (seamlessly) under the new plan."""
+    loss_drain_timeout: float = 1.0
+    """The same drain bound when the switch follows a lost device (capacity is short)."""
+    replay_cache: int = 512
+    """Finished requests remembered, to answer a client re-sending one after a reconnect."""
     orchestrator_id: str = "orchestrator"
     """Broker user name / id of this orchestrator."""
 
@@ -96,6 +115,32 @@ class Track:
     progress: float = field(default_factory=time.monotonic)
     retries: int = 0
     first_dispatch: float | None = None
+    attempt: int = 0
+    restarts: int = 0
+    texts: list[str] = field(default_factory=list)
+
+    @property
+    def wire_id(self) -> str:
+        """The request id the devices see for the current attempt."""
+        return f"{self.rid}@{self.attempt}"
+
+
+def split_wire_id(wire: str) -> tuple[str, int]:
+    """(request id, attempt) of a device-side request id; attempt -1 if not one of ours."""
+    rid, sep, att = wire.rpartition("@")
+    if not sep or not att.isdigit():
+        return wire, -1
+    return rid, int(att)
+
+
+@dataclass
+class Replay:
+    """What a finished request sent its client, to send again on a re-submission."""
+
+    client_id: str
+    generated: list[int]
+    texts: list[str]
+    final: m.ResponseEvent
 
 
 @dataclass
@@ -103,6 +148,8 @@ class DeviceEntry:
     state: m.DeviceState | None = None
     profile: m.DeviceProfileMsg | None = None
     last_seen: float = 0.0
+    live_at: float = 0.0
+    """When a live (not retained) message from the device last arrived."""
 
 
 class Orchestrator:
@@ -141,6 +188,18 @@ class Orchestrator:
         self.tokens_out = 0
         self.started = time.monotonic()
         self.plan_ready = asyncio.Event()
+        self.dead: set[int] = set()
+        """Replicas of the current plan that lost a device (no dispatch to them)."""
+        self.pending: Plan | None = None
+        self.drain_until = 0.0
+        self.ever_planned = False
+        self.confirm_after = 0.0
+        self.connects_seen = 0
+        self.finished: OrderedDict[str, Replay] = OrderedDict()
+        self.recovering_since: float | None = None
+        self.recoveries: deque[float] = deque(maxlen=64)
+        self.restarted = 0
+        self._ratelog = RateLimitedLog(log)
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -162,9 +221,11 @@ class Orchestrator:
         async for env in bus:
             try:
                 await self._on_message(env)
-            except E2LLMError as exc:
-                log.warning("handling %s on %s failed: %s", type(env.msg).__name__,
-                            env.topic_str, exc)
+            except Exception as exc:  # one bad message must not stop the orchestrator
+                self._ratelog.warning(f"handle:{type(env.msg).__name__}:{type(exc).__name__}",
+                                      "handling %s on %s failed: %s: %s",
+                                      type(env.msg).__name__, env.topic_str,
+                                      type(exc).__name__, exc)
 
     def _on_bad(self, bad: BadMessage) -> None:
         """A malformed message: answer the requester if the topic names one."""
@@ -187,7 +248,7 @@ class Orchestrator:
         msg = env.msg
         now = time.monotonic()
         if isinstance(msg, m.DeviceState):
-            await self._device_state(env.ids["device_id"], msg, now)
+            await self._device_state(env.ids["device_id"], msg, now, env.retained)
         elif isinstance(msg, m.DeviceProfileMsg):
             entry = self.devices.setdefault(env.ids["device_id"], DeviceEntry())
             known = entry.profile is not None
@@ -200,7 +261,9 @@ class Orchestrator:
                 self.version = max(self.version, int(msg.plan.get("version", 0)))
         elif isinstance(msg, m.Heartbeat | m.TokenOut | m.ErrorReport):
             dev = env.ids["device_id"]
-            self.devices.setdefault(dev, DeviceEntry()).last_seen = now
+            known_dev = self.devices.get(dev)  # unknown senders must not grow the registry
+            if known_dev is not None:
+                known_dev.last_seen = known_dev.live_at = now
             if isinstance(msg, m.TokenOut):
                 await self._token(dev, msg)
             elif isinstance(msg, m.ErrorReport):
@@ -210,24 +273,42 @@ class Orchestrator:
         elif isinstance(msg, m.Release):
             await self._cancel(env.ids["client_id"], msg)
 
-    async def _device_state(self, dev: str, msg: m.DeviceState, now: float) -> None:
+    async def _device_state(self, dev: str, msg: m.DeviceState, now: float,
+                            retained: bool = False) -> None:
         entry = self.devices.setdefault(dev, DeviceEntry())
         entry.state, entry.last_seen = msg, now
-        in_plan = self.plan is not None and dev in self.plan_devices()
+        if not retained:
+            entry.live_at = now
+        watched = dev in self._watched_devices()
         if msg.status == "offline":
-            if in_plan:
+            if watched:
                 await self._device_lost(dev, "went offline")
+            return
+        if msg.status == "error":
+            if watched:
+                await self._device_lost(dev, f"reported error: {msg.last_error}")
             return
         if dev in self.lost:
             self.lost.discard(dev)
             self._schedule_replan(f"device {dev} is back")
-        if self.plan is not None and not self.serving and self._all_ready():
-            self.serving = True
-            self.plan_ready.set()
+        await self._check_serving()
+
+    async def _check_serving(self) -> None:
+        """Start serving a plan once every device of its live replicas is ready for it."""
+        if self.plan is None or self.serving or not self._can_serve() or not self._all_ready():
+            return
+        self.serving = True
+        self.plan_ready.set()
+        now = time.monotonic()
+        if self.recovering_since is not None and not self.dead:
+            self.recoveries.append(now - self.recovering_since)
+            log.info("plan v%d serving, %.2f s after the device loss", self.version,
+                     now - self.recovering_since)
+            self.recovering_since = None
+        else:
             log.info("plan v%d serving", self.version)
-            await self._dispatch()
-        if msg.status == "error" and in_plan:
-            await self._device_lost(dev, f"reported error: {msg.last_error}")
+        await self._summary()
+        await self._dispatch()
 
     # ------------------------------------------------------------------ planning
 
@@ -235,12 +316,35 @@ class Orchestrator:
         assert self.plan is not None
         return {s.device_id for r in self.plan.replicas for s in r.stages}
 
+    def _live_devices(self) -> set[str]:
+        """Devices of the current plan's replicas that lost none of theirs."""
+        if self.plan is None:
+            return set()
+        return {s.device_id for r in self.plan.replicas if r.replica_id not in self.dead
+                for s in r.stages}
+
+    def _watched_devices(self) -> set[str]:
+        devs = self.plan_devices() if self.plan is not None else set()
+        if self.pending is not None:
+            devs |= {s.device_id for r in self.pending.replicas for s in r.stages}
+        return devs
+
+    def _can_serve(self) -> bool:
+        """The live replicas can still prefill and decode."""
+        if self.plan is None:
+            return False
+        roles = {r.role for r in self.plan.replicas if r.replica_id not in self.dead}
+        return "mixed" in roles or {"prefill", "decoder"} <= roles
+
     def _all_ready(self) -> bool:
         assert self.plan is not None
-        for d in self.plan_devices():
-            st = self.devices.get(d, DeviceEntry()).state
+        for d in self._live_devices():
+            e = self.devices.get(d, DeviceEntry())
+            st = e.state
             if st is None or st.status != "ready" or st.plan_version != self.version:
                 return False
+            if e.live_at < self.confirm_after:
+                return False  # not heard since our reconnect: its subscription may be gone
         return True
 
     def _schedule_replan(self, why: str) -> None:
@@ -272,23 +376,27 @@ class Orchestrator:
         return Inventory.from_dict(doc, source="live registry")
 
     async def _maybe_plan(self) -> None:
+        if self.pending is not None:
+            await self._maybe_switch()
+            return
         if self.replan_at is None or time.monotonic() < self.replan_at or self.planning:
             return
         avail = self._available()
-        if self.plan is None and len(avail) < self.expect:
+        if not self.ever_planned and len(avail) < self.expect:
             return  # wait for the devices the operator said to expect
+        if not avail:
+            return
         self.replan_at = None
         self.planning = True
         try:
             version = self.version + 1
-            pinned = self._pinned_plan(avail, version)
-            if pinned is not None:
-                await self._install(pinned)
-                return
-            inv = self.build_inventory(avail)
-            plan = await asyncio.to_thread(
-                make_plan, inv, self.model, self.cfg.workload, method=self.cfg.method,
-                seed=self.cfg.seed, version=version, min_tokens_per_s=self.cfg.min_tokens_per_s)
+            plan = self._pinned_plan(avail, version)
+            if plan is None:
+                inv = self.build_inventory(avail)
+                plan = await asyncio.to_thread(
+                    make_plan, inv, self.model, self.cfg.workload, method=self.cfg.method,
+                    seed=self.cfg.seed, version=version,
+                    min_tokens_per_s=self.cfg.min_tokens_per_s)
         except PlanInfeasible as exc:
             self.plan_error = f"no plan can hold the model with devices {avail}: {exc}"
             log.warning("%s", self.plan_error)
@@ -301,6 +409,31 @@ class Orchestrator:
             return
         finally:
             self.planning = False
+        self.ever_planned = True
+        if any(s.device_id in self.lost for r in plan.replicas for s in r.stages):
+            self.replan_at = time.monotonic()  # a device went away while we planned
+            return
+        if self.plan is not None and not self.dead and _same_layout(plan, self.plan):
+            log.info("re-plan keeps the layout of plan v%d; nothing to switch", self.version)
+            return
+        self.pending = plan
+        running = sum(tr.dispatched is not None for tr in self.requests.values())
+        bound = self.cfg.loss_drain_timeout if self.dead or self.plan is None \
+            else self.cfg.drain_timeout
+        self.drain_until = time.monotonic() + bound
+        if running:
+            log.info("draining %d request(s) for up to %.1f s before plan v%d", running, bound,
+                     plan.version)
+        await self._maybe_switch()
+
+    async def _maybe_switch(self) -> None:
+        """Install the pending plan once the drain is over (nothing running, or timed out)."""
+        if self.pending is None:
+            return
+        running = any(tr.dispatched is not None for tr in self.requests.values())
+        if running and time.monotonic() < self.drain_until:
+            return
+        plan, self.pending = self.pending, None
         await self._install(plan)
 
     def _pinned_plan(self, avail: list[str], version: int) -> Plan | None:
@@ -313,11 +446,13 @@ class Orchestrator:
         return None if missing else plan
 
     async def _install(self, plan: Plan) -> None:
-        """Publish a new plan; every request in flight restarts under it."""
+        """Publish a new plan; requests still in flight (the drain is over) restart under it."""
         assert self.bus is not None
         self.plan_error = None
-        await self._requeue_in_flight("plan changed")
+        await self._requeue(lambda tr: True, f"plan v{plan.version} replaces "
+                            f"v{self.version}", fault=False)
         self.plan, self.version, self.serving = plan, plan.version, False
+        self.dead = set()
         self.plan_ready.clear()
         self.loads = {r.replica_id: ReplicaLoad.for_replica(r, self.cfg.workload)
                       for r in plan.replicas}
@@ -325,27 +460,49 @@ class Orchestrator:
         log.info("published plan v%d: %s", plan.version, describe_plan(plan))
 
     async def _retire_plan(self) -> None:
-        self.plan, self.serving = None, False
+        await self._requeue(lambda tr: True, "plan withdrawn", fault=False)
+        self.plan, self.serving, self.dead, self.pending = None, False, set(), None
         self.plan_ready.clear()
-        await self._requeue_in_flight("plan withdrawn")
 
     async def _device_lost(self, dev: str, why: str) -> None:
+        """Stop using the replicas holding `dev`; their requests restart on the others."""
         if dev in self.lost:
             return
         log.warning("device %s lost: %s", dev, why)
         self.lost.add(dev)
-        self.serving = False
-        self.plan_ready.clear()
-        await self._requeue_in_flight(f"device {dev} {why}")
+        if self.recovering_since is None:
+            self.recovering_since = time.monotonic()
+        if self.pending is not None and dev in {s.device_id for r in self.pending.replicas
+                                                for s in r.stages}:
+            log.info("pending plan v%d needs %s: dropped", self.pending.version, dev)
+            self.pending = None
+        if self.plan is not None:
+            hit = {r.replica_id for r in self.plan.replicas
+                   if dev in {s.device_id for s in r.stages}}
+            self.dead |= hit
+            await self._requeue(lambda tr: tr.prefill_replica in hit or
+                                tr.decoder_replica in hit, f"device {dev} {why}", fault=True)
+            if not self._can_serve():
+                self.serving = False
+                self.plan_ready.clear()
         self._schedule_replan(f"device {dev} lost")
         self.replan_at = time.monotonic()  # losing capacity: re-plan at once
+        await self._dispatch()
 
     # ------------------------------------------------------------------ requests
 
     async def _new_request(self, client: str, req: m.GenerateRequest) -> None:
         rid = req.request_id
-        if rid in self.requests:
-            return  # QoS 1 redelivery
+        try:
+            t.check_id(rid, "request_id")
+        except E2LLMError as exc:  # no topic can carry an answer to it
+            self._ratelog.warning("bad_rid", "request from %s dropped: %s", client, exc)
+            return
+        if rid in self.requests or rid in self.finished:
+            # QoS 1 redelivery, or a client re-sending after a reconnect: send it again
+            # what it may have missed (it drops the indices it already holds)
+            await self._replay(client, rid)
+            return
         try:
             if (req.prompt is None) == (req.prompt_ids is None):
                 raise ValueError("give exactly one of prompt or prompt_ids")
@@ -384,9 +541,28 @@ class Orchestrator:
         await self._event(rid, "queued", {"prompt_tokens": len(ids)})
         await self._dispatch()
 
+    async def _replay(self, client: str, rid: str) -> None:
+        assert self.bus is not None
+        tr = self.requests.get(rid)
+        done = self.finished.get(rid)
+        src = tr if tr is not None else done
+        if src is None or src.client_id != client:
+            return
+        for i, (tok, text) in enumerate(zip(src.generated, src.texts, strict=True)):
+            await self.bus.publish(t.RESPONSE, m.ResponseEvent(
+                request_id=rid, event="token", token_ids=[tok], text=text, index=i),
+                client_id=client, request_id=rid)
+        if done is not None:
+            await self.bus.publish(t.RESPONSE, done.final, client_id=client, request_id=rid)
+
+    def _remember(self, tr: Track, final: m.ResponseEvent) -> None:
+        self.finished[tr.rid] = Replay(tr.client_id, list(tr.generated), list(tr.texts), final)
+        while len(self.finished) > self.cfg.replay_cache:
+            self.finished.popitem(last=False)
+
     async def _dispatch(self) -> None:
         """Start queued requests while a PREFILL replica and a DECODER slot are free."""
-        if not self.serving or self.plan is None:
+        if not self.serving or self.plan is None or self.pending is not None:
             return
         while self.queue:
             rid = self.queue[0]
@@ -395,8 +571,8 @@ class Orchestrator:
                 self.queue.popleft()
                 continue
             prompt = tr.prompt_ids + tr.generated
-            p = choose_prefill(self.plan, self.loads, len(prompt))
-            d = choose_decoder(self.plan, self.loads, p)
+            p = choose_prefill(self.plan, self.loads, len(prompt), exclude=self.dead)
+            d = choose_decoder(self.plan, self.loads, p, exclude=self.dead)
             if p is None or d is None:
                 return
             self.queue.popleft()
@@ -415,17 +591,19 @@ class Orchestrator:
         replica = self.plan.replica(p)
         embed_dev = next(s.device_id for s in replica.stages if s.embed)
         await self.bus.publish(t.DEVICE_INBOX, m.PrefillStart(
-            request_id=tr.rid, token_ids=prompt, decoder_replica=d,
+            request_id=tr.wire_id, token_ids=prompt, decoder_replica=d,
             sampling=tr.sampling.to_dict(), max_new_tokens=tr.max_new_tokens,
             generated=list(tr.generated), plan_version=self.version), device_id=embed_dev)
         await self._event(tr.rid, "routed", {"prefill_replica": p, "decoder_replica": d,
                                              "plan_version": self.version,
-                                             "retry": tr.retries})
+                                             "retry": tr.retries, "attempt": tr.attempt})
 
     async def _token(self, dev: str, msg: m.TokenOut) -> None:
-        tr = self.requests.get(msg.request_id)
-        if tr is None or msg.plan_version != tr.plan_version or tr.dispatched is None:
-            return  # late token of a finished, failed or restarted request
+        rid, attempt = split_wire_id(msg.request_id)
+        tr = self.requests.get(rid)
+        if tr is None or attempt != tr.attempt or msg.plan_version != tr.plan_version \
+                or tr.dispatched is None:
+            return  # late token of a finished, failed or abandoned attempt
         if msg.index != len(tr.generated):
             if msg.index > len(tr.generated):
                 log.warning("request %s: token %d arrived, expected %d", tr.rid, msg.index,
@@ -442,11 +620,13 @@ class Orchestrator:
                 self.ttfts.append(now - tr.arrived)
                 await self._event(tr.rid, "first_token", {"ttft_s": round(now - tr.arrived, 4)})
         tr.generated.append(msg.token_id)
+        text = tr.decoder.push(msg.token_id)
+        tr.texts.append(text)
         self.tokens_out += 1
         assert self.bus is not None
         await self.bus.publish(t.RESPONSE, m.ResponseEvent(
             request_id=tr.rid, event="token", token_ids=[msg.token_id],
-            text=tr.decoder.push(msg.token_id), index=msg.index),
+            text=text, index=msg.index),
             client_id=tr.client_id, request_id=tr.rid)
         if msg.finished:
             await self._finish(tr, msg.finish_reason or "stop")
@@ -468,13 +648,16 @@ class Orchestrator:
             "decode_tokens_per_s": round((n - 1) / (now - first), 2) if n > 1 and now > first
             else 0.0,
             "prefill_replica": tr.prefill_replica, "decoder_replica": tr.decoder_replica,
-            "plan_version": tr.plan_version, "retries": tr.retries,
+            "plan_version": tr.plan_version, "retries": tr.retries, "restarts": tr.restarts,
         }
-        await self.bus.publish(t.RESPONSE, m.ResponseEvent(
+        final = m.ResponseEvent(
             request_id=tr.rid, event="done", token_ids=list(tr.generated),
             text=self.tokenizer.decode(tr.generated), index=n, finish_reason=reason,
-            stats=stats), client_id=tr.client_id, request_id=tr.rid)
+            stats=stats)
+        self._remember(tr, final)
+        await self.bus.publish(t.RESPONSE, final, client_id=tr.client_id, request_id=tr.rid)
         await self._event(tr.rid, "done", {k: v for k, v in stats.items() if k != "prompt_ids"})
+        await self._maybe_switch()
         await self._dispatch()
 
     async def fail(self, tr: Track, code: str, text: str) -> None:
@@ -486,12 +669,15 @@ class Orchestrator:
             self.queue.remove(tr.rid)
         self.failed += 1
         await self._release_on_devices(tr)
+        final = m.ResponseEvent(
+            request_id=tr.rid, event="error", error_code=code, error=text,
+            token_ids=list(tr.generated), index=len(tr.generated))
+        self._remember(tr, final)
         with contextlib.suppress(E2LLMError):
-            await self.bus.publish(t.RESPONSE, m.ResponseEvent(
-                request_id=tr.rid, event="error", error_code=code, error=text,
-                token_ids=list(tr.generated), index=len(tr.generated)),
-                client_id=tr.client_id, request_id=tr.rid)
+            await self.bus.publish(t.RESPONSE, final, client_id=tr.client_id,
+                                   request_id=tr.rid)
         await self._event(tr.rid, "failed", {"code": code})
+        await self._maybe_switch()
         await self._dispatch()
 
     def _release_slots(self, tr: Track) -> None:
@@ -503,6 +689,8 @@ class Orchestrator:
         tr.dispatched = None
 
     async def _release_on_devices(self, tr: Track) -> None:
+        """Best effort: the devices of the current attempt free its state now (they would
+        anyway after their request timeout)."""
         if self.plan is None or self.bus is None or tr.plan_version != self.version:
             return
         devs = set()
@@ -513,22 +701,31 @@ class Orchestrator:
         for dev in devs - self.lost:
             with contextlib.suppress(E2LLMError):
                 await self.bus.publish(t.DEVICE_INBOX, m.Release(
-                    request_id=tr.rid, reason="orchestrator", plan_version=self.version),
-                    device_id=dev)
+                    request_id=tr.wire_id, reason="orchestrator", plan_version=self.version),
+                    device_id=dev, timeout=2.0)
 
-    async def _requeue_in_flight(self, why: str) -> None:
-        """Requests running under the current plan go back to the front of the queue."""
-        running = [tr for tr in self.requests.values() if tr.dispatched is not None]
+    async def _requeue(self, which: Callable[[Track], bool], why: str, *, fault: bool) -> None:
+        """Running requests picked by `which` abandon their attempt and go back to the
+        front of the queue; they continue from the tokens already streamed. A fault counts
+        against `max_retries`."""
+        running = [tr for tr in self.requests.values() if tr.dispatched is not None
+                   and which(tr)]
         for tr in sorted(running, key=lambda x: x.arrived, reverse=True):
+            await self._release_on_devices(tr)
             self._release_slots(tr)
-            tr.retries += 1
-            if tr.retries > self.cfg.max_retries:
-                await self.fail(tr, "retries_exhausted", f"{why}; gave up after "
-                                f"{self.cfg.max_retries} restarts")
-                continue
+            tr.restarts += 1
+            self.restarted += 1
+            if fault:
+                tr.retries += 1
+                if tr.retries > self.cfg.max_retries:
+                    await self.fail(tr, "retries_exhausted", f"{why}; gave up after "
+                                    f"{self.cfg.max_retries} faults")
+                    continue
+            tr.attempt += 1
             tr.prefill_replica = tr.decoder_replica = None
             self.queue.appendleft(tr.rid)
-            await self._event(tr.rid, "requeued", {"reason": why, "generated": len(tr.generated)})
+            await self._event(tr.rid, "requeued", {"reason": why, "generated": len(tr.generated),
+                                                   "fault": fault})
 
     async def _fail_queue(self, code: str, text: str) -> None:
         for rid in list(self.queue):
@@ -537,10 +734,21 @@ class Orchestrator:
                 await self.fail(tr, code, text)
 
     async def _device_error(self, dev: str, msg: m.ErrorReport) -> None:
-        tr = self.requests.get(msg.request_id) if msg.request_id else None
-        if tr is None or msg.plan_version != tr.plan_version:
+        """A device could not go on with the live attempt: retry it (bounded)."""
+        if not msg.request_id:
             return
-        await self.fail(tr, msg.code, f"device {dev}: {msg.message}")
+        rid, attempt = split_wire_id(msg.request_id)
+        tr = self.requests.get(rid)
+        if tr is None or attempt != tr.attempt or tr.dispatched is None:
+            return  # about an abandoned attempt, or not ours
+        if tr.retries >= self.cfg.max_retries:
+            await self.fail(tr, msg.code, f"device {dev}: {msg.message}")
+            return
+        await self._requeue_one(tr, f"device {dev}: {msg.code}: {msg.message}")
+        await self._dispatch()
+
+    async def _requeue_one(self, tr: Track, why: str) -> None:
+        await self._requeue(lambda x: x is tr, why, fault=True)
 
     async def _cancel(self, client: str, msg: m.Release) -> None:
         tr = self.requests.get(msg.request_id)
@@ -559,23 +767,52 @@ class Orchestrator:
         last_summary = 0.0
         while True:
             await asyncio.sleep(0.25)
-            now = time.monotonic()
-            if self.plan is not None:
-                for dev in self.plan_devices() - self.lost:
-                    seen = self.devices.get(dev, DeviceEntry()).last_seen
-                    if now - seen > self.cfg.heartbeat_timeout:
-                        await self._device_lost(dev, f"silent for {now - seen:.1f} s")
-            for tr in list(self.requests.values()):
-                if tr.dispatched is not None and now - tr.progress > self.cfg.request_timeout:
-                    await self.fail(tr, "timeout", f"no progress for "
-                                    f"{self.cfg.request_timeout:.0f} s")
-                elif tr.dispatched is None and self.plan is None and self.plan_error and \
-                        now - tr.arrived > self.cfg.request_timeout:
-                    await self.fail(tr, "no_plan", self.plan_error)
-            await self._maybe_plan()
-            if now - last_summary > 2.0:
-                last_summary = now
-                await self._summary()
+            try:
+                await self._tick()
+                if time.monotonic() - last_summary > 2.0:
+                    last_summary = time.monotonic()
+                    await self._summary()
+            except E2LLMError as exc:  # e.g. the broker is down: try again next tick
+                self._ratelog.warning("tick", "ticker: %s", exc)
+
+    async def _tick(self) -> None:
+        assert self.bus is not None
+        now = time.monotonic()
+        if self.bus.stats.connects != self.connects_seen:
+            again = self.connects_seen > 0
+            self.connects_seen = self.bus.stats.connects
+            if again:
+                await self._reconnected()
+        if not self.bus.connected:
+            return  # silence from everyone is our own problem, not theirs
+        for dev in self._watched_devices() - self.lost:
+            seen = self.devices.get(dev, DeviceEntry()).last_seen
+            if now - seen > self.cfg.heartbeat_timeout:
+                await self._device_lost(dev, f"silent for {now - seen:.1f} s")
+        for tr in list(self.requests.values()):
+            if tr.dispatched is not None and now - tr.progress > self.cfg.request_timeout:
+                await self._requeue_one(tr, f"no progress for "
+                                        f"{self.cfg.request_timeout:.0f} s")
+            elif tr.dispatched is None and self.plan is None and self.plan_error and \
+                    now - tr.arrived > self.cfg.request_timeout:
+                await self.fail(tr, "no_plan", self.plan_error)
+        await self._maybe_plan()
+        await self._dispatch()
+
+    async def _reconnected(self) -> None:
+        """Back on the broker: messages in flight may be lost, subscriptions of devices may
+        not be back yet. Restart the attempts, and dispatch again once each device of the
+        plan has been heard live (its state is re-published on its own reconnect and every
+        heartbeat interval)."""
+        now = time.monotonic()
+        log.warning("reconnected to the broker: restarting requests in flight")
+        self.confirm_after = now
+        for e in self.devices.values():
+            e.last_seen = now
+        if self.plan is not None:
+            self.serving = False
+            self.plan_ready.clear()
+        await self._requeue(lambda tr: True, "broker connection lost", fault=False)
 
     def summary(self) -> dict[str, Any]:
         up = time.monotonic() - self.started
@@ -593,6 +830,10 @@ class Orchestrator:
                          for r in (self.plan.replicas if self.plan else [])],
             "queued": len(self.queue), "in_flight": len(self.requests) - len(self.queue),
             "completed": self.completed, "failed": self.failed,
+            "dead_replicas": sorted(self.dead), "draining": self.pending is not None,
+            "restarted": self.restarted,
+            "last_recovery_s": round(self.recoveries[-1], 3) if self.recoveries else None,
+            "rss_bytes": _rss_bytes(),
             "mean_wait_s": round(sum(self.waits) / len(self.waits), 4) if self.waits else None,
             "mean_ttft_s": round(sum(self.ttfts) / len(self.ttfts), 4) if self.ttfts else None,
             "tokens_out": self.tokens_out, "uptime_s": round(up, 1),
@@ -603,6 +844,23 @@ class Orchestrator:
         with contextlib.suppress(E2LLMError):
             await self.bus.publish(t.CLUSTER_TELEMETRY, m.Telemetry(
                 source=self.cfg.orchestrator_id, data=self.summary()))
+
+
+def _same_layout(a: Plan, b: Plan) -> bool:
+    """Same replicas, roles, concurrency and layer splits (the version aside)."""
+    def key(p: Plan) -> list[tuple[Any, ...]]:
+        return sorted((r.role, r.concurrency, tuple((s.device_id, s.layer_start, s.layer_end,
+                                                     s.embed, s.head) for s in r.stages))
+                      for r in p.replicas)
+    return key(a) == key(b)
+
+
+def _rss_bytes() -> int:
+    try:
+        with open("/proc/self/statm") as f:
+            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+    except OSError:
+        return 0
 
 
 def describe_plan(plan: Plan) -> str:

@@ -5,11 +5,12 @@ prompt included, times its predicted seconds per prompt token; up to one prefill
 pipeline stage runs at once (a pipeline of k stages overlaps k prompts). A DECODER
 replica takes a request while it runs fewer than its planned concurrency; among those,
 the least loaded relative to its concurrency wins. Ties go to the lower replica id, so
-routing is deterministic.
+routing is deterministic. Replicas in `exclude` (they lost a device) get nothing.
 """
 
 from __future__ import annotations
 
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from planner import Plan, Replica, Workload
@@ -53,11 +54,12 @@ class ReplicaLoad:
         self.decoding.discard(rid)
 
 
-def choose_prefill(plan: Plan, loads: dict[int, ReplicaLoad], n_tokens: int) -> int | None:
+def choose_prefill(plan: Plan, loads: dict[int, ReplicaLoad], n_tokens: int,
+                   exclude: Collection[int] = ()) -> int | None:
     """The PREFILL (or mixed) replica with the least estimated wait and room in its pipe."""
     best: tuple[float, int] | None = None
     for r in plan.replicas:
-        if r.role not in ("prefill", "mixed"):
+        if r.role not in ("prefill", "mixed") or r.replica_id in exclude:
             continue
         load = loads[r.replica_id]
         if load.prefills >= load.depth:
@@ -70,7 +72,8 @@ def choose_prefill(plan: Plan, loads: dict[int, ReplicaLoad], n_tokens: int) -> 
     return None if best is None else best[1]
 
 
-def choose_decoder(plan: Plan, loads: dict[int, ReplicaLoad], prefill: int | None) -> int | None:
+def choose_decoder(plan: Plan, loads: dict[int, ReplicaLoad], prefill: int | None,
+                   exclude: Collection[int] = ()) -> int | None:
     """A DECODER replica with a free slot (a mixed replica decodes what it prefilled)."""
     if prefill is None:
         return None
@@ -78,7 +81,7 @@ def choose_decoder(plan: Plan, loads: dict[int, ReplicaLoad], prefill: int | Non
         return prefill
     best: tuple[float, int] | None = None
     for r in plan.replicas:
-        if r.role != "decoder":
+        if r.role != "decoder" or r.replica_id in exclude:
             continue
         load = loads[r.replica_id]
         if len(load.decoding) >= load.concurrency:
