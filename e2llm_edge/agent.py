@@ -286,6 +286,8 @@ class Agent:
             self.status = "loading"
             await self._publish_state()
             try:
+                # the orchestrator may have added range segments for this plan
+                self.manifest = Manifest.load(self.cfg.model_dir)
                 await asyncio.to_thread(self._load, place.stage, place.replica)
             except ExportError as exc:
                 self.status = "error"

@@ -158,6 +158,7 @@ def cmd_orchestrator(args: argparse.Namespace) -> int:
         inventory_path=Path(args.inventory) if args.inventory else None,
         expect_devices=args.expect_devices, method=args.method, seed=args.seed,
         fixed_plan=Path(args.plan) if args.plan else None,
+        export_ranges=not args.no_export_ranges,
         workload=Workload(args.mean_prompt, args.mean_output, args.rate),
         request_timeout=args.request_timeout)
     asyncio.run(Orchestrator(cfg).run())
@@ -248,6 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inventory", help="YAML naming expected devices (hardware, links)")
     p.add_argument("--expect-devices", type=int, help="devices to wait for before planning")
     p.add_argument("--plan", help="pin this plan (YAML) while all its devices are present")
+    p.add_argument("--no-export-ranges", action="store_true",
+                   help="do not write the plan's layer-range segments into the model directory")
     p.add_argument("--method", default="e2llm", choices=["e2llm", "splitwise", "pipeline",
                                                           "memprop"])
     p.add_argument("--seed", type=int, default=0)

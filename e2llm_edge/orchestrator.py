@@ -41,6 +41,8 @@ from e2llm_edge.errors import E2LLMError
 from e2llm_edge.router import ReplicaLoad, choose_decoder, choose_prefill
 from e2llm_edge.sampling import Sampling, SamplingError
 from e2llm_edge.textio import ChatTokenizer, StreamDecoder
+from onnx_export.errors import ExportError
+from onnx_export.export import export_model
 from onnx_export.manifest import Manifest
 from planner import Inventory, ModelSpec, Plan, PlanInfeasible, Workload, make_plan
 from planner.errors import PlannerError
@@ -60,6 +62,10 @@ class OrchestratorConfig:
     """Optional inventory naming expected devices and their hardware figures / links."""
     expect_devices: int | None = None
     """Devices to wait for before the first plan (default: the inventory's count, else 1)."""
+    export_ranges: bool = True
+    """Before publishing a plan, write the layer-range segments its stages need (the fog node
+    holds the source model) so every device runs its layers as one session. Skipped when
+    recovering from a lost device, to keep recovery fast."""
     fixed_plan: Path | None = None
     """A pinned plan (YAML, e.g. from `e2llm plan -o`) used instead of planning while all
     of its devices are available; planning takes over when one is lost."""
@@ -409,6 +415,8 @@ class Orchestrator:
             return
         finally:
             self.planning = False
+        if not self.dead and not self.lost:
+            await asyncio.to_thread(self._export_ranges, plan)
         self.ever_planned = True
         if any(s.device_id in self.lost for r in plan.replicas for s in r.stages):
             self.replan_at = time.monotonic()  # a device went away while we planned
@@ -435,6 +443,33 @@ class Orchestrator:
             return
         plan, self.pending = self.pending, None
         await self._install(plan)
+
+    def _export_ranges(self, plan: Plan) -> None:
+        """Add the plan's multi-layer ranges to the model directory, for every variant it
+        holds (an unchanged export is a no-op). Devices re-read the manifest per plan."""
+        if not self.cfg.export_ranges:
+            return
+        have = {(s.layer_start, s.layer_end, s.graph, s.precision)
+                for s in self.manifest.segments if s.kind == "layers"}
+        spans = sorted({(s.layer_start, s.layer_end) for r in plan.replicas for s in r.stages
+                        if s.layer_end - s.layer_start > 1})
+        src = Path(str(self.manifest.source.get("path", "")))
+        for graph, precision in self.manifest.variants():
+            missing = [f"{a}-{b}" for a, b in spans if (a, b, graph, precision) not in have]
+            if not missing:
+                continue
+            if not src.exists():
+                log.info("source model %s not here: devices run layer by layer", src)
+                return
+            try:
+                export_model(src, self.manifest.directory, ranges=",".join(missing),
+                             progress=False, graph_name=graph, precision=precision)
+                log.info("exported %s ranges %s for plan v%d", f"{graph}/{precision}",
+                         ",".join(missing), plan.version)
+            except (ExportError, OSError) as exc:
+                log.warning("could not export ranges for plan v%d: %s", plan.version, exc)
+                return
+        self.manifest = Manifest.load(self.manifest.directory)
 
     def _pinned_plan(self, avail: list[str], version: int) -> Plan | None:
         if self.cfg.fixed_plan is None:
