@@ -139,7 +139,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
     assert isinstance(bus, BusConfig)
     cfg = AgentConfig(device_id=args.device_id, bus=bus, model_dir=_model_dir(args),
                       memory_mb=args.memory_mb, threads=args.threads, link=_link(args),
-                      request_timeout=args.request_timeout, variant=_variant(args))
+                      request_timeout=args.request_timeout, variant=_variant(args),
+                      stage_timeout=args.stage_timeout)
     asyncio.run(Agent(cfg).run())
     return 0
 
@@ -160,7 +161,8 @@ def cmd_orchestrator(args: argparse.Namespace) -> int:
         fixed_plan=Path(args.plan) if args.plan else None,
         export_ranges=not args.no_export_ranges,
         workload=Workload(args.mean_prompt, args.mean_output, args.rate),
-        request_timeout=args.request_timeout)
+        request_timeout=args.request_timeout, heartbeat_timeout=args.heartbeat_timeout,
+        drain_timeout=args.drain_timeout, max_retries=args.max_retries)
     asyncio.run(Orchestrator(cfg).run())
     return 0
 
@@ -237,7 +239,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, help="onnxruntime threads (default: usable CPUs)")
     p.add_argument("--bandwidth-mbps", type=float, help="this device's link to the broker")
     p.add_argument("--latency-ms", type=float)
-    p.add_argument("--request-timeout", type=float, default=120.0)
+    p.add_argument("--request-timeout", type=float, default=120.0,
+                   help="seconds without progress before a request's KV cache is freed")
+    p.add_argument("--stage-timeout", type=float, default=30.0,
+                   help="seconds of queued work without progress before reporting error")
     p.add_argument("--graph", choices=["standard", "contrib"],
                    help="graph variant to run (default: the best this device supports)")
     p.add_argument("--precision", help="fp32 (standard); exact or int8 (contrib)")
@@ -257,7 +262,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--mean-prompt", type=float, default=256, help="workload: mean prompt tokens")
     p.add_argument("--mean-output", type=float, default=128, help="workload: mean new tokens")
     p.add_argument("--rate", type=float, default=0.5, help="workload: requests per second")
-    p.add_argument("--request-timeout", type=float, default=60.0)
+    p.add_argument("--request-timeout", type=float, default=60.0,
+                   help="seconds without progress before a request is restarted")
+    p.add_argument("--heartbeat-timeout", type=float, default=6.0,
+                   help="seconds of silence before a device of the plan counts as lost")
+    p.add_argument("--drain-timeout", type=float, default=10.0,
+                   help="how long requests in flight may finish before a plan switch")
+    p.add_argument("--max-retries", type=int, default=5,
+                   help="restarts after faults before a request fails")
     p.set_defaults(func=cmd_orchestrator)
 
     p = sub.add_parser("profile", help="measure this device's per-layer costs")
