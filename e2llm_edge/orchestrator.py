@@ -233,13 +233,13 @@ class Orchestrator:
                                       type(env.msg).__name__, env.topic_str,
                                       type(exc).__name__, exc)
 
-    def _on_bad(self, bad: BadMessage) -> None:
-        """A malformed message: answer the requester if the topic names one."""
+    async def _on_bad(self, bad: BadMessage) -> None:
+        """A malformed message: answer the requester if the topic names one (awaited by the
+        bus's own bad-message worker, so no task is left without an owner)."""
         if bad.topic is t.REQUEST and bad.ids and self.bus is not None:
             rid = getattr(bad.error, "request_id", None) or f"invalid-{uuid.uuid4().hex[:8]}"
-            client = bad.ids["client_id"]
-            asyncio.get_running_loop().create_task(self._reply_error_raw(
-                client, rid, "bad_request", f"malformed request: {bad.error}"))
+            await self._reply_error_raw(bad.ids["client_id"], rid, "bad_request",
+                                        f"malformed request: {bad.error}")
 
     async def _reply_error_raw(self, client: str, rid: str, code: str, text: str) -> None:
         assert self.bus is not None
