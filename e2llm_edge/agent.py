@@ -41,6 +41,7 @@ from e2llm_edge.fast_runner import (
 )
 from e2llm_edge.runner import Embedder, Head, Stage, StageCache
 from e2llm_edge.sampling import Sampling, SamplingError, sample
+from e2llm_edge.sysinfo import rss_bytes
 from onnx_export.errors import ExportError
 from onnx_export.manifest import Manifest
 from planner.plan import Plan, Replica
@@ -698,7 +699,7 @@ class Agent:
             role=p.replica.role if p else None, replica_id=p.replica.replica_id if p else None,
             layers=(p.stage.layer_start, p.stage.layer_end) if p else None,
             queue_depth=len(self.work), in_flight=len(self.requests),
-            tokens_per_s=self._rate(), mem_bytes=_rss_bytes(), last_error=self.last_error,
+            tokens_per_s=self._rate(), mem_bytes=rss_bytes(), last_error=self.last_error,
             ts=time.time())
 
     def _rate(self) -> float:
@@ -748,12 +749,3 @@ class Agent:
 def _position(msg: m.DecodeStep | m.Activation) -> int:
     return msg.position if isinstance(msg, m.DecodeStep) else msg.position_start
 
-
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            import os
-
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0

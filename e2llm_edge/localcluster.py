@@ -28,6 +28,7 @@ from e2llm_edge import topics as t
 from e2llm_edge.broker import Credentials, MosquittoConfig
 from e2llm_edge.bus import Bus, BusConfig
 from e2llm_edge.errors import E2LLMError
+from e2llm_edge.sysinfo import rss_bytes
 
 
 @dataclass
@@ -56,13 +57,7 @@ class Proc:
     def rss_bytes(self) -> int:
         """Resident memory of the process now (0 if it is not running)."""
         pid = self.pid
-        if pid is None:
-            return 0
-        try:
-            with open(f"/proc/{pid}/statm") as f:
-                return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-        except OSError:
-            return 0
+        return 0 if pid is None else rss_bytes(pid)
 
     def kill(self) -> None:
         """SIGKILL: the process gets no chance to say goodbye (its last-will fires)."""

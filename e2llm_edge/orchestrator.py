@@ -23,7 +23,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 import uuid
 from collections import OrderedDict, deque
@@ -40,6 +39,7 @@ from e2llm_edge.bus import BadMessage, Bus, BusConfig, Envelope, RateLimitedLog,
 from e2llm_edge.errors import E2LLMError
 from e2llm_edge.router import ReplicaLoad, choose_decoder, choose_prefill
 from e2llm_edge.sampling import Sampling, SamplingError
+from e2llm_edge.sysinfo import rss_bytes
 from e2llm_edge.textio import ChatTokenizer, StreamDecoder
 from onnx_export.errors import ExportError
 from onnx_export.export import export_model
@@ -868,7 +868,7 @@ class Orchestrator:
             "dead_replicas": sorted(self.dead), "draining": self.pending is not None,
             "restarted": self.restarted,
             "last_recovery_s": round(self.recoveries[-1], 3) if self.recoveries else None,
-            "rss_bytes": _rss_bytes(),
+            "rss_bytes": rss_bytes(),
             "mean_wait_s": round(sum(self.waits) / len(self.waits), 4) if self.waits else None,
             "mean_ttft_s": round(sum(self.ttfts) / len(self.ttfts), 4) if self.ttfts else None,
             "tokens_out": self.tokens_out, "uptime_s": round(up, 1),
@@ -889,13 +889,6 @@ def _same_layout(a: Plan, b: Plan) -> bool:
                       for r in p.replicas)
     return key(a) == key(b)
 
-
-def _rss_bytes() -> int:
-    try:
-        with open("/proc/self/statm") as f:
-            return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-    except OSError:
-        return 0
 
 
 def describe_plan(plan: Plan) -> str:
