@@ -45,7 +45,7 @@ from onnx_export.errors import ExportError
 from onnx_export.export import export_model
 from onnx_export.manifest import Manifest
 from planner import Inventory, ModelSpec, Plan, PlanInfeasible, Workload, make_plan
-from planner.errors import PlannerError
+from planner.errors import InventoryError, PlannerError
 
 log = logging.getLogger(__name__)
 
@@ -377,9 +377,20 @@ class Orchestrator:
             if prof.link:
                 entry["link"] = prof.link
             devices.append(entry)
-        doc = {"link_defaults": self.inventory_file.get(
-            "link_defaults", {"bandwidth_mbps": 1000.0, "latency_ms": 0.5}), "devices": devices}
-        return Inventory.from_dict(doc, source="live registry")
+        defaults = self.inventory_file.get("link_defaults",
+                                           {"bandwidth_mbps": 1000.0, "latency_ms": 0.5})
+        usable = []
+        for entry in devices:
+            # one device announcing a bad profile must not stop planning for the others
+            try:
+                Inventory.from_dict({"link_defaults": defaults, "devices": [entry]},
+                                    source="live registry")
+                usable.append(entry)
+            except InventoryError as exc:
+                self._ratelog.warning(f"profile:{entry['id']}", "left out of the plan: %s",
+                                      exc)
+        return Inventory.from_dict({"link_defaults": defaults, "devices": usable},
+                                   source="live registry")
 
     async def _maybe_plan(self) -> None:
         if self.pending is not None:
