@@ -185,8 +185,23 @@ async def chaos_task(c: LocalCluster, watch: PlanWatch, res: ChaosResult, stop: 
                      rng: random.Random, *, kills: int, every_s: float, down_s: float,
                      broker_after_kill: int, recovery_timeout: float = 60.0) -> None:
     """Kill a random plan device, wait for the new plan, restart it, wait for it to be
-    folded in; the broker restarts once after `broker_after_kill` kills."""
+    folded in; the broker restarts once after `broker_after_kill` kills (0: before the
+    first kill, so that a short stream of requests surely sees it)."""
+
+    async def restart_broker() -> None:
+        if c.broker is None or await _sleep_or_stop(stop, every_s / 2):
+            return
+        tb = time.monotonic()
+        watch.serving = False  # only a summary sent after the restart counts
+        await asyncio.to_thread(c.broker.restart, down_for=1.0)
+        back = await watch.until(lambda: watch.serving, recovery_timeout)
+        res.broker_restarts.append({"at_s": round(tb - res.wall_s, 1),
+                                    "serving_again_s": None if back is None
+                                    else round(time.monotonic() - tb, 2)})
+
     await watch.until(lambda: watch.serving and bool(watch.plan), 60)
+    if broker_after_kill == 0:
+        await restart_broker()
     for k in range(kills):
         if await _sleep_or_stop(stop, every_s):
             return
@@ -207,16 +222,8 @@ async def chaos_task(c: LocalCluster, watch: PlanWatch, res: ChaosResult, stop: 
         v1 = watch.version
         c.restart_agent(victim)
         entry["return_s"] = await watch.new_plan(v1, victim, True, recovery_timeout)
-        if k + 1 == broker_after_kill and c.broker is not None:
-            if await _sleep_or_stop(stop, every_s / 2):
-                return
-            tb = time.monotonic()
-            watch.serving = False  # only a summary sent after the restart counts
-            await asyncio.to_thread(c.broker.restart, down_for=1.0)
-            back = await watch.until(lambda: watch.serving, recovery_timeout)
-            res.broker_restarts.append({"at_s": round(tb - res.wall_s, 1),
-                                        "serving_again_s": None if back is None
-                                        else round(time.monotonic() - tb, 2)})
+        if k + 1 == broker_after_kill:
+            await restart_broker()
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
