@@ -415,6 +415,13 @@ class Orchestrator:
                     seed=self.cfg.seed, version=version,
                     min_tokens_per_s=self.cfg.min_tokens_per_s)
         except PlanInfeasible as exc:
+            grace_end = self.confirm_after + self.cfg.heartbeat_timeout
+            if self.confirm_after > 0 and time.monotonic() < grace_end:
+                # just back on the broker: devices not heard again yet (or stale retained
+                # "offline" states) are not proof the model cannot be held; look again later
+                log.info("no plan with %s right after a reconnect; retrying", avail)
+                self.replan_at = grace_end
+                return
             self.plan_error = f"no plan can hold the model with devices {avail}: {exc}"
             log.warning("%s", self.plan_error)
             await self._retire_plan()
