@@ -193,6 +193,15 @@ def cmd_demo(args: argparse.Namespace) -> int:
     return run_demo(args, _model_dir(args))
 
 
+def add_run_args(p: argparse.ArgumentParser) -> None:
+    """What runs the model here: which model directory, threads and graph variant."""
+    p.add_argument("--model", help="model directory or source (default: SmolLM2-135M)")
+    p.add_argument("--threads", type=int, help="onnxruntime threads (default: usable CPUs)")
+    p.add_argument("--graph", choices=["standard", "contrib"],
+                   help="graph variant to run (default: the best this machine supports)")
+    p.add_argument("--precision", help="fp32 (standard); exact or int8 (contrib)")
+
+
 def add_broker_args(p: argparse.ArgumentParser, required: bool = True) -> None:
     p.add_argument("--broker", required=required, help="mqtt://host:port (mqtts:// for TLS)")
     p.add_argument("--cluster", default="default", help="topics live under e2llm/<cluster>/")
@@ -218,11 +227,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("generate", help="generate locally, or on a cluster with --broker")
     add_generate_args(p)
-    p.add_argument("--model", help="model directory or source (default: SmolLM2-135M)")
-    p.add_argument("--threads", type=int, help="onnxruntime threads (default: usable CPUs)")
-    p.add_argument("--graph", choices=["standard", "contrib"],
-                   help="graph variant to run locally (default: the best the model has)")
-    p.add_argument("--precision", help="fp32 (standard); exact or int8 (contrib)")
+    add_run_args(p)
     p.add_argument("--broker", help="mqtt://[user:pass@]host:port of a running cluster")
     p.add_argument("--cluster", default="default")
     p.add_argument("--username", help="broker user (with --broker; also the client id)")
@@ -235,17 +240,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-id", required=True)
     p.add_argument("--memory-mb", type=float, required=True,
                    help="memory budget for weights + KV cache announced to the planner")
-    p.add_argument("--model", help="model directory (default: the exported default model)")
-    p.add_argument("--threads", type=int, help="onnxruntime threads (default: usable CPUs)")
+    add_run_args(p)
     p.add_argument("--bandwidth-mbps", type=float, help="this device's link to the broker")
     p.add_argument("--latency-ms", type=float)
     p.add_argument("--request-timeout", type=float, default=120.0,
                    help="seconds without progress before a request's KV cache is freed")
     p.add_argument("--stage-timeout", type=float, default=30.0,
                    help="seconds of queued work without progress before reporting error")
-    p.add_argument("--graph", choices=["standard", "contrib"],
-                   help="graph variant to run (default: the best this device supports)")
-    p.add_argument("--precision", help="fp32 (standard); exact or int8 (contrib)")
     p.set_defaults(func=cmd_agent)
 
     p = sub.add_parser("orchestrator", help="run the fog orchestrator")
