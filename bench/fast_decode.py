@@ -149,8 +149,9 @@ def main() -> int:
         export_model(gguf, fast_dir, ranges=f"0-{n_layers}", progress=False,
                      graph_name="contrib", precision=precision)
 
-    print(f"CPU: {cpu_model()}; threads: {args.threads} (onnxruntime global pool, "
-          f"llama.cpp n_threads); rounds: {args.rounds}, {args.steps} decode steps each")
+    print(f"CPU: {cpu_model()}; threads: {args.threads} (onnxruntime per-session pools that "
+          f"sleep between runs, llama.cpp n_threads); rounds: {args.rounds}, "
+          f"{args.steps} decode steps each")
     skip = set(filter(None, args.skip.split(",")))
     engines: dict[str, tuple[Prefill, Decode]] = {}
     if "standard" not in skip:

@@ -1,7 +1,11 @@
 """Run model segments with onnxruntime: the one execution engine of the local path and agents.
 
-All sessions of a process share ONE global thread pool: with default per-session pools, 30+
-sessions on 2 cores oversubscribe and decode collapses (~2 tokens/s measured here).
+Threading: each session has its own intra-op pool whose threads spin only inside a run
+(``session.force_spinning_stop``). Spinning between runs is what hurt before: with 30+
+sessions, or several agent processes on one small machine, idle pools spinning stole the
+cores from the session actually running (measured here: a 2-process pipeline at 46 ms/step
+with spinning pools vs 18 ms with none; 30 spinning per-session pools at ~2 tokens/s).
+A global pool cannot stop spinning from Python, so none is used.
 """
 
 from __future__ import annotations
@@ -20,8 +24,8 @@ from onnx_export.manifest import Manifest, Segment
 
 log = logging.getLogger(__name__)
 
-_pool_lock = threading.Lock()
-_pool_threads: int | None = None
+_threads_lock = threading.Lock()
+_threads: int | None = None
 
 
 def default_threads() -> int:
@@ -36,40 +40,36 @@ def default_threads() -> int:
 
 
 def configure_threads(threads: int | None = None) -> int:
-    """Fix the process's onnxruntime threading once; return the thread count.
+    """Fix the process's onnxruntime thread count once (the first caller wins); return it.
 
-    More than one thread: one global pool shared by all sessions. One thread: no pool at
-    all, each run executes on the calling thread. Pool threads spin after each run; with
-    several agents emulated on one small machine that spinning steals the cores the next
-    stage needs (measured: a 2-process pipeline at 46 ms/step with 2 spinning threads
-    each vs 18 ms with 1 thread each), so emulated clusters run agents single-threaded.
+    One count per process keeps its profile (measured with that count) true for every
+    session it later opens.
     """
-    global _pool_threads
-    with _pool_lock:
-        if _pool_threads is None:
-            n = threads or default_threads()
-            if n > 1:
-                import onnxruntime.capi._pybind_state as C
-
-                C.set_global_thread_pool_sizes(n, 1)
-            _pool_threads = n
-        return _pool_threads
+    global _threads
+    with _threads_lock:
+        if _threads is None:
+            _threads = threads or default_threads()
+        return _threads
 
 
 def make_session(path: Path | bytes, threads: int | None = None) -> Any:
-    """An InferenceSession on the global pool (a file path or serialized model bytes).
+    """An InferenceSession with the process's thread settings (a file path or model bytes).
 
-    Every session of the process must come from here: once the global pool exists,
-    onnxruntime refuses sessions that ask for their own threads.
+    One thread: no pool, each run executes on the calling thread. More: a per-session pool
+    that spins during a run (between operators) and sleeps as soon as the run ends, so an
+    idle agent costs no CPU. Measured side by side (``bench/local_decode.py``): 2 threads
+    this way decode ~1.3-1.4x faster than 1 thread, while a spinning 2-thread global pool
+    was slower than 1 thread on this 2-vCPU machine.
     """
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    if configure_threads(threads) > 1:
-        so.use_per_session_threads = False
-    else:
-        so.intra_op_num_threads = 1
-        so.inter_op_num_threads = 1
+    n = configure_threads(threads)
+    so.intra_op_num_threads = n
+    so.inter_op_num_threads = 1
+    if n > 1:
+        so.add_session_config_entry("session.intra_op.allow_spinning", "1")
+        so.add_session_config_entry("session.force_spinning_stop", "1")
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
     try:
