@@ -343,6 +343,8 @@ def main() -> int:
     ap.add_argument("--interval", type=float, default=0.5, help="seconds between arrivals")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--deadline", type=float, default=900.0, help="hard bound on the run")
+    ap.add_argument("--logs", type=Path, default=None,
+                    help="keep every process's log in this directory (default: discarded)")
     args = ap.parse_args()
     from onnx_export.export import default_model_dir, export_model
 
@@ -354,7 +356,9 @@ def main() -> int:
           f"({args.concurrency} at a time, {args.max_new_tokens} new tokens), {args.kills} "
           f"kills every {args.every:.0f} s (down {args.down:.0f} s), one broker restart",
           flush=True)
-    with cluster(model_dir, args.agents, args.memory_mb) as c:
+    if args.logs is not None:
+        args.logs.mkdir(parents=True, exist_ok=True)
+    with cluster(model_dir, args.agents, args.memory_mb, workdir=args.logs) as c:
         c.wait_serving(timeout=180)
         res = asyncio.run(run_chaos(c, requests=args.requests, concurrency=args.concurrency,
                                     max_new_tokens=args.max_new_tokens, kills=args.kills,

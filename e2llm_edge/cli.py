@@ -162,7 +162,8 @@ def cmd_orchestrator(args: argparse.Namespace) -> int:
         export_ranges=not args.no_export_ranges,
         workload=Workload(args.mean_prompt, args.mean_output, args.rate),
         request_timeout=args.request_timeout, heartbeat_timeout=args.heartbeat_timeout,
-        drain_timeout=args.drain_timeout, max_retries=args.max_retries)
+        drain_timeout=args.drain_timeout, regroup_after=args.regroup_after,
+        max_retries=args.max_retries)
     asyncio.run(Orchestrator(cfg).run())
     return 0
 
@@ -269,6 +270,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="seconds of silence before a device of the plan counts as lost")
     p.add_argument("--drain-timeout", type=float, default=10.0,
                    help="how long requests in flight may finish before a plan switch")
+    p.add_argument("--regroup-after", type=float, default=30.0,
+                   help="after a device loss, seconds before devices left without a replica "
+                        "are regrouped by a new plan (the surviving replicas serve at once)")
     p.add_argument("--max-retries", type=int, default=5,
                    help="restarts after faults before a request fails")
     p.set_defaults(func=cmd_orchestrator)

@@ -94,6 +94,11 @@ class OrchestratorConfig:
     to finish; the rest restart (seamlessly) under the new plan."""
     loss_drain_timeout: float = 1.0
     """The same drain bound when the switch follows a lost device (capacity is short)."""
+    regroup_after: float = 30.0
+    """After a loss, the replicas that lost no device serve on as they are; devices left
+    without a replica wait this long (a device that only rebooted is back by then and
+    rejoins with the same switch) before the whole cluster is planned anew, because every
+    device a new plan moves must reload its segments."""
     replay_cache: int = 512
     """Finished requests remembered, to answer a client re-sending one after a reconnect."""
     orchestrator_id: str = "orchestrator"
@@ -329,6 +334,13 @@ class Orchestrator:
         return {s.device_id for r in self.plan.replicas if r.replica_id not in self.dead
                 for s in r.stages}
 
+    def _dead_devices(self) -> set[str]:
+        """Every device of the current plan's dead replicas (lost, or their partners)."""
+        if self.plan is None:
+            return set()
+        return {s.device_id for r in self.plan.replicas if r.replica_id in self.dead
+                for s in r.stages}
+
     def _watched_devices(self) -> set[str]:
         devs = self.plan_devices() if self.plan is not None else set()
         if self.pending is not None:
@@ -339,8 +351,7 @@ class Orchestrator:
         """The live replicas can still prefill and decode."""
         if self.plan is None:
             return False
-        roles = {r.role for r in self.plan.replicas if r.replica_id not in self.dead}
-        return "mixed" in roles or {"prefill", "decoder"} <= roles
+        return self.plan.without(self._dead_devices(), self.version) is not None
 
     def _all_ready(self) -> bool:
         assert self.plan is not None
@@ -405,9 +416,13 @@ class Orchestrator:
             return
         self.replan_at = None
         self.planning = True
+        survivors = False
         try:
             version = self.version + 1
             plan = self._pinned_plan(avail, version)
+            if plan is None and self.plan is not None and self.dead:
+                plan = self.plan.without(self._dead_devices(), version)
+                survivors = plan is not None
             if plan is None:
                 inv = self.build_inventory(avail)
                 plan = await asyncio.to_thread(
@@ -433,7 +448,11 @@ class Orchestrator:
             return
         finally:
             self.planning = False
-        if not self.dead and not self.lost:
+        if survivors:
+            log.info("plan v%d: the replicas that lost no device, as they are", version)
+            if set(avail) - {d.device_id for r in plan.replicas for d in r.stages}:
+                self.replan_at = time.monotonic() + self.cfg.regroup_after
+        elif not self.dead and not self.lost:
             await asyncio.to_thread(self._export_ranges, plan)
         self.ever_planned = True
         if any(s.device_id in self.lost for r in plan.replicas for s in r.stages):

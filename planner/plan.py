@@ -13,7 +13,7 @@ most one stage of the whole plan.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
@@ -99,6 +99,27 @@ class Plan:
     def by_role(self, role: Role) -> list[Replica]:
         """Replicas with this role."""
         return [r for r in self.replicas if r.role == role]
+
+    def can_serve(self) -> bool:
+        """Its replicas can both prefill and decode (a mixed one, or one of each role)."""
+        roles = {r.role for r in self.replicas}
+        return "mixed" in roles or {"prefill", "decoder"} <= roles
+
+    def without(self, devices: Iterable[str], version: int) -> Plan | None:
+        """This plan minus every replica holding one of `devices`, as plan `version`; None
+        if what is left cannot serve.
+
+        Recovery from a lost device: the surviving replicas keep their layout exactly, so
+        their devices load nothing and serve again as soon as the plan is published;
+        planning anew (GA + DP) would move most devices and make all of them reload.
+        """
+        gone = set(devices)
+        kept = [r for r in self.replicas if not gone & {s.device_id for s in r.stages}]
+        left = Plan(version, self.method, self.n_layers, kept,
+                    {"survivors_of": self.version,
+                     "dropped_replicas": [r.replica_id for r in self.replicas
+                                          if r not in kept]})
+        return left if kept and left.can_serve() else None
 
     def to_dict(self) -> dict[str, Any]:
         """Plain-data form (YAML/msgpack friendly)."""

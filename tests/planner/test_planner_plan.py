@@ -127,3 +127,34 @@ def test_embed_must_be_first_or_last_stage() -> None:
 def test_bad_yaml() -> None:
     with pytest.raises(PlanError, match="not valid YAML"):
         Plan.from_yaml("replicas: [")
+
+
+def _single(rid: int, role: str, devs: tuple[str, str]) -> Replica:
+    return Replica(rid, role, 1 if role == "prefill" else 4,  # type: ignore[arg-type]
+                   [Stage(devs[0], 0, 3, True, False, 0.1, 0.01),
+                    Stage(devs[1], 3, 6, False, True, 0.1, 0.01)])
+
+
+def test_without_keeps_surviving_replicas_exactly() -> None:
+    plan = Plan(4, "e2llm", 6, [_single(0, "prefill", ("a", "b")),
+                                _single(1, "decoder", ("c", "d")),
+                                _single(2, "decoder", ("e", "f"))], {"bottleneck_s": 0.5})
+    left = plan.without({"f", "zz"}, version=5)
+    assert left is not None
+    assert left.version == 5 and left.method == plan.method and left.n_layers == 6
+    assert left.replicas == plan.replicas[:2]  # untouched: their devices reload nothing
+    assert left.predicted == {"survivors_of": 4, "dropped_replicas": [2]}
+    assert Plan.from_dict(left.to_dict()).replicas == left.replicas
+    assert plan.without([], version=5) is not None
+
+
+def test_without_is_none_when_a_role_is_gone() -> None:
+    plan = Plan(1, "e2llm", 6, [_single(0, "prefill", ("a", "b")),
+                                _single(1, "decoder", ("c", "d"))])
+    assert plan.without({"c"}, version=2) is None  # nothing left decodes
+    assert plan.without({"a"}, version=2) is None  # nothing left prefills
+    mixed = Plan(1, "e2llm", 6, [_single(0, "mixed", ("a", "b")),
+                                 _single(1, "prefill", ("c", "d"))])
+    left = mixed.without({"c"}, version=2)
+    assert left is not None and [r.role for r in left.replicas] == ["mixed"]
+    assert mixed.without({"a", "c"}, version=2) is None

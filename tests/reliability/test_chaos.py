@@ -16,6 +16,7 @@ import pytest
 from e2llm_edge.client import Client, GenerationError, collect
 from e2llm_edge.local import LocalModel
 from e2llm_edge.localcluster import LocalCluster
+from planner import Plan
 
 pytestmark = [pytest.mark.model, pytest.mark.mosquitto, pytest.mark.slow]
 
@@ -47,6 +48,42 @@ def test_chaos_every_request_completes_identically(six: LocalCluster, chaos: Mod
     assert res.return_s() and res.return_s()[0] < 60, chaos.report(res)
     assert res.broker_restarts[0]["serving_again_s"] is not None, chaos.report(res)
     assert all(p.alive for p in six.agents.values()), six.logs()
+
+
+def _layout(plan: Plan) -> list[tuple[object, ...]]:
+    return sorted((r.role, r.concurrency, tuple((st.device_id, st.layer_start, st.layer_end,
+                                                 st.embed, st.head) for st in r.stages))
+                  for r in plan.replicas)
+
+
+async def test_a_loss_leaves_the_other_replicas_serving_as_they_are(
+        six: LocalCluster, default_model: Path) -> None:
+    """No GA/DP re-plan (which would move and reload most devices) when the replicas that
+    lost nothing can still serve: they are the next plan, unchanged, serving at once."""
+    p0 = Plan.from_dict(await six.await_serving(timeout=90))
+    victim = next((st.device_id for r in p0.replicas for st in r.stages
+                   if p0.without({st.device_id}, p0.version + 1) is not None), None)
+    assert victim is not None, f"no replica of {p0.to_dict()} can be lost and still serve"
+    expected = p0.without({victim}, p0.version + 1)
+    assert expected is not None
+    six.agents[victim].kill()
+    t0 = time.monotonic()
+    p1 = Plan.from_dict(await six.await_serving(timeout=60, min_version=p0.version + 1))
+    serving_after = time.monotonic() - t0
+    assert _layout(p1) == _layout(expected), (p0.to_dict(), p1.to_dict())
+    assert p1.predicted.get("survivors_of") == p0.version
+    assert serving_after < 10, serving_after  # drain <= 1 s, nothing reloads
+    async with Client(six.bus_config()) as client:
+        got = await collect(client, "Name a fruit.", max_new_tokens=8, timeout=60)
+    assert got["new_ids"] == list(LocalModel(default_model).generate(got["prompt_ids"], 8))
+    six.restart_agent(victim)  # back: folded in by a new plan
+    for _ in range(3):
+        p2 = Plan.from_dict(await six.await_serving(timeout=120, min_version=p1.version + 1))
+        if victim in {st.device_id for r in p2.replicas for st in r.stages}:
+            break
+        p1 = p2
+    else:
+        raise AssertionError(f"{victim} not back in a plan: {p2.to_dict()}")
 
 
 async def test_no_plan_fails_fast_then_serving_resumes(six: LocalCluster,
