@@ -6,6 +6,8 @@ Mosquitto because this module restarts it."""
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -78,6 +80,45 @@ async def test_a_loss_leaves_the_other_replicas_serving_as_they_are(
     assert got["new_ids"] == list(LocalModel(default_model).generate(got["prompt_ids"], 8))
     six.restart_agent(victim)  # back: folded in by a new plan
     for _ in range(3):
+        p2 = Plan.from_dict(await six.await_serving(timeout=120, min_version=p1.version + 1))
+        if victim in {st.device_id for r in p2.replicas for st in r.stages}:
+            break
+        p1 = p2
+    else:
+        raise AssertionError(f"{victim} not back in a plan: {p2.to_dict()}")
+
+
+async def test_a_stuck_device_is_treated_as_lost(six: LocalCluster,
+                                                 default_model: Path) -> None:
+    """SIGSTOP: the connection stays open but nothing answers, not even heartbeats. The
+    orchestrator must give up on it after its heartbeat timeout, and the requests in
+    flight finish on the other replicas, identical to the local path."""
+    p0 = Plan.from_dict(await six.await_serving(timeout=90))
+    victim = next((st.device_id for r in p0.replicas for st in r.stages
+                   if p0.without({st.device_id}, p0.version + 1) is not None), None)
+    assert victim is not None
+    pid = six.agents[victim].pid
+    assert pid is not None
+    prompts = [f"Count from {i} to {i + 5}." for i in range(3)]
+    async with Client(six.bus_config()) as client:
+        tasks = [asyncio.create_task(collect(client, p, max_new_tokens=NEW_TOKENS, timeout=90))
+                 for p in prompts]
+        await asyncio.sleep(0.5)
+        os.kill(pid, signal.SIGSTOP)
+        t0 = time.monotonic()
+        try:
+            p1 = Plan.from_dict(await six.await_serving(timeout=60,
+                                                        min_version=p0.version + 1))
+            lost_after = time.monotonic() - t0
+            results = await asyncio.gather(*tasks)
+        finally:
+            os.kill(pid, signal.SIGCONT)
+    assert victim not in {st.device_id for r in p1.replicas for st in r.stages}
+    assert lost_after < 6.0 + 10, lost_after  # heartbeat timeout (6 s) + slack
+    model = LocalModel(default_model)
+    for got in results:
+        assert got["new_ids"] == list(model.generate(got["prompt_ids"], NEW_TOKENS))
+    for _ in range(3):  # it answers again: folded back in
         p2 = Plan.from_dict(await six.await_serving(timeout=120, min_version=p1.version + 1))
         if victim in {st.device_id for r in p2.replicas for st in r.stages}:
             break
