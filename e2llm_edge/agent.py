@@ -50,7 +50,6 @@ from planner.plan import Stage as PlanStage
 log = logging.getLogger(__name__)
 
 
-
 @dataclass(frozen=True)
 class AgentConfig:
     """Settings of one device agent."""
