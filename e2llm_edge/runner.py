@@ -68,7 +68,6 @@ def make_session(path: Path | bytes, threads: int | None = None) -> Any:
     so.intra_op_num_threads = n
     so.inter_op_num_threads = 1
     if n > 1:
-        so.add_session_config_entry("session.intra_op.allow_spinning", "1")
         so.add_session_config_entry("session.force_spinning_stop", "1")
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3

@@ -52,6 +52,25 @@ def test_chaos_every_request_completes_identically(six: LocalCluster, chaos: Mod
     assert all(p.alive for p in six.agents.values()), six.logs()
 
 
+def _expendable(plan: Plan) -> str:
+    """A device whose loss leaves replicas that can still serve."""
+    victim = next((st.device_id for r in plan.replicas for st in r.stages
+                   if plan.without({st.device_id}, plan.version + 1) is not None), None)
+    assert victim is not None, f"no replica of {plan.to_dict()} can be lost and still serve"
+    return victim
+
+
+async def _until_back_in(six: LocalCluster, victim: str, after: Plan) -> None:
+    """Wait (a few plan versions at most) for a serving plan that holds `victim` again."""
+    for _ in range(3):
+        nxt = Plan.from_dict(await six.await_serving(timeout=120,
+                                                     min_version=after.version + 1))
+        if victim in {st.device_id for r in nxt.replicas for st in r.stages}:
+            return
+        after = nxt
+    raise AssertionError(f"{victim} not back in a plan: {after.to_dict()}")
+
+
 def _layout(plan: Plan) -> list[tuple[object, ...]]:
     return sorted((r.role, r.concurrency, tuple((st.device_id, st.layer_start, st.layer_end,
                                                  st.embed, st.head) for st in r.stages))
@@ -63,9 +82,7 @@ async def test_a_loss_leaves_the_other_replicas_serving_as_they_are(
     """No GA/DP re-plan (which would move and reload most devices) when the replicas that
     lost nothing can still serve: they are the next plan, unchanged, serving at once."""
     p0 = Plan.from_dict(await six.await_serving(timeout=90))
-    victim = next((st.device_id for r in p0.replicas for st in r.stages
-                   if p0.without({st.device_id}, p0.version + 1) is not None), None)
-    assert victim is not None, f"no replica of {p0.to_dict()} can be lost and still serve"
+    victim = _expendable(p0)
     expected = p0.without({victim}, p0.version + 1)
     assert expected is not None
     six.agents[victim].kill()
@@ -79,13 +96,7 @@ async def test_a_loss_leaves_the_other_replicas_serving_as_they_are(
         got = await collect(client, "Name a fruit.", max_new_tokens=8, timeout=60)
     assert got["new_ids"] == list(LocalModel(default_model).generate(got["prompt_ids"], 8))
     six.restart_agent(victim)  # back: folded in by a new plan
-    for _ in range(3):
-        p2 = Plan.from_dict(await six.await_serving(timeout=120, min_version=p1.version + 1))
-        if victim in {st.device_id for r in p2.replicas for st in r.stages}:
-            break
-        p1 = p2
-    else:
-        raise AssertionError(f"{victim} not back in a plan: {p2.to_dict()}")
+    await _until_back_in(six, victim, p1)
 
 
 async def test_a_stuck_device_is_treated_as_lost(six: LocalCluster,
@@ -94,9 +105,7 @@ async def test_a_stuck_device_is_treated_as_lost(six: LocalCluster,
     orchestrator must give up on it after its heartbeat timeout, and the requests in
     flight finish on the other replicas, identical to the local path."""
     p0 = Plan.from_dict(await six.await_serving(timeout=90))
-    victim = next((st.device_id for r in p0.replicas for st in r.stages
-                   if p0.without({st.device_id}, p0.version + 1) is not None), None)
-    assert victim is not None
+    victim = _expendable(p0)
     pid = six.agents[victim].pid
     assert pid is not None
     prompts = [f"Count from {i} to {i + 5}." for i in range(3)]
@@ -118,13 +127,7 @@ async def test_a_stuck_device_is_treated_as_lost(six: LocalCluster,
     model = LocalModel(default_model)
     for got in results:
         assert got["new_ids"] == list(model.generate(got["prompt_ids"], NEW_TOKENS))
-    for _ in range(3):  # it answers again: folded back in
-        p2 = Plan.from_dict(await six.await_serving(timeout=120, min_version=p1.version + 1))
-        if victim in {st.device_id for r in p2.replicas for st in r.stages}:
-            break
-        p1 = p2
-    else:
-        raise AssertionError(f"{victim} not back in a plan: {p2.to_dict()}")
+    await _until_back_in(six, victim, p1)  # it answers again: folded back in
 
 
 async def test_no_plan_fails_fast_then_serving_resumes(six: LocalCluster,
