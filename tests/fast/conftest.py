@@ -32,15 +32,16 @@ class FastModel:
     def logits(self, h: np.ndarray) -> np.ndarray:
         return self.head.run(h)
 
-    def greedy(self, ids: list[int], n: int) -> tuple[list[int], list[np.ndarray]]:
-        """n greedy tokens after `ids` on a fresh cache, with each step's logits."""
+    def greedy(self, ids: list[int], n: int) -> tuple[list[int], list[tuple[np.ndarray, float]]]:
+        """n greedy tokens after `ids` on a fresh cache, with each step's logits and bound
+        (logits within one bound of the top are exact, the others within the bound)."""
         cache = self.layers.new_cache(len(ids) + n)
         h = self.layers.run(self.embed.run(np.asarray([ids], np.int64)), 0, cache)
         out, logits = [], []
         for _ in range(n):
-            lg = self.head.run(h[:, -1:])[0, -1]
-            logits.append(lg)
-            out.append(int(lg.argmax()))
+            lg, bound = self.head.session.run(None, {"hidden": h[:, -1:]})
+            logits.append((lg[0, -1], float(bound[0, -1])))
+            out.append(int(lg[0, -1].argmax()))
             h = self.layers.run(self.embed.run(np.asarray([[out[-1]]], np.int64)),
                                 cache.length, cache)
         cache.release()

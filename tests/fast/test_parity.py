@@ -28,15 +28,26 @@ INT8_FLOOR = 0.95
 
 
 def test_exact_greedy_tokens_identical(exact: FastModel, reference: dict[str, Any]) -> None:
-    worst = 0.0
+    """Tokens identical; of the reference's top-32 logits per step, those the screened head
+    rescored (within one bound of the top) equal the reference to fp32 rounding, the rest
+    lie within the bound it reports."""
+    worst = worst_screened = 0.0
+    rescored = total = 0
     for case in reference["cases"]:
         n = len(case["new_ids"])
         tokens, logits = exact.greedy(case["prompt_ids"], n)
         assert tokens == case["new_ids"], case["name"]
-        for lg, step in zip(logits, case["steps"], strict=True):
-            worst = max(worst, float(np.abs(lg[step["ids"]] - np.asarray(step["logits"])).max()))
-    print(f"\ncontrib exact: max |logit diff| on the reference top-32, all steps: {worst:.2e}")
+        for (lg, bound), step in zip(logits, case["steps"], strict=True):
+            ours, ref = lg[step["ids"]], np.asarray(step["logits"])
+            near = ours >= lg.max() - bound
+            worst = max(worst, float(np.abs(ours - ref)[near].max()))
+            worst_screened = max(worst_screened, float((np.abs(ours - ref) - bound).max()))
+            rescored, total = rescored + int(near.sum()), total + len(ours)
+    print(f"\ncontrib exact: max |logit diff| on rescored reference top-32 logits "
+          f"({rescored} of {total}): {worst:.2e}; none exceeds its bound by more than "
+          f"{worst_screened:.2e}")
     assert worst < 1e-2
+    assert worst_screened < 1e-2
 
 
 def teacher_forced(model: FastModel, case: dict[str, Any]) -> np.ndarray:

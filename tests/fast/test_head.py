@@ -1,0 +1,74 @@
+"""The screened Q8_0 head: int8 screening, exact rescoring near the top, certified argmax.
+
+Random int8 rows with near-twins give near-ties, the hard case for screening: the screen
+alone picks a wrong token in some rows, the rescored head never does.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+
+from e2llm_edge.fast_runner import contrib_supported
+from e2llm_edge.runner import make_session
+from onnx_export.fast_graph import MS, _finish, _screened_head
+from onnx_export.graph import GraphBuilder
+from onnx_export.source import RawTensor
+
+V, K, M = 4096, 128, 48
+
+pytestmark = pytest.mark.skipif(not contrib_supported(),
+                                reason="this onnxruntime lacks the com.microsoft contrib operators")
+
+
+def q8_head(rng: np.random.Generator) -> tuple[RawTensor, np.ndarray]:
+    """Random Q8_0 rows (V, K) and their exact float64 values."""
+    nb = K // 32
+    d = rng.uniform(1e-3, 2e-2, (V, nb)).astype(np.float16)
+    q = rng.integers(-120, 121, (V, nb, 32)).astype(np.int8)
+    # The second half: twins of the first, a few quants off by one, logits a hair apart.
+    twin = q[: V // 2].astype(np.int16) + rng.integers(-1, 2, (V // 2, nb, 32)) * \
+        (rng.random((V // 2, nb, 32)) < 0.05)
+    q[V // 2:], d[V // 2:] = twin.astype(np.int8), d[: V // 2]
+    blocks = np.concatenate([d[..., None].view(np.uint8), q.view(np.uint8)], axis=-1)
+    exact = (q.astype(np.float64) * d.astype(np.float64)[..., None]).reshape(V, K)
+    return RawTensor("Q8_0", np.ascontiguousarray(blocks.reshape(V, -1)), (V, K)), exact
+
+
+def session(tmp_path: Path, raw: RawTensor, screen_only: bool) -> object:
+    g = GraphBuilder("head_test")
+    h = g.add_input("h", onnx.TensorProto.FLOAT, ["rows", K])
+    logits, bound = _screened_head(g, h, raw)
+    if screen_only:  # the screen's own output, for contrast
+        logits = next(n.output[0] for n in g.nodes if n.op_type == "MatMulNBits")
+    g.add_output("logits", logits, onnx.TensorProto.FLOAT, ["rows", V])
+    g.add_output("bound", bound, onnx.TensorProto.FLOAT, ["rows"])
+    path = tmp_path / f"head_{screen_only}.onnx"
+    onnx.save(_finish(g), path)
+    assert any(n.domain == MS for n in onnx.load(path).graph.node)
+    return make_session(path, 1)
+
+
+def test_screened_head_argmax_is_the_exact_one(tmp_path: Path) -> None:
+    rng = np.random.default_rng(7)
+    raw, w = q8_head(rng)
+    x = rng.standard_normal((M, K)).astype(np.float32)
+    x[:, 5] *= 20  # an outlier channel, as RMSNorm gains make: coarse int8 blocks
+    exact = x.astype(np.float64) @ w.T
+    full = session(tmp_path, raw, screen_only=False)
+    logits, bound = full.run(None, {"h": x})  # type: ignore[attr-defined]
+    screened, _ = session(tmp_path, raw, screen_only=True).run(None, {"h": x})  # type: ignore[attr-defined]
+
+    best = exact.max(-1)
+    picked = exact[np.arange(M), logits.argmax(-1)]
+    assert np.all(picked >= best - 1e-4), "a rescored argmax is not the exact best token"
+    assert np.any(screened.argmax(-1) != exact.argmax(-1)), "the screen alone is never wrong"
+    # Every logit within the bound; those within one bound of the top rescored to exact.
+    err = np.abs(logits - exact)
+    assert np.all(err <= bound[:, None] + 1e-4)
+    near = logits >= logits.max(-1, keepdims=True) - bound[:, None]
+    assert np.all(err[near] < 1e-4)
+    assert np.all(np.abs(screened - exact).max(-1) <= bound), "bound does not hold for the screen"
