@@ -6,8 +6,9 @@ For each engine (standard fp32, contrib exact, contrib int8, llama.cpp when llam
 importable) and each context (~40 and ~1000 tokens): prefill the prompt, then decode
 greedily; the full local path is timed (embed, layers, head, argmax). Engines take turns
 within every round, so machine noise hits all of them alike; medians over rounds are
-printed with ratios to llama.cpp. Then batched decode throughput of the contrib graph at
-concurrency 1, 4 and 8 on one device (one `run_batch` per step for all requests).
+printed, with the median of each round's ratio to llama.cpp. Then batched decode
+throughput of the contrib graph at concurrency 1, 4 and 8 on one device (one `run_batch`
+per step for all requests), the concurrencies also taking turns.
 Models are exported on first use (standard into the cache, contrib into --fast-dir).
 """
 
@@ -100,8 +101,9 @@ def measure(engine: tuple[Prefill, Decode], ids: list[int], steps: int) -> tuple
 
 
 def batched(fast_dir: Path, precision: str, ids: list[int], steps: int, rounds: int,
-            conc: list[int]) -> dict[int, float]:
-    """Aggregate decode tokens/s with B requests advancing together (embed+layers+head)."""
+            conc: list[int]) -> dict[int, list[float]]:
+    """Aggregate decode tokens/s per round with B requests advancing together
+    (embed+layers+head)."""
     m = Manifest.load(fast_dir)
     v = ("contrib", precision)
     emb, head = VariantEmbedder(m, v, verify=False), VariantHead(m, v, verify=False)
@@ -125,7 +127,7 @@ def batched(fast_dir: Path, precision: str, ids: list[int], steps: int, rounds: 
                 nxt = head.run(h)[:, -1].argmax(-1)
                 toks[:b] = [int(n) for n in nxt]
             out[b].append(b * steps / (time.perf_counter() - t))
-    return {b: statistics.median(v) for b, v in out.items()}
+    return out
 
 
 def main() -> int:
@@ -178,22 +180,31 @@ def main() -> int:
                 res.setdefault((name, ctx), []).append(measure(eng, ids, args.steps))
 
     print(f"\n{'engine':16s} {'context':8s} {'prefill tok/s':>14s} {'decode tok/s':>13s} "
-          f"{'prefill x':>10s} {'decode x':>9s}")
+          f"{'prefill x':>10s} {'decode x':>9s}  decode x per round")
     for ctx, ids in ps.items():
-        med = {n: (statistics.median(r[0] for r in res[(n, ctx)]),
-                   statistics.median(r[1] for r in res[(n, ctx)])) for n in engines}
-        base = med.get("llama.cpp")
-        for n, (p, d) in med.items():
-            ratio = f"{p / base[0]:10.2f} {d / base[1]:9.2f}" if base else f"{'-':>10s} {'-':>9s}"
+        base = res.get(("llama.cpp", ctx))
+        for n in engines:
+            rows = res[(n, ctx)]
+            p, d = (statistics.median(r[i] for r in rows) for i in (0, 1))
+            if base:  # each round's ratio pairs runs minutes apart at most: less noise
+                px = [r[0] / b[0] for r, b in zip(rows, base, strict=True)]
+                dx = [r[1] / b[1] for r, b in zip(rows, base, strict=True)]
+                ratio = (f"{statistics.median(px):10.2f} {statistics.median(dx):9.2f}  "
+                         f"{[round(x, 2) for x in dx]}")
+            else:
+                ratio = f"{'-':>10s} {'-':>9s}"
             print(f"{n:16s} {len(ids):<8d} {p:14.1f} {d:13.1f} {ratio}")
-    print("(ratios: to llama.cpp, median of per-round figures)")
+    print("(ratios: to llama.cpp, median over rounds of each round's ratio)")
 
     conc = [1, 4, 8]
     for precision in ("exact", "int8"):
         if precision in skip:
             continue
         tput = batched(fast_dir, precision, ps["ctx40"], args.steps, args.rounds, conc)
-        line = ", ".join(f"B={b}: {t:.1f} tok/s ({t / tput[1]:.2f}x)" for b, t in tput.items())
+        line = ", ".join(
+            f"B={b}: {statistics.median(t):.1f} tok/s "
+            f"({statistics.median(x / y for x, y in zip(t, tput[1], strict=True)):.2f}x)"
+            for b, t in tput.items())
         print(f"batched decode, contrib {precision}, ~40-token contexts: {line}")
     return 0
 

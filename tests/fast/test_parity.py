@@ -3,8 +3,9 @@
 exact: greedy tokens identical for every case (32 tokens), logits within fp32 rounding.
 int8: teacher-forced top-1 agreement, printed beside llama.cpp's own on the same prompts
 and GGUF when llama-cpp-python is installed. Both quantize activations per 32-block to int8;
-the figures differ by a few of 192 tokens (measured: 0.958 vs 0.979), so the test holds a
-floor instead of the ordering.
+on these 192 tokens they differ by a token (measured: 0.974 vs 0.979), on the 1536 of
+`bench/agreement.py` int8 is ahead (0.9746 vs 0.9740), so the test holds a floor that the
+unscreened head (0.958 here) fails rather than the ordering.
 """
 
 from __future__ import annotations
@@ -24,7 +25,7 @@ from onnx_export.source import fetch_default_gguf
 from .conftest import FastModel
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
-INT8_FLOOR = 0.95
+INT8_FLOOR = 0.965
 
 
 def test_exact_greedy_tokens_identical(exact: FastModel, reference: dict[str, Any]) -> None:
