@@ -66,15 +66,20 @@ class LocalModel:
 
     def forward(self, ids: list[int], start: int, cache: StageCache) -> np.ndarray:
         """Logits (V,) of the last of `ids`, placed at positions start..; grows `cache`."""
+        return self._forward(ids, start, cache)[0]
+
+    def _forward(self, ids: list[int], start: int, cache: StageCache) -> tuple[np.ndarray, float]:
         x = self.embed.run(np.asarray([ids], np.int64))
         h = self.layers.run(x, start, cache)
-        return self.head.run(h[:, -1:, :])[0, -1]
+        logits, bound = self.head.run_with_bound(h[:, -1:, :])
+        return logits[0, -1], float(bound[0, -1])
 
     def generate(self, prompt_ids: list[int], max_new_tokens: int,
                  sampling: Sampling | None = None, stats: GenerationStats | None = None,
-                 stop_at_eos: bool = True, logits_out: list[np.ndarray] | None = None,
-                 ) -> Iterator[int]:
-        """Yield new token ids one by one (streaming)."""
+                 stop_at_eos: bool = True,
+                 logits_out: list[tuple[np.ndarray, float]] | None = None) -> Iterator[int]:
+        """Yield new token ids one by one (streaming). `logits_out` collects each step's
+        logits and bound (`Head.run_with_bound`: 0 when every logit is exact)."""
         sampling = sampling or Sampling()
         if not prompt_ids:
             raise ExportError("empty prompt: nothing to generate from")
@@ -85,19 +90,19 @@ class LocalModel:
         stats.prompt_tokens = len(prompt_ids)
         cache = self.layers.new_cache(len(prompt_ids) + max_new_tokens)
         t0 = time.perf_counter()
-        logits = self.forward(prompt_ids, 0, cache)
+        logits, bound = self._forward(prompt_ids, 0, cache)
         stats.prefill_s = time.perf_counter() - t0
         pos = len(prompt_ids)
         for step in range(max_new_tokens):
             if logits_out is not None:
-                logits_out.append(logits)
+                logits_out.append((logits, bound))
             tok = sample(logits, sampling, step)
             stats.new_tokens += 1
             yield tok
             if (stop_at_eos and tok == self.eos_token_id) or step == max_new_tokens - 1:
                 return
             t = time.perf_counter()
-            logits = self.forward([tok], pos, cache)
+            logits, bound = self._forward([tok], pos, cache)
             dt = time.perf_counter() - t
             stats.step_s.append(dt)
             stats.decode_s += dt

@@ -209,8 +209,15 @@ class Head:
 
     def run(self, hidden: np.ndarray) -> np.ndarray:
         """(B, T, H) -> (B, T, V) logits."""
-        out: np.ndarray = self.session.run(None, {"hidden": hidden})[0]
-        return out
+        return self.run_with_bound(hidden)[0]
+
+    def run_with_bound(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Logits (B, T, V) and their error bound (B, T): a screened head (contrib graph)
+        gives exact logits for every token within one bound of a row's top and the others
+        within the bound; the standard graph's are all exact (bound 0)."""
+        out = self.session.run(None, {"hidden": hidden})
+        bound = out[1] if len(out) > 1 else np.zeros(out[0].shape[:2], np.float32)
+        return out[0], bound
 
 
 def _only(manifest: Manifest, kind: str) -> Segment:

@@ -30,21 +30,31 @@ def test_tokenizer_matches_transformers(model: LocalModel, reference: dict[str, 
         assert ids == case["prompt_ids"] == case["hf_prompt_ids"], case["name"]
 
 
+@pytest.mark.parametrize("variant", [("standard", "fp32"), ("contrib", "exact")],
+                         ids=["standard", "contrib-exact"])
 @pytest.mark.parametrize("prefer_ranges", [True, False], ids=["range-segments", "per-layer"])
 def test_greedy_tokens_and_logits_match_transformers(
-        default_model: Path, reference: dict[str, Any], prefer_ranges: bool) -> None:
-    model = LocalModel(default_model, prefer_ranges=prefer_ranges)
+        default_model: Path, reference: dict[str, Any], prefer_ranges: bool,
+        variant: tuple[str, str]) -> None:
+    """Tokens identical; the reference's top-32 logits within 1e-3 where ours are exact
+    (all of the standard graph's; the screened head's within one bound of the top), the
+    rest within their bound."""
+    model = LocalModel(default_model, prefer_ranges=prefer_ranges, variant=variant)
     assert any(len(c["prompt_ids"]) > 500 for c in reference["cases"])
-    worst = 0.0
+    worst = worst_screened = 0.0
     for case in reference["cases"]:
-        logits: list[np.ndarray] = []
+        logits: list[tuple[np.ndarray, float]] = []
         got = list(model.generate(case["prompt_ids"], reference["max_new_tokens"],
                                   stop_at_eos=False, logits_out=logits))
         assert got == case["new_ids"], case["name"]
-        for row, step in zip(logits, case["steps"], strict=True):
-            worst = max(worst, float(np.max(np.abs(row[step["ids"]] - np.array(step["logits"])))))
-    print(f"max |logit difference| vs transformers: {worst:.2e}")
+        for (row, bound), step in zip(logits, case["steps"], strict=True):
+            ours, diff = row[step["ids"]], np.abs(row[step["ids"]] - np.array(step["logits"]))
+            exact = ours >= row.max() - bound
+            worst = max(worst, float(diff[exact].max()))
+            worst_screened = max(worst_screened, float((diff - bound).max()))
+    print(f"max |logit difference| vs transformers where exact: {worst:.2e}")
     assert worst < 1e-3
+    assert worst_screened < 1e-3
 
 
 def test_cli_json_output(default_model: Path, reference: dict[str, Any]) -> None:
