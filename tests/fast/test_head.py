@@ -14,7 +14,7 @@ import pytest
 
 from e2llm_edge.fast_runner import contrib_supported
 from e2llm_edge.runner import make_session
-from onnx_export.fast_graph import MS, _finish, _screened_head
+from onnx_export.fast_graph import MS, RESCORE_CAP, _finish, _screened_head
 from onnx_export.graph import GraphBuilder
 from onnx_export.source import RawTensor
 
@@ -72,3 +72,18 @@ def test_screened_head_argmax_is_the_exact_one(tmp_path: Path) -> None:
     near = logits >= logits.max(-1, keepdims=True) - bound[:, None]
     assert np.all(err[near] < 1e-4)
     assert np.all(np.abs(screened - exact).max(-1) <= bound), "bound does not hold for the screen"
+
+
+def test_a_flat_row_is_left_uncertified_and_the_others_are_not(tmp_path: Path) -> None:
+    """All-zero hidden states make every logit tie: the band would be the whole vocabulary.
+    That row keeps its screened logits with bound +inf; its neighbours are unaffected."""
+    rng = np.random.default_rng(3)
+    raw, w = q8_head(rng)
+    x = rng.standard_normal((4, K)).astype(np.float32)
+    x[1] = 0.0
+    logits, bound = session(tmp_path, raw, screen_only=False).run(None, {"h": x})  # type: ignore[attr-defined]
+    assert V > RESCORE_CAP
+    assert np.isinf(bound[1]) and np.isfinite(bound[[0, 2, 3]]).all()
+    exact = x.astype(np.float64) @ w.T
+    for r in (0, 2, 3):
+        assert exact[r, logits[r].argmax()] >= exact[r].max() - 1e-4
