@@ -23,8 +23,8 @@ from onnx_export.tokenizer import write_tokenizer
 log = logging.getLogger(__name__)
 
 # Part of every manifest fingerprint: bump when any builder writes a different graph, so model
-# directories exported by older code are rebuilt instead of reused (3: the screened head).
-EXPORTER_VERSION = "3"
+# directories exported by older code are rebuilt instead of reused (4: the screened head).
+EXPORTER_VERSION = "4"
 _ELEM: dict[int, str] = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64",
          onnx.TensorProto.INT32: "int32", onnx.TensorProto.FLOAT16: "float16"}
 
