@@ -62,10 +62,12 @@ def inventory(n: int, memory_mb: float) -> dict[str, Any]:
 
 def cluster(model_dir: Path, n_agents: int = 6, memory_mb: float = 420, *,
             stall_s: float = 10.0, agent_request_timeout: float = 30.0,
-            verbose: bool = True, **kw: Any) -> LocalCluster:
-    """A cluster with its own Mosquitto (the chaos restarts it)."""
+            verbose: bool = True, plan: Path | None = None, **kw: Any) -> LocalCluster:
+    """A cluster with its own Mosquitto (the chaos restarts it); `plan` pins the layout
+    used while all of its devices are up (`e2llm orchestrator --plan`)."""
+    pin = ["--plan", str(plan)] if plan is not None else []
     return LocalCluster(model_dir, inventory(n_agents, memory_mb), cluster="chaos",
-                        orchestrator_args=["--request-timeout", str(stall_s)],
+                        orchestrator_args=["--request-timeout", str(stall_s), *pin],
                         agent_args=["--request-timeout", str(agent_request_timeout)],
                         verbose=verbose, **kw)
 

@@ -14,6 +14,7 @@ from pathlib import Path
 from types import ModuleType
 
 import pytest
+import yaml
 
 from e2llm_edge.client import Client, GenerationError, collect
 from e2llm_edge.local import LocalModel
@@ -25,10 +26,28 @@ pytestmark = [pytest.mark.model, pytest.mark.mosquitto, pytest.mark.slow]
 NEW_TOKENS = 16
 
 
+def _stage(dev: str, start: int, end: int) -> dict[str, object]:
+    return {"device_id": dev, "layer_start": start, "layer_end": end, "embed": start == 0,
+            "head": end == 30, "predicted_prefill_s": 0.1, "predicted_decode_s": 0.01}
+
+
+# Pinned while all six are up, so every test starts from three replicas of two devices: a
+# decoder device is expendable (the other replicas still serve) and a prefill one is not
+# (a GA/DP re-plan). The GA's own choice follows measured, noisy device profiles (it has
+# also chosen two replicas of three, where no device is expendable).
+PLAN = {"version": 1, "method": "pinned", "n_layers": 30, "predicted": {}, "replicas": [
+    {"replica_id": i, "role": role, "concurrency": 1 if role == "prefill" else 4,
+     "stages": [_stage(f"c{2 * i}", 0, 15), _stage(f"c{2 * i + 1}", 15, 30)]}
+    for i, role in enumerate(("prefill", "decoder", "decoder"))]}
+
+
 @pytest.fixture(scope="module")
-def six(chaos: ModuleType, default_model: Path) -> Iterator[LocalCluster]:
+def six(chaos: ModuleType, default_model: Path,
+        tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
     """Six agents of 420 MB: every replica needs two devices; five still hold a plan."""
-    with chaos.cluster(default_model, 6, 420, stall_s=8.0) as c:
+    plan = tmp_path_factory.mktemp("chaos_plan") / "plan.yaml"
+    plan.write_text(yaml.safe_dump(PLAN))
+    with chaos.cluster(default_model, 6, 420, stall_s=8.0, plan=plan) as c:
         c.wait_serving(timeout=180)
         yield c
 
