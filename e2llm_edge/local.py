@@ -79,7 +79,7 @@ class LocalModel:
                  stop_at_eos: bool = True,
                  logits_out: list[tuple[np.ndarray, float]] | None = None) -> Iterator[int]:
         """Yield new token ids one by one (streaming). `logits_out` collects each step's
-        logits and bound (`Head.run_with_bound`: 0 when every logit is exact)."""
+        logits and bound (`Head.run_with_bound`)."""
         sampling = sampling or Sampling()
         if not prompt_ids:
             raise ExportError("empty prompt: nothing to generate from")

@@ -212,9 +212,11 @@ class Head:
         return self.run_with_bound(hidden)[0]
 
     def run_with_bound(self, hidden: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """Logits (B, T, V) and their error bound (B, T): a screened head (contrib graph)
-        gives exact logits for every token within one bound of a row's top and the others
-        within the bound; the standard graph's are all exact (bound 0)."""
+        """Logits (B, T, V) and their error bound (B, T). A finite bound (the screened
+        contrib head): logits within one bound of the row's top are exact, all within the
+        bound. +inf: the row was not certified (flat or non-finite; screened logits). 0: no
+        screening, logits as the precision computes them (exact for standard/fp32 and
+        contrib/exact)."""
         out = self.session.run(None, {"hidden": hidden})
         bound = out[1] if len(out) > 1 else np.zeros(out[0].shape[:2], np.float32)
         return out[0], bound

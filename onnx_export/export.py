@@ -23,8 +23,9 @@ from onnx_export.tokenizer import write_tokenizer
 log = logging.getLogger(__name__)
 
 # Part of every manifest fingerprint: bump when any builder writes a different graph, so model
-# directories exported by older code are rebuilt instead of reused (4: the screened head).
-EXPORTER_VERSION = "4"
+# directories exported by older code are rebuilt instead of reused (5: the screened head and
+# its unscreened alternative).
+EXPORTER_VERSION = "5"
 _ELEM: dict[int, str] = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64",
          onnx.TensorProto.INT32: "int32", onnx.TensorProto.FLOAT16: "float16"}
 
@@ -172,6 +173,9 @@ def export_model(source: str | Path | None, out_dir: str | Path | None = None,
         jobs.append((name, "layers", a, b,
                      lambda a=a, b=b: builders.layers_model(cfg, a, b, w, precision)))  # type: ignore[misc]
     jobs.append((pre + "head", "head", None, None, lambda: builders.head_model(cfg, w, precision)))
+    alternatives = getattr(builders, "alternative_heads", None)  # same kind; runtime picks
+    for suffix, build in (alternatives(cfg, w, precision) if alternatives else {}).items():
+        jobs.append((pre + suffix, "head", None, None, build))
     # Keep range segments from earlier runs with other --ranges: adding is cheap, losing is not.
     kept = [s for n, s in existing.items() if n not in {j[0] for j in jobs}]
 

@@ -6,8 +6,8 @@ present share it), MatMulNBits projections and QuickGelu(alpha=1) as SiLU. Preci
 `exact` keeps fp32 activations (`accuracy_level=0`): the weights are exactly the GGUF's, so
 greedy tokens match transformers on the dequantized GGUF. `int8` quantizes activations
 (`accuracy_level=4`). The Q8_0 head is screened in both precisions (`_screened_head`): int8
-screening, exact rescoring of the tokens near the top, so greedy tokens are exact at about
-half the exact head's cost. Shapes: B batch, T new tokens, C cache capacity, H hidden.
+screening, exact rescoring of the tokens near the top, so greedy tokens are exact in
+0.6-0.7x the exact head's time. Shapes: B batch, T new tokens, C cache capacity, H hidden.
 """
 
 from __future__ import annotations
@@ -348,12 +348,14 @@ def embed_model(cfg: ModelConfig, w: ModelWeights, precision: str = "exact") -> 
     return _finish(g)
 
 
-def head_model(cfg: ModelConfig, w: ModelWeights, precision: str = "exact") -> onnx.ModelProto:
+def head_model(cfg: ModelConfig, w: ModelWeights, precision: str = "exact", *,
+               screened: bool = True) -> onnx.ModelProto:
     """hidden (B,T,H) -> logits (B,T,V), logit_bound (B,T): final RMSNorm and the lm_head.
 
     A Q8_0 head (the tied embedding) is screened (`_screened_head`): greedy tokens are those
-    of the exact fp32 product in both precisions, for half the exact head's time. Other
-    heads are one `Linear`; their bound output is 0 (every logit as exact as the precision).
+    of the exact fp32 product in both precisions, in 0.6-0.7x the exact head's time. Other
+    heads, or `screened=False` (`alternative_heads`), are one `Linear`, their bound 0: not
+    screened, logits as the precision computes them.
     """
     _check(precision)
     g = GraphBuilder(f"contrib_{precision}_head")
@@ -362,7 +364,8 @@ def head_model(cfg: ModelConfig, w: ModelWeights, precision: str = "exact") -> o
     h = _norm(g, x, g.init("model.norm.weight", w.get("model.norm.weight")), cfg.rms_norm_eps)
     name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
     raw = stored(w, name)
-    if raw is not None and raw.qtype == "Q8_0":
+    if screened and _screenable(raw):
+        assert raw is not None
         logits, bound = _screened_head(g, h, raw)
     else:
         logits = Linear(g, precision)(h, [raw], "lm_head", _dense(w, [name]))
@@ -374,6 +377,25 @@ def head_model(cfg: ModelConfig, w: ModelWeights, precision: str = "exact") -> o
                  ["batch", "tokens", cfg.vocab_size])
     g.add_output("logit_bound", g.op("Reshape", [bound, bt]), F32, ["batch", "tokens"])
     return _finish(g)
+
+
+def _screenable(raw: RawTensor | None) -> bool:
+    return raw is not None and raw.qtype == "Q8_0"
+
+
+def alternative_heads(cfg: ModelConfig, w: ModelWeights,
+                      precision: str) -> dict[str, Callable[[], onnx.ModelProto]]:
+    """Extra head segments, by name suffix: the unscreened head beside a screened one.
+
+    The screen needs onnxruntime's 8-bit int8 kernel (x86 AVX2/AVX512, ARM with dotprod);
+    without it (a Raspberry Pi 4's Cortex-A72) MatMulNBits falls back to a path measured
+    ~25x slower than the 4-bit pair, so `VariantHead` times both and keeps the unscreened
+    one where the screen is that slow.
+    """
+    name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+    if not _screenable(stored(w, name)):
+        return {}
+    return {"head_unscreened": lambda: head_model(cfg, w, precision, screened=False)}
 
 
 RESCORE_CAP = 1024
@@ -395,8 +417,14 @@ def _screened_head(g: GraphBuilder, h: str, raw: RawTensor) -> tuple[str, str]:
     Tokens outside the band keep screened logits (within eps); `logit_bound` reports eps,
     so callers and tests can tell which logits are exact. A row whose band holds more than
     `RESCORE_CAP` tokens (flat logits: the first positions of a prompt, garbage hidden
-    states) keeps its screened logits with bound +inf (nothing certified): the head's
-    memory stays bounded whatever arrives.
+    states), or whose hidden state is not finite, keeps its screened logits with bound +inf
+    (nothing certified): the head's memory stays bounded, at most `RESCORE_CAP` rescored
+    tokens per row.
+
+    "Certified" rests on how onnxruntime quantizes activations for this kernel: per block
+    of 32, scale amax/127, round to nearest (MLAS `QuantizeARow_CompInt8` on x86, the 8-bit
+    dotprod kernels on ARM), with x1.01 and +0.01 for fp32 sums. `tests/fast/test_head.py`
+    checks the bound against the exact product on this machine's kernels.
     """
     qz = quantize_raw(raw, bits8=True)
     assert qz is not None
@@ -418,7 +446,12 @@ def _screened_head(g: GraphBuilder, h: str, raw: RawTensor) -> tuple[str, str]:
     in_band = g.op("GreaterOrEqual", [screened, band])  # (M, V)
     size = g.op("ReduceSum", [g.op("Cast", [in_band], to=F32), g.const([-1])],
                 keepdims=1)  # (M, 1); counted in fp32 (exact to 2^24), 5x faster than int64
-    certified = g.op("LessOrEqual", [size, g.const(float(RESCORE_CAP), np.float32)])
+    finite = g.op("Not", [g.op("Or", [g.op("IsNaN", [g.op("ReduceSum", [h, g.const([-1])],
+                                                          keepdims=1)]),
+                                       g.op("IsInf", [g.op("ReduceSum", [h, g.const([-1])],
+                                                          keepdims=1)])])])  # (M, 1)
+    certified = g.op("And", [g.op("LessOrEqual", [size, g.const(float(RESCORE_CAP),
+                                                                np.float32)]), finite])
     idx = g.op("Transpose", [g.op("NonZero", [g.op("And", [in_band, certified])])],
                perm=[1, 0])  # (c, 2): (row, token) pairs to rescore
     rows = g.op("Squeeze", [g.op("Gather", [idx, g.const([0])], axis=1), g.const([1])])  # (c,)

@@ -4,8 +4,8 @@ exact: greedy tokens identical for every case (32 tokens), logits within fp32 ro
 int8: teacher-forced top-1 agreement, printed beside llama.cpp's own on the same prompts
 and GGUF when llama-cpp-python is installed. Both quantize activations per 32-block to int8;
 on these 192 tokens they differ by a token (measured: 0.974 vs 0.979), on the 1536 of
-`bench/agreement.py` int8 is ahead (0.9746 vs 0.9740), so the test holds a floor that the
-unscreened head (0.958 here) fails rather than the ordering.
+`bench/agreement.py` by one the other way (0.9746 vs 0.9740): a tie within noise. So the
+test holds a floor that the unscreened head (0.958 here) fails, not the ordering.
 """
 
 from __future__ import annotations
@@ -25,7 +25,7 @@ from onnx_export.source import fetch_default_gguf
 from .conftest import FastModel
 
 pytestmark = [pytest.mark.model, pytest.mark.slow]
-INT8_FLOOR = 0.965
+INT8_FLOOR = 0.96
 
 
 def test_exact_greedy_tokens_identical(exact: FastModel, reference: dict[str, Any]) -> None:
@@ -40,6 +40,7 @@ def test_exact_greedy_tokens_identical(exact: FastModel, reference: dict[str, An
         assert tokens == case["new_ids"], case["name"]
         for (lg, bound), step in zip(logits, case["steps"], strict=True):
             ours, ref = lg[step["ids"]], np.asarray(step["logits"])
+            assert np.isfinite(bound), f"{case['name']}: a model row left uncertified"
             near = ours >= lg.max() - bound
             worst = max(worst, float(np.abs(ours - ref)[near].max()))
             worst_screened = max(worst_screened, float((np.abs(ours - ref) - bound).max()))
