@@ -3,7 +3,12 @@
 A round trip is client A -> broker -> echo client B -> broker -> A (two broker hops),
 with the project's Bus on both ends. Optionally the same through amqtt (pure Python).
 
-    .venv/bin/python bench/mqtt_roundtrip.py [--n 200] [--amqtt]
+    .venv/bin/python bench/mqtt_roundtrip.py [--n 200] [--amqtt] [--pauses 0,5,20]
+
+`--pauses` adds the case a pipeline lives in: the echo client in another process, and a
+pause (ms) before each ping, as stages idle between their turns. Each hop is timed on its
+own (CLOCK_MONOTONIC is shared between processes): on a VM where idle processes wake
+slowly, both hops grow with the pause though the broker and the code are the same.
 """
 
 from __future__ import annotations
@@ -11,6 +16,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import statistics
 import subprocess
 import sys
@@ -91,11 +97,71 @@ def fmt(times: list[float]) -> str:
     return f"median {statistics.median(ms):7.2f} ms  p90 {ms[int(len(ms) * 0.9)]:7.2f} ms"
 
 
+def _us() -> int:
+    return int(time.monotonic() * 1e6)
+
+
+async def echo_process(port: int) -> None:
+    """The other process: answer every Activation at once, stamped with its arrival."""
+    async with Bus(BusConfig(port=port, cluster="bench", tcp_nodelay=True)) as b:
+        await b.subscribe(t.DEVICE_INBOX, device_id="b")
+        while True:
+            env = await b.recv(timeout=60)
+            got = _us()
+            assert isinstance(env.msg, m.Activation)
+            await b.publish(t.DEVICE_INBOX, dataclasses.replace(env.msg, step=got),
+                            device_id="a")
+
+
+async def paused_hops(port: int, pause_s: float, n: int) -> tuple[list[float], list[float]]:
+    """(there, back) hop times in s, ping -> broker -> echo process and back."""
+    there: list[float] = []
+    back: list[float] = []
+    async with Bus(BusConfig(port=port, cluster="bench", tcp_nodelay=True)) as a:
+        await a.subscribe(t.DEVICE_INBOX, device_id="a")
+        for i in range(n + 5):
+            await asyncio.sleep(pause_s)
+            t0 = _us()
+            await a.publish(t.DEVICE_INBOX, m.Activation(
+                request_id="r", phase="decode", hidden=np.ones((1, 1, 576), np.float32),
+                position_start=t0, step=0), device_id="b")
+            env = await a.recv(timeout=10)
+            t2 = _us()
+            assert isinstance(env.msg, m.Activation)
+            if i >= 5:  # warm-up
+                there.append((env.msg.step - t0) / 1e6)
+                back.append((t2 - env.msg.step) / 1e6)
+    return there, back
+
+
+async def pauses_case(pauses_ms: list[float], n: int) -> None:
+    async with mosquitto(True) as port:
+        proc = await asyncio.create_subprocess_exec(sys.executable, __file__, "--echo",
+                                                    str(port))
+        try:
+            await asyncio.sleep(1.5)  # the echo process connects and subscribes
+            for ms in pauses_ms:
+                there, back = await paused_hops(port, ms / 1e3, n)
+                print(f"two processes, {ms:4.0f} ms pause before each ping, 2 KB: hop there "
+                      f"{fmt(there)}; hop back {fmt(back)}", flush=True)
+        finally:
+            proc.kill()
+            await proc.wait()
+
+
 async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n", type=int, default=200, help="round trips per case")
     ap.add_argument("--amqtt", action="store_true", help="also measure amqtt")
+    ap.add_argument("--pauses", default="", help="comma list of pauses (ms) for the "
+                    "two-process case, e.g. 0,5,20")
+    ap.add_argument("--echo", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.echo is not None:
+        await echo_process(args.echo)
+        return
+    if args.pauses:
+        await pauses_case([float(x) for x in args.pauses.split(",")], min(args.n, 100))
     cases = [("mosquitto, TCP_NODELAY on both sides", mosquitto(True), True),
              ("mosquitto, Nagle (no TCP_NODELAY)", mosquitto(False), False)]
     if args.amqtt:
