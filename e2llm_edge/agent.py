@@ -211,7 +211,7 @@ class Agent:
         self.counters: dict[str, float] = {
             "prefills": 0, "decode_steps": 0, "decode_batches": 0, "kv_chunks_in": 0,
             "kv_chunks_out": 0, "kv_bytes_in": 0, "kv_bytes_out": 0, "last_kv_send_s": 0.0,
-            "last_kv_handoff_s": 0.0, "errors": 0}
+            "last_kv_handoff_s": 0.0, "last_kv_wait_s": 0.0, "errors": 0}
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -522,6 +522,10 @@ class Agent:
                     self.counters["last_kv_handoff_s"] = round(
                         time.time() - float(msg.context["kv_t0"]), 6)
                 waiting, st.waiting = st.waiting, []
+                # What the handoff cost the request: how long its first step waited for
+                # the KV here (0 when the KV was in before the step).
+                self.counters["last_kv_wait_s"] = round(
+                    time.monotonic() - min(t for _, t in waiting), 6) if waiting else 0.0
                 for w, _ in waiting:
                     self.work.appendleft(w)
                 if waiting:
