@@ -24,8 +24,8 @@ log = logging.getLogger(__name__)
 
 # Part of every manifest fingerprint: bump when any builder writes a different graph, so model
 # directories exported by older code are rebuilt instead of reused (5: the screened head and
-# its unscreened alternative).
-EXPORTER_VERSION = "5"
+# its unscreened alternative; 6: its finiteness check reads the row sum once).
+EXPORTER_VERSION = "6"
 _ELEM: dict[int, str] = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64",
          onnx.TensorProto.INT32: "int32", onnx.TensorProto.FLOAT16: "float16"}
 

@@ -446,10 +446,8 @@ def _screened_head(g: GraphBuilder, h: str, raw: RawTensor) -> tuple[str, str]:
     in_band = g.op("GreaterOrEqual", [screened, band])  # (M, V)
     size = g.op("ReduceSum", [g.op("Cast", [in_band], to=F32), g.const([-1])],
                 keepdims=1)  # (M, 1); counted in fp32 (exact to 2^24), 5x faster than int64
-    finite = g.op("Not", [g.op("Or", [g.op("IsNaN", [g.op("ReduceSum", [h, g.const([-1])],
-                                                          keepdims=1)]),
-                                       g.op("IsInf", [g.op("ReduceSum", [h, g.const([-1])],
-                                                          keepdims=1)])])])  # (M, 1)
+    total = g.op("ReduceSum", [h, g.const([-1])], keepdims=1)  # NaN or inf if any element is
+    finite = g.op("Not", [g.op("Or", [g.op("IsNaN", [total]), g.op("IsInf", [total])])])
     certified = g.op("And", [g.op("LessOrEqual", [size, g.const(float(RESCORE_CAP),
                                                                 np.float32)]), finite])
     idx = g.op("Transpose", [g.op("NonZero", [g.op("And", [in_band, certified])])],
