@@ -286,12 +286,16 @@ def _bind(fn: Any, name: str, arr: np.ndarray) -> None:
 
 
 
-def _segment(manifest: Manifest, kind: str, variant: tuple[str, str], verify: bool) -> Any:
+def _segments(manifest: Manifest, kind: str, variant: tuple[str, str]) -> list[Segment]:
     segs = manifest.by_kind(kind, *variant)
     if not segs:
         raise ExportError(f"{manifest.directory}: manifest has no {kind} segment for "
                           f"{variant[0]}/{variant[1]}")
-    return manifest.verify(segs[0]) if verify else manifest.path(segs[0])
+    return segs
+
+
+def _session(manifest: Manifest, seg: Segment, verify: bool, threads: int | None) -> Any:
+    return make_session(manifest.verify(seg) if verify else manifest.path(seg), threads)
 
 
 class VariantEmbedder(Embedder):
@@ -299,7 +303,8 @@ class VariantEmbedder(Embedder):
 
     def __init__(self, manifest: Manifest, variant: tuple[str, str], *, verify: bool = True,
                  threads: int | None = None) -> None:
-        self.session = make_session(_segment(manifest, "embed", variant, verify), threads)
+        self.session = _session(manifest, _segments(manifest, "embed", variant)[0], verify,
+                                threads)
 
 
 class VariantHead(Head):
@@ -316,20 +321,12 @@ class VariantHead(Head):
 
     def __init__(self, manifest: Manifest, variant: tuple[str, str], *, verify: bool = True,
                  threads: int | None = None) -> None:
-        segs = manifest.by_kind("head", *variant)
-        if not segs:
-            raise ExportError(f"{manifest.directory}: manifest has no head segment for "
-                              f"{variant[0]}/{variant[1]}")
-
-        def load(seg: Segment) -> Any:
-            return make_session(manifest.verify(seg) if verify else manifest.path(seg), threads)
-
-        self.session = load(segs[0])
-        self.segment = segs[0]
+        segs = _segments(manifest, "head", variant)
+        self.session, self.segment = _session(manifest, segs[0], verify, threads), segs[0]
         hidden = np.random.default_rng(0).normal(
             0, 1, (1, 1, int(manifest.config["hidden_size"]))).astype(np.float32)
         if len(segs) > 1 and (first := _best_of(self.session, hidden)) > self.FAST_ENOUGH_S:
-            other = load(segs[1])
+            other = _session(manifest, segs[1], verify, threads)
             second = _best_of(other, hidden)
             if first > self.SLOW_SCREEN * second:
                 log.warning("head %s takes %.1f ms, %s %.1f ms: using the latter (no fast "

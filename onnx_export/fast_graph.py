@@ -362,7 +362,7 @@ def head_model(cfg: ModelConfig, w: ModelWeights, precision: str = "exact", *,
     x_in = g.add_input("hidden", F32, ["batch", "tokens", cfg.hidden_size])
     x = g.op("Reshape", [x_in, g.const([-1, cfg.hidden_size])])  # (B T, H)
     h = _norm(g, x, g.init("model.norm.weight", w.get("model.norm.weight")), cfg.rms_norm_eps)
-    name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+    name = _head_name(cfg)
     raw = stored(w, name)
     if screened and _screenable(raw):
         assert raw is not None
@@ -379,6 +379,10 @@ def head_model(cfg: ModelConfig, w: ModelWeights, precision: str = "exact", *,
     return _finish(g)
 
 
+def _head_name(cfg: ModelConfig) -> str:
+    return "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
+
+
 def _screenable(raw: RawTensor | None) -> bool:
     return raw is not None and raw.qtype == "Q8_0"
 
@@ -392,8 +396,7 @@ def alternative_heads(cfg: ModelConfig, w: ModelWeights,
     ~25x slower than the 4-bit pair, so `VariantHead` times both and keeps the unscreened
     one where the screen is that slow.
     """
-    name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-    if not _screenable(stored(w, name)):
+    if not _screenable(stored(w, _head_name(cfg))):
         return {}
     return {"head_unscreened": lambda: head_model(cfg, w, precision, screened=False)}
 
@@ -405,10 +408,11 @@ RESCORE_CAP = 1024
 def _screened_head(g: GraphBuilder, h: str, raw: RawTensor) -> tuple[str, str]:
     """Logits of a Q8_0 head, (M, V), exact near the top, and their bound eps, (M,).
 
-    1. Screen: one 8-bit MatMulNBits with int8 activations (`accuracy_level=4`, about half
-       the time of the exact 4-bit pair). The weights are exact; the only error is the
-       activations' per-32-block int8 rounding, at most amax_b/254 per element, so every
-       logit is within eps = sum_b amax_b/254 * max_n |W[n, block b]|_1 (+ slack) of exact.
+    1. Screen: one 8-bit MatMulNBits with int8 activations (`accuracy_level=4`, about 0.5x
+       the exact 4-bit pair's time; 0.6-0.7x with the rescoring). The weights are exact;
+       the only error is the activations' per-32-block int8 rounding, at most amax_b/254
+       per element, so every logit is within
+       eps = sum_b amax_b/254 * max_n |W[n, block b]|_1 (+ slack) of exact.
     2. Rescore: the band, every token whose screened logit is within 2 eps of the row's
        best, gets its exact fp32 dot product (Gather of its int8 row; measured at decode:
        median 26 tokens of 49152, at most 927). Any token outside the band has an exact
