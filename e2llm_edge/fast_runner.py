@@ -172,11 +172,12 @@ class _Bound:
 
 
 class FastLayerStack:
-    """Layers [start, end) of a contrib variant: a `Stage` with IO-bound, in-place KV."""
+    """Layers [start, end) of a contrib variant: a `Stage` with IO-bound, in-place KV.
+    `profile`: a file prefix for onnxruntime's per-operator profiler (`bench/op_profile.py`)."""
 
     def __init__(self, manifest: Manifest, start: int, end: int, *, precision: str = "exact",
                  verify: bool = True, threads: int | None = None, max_batch: int = 8,
-                 context: int | None = None) -> None:
+                 context: int | None = None, profile: str | None = None) -> None:
         cfg = manifest.config
         self.start, self.end = start, end
         self.precision = precision
@@ -185,7 +186,7 @@ class FastLayerStack:
         self.context = min(int(context or cfg["max_position"]), int(cfg["max_position"]))
         self.segments = manifest.cover(start, end, "contrib", precision)
         self.bound = [_Bound(s, make_session(manifest.verify(s) if verify else manifest.path(s),
-                                             threads)) for s in self.segments]
+                                             threads, profile=profile)) for s in self.segments]
         self.max_batch = max_batch
         self._pool: KVPool | None = None
         self._seqlens = np.zeros(max(1, max_batch), np.int32)

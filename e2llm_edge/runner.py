@@ -52,8 +52,11 @@ def configure_threads(threads: int | None = None) -> int:
         return _threads
 
 
-def make_session(path: Path | bytes, threads: int | None = None) -> Any:
+def make_session(path: Path | bytes, threads: int | None = None, *,
+                 profile: str | None = None) -> Any:
     """An InferenceSession with the process's thread settings (a file path or model bytes).
+    `profile`: a file prefix; onnxruntime then records every operator's time
+    (`session.end_profiling()` writes the JSON, `bench/op_profile.py` reads it).
 
     One thread: no pool, each run executes on the calling thread. More: a per-session pool
     that spins during a run (between operators) and sleeps as soon as the run ends, so an
@@ -71,6 +74,9 @@ def make_session(path: Path | bytes, threads: int | None = None) -> Any:
         so.add_session_config_entry("session.force_spinning_stop", "1")
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
     so.log_severity_level = 3
+    if profile:
+        so.enable_profiling = True
+        so.profile_file_prefix = profile
     try:
         src = path if isinstance(path, bytes) else str(path)
         return ort.InferenceSession(src, sess_options=so, providers=["CPUExecutionProvider"])
