@@ -18,19 +18,12 @@ from typing import Any
 
 import numpy as np
 
-from e2llm_edge.runner import Embedder, Head, LayerStack, Stage, StageCache, make_session
+from e2llm_edge.runner import Embedder, Head, LayerStack, Stage, StageCache, in_chunks, make_session
 from onnx_export.errors import ExportError
 from onnx_export.manifest import Manifest, Segment
 
 log = logging.getLogger(__name__)
 _serials = itertools.count()
-
-# Prompts longer than this are prefilled in chunks of it, each attending to the cache so far
-# (bit-identical outputs). Scratch memory then grows with the chunk, not the prompt: beyond
-# its KV cache, a 2000-token prefill of all 30 layers peaked at 81 MB in one pass, 19 MB in
-# chunks of 256. And it is faster (GroupQueryAttention's scores fit the caches): 1000 tokens
-# took 795 vs 862 ms exact, 854 vs 919 ms int8 (onnxruntime 1.32, 2 threads; 192-384 alike).
-PREFILL_CHUNK = 256
 
 CONTRIB_OPS = ("GroupQueryAttention", "MatMulNBits", "SkipSimplifiedLayerNormalization",
                "QuickGelu")
@@ -231,9 +224,9 @@ class FastLayerStack:
         t = hidden.shape[1]
         if start_pos + t > cache.capacity:
             raise ValueError(f"{start_pos + t} tokens exceed the cache capacity {cache.capacity}")
-        if t > PREFILL_CHUNK:
-            return np.concatenate([self.run(hidden[:, s:s + PREFILL_CHUNK], start_pos + s, cache)
-                                   for s in range(0, t, PREFILL_CHUNK)], axis=1)
+        chunked = in_chunks(self.run, hidden, start_pos, cache)
+        if chunked is not None:
+            return chunked
         self._seqlens[0] = start_pos + t - 1
         self._total[...] = start_pos + t
         out = self._forward(hidden, cache.keys, cache.values, ("one", cache.serial, cache.slot),

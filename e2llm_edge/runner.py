@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
@@ -149,6 +150,26 @@ class KVCache:
         return sum(a.nbytes for d in (self.keys, self.values) for a in d.values())
 
 
+# Prompts longer than this are prefilled in chunks of it, each attending to the cache so far,
+# by both graphs (bit-identical outputs). Attention's scratch then grows with the chunk, not
+# the prompt, and it is faster (the scores fit the caches). Measured here for all 30 layers
+# (onnxruntime 1.32, 2 threads): peak memory beyond the KV cache for 2000 tokens, contrib
+# 81 -> 19 MB, standard (whose scores and mask are (heads, T, T)) 299 -> 107 MB in all; time
+# for 1000 tokens, contrib 862 -> 795 ms exact and 919 -> 854 ms int8, standard 1069 -> 846 ms.
+# 192-384 were alike.
+PREFILL_CHUNK = 256
+
+
+def in_chunks(run: Callable[[np.ndarray, int, StageCache], np.ndarray], hidden: np.ndarray,
+              start_pos: int, cache: StageCache) -> np.ndarray | None:
+    """`run` chunk by chunk when `hidden` (1, T, H) is longer than PREFILL_CHUNK, else None."""
+    t, n = hidden.shape[1], PREFILL_CHUNK
+    if t <= n:
+        return None
+    return np.concatenate([run(hidden[:, s:s + n], start_pos + s, cache) for s in range(0, t, n)],
+                          axis=1)
+
+
 class LayerStack:
     """Layers [start, end) of a model as few sessions as the manifest allows."""
 
@@ -171,6 +192,9 @@ class LayerStack:
 
     def run(self, hidden: np.ndarray, start_pos: int, cache: StageCache) -> np.ndarray:
         assert isinstance(cache, KVCache)
+        chunked = in_chunks(self.run, hidden, start_pos, cache)
+        if chunked is not None:
+            return chunked
         t = hidden.shape[1]
         pos = np.arange(start_pos, start_pos + t, dtype=np.int64)[None, :]
         return self.forward(hidden, pos, np.ones((1, start_pos + t), np.int64), cache)
