@@ -7,7 +7,8 @@ For each precision, all layers of the contrib graph in one session, as an agent 
 decode steps at each batch size after a 40-token prompt, then one prefill per prompt length.
 onnxruntime's per-node times are summed by operator type; the linear layers are told apart
 by their (K, N) shape (QKV, O, gate+up, down, and the Q4_1 block term of each). Printed per
-case: wall and kernel milliseconds per session run, and every row with its share.
+case: wall and kernel milliseconds per decode step or per prefill, and every row with its
+share.
 
 These are the figures behind issue 7's notes: which kernels a decode step waits on in exact
 and int8 mode, and what batching or a long prompt costs each of them. The profiler adds a
@@ -33,6 +34,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from machine import cpu_model  # noqa: E402
 
+from e2llm_edge import runner  # noqa: E402
 from e2llm_edge.fast_runner import FastLayerStack  # noqa: E402
 from e2llm_edge.runner import configure_threads  # noqa: E402
 from onnx_export.export import export_model  # noqa: E402
@@ -46,21 +48,23 @@ LINEARS = ("MatMulNBits", "MatMul", "Gemm")
 
 @dataclass
 class Profile:
-    """Per-row kernel microseconds summed over `runs` session runs."""
+    """Per-row kernel microseconds summed over `calls` timed calls (decode steps or whole
+    prefills; a long prefill is several session runs, one per chunk)."""
 
     case: str
-    runs: int
-    wall_ms: float  # per run, profiler on
+    calls: int
+    wall_ms: float  # per call, profiler on
     micros: dict[str, float] = field(default_factory=dict)
+    session_runs: int = 0
 
     @property
     def kernel_ms(self) -> float:
-        return sum(self.micros.values()) / self.runs / 1e3
+        return sum(self.micros.values()) / self.calls / 1e3
 
     def rows(self) -> list[tuple[str, float, float]]:
         """(row, ms per run, share) from the costliest."""
         total = sum(self.micros.values()) or 1.0
-        return [(k, v / self.runs / 1e3, v / total)
+        return [(k, v / self.calls / 1e3, v / total)
                 for k, v in sorted(self.micros.items(), key=lambda kv: -kv[1])]
 
 
@@ -115,7 +119,8 @@ def profile_stack(fast_dir: Path, precision: str, batches: list[int], prefills: 
                                   threads=threads, max_batch=max([*batches, 1]),
                                   context=context, profile=f"{tmp}/{case}")
 
-        def finish(st: FastLayerStack, case: str, skip: int, wall: float, n: int) -> None:
+        def finish(st: FastLayerStack, case: str, skip: int, wall: float, calls: int) -> None:
+            """Read each segment's profile, leaving out its first `skip` session runs."""
             files = [Path(bd.session.end_profiling()) for bd in st.bound]
             runs, micros = 0, collections.Counter[str]()
             for f in files:
@@ -123,8 +128,8 @@ def profile_stack(fast_dir: Path, precision: str, batches: list[int], prefills: 
                 r, mc = aggregate(_drop_runs(events, skip), names)
                 runs += r
                 micros.update(mc)
-            out.append(Profile(case, max(1, runs // max(1, len(files))), wall / n * 1e3,
-                               dict(micros)))
+            out.append(Profile(case, calls, wall / calls * 1e3, dict(micros),
+                               runs // max(1, len(files))))
 
         for b in batches:
             case = f"{precision} decode B={b}"
@@ -138,7 +143,8 @@ def profile_stack(fast_dir: Path, precision: str, batches: list[int], prefills: 
             t = time.perf_counter()
             for _ in range(steps):
                 st.run_batch(x, caches)
-            finish(st, case, b + WARM, time.perf_counter() - t, steps)  # b prompt runs
+            prompt_runs = b * -(-PROMPT // runner.PREFILL_CHUNK)
+            finish(st, case, prompt_runs + WARM, time.perf_counter() - t, steps)
         for n in prefills:
             case = f"{precision} prefill T={n}"
             st = stack(case.replace(" ", "_").replace("=", ""), n + 8)
@@ -146,13 +152,14 @@ def profile_stack(fast_dir: Path, precision: str, batches: list[int], prefills: 
             c = st.new_cache(n + 8)
             st.run(h, 0, c)  # warm-up: first runs pay allocation
             c.release()
+            chunks = -(-n // runner.PREFILL_CHUNK)  # session runs per prefill
             reps = max(1, min(steps, 4000 // n))
             t = time.perf_counter()
             for _ in range(reps):
                 c = st.new_cache(n + 8)
                 st.run(h, 0, c)
                 c.release()
-            finish(st, case, 1, time.perf_counter() - t, reps)
+            finish(st, case, chunks, time.perf_counter() - t, reps)
     return out
 
 
@@ -167,8 +174,9 @@ def _drop_runs(events: list[dict], n: int) -> list[dict]:
 
 
 def report(p: Profile, top: int | None = None) -> str:
-    lines = [f"{p.case}: {p.wall_ms:.2f} ms wall per run (profiler on), "
-             f"{p.kernel_ms:.2f} ms in kernels, {p.runs} runs"]
+    unit = "step" if "decode" in p.case else "prefill"
+    lines = [f"{p.case}: {p.wall_ms:.2f} ms wall per {unit} (profiler on), "
+             f"{p.kernel_ms:.2f} ms in kernels; {p.calls} {unit}s, {p.session_runs} session runs"]
     for row, ms, share in p.rows()[:top]:
         lines.append(f"  {row:34s} {ms:9.3f} ms  {100 * share:5.1f}%")
     return "\n".join(lines)
