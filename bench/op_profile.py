@@ -39,7 +39,7 @@ from e2llm_edge.fast_runner import FastLayerStack  # noqa: E402
 from e2llm_edge.runner import configure_threads  # noqa: E402
 from onnx_export.export import export_model  # noqa: E402
 from onnx_export.manifest import Manifest  # noqa: E402
-from onnx_export.source import fetch_default_gguf  # noqa: E402
+from onnx_export.source import fetch_default_gguf, open_model  # noqa: E402
 
 PROMPT = 40  # decode cases start after a prompt this long
 WARM = 2  # decode steps run before the profiled ones
@@ -198,9 +198,8 @@ def main() -> int:
     fast_dir = Path(args.fast_dir)
     precisions = [p for p in args.precision.split(",") if p]
     gguf = fetch_default_gguf()
+    n = open_model(gguf).config.n_layers
     for precision in precisions:  # all layers in one segment, as one device runs them
-        n = int(export_model(gguf, fast_dir, progress=False, graph_name="contrib",
-                             precision=precision).config["n_layers"])
         export_model(gguf, fast_dir, ranges=f"0-{n}", progress=False, graph_name="contrib",
                      precision=precision)
     print(f"CPU: {cpu_model()}; threads: {args.threads}; {args.steps} steps per case")
