@@ -24,9 +24,9 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from e2llm_edge.fast_runner import FastLayerStack, VariantEmbedder, VariantHead  # noqa: E402
-from e2llm_edge.runner import configure_threads  # noqa: E402
-from e2llm_edge.textio import ChatTokenizer  # noqa: E402
+from e2llm_edge.device.fast_runner import FastLayerStack, VariantEmbedder, VariantHead  # noqa: E402
+from e2llm_edge.device.runner import configure_threads  # noqa: E402
+from e2llm_edge.fog.textio import ChatTokenizer  # noqa: E402
 from onnx_export.export import export_model  # noqa: E402
 from onnx_export.manifest import Manifest  # noqa: E402
 from onnx_export.source import fetch_default_gguf  # noqa: E402

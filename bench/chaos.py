@@ -7,7 +7,7 @@ each replica needs two devices) serves `--requests` greedy requests, `--concurre
 time. Meanwhile a chaos task repeatedly kills a random device of the current plan (at most
 one down at a time, so a plan stays feasible), restarts it a few seconds later, and
 restarts the broker once half way. Printed: completed (identical to
-`e2llm_edge.local.LocalModel` greedy, ids compared), wrong, explicit errors by code,
+`e2llm_edge.device.local.LocalModel` greedy, ids compared), wrong, explicit errors by code,
 silent; the recovery time of each kill (device killed -> a new plan without it serving)
 and of each return (agent restarted -> a plan with it serving); and how long client
 streams stalled. Bounded: every request has a timeout and the whole run a deadline.
@@ -32,12 +32,12 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from e2llm_edge import messages as m  # noqa: E402
-from e2llm_edge import topics as t  # noqa: E402
-from e2llm_edge.bus import Bus  # noqa: E402
 from e2llm_edge.client import Client, GenerationError  # noqa: E402
 from e2llm_edge.errors import BusTimeout, E2LLMError  # noqa: E402
-from e2llm_edge.localcluster import LocalCluster  # noqa: E402
+from e2llm_edge.ops.localcluster import LocalCluster  # noqa: E402
+from e2llm_edge.wire import messages as m  # noqa: E402
+from e2llm_edge.wire import topics as t  # noqa: E402
+from e2llm_edge.wire.bus import Bus  # noqa: E402
 
 PROMPTS = [
     "Give me one fact about the number {n}.",
@@ -271,7 +271,7 @@ async def run_chaos(c: LocalCluster, *, requests: int, concurrency: int, max_new
 
 def check_against_local(res: ChaosResult, model_dir: Path, max_new_tokens: int) -> None:
     """Mark each completed request ok or wrong against the local path's greedy ids."""
-    from e2llm_edge.local import LocalModel
+    from e2llm_edge.device.local import LocalModel
 
     local = LocalModel(model_dir)
     cache: dict[tuple[int, ...], list[int]] = {}

@@ -28,9 +28,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 from machine import cpu_model  # noqa: E402
 
 from e2llm_edge.client import Client, collect  # noqa: E402
-from e2llm_edge.localcluster import LocalCluster  # noqa: E402
-from e2llm_edge.profile import load_or_measure_profile  # noqa: E402
-from e2llm_edge.textio import ChatTokenizer  # noqa: E402
+from e2llm_edge.device.profile import load_or_measure_profile  # noqa: E402
+from e2llm_edge.fog.textio import ChatTokenizer  # noqa: E402
+from e2llm_edge.ops.localcluster import LocalCluster  # noqa: E402
 from onnx_export.export import default_model_dir, export_model  # noqa: E402
 from onnx_export.manifest import Manifest  # noqa: E402
 from planner import Plan  # noqa: E402

@@ -32,9 +32,9 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from machine import cpu_model  # noqa: E402
 
-from e2llm_edge.fast_runner import FastLayerStack, VariantEmbedder, VariantHead  # noqa: E402
-from e2llm_edge.local import LocalModel  # noqa: E402
-from e2llm_edge.runner import StageCache, configure_threads  # noqa: E402
+from e2llm_edge.device.fast_runner import FastLayerStack, VariantEmbedder, VariantHead  # noqa: E402
+from e2llm_edge.device.local import LocalModel  # noqa: E402
+from e2llm_edge.device.runner import StageCache, configure_threads  # noqa: E402
 from onnx_export.export import default_model_dir, export_model  # noqa: E402
 from onnx_export.manifest import Manifest  # noqa: E402
 from onnx_export.source import fetch_default_gguf  # noqa: E402

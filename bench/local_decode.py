@@ -31,7 +31,7 @@ from onnx_export.export import default_model_dir, export_model  # noqa: E402
 
 CHILD = r"""
 import json, sys, time
-from e2llm_edge.local import GenerationStats, LocalModel
+from e2llm_edge.device.local import GenerationStats, LocalModel
 model_dir, ranges = sys.argv[1], sys.argv[2] == "1"
 threads, n, prompt_len = (int(x) for x in sys.argv[3:6])
 m = LocalModel(model_dir, prefer_ranges=ranges, threads=threads,
@@ -69,7 +69,7 @@ def main() -> int:
                              graph_name=variant[0], precision=variant[1]).directory
     cpu = cpu_model()
     print(f"CPU: {cpu}, {os.cpu_count()} cores; graph {variant[0]}/{variant[1]}; threads as "
-          f"the code under test sets them up (see e2llm_edge/runner.py)")
+          f"the code under test sets them up (see e2llm_edge/device/runner.py)")
     configs = [(b, r, t) for t in args.threads for r in (False, True) for b in trees]
     for ctx in (40, 1000):
         res: dict[tuple[tuple[str, Path], bool, int], list[dict[str, float]]] = {

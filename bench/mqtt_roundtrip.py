@@ -27,10 +27,10 @@ from pathlib import Path
 
 import numpy as np
 
-from e2llm_edge import messages as m
-from e2llm_edge import topics as t
-from e2llm_edge.broker import MosquittoBroker, MosquittoConfig, free_port
-from e2llm_edge.bus import Bus, BusConfig
+from e2llm_edge.ops.broker import MosquittoBroker, MosquittoConfig, free_port
+from e2llm_edge.wire import messages as m
+from e2llm_edge.wire import topics as t
+from e2llm_edge.wire.bus import Bus, BusConfig
 
 SIZES = {"2 KB": (1, 1, 512), "1.2 MB": (1, 520, 576)}
 

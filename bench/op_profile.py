@@ -35,8 +35,8 @@ sys.path.insert(0, str(ROOT / "bench"))
 from machine import cpu_model  # noqa: E402
 
 from e2llm_edge import runner  # noqa: E402
-from e2llm_edge.fast_runner import FastLayerStack  # noqa: E402
-from e2llm_edge.runner import configure_threads  # noqa: E402
+from e2llm_edge.device.fast_runner import FastLayerStack  # noqa: E402
+from e2llm_edge.device.runner import configure_threads  # noqa: E402
 from onnx_export.export import export_model  # noqa: E402
 from onnx_export.manifest import Manifest  # noqa: E402
 from onnx_export.source import fetch_default_gguf, open_model  # noqa: E402

@@ -26,7 +26,7 @@ if str(ROOT) not in sys.path:
 
 from e2llm_edge.client import Client, GenerationError, collect  # noqa: E402
 from e2llm_edge.errors import BusTimeout  # noqa: E402
-from e2llm_edge.localcluster import LocalCluster  # noqa: E402
+from e2llm_edge.ops.localcluster import LocalCluster  # noqa: E402
 
 PROMPTS = ["Tell me about the sea in one sentence.", "What is a prime number?",
            "Write a haiku about autumn.", "Name three tools a gardener uses.",

@@ -49,7 +49,7 @@ def cmd_export(args: argparse.Namespace) -> int:
 
 
 def _sampling(args: argparse.Namespace) -> object:
-    from e2llm_edge.sampling import Sampling
+    from e2llm_edge.device.sampling import Sampling
 
     return Sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
 
@@ -59,9 +59,9 @@ def cmd_generate(args: argparse.Namespace) -> int:
         from e2llm_edge.client import run_generate_cli
 
         return run_generate_cli(args)
-    from e2llm_edge.local import GenerationStats, LocalModel
-    from e2llm_edge.sampling import Sampling
-    from e2llm_edge.textio import ChatTokenizer, StreamDecoder
+    from e2llm_edge.device.local import GenerationStats, LocalModel
+    from e2llm_edge.device.sampling import Sampling
+    from e2llm_edge.fog.textio import ChatTokenizer, StreamDecoder
 
     sampling = _sampling(args)
     assert isinstance(sampling, Sampling)
@@ -111,7 +111,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _bus_config(args: argparse.Namespace, client_id: str | None = None) -> object:
-    from e2llm_edge.bus import BusConfig
+    from e2llm_edge.wire.bus import BusConfig
 
     over: dict[str, object] = {"cluster": args.cluster}
     if client_id:
@@ -132,8 +132,8 @@ def _link(args: argparse.Namespace) -> dict[str, float] | None:
 def cmd_agent(args: argparse.Namespace) -> int:
     import asyncio
 
-    from e2llm_edge.agent import Agent, AgentConfig
-    from e2llm_edge.bus import BusConfig
+    from e2llm_edge.device.agent import Agent, AgentConfig
+    from e2llm_edge.wire.bus import BusConfig
 
     bus = _bus_config(args, client_id=f"agent-{args.device_id}")
     assert isinstance(bus, BusConfig)
@@ -148,8 +148,8 @@ def cmd_agent(args: argparse.Namespace) -> int:
 def cmd_orchestrator(args: argparse.Namespace) -> int:
     import asyncio
 
-    from e2llm_edge.bus import BusConfig
-    from e2llm_edge.orchestrator import Orchestrator, OrchestratorConfig
+    from e2llm_edge.fog.orchestrator import Orchestrator, OrchestratorConfig
+    from e2llm_edge.wire.bus import BusConfig
     from planner import Workload
 
     bus = _bus_config(args, client_id="orchestrator")
@@ -171,9 +171,9 @@ def cmd_orchestrator(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     import yaml
 
-    from e2llm_edge.fast_runner import choose_variant
-    from e2llm_edge.profile import load_or_measure_profile, measure_profile, profile_path
-    from e2llm_edge.runner import configure_threads
+    from e2llm_edge.device.fast_runner import choose_variant
+    from e2llm_edge.device.profile import load_or_measure_profile, measure_profile, profile_path
+    from e2llm_edge.device.runner import configure_threads
     from onnx_export.manifest import Manifest
 
     manifest = Manifest.load(_model_dir(args))
@@ -189,7 +189,7 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from e2llm_edge.demo import run_demo
+    from e2llm_edge.ops.demo import run_demo
 
     return run_demo(args, _model_dir(args))
 
@@ -307,7 +307,7 @@ def _plugins() -> list[Any]:
     import importlib
 
     regs = []
-    for mod in ("planner.cli", "e2llm_edge.monitor", "e2llm_edge.broker_cli"):
+    for mod in ("planner.cli", "e2llm_edge.ops.monitor", "e2llm_edge.ops.broker_cli"):
         try:
             regs.append(importlib.import_module(mod).register)
         except ImportError as exc:  # an extra this machine did not install

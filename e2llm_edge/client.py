@@ -29,10 +29,10 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from e2llm_edge import messages as m
-from e2llm_edge import topics as t
-from e2llm_edge.bus import Bus, BusConfig
 from e2llm_edge.errors import BusTimeout, E2LLMError
+from e2llm_edge.wire import messages as m
+from e2llm_edge.wire import topics as t
+from e2llm_edge.wire.bus import Bus, BusConfig
 
 
 class GenerationError(E2LLMError):

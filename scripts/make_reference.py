@@ -24,7 +24,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
-from e2llm_edge.textio import ChatTokenizer  # noqa: E402
+from e2llm_edge.fog.textio import ChatTokenizer  # noqa: E402
 from onnx_export.export import default_model_dir, export_model  # noqa: E402
 from onnx_export.source import fetch_default_gguf  # noqa: E402
 

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from e2llm_edge.broker import Credentials, MosquittoBroker, MosquittoConfig, init_secrets
+from e2llm_edge.ops.broker import Credentials, MosquittoBroker, MosquittoConfig, init_secrets
 
 _cluster_counter = itertools.count()
 

@@ -19,7 +19,7 @@ import pytest
 import yaml
 
 from e2llm_edge.cli import build_parser
-from e2llm_edge.demo import bundled_inventory
+from e2llm_edge.ops.demo import bundled_inventory
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
@@ -183,7 +183,7 @@ for argv in (['agent', '--broker', 'mqtt://b', '--device-id', 'd', '--memory-mb'
              ['health', '--broker', 'mqtt://b', '--device-id', 'd'],
              ['generate', '--broker', 'mqtt://b', 'hi']):
     p.parse_args(argv)
-import e2llm_edge.agent, e2llm_edge.client, e2llm_edge.monitor
+import e2llm_edge.device.agent, e2llm_edge.client, e2llm_edge.ops.monitor
 """
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
                           cwd=ROOT, timeout=60)

@@ -19,8 +19,8 @@ import pytest
 import yaml
 
 from e2llm_edge.client import Client, collect
-from e2llm_edge.demo import bundled_inventory
-from e2llm_edge.localcluster import LocalCluster
+from e2llm_edge.ops.demo import bundled_inventory
+from e2llm_edge.ops.localcluster import LocalCluster
 
 pytestmark = [pytest.mark.model, pytest.mark.mosquitto, pytest.mark.slow,
               pytest.mark.timeout(240)]

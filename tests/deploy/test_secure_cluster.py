@@ -23,16 +23,16 @@ from typing import Any
 import pytest
 import yaml
 
-from e2llm_edge import messages as m
-from e2llm_edge import topics as t
-from e2llm_edge.broker_cli import init, password_file
-from e2llm_edge.bus import Bus, BusConfig, Envelope
 from e2llm_edge.client import Client, collect
-from e2llm_edge.demo import bundled_inventory
+from e2llm_edge.device.local import LocalModel
 from e2llm_edge.errors import BusAuthError, BusTimeout, SubscriptionRefused
-from e2llm_edge.local import LocalModel
-from e2llm_edge.localcluster import LocalCluster
-from e2llm_edge.textio import ChatTokenizer
+from e2llm_edge.fog.textio import ChatTokenizer
+from e2llm_edge.ops.broker_cli import init, password_file
+from e2llm_edge.ops.demo import bundled_inventory
+from e2llm_edge.ops.localcluster import LocalCluster
+from e2llm_edge.wire import messages as m
+from e2llm_edge.wire import topics as t
+from e2llm_edge.wire.bus import Bus, BusConfig, Envelope
 
 pytestmark = [pytest.mark.model, pytest.mark.mosquitto, pytest.mark.slow,
               pytest.mark.timeout(240)]

@@ -14,14 +14,14 @@ import numpy as np
 import pytest
 import yaml
 
-from e2llm_edge import messages as m
-from e2llm_edge import topics as t
-from e2llm_edge.broker import MosquittoBroker
-from e2llm_edge.bus import Bus
 from e2llm_edge.client import Client, GenerationError, collect
-from e2llm_edge.demo import bundled_inventory
-from e2llm_edge.local import LocalModel
-from e2llm_edge.localcluster import LocalCluster
+from e2llm_edge.device.local import LocalModel
+from e2llm_edge.ops.broker import MosquittoBroker
+from e2llm_edge.ops.demo import bundled_inventory
+from e2llm_edge.ops.localcluster import LocalCluster
+from e2llm_edge.wire import messages as m
+from e2llm_edge.wire import topics as t
+from e2llm_edge.wire.bus import Bus
 from planner import Plan
 
 pytestmark = [pytest.mark.model, pytest.mark.mosquitto, pytest.mark.slow]

@@ -13,10 +13,10 @@ from typing import Any
 import pytest
 import yaml
 
-from e2llm_edge.broker import MosquittoBroker
 from e2llm_edge.client import Client, collect
-from e2llm_edge.local import LocalModel
-from e2llm_edge.localcluster import LocalCluster
+from e2llm_edge.device.local import LocalModel
+from e2llm_edge.ops.broker import MosquittoBroker
+from e2llm_edge.ops.localcluster import LocalCluster
 
 pytestmark = [pytest.mark.model, pytest.mark.mosquitto, pytest.mark.slow]
 

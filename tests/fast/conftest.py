@@ -11,7 +11,12 @@ from typing import Any
 import numpy as np
 import pytest
 
-from e2llm_edge.fast_runner import FastLayerStack, VariantEmbedder, VariantHead, contrib_supported
+from e2llm_edge.device.fast_runner import (
+    FastLayerStack,
+    VariantEmbedder,
+    VariantHead,
+    contrib_supported,
+)
 from onnx_export.export import export_model
 from onnx_export.manifest import Manifest
 from onnx_export.source import fetch_default_gguf

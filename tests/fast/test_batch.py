@@ -9,7 +9,7 @@ from typing import Any
 import numpy as np
 import pytest
 
-from e2llm_edge.fast_runner import FastCache
+from e2llm_edge.device.fast_runner import FastCache
 
 from .conftest import FastModel
 

@@ -12,8 +12,8 @@ import numpy as np
 import onnx
 import pytest
 
-from e2llm_edge.fast_runner import VariantHead, contrib_supported
-from e2llm_edge.runner import make_session
+from e2llm_edge.device.fast_runner import VariantHead, contrib_supported
+from e2llm_edge.device.runner import make_session
 from onnx_export.fast_graph import MS, RESCORE_CAP, _finish, _screened_head
 from onnx_export.graph import GraphBuilder
 from onnx_export.manifest import Manifest

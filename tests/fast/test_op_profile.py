@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from e2llm_edge import runner
+from e2llm_edge.device import runner
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 

@@ -17,8 +17,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from e2llm_edge.fast_runner import choose_variant
-from e2llm_edge.local import LocalModel
+from e2llm_edge.device.fast_runner import choose_variant
+from e2llm_edge.device.local import LocalModel
 from onnx_export.manifest import Manifest
 from onnx_export.source import fetch_default_gguf
 

@@ -10,8 +10,8 @@ import onnx
 import pytest
 from gguf import GGMLQuantizationType, quants
 
-from e2llm_edge.fast_runner import contrib_supported
-from e2llm_edge.runner import make_session
+from e2llm_edge.device.fast_runner import contrib_supported
+from e2llm_edge.device.runner import make_session
 from onnx_export.fast_graph import Linear, _finish, dequantize_nbits, quantize_raw
 from onnx_export.graph import GraphBuilder
 from onnx_export.source import RawTensor

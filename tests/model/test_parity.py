@@ -12,9 +12,9 @@ from typing import Any
 import numpy as np
 import pytest
 
-from e2llm_edge.fast_runner import contrib_supported
-from e2llm_edge.local import LocalModel
-from e2llm_edge.textio import ChatTokenizer
+from e2llm_edge.device.fast_runner import contrib_supported
+from e2llm_edge.device.local import LocalModel
+from e2llm_edge.fog.textio import ChatTokenizer
 
 pytestmark = pytest.mark.model
 
@@ -74,7 +74,7 @@ def test_cli_json_output(default_model: Path, reference: dict[str, Any]) -> None
 
 
 def test_sampling_is_seeded_and_bounded(model: LocalModel, reference: dict[str, Any]) -> None:
-    from e2llm_edge.sampling import Sampling, SamplingError
+    from e2llm_edge.device.sampling import Sampling, SamplingError
 
     ids = reference["cases"][0]["prompt_ids"]
     s = Sampling(temperature=0.8, top_p=0.9, seed=7)

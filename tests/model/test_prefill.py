@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-import e2llm_edge.runner as runner
-from e2llm_edge.local import LocalModel
+import e2llm_edge.device.runner as runner
+from e2llm_edge.device.local import LocalModel
 
 pytestmark = pytest.mark.model
 

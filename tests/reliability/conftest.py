@@ -10,8 +10,8 @@ from types import ModuleType
 
 import pytest
 
-from e2llm_edge.broker import MosquittoBroker
-from e2llm_edge.localcluster import LocalCluster
+from e2llm_edge.ops.broker import MosquittoBroker
+from e2llm_edge.ops.localcluster import LocalCluster
 
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 AGENT_REQUEST_TIMEOUT = 6.0

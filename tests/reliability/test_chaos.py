@@ -17,8 +17,8 @@ import pytest
 import yaml
 
 from e2llm_edge.client import Client, GenerationError, collect
-from e2llm_edge.local import LocalModel
-from e2llm_edge.localcluster import LocalCluster
+from e2llm_edge.device.local import LocalModel
+from e2llm_edge.ops.localcluster import LocalCluster
 from planner import Plan
 
 pytestmark = [pytest.mark.model, pytest.mark.mosquitto, pytest.mark.slow]

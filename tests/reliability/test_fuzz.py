@@ -13,13 +13,13 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from e2llm_edge import messages as m
-from e2llm_edge import topics as t
-from e2llm_edge.bus import Bus
 from e2llm_edge.client import Client, GenerationError, collect
+from e2llm_edge.device.local import LocalModel
 from e2llm_edge.errors import CodecError
-from e2llm_edge.local import LocalModel
-from e2llm_edge.localcluster import LocalCluster
+from e2llm_edge.ops.localcluster import LocalCluster
+from e2llm_edge.wire import messages as m
+from e2llm_edge.wire import topics as t
+from e2llm_edge.wire.bus import Bus
 
 pytestmark = [pytest.mark.model, pytest.mark.mosquitto, pytest.mark.slow]
 

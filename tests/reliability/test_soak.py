@@ -11,10 +11,10 @@ from types import ModuleType
 import numpy as np
 import pytest
 
-from e2llm_edge import messages as m
-from e2llm_edge import topics as t
-from e2llm_edge.bus import Bus
-from e2llm_edge.localcluster import LocalCluster
+from e2llm_edge.ops.localcluster import LocalCluster
+from e2llm_edge.wire import messages as m
+from e2llm_edge.wire import topics as t
+from e2llm_edge.wire.bus import Bus
 
 from .conftest import AGENT_REQUEST_TIMEOUT
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from e2llm_edge import messages as m
+from e2llm_edge.wire import messages as m
 
 RNG = np.random.default_rng(0)
 

@@ -7,11 +7,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from e2llm_edge import messages as m
-from e2llm_edge import topics as t
-from e2llm_edge.broker import Credentials, MosquittoBroker, render_acl
-from e2llm_edge.bus import Bus, BusConfig
 from e2llm_edge.errors import BusAuthError, BusTimeout, SubscriptionRefused
+from e2llm_edge.ops.broker import Credentials, MosquittoBroker, render_acl
+from e2llm_edge.wire import messages as m
+from e2llm_edge.wire import topics as t
+from e2llm_edge.wire.bus import Bus, BusConfig
 
 ACL_CLUSTER = "aclc"  # matches tests/conftest.py auth_mosquitto
 

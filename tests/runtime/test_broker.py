@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 
-from e2llm_edge import broker
 from e2llm_edge.errors import BrokerError
+from e2llm_edge.ops import broker
 
 
 def test_missing_binary_explains_how_to_install(monkeypatch: pytest.MonkeyPatch) -> None:

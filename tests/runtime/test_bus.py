@@ -13,11 +13,11 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from e2llm_edge import messages as m
-from e2llm_edge import topics as t
-from e2llm_edge.broker import MosquittoBroker, MosquittoConfig
-from e2llm_edge.bus import BadMessage, Bus, BusConfig, Will
 from e2llm_edge.errors import BusTimeout, CodecError
+from e2llm_edge.ops.broker import MosquittoBroker, MosquittoConfig
+from e2llm_edge.wire import messages as m
+from e2llm_edge.wire import topics as t
+from e2llm_edge.wire.bus import BadMessage, Bus, BusConfig, Will
 
 from .factories import f32
 
@@ -102,8 +102,9 @@ async def test_clean_close_publishes_the_will(mosquitto: MosquittoBroker,
 
 _CHILD = textwrap.dedent("""
     import asyncio, sys
-    from e2llm_edge import messages as m, topics as t
-    from e2llm_edge.bus import Bus, BusConfig, Will
+    from e2llm_edge.wire import messages as m
+    from e2llm_edge.wire import topics as t
+    from e2llm_edge.wire.bus import Bus, BusConfig, Will
     async def main():
         cfg = BusConfig(port=int(sys.argv[1]), cluster=sys.argv[2], keepalive=5)
         will = Will(t.DEVICE_STATE, m.DeviceState(device_id="d9", status="offline"),
@@ -260,7 +261,7 @@ async def test_publish_times_out_while_broker_down(tmp_path: Path, cluster: str)
 
 
 async def test_connect_timeout_when_no_broker(cluster: str) -> None:
-    from e2llm_edge.broker import free_port
+    from e2llm_edge.ops.broker import free_port
 
     with pytest.raises(BusTimeout):
         async with Bus(BusConfig(port=free_port(), cluster=cluster, connect_timeout=0.5)):

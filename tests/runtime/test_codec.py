@@ -11,9 +11,9 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from e2llm_edge import codec
-from e2llm_edge import messages as m
 from e2llm_edge.errors import CodecError
+from e2llm_edge.wire import codec
+from e2llm_edge.wire import messages as m
 
 from .factories import assert_same, examples, f32
 

@@ -4,9 +4,9 @@ from __future__ import annotations
 
 import pytest
 
-from e2llm_edge import messages as m
-from e2llm_edge import topics as t
 from e2llm_edge.errors import TopicError
+from e2llm_edge.wire import messages as m
+from e2llm_edge.wire import topics as t
 
 
 def test_format_and_parse_round_trip_for_every_topic() -> None:

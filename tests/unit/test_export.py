@@ -12,7 +12,7 @@ import pytest
 import tiny_model
 
 from e2llm_edge.cli import main as cli_main
-from e2llm_edge.local import LocalModel
+from e2llm_edge.device.local import LocalModel
 from onnx_export.errors import ExportError
 from onnx_export.export import export_model, parse_ranges
 from onnx_export.manifest import Manifest

@@ -9,7 +9,7 @@ import pytest
 import tiny_model
 from onnx import TensorProto
 
-from e2llm_edge.runner import make_session
+from e2llm_edge.device.runner import make_session
 from onnx_export import graph
 from onnx_export.source import ModelConfig, ModelWeights, TokenizerData
 

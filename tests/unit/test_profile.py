@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import itertools
 
-from e2llm_edge.profile import _fill, profile_problem
+from e2llm_edge.device.profile import _fill, profile_problem
 
 
 def test_fill_is_non_decreasing_and_non_negative() -> None:

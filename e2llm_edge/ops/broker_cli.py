@@ -1,6 +1,6 @@
 """`e2llm broker init`: generate a cluster's broker secrets from its device inventory.
 
-Writes the Mosquitto password file and ACL (``e2llm_edge.broker.init_secrets``), the
+Writes the Mosquitto password file and ACL (``e2llm_edge.ops.broker.init_secrets``), the
 credentials, one ``<user>.password`` file per user for the ``--password-file`` option of
 every command, and a Mosquitto config for running the broker straight on this machine.
 Everything it writes is mode 0600 except the config; ``broker/secrets/`` is gitignored.
@@ -16,15 +16,15 @@ from typing import Any
 
 import yaml
 
-from e2llm_edge import topics
-from e2llm_edge.broker import (
+from e2llm_edge.errors import BrokerError, E2LLMError
+from e2llm_edge.ops.broker import (
     Credentials,
     MosquittoConfig,
     find_mosquitto,
     init_secrets,
     render_config,
 )
-from e2llm_edge.errors import BrokerError, E2LLMError
+from e2llm_edge.wire import topics
 
 DEFAULT_OUT = Path("broker/secrets")
 

@@ -40,8 +40,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from e2llm_edge import messages as m
 from e2llm_edge.errors import TopicError
+from e2llm_edge.wire import messages as m
 
 ROOT = "e2llm"
 DEFAULT_CLUSTER = "default"

@@ -33,14 +33,14 @@ from typing import Any
 
 import yaml
 
-from e2llm_edge import messages as m
-from e2llm_edge import topics as t
-from e2llm_edge.bus import BadMessage, Bus, BusConfig, Envelope, RateLimitedLog, Will
+from e2llm_edge.device.sampling import Sampling, SamplingError
 from e2llm_edge.errors import E2LLMError
-from e2llm_edge.router import ReplicaLoad, choose_decoder, choose_prefill
-from e2llm_edge.sampling import Sampling, SamplingError
+from e2llm_edge.fog.router import ReplicaLoad, choose_decoder, choose_prefill
+from e2llm_edge.fog.textio import ChatTokenizer, StreamDecoder
 from e2llm_edge.sysinfo import rss_bytes
-from e2llm_edge.textio import ChatTokenizer, StreamDecoder
+from e2llm_edge.wire import messages as m
+from e2llm_edge.wire import topics as t
+from e2llm_edge.wire.bus import BadMessage, Bus, BusConfig, Envelope, RateLimitedLog, Will
 from onnx_export.errors import ExportError
 from onnx_export.export import export_model
 from onnx_export.manifest import Manifest

@@ -23,12 +23,12 @@ from typing import Any, Self
 
 import yaml
 
-from e2llm_edge import messages as m
-from e2llm_edge import topics as t
-from e2llm_edge.broker import Credentials, MosquittoConfig
-from e2llm_edge.bus import Bus, BusConfig
 from e2llm_edge.errors import E2LLMError
+from e2llm_edge.ops.broker import Credentials, MosquittoConfig
 from e2llm_edge.sysinfo import rss_bytes
+from e2llm_edge.wire import messages as m
+from e2llm_edge.wire import topics as t
+from e2llm_edge.wire.bus import Bus, BusConfig
 
 
 @dataclass
@@ -128,12 +128,12 @@ class LocalCluster:
                 tempfile.TemporaryDirectory(prefix="e2llm-cluster-")))
         if self.broker_url is None:
             if self.broker_kind == "embedded":
-                from e2llm_edge.embedded_broker import start_embedded
+                from e2llm_edge.ops.embedded_broker import start_embedded
 
                 self.broker_url = self._stack.enter_context(
                     start_embedded(self.workdir / "embedded"))
             else:
-                from e2llm_edge.broker import start_mosquitto
+                from e2llm_edge.ops.broker import start_mosquitto
 
                 (self.workdir / "mosquitto").mkdir(exist_ok=True)
                 self.broker = self._stack.enter_context(
@@ -191,7 +191,7 @@ class LocalCluster:
         """``--username/--password-file`` of ``user`` (nothing without auth)."""
         if self.secrets_dir is None:
             return []
-        from e2llm_edge.broker_cli import password_file
+        from e2llm_edge.ops.broker_cli import password_file
 
         return ["--username", user, "--password-file", str(password_file(self.secrets_dir, user))]
 

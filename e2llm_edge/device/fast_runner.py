@@ -18,7 +18,15 @@ from typing import Any
 
 import numpy as np
 
-from e2llm_edge.runner import Embedder, Head, LayerStack, Stage, StageCache, in_chunks, make_session
+from e2llm_edge.device.runner import (
+    Embedder,
+    Head,
+    LayerStack,
+    Stage,
+    StageCache,
+    in_chunks,
+    make_session,
+)
 from onnx_export.errors import ExportError
 from onnx_export.manifest import Manifest, Segment
 

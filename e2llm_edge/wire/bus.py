@@ -35,7 +35,6 @@ from urllib.parse import unquote, urlsplit
 import aiomqtt
 from aiomqtt.exceptions import MqttConnectError
 
-from e2llm_edge import codec, messages, topics
 from e2llm_edge.errors import (
     BusAuthError,
     BusError,
@@ -44,7 +43,8 @@ from e2llm_edge.errors import (
     SubscriptionRefused,
     TopicError,
 )
-from e2llm_edge.topics import Topic
+from e2llm_edge.wire import codec, messages, topics
+from e2llm_edge.wire.topics import Topic
 
 log = logging.getLogger(__name__)
 

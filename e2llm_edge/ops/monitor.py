@@ -20,10 +20,10 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
-from e2llm_edge import messages as m
-from e2llm_edge import topics as t
-from e2llm_edge.bus import Bus, BusConfig, Envelope
 from e2llm_edge.errors import BusError, E2LLMError, SubscriptionRefused
+from e2llm_edge.wire import messages as m
+from e2llm_edge.wire import topics as t
+from e2llm_edge.wire.bus import Bus, BusConfig, Envelope
 
 MONITOR_TOPICS: tuple[t.Topic, ...] = (
     t.DEVICE_STATE, t.DEVICE_PROFILE, t.DEVICE_TELEMETRY, t.PLAN, t.ORCHESTRATOR_STATE,

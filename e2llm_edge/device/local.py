@@ -13,15 +13,15 @@ from pathlib import Path
 
 import numpy as np
 
-from e2llm_edge.fast_runner import (
+from e2llm_edge.device.fast_runner import (
     VariantEmbedder,
     VariantHead,
     check_variant,
     choose_variant,
     load_stage,
 )
-from e2llm_edge.runner import Stage, StageCache
-from e2llm_edge.sampling import Sampling, sample
+from e2llm_edge.device.runner import Stage, StageCache
+from e2llm_edge.device.sampling import Sampling, sample
 from onnx_export.errors import ExportError
 from onnx_export.manifest import Manifest
 

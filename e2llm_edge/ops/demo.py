@@ -17,8 +17,8 @@ from typing import Any
 import yaml
 
 from e2llm_edge.client import Client, GenerationError, collect
-from e2llm_edge.localcluster import LocalCluster
-from e2llm_edge.profile import load_or_measure_profile
+from e2llm_edge.device.profile import load_or_measure_profile
+from e2llm_edge.ops.localcluster import LocalCluster
 from onnx_export.manifest import Manifest
 from planner import Plan
 

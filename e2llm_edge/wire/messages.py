@@ -20,9 +20,9 @@ from typing import Annotated, Any, ClassVar, Literal, TypeVar
 
 import numpy as np
 
-from e2llm_edge import codec
-from e2llm_edge.codec import Converter, Header, array
 from e2llm_edge.errors import CodecError
+from e2llm_edge.wire import codec
+from e2llm_edge.wire.codec import Converter, Header, array
 
 F32_R3 = Annotated[np.ndarray, array("float32", rank=3)]
 F32_R4 = Annotated[np.ndarray, array("float32", rank=4)]

@@ -17,8 +17,8 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from e2llm_edge.broker import free_port
 from e2llm_edge.errors import BrokerError
+from e2llm_edge.ops.broker import free_port
 
 log = logging.getLogger(__name__)
 

@@ -28,20 +28,20 @@ from typing import Any
 
 import numpy as np
 
-from e2llm_edge import messages as m
-from e2llm_edge import topics as t
-from e2llm_edge.bus import BadMessage, Bus, BusConfig, Envelope, RateLimitedLog, Will
-from e2llm_edge.errors import CodecError, E2LLMError
-from e2llm_edge.fast_runner import (
+from e2llm_edge.device.fast_runner import (
     VariantEmbedder,
     VariantHead,
     check_variant,
     choose_variant,
     load_stage,
 )
-from e2llm_edge.runner import Embedder, Head, Stage, StageCache
-from e2llm_edge.sampling import Sampling, SamplingError, sample
+from e2llm_edge.device.runner import Embedder, Head, Stage, StageCache
+from e2llm_edge.device.sampling import Sampling, SamplingError, sample
+from e2llm_edge.errors import CodecError, E2LLMError
 from e2llm_edge.sysinfo import rss_bytes
+from e2llm_edge.wire import messages as m
+from e2llm_edge.wire import topics as t
+from e2llm_edge.wire.bus import BadMessage, Bus, BusConfig, Envelope, RateLimitedLog, Will
 from onnx_export.errors import ExportError
 from onnx_export.manifest import Manifest
 from planner.plan import Plan, Replica
@@ -216,7 +216,7 @@ class Agent:
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self) -> None:
-        from e2llm_edge.profile import load_or_measure_profile
+        from e2llm_edge.device.profile import load_or_measure_profile
 
         self.profile = await asyncio.to_thread(
             load_or_measure_profile, self.manifest, self.cfg.threads, self.cfg.profile_path,

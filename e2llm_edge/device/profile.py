@@ -18,8 +18,8 @@ from typing import Any
 import numpy as np
 import yaml
 
-from e2llm_edge.fast_runner import VariantEmbedder, VariantHead, load_stage
-from e2llm_edge.runner import StageCache, configure_threads
+from e2llm_edge.device.fast_runner import VariantEmbedder, VariantHead, load_stage
+from e2llm_edge.device.runner import StageCache, configure_threads
 from onnx_export.manifest import Manifest
 from onnx_export.source import cache_dir
 
@@ -140,7 +140,7 @@ def profile_path(manifest: Manifest, threads: int,
 def load_or_measure_profile(manifest: Manifest, threads: int | None = None,
                             path: Path | None = None,
                             variant: tuple[str, str] | None = None) -> dict[str, Any]:
-    from e2llm_edge.fast_runner import choose_variant
+    from e2llm_edge.device.fast_runner import choose_variant
 
     variant = variant or choose_variant(manifest)
     n = configure_threads(threads)
