@@ -32,20 +32,32 @@ from onnx_export.manifest import Manifest  # noqa: E402
 from onnx_export.source import fetch_default_gguf  # noqa: E402
 
 CHAT = [
-    "What is the capital of France?", "Write a haiku about small computers.",
-    "What is 17 times 23? Think step by step.", "Explain what a hash table is.",
-    "Give me three tips for sleeping better.", "Translate 'good morning' into Spanish.",
-    "Why is the sky blue?", "Write a short poem about the sea.",
-    "What are the planets of the solar system?", "How do I boil an egg?",
-    "Summarize the plot of Romeo and Juliet.", "What is photosynthesis?",
-    "List five fruits that are red.", "How does a bicycle stay upright?",
-    "Write a limerick about a cat.", "What is the difference between weather and climate?",
+    "What is the capital of France?",
+    "Write a haiku about small computers.",
+    "What is 17 times 23? Think step by step.",
+    "Explain what a hash table is.",
+    "Give me three tips for sleeping better.",
+    "Translate 'good morning' into Spanish.",
+    "Why is the sky blue?",
+    "Write a short poem about the sea.",
+    "What are the planets of the solar system?",
+    "How do I boil an egg?",
+    "Summarize the plot of Romeo and Juliet.",
+    "What is photosynthesis?",
+    "List five fruits that are red.",
+    "How does a bicycle stay upright?",
+    "Write a limerick about a cat.",
+    "What is the difference between weather and climate?",
 ]
 RAW = [
-    "Once upon a time, in a village by the sea,", "def fibonacci(n):\n    ",
-    "The history of the Roman Empire", "import numpy as np\n\n# compute the mean of",
-    "Dear hiring manager,\n\n", "The three laws of thermodynamics are",
-    "In a large bowl, combine the flour and", "SELECT name, age FROM users WHERE",
+    "Once upon a time, in a village by the sea,",
+    "def fibonacci(n):\n    ",
+    "The history of the Roman Empire",
+    "import numpy as np\n\n# compute the mean of",
+    "Dear hiring manager,\n\n",
+    "The three laws of thermodynamics are",
+    "In a large bowl, combine the flour and",
+    "SELECT name, age FROM users WHERE",
 ]
 
 
@@ -54,16 +66,24 @@ def references(tok: ChatTokenizer, new: int) -> list[tuple[list[int], list[int]]
     from transformers import AutoModelForCausalLM
 
     gguf = fetch_default_gguf()
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                 torch_dtype=torch.float32,
-                                                 attn_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent),
+        gguf_file=gguf.name,
+        torch_dtype=torch.float32,
+        attn_implementation="eager",
+    ).eval()
     out = []
     for text, raw in [(p, False) for p in CHAT] + [(p, True) for p in RAW]:
         ids = tok.encode_prompt(text, raw=raw)
         with torch.no_grad():
-            seq = model.generate(torch.tensor([ids]), max_new_tokens=new, do_sample=False,
-                                 eos_token_id=None, pad_token_id=0)
-        out.append((ids, seq[0, len(ids):].tolist()))
+            seq = model.generate(
+                torch.tensor([ids]),
+                max_new_tokens=new,
+                do_sample=False,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+        out.append((ids, seq[0, len(ids) :].tolist()))
     return out
 
 
@@ -78,7 +98,7 @@ def ours(fast_dir: Path, precision: str, cases: list[tuple[list[int], list[int]]
         cache = stack.new_cache(len(ids))
         h = stack.run(emb.run(np.asarray([ids], np.int64)), 0, cache)
         cache.release()
-        pred = head.run(h[:, len(prompt) - 1:])[0].argmax(-1)
+        pred = head.run(h[:, len(prompt) - 1 :])[0].argmax(-1)
         hits, total = hits + int((pred == np.asarray(new)).sum()), total + len(new)
     return hits / total
 
@@ -88,13 +108,12 @@ def llamacpp(cases: list[tuple[list[int], list[int]]]) -> float | None:
         return None
     from llama_cpp import Llama
 
-    llm = Llama(str(fetch_default_gguf()), n_ctx=1024, n_threads=2, logits_all=True,
-                verbose=False)
+    llm = Llama(str(fetch_default_gguf()), n_ctx=1024, n_threads=2, logits_all=True, verbose=False)
     hits = total = 0
     for prompt, new in cases:
         llm.reset()
         llm.eval(prompt + new[:-1])
-        pred = np.asarray(llm.scores[len(prompt) - 1:len(prompt) + len(new) - 1]).argmax(-1)
+        pred = np.asarray(llm.scores[len(prompt) - 1 : len(prompt) + len(new) - 1]).argmax(-1)
         hits, total = hits + int((pred == np.asarray(new)).sum()), total + len(new)
     return hits / total
 
@@ -102,14 +121,18 @@ def llamacpp(cases: list[tuple[list[int], list[int]]]) -> float | None:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--fast-dir", default="/tmp/e2llm_fast_bench",
-                    help="contrib model directory (exported here if missing)")
+    ap.add_argument(
+        "--fast-dir",
+        default="/tmp/e2llm_fast_bench",
+        help="contrib model directory (exported here if missing)",
+    )
     args = ap.parse_args()
     configure_threads(2)
     gguf, fast_dir = fetch_default_gguf(), Path(args.fast_dir)
     for precision in ("exact", "int8"):
-        m = export_model(gguf, fast_dir, ranges="0-30", progress=False, graph_name="contrib",
-                         precision=precision)
+        m = export_model(
+            gguf, fast_dir, ranges="0-30", progress=False, graph_name="contrib", precision=precision
+        )
     cases = references(ChatTokenizer(m), args.new_tokens)
     n = sum(len(c[1]) for c in cases)
     print(f"{len(cases)} prompts, {n} reference tokens (transformers fp32 greedy)")

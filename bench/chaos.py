@@ -55,21 +55,38 @@ def prompt(i: int, unique: int) -> str:
 
 
 def inventory(n: int, memory_mb: float) -> dict[str, Any]:
-    return {"link_defaults": {"bandwidth_mbps": 1000, "latency_ms": 0.5},
-            "devices": [{"id": f"c{i}", "memory_mb": memory_mb,
-                         "hardware": {"tflops": 0.1, "mem_bw_gbps": 10}} for i in range(n)]}
+    return {
+        "link_defaults": {"bandwidth_mbps": 1000, "latency_ms": 0.5},
+        "devices": [
+            {"id": f"c{i}", "memory_mb": memory_mb, "hardware": {"tflops": 0.1, "mem_bw_gbps": 10}}
+            for i in range(n)
+        ],
+    }
 
 
-def cluster(model_dir: Path, n_agents: int = 6, memory_mb: float = 420, *,
-            stall_s: float = 10.0, agent_request_timeout: float = 30.0,
-            verbose: bool = True, plan: Path | None = None, **kw: Any) -> LocalCluster:
+def cluster(
+    model_dir: Path,
+    n_agents: int = 6,
+    memory_mb: float = 420,
+    *,
+    stall_s: float = 10.0,
+    agent_request_timeout: float = 30.0,
+    verbose: bool = True,
+    plan: Path | None = None,
+    **kw: Any,
+) -> LocalCluster:
     """A cluster with its own Mosquitto (the chaos restarts it); `plan` pins the layout
     used while all of its devices are up (`e2llm orchestrator --plan`)."""
     pin = ["--plan", str(plan)] if plan is not None else []
-    return LocalCluster(model_dir, inventory(n_agents, memory_mb), cluster="chaos",
-                        orchestrator_args=["--request-timeout", str(stall_s), *pin],
-                        agent_args=["--request-timeout", str(agent_request_timeout)],
-                        verbose=verbose, **kw)
+    return LocalCluster(
+        model_dir,
+        inventory(n_agents, memory_mb),
+        cluster="chaos",
+        orchestrator_args=["--request-timeout", str(stall_s), *pin],
+        agent_args=["--request-timeout", str(agent_request_timeout)],
+        verbose=verbose,
+        **kw,
+    )
 
 
 @dataclass
@@ -130,16 +147,23 @@ class PlanWatch:
                 elif isinstance(env.msg, m.Telemetry):
                     d = env.msg.data
                     self.last = d
-                    self.version, self.serving = int(d.get("plan_version", 0)), bool(
-                        d.get("serving"))
+                    self.version, self.serving = (
+                        int(d.get("plan_version", 0)),
+                        bool(d.get("serving")),
+                    )
                 self.changed.set()
 
-    async def new_plan(self, after: int, device: str, member: bool,
-                       timeout: float) -> float | None:  # noqa: ASYNC109
+    async def new_plan(self, after: int, device: str, member: bool, timeout: float) -> float | None:  # noqa: ASYNC109
         """Seconds until a plan newer than `after`, with (or without) `device`, serves."""
-        return await self.until(lambda: self.serving and self.version > after and
-                                (device in self.devices()) == member and
-                                int(self.plan.get("version", 0)) == self.version, timeout)
+        return await self.until(
+            lambda: (
+                self.serving
+                and self.version > after
+                and (device in self.devices()) == member
+                and int(self.plan.get("version", 0)) == self.version
+            ),
+            timeout,
+        )
 
     async def until(self, pred: Any, timeout: float) -> float | None:  # noqa: ASYNC109
         """Seconds until pred() holds (None after timeout)."""
@@ -154,8 +178,9 @@ class PlanWatch:
         return time.monotonic() - t0
 
 
-async def one_request(client: Client, out: Outcome, text: str, max_new_tokens: int,
-                      timeout: float) -> None:  # noqa: ASYNC109
+async def one_request(
+    client: Client, out: Outcome, text: str, max_new_tokens: int, timeout: float
+) -> None:  # noqa: ASYNC109
     """Stream one request and check the stream itself: indices 0, 1, 2 ... exactly once,
     and the streamed ids equal the final event's."""
     last = time.monotonic()
@@ -166,8 +191,10 @@ async def one_request(client: Client, out: Outcome, text: str, max_new_tokens: i
             last = now
             if ev.event == "token":
                 if ev.index != len(out.new_ids):
-                    out.status, out.error = "wrong", f"token index {ev.index} after " \
-                        f"{len(out.new_ids)} tokens"
+                    out.status, out.error = (
+                        "wrong",
+                        f"token index {ev.index} after {len(out.new_ids)} tokens",
+                    )
                     return
                 out.new_ids.extend(ev.token_ids)
             else:
@@ -183,9 +210,19 @@ async def one_request(client: Client, out: Outcome, text: str, max_new_tokens: i
         out.status, out.error = "silent", str(exc)
 
 
-async def chaos_task(c: LocalCluster, watch: PlanWatch, res: ChaosResult, stop: asyncio.Event,
-                     rng: random.Random, *, kills: int, every_s: float, down_s: float,
-                     broker_after_kill: int, recovery_timeout: float = 60.0) -> None:
+async def chaos_task(
+    c: LocalCluster,
+    watch: PlanWatch,
+    res: ChaosResult,
+    stop: asyncio.Event,
+    rng: random.Random,
+    *,
+    kills: int,
+    every_s: float,
+    down_s: float,
+    broker_after_kill: int,
+    recovery_timeout: float = 60.0,
+) -> None:
     """Kill a random plan device, wait for the new plan, restart it, wait for it to be
     folded in; the broker restarts once after `broker_after_kill` kills (0: before the
     first kill, so that a short stream of requests surely sees it)."""
@@ -197,9 +234,12 @@ async def chaos_task(c: LocalCluster, watch: PlanWatch, res: ChaosResult, stop: 
         watch.serving = False  # only a summary sent after the restart counts
         await asyncio.to_thread(c.broker.restart, down_for=1.0)
         back = await watch.until(lambda: watch.serving, recovery_timeout)
-        res.broker_restarts.append({"at_s": round(tb - res.wall_s, 1),
-                                    "serving_again_s": None if back is None
-                                    else round(time.monotonic() - tb, 2)})
+        res.broker_restarts.append(
+            {
+                "at_s": round(tb - res.wall_s, 1),
+                "serving_again_s": None if back is None else round(time.monotonic() - tb, 2),
+            }
+        )
 
     await watch.until(lambda: watch.serving and bool(watch.plan), 60)
     if broker_after_kill == 0:
@@ -214,8 +254,11 @@ async def chaos_task(c: LocalCluster, watch: PlanWatch, res: ChaosResult, stop: 
         v0 = watch.version
         t0 = time.monotonic()
         c.agents[victim].kill()
-        entry: dict[str, Any] = {"device": victim, "plan_version": v0,
-                                 "at_s": round(t0 - res.wall_s, 1)}
+        entry: dict[str, Any] = {
+            "device": victim,
+            "plan_version": v0,
+            "at_s": round(t0 - res.wall_s, 1),
+        }
         res.kills.append(entry)
         entry["recovery_s"] = await watch.new_plan(v0, victim, False, recovery_timeout)
         if await _sleep_or_stop(stop, down_s):
@@ -234,10 +277,22 @@ async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
     return stop.is_set()
 
 
-async def run_chaos(c: LocalCluster, *, requests: int, concurrency: int, max_new_tokens: int,
-                    kills: int, every_s: float, down_s: float, broker_after_kill: int = 1,
-                    unique_prompts: int = 12, seed: int = 0, request_timeout: float = 90.0,
-                    interval_s: float = 0.5, deadline_s: float = 900.0) -> ChaosResult:
+async def run_chaos(
+    c: LocalCluster,
+    *,
+    requests: int,
+    concurrency: int,
+    max_new_tokens: int,
+    kills: int,
+    every_s: float,
+    down_s: float,
+    broker_after_kill: int = 1,
+    unique_prompts: int = 12,
+    seed: int = 0,
+    request_timeout: float = 90.0,
+    interval_s: float = 0.5,
+    deadline_s: float = 900.0,
+) -> ChaosResult:
     """Requests arrive every `interval_s` (at most `concurrency` in flight); the chaos
     task kills and restarts agents meanwhile and the broker once."""
     rng = random.Random(seed)
@@ -250,14 +305,25 @@ async def run_chaos(c: LocalCluster, *, requests: int, concurrency: int, max_new
     async def worker(client: Client, o: Outcome) -> None:
         await asyncio.sleep(o.index * interval_s)  # a stream of arrivals, not one burst
         async with sem:
-            await one_request(client, o, prompt(o.index, unique_prompts), max_new_tokens,
-                              request_timeout)
+            await one_request(
+                client, o, prompt(o.index, unique_prompts), max_new_tokens, request_timeout
+            )
 
     async with asyncio.timeout(deadline_s), asyncio.TaskGroup() as tg:
         watcher = tg.create_task(watch.run())
-        chaos = tg.create_task(chaos_task(c, watch, res, stop, rng, kills=kills,
-                                          every_s=every_s, down_s=down_s,
-                                          broker_after_kill=broker_after_kill))
+        chaos = tg.create_task(
+            chaos_task(
+                c,
+                watch,
+                res,
+                stop,
+                rng,
+                kills=kills,
+                every_s=every_s,
+                down_s=down_s,
+                broker_after_kill=broker_after_kill,
+            )
+        )
         await watch.until(lambda: watch.serving, 120)
         async with Client(c.bus_config()) as client, asyncio.TaskGroup() as reqs:
             for o in res.outcomes:
@@ -293,33 +359,47 @@ def report(res: ChaosResult, orchestrator: dict[str, Any] | None = None) -> str:
     for o in res.outcomes:
         if o.status == "error":
             codes[o.error_code or "?"] = codes.get(o.error_code or "?", 0) + 1
-    lines = [f"requests: {n} in {res.wall_s:.0f} s; completed identical to local: "
-             f"{cnt['ok']} ({100 * cnt['ok'] / max(n, 1):.0f}%); wrong: {cnt['wrong']}; "
-             f"explicit errors: {cnt['error']} {codes or ''}; silent: {cnt['silent']}"]
+    lines = [
+        f"requests: {n} in {res.wall_s:.0f} s; completed identical to local: "
+        f"{cnt['ok']} ({100 * cnt['ok'] / max(n, 1):.0f}%); wrong: {cnt['wrong']}; "
+        f"explicit errors: {cnt['error']} {codes or ''}; silent: {cnt['silent']}"
+    ]
     restarted = [o.restarts for o in res.outcomes if o.status == "ok"]
     if restarted:
-        lines.append(f"requests that restarted at least once and still matched: "
-                     f"{sum(1 for r in restarted if r)}; restarts total {sum(restarted)}")
+        lines.append(
+            f"requests that restarted at least once and still matched: "
+            f"{sum(1 for r in restarted if r)}; restarts total {sum(restarted)}"
+        )
     gaps = sorted(o.max_gap_s for o in res.outcomes if o.status == "ok")
     if gaps:
-        lines.append(f"longest silence inside a stream: median {statistics.median(gaps):.2f} s, "
-                     f"max {gaps[-1]:.2f} s")
+        lines.append(
+            f"longest silence inside a stream: median {statistics.median(gaps):.2f} s, "
+            f"max {gaps[-1]:.2f} s"
+        )
     for k in res.kills:
-        lines.append(f"kill {k['device']} at {k['at_s']} s (plan v{k['plan_version']}): "
-                     f"new plan serving after {_fmt(k.get('recovery_s'))}; back in a plan "
-                     f"{_fmt(k.get('return_s'))} after restart")
+        lines.append(
+            f"kill {k['device']} at {k['at_s']} s (plan v{k['plan_version']}): "
+            f"new plan serving after {_fmt(k.get('recovery_s'))}; back in a plan "
+            f"{_fmt(k.get('return_s'))} after restart"
+        )
     rec = res.recovery_s()
     if rec:
-        lines.append(f"recovery (device killed -> new plan serving): median "
-                     f"{statistics.median(rec):.2f} s, max {max(rec):.2f} s over {len(rec)} "
-                     f"kills (target < 5 s)")
+        lines.append(
+            f"recovery (device killed -> new plan serving): median "
+            f"{statistics.median(rec):.2f} s, max {max(rec):.2f} s over {len(rec)} "
+            f"kills (target < 5 s)"
+        )
     for b in res.broker_restarts:
-        lines.append(f"broker restart at {b['at_s']} s (down 1 s): serving again after "
-                     f"{_fmt(b['serving_again_s'])}")
+        lines.append(
+            f"broker restart at {b['at_s']} s (down 1 s): serving again after "
+            f"{_fmt(b['serving_again_s'])}"
+        )
     if orchestrator:
-        lines.append(f"orchestrator: completed {orchestrator.get('completed')}, failed "
-                     f"{orchestrator.get('failed')}, attempts restarted "
-                     f"{orchestrator.get('restarted')}, plan v{orchestrator.get('plan_version')}")
+        lines.append(
+            f"orchestrator: completed {orchestrator.get('completed')}, failed "
+            f"{orchestrator.get('failed')}, attempts restarted "
+            f"{orchestrator.get('restarted')}, plan v{orchestrator.get('plan_version')}"
+        )
     for o in res.outcomes:
         if o.status in ("wrong", "silent") or (o.status == "error" and len(codes) < 10):
             lines.append(f"  request {o.index}: {o.status}: {o.error_code or ''} {o.error}")
@@ -331,13 +411,18 @@ def _fmt(x: float | None) -> str:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--requests", type=int, default=120)
     ap.add_argument("--concurrency", type=int, default=3)
     ap.add_argument("--agents", type=int, default=6)
-    ap.add_argument("--memory-mb", type=float, default=420,
-                    help="per agent; 420 makes every replica need two devices")
+    ap.add_argument(
+        "--memory-mb",
+        type=float,
+        default=420,
+        help="per agent; 420 makes every replica need two devices",
+    )
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--kills", type=int, default=4)
     ap.add_argument("--every", type=float, default=12.0, help="seconds between kills")
@@ -345,28 +430,44 @@ def main() -> int:
     ap.add_argument("--interval", type=float, default=0.5, help="seconds between arrivals")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--deadline", type=float, default=900.0, help="hard bound on the run")
-    ap.add_argument("--logs", type=Path, default=None,
-                    help="keep every process's log in this directory (default: discarded)")
+    ap.add_argument(
+        "--logs",
+        type=Path,
+        default=None,
+        help="keep every process's log in this directory (default: discarded)",
+    )
     args = ap.parse_args()
     from onnx_export.export import default_model_dir, export_model
 
     d = default_model_dir()
     export_model(None, d, ranges="0-15,15-30", progress=False)
-    model_dir = export_model(None, d, ranges="0-15,15-30", progress=False,
-                             graph_name="contrib", precision="exact").directory
-    print(f"{args.agents} agents x {args.memory_mb:.0f} MB, {args.requests} requests "
-          f"({args.concurrency} at a time, {args.max_new_tokens} new tokens), {args.kills} "
-          f"kills every {args.every:.0f} s (down {args.down:.0f} s), one broker restart",
-          flush=True)
+    model_dir = export_model(
+        None, d, ranges="0-15,15-30", progress=False, graph_name="contrib", precision="exact"
+    ).directory
+    print(
+        f"{args.agents} agents x {args.memory_mb:.0f} MB, {args.requests} requests "
+        f"({args.concurrency} at a time, {args.max_new_tokens} new tokens), {args.kills} "
+        f"kills every {args.every:.0f} s (down {args.down:.0f} s), one broker restart",
+        flush=True,
+    )
     if args.logs is not None:
         args.logs.mkdir(parents=True, exist_ok=True)
     with cluster(model_dir, args.agents, args.memory_mb, workdir=args.logs) as c:
         c.wait_serving(timeout=180)
-        res = asyncio.run(run_chaos(c, requests=args.requests, concurrency=args.concurrency,
-                                    max_new_tokens=args.max_new_tokens, kills=args.kills,
-                                    every_s=args.every, down_s=args.down, seed=args.seed,
-                                    interval_s=args.interval,
-                                    deadline_s=args.deadline))
+        res = asyncio.run(
+            run_chaos(
+                c,
+                requests=args.requests,
+                concurrency=args.concurrency,
+                max_new_tokens=args.max_new_tokens,
+                kills=args.kills,
+                every_s=args.every,
+                down_s=args.down,
+                seed=args.seed,
+                interval_s=args.interval,
+                deadline_s=args.deadline,
+            )
+        )
         summary = asyncio.run(_orchestrator_summary(c))
     check_against_local(res, model_dir, args.max_new_tokens)
     print(report(res, summary))

@@ -39,10 +39,17 @@ PROMPT = "Write a short story about a robot who learns to paint."
 
 
 def inventory(n: int, memory_mb: float) -> dict[str, Any]:
-    return {"link_defaults": {"bandwidth_mbps": 1000, "latency_ms": 0.5},
-            "devices": [{"id": f"dev{i}", "memory_mb": memory_mb,
-                         "hardware": {"tflops": 0.1, "mem_bw_gbps": 10}} for i in range(n)]}
-
+    return {
+        "link_defaults": {"bandwidth_mbps": 1000, "latency_ms": 0.5},
+        "devices": [
+            {
+                "id": f"dev{i}",
+                "memory_mb": memory_mb,
+                "hardware": {"tflops": 0.1, "mem_bw_gbps": 10},
+            }
+            for i in range(n)
+        ],
+    }
 
 
 async def remote_decode(cluster: LocalCluster, prompt_ids: list[int], n: int) -> float:
@@ -53,60 +60,110 @@ async def remote_decode(cluster: LocalCluster, prompt_ids: list[int], n: int) ->
 
 def local_decode(model_dir: Path, threads: int, n: int, variant: list[str]) -> float:
     """`e2llm generate --json` in its own process (its own thread settings)."""
-    out = subprocess.run([sys.executable, "-m", "e2llm_edge.cli", "generate", PROMPT,
-                          "--model", str(model_dir), "--threads", str(threads),
-                          "--max-new-tokens", str(n), "--json", *variant],
-                         capture_output=True, text=True, check=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "e2llm_edge.cli",
+            "generate",
+            PROMPT,
+            "--model",
+            str(model_dir),
+            "--threads",
+            str(threads),
+            "--max-new-tokens",
+            str(n),
+            "--json",
+            *variant,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=300,
+    )
     return float(json.loads(out.stdout)["stats"]["decode_tokens_per_s"])
 
 
-async def kv_handoff(cluster: LocalCluster, plan: Plan, prompt_ids: list[int]
-                     ) -> dict[str, float]:
+async def kv_handoff(cluster: LocalCluster, plan: Plan, prompt_ids: list[int]) -> dict[str, float]:
     p_devs = [s.device_id for r in plan.replicas if r.role == "prefill" for s in r.stages]
     d_devs = [s.device_id for r in plan.replicas if r.role == "decoder" for s in r.stages]
     before = await cluster.telemetry(p_devs, timeout=15)  # counters add up over requests
     async with Client(cluster.bus_config()) as c:
         await collect(c, prompt_ids=prompt_ids, max_new_tokens=4, timeout=120)
     tel = await cluster.telemetry(p_devs + d_devs, timeout=15)
-    return {"bytes": sum(tel[d]["kv_bytes_out"] - before[d]["kv_bytes_out"] for d in p_devs),
-            "send_s": max(tel[d]["last_kv_send_s"] for d in p_devs),
-            "handoff_s": max(tel[d]["last_kv_handoff_s"] for d in d_devs),
-            "wait_s": max(tel[d].get("last_kv_wait_s", 0.0) for d in d_devs)}
+    return {
+        "bytes": sum(tel[d]["kv_bytes_out"] - before[d]["kv_bytes_out"] for d in p_devs),
+        "send_s": max(tel[d]["last_kv_send_s"] for d in p_devs),
+        "handoff_s": max(tel[d]["last_kv_handoff_s"] for d in d_devs),
+        "wait_s": max(tel[d].get("last_kv_wait_s", 0.0) for d in d_devs),
+    }
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=2,
-                    help="onnxruntime threads per agent (pools sleep between runs, so idle "
-                         "agents leave the cores to the stage running)")
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=2,
+        help="onnxruntime threads per agent (pools sleep between runs, so idle "
+        "agents leave the cores to the stage running)",
+    )
     ap.add_argument("--graph", default="standard", choices=["standard", "contrib"])
     ap.add_argument("--precision", default=None, help="fp32 (standard), exact/int8 (contrib)")
     args = ap.parse_args()
     precision = args.precision or ("fp32" if args.graph == "standard" else "exact")
     variant = ["--graph", args.graph, "--precision", precision]
-    model_dir = export_model(None, default_model_dir(), ranges="0-15,15-30",
-                             progress=False, graph_name=args.graph, precision=precision).directory
+    model_dir = export_model(
+        None,
+        default_model_dir(),
+        ranges="0-15,15-30",
+        progress=False,
+        graph_name=args.graph,
+        precision=precision,
+    ).directory
     manifest = Manifest.load(model_dir)
     tok = ChatTokenizer(manifest)
     ids = tok.encode_prompt(PROMPT)
     load_or_measure_profile(manifest, threads=args.threads, variant=(args.graph, precision))
-    print(f"CPU: {cpu_model()}, {os.cpu_count()} cores; local path with 1 and 2 threads; "
-          f"agents {args.threads} thread(s) each; prompt {len(ids)} "
-          f"tokens, up to {args.new_tokens} new tokens, {args.rounds} rounds; graph "
-          f"{args.graph}/{precision}")
+    print(
+        f"CPU: {cpu_model()}, {os.cpu_count()} cores; local path with 1 and 2 threads; "
+        f"agents {args.threads} thread(s) each; prompt {len(ids)} "
+        f"tokens, up to {args.new_tokens} new tokens, {args.rounds} rounds; graph "
+        f"{args.graph}/{precision}"
+    )
     pipe = ["--method", "pipeline"]
-    with LocalCluster(model_dir, inventory(2, 4000), cluster="bench2", threads=args.threads,
-                      orchestrator_args=pipe, agent_args=variant, verbose=False) as c2, \
-            LocalCluster(model_dir, inventory(4, 4000), cluster="bench4", threads=args.threads,
-                         orchestrator_args=pipe, agent_args=variant, verbose=False) as c4:
+    with (
+        LocalCluster(
+            model_dir,
+            inventory(2, 4000),
+            cluster="bench2",
+            threads=args.threads,
+            orchestrator_args=pipe,
+            agent_args=variant,
+            verbose=False,
+        ) as c2,
+        LocalCluster(
+            model_dir,
+            inventory(4, 4000),
+            cluster="bench4",
+            threads=args.threads,
+            orchestrator_args=pipe,
+            agent_args=variant,
+            verbose=False,
+        ) as c4,
+    ):
         p2 = Plan.from_dict(c2.wait_serving(timeout=180))
         p4 = Plan.from_dict(c4.wait_serving(timeout=180))
         assert [len(r.stages) for r in p2.replicas] == [2], p2
         assert [len(r.stages) for r in p4.replicas] == [4], p4
-        runs: dict[str, list[float]] = {"local 1t": [], "local 2t": [], "2 stages": [],
-                                        "4 stages": []}
+        runs: dict[str, list[float]] = {
+            "local 1t": [],
+            "local 2t": [],
+            "2 stages": [],
+            "4 stages": [],
+        }
         for _ in range(args.rounds):
             runs["local 1t"].append(local_decode(model_dir, 1, args.new_tokens, variant))
             runs["local 2t"].append(local_decode(model_dir, 2, args.new_tokens, variant))
@@ -116,22 +173,32 @@ def main() -> int:
     best_local = max(med["local 1t"], med["local 2t"])
     print("\ndecode tokens/s (median of rounds; all rounds in brackets)")
     for k, v in runs.items():
-        print(f"  {k:9s} {med[k]:6.1f}  {[round(x, 1) for x in v]}  "
-              f"ratio to the best local {med[k] / best_local:.2f}x")
+        print(
+            f"  {k:9s} {med[k]:6.1f}  {[round(x, 1) for x in v]}  "
+            f"ratio to the best local {med[k] / best_local:.2f}x"
+        )
     # the local run with the agents' thread count: what the pipeline adds to the same compute
     t_local = 1 / med["local 1t" if args.threads == 1 else "local 2t"]
     for k, stages in (("2 stages", 2), ("4 stages", 4)):
         extra = 1 / med[k] - t_local
-        print(f"  per-hop overhead ({k}): {extra / stages * 1e3:.2f} ms "
-              f"({stages} hops per token: the step's way round the pipeline)")
+        print(
+            f"  per-hop overhead ({k}): {extra / stages * 1e3:.2f} ms "
+            f"({stages} hops per token: the step's way round the pipeline)"
+        )
 
-    long_ids = (tok.encode_prompt("Summarise: " + "edge devices share the work. " * 120,
-                                  raw=True))[:512]
-    inv = {"link_defaults": {"bandwidth_mbps": 1000, "latency_ms": 0.5},
-           "devices": [{"id": f"kv{i}", "memory_mb": 420,
-                        "hardware": {"tflops": 0.1, "mem_bw_gbps": 10}} for i in range(4)]}
-    with LocalCluster(model_dir, inv, cluster="benchkv", threads=args.threads,
-                      agent_args=variant, verbose=False) as ck:
+    long_ids = (tok.encode_prompt("Summarise: " + "edge devices share the work. " * 120, raw=True))[
+        :512
+    ]
+    inv = {
+        "link_defaults": {"bandwidth_mbps": 1000, "latency_ms": 0.5},
+        "devices": [
+            {"id": f"kv{i}", "memory_mb": 420, "hardware": {"tflops": 0.1, "mem_bw_gbps": 10}}
+            for i in range(4)
+        ],
+    }
+    with LocalCluster(
+        model_dir, inv, cluster="benchkv", threads=args.threads, agent_args=variant, verbose=False
+    ) as ck:
         pk = Plan.from_dict(ck.wait_serving(timeout=180))
         roles = sorted(r.role for r in pk.replicas)
         if roles != ["decoder", "prefill"]:
@@ -139,16 +206,19 @@ def main() -> int:
             return 1
         kvs = [asyncio.run(kv_handoff(ck, pk, long_ids)) for _ in range(args.rounds)]
     kv = {k: statistics.median(x[k] for x in kvs) for k in kvs[0]}
-    print(f"\nKV handoff for a {len(long_ids)}-token prompt (PREFILL -> DECODER, chunked "
-          f"~1 MB; median of {len(kvs)}): {kv['bytes'] / 1e6:.1f} MB, sender publish time "
-          f"{kv['send_s'] * 1e3:.0f} ms, first send to decoder holding all of it "
-          f"{kv['handoff_s'] * 1e3:.0f} ms ({kv['bytes'] / 1e6 / max(kv['handoff_s'], 1e-9):.0f}"
-          f" MB/s; all: {[round(x['handoff_s'] * 1e3) for x in kvs]} ms); the decoder's "
-          f"first step waited for it {kv['wait_s'] * 1e3:.0f} ms "
-          f"({[round(x['wait_s'] * 1e3) for x in kvs]} ms): the handoff's cost to the request")
+    print(
+        f"\nKV handoff for a {len(long_ids)}-token prompt (PREFILL -> DECODER, chunked "
+        f"~1 MB; median of {len(kvs)}): {kv['bytes'] / 1e6:.1f} MB, sender publish time "
+        f"{kv['send_s'] * 1e3:.0f} ms, first send to decoder holding all of it "
+        f"{kv['handoff_s'] * 1e3:.0f} ms ({kv['bytes'] / 1e6 / max(kv['handoff_s'], 1e-9):.0f}"
+        f" MB/s; all: {[round(x['handoff_s'] * 1e3) for x in kvs]} ms); the decoder's "
+        f"first step waited for it {kv['wait_s'] * 1e3:.0f} ms "
+        f"({[round(x['wait_s'] * 1e3) for x in kvs]} ms): the handoff's cost to the request"
+    )
     target = med["4 stages"] / best_local
-    print(f"\ntarget: 4 stages >= 0.8x local: {'met' if target >= 0.8 else 'NOT met'} "
-          f"({target:.2f}x)")
+    print(
+        f"\ntarget: 4 stages >= 0.8x local: {'met' if target >= 0.8 else 'NOT met'} ({target:.2f}x)"
+    )
     return 0
 
 

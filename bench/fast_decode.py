@@ -43,13 +43,14 @@ Prefill = Callable[[list[int]], Any]  # prompt ids -> state
 Decode = Callable[[Any, int], int]  # (state, token) -> next token
 
 
-
 def prompts() -> dict[str, list[int]]:
     ref = json.loads((ROOT / "tests" / "fixtures" / "reference_smollm2.json").read_text())
     cases = {c["name"]: c["prompt_ids"] for c in ref["cases"]}
     long = cases["chat_long"]
-    return {"ctx40": (cases["chat_capital"] + cases["raw_code"])[:40],
-            "ctx1000": (long + long)[:1000]}
+    return {
+        "ctx40": (cases["chat_capital"] + cases["raw_code"])[:40],
+        "ctx1000": (long + long)[:1000],
+    }
 
 
 def local_engine(model: LocalModel) -> tuple[Prefill, Decode]:
@@ -72,8 +73,14 @@ def llamacpp_engine(gguf: Path, threads: int) -> tuple[Prefill, Decode] | None:
         return None
     from llama_cpp import Llama
 
-    llm = Llama(str(gguf), n_ctx=2048, n_batch=2048, n_threads=threads,
-                n_threads_batch=threads, verbose=False)
+    llm = Llama(
+        str(gguf),
+        n_ctx=2048,
+        n_batch=2048,
+        n_threads=threads,
+        n_threads_batch=threads,
+        verbose=False,
+    )
 
     def prefill(ids: list[int]) -> Any:
         llm.reset()
@@ -100,16 +107,23 @@ def measure(engine: tuple[Prefill, Decode], ids: list[int], steps: int) -> tuple
     return len(ids) / (t1 - t0), steps / (t2 - t1)
 
 
-def batched(fast_dir: Path, precision: str, ids: list[int], steps: int, rounds: int,
-            conc: list[int]) -> dict[int, list[float]]:
+def batched(
+    fast_dir: Path, precision: str, ids: list[int], steps: int, rounds: int, conc: list[int]
+) -> dict[int, list[float]]:
     """Aggregate decode tokens/s per round with B requests advancing together
     (embed+layers+head)."""
     m = Manifest.load(fast_dir)
     v = ("contrib", precision)
     emb, head = VariantEmbedder(m, v, verify=False), VariantHead(m, v, verify=False)
-    stack = FastLayerStack(m, 0, int(m.config["n_layers"]), precision=precision,
-                           verify=False, max_batch=max(conc),
-                           context=len(ids) + steps * rounds * len(conc) + 8)
+    stack = FastLayerStack(
+        m,
+        0,
+        int(m.config["n_layers"]),
+        precision=precision,
+        verify=False,
+        max_batch=max(conc),
+        context=len(ids) + steps * rounds * len(conc) + 8,
+    )
     caches: list[StageCache] = []
     toks: list[int] = []
     for _ in range(max(conc)):
@@ -135,8 +149,11 @@ def main() -> int:
     ap.add_argument("--threads", type=int, default=2, help="onnxruntime and llama.cpp threads")
     ap.add_argument("--rounds", type=int, default=5)
     ap.add_argument("--steps", type=int, default=32, help="decode steps per measurement")
-    ap.add_argument("--fast-dir", default="/tmp/e2llm_fast_bench",
-                    help="contrib model directory (exported here if missing)")
+    ap.add_argument(
+        "--fast-dir",
+        default="/tmp/e2llm_fast_bench",
+        help="contrib model directory (exported here if missing)",
+    )
     ap.add_argument("--standard-dir", help="standard model directory (default: the cache)")
     ap.add_argument("--skip", default="", help="comma list of engines to skip")
     args = ap.parse_args()
@@ -148,25 +165,37 @@ def main() -> int:
         export_model(None, std_dir, progress=False)
     n_layers = int(Manifest.load(std_dir).config["n_layers"])
     for precision in ("exact", "int8"):
-        export_model(gguf, fast_dir, ranges=f"0-{n_layers}", progress=False,
-                     graph_name="contrib", precision=precision)
+        export_model(
+            gguf,
+            fast_dir,
+            ranges=f"0-{n_layers}",
+            progress=False,
+            graph_name="contrib",
+            precision=precision,
+        )
 
-    print(f"CPU: {cpu_model()}; threads: {args.threads} (onnxruntime per-session pools that "
-          f"sleep between runs, llama.cpp n_threads); rounds: {args.rounds}, "
-          f"{args.steps} decode steps each")
+    print(
+        f"CPU: {cpu_model()}; threads: {args.threads} (onnxruntime per-session pools that "
+        f"sleep between runs, llama.cpp n_threads); rounds: {args.rounds}, "
+        f"{args.steps} decode steps each"
+    )
     skip = set(filter(None, args.skip.split(",")))
     engines: dict[str, tuple[Prefill, Decode]] = {}
     if "standard" not in skip:
-        engines["standard fp32"] = local_engine(LocalModel(std_dir, verify=False,
-                                                           variant=("standard", "fp32")))
+        engines["standard fp32"] = local_engine(
+            LocalModel(std_dir, verify=False, variant=("standard", "fp32"))
+        )
     for precision in ("exact", "int8"):
         if precision not in skip:
             engines[f"contrib {precision}"] = local_engine(
-                LocalModel(fast_dir, verify=False, variant=("contrib", precision)))
+                LocalModel(fast_dir, verify=False, variant=("contrib", precision))
+            )
     llama = llamacpp_engine(gguf, args.threads) if "llama.cpp" not in skip else None
     if llama is None:
-        print("llama.cpp: llama_cpp (llama-cpp-python) is not importable or skipped; "
-              "no comparison (CMAKE_ARGS=-DGGML_NATIVE=ON pip install llama-cpp-python)")
+        print(
+            "llama.cpp: llama_cpp (llama-cpp-python) is not importable or skipped; "
+            "no comparison (CMAKE_ARGS=-DGGML_NATIVE=ON pip install llama-cpp-python)"
+        )
     else:
         engines["llama.cpp"] = llama
 
@@ -179,8 +208,10 @@ def main() -> int:
             for name, eng in engines.items():
                 res.setdefault((name, ctx), []).append(measure(eng, ids, args.steps))
 
-    print(f"\n{'engine':16s} {'context':8s} {'prefill tok/s':>14s} {'decode tok/s':>13s} "
-          f"{'prefill x':>10s} {'decode x':>9s}  decode x per round")
+    print(
+        f"\n{'engine':16s} {'context':8s} {'prefill tok/s':>14s} {'decode tok/s':>13s} "
+        f"{'prefill x':>10s} {'decode x':>9s}  decode x per round"
+    )
     for ctx, ids in ps.items():
         base = res.get(("llama.cpp", ctx))
         for n in engines:
@@ -189,8 +220,10 @@ def main() -> int:
             if base:  # each round's ratio pairs runs minutes apart at most: less noise
                 px = [r[0] / b[0] for r, b in zip(rows, base, strict=True)]
                 dx = [r[1] / b[1] for r, b in zip(rows, base, strict=True)]
-                ratio = (f"{statistics.median(px):10.2f} {statistics.median(dx):9.2f}  "
-                         f"{[round(x, 2) for x in dx]}")
+                ratio = (
+                    f"{statistics.median(px):10.2f} {statistics.median(dx):9.2f}  "
+                    f"{[round(x, 2) for x in dx]}"
+                )
             else:
                 ratio = f"{'-':>10s} {'-':>9s}"
             print(f"{n:16s} {len(ids):<8d} {p:14.1f} {d:13.1f} {ratio}")
@@ -204,7 +237,8 @@ def main() -> int:
         line = ", ".join(
             f"B={b}: {statistics.median(t):.1f} tok/s "
             f"({statistics.median(x / y for x, y in zip(t, tput[1], strict=True)):.2f}x)"
-            for b, t in tput.items())
+            for b, t in tput.items()
+        )
         print(f"batched decode, contrib {precision}, ~40-token contexts: {line}")
     return 0
 

@@ -45,11 +45,33 @@ print(json.dumps({"sessions": len(m.layers.segments), "decode": st.decode_tokens
 """
 
 
-def run(model_dir: Path, ranges: bool, threads: int, n: int, prompt_len: int,
-        variant: tuple[str, str], tree: Path = ROOT) -> dict[str, float]:
-    out = subprocess.run([sys.executable, "-c", CHILD, str(model_dir), "1" if ranges else "0",
-                          str(threads), str(n), str(prompt_len), *variant],
-                         capture_output=True, text=True, check=True, timeout=600, cwd=tree)
+def run(
+    model_dir: Path,
+    ranges: bool,
+    threads: int,
+    n: int,
+    prompt_len: int,
+    variant: tuple[str, str],
+    tree: Path = ROOT,
+) -> dict[str, float]:
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-c",
+            CHILD,
+            str(model_dir),
+            "1" if ranges else "0",
+            str(threads),
+            str(n),
+            str(prompt_len),
+            *variant,
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=600,
+        cwd=tree,
+    )
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
 
 
@@ -58,34 +80,49 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--new-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, nargs="+", default=[1, 2])
-    ap.add_argument("--baseline", type=Path, default=None,
-                    help="another checkout whose code runs the same configurations, interleaved")
+    ap.add_argument(
+        "--baseline",
+        type=Path,
+        default=None,
+        help="another checkout whose code runs the same configurations, interleaved",
+    )
     ap.add_argument("--graph", default="standard", choices=["standard", "contrib"])
     ap.add_argument("--precision", default=None, help="fp32 (standard), exact/int8 (contrib)")
     args = ap.parse_args()
     variant = (args.graph, args.precision or ("fp32" if args.graph == "standard" else "exact"))
     trees = [("", ROOT)] + ([("baseline ", args.baseline.resolve())] if args.baseline else [])
-    model_dir = export_model(None, default_model_dir(), ranges="0-15,15-30", progress=False,
-                             graph_name=variant[0], precision=variant[1]).directory
+    model_dir = export_model(
+        None,
+        default_model_dir(),
+        ranges="0-15,15-30",
+        progress=False,
+        graph_name=variant[0],
+        precision=variant[1],
+    ).directory
     cpu = cpu_model()
-    print(f"CPU: {cpu}, {os.cpu_count()} cores; graph {variant[0]}/{variant[1]}; threads as "
-          f"the code under test sets them up (see e2llm_edge/device/runner.py)")
+    print(
+        f"CPU: {cpu}, {os.cpu_count()} cores; graph {variant[0]}/{variant[1]}; threads as "
+        f"the code under test sets them up (see e2llm_edge/device/runner.py)"
+    )
     configs = [(b, r, t) for t in args.threads for r in (False, True) for b in trees]
     for ctx in (40, 1000):
         res: dict[tuple[tuple[str, Path], bool, int], list[dict[str, float]]] = {
-            c: [] for c in configs}
+            c: [] for c in configs
+        }
         for _ in range(args.rounds):
             for b, r, t in configs:
-                res[(b, r, t)].append(run(model_dir, r, t, args.new_tokens, ctx, variant,
-                                          tree=b[1]))
+                res[(b, r, t)].append(
+                    run(model_dir, r, t, args.new_tokens, ctx, variant, tree=b[1])
+                )
         print(f"\nprompt of {ctx} tokens, {args.new_tokens} new tokens")
         for (b, r, t), rows in res.items():
             dec = [x["decode"] for x in rows]
             pre = [x["prefill"] for x in rows]
-            label = (f"{b[0]}{'range' if r else 'per-layer'} "
-                     f"({int(rows[0]['sessions'])} sessions)")
-            print(f"  {label:33s} threads={t}: decode {statistics.median(dec):6.1f} tok/s "
-                  f"{[round(x, 1) for x in dec]}, prefill {statistics.median(pre):7.0f} tok/s")
+            label = f"{b[0]}{'range' if r else 'per-layer'} ({int(rows[0]['sessions'])} sessions)"
+            print(
+                f"  {label:33s} threads={t}: decode {statistics.median(dec):6.1f} tok/s "
+                f"{[round(x, 1) for x in dec]}, prefill {statistics.median(pre):7.0f} tok/s"
+            )
     return 0
 
 

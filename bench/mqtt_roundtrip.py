@@ -35,11 +35,11 @@ from e2llm_edge.wire.bus import Bus, BusConfig
 SIZES = {"2 KB": (1, 1, 512), "1.2 MB": (1, 520, 576)}
 
 
-async def roundtrips(port: int, nodelay: bool, shape: tuple[int, int, int], n: int
-                     ) -> list[float]:
+async def roundtrips(port: int, nodelay: bool, shape: tuple[int, int, int], n: int) -> list[float]:
     cfg = BusConfig(port=port, cluster="bench", tcp_nodelay=nodelay)
-    act = m.Activation(request_id="r", phase="decode",
-                       hidden=np.ones(shape, np.float32), position_start=0, step=0)
+    act = m.Activation(
+        request_id="r", phase="decode", hidden=np.ones(shape, np.float32), position_start=0, step=0
+    )
     async with Bus(cfg) as a, Bus(cfg) as b:
         await a.subscribe(t.DEVICE_INBOX, device_id="a")
         await b.subscribe(t.DEVICE_INBOX, device_id="b")
@@ -72,12 +72,18 @@ async def amqtt_broker() -> AsyncIterator[int]:
     port = free_port()
     with tempfile.TemporaryDirectory() as tmp:
         conf = Path(tmp) / "amqtt.yaml"
-        conf.write_text(f"listeners:\n  default:\n    type: tcp\n    bind: 127.0.0.1:{port}\n"
-                        "plugins:\n  amqtt.plugins.authentication.AnonymousAuthPlugin:\n"
-                        "    allow_anonymous: true\n")
+        conf.write_text(
+            f"listeners:\n  default:\n    type: tcp\n    bind: 127.0.0.1:{port}\n"
+            "plugins:\n  amqtt.plugins.authentication.AnonymousAuthPlugin:\n"
+            "    allow_anonymous: true\n"
+        )
         exe = Path(sys.executable).parent / "amqtt"
-        proc = await asyncio.to_thread(subprocess.Popen, [str(exe), "-c", str(conf)],
-                                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        proc = await asyncio.to_thread(
+            subprocess.Popen,
+            [str(exe), "-c", str(conf)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+        )
         try:
             for _ in range(100):
                 try:
@@ -109,8 +115,7 @@ async def echo_process(port: int) -> None:
             env = await b.recv(timeout=60)
             got = _us()
             assert isinstance(env.msg, m.Activation)
-            await b.publish(t.DEVICE_INBOX, dataclasses.replace(env.msg, step=got),
-                            device_id="a")
+            await b.publish(t.DEVICE_INBOX, dataclasses.replace(env.msg, step=got), device_id="a")
 
 
 async def paused_hops(port: int, pause_s: float, n: int) -> tuple[list[float], list[float]]:
@@ -122,9 +127,17 @@ async def paused_hops(port: int, pause_s: float, n: int) -> tuple[list[float], l
         for i in range(n + 5):
             await asyncio.sleep(pause_s)
             t0 = _us()
-            await a.publish(t.DEVICE_INBOX, m.Activation(
-                request_id="r", phase="decode", hidden=np.ones((1, 1, 576), np.float32),
-                position_start=t0, step=0), device_id="b")
+            await a.publish(
+                t.DEVICE_INBOX,
+                m.Activation(
+                    request_id="r",
+                    phase="decode",
+                    hidden=np.ones((1, 1, 576), np.float32),
+                    position_start=t0,
+                    step=0,
+                ),
+                device_id="b",
+            )
             env = await a.recv(timeout=10)
             t2 = _us()
             assert isinstance(env.msg, m.Activation)
@@ -136,14 +149,16 @@ async def paused_hops(port: int, pause_s: float, n: int) -> tuple[list[float], l
 
 async def pauses_case(pauses_ms: list[float], n: int) -> None:
     async with mosquitto(True) as port:
-        proc = await asyncio.create_subprocess_exec(sys.executable, __file__, "--echo",
-                                                    str(port))
+        proc = await asyncio.create_subprocess_exec(sys.executable, __file__, "--echo", str(port))
         try:
             await asyncio.sleep(1.5)  # the echo process connects and subscribes
             for ms in pauses_ms:
                 there, back = await paused_hops(port, ms / 1e3, n)
-                print(f"two processes, {ms:4.0f} ms pause before each ping, 2 KB: hop there "
-                      f"{fmt(there)}; hop back {fmt(back)}", flush=True)
+                print(
+                    f"two processes, {ms:4.0f} ms pause before each ping, 2 KB: hop there "
+                    f"{fmt(there)}; hop back {fmt(back)}",
+                    flush=True,
+                )
         finally:
             proc.kill()
             await proc.wait()
@@ -153,8 +168,11 @@ async def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__)
     ap.add_argument("--n", type=int, default=200, help="round trips per case")
     ap.add_argument("--amqtt", action="store_true", help="also measure amqtt")
-    ap.add_argument("--pauses", default="", help="comma list of pauses (ms) for the "
-                    "two-process case, e.g. 0,5,20")
+    ap.add_argument(
+        "--pauses",
+        default="",
+        help="comma list of pauses (ms) for the two-process case, e.g. 0,5,20",
+    )
     ap.add_argument("--echo", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.echo is not None:
@@ -162,8 +180,10 @@ async def main() -> None:
         return
     if args.pauses:
         await pauses_case([float(x) for x in args.pauses.split(",")], min(args.n, 100))
-    cases = [("mosquitto, TCP_NODELAY on both sides", mosquitto(True), True),
-             ("mosquitto, Nagle (no TCP_NODELAY)", mosquitto(False), False)]
+    cases = [
+        ("mosquitto, TCP_NODELAY on both sides", mosquitto(True), True),
+        ("mosquitto, Nagle (no TCP_NODELAY)", mosquitto(False), False),
+    ]
     if args.amqtt:
         cases.append(("amqtt (subprocess), TCP_NODELAY on clients", amqtt_broker(), True))
     for label, broker, nodelay in cases:

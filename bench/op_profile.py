@@ -64,16 +64,17 @@ class Profile:
     def rows(self) -> list[tuple[str, float, float]]:
         """(row, ms per run, share) from the costliest."""
         total = sum(self.micros.values()) or 1.0
-        return [(k, v / self.calls / 1e3, v / total)
-                for k, v in sorted(self.micros.items(), key=lambda kv: -kv[1])]
+        return [
+            (k, v / self.calls / 1e3, v / total)
+            for k, v in sorted(self.micros.items(), key=lambda kv: -kv[1])
+        ]
 
 
 def linear_names(cfg: dict[str, int]) -> dict[tuple[int, int], str]:
     """(K, N) of each linear layer -> its name, for the profiler's shapes."""
     h, i, d = cfg["hidden_size"], cfg["intermediate_size"], cfg["head_dim"]
     qkv = (cfg["n_heads"] + 2 * cfg["n_kv_heads"]) * d
-    names = {(h, qkv): "qkv", (h, cfg["n_heads"] * d): "o", (h, 2 * i): "gate_up",
-             (i, h): "down"}
+    names = {(h, qkv): "qkv", (h, cfg["n_heads"] * d): "o", (h, 2 * i): "gate_up", (i, h): "down"}
     for (k, n), nm in list(names.items()):
         names[(k // 32, n)] = f"{nm} block term"  # Gemm(block sums, block minima)
         names[(k, k // 32)] = f"block sums, K={k}"  # MatMul(x, 0/1 indicator): shared K
@@ -104,20 +105,44 @@ def aggregate(events: list[dict], names: dict[tuple[int, int], str]) -> tuple[in
     return runs, dict(micros)
 
 
-def profile_stack(fast_dir: Path, precision: str, batches: list[int], prefills: list[int],
-                  steps: int, threads: int | None = None) -> list[Profile]:
+def profile_stack(
+    fast_dir: Path,
+    precision: str,
+    batches: list[int],
+    prefills: list[int],
+    steps: int,
+    threads: int | None = None,
+) -> list[Profile]:
     """One profiled session per case (a fresh stack each, so cases do not share a file)."""
     m = Manifest.load(fast_dir)
-    cfg = {k: int(m.config[k]) for k in ("hidden_size", "intermediate_size", "head_dim",
-                                         "n_heads", "n_kv_heads", "n_layers")}
+    cfg = {
+        k: int(m.config[k])
+        for k in (
+            "hidden_size",
+            "intermediate_size",
+            "head_dim",
+            "n_heads",
+            "n_kv_heads",
+            "n_layers",
+        )
+    }
     names = linear_names(cfg)
     rng = np.random.default_rng(0)
     out: list[Profile] = []
     with tempfile.TemporaryDirectory(prefix="e2llm_prof_") as tmp:
+
         def stack(case: str, context: int) -> FastLayerStack:
-            return FastLayerStack(m, 0, cfg["n_layers"], precision=precision, verify=False,
-                                  threads=threads, max_batch=max([*batches, 1]),
-                                  context=context, profile=f"{tmp}/{case}")
+            return FastLayerStack(
+                m,
+                0,
+                cfg["n_layers"],
+                precision=precision,
+                verify=False,
+                threads=threads,
+                max_batch=max([*batches, 1]),
+                context=context,
+                profile=f"{tmp}/{case}",
+            )
 
         def finish(st: FastLayerStack, case: str, skip: int, wall: float, calls: int) -> None:
             """Read each segment's profile, leaving out its first `skip` session runs."""
@@ -128,8 +153,9 @@ def profile_stack(fast_dir: Path, precision: str, batches: list[int], prefills: 
                 r, mc = aggregate(_drop_runs(events, skip), names)
                 runs += r
                 micros.update(mc)
-            out.append(Profile(case, calls, wall / calls * 1e3, dict(micros),
-                               runs // max(1, len(files))))
+            out.append(
+                Profile(case, calls, wall / calls * 1e3, dict(micros), runs // max(1, len(files)))
+            )
 
         for b in batches:
             case = f"{precision} decode B={b}"
@@ -165,8 +191,11 @@ def profile_stack(fast_dir: Path, precision: str, batches: list[int], prefills: 
 
 def _drop_runs(events: list[dict], n: int) -> list[dict]:
     """The events after the first `n` session runs (prompt prefills or the warm-up)."""
-    ends = sorted(e["ts"] + e["dur"] for e in events
-                  if e.get("cat") == "Session" and e.get("name") == "model_run")
+    ends = sorted(
+        e["ts"] + e["dur"]
+        for e in events
+        if e.get("cat") == "Session" and e.get("name") == "model_run"
+    )
     if n <= 0 or len(ends) <= n:
         return events
     cut = ends[n - 1]
@@ -175,8 +204,10 @@ def _drop_runs(events: list[dict], n: int) -> list[dict]:
 
 def report(p: Profile, top: int | None = None) -> str:
     unit = "step" if "decode" in p.case else "prefill"
-    lines = [f"{p.case}: {p.wall_ms:.2f} ms wall per {unit} (profiler on), "
-             f"{p.kernel_ms:.2f} ms in kernels; {p.calls} {unit}s, {p.session_runs} session runs"]
+    lines = [
+        f"{p.case}: {p.wall_ms:.2f} ms wall per {unit} (profiler on), "
+        f"{p.kernel_ms:.2f} ms in kernels; {p.calls} {unit}s, {p.session_runs} session runs"
+    ]
     for row, ms, share in p.rows()[:top]:
         lines.append(f"  {row:34s} {ms:9.3f} ms  {100 * share:5.1f}%")
     return "\n".join(lines)
@@ -190,22 +221,32 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=30, help="decode steps (and prefill runs)")
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--top", type=int, default=14, help="rows printed per case")
-    ap.add_argument("--fast-dir", default="/tmp/e2llm_fast_bench",
-                    help="contrib model directory (exported here if missing)")
+    ap.add_argument(
+        "--fast-dir",
+        default="/tmp/e2llm_fast_bench",
+        help="contrib model directory (exported here if missing)",
+    )
     args = ap.parse_args()
     configure_threads(args.threads)
-    ints = (lambda s: [int(v) for v in s.split(",") if v])  # noqa: E731
+    ints = lambda s: [int(v) for v in s.split(",") if v]  # noqa: E731
     fast_dir = Path(args.fast_dir)
     precisions = [p for p in args.precision.split(",") if p]
     gguf = fetch_default_gguf()
     n = open_model(gguf).config.n_layers
     for precision in precisions:  # all layers in one segment, as one device runs them
-        export_model(gguf, fast_dir, ranges=f"0-{n}", progress=False, graph_name="contrib",
-                     precision=precision)
+        export_model(
+            gguf,
+            fast_dir,
+            ranges=f"0-{n}",
+            progress=False,
+            graph_name="contrib",
+            precision=precision,
+        )
     print(f"CPU: {cpu_model()}; threads: {args.threads}; {args.steps} steps per case")
     for precision in precisions:
-        for p in profile_stack(fast_dir, precision, ints(args.batch), ints(args.prefill),
-                               args.steps):
+        for p in profile_stack(
+            fast_dir, precision, ints(args.batch), ints(args.prefill), args.steps
+        ):
             print(report(p, args.top))
     return 0
 

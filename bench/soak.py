@@ -28,9 +28,13 @@ from e2llm_edge.client import Client, GenerationError, collect  # noqa: E402
 from e2llm_edge.errors import BusTimeout  # noqa: E402
 from e2llm_edge.ops.localcluster import LocalCluster  # noqa: E402
 
-PROMPTS = ["Tell me about the sea in one sentence.", "What is a prime number?",
-           "Write a haiku about autumn.", "Name three tools a gardener uses.",
-           "Explain what a battery does, briefly."]
+PROMPTS = [
+    "Tell me about the sea in one sentence.",
+    "What is a prime number?",
+    "Write a haiku about autumn.",
+    "Name three tools a gardener uses.",
+    "Explain what a battery does, briefly.",
+]
 
 
 @dataclass
@@ -54,14 +58,23 @@ class SoakResult:
         names = sorted(self.samples[0][2])
         lines = ["   t (s)  done  " + "  ".join(f"{n:>12s}" for n in names) + "   (RSS MB)"]
         for ts, done, rss in self.samples:
-            lines.append(f"  {ts:6.0f} {done:5d}  " + "  ".join(
-                f"{rss.get(n, 0) / 2**20:12.1f}" for n in names))
+            lines.append(
+                f"  {ts:6.0f} {done:5d}  "
+                + "  ".join(f"{rss.get(n, 0) / 2**20:12.1f}" for n in names)
+            )
         return "\n".join(lines)
 
 
-async def soak(c: LocalCluster, seconds: float, sample_s: float, *, concurrency: int = 3,
-               max_new_tokens: int = 16, abandon_every: int = 5,
-               on_sample: Any = None) -> SoakResult:
+async def soak(
+    c: LocalCluster,
+    seconds: float,
+    sample_s: float,
+    *,
+    concurrency: int = 3,
+    max_new_tokens: int = 16,
+    abandon_every: int = 5,
+    on_sample: Any = None,
+) -> SoakResult:
     res = SoakResult()
     t0 = time.monotonic()
     stop = time.monotonic() + seconds
@@ -106,8 +119,9 @@ async def soak(c: LocalCluster, seconds: float, sample_s: float, *, concurrency:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     ap.add_argument("--minutes", type=float, default=5.0)
     ap.add_argument("--agents", type=int, default=4)
     ap.add_argument("--memory-mb", type=float, default=420)
@@ -118,32 +132,46 @@ def main() -> int:
 
     d = default_model_dir()
     export_model(None, d, ranges="0-15,15-30", progress=False)
-    model_dir = export_model(None, d, ranges="0-15,15-30", progress=False,
-                             graph_name="contrib", precision="exact").directory
-    inv = {"link_defaults": {"bandwidth_mbps": 1000, "latency_ms": 0.5},
-           "devices": [{"id": f"k{i}", "memory_mb": args.memory_mb,
-                        "hardware": {"tflops": 0.1, "mem_bw_gbps": 10}}
-                       for i in range(args.agents)]}
+    model_dir = export_model(
+        None, d, ranges="0-15,15-30", progress=False, graph_name="contrib", precision="exact"
+    ).directory
+    inv = {
+        "link_defaults": {"bandwidth_mbps": 1000, "latency_ms": 0.5},
+        "devices": [
+            {
+                "id": f"k{i}",
+                "memory_mb": args.memory_mb,
+                "hardware": {"tflops": 0.1, "mem_bw_gbps": 10},
+            }
+            for i in range(args.agents)
+        ],
+    }
     printed = 0
 
     def show(res: SoakResult) -> None:
         nonlocal printed
         lines = res.table().splitlines()
-        for line in lines[printed if printed else 0:]:
+        for line in lines[printed if printed else 0 :]:
             print(line, flush=True)
         printed = len(lines)
 
-    with LocalCluster(model_dir, inv, cluster="soak", verbose=False,
-                      agent_args=["--request-timeout", "20"]) as c:
+    with LocalCluster(
+        model_dir, inv, cluster="soak", verbose=False, agent_args=["--request-timeout", "20"]
+    ) as c:
         c.wait_serving(timeout=180)
-        res = asyncio.run(soak(c, args.minutes * 60, args.sample,
-                               concurrency=args.concurrency, on_sample=show))
+        res = asyncio.run(
+            soak(c, args.minutes * 60, args.sample, concurrency=args.concurrency, on_sample=show)
+        )
     show(res)
-    print(f"\n{res.done} completed, {res.abandoned} abandoned by the client, {res.errors} "
-          f"errors in {res.samples[-1][0]:.0f} s")
+    print(
+        f"\n{res.done} completed, {res.abandoned} abandoned by the client, {res.errors} "
+        f"errors in {res.samples[-1][0]:.0f} s"
+    )
     growth = res.growth_mb()
-    print("RSS growth after warm-up (MB): " + ", ".join(f"{k} {v:+.1f}"
-                                                       for k, v in sorted(growth.items())))
+    print(
+        "RSS growth after warm-up (MB): "
+        + ", ".join(f"{k} {v:+.1f}" for k, v in sorted(growth.items()))
+    )
     return 0 if res.errors == 0 else 1
 
 

@@ -40,11 +40,19 @@ def cmd_export(args: argparse.Namespace) -> int:
     from onnx_export.export import export_model
 
     t0 = time.perf_counter()
-    m = export_model(args.source, args.out, ranges=args.ranges, progress=not args.quiet,
-                     graph_name=args.graph, precision=args.precision)
+    m = export_model(
+        args.source,
+        args.out,
+        ranges=args.ranges,
+        progress=not args.quiet,
+        graph_name=args.graph,
+        precision=args.precision,
+    )
     total = sum(s.bytes for s in m.segments)
-    print(f"{m.directory}: {len(m.segments)} segments, {total / 1e6:.1f} MB, "
-          f"{time.perf_counter() - t0:.1f} s")
+    print(
+        f"{m.directory}: {len(m.segments)} segments, {total / 1e6:.1f} MB, "
+        f"{time.perf_counter() - t0:.1f} s"
+    )
     return 0
 
 
@@ -77,16 +85,28 @@ def cmd_generate(args: argparse.Namespace) -> int:
             sys.stdout.write(stream.push(t))
             sys.stdout.flush()
     if args.json:
-        print(json.dumps({"prompt_ids": ids, "new_ids": new_ids, "text": tok.decode(new_ids),
-                          "stats": {"prompt_tokens": stats.prompt_tokens,
-                                    "new_tokens": stats.new_tokens,
-                                    "prefill_s": round(stats.prefill_s, 4),
-                                    "decode_tokens_per_s": round(stats.decode_tokens_per_s, 2)}}))
+        print(
+            json.dumps(
+                {
+                    "prompt_ids": ids,
+                    "new_ids": new_ids,
+                    "text": tok.decode(new_ids),
+                    "stats": {
+                        "prompt_tokens": stats.prompt_tokens,
+                        "new_tokens": stats.new_tokens,
+                        "prefill_s": round(stats.prefill_s, 4),
+                        "decode_tokens_per_s": round(stats.decode_tokens_per_s, 2),
+                    },
+                }
+            )
+        )
     else:
         print()
-        print(f"[{stats.prompt_tokens} prompt tokens, prefill {stats.prefill_s * 1e3:.0f} ms; "
-              f"{stats.new_tokens} new tokens, {stats.decode_tokens_per_s:.1f} tokens/s]",
-              file=sys.stderr)
+        print(
+            f"[{stats.prompt_tokens} prompt tokens, prefill {stats.prefill_s * 1e3:.0f} ms; "
+            f"{stats.new_tokens} new tokens, {stats.decode_tokens_per_s:.1f} tokens/s]",
+            file=sys.stderr,
+        )
     return 0
 
 
@@ -137,10 +157,17 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
     bus = _bus_config(args, client_id=f"agent-{args.device_id}")
     assert isinstance(bus, BusConfig)
-    cfg = AgentConfig(device_id=args.device_id, bus=bus, model_dir=_model_dir(args),
-                      memory_mb=args.memory_mb, threads=args.threads, link=_link(args),
-                      request_timeout=args.request_timeout, variant=_variant(args),
-                      stage_timeout=args.stage_timeout)
+    cfg = AgentConfig(
+        device_id=args.device_id,
+        bus=bus,
+        model_dir=_model_dir(args),
+        memory_mb=args.memory_mb,
+        threads=args.threads,
+        link=_link(args),
+        request_timeout=args.request_timeout,
+        variant=_variant(args),
+        stage_timeout=args.stage_timeout,
+    )
     asyncio.run(Agent(cfg).run())
     return 0
 
@@ -155,15 +182,21 @@ def cmd_orchestrator(args: argparse.Namespace) -> int:
     bus = _bus_config(args, client_id="orchestrator")
     assert isinstance(bus, BusConfig)
     cfg = OrchestratorConfig(
-        bus=bus, model_dir=_model_dir(args),
+        bus=bus,
+        model_dir=_model_dir(args),
         inventory_path=Path(args.inventory) if args.inventory else None,
-        expect_devices=args.expect_devices, method=args.method, seed=args.seed,
+        expect_devices=args.expect_devices,
+        method=args.method,
+        seed=args.seed,
         fixed_plan=Path(args.plan) if args.plan else None,
         export_ranges=not args.no_export_ranges,
         workload=Workload(args.mean_prompt, args.mean_output, args.rate),
-        request_timeout=args.request_timeout, heartbeat_timeout=args.heartbeat_timeout,
-        drain_timeout=args.drain_timeout, regroup_after=args.regroup_after,
-        max_retries=args.max_retries)
+        request_timeout=args.request_timeout,
+        heartbeat_timeout=args.heartbeat_timeout,
+        drain_timeout=args.drain_timeout,
+        regroup_after=args.regroup_after,
+        max_retries=args.max_retries,
+    )
     asyncio.run(Orchestrator(cfg).run())
     return 0
 
@@ -198,8 +231,11 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
     """What runs the model here: which model directory, threads and graph variant."""
     p.add_argument("--model", help="model directory or source (default: SmolLM2-135M)")
     p.add_argument("--threads", type=int, help="onnxruntime threads (default: usable CPUs)")
-    p.add_argument("--graph", choices=["standard", "contrib"],
-                   help="graph variant to run (default: the best this machine supports)")
+    p.add_argument(
+        "--graph",
+        choices=["standard", "contrib"],
+        help="graph variant to run (default: the best this machine supports)",
+    )
     p.add_argument("--precision", help="fp32 (standard); exact or int8 (contrib)")
 
 
@@ -219,10 +255,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("source", nargs="?", help="a .gguf file or HF directory (default: SmolLM2-135M)")
     p.add_argument("--out", help="model directory to write (default: the cache)")
     p.add_argument("--ranges", help="extra layer-range segments, e.g. 0-10,10-20,20-30")
-    p.add_argument("--graph", default="standard", choices=["standard", "contrib"],
-                   help="standard ONNX ops (portable) or com.microsoft contrib ops (fast)")
-    p.add_argument("--precision", default="fp32",
-                   help="fp32 (standard); exact or int8 (contrib)")
+    p.add_argument(
+        "--graph",
+        default="standard",
+        choices=["standard", "contrib"],
+        help="standard ONNX ops (portable) or com.microsoft contrib ops (fast)",
+    )
+    p.add_argument("--precision", default="fp32", help="fp32 (standard); exact or int8 (contrib)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_export)
 
@@ -239,15 +278,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("agent", help="run a device agent")
     add_broker_args(p)
     p.add_argument("--device-id", required=True)
-    p.add_argument("--memory-mb", type=float, required=True,
-                   help="memory budget for weights + KV cache announced to the planner")
+    p.add_argument(
+        "--memory-mb",
+        type=float,
+        required=True,
+        help="memory budget for weights + KV cache announced to the planner",
+    )
     add_run_args(p)
     p.add_argument("--bandwidth-mbps", type=float, help="this device's link to the broker")
     p.add_argument("--latency-ms", type=float)
-    p.add_argument("--request-timeout", type=float, default=120.0,
-                   help="seconds without progress before a request's KV cache is freed")
-    p.add_argument("--stage-timeout", type=float, default=30.0,
-                   help="seconds of queued work without progress before reporting error")
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=120.0,
+        help="seconds without progress before a request's KV cache is freed",
+    )
+    p.add_argument(
+        "--stage-timeout",
+        type=float,
+        default=30.0,
+        help="seconds of queued work without progress before reporting error",
+    )
     p.set_defaults(func=cmd_agent)
 
     p = sub.add_parser("orchestrator", help="run the fog orchestrator")
@@ -256,25 +307,46 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--inventory", help="YAML naming expected devices (hardware, links)")
     p.add_argument("--expect-devices", type=int, help="devices to wait for before planning")
     p.add_argument("--plan", help="pin this plan (YAML) while all its devices are present")
-    p.add_argument("--no-export-ranges", action="store_true",
-                   help="do not write the plan's layer-range segments into the model directory")
-    p.add_argument("--method", default="e2llm", choices=["e2llm", "splitwise", "pipeline",
-                                                          "memprop"])
+    p.add_argument(
+        "--no-export-ranges",
+        action="store_true",
+        help="do not write the plan's layer-range segments into the model directory",
+    )
+    p.add_argument(
+        "--method", default="e2llm", choices=["e2llm", "splitwise", "pipeline", "memprop"]
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--mean-prompt", type=float, default=256, help="workload: mean prompt tokens")
     p.add_argument("--mean-output", type=float, default=128, help="workload: mean new tokens")
     p.add_argument("--rate", type=float, default=0.5, help="workload: requests per second")
-    p.add_argument("--request-timeout", type=float, default=60.0,
-                   help="seconds without progress before a request is restarted")
-    p.add_argument("--heartbeat-timeout", type=float, default=6.0,
-                   help="seconds of silence before a device of the plan counts as lost")
-    p.add_argument("--drain-timeout", type=float, default=10.0,
-                   help="how long requests in flight may finish before a plan switch")
-    p.add_argument("--regroup-after", type=float, default=30.0,
-                   help="after a device loss, seconds before devices left without a replica "
-                        "are regrouped by a new plan (the surviving replicas serve at once)")
-    p.add_argument("--max-retries", type=int, default=5,
-                   help="restarts after faults before a request fails")
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=60.0,
+        help="seconds without progress before a request is restarted",
+    )
+    p.add_argument(
+        "--heartbeat-timeout",
+        type=float,
+        default=6.0,
+        help="seconds of silence before a device of the plan counts as lost",
+    )
+    p.add_argument(
+        "--drain-timeout",
+        type=float,
+        default=10.0,
+        help="how long requests in flight may finish before a plan switch",
+    )
+    p.add_argument(
+        "--regroup-after",
+        type=float,
+        default=30.0,
+        help="after a device loss, seconds before devices left without a replica "
+        "are regrouped by a new plan (the surviving replicas serve at once)",
+    )
+    p.add_argument(
+        "--max-retries", type=int, default=5, help="restarts after faults before a request fails"
+    )
     p.set_defaults(func=cmd_orchestrator)
 
     p = sub.add_parser("profile", help="measure this device's per-layer costs")
@@ -284,11 +356,15 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_profile)
 
     p = sub.add_parser("demo", help="a whole cluster on this machine answering a prompt")
-    p.add_argument("prompt", nargs="?", default="Explain in two sentences why small devices "
-                   "can serve a language model together.")
+    p.add_argument(
+        "prompt",
+        nargs="?",
+        default="Explain in two sentences why small devices can serve a language model together.",
+    )
     p.add_argument("--broker", help="use a running broker instead of starting one")
-    p.add_argument("--mosquitto", action="store_true",
-                   help="start Mosquitto (default: the embedded broker)")
+    p.add_argument(
+        "--mosquitto", action="store_true", help="start Mosquitto (default: the embedded broker)"
+    )
     p.add_argument("--inventory", help="devices to start (default: the bundled 4-device one)")
     p.add_argument("--model", help="model directory (default: the exported default model)")
     p.add_argument("--max-new-tokens", type=int, default=48)

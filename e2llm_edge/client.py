@@ -44,8 +44,9 @@ class GenerationError(E2LLMError):
 
 
 class Client:
-    def __init__(self, config: BusConfig, client_id: str | None = None,
-                 resend_s: float = 10.0) -> None:
+    def __init__(
+        self, config: BusConfig, client_id: str | None = None, resend_s: float = 10.0
+    ) -> None:
         self.id = client_id or config.username or f"client-{uuid.uuid4().hex[:10]}"
         self.config = config
         self.resend_s = resend_s
@@ -61,12 +62,18 @@ class Client:
         await self._bus.__aenter__()
         await self._bus.subscribe(t.RESPONSE, client_id=self.id)
         # owned: cancelled and awaited in __aexit__
-        self._tasks = [asyncio.create_task(self._read()),
-                       asyncio.create_task(self._watch_reconnects())]
+        self._tasks = [
+            asyncio.create_task(self._read()),
+            asyncio.create_task(self._watch_reconnects()),
+        ]
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                        tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         for task in self._tasks:
             task.cancel()
         for task in self._tasks:
@@ -101,11 +108,18 @@ class Client:
         with contextlib.suppress(E2LLMError):
             await self._bus.publish(t.REQUEST, req, client_id=self.id)
 
-    async def generate(self, prompt: str | None = None, *, prompt_ids: list[int] | None = None,
-                       raw: bool = False, max_new_tokens: int = 64, temperature: float = 0.0,
-                       top_p: float = 1.0, seed: int | None = None,
-                       timeout: float = 120.0,  # noqa: ASYNC109 (becomes BusTimeout)
-                       ) -> AsyncIterator[m.ResponseEvent]:
+    async def generate(
+        self,
+        prompt: str | None = None,
+        *,
+        prompt_ids: list[int] | None = None,
+        raw: bool = False,
+        max_new_tokens: int = 64,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
+        seed: int | None = None,
+        timeout: float = 120.0,  # noqa: ASYNC109 (becomes BusTimeout)
+    ) -> AsyncIterator[m.ResponseEvent]:
         """Stream one request's events; `timeout` bounds the wait for each next event."""
         assert self._bus is not None
         rid = uuid.uuid4().hex
@@ -113,9 +127,16 @@ class Client:
         self._streams[rid] = q
         finished = False
         req = m.GenerateRequest(
-            request_id=rid, client_id=self.id, prompt=prompt, prompt_ids=prompt_ids,
-            raw=raw, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-            seed=seed)
+            request_id=rid,
+            client_id=self.id,
+            prompt=prompt,
+            prompt_ids=prompt_ids,
+            raw=raw,
+            max_new_tokens=max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+        )
         try:
             await self._bus.publish(t.REQUEST, req, client_id=self.id)
             self._submitted[rid] = req
@@ -148,8 +169,8 @@ class Client:
                     finished = True
                     for i in range(seen, len(ev.token_ids)):
                         yield early.get(i) or m.ResponseEvent(
-                            request_id=rid, event="token", token_ids=[ev.token_ids[i]],
-                            index=i)
+                            request_id=rid, event="token", token_ids=[ev.token_ids[i]], index=i
+                        )
                     yield ev
                     return
                 else:
@@ -160,8 +181,11 @@ class Client:
             self._submitted.pop(rid, None)
             if not finished and self._bus is not None:
                 with contextlib.suppress(E2LLMError):
-                    await self._bus.publish(t.REQUEST, m.Release(
-                        request_id=rid, reason="cancelled by the client"), client_id=self.id)
+                    await self._bus.publish(
+                        t.REQUEST,
+                        m.Release(request_id=rid, reason="cancelled by the client"),
+                        client_id=self.id,
+                    )
 
 
 async def collect(client: Client, prompt: str | None = None, **kw: Any) -> dict[str, Any]:
@@ -176,9 +200,13 @@ async def collect(client: Client, prompt: str | None = None, **kw: Any) -> dict[
         else:
             done = ev
     assert done is not None
-    return {"prompt_ids": done.stats.get("prompt_ids", []), "new_ids": new_ids,
-            "text": "".join(text), "finish_reason": done.finish_reason,
-            "stats": {k: v for k, v in done.stats.items() if k != "prompt_ids"}}
+    return {
+        "prompt_ids": done.stats.get("prompt_ids", []),
+        "new_ids": new_ids,
+        "text": "".join(text),
+        "finish_reason": done.finish_reason,
+        "stats": {k: v for k, v in done.stats.items() if k != "prompt_ids"},
+    }
 
 
 def run_generate_cli(args: argparse.Namespace) -> int:
@@ -193,9 +221,14 @@ def run_generate_cli(args: argparse.Namespace) -> int:
 
     async def main() -> int:
         async with Client(cfg) as c:
-            kw = dict(raw=args.raw, max_new_tokens=args.max_new_tokens,
-                      temperature=args.temperature, top_p=args.top_p, seed=args.seed,
-                      timeout=args.timeout)
+            kw = dict(
+                raw=args.raw,
+                max_new_tokens=args.max_new_tokens,
+                temperature=args.temperature,
+                top_p=args.top_p,
+                seed=args.seed,
+                timeout=args.timeout,
+            )
             try:
                 if args.json:
                     print(json.dumps(await collect(c, args.prompt, **kw)))
@@ -207,10 +240,12 @@ def run_generate_cli(args: argparse.Namespace) -> int:
                     else:
                         s = ev.stats
                         print()
-                        print(f"[{s.get('prompt_tokens')} prompt tokens; {s.get('new_tokens')} "
-                              f"new tokens; waiting {s.get('queue_wait_s')} s, first token "
-                              f"{s.get('ttft_s')} s, {s.get('decode_tokens_per_s')} tokens/s]",
-                              file=sys.stderr)
+                        print(
+                            f"[{s.get('prompt_tokens')} prompt tokens; {s.get('new_tokens')} "
+                            f"new tokens; waiting {s.get('queue_wait_s')} s, first token "
+                            f"{s.get('ttft_s')} s, {s.get('decode_tokens_per_s')} tokens/s]",
+                            file=sys.stderr,
+                        )
             except GenerationError as exc:
                 print(f"\nerror: {exc}", file=sys.stderr)
                 return 1

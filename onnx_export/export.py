@@ -26,8 +26,12 @@ log = logging.getLogger(__name__)
 # directories exported by older code are rebuilt instead of reused (5: the screened head and
 # its unscreened alternative; 6: its finiteness check reads the row sum once).
 EXPORTER_VERSION = "6"
-_ELEM: dict[int, str] = {onnx.TensorProto.FLOAT: "float32", onnx.TensorProto.INT64: "int64",
-         onnx.TensorProto.INT32: "int32", onnx.TensorProto.FLOAT16: "float16"}
+_ELEM: dict[int, str] = {
+    onnx.TensorProto.FLOAT: "float32",
+    onnx.TensorProto.INT64: "int64",
+    onnx.TensorProto.INT32: "int32",
+    onnx.TensorProto.FLOAT16: "float16",
+}
 
 
 def parse_ranges(text: str | None, n_layers: int) -> list[tuple[int, int]]:
@@ -50,8 +54,9 @@ def _specs(values: Sequence[onnx.ValueInfoProto]) -> list[TensorSpec]:
     out = []
     for v in values:
         t = v.type.tensor_type
-        shape: list[int | str] = [d.dim_param if d.dim_param else int(d.dim_value)
-                                  for d in t.shape.dim]
+        shape: list[int | str] = [
+            d.dim_param if d.dim_param else int(d.dim_value) for d in t.shape.dim
+        ]
         out.append(TensorSpec(v.name, _ELEM[t.elem_type], shape))
     return out
 
@@ -79,8 +84,12 @@ def model_cost(w: ModelWeights) -> dict[str, Any]:
 
 def _fingerprint(w: ModelWeights, source_digest: str) -> str:
     h = hashlib.sha256()
-    h.update(json.dumps({"exporter": EXPORTER_VERSION, "source": source_digest,
-                         "config": w.config.to_dict()}, sort_keys=True).encode())
+    h.update(
+        json.dumps(
+            {"exporter": EXPORTER_VERSION, "source": source_digest, "config": w.config.to_dict()},
+            sort_keys=True,
+        ).encode()
+    )
     return h.hexdigest()
 
 
@@ -105,15 +114,13 @@ def default_model_dir() -> Path:
 class GraphBuilders(Protocol):
     """A graph family: standard ONNX ops (`onnx_export.graph`) or contrib ops (fast)."""
 
-    def embed_model(self, cfg: ModelConfig, w: ModelWeights, precision: str) -> onnx.ModelProto:
-        ...
+    def embed_model(self, cfg: ModelConfig, w: ModelWeights, precision: str) -> onnx.ModelProto: ...
 
-    def layers_model(self, cfg: ModelConfig, start: int, end: int, w: ModelWeights,
-                     precision: str) -> onnx.ModelProto:
-        ...
+    def layers_model(
+        self, cfg: ModelConfig, start: int, end: int, w: ModelWeights, precision: str
+    ) -> onnx.ModelProto: ...
 
-    def head_model(self, cfg: ModelConfig, w: ModelWeights, precision: str) -> onnx.ModelProto:
-        ...
+    def head_model(self, cfg: ModelConfig, w: ModelWeights, precision: str) -> onnx.ModelProto: ...
 
 
 def graph_family(name: str) -> GraphBuilders:
@@ -132,9 +139,14 @@ def segment_prefix(graph_name: str, precision: str) -> str:
     return "" if (graph_name, precision) == ("standard", "fp32") else f"{graph_name}_{precision}_"
 
 
-def export_model(source: str | Path | None, out_dir: str | Path | None = None,
-                 ranges: str | None = None, progress: bool = True,
-                 graph_name: str = "standard", precision: str = "fp32") -> Manifest:
+def export_model(
+    source: str | Path | None,
+    out_dir: str | Path | None = None,
+    ranges: str | None = None,
+    progress: bool = True,
+    graph_name: str = "standard",
+    precision: str = "fp32",
+) -> Manifest:
     """Export (or update) a model directory and return its manifest.
 
     Several graph variants may live in one directory; each call adds or refreshes one.
@@ -142,8 +154,9 @@ def export_model(source: str | Path | None, out_dir: str | Path | None = None,
     builders = graph_family(graph_name)
     supported = getattr(builders, "PRECISIONS", ("fp32",))
     if precision not in supported:
-        raise ExportError(f"--precision: graph {graph_name!r} supports {', '.join(supported)}, "
-                          f"not {precision!r}")
+        raise ExportError(
+            f"--precision: graph {graph_name!r} supports {', '.join(supported)}, not {precision!r}"
+        )
     w = open_model(source)
     out = Path(out_dir) if out_dir else default_model_dir()
     out.mkdir(parents=True, exist_ok=True)
@@ -156,8 +169,11 @@ def export_model(source: str | Path | None, out_dir: str | Path | None = None,
     try:
         old = Manifest.load(out)
         if old.fingerprint == fp:
-            existing = {s.name: s for s in old.segments
-                        if (out / s.file).is_file() and (out / s.file).stat().st_size == s.bytes}
+            existing = {
+                s.name: s
+                for s in old.segments
+                if (out / s.file).is_file() and (out / s.file).stat().st_size == s.bytes
+            }
     except ExportError:
         pass
 
@@ -170,8 +186,9 @@ def export_model(source: str | Path | None, out_dir: str | Path | None = None,
     spans += [r for r in wanted_ranges if r[1] - r[0] > 1]
     for a, b in spans:
         name = f"{pre}layer_{a:02d}" if b == a + 1 else f"{pre}layers_{a:02d}_{b:02d}"
-        jobs.append((name, "layers", a, b,
-                     lambda a=a, b=b: builders.layers_model(cfg, a, b, w, precision)))  # type: ignore[misc]
+        jobs.append(
+            (name, "layers", a, b, lambda a=a, b=b: builders.layers_model(cfg, a, b, w, precision))
+        )  # type: ignore[misc]
     jobs.append((pre + "head", "head", None, None, lambda: builders.head_model(cfg, w, precision)))
     alternatives = getattr(builders, "alternative_heads", None)  # same kind; runtime picks
     for suffix, build in (alternatives(cfg, w, precision) if alternatives else {}).items():
@@ -193,20 +210,32 @@ def export_model(source: str | Path | None, out_dir: str | Path | None = None,
             onnx.save_model(model, str(tmp))
             os.replace(tmp, path)
             segments[name] = Segment(
-                name=name, kind=kind, file=path.name, sha256=sha256_path(path),
-                bytes=path.stat().st_size, layer_start=first, layer_end=stop, graph=graph_name,
-                precision=precision, inputs=_specs(model.graph.input),
-                outputs=_specs(model.graph.output))
+                name=name,
+                kind=kind,
+                file=path.name,
+                sha256=sha256_path(path),
+                bytes=path.stat().st_size,
+                layer_start=first,
+                layer_end=stop,
+                graph=graph_name,
+                precision=precision,
+                inputs=_specs(model.graph.input),
+                outputs=_specs(model.graph.output),
+            )
             advance(name)
 
     if not existing or not all((out / f).is_file() for f in tok_files):
         write_tokenizer(w.tokenizer, out)
     manifest = Manifest(
-        name=w.name, config=w.config.to_dict(), cost=model_cost(w),
-        source={**w.source, "sha256": digest}, fingerprint=fp,
+        name=w.name,
+        config=w.config.to_dict(),
+        cost=model_cost(w),
+        source={**w.source, "sha256": digest},
+        fingerprint=fp,
         segments=[segments[n] for n, *_ in jobs] + kept,
         tokenizer={"file": "tokenizer.json", "config": "tokenizer_config.json"},
-        directory=out)
+        directory=out,
+    )
     manifest.write()
     return manifest
 

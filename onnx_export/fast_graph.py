@@ -32,6 +32,7 @@ _ACCURACY = {"exact": 0, "int8": 4}
 
 # ----------------------------------------------------------------------------- GGUF repacking
 
+
 @dataclass(frozen=True)
 class NBits:
     """One MatMulNBits weight: `packed` (N, nb, 32*bits/8) uint8, `scales` (N, nb) f32,
@@ -105,8 +106,12 @@ def quantize_raw(raw: RawTensor, bits8: bool = False) -> Quantized | None:
             return Quantized(n, k, [NBits(8, np.ascontiguousarray(u), d)], None)
         nb = k // BLOCK
         zero = np.zeros((n, (nb + 1) // 2), np.uint8)
-        return Quantized(n, k, [NBits(4, pack4(u >> 4), np.float32(16) * d),
-                                NBits(4, pack4(u & 0x0F), d, zero)], None)
+        return Quantized(
+            n,
+            k,
+            [NBits(4, pack4(u >> 4), np.float32(16) * d), NBits(4, pack4(u & 0x0F), d, zero)],
+            None,
+        )
     return None
 
 
@@ -118,12 +123,18 @@ def dequantize_nbits(qz: Quantized) -> np.ndarray:
     for p in qz.parts:
         if p.bits == 4:
             q = np.stack([p.packed & 0x0F, p.packed >> 4], axis=-1).reshape(n, nb, BLOCK)
-            zp = np.full((n, nb), 8, np.float32) if p.zero_points is None else \
-                np.stack([p.zero_points & 0x0F, p.zero_points >> 4], -1).reshape(n, -1)[:, :nb]
+            zp = (
+                np.full((n, nb), 8, np.float32)
+                if p.zero_points is None
+                else np.stack([p.zero_points & 0x0F, p.zero_points >> 4], -1).reshape(n, -1)[:, :nb]
+            )
         else:
             q = p.packed.reshape(n, nb, BLOCK)
-            zp = np.full((n, nb), 128, np.float32) if p.zero_points is None else \
-                p.zero_points.reshape(n, nb)
+            zp = (
+                np.full((n, nb), 128, np.float32)
+                if p.zero_points is None
+                else p.zero_points.reshape(n, nb)
+            )
         w += (q.astype(np.float32) - zp.astype(np.float32)[..., None]) * p.scales[..., None]
     if qz.block is not None:
         w += qz.block[..., None]
@@ -134,21 +145,30 @@ def concat_rows(parts: list[Quantized]) -> Quantized | None:
     """Stack matrices with the same K and layout along N (packed QKV, gate+up), else None."""
     first = parts[0]
     shapes = [[(p.bits, p.zero_points is not None) for p in q.parts] for q in parts]
-    if any(s != shapes[0] for s in shapes) or any(q.k != first.k for q in parts) or \
-            len({q.block is None for q in parts}) != 1:
+    if (
+        any(s != shapes[0] for s in shapes)
+        or any(q.k != first.k for q in parts)
+        or len({q.block is None for q in parts}) != 1
+    ):
         return None
 
     def cat(xs: list[np.ndarray | None]) -> np.ndarray | None:
         return None if xs[0] is None else np.concatenate(xs, axis=0)  # type: ignore[arg-type]
 
-    merged = [NBits(ps[0].bits, np.concatenate([p.packed for p in ps]),
-                    np.concatenate([p.scales for p in ps]),
-                    cat([p.zero_points for p in ps]))
-              for ps in zip(*(q.parts for q in parts), strict=True)]
+    merged = [
+        NBits(
+            ps[0].bits,
+            np.concatenate([p.packed for p in ps]),
+            np.concatenate([p.scales for p in ps]),
+            cat([p.zero_points for p in ps]),
+        )
+        for ps in zip(*(q.parts for q in parts), strict=True)
+    ]
     return Quantized(sum(q.n for q in parts), first.k, merged, cat([q.block for q in parts]))
 
 
 # ----------------------------------------------------------------------------- pieces
+
 
 class Linear:
     """x @ W.T for GGUF matrices, x flat `(M, K)`: MatMulNBits parts plus the block term, or
@@ -167,12 +187,19 @@ class Linear:
         """(M, K) -> (M, K/32), once per input."""
         if x not in self._sums:
             ind = np.kron(np.eye(k // BLOCK, dtype=np.float32), np.ones((BLOCK, 1), np.float32))
-            self._sums[x] = self.g.op("MatMul", [x, self.g.const(ind, np.float32)],
-                                      hint="block_sums")
+            self._sums[x] = self.g.op(
+                "MatMul", [x, self.g.const(ind, np.float32)], hint="block_sums"
+            )
         return self._sums[x]
 
-    def __call__(self, x: str, raws: list[RawTensor | None], name: str,
-                 dense: Callable[[], np.ndarray], bias: np.ndarray | None = None) -> str:
+    def __call__(
+        self,
+        x: str,
+        raws: list[RawTensor | None],
+        name: str,
+        dense: Callable[[], np.ndarray],
+        bias: np.ndarray | None = None,
+    ) -> str:
         g = self.g
         qs = [quantize_raw(r) if r is not None else None for r in raws]
         qz = concat_rows([q for q in qs if q is not None]) if None not in qs else None
@@ -183,26 +210,46 @@ class Linear:
         out = None
         for j, p in enumerate(qz.parts):
             pre = f"{name}.p{j}"
-            ins = [x, g.init(pre + ".qweight", p.packed), g.init(pre + ".scales", p.scales),
-                   g.init(pre + ".zp", p.zero_points) if p.zero_points is not None else ""]
+            ins = [
+                x,
+                g.init(pre + ".qweight", p.packed),
+                g.init(pre + ".scales", p.scales),
+                g.init(pre + ".zp", p.zero_points) if p.zero_points is not None else "",
+            ]
             if bias is not None and j == 0:
                 ins += ["", g.init(name + ".bias", bias)]
-            y = g.op("MatMulNBits", ins, hint="mmnb", domain=MS, K=qz.k, N=qz.n, bits=p.bits,
-                     block_size=BLOCK, accuracy_level=acc)
+            y = g.op(
+                "MatMulNBits",
+                ins,
+                hint="mmnb",
+                domain=MS,
+                K=qz.k,
+                N=qz.n,
+                bits=p.bits,
+                block_size=BLOCK,
+                accuracy_level=acc,
+            )
             out = y if out is None else g.op("Add", [out, y])
         assert out is not None
         if qz.block is not None:
-            out = g.op("Gemm", [self.block_sums(x, qz.k),
-                                g.init(name + ".block_min", np.ascontiguousarray(qz.block.T)),
-                                out], hint="q4_1")
+            out = g.op(
+                "Gemm",
+                [
+                    self.block_sums(x, qz.k),
+                    g.init(name + ".block_min", np.ascontiguousarray(qz.block.T)),
+                    out,
+                ],
+                hint="q4_1",
+            )
         return out
 
 
 def rope_cache(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin `(max_position, d/2)` as transformers computes them (fp32 angles)."""
     d = cfg.head_dim
-    inv_freq = (1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32)
-                                          / d))).astype(np.float32)
+    inv_freq = (
+        1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
+    ).astype(np.float32)
     ang = np.arange(cfg.max_position, dtype=np.float32)[:, None] * inv_freq[None, :]
     ang64 = ang.astype(np.float64)
     return np.cos(ang64).astype(np.float32), np.sin(ang64).astype(np.float32)
@@ -216,14 +263,22 @@ def _dense(w: ModelWeights, names: list[str]) -> Callable[[], np.ndarray]:
 def _skip_norm(g: GraphBuilder, x: str, skip: str, gamma: str, eps: float) -> tuple[str, str]:
     """(rmsnorm(x + skip) * gamma, x + skip)."""
     out, total = g.fresh("norm"), g.fresh("resid")
-    g.nodes.append(helper.make_node("SkipSimplifiedLayerNormalization", [x, skip, gamma],
-                                    [out, "", "", total], domain=MS, epsilon=eps))
+    g.nodes.append(
+        helper.make_node(
+            "SkipSimplifiedLayerNormalization",
+            [x, skip, gamma],
+            [out, "", "", total],
+            domain=MS,
+            epsilon=eps,
+        )
+    )
     return out, total
 
 
 def _norm(g: GraphBuilder, x: str, gamma: str, eps: float) -> str:
-    return g.op("SimplifiedLayerNormalization", [x, gamma], hint="norm", axis=-1, epsilon=eps,
-                stash_type=1)
+    return g.op(
+        "SimplifiedLayerNormalization", [x, gamma], hint="norm", axis=-1, epsilon=eps, stash_type=1
+    )
 
 
 def _finish(g: GraphBuilder) -> onnx.ModelProto:
@@ -239,8 +294,10 @@ def _check(precision: str) -> None:
 
 # ----------------------------------------------------------------------------- segments
 
-def layers_model(cfg: ModelConfig, start: int, end: int, w: ModelWeights,
-                 precision: str = "exact") -> onnx.ModelProto:
+
+def layers_model(
+    cfg: ModelConfig, start: int, end: int, w: ModelWeights, precision: str = "exact"
+) -> onnx.ModelProto:
     """Layers [start, end) in one graph.
 
     Inputs: hidden (B,T,H) f32, seqlens_k (B,) i32 = tokens in cache after this step - 1,
@@ -256,8 +313,9 @@ def layers_model(cfg: ModelConfig, start: int, end: int, w: ModelWeights,
     kv_shape: list[int | str] = ["batch", nkv, "capacity", d]
     x_in = g.add_input("hidden", F32, ["batch", "tokens", cfg.hidden_size])
     in_shape = g.op("Shape", [x_in])
-    bt_shape = g.op("Concat", [g.op("Slice", [in_shape, g.const([0]), g.const([2])]),
-                               g.const([-1])], axis=0)  # (B, T, -1)
+    bt_shape = g.op(
+        "Concat", [g.op("Slice", [in_shape, g.const([0]), g.const([2])]), g.const([-1])], axis=0
+    )  # (B, T, -1)
     x = g.op("Reshape", [x_in, g.const([-1, cfg.hidden_size])])  # (M = B T, H) from here on
     seqlens = g.add_input("seqlens_k", I32, ["batch"])
     total = g.add_input("total_sequence_length", I32, [])
@@ -277,37 +335,58 @@ def layers_model(cfg: ModelConfig, start: int, end: int, w: ModelWeights,
         else:
             h, x = _skip_norm(g, delta, x, ln1, eps)
         names = [f"{p}self_attn.{n}_proj" for n in "qkv"]
-        bias = np.concatenate([w.get(n + ".bias") for n in names]) \
-            if cfg.attention_bias else None
-        qkv = lin(h, [raw(n + ".weight") for n in names], p + "qkv_proj",
-                  _dense(w, [n + ".weight" for n in names]), bias)  # (B, T, (nh + 2 nkv) d)
+        bias = np.concatenate([w.get(n + ".bias") for n in names]) if cfg.attention_bias else None
+        qkv = lin(
+            h,
+            [raw(n + ".weight") for n in names],
+            p + "qkv_proj",
+            _dense(w, [n + ".weight" for n in names]),
+            bias,
+        )  # (B, T, (nh + 2 nkv) d)
         pk = g.add_input(f"past_key_{i}", F32, kv_shape)
         pv = g.add_input(f"past_value_{i}", F32, kv_shape)
         attn, pres_k, pres_v = g.fresh("attn"), g.fresh("present_k"), g.fresh("present_v")
-        g.nodes.append(helper.make_node(
-            "GroupQueryAttention", [g.op("Reshape", [qkv, bt_shape]), "", "", pk, pv, seqlens,
-                                    total, cos_n, sin_n],
-            [attn, pres_k, pres_v], domain=MS, num_heads=nh, kv_num_heads=nkv, do_rotary=1,
-            rotary_interleaved=0, scale=float(1.0 / np.sqrt(d))))  # (B, T, nh d)
+        g.nodes.append(
+            helper.make_node(
+                "GroupQueryAttention",
+                [g.op("Reshape", [qkv, bt_shape]), "", "", pk, pv, seqlens, total, cos_n, sin_n],
+                [attn, pres_k, pres_v],
+                domain=MS,
+                num_heads=nh,
+                kv_num_heads=nkv,
+                do_rotary=1,
+                rotary_interleaved=0,
+                scale=float(1.0 / np.sqrt(d)),
+            )
+        )  # (B, T, nh d)
         out_kv.append((i, pres_k, pres_v))
         o_name = p + "self_attn.o_proj.weight"
         attn2 = g.op("Reshape", [attn, g.const([-1, nh * d])])  # (M, nh d)
         o = lin(attn2, [raw(o_name)], p + "o_proj", _dense(w, [o_name]))
-        ln2 = g.init(p + "post_attention_layernorm.weight",
-                     w.get(p + "post_attention_layernorm.weight"))
+        ln2 = g.init(
+            p + "post_attention_layernorm.weight", w.get(p + "post_attention_layernorm.weight")
+        )
         h2, x = _skip_norm(g, o, x, ln2, eps)
         gu_names = [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
-        gu = lin(h2, [raw(n) for n in gu_names], p + "gate_up_proj",
-                 _dense(w, gu_names))  # (B, T, 2 I)
+        gu = lin(
+            h2, [raw(n) for n in gu_names], p + "gate_up_proj", _dense(w, gu_names)
+        )  # (B, T, 2 I)
         gate, up = g.fresh("gate"), g.fresh("up")
-        g.nodes.append(helper.make_node("Split", [gu, g.const([cfg.intermediate_size] * 2)],
-                                        [gate, up], axis=-1))
+        g.nodes.append(
+            helper.make_node(
+                "Split", [gu, g.const([cfg.intermediate_size] * 2)], [gate, up], axis=-1
+            )
+        )
         act = g.op("Mul", [g.op("QuickGelu", [gate], domain=MS, alpha=1.0), up])  # SiLU * up
         d_name = p + "mlp.down_proj.weight"
         delta = lin(act, [raw(d_name)], p + "down_proj", _dense(w, [d_name]))
     assert delta is not None
-    g.add_output("hidden_out", g.op("Reshape", [g.op("Add", [x, delta]), in_shape]), F32,
-                 ["batch", "tokens", cfg.hidden_size])
+    g.add_output(
+        "hidden_out",
+        g.op("Reshape", [g.op("Add", [x, delta]), in_shape]),
+        F32,
+        ["batch", "tokens", cfg.hidden_size],
+    )
     for i, k, v in out_kv:
         g.add_output(f"present_key_{i}", k, F32, kv_shape)
         g.add_output(f"present_value_{i}", v, F32, kv_shape)
@@ -333,23 +412,29 @@ def embed_model(cfg: ModelConfig, w: ModelWeights, precision: str = "exact") -> 
         b = _blocks(raw, 34)
         q = np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(raw.shape)  # (V, H)
         d = _f16(b[..., 0:2])  # (V, H/32)
-        rows = g.op("Cast", [g.op("Gather", [g.init(name + ".q8", q), ids], axis=0)],
-                    to=F32)  # (B, T, H)
+        rows = g.op(
+            "Cast", [g.op("Gather", [g.init(name + ".q8", q), ids], axis=0)], to=F32
+        )  # (B, T, H)
         scales = g.op("Gather", [g.init(name + ".scales", d), ids], axis=0)  # (B, T, H/32)
-        shape = g.op("Concat", [g.op("Shape", [ids]), g.const([cfg.hidden_size // BLOCK,
-                                                              BLOCK])], axis=0)
-        blocks = g.op("Mul", [g.op("Reshape", [rows, shape]),
-                              g.op("Unsqueeze", [scales, g.const([-1])])])
-        hidden = g.op("Reshape", [blocks, g.op("Concat", [g.op("Shape", [ids]),
-                                                          g.const([cfg.hidden_size])], axis=0)])
+        shape = g.op(
+            "Concat", [g.op("Shape", [ids]), g.const([cfg.hidden_size // BLOCK, BLOCK])], axis=0
+        )
+        blocks = g.op(
+            "Mul", [g.op("Reshape", [rows, shape]), g.op("Unsqueeze", [scales, g.const([-1])])]
+        )
+        hidden = g.op(
+            "Reshape",
+            [blocks, g.op("Concat", [g.op("Shape", [ids]), g.const([cfg.hidden_size])], axis=0)],
+        )
     else:
         hidden = g.op("Gather", [g.init(name, w.get(name)), ids], axis=0)
     g.add_output("hidden", hidden, F32, ["batch", "tokens", cfg.hidden_size])
     return _finish(g)
 
 
-def head_model(cfg: ModelConfig, w: ModelWeights, precision: str = "exact", *,
-               screened: bool = True) -> onnx.ModelProto:
+def head_model(
+    cfg: ModelConfig, w: ModelWeights, precision: str = "exact", *, screened: bool = True
+) -> onnx.ModelProto:
     """hidden (B,T,H) -> logits (B,T,V), logit_bound (B,T): final RMSNorm and the lm_head.
 
     A Q8_0 head (the tied embedding) is screened (`_screened_head`): greedy tokens are those
@@ -372,9 +457,12 @@ def head_model(cfg: ModelConfig, w: ModelWeights, precision: str = "exact", *,
         rows = g.op("Slice", [g.op("Shape", [h]), g.const([0]), g.const([1])])
         bound = g.op("ConstantOfShape", [rows], value=helper.make_tensor("zero", F32, [1], [0]))
     bt = g.op("Slice", [g.op("Shape", [x_in]), g.const([0]), g.const([2])])
-    g.add_output("logits", g.op("Reshape", [logits, g.op("Concat", [bt, g.const([-1])],
-                                                            axis=0)]), F32,
-                 ["batch", "tokens", cfg.vocab_size])
+    g.add_output(
+        "logits",
+        g.op("Reshape", [logits, g.op("Concat", [bt, g.const([-1])], axis=0)]),
+        F32,
+        ["batch", "tokens", cfg.vocab_size],
+    )
     g.add_output("logit_bound", g.op("Reshape", [bound, bt]), F32, ["batch", "tokens"])
     return _finish(g)
 
@@ -387,8 +475,9 @@ def _screenable(raw: RawTensor | None) -> bool:
     return raw is not None and raw.qtype == "Q8_0"
 
 
-def alternative_heads(cfg: ModelConfig, w: ModelWeights,
-                      precision: str) -> dict[str, Callable[[], onnx.ModelProto]]:
+def alternative_heads(
+    cfg: ModelConfig, w: ModelWeights, precision: str
+) -> dict[str, Callable[[], onnx.ModelProto]]:
     """Extra head segments, by name suffix: the unscreened head beside a screened one.
 
     The screen needs onnxruntime's 8-bit int8 kernel (x86 AVX2/AVX512, ARM with dotprod);
@@ -436,31 +525,57 @@ def _screened_head(g: GraphBuilder, h: str, raw: RawTensor) -> tuple[str, str]:
     n, k, nb = qz.n, qz.k, qz.k // BLOCK
     wq = g.init("lm_head.q8", p.packed)  # (V, nb, 32) uint8 = q + 128, for both steps
     sc = g.init("lm_head.scales", p.scales)  # (V, nb) f32
-    screened = g.op("MatMulNBits", [h, wq, sc], hint="screen", domain=MS, K=k, N=n, bits=8,
-                    block_size=BLOCK, accuracy_level=4)  # (M, V)
+    screened = g.op(
+        "MatMulNBits",
+        [h, wq, sc],
+        hint="screen",
+        domain=MS,
+        K=k,
+        N=n,
+        bits=8,
+        block_size=BLOCK,
+        accuracy_level=4,
+    )  # (M, V)
     q = p.packed.astype(np.float64) - 128
     l1 = np.abs(q).sum(-1) * p.scales.astype(np.float64)  # (V, nb): |W[n, block]|_1
     per_amax = (l1.max(0) / 254.0 * 1.01).astype(np.float32)[:, None]  # (nb, 1)
-    amax = g.op("ReduceMax", [g.op("Abs", [g.op("Reshape", [h, g.const([-1, nb, BLOCK])])]),
-                              g.const([-1])], keepdims=0)  # (M, nb)
-    eps = g.op("Add", [g.op("MatMul", [amax, g.const(per_amax, np.float32)]),
-                       g.const(1e-2, np.float32)])  # (M, 1); slack for fp32 sums
+    amax = g.op(
+        "ReduceMax",
+        [g.op("Abs", [g.op("Reshape", [h, g.const([-1, nb, BLOCK])])]), g.const([-1])],
+        keepdims=0,
+    )  # (M, nb)
+    eps = g.op(
+        "Add", [g.op("MatMul", [amax, g.const(per_amax, np.float32)]), g.const(1e-2, np.float32)]
+    )  # (M, 1); slack for fp32 sums
     best = g.op("ReduceMax", [screened, g.const([-1])], keepdims=1)  # (M, 1)
     band = g.op("Sub", [best, g.op("Mul", [eps, g.const(2.0, np.float32)])])
     in_band = g.op("GreaterOrEqual", [screened, band])  # (M, V)
-    size = g.op("ReduceSum", [g.op("Cast", [in_band], to=F32), g.const([-1])],
-                keepdims=1)  # (M, 1); counted in fp32 (exact to 2^24), 5x faster than int64
+    size = g.op(
+        "ReduceSum", [g.op("Cast", [in_band], to=F32), g.const([-1])], keepdims=1
+    )  # (M, 1); counted in fp32 (exact to 2^24), 5x faster than int64
     total = g.op("ReduceSum", [h, g.const([-1])], keepdims=1)  # NaN or inf if any element is
     finite = g.op("Not", [g.op("Or", [g.op("IsNaN", [total]), g.op("IsInf", [total])])])
-    certified = g.op("And", [g.op("LessOrEqual", [size, g.const(float(RESCORE_CAP),
-                                                                np.float32)]), finite])
-    idx = g.op("Transpose", [g.op("NonZero", [g.op("And", [in_band, certified])])],
-               perm=[1, 0])  # (c, 2): (row, token) pairs to rescore
+    certified = g.op(
+        "And", [g.op("LessOrEqual", [size, g.const(float(RESCORE_CAP), np.float32)]), finite]
+    )
+    idx = g.op(
+        "Transpose", [g.op("NonZero", [g.op("And", [in_band, certified])])], perm=[1, 0]
+    )  # (c, 2): (row, token) pairs to rescore
     rows = g.op("Squeeze", [g.op("Gather", [idx, g.const([0])], axis=1), g.const([1])])  # (c,)
     toks = g.op("Squeeze", [g.op("Gather", [idx, g.const([1])], axis=1), g.const([1])])
-    wr = g.op("Mul", [g.op("Sub", [g.op("Cast", [g.op("Gather", [wq, toks], axis=0)], to=F32),
-                                   g.const(128.0, np.float32)]),
-                      g.op("Unsqueeze", [g.op("Gather", [sc, toks], axis=0), g.const([-1])])])
+    wr = g.op(
+        "Mul",
+        [
+            g.op(
+                "Sub",
+                [
+                    g.op("Cast", [g.op("Gather", [wq, toks], axis=0)], to=F32),
+                    g.const(128.0, np.float32),
+                ],
+            ),
+            g.op("Unsqueeze", [g.op("Gather", [sc, toks], axis=0), g.const([-1])]),
+        ],
+    )
     xr = g.op("Reshape", [g.op("Gather", [h, rows], axis=0), g.const([-1, nb, BLOCK])])
     exact = g.op("ReduceSum", [g.op("Mul", [wr, xr]), g.const([-1, -2])], keepdims=0)  # (c,)
     logits = g.op("ScatterND", [screened, idx, exact])

@@ -39,8 +39,9 @@ class GraphBuilder:
         self._n += 1
         return f"{hint}_{self._n}"
 
-    def op(self, op_type: str, inputs: list[str], hint: str | None = None, n_out: int = 1,
-           **attrs: Any) -> str:
+    def op(
+        self, op_type: str, inputs: list[str], hint: str | None = None, n_out: int = 1, **attrs: Any
+    ) -> str:
         outs = [self.fresh(hint or op_type.lower()) for _ in range(n_out)]
         self.nodes.append(helper.make_node(op_type, inputs, outs, **attrs))
         return outs[0]
@@ -66,13 +67,17 @@ class GraphBuilder:
 
     def model(self) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.inits)
-        m = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)],
-                              producer_name="e2llm-edge onnx_export")
+        m = helper.make_model(
+            graph,
+            opset_imports=[helper.make_opsetid("", OPSET)],
+            producer_name="e2llm-edge onnx_export",
+        )
         m.ir_version = 9
         return m
 
 
 # ----------------------------------------------------------------------------- pieces
+
 
 def rms_norm(g: GraphBuilder, x: str, weight: str, eps: float) -> str:
     """x * rsqrt(mean(x^2) + eps) * w, in fp32 as transformers' LlamaRMSNorm."""
@@ -84,8 +89,9 @@ def rms_norm(g: GraphBuilder, x: str, weight: str, eps: float) -> str:
 
 def rope_tables(g: GraphBuilder, position_ids: str, head_dim: int, theta: float) -> tuple[str, str]:
     """cos/sin `[B, 1, T, d]` for rotate-half RoPE from int64 positions `[B, T]`."""
-    inv_freq = (1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32)
-                                  / head_dim))).astype(np.float32)  # (d/2,)
+    inv_freq = (
+        1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
+    ).astype(np.float32)  # (d/2,)
     pos = g.op("Cast", [position_ids], to=TensorProto.FLOAT)  # (B, T)
     pos3 = g.op("Unsqueeze", [pos, g.const([-1])])  # (B, T, 1)
     freqs = g.op("Mul", [pos3, g.const(inv_freq, np.float32)])  # (B, T, d/2)
@@ -112,17 +118,21 @@ def attention_bias(g: GraphBuilder, attention_mask: str, t_len: str, s_len: str)
     p_len = g.op("Sub", [s_len, t_len])
     q_idx = g.op("Add", [g.op("Range", [zero, t_len, one]), p_len])  # (T,)
     k_idx = g.op("Range", [zero, s_len, one])  # (S,)
-    causal = g.op("LessOrEqual", [g.op("Unsqueeze", [k_idx, g.const([0])]),
-                                  g.op("Unsqueeze", [q_idx, g.const([1])])])  # (T, S)
+    causal = g.op(
+        "LessOrEqual",
+        [g.op("Unsqueeze", [k_idx, g.const([0])]), g.op("Unsqueeze", [q_idx, g.const([1])])],
+    )  # (T, S)
     pad = g.op("Cast", [attention_mask], to=TensorProto.BOOL)  # (B, S)
     pad5 = g.op("Unsqueeze", [pad, g.const([1, 2, 3])])  # (B, 1, 1, 1, S)
     allowed = g.op("And", [causal, pad5])  # (B, 1, 1, T, S)
-    return g.op("Where", [allowed, g.const(0.0, np.float32), g.const(FLOAT_MIN, np.float32)],
-                hint="mask")
+    return g.op(
+        "Where", [allowed, g.const(0.0, np.float32), g.const(FLOAT_MIN, np.float32)], hint="mask"
+    )
 
 
-def linear(g: GraphBuilder, x: str, w: np.ndarray, name: str,
-           bias: np.ndarray | None = None) -> str:
+def linear(
+    g: GraphBuilder, x: str, w: np.ndarray, name: str, bias: np.ndarray | None = None
+) -> str:
     """x @ w.T (+ b); `w` is `[out, in]` as in transformers, stored transposed."""
     y = g.op("MatMul", [x, g.init(name, np.ascontiguousarray(w.T))])
     if bias is not None:
@@ -141,8 +151,16 @@ class LayerIO:
     t_dim: str
 
 
-def decoder_layer(g: GraphBuilder, cfg: ModelConfig, x: str, io: LayerIO, past_k: str,
-                  past_v: str, get: Callable[[str], np.ndarray], idx: int) -> tuple[str, str, str]:
+def decoder_layer(
+    g: GraphBuilder,
+    cfg: ModelConfig,
+    x: str,
+    io: LayerIO,
+    past_k: str,
+    past_v: str,
+    get: Callable[[str], np.ndarray],
+    idx: int,
+) -> tuple[str, str, str]:
     """One Llama decoder layer. Returns (hidden, present_k, present_v)."""
     p = f"model.layers.{idx}."
     nh, nkv, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
@@ -151,10 +169,22 @@ def decoder_layer(g: GraphBuilder, cfg: ModelConfig, x: str, io: LayerIO, past_k
     def bias(n: str) -> np.ndarray | None:
         return get(p + n) if cfg.attention_bias else None
 
-    h = rms_norm(g, x, g.init(p + "input_layernorm.weight", get(p + "input_layernorm.weight")),
-                 cfg.rms_norm_eps)
-    q, k, v = (linear(g, h, get(f"{p}self_attn.{n}_proj.weight"), f"{p}{n}_proj",
-                      bias(f"self_attn.{n}_proj.bias")) for n in "qkv")
+    h = rms_norm(
+        g,
+        x,
+        g.init(p + "input_layernorm.weight", get(p + "input_layernorm.weight")),
+        cfg.rms_norm_eps,
+    )
+    q, k, v = (
+        linear(
+            g,
+            h,
+            get(f"{p}self_attn.{n}_proj.weight"),
+            f"{p}{n}_proj",
+            bias(f"self_attn.{n}_proj.bias"),
+        )
+        for n in "qkv"
+    )
 
     def heads(t: str, n: int) -> str:  # (B, T, n*d) -> (B, n, T, d)
         shape = g.op("Concat", [io.b_dim, io.t_dim, g.const([n, d])], axis=0)
@@ -167,22 +197,29 @@ def decoder_layer(g: GraphBuilder, cfg: ModelConfig, x: str, io: LayerIO, past_k
     present_v = g.op("Concat", [past_v, v4], axis=2, hint="present_v")
 
     # Group queries by their KV head instead of repeating K/V: (B, nkv, g, T, d).
-    q5 = g.op("Reshape", [q4, g.op("Concat", [io.b_dim, g.const([nkv, grp]), io.t_dim,
-                                               g.const([d])], axis=0)])
+    q5 = g.op(
+        "Reshape",
+        [q4, g.op("Concat", [io.b_dim, g.const([nkv, grp]), io.t_dim, g.const([d])], axis=0)],
+    )
     k5 = g.op("Unsqueeze", [present_k, g.const([2])])  # (B, nkv, 1, S, d)
     v5 = g.op("Unsqueeze", [present_v, g.const([2])])
     scores = g.op("MatMul", [q5, g.op("Transpose", [k5], perm=[0, 1, 2, 4, 3])])  # (B,nkv,g,T,S)
     scores = g.op("Add", [g.op("Mul", [scores, g.const(1.0 / np.sqrt(d), np.float32)]), io.mask])
     probs = g.op("Softmax", [scores], axis=-1)
     ctx = g.op("MatMul", [probs, v5])  # (B, nkv, g, T, d)
-    ctx = g.op("Reshape", [ctx, g.op("Concat", [io.b_dim, g.const([nh]), io.t_dim, g.const([d])],
-                                     axis=0)])  # (B, nh, T, d)
+    ctx = g.op(
+        "Reshape", [ctx, g.op("Concat", [io.b_dim, g.const([nh]), io.t_dim, g.const([d])], axis=0)]
+    )  # (B, nh, T, d)
     ctx = g.op("Transpose", [ctx], perm=[0, 2, 1, 3])  # (B, T, nh, d)
     ctx = g.op("Reshape", [ctx, g.op("Concat", [io.b_dim, io.t_dim, g.const([nh * d])], axis=0)])
     x = g.op("Add", [x, linear(g, ctx, get(p + "self_attn.o_proj.weight"), p + "o_proj")])
 
-    h2 = rms_norm(g, x, g.init(p + "post_attention_layernorm.weight",
-                               get(p + "post_attention_layernorm.weight")), cfg.rms_norm_eps)
+    h2 = rms_norm(
+        g,
+        x,
+        g.init(p + "post_attention_layernorm.weight", get(p + "post_attention_layernorm.weight")),
+        cfg.rms_norm_eps,
+    )
     gate = linear(g, h2, get(p + "mlp.gate_proj.weight"), p + "gate_proj")
     up = linear(g, h2, get(p + "mlp.up_proj.weight"), p + "up_proj")
     act = g.op("Mul", [gate, g.op("Sigmoid", [gate])])  # SiLU
@@ -195,8 +232,9 @@ def decoder_layer(g: GraphBuilder, cfg: ModelConfig, x: str, io: LayerIO, past_k
 F32, I64 = TensorProto.FLOAT, TensorProto.INT64
 
 
-def layers_model(cfg: ModelConfig, start: int, end: int, w: ModelWeights,
-                 precision: str = "fp32") -> onnx.ModelProto:
+def layers_model(
+    cfg: ModelConfig, start: int, end: int, w: ModelWeights, precision: str = "fp32"
+) -> onnx.ModelProto:
     """Layers [start, end) in one graph.
 
     Inputs: hidden (B,T,H) f32, position_ids (B,T) i64, attention_mask (B,S) i64 (1 = real
@@ -215,8 +253,13 @@ def layers_model(cfg: ModelConfig, start: int, end: int, w: ModelWeights,
     cos, sin = rope_tables(g, pos, cfg.head_dim, cfg.rope_theta)
     t_scalar = g.op("Squeeze", [t_dim, g.const([0])])
     s_scalar = g.op("Squeeze", [s_dim, g.const([0])])
-    io = LayerIO(cos=cos, sin=sin, mask=attention_bias(g, mask_in, t_scalar, s_scalar),
-                 b_dim=b_dim, t_dim=t_dim)
+    io = LayerIO(
+        cos=cos,
+        sin=sin,
+        mask=attention_bias(g, mask_in, t_scalar, s_scalar),
+        b_dim=b_dim,
+        t_dim=t_dim,
+    )
     out_kv: list[tuple[int, str, str]] = []
     for i in range(start, end):
         pk = g.add_input(f"past_key_{i}", F32, kv_shape)
@@ -236,8 +279,9 @@ def embed_model(cfg: ModelConfig, w: ModelWeights, precision: str = "fp32") -> o
     g = GraphBuilder("embed")
     ids = g.add_input("input_ids", I64, ["batch", "tokens"])
     table = g.init("model.embed_tokens.weight", w.get("model.embed_tokens.weight"))
-    g.add_output("hidden", g.op("Gather", [table, ids], axis=0), F32,
-                 ["batch", "tokens", cfg.hidden_size])
+    g.add_output(
+        "hidden", g.op("Gather", [table, ids], axis=0), F32, ["batch", "tokens", cfg.hidden_size]
+    )
     return g.model()
 
 

@@ -52,23 +52,39 @@ class Segment:
         return range(self.layer_start, self.layer_end)
 
     def to_dict(self) -> dict[str, Any]:
-        d: dict[str, Any] = {"name": self.name, "kind": self.kind, "file": self.file,
-                             "sha256": self.sha256, "bytes": self.bytes}
+        d: dict[str, Any] = {
+            "name": self.name,
+            "kind": self.kind,
+            "file": self.file,
+            "sha256": self.sha256,
+            "bytes": self.bytes,
+        }
         if self.kind == "layers":
             d["layers"] = [self.layer_start, self.layer_end]
-        d.update(graph=self.graph, precision=self.precision,
-                 inputs=[t.to_dict() for t in self.inputs],
-                 outputs=[t.to_dict() for t in self.outputs])
+        d.update(
+            graph=self.graph,
+            precision=self.precision,
+            inputs=[t.to_dict() for t in self.inputs],
+            outputs=[t.to_dict() for t in self.outputs],
+        )
         return d
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Segment:
         layers = d.get("layers") or [None, None]
-        return cls(name=d["name"], kind=d["kind"], file=d["file"], sha256=d["sha256"],
-                   bytes=int(d["bytes"]), layer_start=layers[0], layer_end=layers[1],
-                   graph=d.get("graph", "standard"), precision=d.get("precision", "fp32"),
-                   inputs=[TensorSpec(**t) for t in d["inputs"]],
-                   outputs=[TensorSpec(**t) for t in d["outputs"]])
+        return cls(
+            name=d["name"],
+            kind=d["kind"],
+            file=d["file"],
+            sha256=d["sha256"],
+            bytes=int(d["bytes"]),
+            layer_start=layers[0],
+            layer_end=layers[1],
+            graph=d.get("graph", "standard"),
+            precision=d.get("precision", "fp32"),
+            inputs=[TensorSpec(**t) for t in d["inputs"]],
+            outputs=[TensorSpec(**t) for t in d["outputs"]],
+        )
 
 
 @dataclass
@@ -83,9 +99,16 @@ class Manifest:
     directory: Path = Path(".")
 
     def to_dict(self) -> dict[str, Any]:
-        return {"format": FORMAT, "name": self.name, "fingerprint": self.fingerprint,
-                "source": self.source, "config": self.config, "cost": self.cost,
-                "tokenizer": self.tokenizer, "segments": [s.to_dict() for s in self.segments]}
+        return {
+            "format": FORMAT,
+            "name": self.name,
+            "fingerprint": self.fingerprint,
+            "source": self.source,
+            "config": self.config,
+            "cost": self.cost,
+            "tokenizer": self.tokenizer,
+            "segments": [s.to_dict() for s in self.segments],
+        }
 
     def write(self) -> Path:
         path = self.directory / MANIFEST
@@ -107,10 +130,16 @@ class Manifest:
         if not isinstance(d, dict) or d.get("format") != FORMAT:
             raise ExportError(f"{path}: not an {FORMAT} manifest")
         try:
-            return cls(name=d["name"], config=d["config"], cost=d["cost"], source=d["source"],
-                       fingerprint=d["fingerprint"], tokenizer=d.get("tokenizer", {}),
-                       segments=[Segment.from_dict(s) for s in d["segments"]],
-                       directory=directory)
+            return cls(
+                name=d["name"],
+                config=d["config"],
+                cost=d["cost"],
+                source=d["source"],
+                fingerprint=d["fingerprint"],
+                tokenizer=d.get("tokenizer", {}),
+                segments=[Segment.from_dict(s) for s in d["segments"]],
+                directory=directory,
+            )
         except (KeyError, TypeError) as exc:
             raise ExportError(f"{path}: malformed manifest ({type(exc).__name__}: {exc})") from exc
 
@@ -123,24 +152,37 @@ class Manifest:
         raise ExportError(f"{self.directory / MANIFEST}: no segment named {name!r}")
 
     def by_kind(self, kind: str, graph: str = "standard", precision: str = "fp32") -> list[Segment]:
-        return [s for s in self.segments
-                if s.kind == kind and s.graph == graph and s.precision == precision]
+        return [
+            s
+            for s in self.segments
+            if s.kind == kind and s.graph == graph and s.precision == precision
+        ]
 
     def variants(self) -> list[tuple[str, str]]:
         """(graph, precision) pairs with a complete set of segments."""
         out = []
         for g, p in dict.fromkeys((s.graph, s.precision) for s in self.segments):
             layers = {i for s in self.by_kind("layers", g, p) for i in s.layers}
-            if self.by_kind("embed", g, p) and self.by_kind("head", g, p) and \
-                    layers == set(range(int(self.config["n_layers"]))):
+            if (
+                self.by_kind("embed", g, p)
+                and self.by_kind("head", g, p)
+                and layers == set(range(int(self.config["n_layers"])))
+            ):
                 out.append((g, p))
         return out
 
-    def cover(self, start: int, end: int, graph: str = "standard",
-              precision: str = "fp32", longest: bool = True) -> list[Segment]:
+    def cover(
+        self,
+        start: int,
+        end: int,
+        graph: str = "standard",
+        precision: str = "fp32",
+        longest: bool = True,
+    ) -> list[Segment]:
         """Segments that exactly tile [start, end): fewest (longest ranges) or one per layer."""
-        layer_segs = [s for s in self.by_kind("layers", graph, precision)
-                      if longest or len(s.layers) == 1]
+        layer_segs = [
+            s for s in self.by_kind("layers", graph, precision) if longest or len(s.layers) == 1
+        ]
         best: dict[int, list[Segment]] = {start: []}
         for pos in range(start, end):
             if pos not in best:
@@ -151,8 +193,10 @@ class Manifest:
                     if s.layer_end not in best or len(cand) < len(best[s.layer_end]):
                         best[s.layer_end] = cand
         if end not in best:
-            raise ExportError(f"{self.directory / MANIFEST}: no segments cover layers "
-                              f"[{start}, {end}) with graph {graph!r}, precision {precision!r}")
+            raise ExportError(
+                f"{self.directory / MANIFEST}: no segments cover layers "
+                f"[{start}, {end}) with graph {graph!r}, precision {precision!r}"
+            )
         return best[end]
 
     def path(self, seg: Segment) -> Path:
@@ -168,8 +212,10 @@ class Manifest:
             raise ExportError(f"{p}: size {size} != manifest's {seg.bytes} (corrupted segment)")
         digest = sha256_path(p)
         if digest != seg.sha256:
-            raise ExportError(f"{p}: sha256 mismatch (corrupted segment): "
-                              f"{digest[:12]}... != manifest's {seg.sha256[:12]}...")
+            raise ExportError(
+                f"{p}: sha256 mismatch (corrupted segment): "
+                f"{digest[:12]}... != manifest's {seg.sha256[:12]}..."
+            )
         return p
 
 

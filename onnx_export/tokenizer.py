@@ -25,8 +25,10 @@ def _pre_tokenizer(pre: str | None) -> Any:
         return pre_tokenizers.Sequence([pre_tokenizers.Digits(individual_digits=True), byte_level])
     if pre in (None, "default", "gpt2", "gpt-2"):
         return byte_level
-    raise ExportError(f"tokenizer pre-tokenizer {pre!r} is not supported "
-                      "(supported: smollm, starcoder, refact, gpt2)")
+    raise ExportError(
+        f"tokenizer pre-tokenizer {pre!r} is not supported "
+        "(supported: smollm, starcoder, refact, gpt2)"
+    )
 
 
 def build_tokenizer_json(tok: TokenizerData) -> str:
@@ -53,7 +55,10 @@ def write_tokenizer(tok: TokenizerData, out_dir: Path) -> list[Path]:
     tj = out_dir / "tokenizer.json"
     tj.write_text(build_tokenizer_json(tok))
     tc = out_dir / "tokenizer_config.json"
-    cfg = {"chat_template": tok.chat_template, "bos_token": tok.bos_token,
-           "eos_token": tok.eos_token}
+    cfg = {
+        "chat_template": tok.chat_template,
+        "bos_token": tok.bos_token,
+        "eos_token": tok.eos_token,
+    }
     tc.write_text(json.dumps(cfg, indent=1))
     return [tj, tc]

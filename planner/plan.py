@@ -115,10 +115,16 @@ class Plan:
         """
         gone = set(devices)
         kept = [r for r in self.replicas if not gone & {s.device_id for s in r.stages}]
-        left = Plan(version, self.method, self.n_layers, kept,
-                    {"survivors_of": self.version,
-                     "dropped_replicas": [r.replica_id for r in self.replicas
-                                          if r not in kept]})
+        left = Plan(
+            version,
+            self.method,
+            self.n_layers,
+            kept,
+            {
+                "survivors_of": self.version,
+                "dropped_replicas": [r.replica_id for r in self.replicas if r not in kept],
+            },
+        )
         return left if kept and left.can_serve() else None
 
     def to_dict(self) -> dict[str, Any]:

@@ -53,34 +53,57 @@ def main() -> int:
     manifest = export_model(None, default_model_dir(), progress=False)
     ours = ChatTokenizer(manifest)
     hf_tok = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
-    model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name,
-                                                 torch_dtype=torch.float32,
-                                                 attn_implementation="eager")
+    model = AutoModelForCausalLM.from_pretrained(
+        str(gguf.parent),
+        gguf_file=gguf.name,
+        torch_dtype=torch.float32,
+        attn_implementation="eager",
+    )
     model.eval()
     cases = []
     for p in prompts():
         text = str(p["prompt"])
         ids = ours.encode_prompt(text, raw=bool(p["raw"]))
-        rendered = text if p["raw"] else hf_tok.apply_chat_template(
-            [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True)
+        rendered = (
+            text
+            if p["raw"]
+            else hf_tok.apply_chat_template(
+                [{"role": "user", "content": text}], tokenize=False, add_generation_prompt=True
+            )
+        )
         hf_ids = hf_tok(rendered, add_special_tokens=False)["input_ids"]
         with torch.no_grad():
-            out = model.generate(torch.tensor([ids]), max_new_tokens=NEW, do_sample=False,
-                                 output_logits=True, return_dict_in_generate=True,
-                                 eos_token_id=None, pad_token_id=0)
-        new_ids = out.sequences[0, len(ids):].tolist()
+            out = model.generate(
+                torch.tensor([ids]),
+                max_new_tokens=NEW,
+                do_sample=False,
+                output_logits=True,
+                return_dict_in_generate=True,
+                eos_token_id=None,
+                pad_token_id=0,
+            )
+        new_ids = out.sequences[0, len(ids) :].tolist()
         steps = []
         for lg in out.logits:
             row = lg[0].float().numpy()
             top = np.argsort(-row, kind="stable")[:TOP]
             steps.append({"ids": top.tolist(), "logits": [float(row[i]) for i in top]})
-        cases.append({**p, "prompt_ids": ids, "hf_prompt_ids": hf_ids, "new_ids": new_ids,
-                      "steps": steps})
-        print(f"{p['name']}: {len(ids)} prompt tokens, tokenizer match {ids == hf_ids}, "
-              f"{hf_tok.decode(new_ids)!r}")
-    fixture = {"generator": "scripts/make_reference.py", "torch": torch.__version__,
-               "transformers": transformers.__version__, "gguf": gguf.name,
-               "max_new_tokens": NEW, "top": TOP, "cases": cases}
+        cases.append(
+            {**p, "prompt_ids": ids, "hf_prompt_ids": hf_ids, "new_ids": new_ids, "steps": steps}
+        )
+        print(
+            f"{p['name']}: {len(ids)} prompt tokens, tokenizer match {ids == hf_ids}, "
+            f"{hf_tok.decode(new_ids)!r}"
+        )
+    fixture = {
+        "generator": "scripts/make_reference.py",
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "gguf": gguf.name,
+        "max_new_tokens": NEW,
+        "top": TOP,
+        "cases": cases,
+    }
     Path(args.out).write_text(json.dumps(fixture, indent=None, separators=(",", ":")))
     print(f"wrote {args.out}")
     return 0

@@ -30,15 +30,15 @@ def _need_mosquitto() -> None:
 def mosquitto(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MosquittoBroker]:
     """Anonymous Mosquitto on a free port with the project's rendered config."""
     _need_mosquitto()
-    broker = MosquittoBroker(MosquittoConfig(),
-                             workdir=tmp_path_factory.mktemp("mosquitto"))
+    broker = MosquittoBroker(MosquittoConfig(), workdir=tmp_path_factory.mktemp("mosquitto"))
     with broker:
         yield broker
 
 
 @pytest.fixture(scope="session")
-def auth_mosquitto(tmp_path_factory: pytest.TempPathFactory
-                   ) -> Iterator[tuple[MosquittoBroker, Credentials]]:
+def auth_mosquitto(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[tuple[MosquittoBroker, Credentials]]:
     """Mosquitto with passwords + generated ACL for cluster ``aclc`` (devices dev-a, dev-b,
     users orchestrator, monitor, client)."""
     _need_mosquitto()
@@ -57,7 +57,6 @@ def cluster(request: pytest.FixtureRequest) -> str:
     return f"t{next(_cluster_counter)}-{name}"
 
 
-
 @pytest.hookimpl(tryfirst=True)
 def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     """Run ``async def`` tests in a fresh event loop (no pytest-asyncio in the venv)."""
@@ -66,6 +65,7 @@ def pytest_pyfunc_call(pyfuncitem: pytest.Function) -> bool | None:
     names = pyfuncitem._fixtureinfo.argnames
     asyncio.run(pyfuncitem.obj(**{n: pyfuncitem.funcargs[n] for n in names}))
     return True
+
 
 # =================================================================== end broker fixtures
 
@@ -87,11 +87,14 @@ def default_model() -> Path:
 
     d = default_model_dir()
     export_model(None, d, ranges="0-15,15-30", progress=False)
-    return export_model(None, d, ranges="0-15,15-30", progress=False, graph_name="contrib",
-                        precision="exact").directory
+    return export_model(
+        None, d, ranges="0-15,15-30", progress=False, graph_name="contrib", precision="exact"
+    ).directory
 
 
 @pytest.fixture(scope="session")
 def reference() -> dict[str, Any]:
     return json.loads(REFERENCE.read_text())  # type: ignore[no-any-return]
+
+
 # ==================================================================== end model fixtures

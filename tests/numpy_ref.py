@@ -15,7 +15,7 @@ def rope(x: np.ndarray, pos: np.ndarray, theta: float) -> np.ndarray:
     inv = 1.0 / theta ** (np.arange(0, d, 2) / d)
     ang = pos[:, None, :, None] * inv  # (B, 1, T, d/2)
     cos, sin = np.cos(np.concatenate([ang, ang], -1)), np.sin(np.concatenate([ang, ang], -1))
-    x1, x2 = x[..., : d // 2], x[..., d // 2:]
+    x1, x2 = x[..., : d // 2], x[..., d // 2 :]
     return x * cos + np.concatenate([-x2, x1], -1) * sin
 
 
@@ -39,8 +39,15 @@ def swiglu(x: np.ndarray, wg: np.ndarray, wu: np.ndarray, wd: np.ndarray) -> np.
     return ((g / (1 + np.exp(-g))) * (x @ wu.T)) @ wd.T
 
 
-def layer(x: np.ndarray, pos: np.ndarray, mask: np.ndarray, past_k: np.ndarray,
-          past_v: np.ndarray, w: dict[str, np.ndarray], cfg: dict) -> tuple[np.ndarray, ...]:
+def layer(
+    x: np.ndarray,
+    pos: np.ndarray,
+    mask: np.ndarray,
+    past_k: np.ndarray,
+    past_v: np.ndarray,
+    w: dict[str, np.ndarray],
+    cfg: dict,
+) -> tuple[np.ndarray, ...]:
     """One decoder layer, float64; w holds HF-named tensors without the layer prefix."""
     b, t, _ = x.shape
     nh, nkv, d = cfg["n_heads"], cfg["n_kv_heads"], cfg["head_dim"]

@@ -10,15 +10,26 @@ from pathlib import Path
 
 import numpy as np
 
-CFG = {"n_layers": 3, "hidden_size": 64, "intermediate_size": 96, "n_heads": 4,
-       "n_kv_heads": 2, "head_dim": 16, "vocab_size": 300, "rope_theta": 10000.0,
-       "rms_norm_eps": 1e-5}
+CFG = {
+    "n_layers": 3,
+    "hidden_size": 64,
+    "intermediate_size": 96,
+    "n_heads": 4,
+    "n_kv_heads": 2,
+    "head_dim": 16,
+    "vocab_size": 300,
+    "rope_theta": 10000.0,
+    "rms_norm_eps": 1e-5,
+}
 
 
 def permute_qk(w: np.ndarray, n_heads: int) -> np.ndarray:
     """llama.cpp convert_hf_to_gguf.py's LlamaModel.permute."""
-    return w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:]).swapaxes(1, 2) \
+    return (
+        w.reshape(n_heads, 2, w.shape[0] // n_heads // 2, *w.shape[1:])
+        .swapaxes(1, 2)
         .reshape(w.shape)
+    )
 
 
 def hf_weights(seed: int = 0) -> dict[str, np.ndarray]:
@@ -55,8 +66,9 @@ def tokens() -> tuple[list[str], list[str], list[int]]:
     return toks[: CFG["vocab_size"]], merges, types[: CFG["vocab_size"]]
 
 
-def write_gguf(path: Path, arch: str = "llama", seed: int = 0,
-               quantize: bool = True) -> dict[str, np.ndarray]:
+def write_gguf(
+    path: Path, arch: str = "llama", seed: int = 0, quantize: bool = True
+) -> dict[str, np.ndarray]:
     """Write the tiny model; returns the HF-layout fp32 weights the file should decode to."""
     import gguf
     from gguf import GGMLQuantizationType as Q
@@ -83,16 +95,25 @@ def write_gguf(path: Path, arch: str = "llama", seed: int = 0,
     wr.add_token_types(types)
     wr.add_bos_token_id(1)
     wr.add_eos_token_id(2)
-    wr.add_chat_template("{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
-                         "<|im_end|>\n{% endfor %}<|im_start|>assistant\n")
-    names = {"model.embed_tokens.weight": "token_embd.weight", "model.norm.weight":
-             "output_norm.weight"}
-    gg = {"input_layernorm.weight": "attn_norm.weight",
-          "post_attention_layernorm.weight": "ffn_norm.weight",
-          "self_attn.q_proj.weight": "attn_q.weight", "self_attn.k_proj.weight": "attn_k.weight",
-          "self_attn.v_proj.weight": "attn_v.weight", "self_attn.o_proj.weight":
-          "attn_output.weight", "mlp.gate_proj.weight": "ffn_gate.weight",
-          "mlp.up_proj.weight": "ffn_up.weight", "mlp.down_proj.weight": "ffn_down.weight"}
+    wr.add_chat_template(
+        "{% for m in messages %}<|im_start|>{{ m['role'] }}\n{{ m['content'] }}"
+        "<|im_end|>\n{% endfor %}<|im_start|>assistant\n"
+    )
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+    }
+    gg = {
+        "input_layernorm.weight": "attn_norm.weight",
+        "post_attention_layernorm.weight": "ffn_norm.weight",
+        "self_attn.q_proj.weight": "attn_q.weight",
+        "self_attn.k_proj.weight": "attn_k.weight",
+        "self_attn.v_proj.weight": "attn_v.weight",
+        "self_attn.o_proj.weight": "attn_output.weight",
+        "mlp.gate_proj.weight": "ffn_gate.weight",
+        "mlp.up_proj.weight": "ffn_up.weight",
+        "mlp.down_proj.weight": "ffn_down.weight",
+    }
     for i in range(c["n_layers"]):
         for k, v in gg.items():
             names[f"model.layers.{i}.{k}"] = f"blk.{i}.{v}"

@@ -141,18 +141,26 @@ class RequestContext:
     decoder_replica: int
 
     def to_dict(self) -> dict[str, Any]:
-        return {"sampling": self.sampling.to_dict(), "max_new_tokens": self.max_new_tokens,
-                "eos": self.eos_token_id, "prompt_len": self.prompt_len,
-                "index0": self.index0, "decoder_replica": self.decoder_replica}
+        return {
+            "sampling": self.sampling.to_dict(),
+            "max_new_tokens": self.max_new_tokens,
+            "eos": self.eos_token_id,
+            "prompt_len": self.prompt_len,
+            "index0": self.index0,
+            "decoder_replica": self.decoder_replica,
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> RequestContext:
         try:
-            return cls(sampling=Sampling.from_dict(d["sampling"]),
-                       max_new_tokens=int(d["max_new_tokens"]),
-                       eos_token_id=None if d.get("eos") is None else int(d["eos"]),
-                       prompt_len=int(d["prompt_len"]), index0=int(d["index0"]),
-                       decoder_replica=int(d["decoder_replica"]))
+            return cls(
+                sampling=Sampling.from_dict(d["sampling"]),
+                max_new_tokens=int(d["max_new_tokens"]),
+                eos_token_id=None if d.get("eos") is None else int(d["eos"]),
+                prompt_len=int(d["prompt_len"]),
+                index0=int(d["index0"]),
+                decoder_replica=int(d["decoder_replica"]),
+            )
         except (KeyError, TypeError, ValueError, SamplingError) as exc:
             raise CodecError("context", f"invalid request context ({exc})") from exc
 
@@ -209,9 +217,18 @@ class Agent:
         self.worker_beat = time.monotonic()
         self.stuck = False
         self.counters: dict[str, float] = {
-            "prefills": 0, "decode_steps": 0, "decode_batches": 0, "kv_chunks_in": 0,
-            "kv_chunks_out": 0, "kv_bytes_in": 0, "kv_bytes_out": 0, "last_kv_send_s": 0.0,
-            "last_kv_handoff_s": 0.0, "last_kv_wait_s": 0.0, "errors": 0}
+            "prefills": 0,
+            "decode_steps": 0,
+            "decode_batches": 0,
+            "kv_chunks_in": 0,
+            "kv_chunks_out": 0,
+            "kv_bytes_in": 0,
+            "kv_bytes_out": 0,
+            "last_kv_send_s": 0.0,
+            "last_kv_handoff_s": 0.0,
+            "last_kv_wait_s": 0.0,
+            "errors": 0,
+        }
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -219,19 +236,31 @@ class Agent:
         from e2llm_edge.device.profile import load_or_measure_profile
 
         self.profile = await asyncio.to_thread(
-            load_or_measure_profile, self.manifest, self.cfg.threads, self.cfg.profile_path,
-            self.variant)
+            load_or_measure_profile,
+            self.manifest,
+            self.cfg.threads,
+            self.cfg.profile_path,
+            self.variant,
+        )
         will = Will(t.DEVICE_STATE, self._state_msg("offline"), {"device_id": self.id})
         async with Bus(self.cfg.bus, will=will, on_bad_message=self._on_bad) as bus:
             self.bus = bus
             await bus.subscribe(t.DEVICE_INBOX, device_id=self.id)
             await bus.subscribe(t.PLAN)
-            await bus.publish(t.DEVICE_PROFILE, m.DeviceProfileMsg(
-                device_id=self.id, memory_mb=self.cfg.memory_mb, profile=self.profile,
-                link=self.cfg.link, capabilities={
-                    "variants": [list(v) for v in self.manifest.variants()],
-                    "running": list(self.variant)}),
-                device_id=self.id)
+            await bus.publish(
+                t.DEVICE_PROFILE,
+                m.DeviceProfileMsg(
+                    device_id=self.id,
+                    memory_mb=self.cfg.memory_mb,
+                    profile=self.profile,
+                    link=self.cfg.link,
+                    capabilities={
+                        "variants": [list(v) for v in self.manifest.variants()],
+                        "running": list(self.variant),
+                    },
+                ),
+                device_id=self.id,
+            )
             await self._publish_state()
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._receive(bus))
@@ -279,10 +308,15 @@ class Agent:
             self.status = "online"
             await self._publish_state()
             return
-        same = old is not None and old.stage.layer_start == place.stage.layer_start and \
-            old.stage.layer_end == place.stage.layer_end and old.stage.embed == place.stage.embed \
-            and old.stage.head == place.stage.head and old.replica.role == place.replica.role \
+        same = (
+            old is not None
+            and old.stage.layer_start == place.stage.layer_start
+            and old.stage.layer_end == place.stage.layer_end
+            and old.stage.embed == place.stage.embed
+            and old.stage.head == place.stage.head
+            and old.replica.role == place.replica.role
             and old.replica.concurrency == place.replica.concurrency
+        )
         if not same:
             self.status = "loading"
             await self._publish_state()
@@ -301,17 +335,32 @@ class Agent:
         self.placement = place
         self.status = "ready"
         await self._publish_state()
-        log.info("%s: plan v%d, replica %d (%s) stage %d layers [%d, %d)%s%s", self.id,
-                 place.version, place.replica.replica_id, place.replica.role, place.index,
-                 place.stage.layer_start, place.stage.layer_end,
-                 " +embed" if place.stage.embed else "", " +head" if place.stage.head else "")
+        log.info(
+            "%s: plan v%d, replica %d (%s) stage %d layers [%d, %d)%s%s",
+            self.id,
+            place.version,
+            place.replica.replica_id,
+            place.replica.role,
+            place.index,
+            place.stage.layer_start,
+            place.stage.layer_end,
+            " +embed" if place.stage.embed else "",
+            " +head" if place.stage.head else "",
+        )
 
     def _load(self, st: PlanStage, replica: Replica) -> None:
         v, n = self.variant, self.cfg.threads
         # decoders batch their requests in one pool of KV slots (contrib graph)
         slots = min(replica.concurrency, self.cfg.max_batch) if replica.role != "prefill" else 0
-        self.stage = load_stage(self.manifest, st.layer_start, st.layer_end, v, threads=n,
-                                max_batch=slots, context=self.cfg.kv_context)
+        self.stage = load_stage(
+            self.manifest,
+            st.layer_start,
+            st.layer_end,
+            v,
+            threads=n,
+            max_batch=slots,
+            context=self.cfg.kv_context,
+        )
         self.embedder = VariantEmbedder(self.manifest, v, threads=n) if st.embed else None
         self.head = VariantHead(self.manifest, v, threads=n) if st.head else None
 
@@ -339,8 +388,11 @@ class Agent:
                 msg = self.work.popleft()
                 if self._is_decode(msg):
                     batch = [msg]
-                    while self.work and len(batch) < self.cfg.max_batch and \
-                            self._is_decode(self.work[0]):
+                    while (
+                        self.work
+                        and len(batch) < self.cfg.max_batch
+                        and self._is_decode(self.work[0])
+                    ):
                         batch.append(self.work.popleft())
                     await self._guard_batch(batch)
                 else:
@@ -361,7 +413,8 @@ class Agent:
     @staticmethod
     def _is_decode(msg: m.Message) -> bool:
         return isinstance(msg, m.DecodeStep) or (
-            isinstance(msg, m.Activation) and msg.phase == "decode")
+            isinstance(msg, m.Activation) and msg.phase == "decode"
+        )
 
     async def _guard(self, msg: m.Message) -> None:
         rid = getattr(msg, "request_id", None)
@@ -371,28 +424,41 @@ class Agent:
             code = exc.code if isinstance(exc, RequestFailed) else "bad_request"
             await self._fail(rid, code, str(exc))
         except Exception as exc:
-            self._ratelog.warning(f"internal:{type(msg).__name__}:{type(exc).__name__}",
-                                  "%s: %s failed: %s: %s", self.id, type(msg).__name__,
-                                  type(exc).__name__, exc)
+            self._ratelog.warning(
+                f"internal:{type(msg).__name__}:{type(exc).__name__}",
+                "%s: %s failed: %s: %s",
+                self.id,
+                type(msg).__name__,
+                type(exc).__name__,
+                exc,
+            )
             await self._fail(rid, "internal", f"{type(exc).__name__}: {exc}")
 
     async def _guard_batch(self, batch: list[m.Message]) -> None:
         try:
             await self._decode_batch(batch)
         except Exception as exc:
-            self._ratelog.warning(f"batch:{type(exc).__name__}", "%s: decode batch failed: "
-                                  "%s: %s", self.id, type(exc).__name__, exc)
+            self._ratelog.warning(
+                f"batch:{type(exc).__name__}",
+                "%s: decode batch failed: %s: %s",
+                self.id,
+                type(exc).__name__,
+                exc,
+            )
             for msg in batch:
-                await self._fail(getattr(msg, "request_id", None), "internal",
-                                 f"{type(exc).__name__}: {exc}")
+                await self._fail(
+                    getattr(msg, "request_id", None), "internal", f"{type(exc).__name__}: {exc}"
+                )
 
     def _check_plan(self, msg: m.Message) -> Placement:
         place = self.placement
         if place is None or self.status != "ready":
             raise RequestFailed("not_ready", f"device {self.id} holds no stage of a plan")
         if msg.plan_version != place.version:
-            raise RequestFailed("plan_version", f"message for plan v{msg.plan_version}, "
-                                f"device {self.id} runs v{place.version}")
+            raise RequestFailed(
+                "plan_version",
+                f"message for plan v{msg.plan_version}, device {self.id} runs v{place.version}",
+            )
         return place
 
     async def _handle(self, msg: m.Message) -> None:
@@ -422,16 +488,25 @@ class Agent:
         if min(msg.token_ids) < 0 or max(msg.token_ids) >= vocab:
             raise RequestFailed("bad_request", f"token ids must be in [0, {vocab})")
         ctx = RequestContext(
-            sampling=Sampling.from_dict(msg.sampling), max_new_tokens=msg.max_new_tokens,
+            sampling=Sampling.from_dict(msg.sampling),
+            max_new_tokens=msg.max_new_tokens,
             eos_token_id=self.manifest.config.get("eos_token_id"),
-            prompt_len=len(msg.token_ids), index0=len(msg.generated),
-            decoder_replica=msg.decoder_replica)
+            prompt_len=len(msg.token_ids),
+            index0=len(msg.generated),
+            decoder_replica=msg.decoder_replica,
+        )
         self._check_context(place, ctx)
         ids = np.asarray([msg.token_ids], np.int64)
         hidden = await asyncio.to_thread(self.embedder.run, ids)
-        act = m.Activation(request_id=msg.request_id, phase="prefill", hidden=hidden,
-                           position_start=0, step=0, context=ctx.to_dict(),
-                           plan_version=place.version)
+        act = m.Activation(
+            request_id=msg.request_id,
+            phase="prefill",
+            hidden=hidden,
+            position_start=0,
+            step=0,
+            context=ctx.to_dict(),
+            plan_version=place.version,
+        )
         if place.index == 0:
             await self._prefill_activation(place, act)
         else:  # embedding next to the head: hand the hidden states to stage 0
@@ -440,12 +515,20 @@ class Agent:
     async def _embed_for_stage0(self, place: Placement, msg: m.DecodeStep) -> None:
         if self.embedder is None:
             raise RequestFailed("misrouted", f"device {self.id} does not hold the embedding")
-        hidden = await asyncio.to_thread(self.embedder.run,
-                                         np.asarray([[msg.token_id]], np.int64))
-        await self._send(place.replica.stages[0].device_id, m.Activation(
-            request_id=msg.request_id, phase="decode", hidden=hidden,
-            position_start=msg.position, step=msg.step, context=msg.context,
-            plan_version=place.version, seq=msg.step))
+        hidden = await asyncio.to_thread(self.embedder.run, np.asarray([[msg.token_id]], np.int64))
+        await self._send(
+            place.replica.stages[0].device_id,
+            m.Activation(
+                request_id=msg.request_id,
+                phase="decode",
+                hidden=hidden,
+                position_start=msg.position,
+                step=msg.step,
+                context=msg.context,
+                plan_version=place.version,
+                seq=msg.step,
+            ),
+        )
 
     async def _prefill_activation(self, place: Placement, msg: m.Activation) -> None:
         if msg.phase != "prefill":
@@ -456,8 +539,11 @@ class Agent:
             return  # QoS 1 redelivery
         self._check_context(place, ctx)
         if msg.hidden.shape[0] != 1 or msg.hidden.shape[1] != ctx.prompt_len:
-            raise RequestFailed("bad_request", f"prefill activation of shape "
-                                f"{list(msg.hidden.shape)} for a {ctx.prompt_len}-token prompt")
+            raise RequestFailed(
+                "bad_request",
+                f"prefill activation of shape "
+                f"{list(msg.hidden.shape)} for a {ctx.prompt_len}-token prompt",
+            )
         st = RequestState(ctx=ctx, cache=self.stage.new_cache(ctx.capacity), prefilled_here=True)
         self.requests[msg.request_id] = st
         assert st.cache is not None
@@ -466,19 +552,30 @@ class Agent:
         decoder = place.replica_by_id(ctx.decoder_replica)
         handoff = decoder.replica_id != place.replica.replica_id
         if not place.is_last:
-            await self._send(place.next_device(), m.Activation(
-                request_id=msg.request_id, phase="prefill", hidden=hidden, position_start=0,
-                step=0, context=msg.context, plan_version=place.version))
+            await self._send(
+                place.next_device(),
+                m.Activation(
+                    request_id=msg.request_id,
+                    phase="prefill",
+                    hidden=hidden,
+                    position_start=0,
+                    step=0,
+                    context=msg.context,
+                    plan_version=place.version,
+                ),
+            )
         if handoff:
             await self._hand_over_kv(place, decoder, msg.request_id, st)
         if place.is_last:
-            await self._sample_and_continue(place, msg.request_id, st, hidden,
-                                            index=ctx.index0, handoff_to=decoder)
+            await self._sample_and_continue(
+                place, msg.request_id, st, hidden, index=ctx.index0, handoff_to=decoder
+            )
         if handoff:
             self._free(msg.request_id)
 
-    async def _hand_over_kv(self, place: Placement, decoder: Replica, rid: str,
-                            st: RequestState) -> None:
+    async def _hand_over_kv(
+        self, place: Placement, decoder: Replica, rid: str, st: RequestState
+    ) -> None:
         """Send this stage's KV cache, layer by layer, to the decoder devices holding them."""
         assert st.cache is not None and self.stage is not None
         t0 = time.time()
@@ -486,8 +583,13 @@ class Agent:
         for layer in range(self.stage.start, self.stage.end):
             k, v = st.cache.kv(layer)
             target = layer_owner(decoder, layer)
-            for chunk in m.kv_chunks(rid, layer, np.ascontiguousarray(k), np.ascontiguousarray(v),
-                                     plan_version=place.version):
+            for chunk in m.kv_chunks(
+                rid,
+                layer,
+                np.ascontiguousarray(k),
+                np.ascontiguousarray(v),
+                plan_version=place.version,
+            ):
                 await self._send(target, dataclasses.replace(chunk, context=ctx))
                 self.counters["kv_chunks_out"] += 1
                 self.counters["kv_bytes_out"] += chunk.key.nbytes + chunk.value.nbytes
@@ -498,8 +600,11 @@ class Agent:
     async def _kv_chunk(self, place: Placement, msg: m.KVChunk) -> None:
         assert self.stage is not None
         if not self.stage.start <= msg.layer < self.stage.end:
-            raise RequestFailed("misrouted", f"KV for layer {msg.layer}, device {self.id} holds "
-                                f"[{self.stage.start}, {self.stage.end})")
+            raise RequestFailed(
+                "misrouted",
+                f"KV for layer {msg.layer}, device {self.id} holds "
+                f"[{self.stage.start}, {self.stage.end})",
+            )
         st = self.requests.get(msg.request_id)
         if st is None:
             ctx = RequestContext.from_dict(msg.context)
@@ -520,12 +625,14 @@ class Agent:
                 st.kv_ready = True
                 if "kv_t0" in msg.context:
                     self.counters["last_kv_handoff_s"] = round(
-                        time.time() - float(msg.context["kv_t0"]), 6)
+                        time.time() - float(msg.context["kv_t0"]), 6
+                    )
                 waiting, st.waiting = st.waiting, []
                 # What the handoff cost the request: how long its first step waited for
                 # the KV here (0 when the KV was in before the step).
-                self.counters["last_kv_wait_s"] = round(
-                    time.monotonic() - min(t for _, t in waiting), 6) if waiting else 0.0
+                self.counters["last_kv_wait_s"] = (
+                    round(time.monotonic() - min(t for _, t in waiting), 6) if waiting else 0.0
+                )
                 for w, _ in waiting:
                     self.work.appendleft(w)
                 if waiting:
@@ -572,14 +679,23 @@ class Agent:
             st.last_step = step
             st.touched = time.monotonic()
             if place.is_last:
-                await self._sample_and_continue(place, rid, st, h[None], index=step,
-                                                handoff_to=None)
+                await self._sample_and_continue(
+                    place, rid, st, h[None], index=step, handoff_to=None
+                )
             else:
-                await self._send(place.next_device(), m.Activation(
-                    request_id=rid, phase="decode", hidden=h[None], step=step,
-                    position_start=_position(msg),
-                    context=st.ctx.to_dict() if step == st.ctx.index0 + 1 else {},
-                    plan_version=place.version, seq=step))
+                await self._send(
+                    place.next_device(),
+                    m.Activation(
+                        request_id=rid,
+                        phase="decode",
+                        hidden=h[None],
+                        step=step,
+                        position_start=_position(msg),
+                        context=st.ctx.to_dict() if step == st.ctx.index0 + 1 else {},
+                        plan_version=place.version,
+                        seq=step,
+                    ),
+                )
 
     def _decode_state(self, msg: m.Message) -> RequestState | None:
         assert isinstance(msg, m.DecodeStep | m.Activation)
@@ -587,8 +703,10 @@ class Agent:
         st = self.requests.get(rid)
         if st is None:
             if not ctx_d:
-                raise RequestFailed("unknown_request", f"device {self.id} has no state for "
-                                    f"request {rid} (released or timed out)")
+                raise RequestFailed(
+                    "unknown_request",
+                    f"device {self.id} has no state for request {rid} (released or timed out)",
+                )
             assert self.stage is not None and self.placement is not None
             ctx = RequestContext.from_dict(ctx_d)
             self._check_context(self.placement, ctx)
@@ -609,8 +727,11 @@ class Agent:
         for msg, st in ready:
             assert isinstance(msg, m.DecodeStep | m.Activation) and st.cache is not None
             if st.cache.length != _position(msg):
-                raise RequestFailed("position", f"request {msg.request_id}: step at position "
-                                    f"{_position(msg)}, cache holds {st.cache.length} tokens")
+                raise RequestFailed(
+                    "position",
+                    f"request {msg.request_id}: step at position "
+                    f"{_position(msg)}, cache holds {st.cache.length} tokens",
+                )
             if isinstance(msg, m.DecodeStep):
                 if self.embedder is None:
                     raise RequestFailed("misrouted", f"device {self.id} cannot embed")
@@ -620,9 +741,15 @@ class Agent:
             caches.append(st.cache)
         return self.stage.run_batch(np.concatenate(rows, axis=0), caches)
 
-    async def _sample_and_continue(self, place: Placement, rid: str, st: RequestState,
-                                   hidden: np.ndarray, index: int,
-                                   handoff_to: Replica | None) -> None:
+    async def _sample_and_continue(
+        self,
+        place: Placement,
+        rid: str,
+        st: RequestState,
+        hidden: np.ndarray,
+        index: int,
+        handoff_to: Replica | None,
+    ) -> None:
         assert self.head is not None
         logits = self.head.run(hidden[:, -1:, :])  # one row: inline, as decode steps
         ctx = st.ctx
@@ -630,22 +757,36 @@ class Agent:
         finished = token == ctx.eos_token_id or index >= ctx.max_new_tokens - 1
         reason = ("stop" if token == ctx.eos_token_id else "length") if finished else None
         self.tokens_done += 1
-        out = m.TokenOut(request_id=rid, token_id=token, index=index, finished=finished,
-                         finish_reason=reason, plan_version=place.version, seq=index)
+        out = m.TokenOut(
+            request_id=rid,
+            token_id=token,
+            index=index,
+            finished=finished,
+            finish_reason=reason,
+            plan_version=place.version,
+            seq=index,
+        )
         decoder = handoff_to or place.replica
         if finished:
             await self._send_orchestrator(out)
             for s in decoder.stages:
                 if s.device_id != self.id:
-                    await self._send(s.device_id, m.Release(request_id=rid, reason=reason or "",
-                                                            plan_version=place.version))
+                    await self._send(
+                        s.device_id,
+                        m.Release(request_id=rid, reason=reason or "", plan_version=place.version),
+                    )
             self._free(rid)
             return
         step = index + 1
-        step_msg = m.DecodeStep(request_id=rid, token_id=token,
-                                position=ctx.prompt_len + (index - ctx.index0), step=step,
-                                context=ctx.to_dict() if index == ctx.index0 else {},
-                                plan_version=place.version, seq=step)
+        step_msg = m.DecodeStep(
+            request_id=rid,
+            token_id=token,
+            position=ctx.prompt_len + (index - ctx.index0),
+            step=step,
+            context=ctx.to_dict() if index == ctx.index0 else {},
+            plan_version=place.version,
+            seq=step,
+        )
         # The next step goes first: the token's way to the client is off the critical path.
         await self._send(embed_device(decoder), step_msg)
         await self._send_orchestrator(out)
@@ -655,17 +796,25 @@ class Agent:
     def _check_context(self, place: Placement, ctx: RequestContext) -> None:
         """A context from the network decides how much KV memory we allocate: bound it."""
         limit = int(self.manifest.config["max_position"])
-        if not (ctx.prompt_len >= 1 and ctx.max_new_tokens >= 1 and
-                0 <= ctx.index0 < ctx.max_new_tokens and ctx.prompt_len - ctx.index0 >= 1
-                and ctx.capacity <= limit):
-            raise RequestFailed("bad_request", f"request context out of range: prompt "
-                                f"{ctx.prompt_len}, max_new_tokens {ctx.max_new_tokens}, "
-                                f"index0 {ctx.index0}, context {limit}")
+        if not (
+            ctx.prompt_len >= 1
+            and ctx.max_new_tokens >= 1
+            and 0 <= ctx.index0 < ctx.max_new_tokens
+            and ctx.prompt_len - ctx.index0 >= 1
+            and ctx.capacity <= limit
+        ):
+            raise RequestFailed(
+                "bad_request",
+                f"request context out of range: prompt "
+                f"{ctx.prompt_len}, max_new_tokens {ctx.max_new_tokens}, "
+                f"index0 {ctx.index0}, context {limit}",
+            )
         try:
             decoder = place.replica_by_id(ctx.decoder_replica)
         except KeyError:
-            raise RequestFailed("bad_request", f"plan v{place.version} has no replica "
-                                f"{ctx.decoder_replica}") from None
+            raise RequestFailed(
+                "bad_request", f"plan v{place.version} has no replica {ctx.decoder_replica}"
+            ) from None
         if decoder.role == "prefill":
             raise RequestFailed("bad_request", f"replica {ctx.decoder_replica} does not decode")
 
@@ -691,25 +840,36 @@ class Agent:
         if rid is not None:
             self._free(rid)
         with contextlib.suppress(E2LLMError):
-            await self._send_orchestrator(m.ErrorReport(
-                device_id=self.id, request_id=rid, code=code, message=message,
-                plan_version=self.placement.version if self.placement else 0))
+            await self._send_orchestrator(
+                m.ErrorReport(
+                    device_id=self.id,
+                    request_id=rid,
+                    code=code,
+                    message=message,
+                    plan_version=self.placement.version if self.placement else 0,
+                )
+            )
 
     def _log_error(self, rid: str | None, code: str, message: str) -> None:
         self.last_error = f"{code}: {message}"
-        self._ratelog.warning(f"fail:{code}", "%s: request %s: %s: %s", self.id, rid, code,
-                              message)
+        self._ratelog.warning(f"fail:{code}", "%s: request %s: %s: %s", self.id, rid, code, message)
 
     def _state_msg(self, status: str) -> m.DeviceState:
         p = self.placement
         return m.DeviceState(
-            device_id=self.id, status=status,  # type: ignore[arg-type]
+            device_id=self.id,
+            status=status,  # type: ignore[arg-type]
             plan_version=p.version if p else 0,
-            role=p.replica.role if p else None, replica_id=p.replica.replica_id if p else None,
+            role=p.replica.role if p else None,
+            replica_id=p.replica.replica_id if p else None,
             layers=(p.stage.layer_start, p.stage.layer_end) if p else None,
-            queue_depth=len(self.work), in_flight=len(self.requests),
-            tokens_per_s=self._rate(), mem_bytes=rss_bytes(), last_error=self.last_error,
-            ts=time.time())
+            queue_depth=len(self.work),
+            in_flight=len(self.requests),
+            tokens_per_s=self._rate(),
+            mem_bytes=rss_bytes(),
+            last_error=self.last_error,
+            ts=time.time(),
+        )
 
     def _rate(self) -> float:
         now = time.monotonic()
@@ -729,11 +889,17 @@ class Agent:
         while True:
             await asyncio.sleep(self.cfg.telemetry_interval)
             now = time.monotonic()
-            if self.work and not self.stuck and \
-                    now - self.worker_beat > self.cfg.stage_timeout and self.status == "ready":
+            if (
+                self.work
+                and not self.stuck
+                and now - self.worker_beat > self.cfg.stage_timeout
+                and self.status == "ready"
+            ):
                 self.stuck, self.status = True, "error"
-                self.last_error = (f"stuck: {len(self.work)} message(s) waiting, nothing done "
-                                   f"for {now - self.worker_beat:.0f} s")
+                self.last_error = (
+                    f"stuck: {len(self.work)} message(s) waiting, nothing done "
+                    f"for {now - self.worker_beat:.0f} s"
+                )
                 log.warning("%s: %s", self.id, self.last_error)
             for rid, st in list(self.requests.items()):
                 if now - st.touched > self.cfg.request_timeout:
@@ -743,18 +909,29 @@ class Agent:
                 for w, since in list(st.waiting):
                     if now - since > self.cfg.kv_wait_timeout:
                         st.waiting.remove((w, since))
-                        await self._fail(rid, "kv_timeout", f"KV cache for {rid} incomplete "
-                                         f"after {self.cfg.kv_wait_timeout:.0f} s")
+                        await self._fail(
+                            rid,
+                            "kv_timeout",
+                            f"KV cache for {rid} incomplete after {self.cfg.kv_wait_timeout:.0f} s",
+                        )
                         break
             with contextlib.suppress(E2LLMError):
                 await self._send_orchestrator(m.Heartbeat(device_id=self.id, ts=time.time()))
                 await self._publish_state()
-                await self.bus.publish(t.DEVICE_TELEMETRY, m.Telemetry(
-                    source=self.id, data={**self.counters, "requests": len(self.requests),
-                                          "kv_pending_bytes": self.kv.pending_bytes(),
-                                          "status": self.status}), device_id=self.id)
+                await self.bus.publish(
+                    t.DEVICE_TELEMETRY,
+                    m.Telemetry(
+                        source=self.id,
+                        data={
+                            **self.counters,
+                            "requests": len(self.requests),
+                            "kv_pending_bytes": self.kv.pending_bytes(),
+                            "status": self.status,
+                        },
+                    ),
+                    device_id=self.id,
+                )
 
 
 def _position(msg: m.DecodeStep | m.Activation) -> int:
     return msg.position if isinstance(msg, m.DecodeStep) else msg.position_start
-

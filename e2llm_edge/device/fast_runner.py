@@ -33,8 +33,12 @@ from onnx_export.manifest import Manifest, Segment
 log = logging.getLogger(__name__)
 _serials = itertools.count()
 
-CONTRIB_OPS = ("GroupQueryAttention", "MatMulNBits", "SkipSimplifiedLayerNormalization",
-               "QuickGelu")
+CONTRIB_OPS = (
+    "GroupQueryAttention",
+    "MatMulNBits",
+    "SkipSimplifiedLayerNormalization",
+    "QuickGelu",
+)
 
 
 def contrib_supported() -> bool:
@@ -78,13 +82,15 @@ class FastCache:
     def load(self, layer: int, key: np.ndarray, value: np.ndarray, token_start: int) -> None:
         have, n = self.filled[layer], key.shape[2]
         if token_start != have:
-            raise ValueError(f"layer {layer}: chunk starts at token {token_start}, "
-                             f"cache holds {have}")
+            raise ValueError(
+                f"layer {layer}: chunk starts at token {token_start}, cache holds {have}"
+            )
         if token_start + n > self.capacity:
-            raise ValueError(f"layer {layer}: {token_start + n} tokens exceed the cache "
-                             f"capacity {self.capacity}")
-        self.keys[layer][:, :, token_start:token_start + n] = key
-        self.values[layer][:, :, token_start:token_start + n] = value
+            raise ValueError(
+                f"layer {layer}: {token_start + n} tokens exceed the cache capacity {self.capacity}"
+            )
+        self.keys[layer][:, :, token_start : token_start + n] = key
+        self.values[layer][:, :, token_start : token_start + n] = value
         self.filled[layer] = token_start + n
 
     def advance(self, n: int) -> None:
@@ -117,10 +123,16 @@ class KVPool:
         if capacity > self.context or not free:
             return None
         s = free[0]
-        c = FastCache(self.layers.start, self.layers.stop, self.context,
-                      {i: self.keys[i][s:s + 1] for i in self.layers},
-                      {i: self.values[i][s:s + 1] for i in self.layers}, slot=s,
-                      filled={i: 0 for i in self.layers}, pool=self)
+        c = FastCache(
+            self.layers.start,
+            self.layers.stop,
+            self.context,
+            {i: self.keys[i][s : s + 1] for i in self.layers},
+            {i: self.values[i][s : s + 1] for i in self.layers},
+            slot=s,
+            filled={i: 0 for i in self.layers},
+            pool=self,
+        )
         self._owner[s] = weakref.ref(c)
         return c
 
@@ -131,8 +143,8 @@ class KVPool:
 
     def _place(self, cache: FastCache, s: int) -> None:
         cache.slot = s
-        cache.keys = {i: self.keys[i][s:s + 1] for i in self.layers}
-        cache.values = {i: self.values[i][s:s + 1] for i in self.layers}
+        cache.keys = {i: self.keys[i][s : s + 1] for i in self.layers}
+        cache.values = {i: self.values[i][s : s + 1] for i in self.layers}
         self._owner[s] = weakref.ref(cache)
 
     def _swap(self, a: int, b: int) -> None:
@@ -156,8 +168,9 @@ class KVPool:
         outsider swapped with a slot of the window not held by the batch (B - inside of them).
         """
         slots = sorted(c.slot for c in caches if c.slot is not None)
-        if len(slots) != len(caches) or any(self.owner(c.slot) is not c for c in caches
-                                            if c.slot is not None):
+        if len(slots) != len(caches) or any(
+            self.owner(c.slot) is not c for c in caches if c.slot is not None
+        ):
             raise ValueError("a cache in the batch is not in this stage's pool")
         if slots[-1] - slots[0] == len(slots) - 1:
             return slots[0]
@@ -183,18 +196,38 @@ class FastLayerStack:
     """Layers [start, end) of a contrib variant: a `Stage` with IO-bound, in-place KV.
     `profile`: a file prefix for onnxruntime's per-operator profiler (`bench/op_profile.py`)."""
 
-    def __init__(self, manifest: Manifest, start: int, end: int, *, precision: str = "exact",
-                 verify: bool = True, threads: int | None = None, max_batch: int = 8,
-                 context: int | None = None, profile: str | None = None) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        start: int,
+        end: int,
+        *,
+        precision: str = "exact",
+        verify: bool = True,
+        threads: int | None = None,
+        max_batch: int = 8,
+        context: int | None = None,
+        profile: str | None = None,
+    ) -> None:
         cfg = manifest.config
         self.start, self.end = start, end
         self.precision = precision
-        self.nkv, self.d, self.hidden = int(cfg["n_kv_heads"]), int(cfg["head_dim"]), \
-            int(cfg["hidden_size"])
+        self.nkv, self.d, self.hidden = (
+            int(cfg["n_kv_heads"]),
+            int(cfg["head_dim"]),
+            int(cfg["hidden_size"]),
+        )
         self.context = min(int(context or cfg["max_position"]), int(cfg["max_position"]))
         self.segments = manifest.cover(start, end, "contrib", precision)
-        self.bound = [_Bound(s, make_session(manifest.verify(s) if verify else manifest.path(s),
-                                             threads, profile=profile)) for s in self.segments]
+        self.bound = [
+            _Bound(
+                s,
+                make_session(
+                    manifest.verify(s) if verify else manifest.path(s), threads, profile=profile
+                ),
+            )
+            for s in self.segments
+        ]
         self.max_batch = max_batch
         self._pool: KVPool | None = None
         self._seqlens = np.zeros(max(1, max_batch), np.int32)
@@ -205,8 +238,9 @@ class FastLayerStack:
     @property
     def pool(self) -> KVPool:
         if self._pool is None:
-            self._pool = KVPool(range(self.start, self.end), self.max_batch, self.context,
-                                self.nkv, self.d)
+            self._pool = KVPool(
+                range(self.start, self.end), self.max_batch, self.context, self.nkv, self.d
+            )
         return self._pool
 
     def new_cache(self, capacity: int) -> FastCache:
@@ -219,8 +253,14 @@ class FastLayerStack:
         def buf() -> np.ndarray:
             return np.zeros((1, self.nkv, capacity, self.d), np.float32)
 
-        return FastCache(self.start, self.end, capacity, {i: buf() for i in layers},
-                         {i: buf() for i in layers}, filled={i: 0 for i in layers})
+        return FastCache(
+            self.start,
+            self.end,
+            capacity,
+            {i: buf() for i in layers},
+            {i: buf() for i in layers},
+            filled={i: 0 for i in layers},
+        )
 
     # -- running
 
@@ -237,8 +277,9 @@ class FastLayerStack:
             return chunked
         self._seqlens[0] = start_pos + t - 1
         self._total[...] = start_pos + t
-        out = self._forward(hidden, cache.keys, cache.values, ("one", cache.serial, cache.slot),
-                            self._seqlens[:1])
+        out = self._forward(
+            hidden, cache.keys, cache.values, ("one", cache.serial, cache.slot), self._seqlens[:1]
+        )
         cache.advance(t)
         return out
 
@@ -247,8 +288,9 @@ class FastLayerStack:
         fc = [c for c in caches if isinstance(c, FastCache)]
         b = len(caches)
         if b == 1 or len(fc) != b or any(c.pool is not self._pool or c.slot is None for c in fc):
-            return np.concatenate([self.run(hidden[j:j + 1], c.length, c)
-                                   for j, c in enumerate(caches)], axis=0)
+            return np.concatenate(
+                [self.run(hidden[j : j + 1], c.length, c) for j, c in enumerate(caches)], axis=0
+            )
         lengths = [c.length for c in fc]
         if any(n + 1 > c.capacity for n, c in zip(lengths, fc, strict=True)):
             raise ValueError("a request's cache is full")
@@ -258,8 +300,8 @@ class FastLayerStack:
         x = np.ascontiguousarray(hidden[order])
         self._seqlens[:b] = [lengths[j] for j in order]
         self._total[...] = max(lengths) + 1
-        keys = {i: pool.keys[i][lo:lo + b] for i in range(self.start, self.end)}
-        values = {i: pool.values[i][lo:lo + b] for i in range(self.start, self.end)}
+        keys = {i: pool.keys[i][lo : lo + b] for i in range(self.start, self.end)}
+        values = {i: pool.values[i][lo : lo + b] for i in range(self.start, self.end)}
         out = self._forward(x, keys, values, ("pool", lo, b), self._seqlens[:b])
         for c in fc:
             c.advance(1)
@@ -267,9 +309,14 @@ class FastLayerStack:
         res[order] = out
         return res
 
-    def _forward(self, hidden: np.ndarray, keys: dict[int, np.ndarray],
-                 values: dict[int, np.ndarray], key: tuple[Any, ...],
-                 seqlens: np.ndarray) -> np.ndarray:
+    def _forward(
+        self,
+        hidden: np.ndarray,
+        keys: dict[int, np.ndarray],
+        values: dict[int, np.ndarray],
+        key: tuple[Any, ...],
+        seqlens: np.ndarray,
+    ) -> np.ndarray:
         x = np.ascontiguousarray(hidden, dtype=np.float32)
         for bd in self.bound:
             io = bd.io
@@ -296,13 +343,12 @@ def _bind(fn: Any, name: str, arr: np.ndarray) -> None:
     fn(name, "cpu", 0, arr.dtype, list(arr.shape), arr.ctypes.data)
 
 
-
-
 def _segments(manifest: Manifest, kind: str, variant: tuple[str, str]) -> list[Segment]:
     segs = manifest.by_kind(kind, *variant)
     if not segs:
-        raise ExportError(f"{manifest.directory}: manifest has no {kind} segment for "
-                          f"{variant[0]}/{variant[1]}")
+        raise ExportError(
+            f"{manifest.directory}: manifest has no {kind} segment for {variant[0]}/{variant[1]}"
+        )
     return segs
 
 
@@ -313,10 +359,15 @@ def _session(manifest: Manifest, seg: Segment, verify: bool, threads: int | None
 class VariantEmbedder(Embedder):
     """`Embedder` of any graph variant (same input_ids -> hidden interface)."""
 
-    def __init__(self, manifest: Manifest, variant: tuple[str, str], *, verify: bool = True,
-                 threads: int | None = None) -> None:
-        self.session = _session(manifest, _segments(manifest, "embed", variant)[0], verify,
-                                threads)
+    def __init__(
+        self,
+        manifest: Manifest,
+        variant: tuple[str, str],
+        *,
+        verify: bool = True,
+        threads: int | None = None,
+    ) -> None:
+        self.session = _session(manifest, _segments(manifest, "embed", variant)[0], verify, threads)
 
 
 class VariantHead(Head):
@@ -331,19 +382,33 @@ class VariantHead(Head):
     SLOW_SCREEN = 3.0
     FAST_ENOUGH_S = 0.010
 
-    def __init__(self, manifest: Manifest, variant: tuple[str, str], *, verify: bool = True,
-                 threads: int | None = None) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        variant: tuple[str, str],
+        *,
+        verify: bool = True,
+        threads: int | None = None,
+    ) -> None:
         segs = _segments(manifest, "head", variant)
         self.session, self.segment = _session(manifest, segs[0], verify, threads), segs[0]
-        hidden = np.random.default_rng(0).normal(
-            0, 1, (1, 1, int(manifest.config["hidden_size"]))).astype(np.float32)
+        hidden = (
+            np.random.default_rng(0)
+            .normal(0, 1, (1, 1, int(manifest.config["hidden_size"])))
+            .astype(np.float32)
+        )
         if len(segs) > 1 and (first := _best_of(self.session, hidden)) > self.FAST_ENOUGH_S:
             other = _session(manifest, segs[1], verify, threads)
             second = _best_of(other, hidden)
             if first > self.SLOW_SCREEN * second:
-                log.warning("head %s takes %.1f ms, %s %.1f ms: using the latter (no fast "
-                            "8-bit int8 kernel on this CPU?)", segs[0].name, first * 1e3,
-                            segs[1].name, second * 1e3)
+                log.warning(
+                    "head %s takes %.1f ms, %s %.1f ms: using the latter (no fast "
+                    "8-bit int8 kernel on this CPU?)",
+                    segs[0].name,
+                    first * 1e3,
+                    segs[1].name,
+                    second * 1e3,
+                )
                 self.session, self.segment = other, segs[1]
 
 
@@ -368,26 +433,48 @@ def choose_variant(manifest: Manifest) -> tuple[str, str]:
     for v in PREFERENCE:
         if v in have:
             return v
-    raise ExportError(f"{manifest.directory}: no complete variant this onnxruntime can run "
-                      f"(have {manifest.variants()})")
+    raise ExportError(
+        f"{manifest.directory}: no complete variant this onnxruntime can run "
+        f"(have {manifest.variants()})"
+    )
 
 
 def check_variant(manifest: Manifest, graph: str, precision: str) -> None:
     if (graph, precision) not in manifest.variants():
-        raise ExportError(f"{manifest.directory}: no complete {graph}/{precision} variant "
-                          f"(have {manifest.variants()}); export it with "
-                          f"e2llm export --graph {graph} --precision {precision} "
-                          f"--ranges 0-{manifest.config['n_layers']} (one session for all layers)")
+        raise ExportError(
+            f"{manifest.directory}: no complete {graph}/{precision} variant "
+            f"(have {manifest.variants()}); export it with "
+            f"e2llm export --graph {graph} --precision {precision} "
+            f"--ranges 0-{manifest.config['n_layers']} (one session for all layers)"
+        )
 
 
-def load_stage(manifest: Manifest, start: int, end: int, variant: tuple[str, str], *,
-               verify: bool = True, threads: int | None = None, prefer_ranges: bool = True,
-               max_batch: int = 0, context: int | None = None) -> Stage:
+def load_stage(
+    manifest: Manifest,
+    start: int,
+    end: int,
+    variant: tuple[str, str],
+    *,
+    verify: bool = True,
+    threads: int | None = None,
+    prefer_ranges: bool = True,
+    max_batch: int = 0,
+    context: int | None = None,
+) -> Stage:
     """The `Stage` running layers [start, end) of `variant`: the one place that picks the
     runner class. `max_batch` > 0 gives contrib stages a pool of that many adjacent KV
     slots of `context` tokens for batched decode (0: every cache its own buffer)."""
     if variant[0] == "contrib":
-        return FastLayerStack(manifest, start, end, precision=variant[1], verify=verify,
-                              threads=threads, max_batch=max_batch, context=context)
-    return LayerStack(manifest, start, end, verify=verify, prefer_ranges=prefer_ranges,
-                      threads=threads)
+        return FastLayerStack(
+            manifest,
+            start,
+            end,
+            precision=variant[1],
+            verify=verify,
+            threads=threads,
+            max_batch=max_batch,
+            context=context,
+        )
+    return LayerStack(
+        manifest, start, end, verify=verify, prefer_ranges=prefer_ranges, threads=threads
+    )

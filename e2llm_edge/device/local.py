@@ -45,9 +45,15 @@ class GenerationStats:
 
 
 class LocalModel:
-    def __init__(self, model_dir: str | Path, *, prefer_ranges: bool = True,
-                 verify: bool = True, threads: int | None = None,
-                 variant: tuple[str, str] | None = None) -> None:
+    def __init__(
+        self,
+        model_dir: str | Path,
+        *,
+        prefer_ranges: bool = True,
+        verify: bool = True,
+        threads: int | None = None,
+        variant: tuple[str, str] | None = None,
+    ) -> None:
         """`variant` (graph, precision) defaults to the best one the manifest holds and this
         onnxruntime runs: contrib/exact, else standard/fp32 (see `choose_variant`)."""
         self.manifest = Manifest.load(model_dir)
@@ -59,9 +65,15 @@ class LocalModel:
         check_variant(self.manifest, *self.variant)
         self.embed = VariantEmbedder(self.manifest, self.variant, verify=verify, threads=threads)
         # One request at a time here: each generate gets its own KV buffer, no pool.
-        self.layers: Stage = load_stage(self.manifest, 0, self.n_layers, self.variant,
-                                        verify=verify, threads=threads,
-                                        prefer_ranges=prefer_ranges)
+        self.layers: Stage = load_stage(
+            self.manifest,
+            0,
+            self.n_layers,
+            self.variant,
+            verify=verify,
+            threads=threads,
+            prefer_ranges=prefer_ranges,
+        )
         self.head = VariantHead(self.manifest, self.variant, verify=verify, threads=threads)
 
     def forward(self, ids: list[int], start: int, cache: StageCache) -> np.ndarray:
@@ -74,18 +86,25 @@ class LocalModel:
         logits, bound = self.head.run_with_bound(h[:, -1:, :])
         return logits[0, -1], float(bound[0, -1])
 
-    def generate(self, prompt_ids: list[int], max_new_tokens: int,
-                 sampling: Sampling | None = None, stats: GenerationStats | None = None,
-                 stop_at_eos: bool = True,
-                 logits_out: list[tuple[np.ndarray, float]] | None = None) -> Iterator[int]:
+    def generate(
+        self,
+        prompt_ids: list[int],
+        max_new_tokens: int,
+        sampling: Sampling | None = None,
+        stats: GenerationStats | None = None,
+        stop_at_eos: bool = True,
+        logits_out: list[tuple[np.ndarray, float]] | None = None,
+    ) -> Iterator[int]:
         """Yield new token ids one by one (streaming). `logits_out` collects each step's
         logits and bound (`Head.run_with_bound`)."""
         sampling = sampling or Sampling()
         if not prompt_ids:
             raise ExportError("empty prompt: nothing to generate from")
         if len(prompt_ids) + max_new_tokens > self.context_length:
-            raise ExportError(f"prompt ({len(prompt_ids)} tokens) + max_new_tokens "
-                              f"({max_new_tokens}) exceeds the context of {self.context_length}")
+            raise ExportError(
+                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens "
+                f"({max_new_tokens}) exceeds the context of {self.context_length}"
+            )
         stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens = len(prompt_ids)
         cache = self.layers.new_cache(len(prompt_ids) + max_new_tokens)

@@ -65,9 +65,16 @@ def profile_problem(prof: dict[str, Any]) -> str | None:
     from planner.errors import InventoryError
     from planner.inventory import Inventory
 
-    doc = {"devices": [{"id": "this-device", "memory_mb": 1.0,
-                        "link": {"bandwidth_mbps": 1.0, "latency_ms": 1.0},
-                        "profile": {k: v for k, v in prof.items() if k != "measured"}}]}
+    doc = {
+        "devices": [
+            {
+                "id": "this-device",
+                "memory_mb": 1.0,
+                "link": {"bandwidth_mbps": 1.0, "latency_ms": 1.0},
+                "profile": {k: v for k, v in prof.items() if k != "measured"},
+            }
+        ]
+    }
     try:
         Inventory.from_dict(doc, source="profile")
     except InventoryError as exc:
@@ -75,14 +82,25 @@ def profile_problem(prof: dict[str, Any]) -> str | None:
     return None
 
 
-def measure_profile(manifest: Manifest, threads: int | None = None, reps: int = 3,
-                    variant: tuple[str, str] = ("standard", "fp32")) -> dict[str, Any]:
+def measure_profile(
+    manifest: Manifest,
+    threads: int | None = None,
+    reps: int = 3,
+    variant: tuple[str, str] = ("standard", "fp32"),
+) -> dict[str, Any]:
     """The profile dict in the inventory schema (planner/inventory.py), for `variant`."""
     n = configure_threads(threads)
     cfg = manifest.config
     h = int(cfg["hidden_size"])
-    stack = load_stage(manifest, 0, 1, variant, prefer_ranges=False,
-                       max_batch=max(DECODE_BATCHES), context=PAST_TOKENS + 16)
+    stack = load_stage(
+        manifest,
+        0,
+        1,
+        variant,
+        prefer_ranges=False,
+        max_batch=max(DECODE_BATCHES),
+        context=PAST_TOKENS + 16,
+    )
     emb, head = VariantEmbedder(manifest, variant), VariantHead(manifest, variant)
     rng = np.random.default_rng(0)
     prefill = []
@@ -125,21 +143,31 @@ def measure_profile(manifest: Manifest, threads: int | None = None, reps: int = 
         "embed_s": round(embed_s, 9),
         "head_prefill_s": round(_best(lambda: head.run(one), reps), 7),
         "head_decode_s": [round(v, 7) for v in _fill(head_decode, MAX_CONCURRENCY)],
-        "measured": {"threads": n, "graph": variant[0], "precision": variant[1],
-                     "past_tokens": PAST_TOKENS, "decode_batches": list(DECODE_BATCHES),
-                     "model": manifest.name, "at": time.strftime("%Y-%m-%dT%H:%M:%S")},
+        "measured": {
+            "threads": n,
+            "graph": variant[0],
+            "precision": variant[1],
+            "past_tokens": PAST_TOKENS,
+            "decode_batches": list(DECODE_BATCHES),
+            "model": manifest.name,
+            "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+        },
     }
 
 
-def profile_path(manifest: Manifest, threads: int,
-                 variant: tuple[str, str] = ("standard", "fp32")) -> Path:
+def profile_path(
+    manifest: Manifest, threads: int, variant: tuple[str, str] = ("standard", "fp32")
+) -> Path:
     name = f"{manifest.fingerprint[:16]}-{variant[0]}-{variant[1]}-t{threads}.yaml"
     return cache_dir() / "profiles" / name
 
 
-def load_or_measure_profile(manifest: Manifest, threads: int | None = None,
-                            path: Path | None = None,
-                            variant: tuple[str, str] | None = None) -> dict[str, Any]:
+def load_or_measure_profile(
+    manifest: Manifest,
+    threads: int | None = None,
+    path: Path | None = None,
+    variant: tuple[str, str] | None = None,
+) -> dict[str, Any]:
     from e2llm_edge.device.fast_runner import choose_variant
 
     variant = variant or choose_variant(manifest)

@@ -53,8 +53,9 @@ def configure_threads(threads: int | None = None) -> int:
         return _threads
 
 
-def make_session(path: Path | bytes, threads: int | None = None, *,
-                 profile: str | None = None) -> Any:
+def make_session(
+    path: Path | bytes, threads: int | None = None, *, profile: str | None = None
+) -> Any:
     """An InferenceSession with the process's thread settings (a file path or model bytes).
     `profile`: a file prefix; onnxruntime then records every operator's time
     (`session.end_profiling()` writes the JSON, `bench/op_profile.py` reads it).
@@ -140,8 +141,9 @@ class KVCache:
     def load(self, layer: int, key: np.ndarray, value: np.ndarray, token_start: int) -> None:
         have = self.keys[layer].shape[2]
         if token_start != have:
-            raise ValueError(f"layer {layer}: chunk starts at token {token_start}, "
-                             f"cache holds {have}")
+            raise ValueError(
+                f"layer {layer}: chunk starts at token {token_start}, cache holds {have}"
+            )
         self.keys[layer] = np.concatenate([self.keys[layer], key], axis=2)
         self.values[layer] = np.concatenate([self.values[layer], value], axis=2)
 
@@ -160,32 +162,48 @@ class KVCache:
 PREFILL_CHUNK = 256
 
 
-def in_chunks(run: Callable[[np.ndarray, int, StageCache], np.ndarray], hidden: np.ndarray,
-              start_pos: int, cache: StageCache) -> np.ndarray | None:
+def in_chunks(
+    run: Callable[[np.ndarray, int, StageCache], np.ndarray],
+    hidden: np.ndarray,
+    start_pos: int,
+    cache: StageCache,
+) -> np.ndarray | None:
     """`run` chunk by chunk when `hidden` (1, T, H) is longer than PREFILL_CHUNK, else None."""
     t, n = hidden.shape[1], PREFILL_CHUNK
     if t <= n:
         return None
-    return np.concatenate([run(hidden[:, s:s + n], start_pos + s, cache) for s in range(0, t, n)],
-                          axis=1)
+    return np.concatenate(
+        [run(hidden[:, s : s + n], start_pos + s, cache) for s in range(0, t, n)], axis=1
+    )
 
 
 class LayerStack:
     """Layers [start, end) of a model as few sessions as the manifest allows."""
 
-    def __init__(self, manifest: Manifest, start: int, end: int, *, verify: bool = True,
-                 prefer_ranges: bool = True, threads: int | None = None) -> None:
+    def __init__(
+        self,
+        manifest: Manifest,
+        start: int,
+        end: int,
+        *,
+        verify: bool = True,
+        prefer_ranges: bool = True,
+        threads: int | None = None,
+    ) -> None:
         cfg = manifest.config
         self.start, self.end = start, end
         self.n_kv_heads, self.head_dim = int(cfg["n_kv_heads"]), int(cfg["head_dim"])
         self.segments = manifest.cover(start, end, longest=prefer_ranges)
-        self.sessions = [make_session(manifest.verify(s) if verify else manifest.path(s), threads)
-                         for s in self.segments]
+        self.sessions = [
+            make_session(manifest.verify(s) if verify else manifest.path(s), threads)
+            for s in self.segments
+        ]
 
     def empty_past(self, batch: int) -> KVCache:
         z = np.zeros((batch, self.n_kv_heads, 0, self.head_dim), np.float32)
-        return KVCache({i: z for i in range(self.start, self.end)},
-                       {i: z for i in range(self.start, self.end)})
+        return KVCache(
+            {i: z for i in range(self.start, self.end)}, {i: z for i in range(self.start, self.end)}
+        )
 
     def new_cache(self, capacity: int) -> KVCache:
         return self.empty_past(1)
@@ -201,15 +219,24 @@ class LayerStack:
 
     def run_batch(self, hidden: np.ndarray, caches: list[StageCache]) -> np.ndarray:
         """The portable graph advances each request on its own (its KV grows by Concat)."""
-        return np.concatenate([self.run(hidden[b:b + 1], c.length, c)
-                               for b, c in enumerate(caches)], axis=0)
+        return np.concatenate(
+            [self.run(hidden[b : b + 1], c.length, c) for b, c in enumerate(caches)], axis=0
+        )
 
-    def forward(self, hidden: np.ndarray, position_ids: np.ndarray, attention_mask: np.ndarray,
-                cache: KVCache) -> np.ndarray:
+    def forward(
+        self,
+        hidden: np.ndarray,
+        position_ids: np.ndarray,
+        attention_mask: np.ndarray,
+        cache: KVCache,
+    ) -> np.ndarray:
         """Advance `hidden` (B, T, H) through the layers; `cache` grows by T in place."""
         for seg, sess in zip(self.segments, self.sessions, strict=True):
-            feeds: dict[str, np.ndarray] = {"hidden": hidden, "position_ids": position_ids,
-                                            "attention_mask": attention_mask}
+            feeds: dict[str, np.ndarray] = {
+                "hidden": hidden,
+                "position_ids": position_ids,
+                "attention_mask": attention_mask,
+            }
             for i in seg.layers:
                 feeds[f"past_key_{i}"] = cache.keys[i]
                 feeds[f"past_value_{i}"] = cache.values[i]

@@ -36,13 +36,19 @@ class Sampling:
         return self.temperature == 0.0
 
     def to_dict(self) -> dict[str, Any]:
-        return {"temperature": float(self.temperature), "top_p": float(self.top_p),
-                "seed": int(self.seed)}
+        return {
+            "temperature": float(self.temperature),
+            "top_p": float(self.top_p),
+            "seed": int(self.seed),
+        }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> Sampling:
-        return cls(temperature=float(d.get("temperature", 0.0)), top_p=float(d.get("top_p", 1.0)),
-                   seed=int(d.get("seed", 0)))
+        return cls(
+            temperature=float(d.get("temperature", 0.0)),
+            top_p=float(d.get("top_p", 1.0)),
+            seed=int(d.get("seed", 0)),
+        )
 
 
 def sample(logits: np.ndarray, sampling: Sampling, step: int) -> int:

@@ -215,15 +215,26 @@ class Orchestrator:
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self) -> None:
-        will = Will(t.ORCHESTRATOR_STATE, m.OrchestratorState(
-            orchestrator_id=self.cfg.orchestrator_id, status="offline"))
+        will = Will(
+            t.ORCHESTRATOR_STATE,
+            m.OrchestratorState(orchestrator_id=self.cfg.orchestrator_id, status="offline"),
+        )
         async with Bus(self.cfg.bus, will=will, on_bad_message=self._on_bad) as bus:
             self.bus = bus
-            for topic in (t.DEVICE_STATE, t.DEVICE_PROFILE, t.ORCHESTRATOR_INBOX, t.REQUEST,
-                          t.PLAN):
+            for topic in (
+                t.DEVICE_STATE,
+                t.DEVICE_PROFILE,
+                t.ORCHESTRATOR_INBOX,
+                t.REQUEST,
+                t.PLAN,
+            ):
                 await bus.subscribe(topic)
-            await bus.publish(t.ORCHESTRATOR_STATE, m.OrchestratorState(
-                orchestrator_id=self.cfg.orchestrator_id, status="online", ts=time.time()))
+            await bus.publish(
+                t.ORCHESTRATOR_STATE,
+                m.OrchestratorState(
+                    orchestrator_id=self.cfg.orchestrator_id, status="online", ts=time.time()
+                ),
+            )
             async with asyncio.TaskGroup() as tg:
                 tg.create_task(self._receive(bus))
                 tg.create_task(self._ticker())
@@ -233,25 +244,33 @@ class Orchestrator:
             try:
                 await self._on_message(env)
             except Exception as exc:  # one bad message must not stop the orchestrator
-                self._ratelog.warning(f"handle:{type(env.msg).__name__}:{type(exc).__name__}",
-                                      "handling %s on %s failed: %s: %s",
-                                      type(env.msg).__name__, env.topic_str,
-                                      type(exc).__name__, exc)
+                self._ratelog.warning(
+                    f"handle:{type(env.msg).__name__}:{type(exc).__name__}",
+                    "handling %s on %s failed: %s: %s",
+                    type(env.msg).__name__,
+                    env.topic_str,
+                    type(exc).__name__,
+                    exc,
+                )
 
     async def _on_bad(self, bad: BadMessage) -> None:
         """A malformed message: answer the requester if the topic names one (awaited by the
         bus's own bad-message worker, so no task is left without an owner)."""
         if bad.topic is t.REQUEST and bad.ids and self.bus is not None:
             rid = getattr(bad.error, "request_id", None) or f"invalid-{uuid.uuid4().hex[:8]}"
-            await self._reply_error_raw(bad.ids["client_id"], rid, "bad_request",
-                                        f"malformed request: {bad.error}")
+            await self._reply_error_raw(
+                bad.ids["client_id"], rid, "bad_request", f"malformed request: {bad.error}"
+            )
 
     async def _reply_error_raw(self, client: str, rid: str, code: str, text: str) -> None:
         assert self.bus is not None
         with contextlib.suppress(E2LLMError):
-            await self.bus.publish(t.RESPONSE, m.ResponseEvent(
-                request_id=rid, event="error", error_code=code, error=text),
-                client_id=client, request_id=rid)
+            await self.bus.publish(
+                t.RESPONSE,
+                m.ResponseEvent(request_id=rid, event="error", error_code=code, error=text),
+                client_id=client,
+                request_id=rid,
+            )
 
     # ------------------------------------------------------------------ inbound
 
@@ -284,8 +303,9 @@ class Orchestrator:
         elif isinstance(msg, m.Release):
             await self._cancel(env.ids["client_id"], msg)
 
-    async def _device_state(self, dev: str, msg: m.DeviceState, now: float,
-                            retained: bool = False) -> None:
+    async def _device_state(
+        self, dev: str, msg: m.DeviceState, now: float, retained: bool = False
+    ) -> None:
         entry = self.devices.setdefault(dev, DeviceEntry())
         entry.state, entry.last_seen = msg, now
         if not retained:
@@ -313,8 +333,11 @@ class Orchestrator:
         now = time.monotonic()
         if self.recovering_since is not None and not self.dead:
             self.recoveries.append(now - self.recovering_since)
-            log.info("plan v%d serving, %.2f s after the device loss", self.version,
-                     now - self.recovering_since)
+            log.info(
+                "plan v%d serving, %.2f s after the device loss",
+                self.version,
+                now - self.recovering_since,
+            )
             self.recovering_since = None
         else:
             log.info("plan v%d serving", self.version)
@@ -331,15 +354,20 @@ class Orchestrator:
         """Devices of the current plan's replicas that lost none of theirs."""
         if self.plan is None:
             return set()
-        return {s.device_id for r in self.plan.replicas if r.replica_id not in self.dead
-                for s in r.stages}
+        return {
+            s.device_id
+            for r in self.plan.replicas
+            if r.replica_id not in self.dead
+            for s in r.stages
+        }
 
     def _dead_devices(self) -> set[str]:
         """Every device of the current plan's dead replicas (lost, or their partners)."""
         if self.plan is None:
             return set()
-        return {s.device_id for r in self.plan.replicas if r.replica_id in self.dead
-                for s in r.stages}
+        return {
+            s.device_id for r in self.plan.replicas if r.replica_id in self.dead for s in r.stages
+        }
 
     def _watched_devices(self) -> set[str]:
         devs = self.plan_devices() if self.plan is not None else set()
@@ -369,9 +397,13 @@ class Orchestrator:
         self.replan_at = time.monotonic() + self.cfg.settle_s
 
     def _available(self) -> list[str]:
-        return sorted(d for d, e in self.devices.items()
-                      if e.profile is not None and d not in self.lost
-                      and (e.state is None or e.state.status not in ("offline",)))
+        return sorted(
+            d
+            for d, e in self.devices.items()
+            if e.profile is not None
+            and d not in self.lost
+            and (e.state is None or e.state.status not in ("offline",))
+        )
 
     def build_inventory(self, device_ids: list[str]) -> Inventory:
         """Live profiles over the inventory file's figures for the same device."""
@@ -388,20 +420,22 @@ class Orchestrator:
             if prof.link:
                 entry["link"] = prof.link
             devices.append(entry)
-        defaults = self.inventory_file.get("link_defaults",
-                                           {"bandwidth_mbps": 1000.0, "latency_ms": 0.5})
+        defaults = self.inventory_file.get(
+            "link_defaults", {"bandwidth_mbps": 1000.0, "latency_ms": 0.5}
+        )
         usable = []
         for entry in devices:
             # one device announcing a bad profile must not stop planning for the others
             try:
-                Inventory.from_dict({"link_defaults": defaults, "devices": [entry]},
-                                    source="live registry")
+                Inventory.from_dict(
+                    {"link_defaults": defaults, "devices": [entry]}, source="live registry"
+                )
                 usable.append(entry)
             except InventoryError as exc:
-                self._ratelog.warning(f"profile:{entry['id']}", "left out of the plan: %s",
-                                      exc)
-        return Inventory.from_dict({"link_defaults": defaults, "devices": usable},
-                                   source="live registry")
+                self._ratelog.warning(f"profile:{entry['id']}", "left out of the plan: %s", exc)
+        return Inventory.from_dict(
+            {"link_defaults": defaults, "devices": usable}, source="live registry"
+        )
 
     async def _maybe_plan(self) -> None:
         if self.pending is not None:
@@ -426,9 +460,15 @@ class Orchestrator:
             if plan is None:
                 inv = self.build_inventory(avail)
                 plan = await asyncio.to_thread(
-                    make_plan, inv, self.model, self.cfg.workload, method=self.cfg.method,
-                    seed=self.cfg.seed, version=version,
-                    min_tokens_per_s=self.cfg.min_tokens_per_s)
+                    make_plan,
+                    inv,
+                    self.model,
+                    self.cfg.workload,
+                    method=self.cfg.method,
+                    seed=self.cfg.seed,
+                    version=version,
+                    min_tokens_per_s=self.cfg.min_tokens_per_s,
+                )
         except PlanInfeasible as exc:
             grace_end = self.confirm_after + self.cfg.heartbeat_timeout
             if self.confirm_after > 0 and time.monotonic() < grace_end:
@@ -463,12 +503,19 @@ class Orchestrator:
             return
         self.pending = plan
         running = sum(tr.dispatched is not None for tr in self.requests.values())
-        bound = self.cfg.loss_drain_timeout if self.dead or self.plan is None \
+        bound = (
+            self.cfg.loss_drain_timeout
+            if self.dead or self.plan is None
             else self.cfg.drain_timeout
+        )
         self.drain_until = time.monotonic() + bound
         if running:
-            log.info("draining %d request(s) for up to %.1f s before plan v%d", running, bound,
-                     plan.version)
+            log.info(
+                "draining %d request(s) for up to %.1f s before plan v%d",
+                running,
+                bound,
+                plan.version,
+            )
         await self._maybe_switch()
 
     async def _maybe_switch(self) -> None:
@@ -486,10 +533,19 @@ class Orchestrator:
         holds (an unchanged export is a no-op). Devices re-read the manifest per plan."""
         if not self.cfg.export_ranges:
             return
-        have = {(s.layer_start, s.layer_end, s.graph, s.precision)
-                for s in self.manifest.segments if s.kind == "layers"}
-        spans = sorted({(s.layer_start, s.layer_end) for r in plan.replicas for s in r.stages
-                        if s.layer_end - s.layer_start > 1})
+        have = {
+            (s.layer_start, s.layer_end, s.graph, s.precision)
+            for s in self.manifest.segments
+            if s.kind == "layers"
+        }
+        spans = sorted(
+            {
+                (s.layer_start, s.layer_end)
+                for r in plan.replicas
+                for s in r.stages
+                if s.layer_end - s.layer_start > 1
+            }
+        )
         src = Path(str(self.manifest.source.get("path", "")))
         for graph, precision in self.manifest.variants():
             missing = [f"{a}-{b}" for a, b in spans if (a, b, graph, precision) not in have]
@@ -499,10 +555,20 @@ class Orchestrator:
                 log.info("source model %s not here: devices run layer by layer", src)
                 return
             try:
-                export_model(src, self.manifest.directory, ranges=",".join(missing),
-                             progress=False, graph_name=graph, precision=precision)
-                log.info("exported %s ranges %s for plan v%d", f"{graph}/{precision}",
-                         ",".join(missing), plan.version)
+                export_model(
+                    src,
+                    self.manifest.directory,
+                    ranges=",".join(missing),
+                    progress=False,
+                    graph_name=graph,
+                    precision=precision,
+                )
+                log.info(
+                    "exported %s ranges %s for plan v%d",
+                    f"{graph}/{precision}",
+                    ",".join(missing),
+                    plan.version,
+                )
             except (ExportError, OSError) as exc:
                 log.warning("could not export ranges for plan v%d: %s", plan.version, exc)
                 return
@@ -521,13 +587,15 @@ class Orchestrator:
         """Publish a new plan; requests still in flight (the drain is over) restart under it."""
         assert self.bus is not None
         self.plan_error = None
-        await self._requeue(lambda tr: True, f"plan v{plan.version} replaces "
-                            f"v{self.version}", fault=False)
+        await self._requeue(
+            lambda tr: True, f"plan v{plan.version} replaces v{self.version}", fault=False
+        )
         self.plan, self.version, self.serving = plan, plan.version, False
         self.dead = set()
         self.plan_ready.clear()
-        self.loads = {r.replica_id: ReplicaLoad.for_replica(r, self.cfg.workload)
-                      for r in plan.replicas}
+        self.loads = {
+            r.replica_id: ReplicaLoad.for_replica(r, self.cfg.workload) for r in plan.replicas
+        }
         await self.bus.publish(t.PLAN, m.PlanMsg(plan=plan.to_dict(), plan_version=plan.version))
         log.info("published plan v%d: %s", plan.version, describe_plan(plan))
 
@@ -544,16 +612,21 @@ class Orchestrator:
         self.lost.add(dev)
         if self.recovering_since is None:
             self.recovering_since = time.monotonic()
-        if self.pending is not None and dev in {s.device_id for r in self.pending.replicas
-                                                for s in r.stages}:
+        if self.pending is not None and dev in {
+            s.device_id for r in self.pending.replicas for s in r.stages
+        }:
             log.info("pending plan v%d needs %s: dropped", self.pending.version, dev)
             self.pending = None
         if self.plan is not None:
-            hit = {r.replica_id for r in self.plan.replicas
-                   if dev in {s.device_id for s in r.stages}}
+            hit = {
+                r.replica_id for r in self.plan.replicas if dev in {s.device_id for s in r.stages}
+            }
             self.dead |= hit
-            await self._requeue(lambda tr: tr.prefill_replica in hit or
-                                tr.decoder_replica in hit, f"device {dev} {why}", fault=True)
+            await self._requeue(
+                lambda tr: tr.prefill_replica in hit or tr.decoder_replica in hit,
+                f"device {dev} {why}",
+                fault=True,
+            )
             if not self._can_serve():
                 self.serving = False
                 self.plan_ready.clear()
@@ -588,14 +661,21 @@ class Orchestrator:
                 if not ids or min(ids) < 0 or max(ids) >= vocab:
                     raise ValueError(f"prompt_ids must be non-empty ids in [0, {vocab})")
             if not 1 <= req.max_new_tokens <= self.context_length:
-                raise ValueError(f"max_new_tokens must be in [1, {self.context_length}], "
-                                 f"got {req.max_new_tokens}")
+                raise ValueError(
+                    f"max_new_tokens must be in [1, {self.context_length}], "
+                    f"got {req.max_new_tokens}"
+                )
             if len(ids) + req.max_new_tokens > self.context_length:
-                raise ValueError(f"prompt of {len(ids)} tokens + max_new_tokens "
-                                 f"{req.max_new_tokens} exceeds the context of "
-                                 f"{self.context_length} tokens")
-            sampling = Sampling(temperature=req.temperature, top_p=req.top_p,
-                                seed=0 if req.seed is None else req.seed)
+                raise ValueError(
+                    f"prompt of {len(ids)} tokens + max_new_tokens "
+                    f"{req.max_new_tokens} exceeds the context of "
+                    f"{self.context_length} tokens"
+                )
+            sampling = Sampling(
+                temperature=req.temperature,
+                top_p=req.top_p,
+                seed=0 if req.seed is None else req.seed,
+            )
         except (ValueError, SamplingError) as exc:
             await self._reply_error_raw(client, rid, "bad_request", str(exc))
             return
@@ -603,11 +683,18 @@ class Orchestrator:
             await self._reply_error_raw(client, rid, "no_plan", self.plan_error)
             return
         if len(self.queue) >= self.cfg.max_queue:
-            await self._reply_error_raw(client, rid, "overloaded",
-                                        f"{len(self.queue)} requests already waiting")
+            await self._reply_error_raw(
+                client, rid, "overloaded", f"{len(self.queue)} requests already waiting"
+            )
             return
-        tr = Track(rid=rid, client_id=client, prompt_ids=ids, max_new_tokens=req.max_new_tokens,
-                   sampling=sampling, decoder=StreamDecoder(self.tokenizer))
+        tr = Track(
+            rid=rid,
+            client_id=client,
+            prompt_ids=ids,
+            max_new_tokens=req.max_new_tokens,
+            sampling=sampling,
+            decoder=StreamDecoder(self.tokenizer),
+        )
         self.requests[rid] = tr
         self.queue.append(rid)
         await self._event(rid, "queued", {"prompt_tokens": len(ids)})
@@ -621,9 +708,12 @@ class Orchestrator:
         if src is None or src.client_id != client:
             return
         for i, (tok, text) in enumerate(zip(src.generated, src.texts, strict=True)):
-            await self.bus.publish(t.RESPONSE, m.ResponseEvent(
-                request_id=rid, event="token", token_ids=[tok], text=text, index=i),
-                client_id=client, request_id=rid)
+            await self.bus.publish(
+                t.RESPONSE,
+                m.ResponseEvent(request_id=rid, event="token", token_ids=[tok], text=text, index=i),
+                client_id=client,
+                request_id=rid,
+            )
         if done is not None:
             await self.bus.publish(t.RESPONSE, done.final, client_id=client, request_id=rid)
 
@@ -662,24 +752,49 @@ class Orchestrator:
         self.loads[d].start_decode(tr.rid)
         replica = self.plan.replica(p)
         embed_dev = next(s.device_id for s in replica.stages if s.embed)
-        await self.bus.publish(t.DEVICE_INBOX, m.PrefillStart(
-            request_id=tr.wire_id, token_ids=prompt, decoder_replica=d,
-            sampling=tr.sampling.to_dict(), max_new_tokens=tr.max_new_tokens,
-            generated=list(tr.generated), plan_version=self.version), device_id=embed_dev)
-        await self._event(tr.rid, "routed", {"prefill_replica": p, "decoder_replica": d,
-                                             "plan_version": self.version,
-                                             "retry": tr.retries, "attempt": tr.attempt})
+        await self.bus.publish(
+            t.DEVICE_INBOX,
+            m.PrefillStart(
+                request_id=tr.wire_id,
+                token_ids=prompt,
+                decoder_replica=d,
+                sampling=tr.sampling.to_dict(),
+                max_new_tokens=tr.max_new_tokens,
+                generated=list(tr.generated),
+                plan_version=self.version,
+            ),
+            device_id=embed_dev,
+        )
+        await self._event(
+            tr.rid,
+            "routed",
+            {
+                "prefill_replica": p,
+                "decoder_replica": d,
+                "plan_version": self.version,
+                "retry": tr.retries,
+                "attempt": tr.attempt,
+            },
+        )
 
     async def _token(self, dev: str, msg: m.TokenOut) -> None:
         rid, attempt = split_wire_id(msg.request_id)
         tr = self.requests.get(rid)
-        if tr is None or attempt != tr.attempt or msg.plan_version != tr.plan_version \
-                or tr.dispatched is None:
+        if (
+            tr is None
+            or attempt != tr.attempt
+            or msg.plan_version != tr.plan_version
+            or tr.dispatched is None
+        ):
             return  # late token of a finished, failed or abandoned attempt
         if msg.index != len(tr.generated):
             if msg.index > len(tr.generated):
-                log.warning("request %s: token %d arrived, expected %d", tr.rid, msg.index,
-                            len(tr.generated))
+                log.warning(
+                    "request %s: token %d arrived, expected %d",
+                    tr.rid,
+                    msg.index,
+                    len(tr.generated),
+                )
             return  # duplicate (QoS 1 redelivery) or gap
         now = time.monotonic()
         tr.progress = now
@@ -696,10 +811,18 @@ class Orchestrator:
         tr.texts.append(text)
         self.tokens_out += 1
         assert self.bus is not None
-        await self.bus.publish(t.RESPONSE, m.ResponseEvent(
-            request_id=tr.rid, event="token", token_ids=[msg.token_id],
-            text=text, index=msg.index),
-            client_id=tr.client_id, request_id=tr.rid)
+        await self.bus.publish(
+            t.RESPONSE,
+            m.ResponseEvent(
+                request_id=tr.rid,
+                event="token",
+                token_ids=[msg.token_id],
+                text=text,
+                index=msg.index,
+            ),
+            client_id=tr.client_id,
+            request_id=tr.rid,
+        )
         if msg.finished:
             await self._finish(tr, msg.finish_reason or "stop")
         else:
@@ -714,18 +837,30 @@ class Orchestrator:
         first = tr.first_token or now
         n = len(tr.generated)
         stats = {
-            "prompt_ids": tr.prompt_ids, "prompt_tokens": len(tr.prompt_ids), "new_tokens": n,
+            "prompt_ids": tr.prompt_ids,
+            "prompt_tokens": len(tr.prompt_ids),
+            "new_tokens": n,
             "queue_wait_s": round((tr.first_dispatch or now) - tr.arrived, 4),
-            "ttft_s": round(first - tr.arrived, 4), "total_s": round(now - tr.arrived, 4),
-            "decode_tokens_per_s": round((n - 1) / (now - first), 2) if n > 1 and now > first
+            "ttft_s": round(first - tr.arrived, 4),
+            "total_s": round(now - tr.arrived, 4),
+            "decode_tokens_per_s": round((n - 1) / (now - first), 2)
+            if n > 1 and now > first
             else 0.0,
-            "prefill_replica": tr.prefill_replica, "decoder_replica": tr.decoder_replica,
-            "plan_version": tr.plan_version, "retries": tr.retries, "restarts": tr.restarts,
+            "prefill_replica": tr.prefill_replica,
+            "decoder_replica": tr.decoder_replica,
+            "plan_version": tr.plan_version,
+            "retries": tr.retries,
+            "restarts": tr.restarts,
         }
         final = m.ResponseEvent(
-            request_id=tr.rid, event="done", token_ids=list(tr.generated),
-            text=self.tokenizer.decode(tr.generated), index=n, finish_reason=reason,
-            stats=stats)
+            request_id=tr.rid,
+            event="done",
+            token_ids=list(tr.generated),
+            text=self.tokenizer.decode(tr.generated),
+            index=n,
+            finish_reason=reason,
+            stats=stats,
+        )
         self._remember(tr, final)
         await self.bus.publish(t.RESPONSE, final, client_id=tr.client_id, request_id=tr.rid)
         await self._event(tr.rid, "done", {k: v for k, v in stats.items() if k != "prompt_ids"})
@@ -742,19 +877,27 @@ class Orchestrator:
         self.failed += 1
         await self._release_on_devices(tr)
         final = m.ResponseEvent(
-            request_id=tr.rid, event="error", error_code=code, error=text,
-            token_ids=list(tr.generated), index=len(tr.generated))
+            request_id=tr.rid,
+            event="error",
+            error_code=code,
+            error=text,
+            token_ids=list(tr.generated),
+            index=len(tr.generated),
+        )
         self._remember(tr, final)
         with contextlib.suppress(E2LLMError):
-            await self.bus.publish(t.RESPONSE, final, client_id=tr.client_id,
-                                   request_id=tr.rid)
+            await self.bus.publish(t.RESPONSE, final, client_id=tr.client_id, request_id=tr.rid)
         await self._event(tr.rid, "failed", {"code": code})
         await self._maybe_switch()
         await self._dispatch()
 
     def _release_slots(self, tr: Track) -> None:
-        if tr.prefill_replica is not None and not tr.prefill_done and \
-                tr.prefill_replica in self.loads and tr.dispatched is not None:
+        if (
+            tr.prefill_replica is not None
+            and not tr.prefill_done
+            and tr.prefill_replica in self.loads
+            and tr.dispatched is not None
+        ):
             self.loads[tr.prefill_replica].finish_prefill(len(tr.prompt_ids) + len(tr.generated))
         if tr.decoder_replica is not None and tr.decoder_replica in self.loads:
             self.loads[tr.decoder_replica].finish_decode(tr.rid)
@@ -772,16 +915,20 @@ class Orchestrator:
                     devs |= {s.device_id for s in self.plan.replica(rep).stages}
         for dev in devs - self.lost:
             with contextlib.suppress(E2LLMError):
-                await self.bus.publish(t.DEVICE_INBOX, m.Release(
-                    request_id=tr.wire_id, reason="orchestrator", plan_version=self.version),
-                    device_id=dev, timeout=2.0)
+                await self.bus.publish(
+                    t.DEVICE_INBOX,
+                    m.Release(
+                        request_id=tr.wire_id, reason="orchestrator", plan_version=self.version
+                    ),
+                    device_id=dev,
+                    timeout=2.0,
+                )
 
     async def _requeue(self, which: Callable[[Track], bool], why: str, *, fault: bool) -> None:
         """Running requests picked by `which` abandon their attempt and go back to the
         front of the queue; they continue from the tokens already streamed. A fault counts
         against `max_retries`."""
-        running = [tr for tr in self.requests.values() if tr.dispatched is not None
-                   and which(tr)]
+        running = [tr for tr in self.requests.values() if tr.dispatched is not None and which(tr)]
         for tr in sorted(running, key=lambda x: x.arrived, reverse=True):
             await self._release_on_devices(tr)
             self._release_slots(tr)
@@ -790,14 +937,18 @@ class Orchestrator:
             if fault:
                 tr.retries += 1
                 if tr.retries > self.cfg.max_retries:
-                    await self.fail(tr, "retries_exhausted", f"{why}; gave up after "
-                                    f"{self.cfg.max_retries} faults")
+                    await self.fail(
+                        tr,
+                        "retries_exhausted",
+                        f"{why}; gave up after {self.cfg.max_retries} faults",
+                    )
                     continue
             tr.attempt += 1
             tr.prefill_replica = tr.decoder_replica = None
             self.queue.appendleft(tr.rid)
-            await self._event(tr.rid, "requeued", {"reason": why, "generated": len(tr.generated),
-                                                   "fault": fault})
+            await self._event(
+                tr.rid, "requeued", {"reason": why, "generated": len(tr.generated), "fault": fault}
+            )
 
     async def _fail_queue(self, code: str, text: str) -> None:
         for rid in list(self.queue):
@@ -830,8 +981,11 @@ class Orchestrator:
     async def _event(self, rid: str, event: str, data: dict[str, Any]) -> None:
         assert self.bus is not None
         with contextlib.suppress(E2LLMError):
-            await self.bus.publish(t.REQUEST_EVENTS, m.RequestEvent(
-                request_id=rid, event=event, data=data), request_id=rid)
+            await self.bus.publish(
+                t.REQUEST_EVENTS,
+                m.RequestEvent(request_id=rid, event=event, data=data),
+                request_id=rid,
+            )
 
     # ------------------------------------------------------------------ ticker
 
@@ -863,10 +1017,13 @@ class Orchestrator:
                 await self._device_lost(dev, f"silent for {now - seen:.1f} s")
         for tr in list(self.requests.values()):
             if tr.dispatched is not None and now - tr.progress > self.cfg.request_timeout:
-                await self._requeue_one(tr, f"no progress for "
-                                        f"{self.cfg.request_timeout:.0f} s")
-            elif tr.dispatched is None and self.plan is None and self.plan_error and \
-                    now - tr.arrived > self.cfg.request_timeout:
+                await self._requeue_one(tr, f"no progress for {self.cfg.request_timeout:.0f} s")
+            elif (
+                tr.dispatched is None
+                and self.plan is None
+                and self.plan_error
+                and now - tr.arrived > self.cfg.request_timeout
+            ):
                 await self.fail(tr, "no_plan", self.plan_error)
         await self._maybe_plan()
         await self._dispatch()
@@ -889,50 +1046,75 @@ class Orchestrator:
     def summary(self) -> dict[str, Any]:
         up = time.monotonic() - self.started
         return {
-            "plan_version": self.version, "serving": self.serving,
+            "plan_version": self.version,
+            "serving": self.serving,
             "plan_error": self.plan_error,
-            "devices": {d: (e.state.status if e.state else "unknown")
-                        for d, e in sorted(self.devices.items())},
-            "replicas": [{"id": r.replica_id, "role": r.role, "concurrency": r.concurrency,
-                          "devices": [s.device_id for s in r.stages],
-                          "prefill_queue_tokens": self.loads[r.replica_id].prefill_tokens
-                          if r.replica_id in self.loads else 0,
-                          "decoding": len(self.loads[r.replica_id].decoding)
-                          if r.replica_id in self.loads else 0}
-                         for r in (self.plan.replicas if self.plan else [])],
-            "queued": len(self.queue), "in_flight": len(self.requests) - len(self.queue),
-            "completed": self.completed, "failed": self.failed,
-            "dead_replicas": sorted(self.dead), "draining": self.pending is not None,
+            "devices": {
+                d: (e.state.status if e.state else "unknown")
+                for d, e in sorted(self.devices.items())
+            },
+            "replicas": [
+                {
+                    "id": r.replica_id,
+                    "role": r.role,
+                    "concurrency": r.concurrency,
+                    "devices": [s.device_id for s in r.stages],
+                    "prefill_queue_tokens": self.loads[r.replica_id].prefill_tokens
+                    if r.replica_id in self.loads
+                    else 0,
+                    "decoding": len(self.loads[r.replica_id].decoding)
+                    if r.replica_id in self.loads
+                    else 0,
+                }
+                for r in (self.plan.replicas if self.plan else [])
+            ],
+            "queued": len(self.queue),
+            "in_flight": len(self.requests) - len(self.queue),
+            "completed": self.completed,
+            "failed": self.failed,
+            "dead_replicas": sorted(self.dead),
+            "draining": self.pending is not None,
             "restarted": self.restarted,
             "last_recovery_s": round(self.recoveries[-1], 3) if self.recoveries else None,
             "rss_bytes": rss_bytes(),
             "mean_wait_s": round(sum(self.waits) / len(self.waits), 4) if self.waits else None,
             "mean_ttft_s": round(sum(self.ttfts) / len(self.ttfts), 4) if self.ttfts else None,
-            "tokens_out": self.tokens_out, "uptime_s": round(up, 1),
+            "tokens_out": self.tokens_out,
+            "uptime_s": round(up, 1),
         }
 
     async def _summary(self) -> None:
         assert self.bus is not None
         with contextlib.suppress(E2LLMError):
-            await self.bus.publish(t.CLUSTER_TELEMETRY, m.Telemetry(
-                source=self.cfg.orchestrator_id, data=self.summary()))
+            await self.bus.publish(
+                t.CLUSTER_TELEMETRY,
+                m.Telemetry(source=self.cfg.orchestrator_id, data=self.summary()),
+            )
 
 
 def _same_layout(a: Plan, b: Plan) -> bool:
     """Same replicas, roles, concurrency and layer splits (the version aside)."""
-    def key(p: Plan) -> list[tuple[Any, ...]]:
-        return sorted((r.role, r.concurrency, tuple((s.device_id, s.layer_start, s.layer_end,
-                                                     s.embed, s.head) for s in r.stages))
-                      for r in p.replicas)
-    return key(a) == key(b)
 
+    def key(p: Plan) -> list[tuple[Any, ...]]:
+        return sorted(
+            (
+                r.role,
+                r.concurrency,
+                tuple((s.device_id, s.layer_start, s.layer_end, s.embed, s.head) for s in r.stages),
+            )
+            for r in p.replicas
+        )
+
+    return key(a) == key(b)
 
 
 def describe_plan(plan: Plan) -> str:
     parts = []
     for r in plan.replicas:
-        stages = ", ".join(f"{s.device_id}[{s.layer_start}:{s.layer_end}"
-                           f"{'+E' if s.embed else ''}{'+H' if s.head else ''}]"
-                           for s in r.stages)
+        stages = ", ".join(
+            f"{s.device_id}[{s.layer_start}:{s.layer_end}"
+            f"{'+E' if s.embed else ''}{'+H' if s.head else ''}]"
+            for s in r.stages
+        )
         parts.append(f"R{r.replica_id} {r.role.upper()} c={r.concurrency}: {stages}")
     return "; ".join(parts)

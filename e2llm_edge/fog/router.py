@@ -33,8 +33,13 @@ class ReplicaLoad:
     @classmethod
     def for_replica(cls, r: Replica, workload: Workload) -> ReplicaLoad:
         per_token = sum(s.predicted_prefill_s for s in r.stages) / workload.mean_prompt_tokens
-        return cls(r.replica_id, r.role, depth=len(r.stages), concurrency=max(1, r.concurrency),
-                   s_per_prompt_token=max(per_token, 1e-9))
+        return cls(
+            r.replica_id,
+            r.role,
+            depth=len(r.stages),
+            concurrency=max(1, r.concurrency),
+            s_per_prompt_token=max(per_token, 1e-9),
+        )
 
     def wait_s(self, n_tokens: int) -> float:
         return (self.prefill_tokens + n_tokens) * self.s_per_prompt_token
@@ -54,8 +59,9 @@ class ReplicaLoad:
         self.decoding.discard(rid)
 
 
-def choose_prefill(plan: Plan, loads: dict[int, ReplicaLoad], n_tokens: int,
-                   exclude: Collection[int] = ()) -> int | None:
+def choose_prefill(
+    plan: Plan, loads: dict[int, ReplicaLoad], n_tokens: int, exclude: Collection[int] = ()
+) -> int | None:
     """The PREFILL (or mixed) replica with the least estimated wait and room in its pipe."""
     best: tuple[float, int] | None = None
     for r in plan.replicas:
@@ -72,8 +78,9 @@ def choose_prefill(plan: Plan, loads: dict[int, ReplicaLoad], n_tokens: int,
     return None if best is None else best[1]
 
 
-def choose_decoder(plan: Plan, loads: dict[int, ReplicaLoad], prefill: int | None,
-                   exclude: Collection[int] = ()) -> int | None:
+def choose_decoder(
+    plan: Plan, loads: dict[int, ReplicaLoad], prefill: int | None, exclude: Collection[int] = ()
+) -> int | None:
     """A DECODER replica with a free slot (a mixed replica decodes what it prefilled)."""
     if prefill is None:
         return None

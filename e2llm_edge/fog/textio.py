@@ -40,9 +40,14 @@ class ChatTokenizer:
 
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
             self._template = env.from_string(self.chat_template)
-        return str(self._template.render(messages=messages, add_generation_prompt=True,
-                                         bos_token=self.bos_token or "",
-                                         eos_token=self.eos_token or ""))
+        return str(
+            self._template.render(
+                messages=messages,
+                add_generation_prompt=True,
+                bos_token=self.bos_token or "",
+                eos_token=self.eos_token or "",
+            )
+        )
 
     def encode_prompt(self, prompt: str, raw: bool = False) -> list[int]:
         text = prompt if raw else self.render_chat([{"role": "user", "content": prompt}])
@@ -65,7 +70,7 @@ class StreamDecoder:
         text = self.tok.decode(self.ids)
         if text.endswith("\ufffd"):
             return ""
-        delta, self.emitted = text[len(self.emitted):], text
+        delta, self.emitted = text[len(self.emitted) :], text
         return delta
 
 

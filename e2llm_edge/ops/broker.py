@@ -47,8 +47,11 @@ def find_mosquitto() -> str:
     which = shutil.which("mosquitto")
     if which:
         candidates.append(which)
-    candidates += ["/usr/sbin/mosquitto", "/usr/local/sbin/mosquitto",
-                   "/opt/homebrew/sbin/mosquitto"]
+    candidates += [
+        "/usr/sbin/mosquitto",
+        "/usr/local/sbin/mosquitto",
+        "/opt/homebrew/sbin/mosquitto",
+    ]
     for c in candidates:
         if c and os.access(c, os.X_OK):
             return c
@@ -57,8 +60,13 @@ def find_mosquitto() -> str:
 
 def find_mosquitto_passwd() -> str:
     found = shutil.which("mosquitto_passwd") or next(
-        (p for p in ("/usr/bin/mosquitto_passwd", "/usr/local/bin/mosquitto_passwd")
-         if os.access(p, os.X_OK)), None)
+        (
+            p
+            for p in ("/usr/bin/mosquitto_passwd", "/usr/local/bin/mosquitto_passwd")
+            if os.access(p, os.X_OK)
+        ),
+        None,
+    )
     if found is None:
         raise BrokerError(f"mosquitto_passwd not found: {INSTALL_HINT}")
     return found
@@ -118,8 +126,7 @@ def render_config(cfg: MosquittoConfig, *, port: int, workdir: Path) -> str:
     if cfg.acl_file is not None:
         lines.append(f"acl_file {cfg.acl_file}")
     if cfg.persistence:
-        lines += ["persistence true", f"persistence_location {workdir}/",
-                  "autosave_interval 5"]
+        lines += ["persistence true", f"persistence_location {workdir}/", "autosave_interval 5"]
     else:
         lines.append("persistence false")
     lines += list(cfg.extra)
@@ -129,8 +136,13 @@ def render_config(cfg: MosquittoConfig, *, port: int, workdir: Path) -> str:
 class MosquittoBroker:
     """A Mosquitto child process; sync and async context manager; ``restart`` for chaos."""
 
-    def __init__(self, config: MosquittoConfig | None = None, *,
-                 workdir: Path | None = None, ready_timeout: float = 5.0) -> None:
+    def __init__(
+        self,
+        config: MosquittoConfig | None = None,
+        *,
+        workdir: Path | None = None,
+        ready_timeout: float = 5.0,
+    ) -> None:
         self.config = config or MosquittoConfig()
         self.binary = find_mosquitto()
         self._own_workdir = workdir is None
@@ -169,23 +181,30 @@ class MosquittoBroker:
         conf.write_text(render_config(self.config, port=self.port, workdir=self.workdir))
         stderr = open(self.workdir / "mosquitto.stderr", "ab")  # noqa: SIM115 - child owns it
         try:
-            self._proc = subprocess.Popen([self.binary, "-c", str(conf)],
-                                          stdout=subprocess.DEVNULL, stderr=stderr)
+            self._proc = subprocess.Popen(
+                [self.binary, "-c", str(conf)], stdout=subprocess.DEVNULL, stderr=stderr
+            )
         finally:
             stderr.close()
         deadline = time.monotonic() + self.ready_timeout
         while time.monotonic() < deadline:
             if self._proc.poll() is not None:
-                raise BrokerError(f"mosquitto exited with code {self._proc.returncode} "
-                                  f"(port {self.port})", log_tail=self._diagnostics())
-            with contextlib.suppress(OSError), socket.create_connection(
-                    (self.host, self.port), timeout=0.2):
+                raise BrokerError(
+                    f"mosquitto exited with code {self._proc.returncode} (port {self.port})",
+                    log_tail=self._diagnostics(),
+                )
+            with (
+                contextlib.suppress(OSError),
+                socket.create_connection((self.host, self.port), timeout=0.2),
+            ):
                 log.info("mosquitto pid %d listening on %s", self._proc.pid, self.url)
                 return
             time.sleep(0.02)
         self.stop()
-        raise BrokerError(f"mosquitto not accepting connections on {self.url} after "
-                          f"{self.ready_timeout} s", log_tail=self._diagnostics())
+        raise BrokerError(
+            f"mosquitto not accepting connections on {self.url} after {self.ready_timeout} s",
+            log_tail=self._diagnostics(),
+        )
 
     def _diagnostics(self) -> str:
         err = ""
@@ -228,21 +247,34 @@ class MosquittoBroker:
         self.start()
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
     async def __aenter__(self) -> Self:
         await asyncio.to_thread(self.start)
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         await asyncio.to_thread(self.close)
 
 
-def start_mosquitto(config: MosquittoConfig | None = None, *, port: int = 0,
-                    workdir: Path | None = None, ready_timeout: float = 5.0) -> MosquittoBroker:
+def start_mosquitto(
+    config: MosquittoConfig | None = None,
+    *,
+    port: int = 0,
+    workdir: Path | None = None,
+    ready_timeout: float = 5.0,
+) -> MosquittoBroker:
     """A Mosquitto broker, not yet started: use ``with``/``async with`` (or ``start()``).
 
     ``port`` overrides ``config.port``; 0 picks a free port.
@@ -278,39 +310,66 @@ def render_acl(
     """
     c = {"cluster": cluster}
     t = topics
-    out = [f"# e2llm ACL for cluster {topics.check_id(cluster, 'cluster')}; generated by "
-           "e2llm_edge.ops.broker.render_acl", ""]
+    out = [
+        f"# e2llm ACL for cluster {topics.check_id(cluster, 'cluster')}; generated by "
+        "e2llm_edge.ops.broker.render_acl",
+        "",
+    ]
     for d in devices:
         topics.check_id(d, "device id")
-        out += [f"user {d}",
-                f"topic read {t.DEVICE_INBOX.format(device_id=d, **c)}",
-                f"topic read {t.PLAN.format(**c)}",
-                f"topic read {t.ORCHESTRATOR_STATE.format(**c)}",
-                f"topic write {t.DEVICE_STATE.format(device_id=d, **c)}",
-                f"topic write {t.DEVICE_PROFILE.format(device_id=d, **c)}",
-                f"topic write {t.DEVICE_TELEMETRY.format(device_id=d, **c)}",
-                f"topic write {t.ORCHESTRATOR_INBOX.format(device_id=d, **c)}",
-                f"topic write {t.DEVICE_INBOX.filter(**c)}",
-                ""]
+        out += [
+            f"user {d}",
+            f"topic read {t.DEVICE_INBOX.format(device_id=d, **c)}",
+            f"topic read {t.PLAN.format(**c)}",
+            f"topic read {t.ORCHESTRATOR_STATE.format(**c)}",
+            f"topic write {t.DEVICE_STATE.format(device_id=d, **c)}",
+            f"topic write {t.DEVICE_PROFILE.format(device_id=d, **c)}",
+            f"topic write {t.DEVICE_TELEMETRY.format(device_id=d, **c)}",
+            f"topic write {t.ORCHESTRATOR_INBOX.format(device_id=d, **c)}",
+            f"topic write {t.DEVICE_INBOX.filter(**c)}",
+            "",
+        ]
     topics.check_id(orchestrator_user, "orchestrator user")
     out += [f"user {orchestrator_user}"]
-    out += [f"topic read {x.filter(**c)}" for x in (
-        t.DEVICE_STATE, t.DEVICE_PROFILE, t.ORCHESTRATOR_INBOX, t.REQUEST, t.DEVICE_TELEMETRY)]
+    out += [
+        f"topic read {x.filter(**c)}"
+        for x in (
+            t.DEVICE_STATE,
+            t.DEVICE_PROFILE,
+            t.ORCHESTRATOR_INBOX,
+            t.REQUEST,
+            t.DEVICE_TELEMETRY,
+        )
+    ]
     out += [f"topic readwrite {x.filter(**c)}" for x in (t.PLAN, t.ORCHESTRATOR_STATE)]
-    out += [f"topic write {x.filter(**c)}" for x in (
-        t.DEVICE_INBOX, t.RESPONSE, t.REQUEST_EVENTS, t.CLUSTER_TELEMETRY)]
+    out += [
+        f"topic write {x.filter(**c)}"
+        for x in (t.DEVICE_INBOX, t.RESPONSE, t.REQUEST_EVENTS, t.CLUSTER_TELEMETRY)
+    ]
     out.append("")
     if monitor_user is not None:
         topics.check_id(monitor_user, "monitor user")
         out += [f"user {monitor_user}"]
-        out += [f"topic read {x.filter(**c)}" for x in (
-            t.DEVICE_STATE, t.DEVICE_PROFILE, t.PLAN, t.ORCHESTRATOR_STATE,
-            t.DEVICE_TELEMETRY, t.CLUSTER_TELEMETRY, t.REQUEST_EVENTS)]
+        out += [
+            f"topic read {x.filter(**c)}"
+            for x in (
+                t.DEVICE_STATE,
+                t.DEVICE_PROFILE,
+                t.PLAN,
+                t.ORCHESTRATOR_STATE,
+                t.DEVICE_TELEMETRY,
+                t.CLUSTER_TELEMETRY,
+                t.REQUEST_EVENTS,
+            )
+        ]
         out.append("")
     if client_pattern:
-        out += ["# clients: only their own requests and responses",
-                f"pattern write {t.REQUEST.filter(client_id='%u', **c)}",
-                f"pattern read {t.RESPONSE.filter(client_id='%u', **c)}", ""]
+        out += [
+            "# clients: only their own requests and responses",
+            f"pattern write {t.REQUEST.filter(client_id='%u', **c)}",
+            f"pattern read {t.RESPONSE.filter(client_id='%u', **c)}",
+            "",
+        ]
     return "\n".join(out)
 
 
@@ -326,8 +385,9 @@ class Credentials:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         with os.fdopen(fd, "w") as f:
-            json.dump({"cluster": self.cluster, "users": self.users, "roles": self.roles},
-                      f, indent=2)
+            json.dump(
+                {"cluster": self.cluster, "users": self.users, "roles": self.roles}, f, indent=2
+            )
 
     @classmethod
     def load(cls, path: Path) -> Credentials:
@@ -343,11 +403,14 @@ def write_password_file(path: Path, users: dict[str, str]) -> None:
     path.touch(mode=0o600)
     for user, password in users.items():
         topics.check_id(user, "user name")
-        proc = subprocess.run([tool, "-b", str(path), user, password],
-                              capture_output=True, text=True, check=False)
+        proc = subprocess.run(
+            [tool, "-b", str(path), user, password], capture_output=True, text=True, check=False
+        )
         if proc.returncode != 0:
-            raise BrokerError(f"mosquitto_passwd failed for user {user!r}: "
-                              f"{proc.stderr.strip() or proc.stdout.strip()}")
+            raise BrokerError(
+                f"mosquitto_passwd failed for user {user!r}: "
+                f"{proc.stderr.strip() or proc.stdout.strip()}"
+            )
 
 
 def init_secrets(
@@ -361,8 +424,12 @@ def init_secrets(
 ) -> Credentials:
     """Generate passwords, write ``passwd``, ``acl`` and ``credentials.json`` (0600) into
     ``out_dir`` (``broker/secrets/`` is gitignored)."""
-    roles = {"device": list(devices), "orchestrator": [orchestrator_user],
-             "monitor": [monitor_user], "client": list(clients)}
+    roles = {
+        "device": list(devices),
+        "orchestrator": [orchestrator_user],
+        "monitor": [monitor_user],
+        "client": list(clients),
+    }
     names = [u for group in roles.values() for u in group]
     if len(set(names)) != len(names):
         raise BrokerError(f"user names must be unique across roles: {names}")

@@ -70,20 +70,28 @@ def write_local_config(out_dir: Path, port: int = 1883, host: str = "0.0.0.0") -
     Mosquitto directly; ``broker/mosquitto.conf`` is the one for the container."""
     run = out_dir.resolve() / "run"
     run.mkdir(exist_ok=True)
-    cfg = MosquittoConfig(host=host, port=port, password_file=out_dir.resolve() / "passwd",
-                          acl_file=out_dir.resolve() / "acl", persistence=True)
+    cfg = MosquittoConfig(
+        host=host,
+        port=port,
+        password_file=out_dir.resolve() / "passwd",
+        acl_file=out_dir.resolve() / "acl",
+        persistence=True,
+    )
     path = out_dir / "mosquitto.local.conf"
     path.write_text(render_config(cfg, port=port, workdir=run))
     return path
 
 
-def init(devices: list[str], out_dir: Path, *, cluster: str, clients: list[str],
-         force: bool) -> tuple[Credentials, list[Path]]:
+def init(
+    devices: list[str], out_dir: Path, *, cluster: str, clients: list[str], force: bool
+) -> tuple[Credentials, list[Path]]:
     """Generate the secrets; refuses to overwrite existing ones unless ``force``
     (new passwords lock out every device still configured with the old ones)."""
     if (out_dir / "credentials.json").exists() and not force:
-        raise BrokerError(f"{out_dir}/credentials.json exists; pass --force to generate new "
-                          "passwords (every device then needs its new password file)")
+        raise BrokerError(
+            f"{out_dir}/credentials.json exists; pass --force to generate new "
+            "passwords (every device then needs its new password file)"
+        )
     creds = init_secrets(out_dir, devices, cluster=cluster, clients=clients)
     files = [out_dir / "passwd", out_dir / "acl", out_dir / "credentials.json"]
     files += write_password_files(out_dir, creds)
@@ -97,16 +105,18 @@ def cmd_broker_init(args: argparse.Namespace) -> int:
     out = Path(args.out)
     try:
         devices = inventory_devices(Path(args.devices))
-        creds, files = init(devices, out, cluster=args.cluster, clients=args.client or
-                            ["client"], force=args.force)
+        creds, files = init(
+            devices, out, cluster=args.cluster, clients=args.client or ["client"], force=args.force
+        )
     except E2LLMError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(f"broker secrets for cluster {creds.cluster!r} in {out}/ (keep them out of git):")
     for f in files:
         print(f"  {f}  ({oct(f.stat().st_mode & 0o777)})")
-    print("users: " + "; ".join(f"{role}: {', '.join(users)}"
-                                for role, users in creds.roles.items()))
+    print(
+        "users: " + "; ".join(f"{role}: {', '.join(users)}" for role, users in creds.roles.items())
+    )
     try:
         mosquitto = find_mosquitto()
     except BrokerError:
@@ -132,9 +142,11 @@ def register(sub: Any) -> None:
     q = bsub.add_parser("init", help="generate passwords, ACL and credentials for a cluster")
     q.add_argument("--devices", required=True, help="inventory YAML naming the devices")
     q.add_argument("--out", default=str(DEFAULT_OUT), help="directory to write (gitignored)")
-    q.add_argument("--cluster", default=topics.DEFAULT_CLUSTER,
-                   help="topics live under e2llm/<cluster>/")
-    q.add_argument("--client", action="append",
-                   help="a client user name (repeatable; default: client)")
+    q.add_argument(
+        "--cluster", default=topics.DEFAULT_CLUSTER, help="topics live under e2llm/<cluster>/"
+    )
+    q.add_argument(
+        "--client", action="append", help="a client user name (repeatable; default: client)"
+    )
     q.add_argument("--force", action="store_true", help="replace existing secrets")
     q.set_defaults(func=cmd_broker_init)

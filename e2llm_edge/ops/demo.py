@@ -30,9 +30,11 @@ def bundled_inventory() -> Path:
 def describe_plan(plan: Plan) -> list[str]:
     lines = []
     for r in plan.replicas:
-        stages = ", ".join(f"{s.device_id} layers {s.layer_start}-{s.layer_end - 1}"
-                           f"{' +embed' if s.embed else ''}{' +head' if s.head else ''}"
-                           for s in r.stages)
+        stages = ", ".join(
+            f"{s.device_id} layers {s.layer_start}-{s.layer_end - 1}"
+            f"{' +embed' if s.embed else ''}{' +head' if s.head else ''}"
+            for s in r.stages
+        )
         conc = f", concurrency {r.concurrency}" if r.role != "prefill" else ""
         lines.append(f"replica {r.replica_id} {r.role.upper()}{conc}: {stages}")
     return lines
@@ -46,19 +48,28 @@ def run_demo(args: argparse.Namespace, model_dir: Path) -> int:
     print("profiling this machine once (cached for the agents)...")
     load_or_measure_profile(manifest, threads=1)
     kind = "mosquitto" if args.mosquitto else "embedded"
-    with LocalCluster(model_dir, inventory, broker_url=args.broker, broker_kind=kind,
-                      cluster=args.cluster, orchestrator_args=[
-                          "--method", args.method, "--mean-output", str(args.max_new_tokens)],
-                      verbose=True) as cluster:
-        print(f"broker: {cluster.broker_url} ({'given' if args.broker else kind}); "
-              f"{len(inventory['devices'])} agents starting...")
+    with LocalCluster(
+        model_dir,
+        inventory,
+        broker_url=args.broker,
+        broker_kind=kind,
+        cluster=args.cluster,
+        orchestrator_args=["--method", args.method, "--mean-output", str(args.max_new_tokens)],
+        verbose=True,
+    ) as cluster:
+        print(
+            f"broker: {cluster.broker_url} ({'given' if args.broker else kind}); "
+            f"{len(inventory['devices'])} agents starting..."
+        )
         try:
             plan = Plan.from_dict(cluster.wait_serving(timeout=180))
         except (TimeoutError, RuntimeError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
-        print(f"plan v{plan.version} ({plan.method}): {len(plan.replicas)} replicas over "
-              f"{len(inventory['devices'])} devices")
+        print(
+            f"plan v{plan.version} ({plan.method}): {len(plan.replicas)} replicas over "
+            f"{len(inventory['devices'])} devices"
+        )
         for line in describe_plan(plan):
             print("  " + line)
         return asyncio.run(_ask(cluster, args))
@@ -69,7 +80,8 @@ async def _ask(cluster: LocalCluster, args: argparse.Namespace) -> int:
         print(f"\nprompt: {args.prompt}\n")
         results = await asyncio.gather(
             *[_one(client, args, echo=(i == 0)) for i in range(args.requests)],
-            return_exceptions=True)
+            return_exceptions=True,
+        )
     ok = [r for r in results if isinstance(r, dict)]
     for r in results:
         if not isinstance(r, dict):

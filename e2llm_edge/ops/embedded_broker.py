@@ -24,19 +24,21 @@ log = logging.getLogger(__name__)
 
 
 @contextlib.contextmanager
-def start_embedded(workdir: Path | None = None, host: str = "127.0.0.1", port: int = 0,
-                   ready_timeout: float = 10.0) -> Iterator[str]:
+def start_embedded(
+    workdir: Path | None = None, host: str = "127.0.0.1", port: int = 0, ready_timeout: float = 10.0
+) -> Iterator[str]:
     """Start the broker; yields its URL and stops it on exit."""
     try:
         from amqtt.broker import Broker
     except ImportError as exc:
-        raise BrokerError("the embedded broker needs amqtt: pip install 'e2llm-edge[demo]', "
-                          "or run with --mosquitto (apt-get install mosquitto)") from exc
+        raise BrokerError(
+            "the embedded broker needs amqtt: pip install 'e2llm-edge[demo]', "
+            "or run with --mosquitto (apt-get install mosquitto)"
+        ) from exc
     port = port or free_port(host)
     config: dict[str, Any] = {
         "listeners": {"default": {"type": "tcp", "bind": f"{host}:{port}"}},
-        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin":
-                    {"allow_anonymous": True}},
+        "plugins": {"amqtt.plugins.authentication.AnonymousAuthPlugin": {"allow_anonymous": True}},
     }
     for name in ("amqtt", "transitions"):
         logging.getLogger(name).setLevel(logging.WARNING)

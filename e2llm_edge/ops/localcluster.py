@@ -42,9 +42,13 @@ class Proc:
 
     def start(self) -> None:
         with self.log.open("ab") as out:
-            self.proc = subprocess.Popen(self.cmd, stdout=out, stderr=subprocess.STDOUT,
-                                         start_new_session=True,
-                                         env={**os.environ, "PYTHONUNBUFFERED": "1"})
+            self.proc = subprocess.Popen(
+                self.cmd,
+                stdout=out,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+                env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            )
 
     @property
     def alive(self) -> bool:
@@ -116,53 +120,95 @@ class LocalCluster:
             raise
         return self
 
-    def __exit__(self, exc_type: type[BaseException] | None, exc: BaseException | None,
-                 tb: TracebackType | None) -> None:
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         self.close()
 
     def _start(self) -> None:
         if self.secrets_dir is not None:
             self.credentials = Credentials.load(self.secrets_dir / "credentials.json")
         if self.workdir is None:
-            self.workdir = Path(self._stack.enter_context(
-                tempfile.TemporaryDirectory(prefix="e2llm-cluster-")))
+            self.workdir = Path(
+                self._stack.enter_context(tempfile.TemporaryDirectory(prefix="e2llm-cluster-"))
+            )
         if self.broker_url is None:
             if self.broker_kind == "embedded":
                 from e2llm_edge.ops.embedded_broker import start_embedded
 
                 self.broker_url = self._stack.enter_context(
-                    start_embedded(self.workdir / "embedded"))
+                    start_embedded(self.workdir / "embedded")
+                )
             else:
                 from e2llm_edge.ops.broker import start_mosquitto
 
                 (self.workdir / "mosquitto").mkdir(exist_ok=True)
                 self.broker = self._stack.enter_context(
-                    start_mosquitto(self._mosquitto_config(), workdir=self.workdir / "mosquitto"))
+                    start_mosquitto(self._mosquitto_config(), workdir=self.workdir / "mosquitto")
+                )
                 self.broker_url = self.broker.url
         inv = self.workdir / "inventory.yaml"
         inv.write_text(yaml.safe_dump(self.inventory))
         v = ["-v"] if self.verbose else []
         orch_user = self.credentials.roles["orchestrator"][0] if self.credentials else ""
-        self.orchestrator = Proc("orchestrator", [
-            sys.executable, "-m", "e2llm_edge.cli", *v, "orchestrator", "--broker",
-            self.broker_url, "--cluster", self.cluster, *self._login(orch_user),
-            "--model", str(self.model_dir), "--inventory", str(inv), *self.orchestrator_args],
-            self.workdir / "orchestrator.log")
+        self.orchestrator = Proc(
+            "orchestrator",
+            [
+                sys.executable,
+                "-m",
+                "e2llm_edge.cli",
+                *v,
+                "orchestrator",
+                "--broker",
+                self.broker_url,
+                "--cluster",
+                self.cluster,
+                *self._login(orch_user),
+                "--model",
+                str(self.model_dir),
+                "--inventory",
+                str(inv),
+                *self.orchestrator_args,
+            ],
+            self.workdir / "orchestrator.log",
+        )
         self.orchestrator.start()
         for d in self.inventory["devices"]:
             self.add_agent(d)
 
     def add_agent(self, device: dict[str, Any], start: bool = True) -> Proc:
         assert self.workdir is not None and self.broker_url is not None
-        cmd = [sys.executable, "-m", "e2llm_edge.cli", *(["-v"] if self.verbose else []),
-               "agent", "--broker", self.broker_url, "--cluster", self.cluster,
-               *self._login(device["id"]),
-               "--device-id", device["id"], "--memory-mb", str(device["memory_mb"]),
-               "--model", str(self.model_dir), "--threads", str(self.threads)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "e2llm_edge.cli",
+            *(["-v"] if self.verbose else []),
+            "agent",
+            "--broker",
+            self.broker_url,
+            "--cluster",
+            self.cluster,
+            *self._login(device["id"]),
+            "--device-id",
+            device["id"],
+            "--memory-mb",
+            str(device["memory_mb"]),
+            "--model",
+            str(self.model_dir),
+            "--threads",
+            str(self.threads),
+        ]
         link = device.get("link")
         if link:
-            cmd += ["--bandwidth-mbps", str(link["bandwidth_mbps"]),
-                    "--latency-ms", str(link["latency_ms"])]
+            cmd += [
+                "--bandwidth-mbps",
+                str(link["bandwidth_mbps"]),
+                "--latency-ms",
+                str(link["latency_ms"]),
+            ]
         p = Proc(device["id"], cmd + self.agent_args, self.workdir / f"agent-{device['id']}.log")
         self.agents[device["id"]] = p
         if start:
@@ -184,8 +230,9 @@ class LocalCluster:
     def _mosquitto_config(self) -> MosquittoConfig:
         if self.secrets_dir is None:
             return MosquittoConfig()
-        return MosquittoConfig(password_file=self.secrets_dir / "passwd",
-                               acl_file=self.secrets_dir / "acl")
+        return MosquittoConfig(
+            password_file=self.secrets_dir / "passwd", acl_file=self.secrets_dir / "acl"
+        )
 
     def _login(self, user: str) -> list[str]:
         """``--username/--password-file`` of ``user`` (nothing without auth)."""
@@ -220,8 +267,11 @@ class LocalCluster:
         """Block until the orchestrator reports a serving plan; returns the plan dict."""
         return asyncio.run(self.await_serving(timeout, min_version))
 
-    async def await_serving(self, timeout: float = 120.0,  # noqa: ASYNC109
-                            min_version: int = 1) -> dict[str, Any]:
+    async def await_serving(
+        self,
+        timeout: float = 120.0,  # noqa: ASYNC109
+        min_version: int = 1,
+    ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
         plan: dict[str, Any] | None = None
         async with Bus(self.bus_config()) as bus:
@@ -229,14 +279,18 @@ class LocalCluster:
             await bus.subscribe(t.PLAN)
             while True:
                 left = deadline - time.monotonic()
-                dead = [p for p in [self.orchestrator, *self.agents.values()]
-                        if p is not None and p.proc is not None and not p.alive
-                        and p.proc.returncode not in (-9,)]
+                dead = [
+                    p
+                    for p in [self.orchestrator, *self.agents.values()]
+                    if p is not None
+                    and p.proc is not None
+                    and not p.alive
+                    and p.proc.returncode not in (-9,)
+                ]
                 if dead and self.orchestrator in dead:
                     raise RuntimeError(f"orchestrator exited:\n{self.logs()}")
                 if left <= 0:
-                    raise TimeoutError(f"cluster not serving after {timeout:.0f} s:\n"
-                                       f"{self.logs()}")
+                    raise TimeoutError(f"cluster not serving after {timeout:.0f} s:\n{self.logs()}")
                 try:
                     env = await bus.recv(timeout=min(left, 1.0))
                 except E2LLMError:
@@ -245,13 +299,19 @@ class LocalCluster:
                     plan = env.msg.plan
                 elif isinstance(env.msg, m.Telemetry):
                     d = env.msg.data
-                    if d.get("serving") and d.get("plan_version", 0) >= min_version and \
-                            plan is not None and plan.get("version") == d["plan_version"]:
+                    if (
+                        d.get("serving")
+                        and d.get("plan_version", 0) >= min_version
+                        and plan is not None
+                        and plan.get("version") == d["plan_version"]
+                    ):
                         return plan
 
-    async def telemetry(self, device_ids: list[str],
-                        timeout: float = 10.0,  # noqa: ASYNC109
-                        ) -> dict[str, dict[str, Any]]:
+    async def telemetry(
+        self,
+        device_ids: list[str],
+        timeout: float = 10.0,  # noqa: ASYNC109
+    ) -> dict[str, dict[str, Any]]:
         """The next telemetry message of each named device."""
         out: dict[str, dict[str, Any]] = {}
         async with Bus(self.bus_config()) as bus:

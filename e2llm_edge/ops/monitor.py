@@ -26,8 +26,14 @@ from e2llm_edge.wire import topics as t
 from e2llm_edge.wire.bus import Bus, BusConfig, Envelope
 
 MONITOR_TOPICS: tuple[t.Topic, ...] = (
-    t.DEVICE_STATE, t.DEVICE_PROFILE, t.DEVICE_TELEMETRY, t.PLAN, t.ORCHESTRATOR_STATE,
-    t.CLUSTER_TELEMETRY, t.REQUEST_EVENTS)
+    t.DEVICE_STATE,
+    t.DEVICE_PROFILE,
+    t.DEVICE_TELEMETRY,
+    t.PLAN,
+    t.ORCHESTRATOR_STATE,
+    t.CLUSTER_TELEMETRY,
+    t.REQUEST_EVENTS,
+)
 """Everything the monitor reads; all of it readable under the monitor's ACL."""
 
 THROUGHPUT_WINDOW_S = 10.0
@@ -59,10 +65,13 @@ def _stats(values: Iterable[float]) -> dict[str, float | int | None]:
     vs = sorted(values)
     if not vs:
         return {"n": 0, "mean": None, "p50": None, "p95": None, "max": None}
-    return {"n": len(vs), "mean": round(statistics.fmean(vs), 4),
-            "p50": round(vs[len(vs) // 2], 4),
-            "p95": round(vs[min(len(vs) - 1, int(0.95 * len(vs)))], 4),
-            "max": round(vs[-1], 4)}
+    return {
+        "n": len(vs),
+        "mean": round(statistics.fmean(vs), 4),
+        "p50": round(vs[len(vs) // 2], 4),
+        "p95": round(vs[min(len(vs) - 1, int(0.95 * len(vs)))], 4),
+        "max": round(vs[-1], 4),
+    }
 
 
 class ClusterView:
@@ -112,8 +121,13 @@ class ClusterView:
             row.events.append(msg.event)
             row.data.update(msg.data)
             self.event_counts[msg.event] = self.event_counts.get(msg.event, 0) + 1
-            return {"type": "event", "ts": round(time.time(), 3),
-                    "request_id": msg.request_id, "event": msg.event, "data": msg.data}
+            return {
+                "type": "event",
+                "ts": round(time.time(), 3),
+                "request_id": msg.request_id,
+                "event": msg.event,
+                "data": msg.data,
+            }
         return None
 
     def throughput(self) -> float | None:
@@ -132,15 +146,21 @@ class ClusterView:
             rid = r["replica_id"]
             devs = [s["device_id"] for s in r["stages"]]
             states = [self.devices[d].state for d in devs if d in self.devices]
-            out.append({
-                "id": rid, "role": r["role"], "concurrency": r.get("concurrency"),
-                "stages": [{"device": s["device_id"],
-                            "layers": [s["layer_start"], s["layer_end"]]} for s in r["stages"]],
-                "ready": all(s is not None and s.status == "ready" for s in states)
-                and len(states) == len(devs),
-                "prefill_queue_tokens": live.get(rid, {}).get("prefill_queue_tokens"),
-                "decoding": live.get(rid, {}).get("decoding"),
-            })
+            out.append(
+                {
+                    "id": rid,
+                    "role": r["role"],
+                    "concurrency": r.get("concurrency"),
+                    "stages": [
+                        {"device": s["device_id"], "layers": [s["layer_start"], s["layer_end"]]}
+                        for s in r["stages"]
+                    ],
+                    "ready": all(s is not None and s.status == "ready" for s in states)
+                    and len(states) == len(devs),
+                    "prefill_queue_tokens": live.get(rid, {}).get("prefill_queue_tokens"),
+                    "decoding": live.get(rid, {}).get("decoding"),
+                }
+            )
         return out
 
     def device_rows(self) -> dict[str, dict[str, Any]]:
@@ -150,7 +170,8 @@ class ClusterView:
             s = row.state
             rows[dev] = {
                 "status": s.status if s else "unknown",
-                "role": s.role if s else None, "replica": s.replica_id if s else None,
+                "role": s.role if s else None,
+                "replica": s.replica_id if s else None,
                 "layers": list(s.layers) if s and s.layers else None,
                 "queue_depth": s.queue_depth if s else None,
                 "in_flight": s.in_flight if s else None,
@@ -168,14 +189,16 @@ class ClusterView:
         done = [r.data for r in self.requests.values() if "done" in r.events]
         ended = {"done", "failed"}
         return {
-            "seen": len(self.requests), "events": dict(sorted(self.event_counts.items())),
+            "seen": len(self.requests),
+            "events": dict(sorted(self.event_counts.items())),
             "done": sum(1 for r in self.requests.values() if "done" in r.events),
             "failed": sum(1 for r in self.requests.values() if "failed" in r.events),
             "open": sum(1 for r in self.requests.values() if not ended & set(r.events)),
             "wait_s": _stats(d["queue_wait_s"] for d in done if "queue_wait_s" in d),
             "ttft_s": _stats(d["ttft_s"] for d in done if "ttft_s" in d),
-            "decode_tokens_per_s": _stats(d["decode_tokens_per_s"] for d in done
-                                          if d.get("decode_tokens_per_s")),
+            "decode_tokens_per_s": _stats(
+                d["decode_tokens_per_s"] for d in done if d.get("decode_tokens_per_s")
+            ),
         }
 
     def snapshot(self) -> dict[str, Any]:
@@ -183,20 +206,26 @@ class ClusterView:
         s = self.summary
         orch = self.orchestrator
         return {
-            "type": "snapshot", "ts": round(time.time(), 3), "cluster": self.cluster,
+            "type": "snapshot",
+            "ts": round(time.time(), 3),
+            "cluster": self.cluster,
             "watching_s": round(self.clock() - self.started, 1),
-            "orchestrator": {"id": orch.orchestrator_id, "status": orch.status} if orch
-            else None,
+            "orchestrator": {"id": orch.orchestrator_id, "status": orch.status} if orch else None,
             "plan_version": (self.plan or {}).get("version"),
             "plan_method": (self.plan or {}).get("method"),
             "devices": self.device_rows(),
             "replicas": self.replicas(),
             "cluster_summary": {
-                "serving": s.get("serving"), "plan_error": s.get("plan_error"),
-                "queued": s.get("queued"), "in_flight": s.get("in_flight"),
-                "completed": s.get("completed"), "failed": s.get("failed"),
-                "mean_wait_s": s.get("mean_wait_s"), "mean_ttft_s": s.get("mean_ttft_s"),
-                "tokens_out": s.get("tokens_out"), "uptime_s": s.get("uptime_s"),
+                "serving": s.get("serving"),
+                "plan_error": s.get("plan_error"),
+                "queued": s.get("queued"),
+                "in_flight": s.get("in_flight"),
+                "completed": s.get("completed"),
+                "failed": s.get("failed"),
+                "mean_wait_s": s.get("mean_wait_s"),
+                "mean_ttft_s": s.get("mean_ttft_s"),
+                "tokens_out": s.get("tokens_out"),
+                "uptime_s": s.get("uptime_s"),
                 "throughput_tokens_per_s": self.throughput(),
             },
             "requests": self.request_stats(),
@@ -218,8 +247,14 @@ def _ms(v: Any) -> str:
     return "-" if v is None else f"{float(v) * 1e3:.0f} ms"
 
 
-_STATUS_STYLE = {"ready": "green", "online": "cyan", "loading": "yellow", "offline": "red",
-                 "error": "bold red", "unknown": "dim"}
+_STATUS_STYLE = {
+    "ready": "green",
+    "online": "cyan",
+    "loading": "yellow",
+    "offline": "red",
+    "error": "bold red",
+    "unknown": "dim",
+}
 
 
 def render(snap: dict[str, Any]) -> Any:
@@ -229,32 +264,60 @@ def render(snap: dict[str, Any]) -> Any:
     from rich.table import Table
 
     dev = Table(title="devices", expand=True)
-    for col in ("device", "status", "role", "replica", "layers", "queue", "in flight",
-                "tokens/s", "rss / budget", "last error"):
-        dev.add_column(col, justify="right" if col in ("queue", "in flight", "tokens/s",
-                                                       "rss / budget") else "left")
+    for col in (
+        "device",
+        "status",
+        "role",
+        "replica",
+        "layers",
+        "queue",
+        "in flight",
+        "tokens/s",
+        "rss / budget",
+        "last error",
+    ):
+        dev.add_column(
+            col,
+            justify="right"
+            if col in ("queue", "in flight", "tokens/s", "rss / budget")
+            else "left",
+        )
     for name, d in snap["devices"].items():
         layers = d["layers"]
         mem = f"{d['mem_bytes'] / 2**20:.0f} MB" if d["mem_bytes"] else "-"
         if d["memory_mb"]:
             mem += f" / {d['memory_mb']:.0f} MB"
         style = _STATUS_STYLE.get(d["status"], "")
-        dev.add_row(name, f"[{style}]{d['status']}[/]", d["role"] or "-",
-                    _fmt(d["replica"]), f"{layers[0]}-{layers[1] - 1}" if layers else "-",
-                    _fmt(d["queue_depth"]), _fmt(d["in_flight"]), _fmt(d["tokens_per_s"], "", 1),
-                    mem, (d["last_error"] or "")[:40])
+        dev.add_row(
+            name,
+            f"[{style}]{d['status']}[/]",
+            d["role"] or "-",
+            _fmt(d["replica"]),
+            f"{layers[0]}-{layers[1] - 1}" if layers else "-",
+            _fmt(d["queue_depth"]),
+            _fmt(d["in_flight"]),
+            _fmt(d["tokens_per_s"], "", 1),
+            mem,
+            (d["last_error"] or "")[:40],
+        )
 
-    rep = Table(title=f"replicas (plan v{_fmt(snap['plan_version'])}, "
-                      f"{snap['plan_method'] or 'no plan'})", expand=True)
-    for col in ("replica", "role", "concurrency", "stages", "ready", "prefill queue",
-                "decoding"):
+    rep = Table(
+        title=f"replicas (plan v{_fmt(snap['plan_version'])}, {snap['plan_method'] or 'no plan'})",
+        expand=True,
+    )
+    for col in ("replica", "role", "concurrency", "stages", "ready", "prefill queue", "decoding"):
         rep.add_column(col)
     for r in snap["replicas"]:
-        stages = ", ".join(f"{s['device']}[{s['layers'][0]}:{s['layers'][1]}]"
-                           for s in r["stages"])
-        rep.add_row(str(r["id"]), r["role"].upper(), _fmt(r["concurrency"]), stages,
-                    "[green]yes[/]" if r["ready"] else "[yellow]no[/]",
-                    _fmt(r["prefill_queue_tokens"], " tok"), _fmt(r["decoding"]))
+        stages = ", ".join(f"{s['device']}[{s['layers'][0]}:{s['layers'][1]}]" for s in r["stages"])
+        rep.add_row(
+            str(r["id"]),
+            r["role"].upper(),
+            _fmt(r["concurrency"]),
+            stages,
+            "[green]yes[/]" if r["ready"] else "[yellow]no[/]",
+            _fmt(r["prefill_queue_tokens"], " tok"),
+            _fmt(r["decoding"]),
+        )
 
     c, rq = snap["cluster_summary"], snap["requests"]
     orch = snap["orchestrator"]
@@ -289,9 +352,17 @@ async def _subscribe_all(bus: Bus, topics: Iterable[t.Topic], err: TextIO) -> No
             print(f"warning: {exc} (this user may not read {topic.name})", file=err)
 
 
-async def watch(cfg: BusConfig, *, duration: float | None, once: bool, json_lines: bool,
-                interval: float = 1.0, settle: float = 3.0, out: TextIO = sys.stdout,
-                err: TextIO = sys.stderr) -> ClusterView:
+async def watch(
+    cfg: BusConfig,
+    *,
+    duration: float | None,
+    once: bool,
+    json_lines: bool,
+    interval: float = 1.0,
+    settle: float = 3.0,
+    out: TextIO = sys.stdout,
+    err: TextIO = sys.stderr,
+) -> ClusterView:
     """Run the monitor until ``duration`` elapses (None: until cancelled).
 
     ``once``: collect the retained state and one round of device telemetry (at most
@@ -306,8 +377,12 @@ async def watch(cfg: BusConfig, *, duration: float | None, once: bool, json_line
         elif not json_lines:
             from rich.live import Live
 
-            live = Live(render(view.snapshot()), refresh_per_second=4, transient=False,
-                        console=_console(out))
+            live = Live(
+                render(view.snapshot()),
+                refresh_per_second=4,
+                transient=False,
+                console=_console(out),
+            )
             live.start()
         t_end = None if duration is None else view.clock() + duration
         next_tick = view.clock() + interval
@@ -342,9 +417,15 @@ async def watch(cfg: BusConfig, *, duration: float | None, once: bool, json_line
 
 def _settled(view: ClusterView) -> bool:
     """Retained state is in and every known device has sent its periodic telemetry."""
-    return bool(view.summary) and bool(view.devices) and all(
-        r.telemetry for r in view.devices.values()
-        if r.state is not None and r.state.status != "offline")
+    return (
+        bool(view.summary)
+        and bool(view.devices)
+        and all(
+            r.telemetry
+            for r in view.devices.values()
+            if r.state is not None and r.state.status != "offline"
+        )
+    )
 
 
 def _console(out: TextIO) -> Any:
@@ -361,9 +442,15 @@ def _emit(out: TextIO, obj: dict[str, Any]) -> None:
 # --------------------------------------------------------------------------- health
 
 
-async def check_health(cfg: BusConfig, *, device_id: str | None, statuses: set[str],
-                       serving: bool, max_age: float,
-                       timeout: float) -> tuple[bool, str]:  # noqa: ASYNC109
+async def check_health(
+    cfg: BusConfig,
+    *,
+    device_id: str | None,
+    statuses: set[str],
+    serving: bool,
+    max_age: float,
+    timeout: float,
+) -> tuple[bool, str]:  # noqa: ASYNC109
     """Read the retained state of a device (or of the orchestrator) and judge it.
 
     A device is healthy when its retained state has one of ``statuses`` and is at most
@@ -406,8 +493,12 @@ async def check_health(cfg: BusConfig, *, device_id: str | None, statuses: set[s
             return False, f"orchestrator: online, not serving ({why})"
         return True, f"orchestrator: online, serving plan v{summary.get('plan_version')}"
     if isinstance(state, m.DeviceState):
-        where = (f", {state.role} replica {state.replica_id}, layers "
-                 f"{state.layers[0]}-{state.layers[1] - 1}" if state.layers else "")
+        where = (
+            f", {state.role} replica {state.replica_id}, layers "
+            f"{state.layers[0]}-{state.layers[1] - 1}"
+            if state.layers
+            else ""
+        )
         return True, f"{what}: {state.status}{where}, state {age:.1f} s old"
     return True, f"{what}: {state.status}"
 
@@ -425,8 +516,15 @@ def _config(args: argparse.Namespace) -> BusConfig:
 
 def cmd_monitor(args: argparse.Namespace) -> int:
     try:
-        asyncio.run(watch(_config(args), duration=args.duration, once=args.once,
-                          json_lines=args.json, interval=args.interval))
+        asyncio.run(
+            watch(
+                _config(args),
+                duration=args.duration,
+                once=args.once,
+                json_lines=args.json,
+                interval=args.interval,
+            )
+        )
     except E2LLMError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -440,9 +538,16 @@ def cmd_health(args: argparse.Namespace) -> int:
         print("error: give exactly one of --device-id or --orchestrator", file=sys.stderr)
         return 2
     try:
-        ok, text = asyncio.run(check_health(
-            _config(args), device_id=args.device_id, statuses=set(args.status.split(",")),
-            serving=args.serving, max_age=args.max_age, timeout=args.timeout))
+        ok, text = asyncio.run(
+            check_health(
+                _config(args),
+                device_id=args.device_id,
+                statuses=set(args.status.split(",")),
+                serving=args.serving,
+                max_age=args.max_age,
+                timeout=args.timeout,
+            )
+        )
     except E2LLMError as exc:
         ok, text = False, f"error: {exc}"
     print(text, file=sys.stdout if ok else sys.stderr)
@@ -455,24 +560,38 @@ def register(sub: Any) -> None:
 
     p = sub.add_parser("monitor", help="live view of a cluster from its telemetry topics")
     add_broker_args(p)
-    p.add_argument("--json", action="store_true",
-                   help="JSON lines: a snapshot every --interval and every request event")
-    p.add_argument("--once", action="store_true",
-                   help="print one snapshot of the current state and exit")
+    p.add_argument(
+        "--json",
+        action="store_true",
+        help="JSON lines: a snapshot every --interval and every request event",
+    )
+    p.add_argument(
+        "--once", action="store_true", help="print one snapshot of the current state and exit"
+    )
     p.add_argument("--duration", type=float, help="exit after this many seconds")
     p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
     p.set_defaults(func=cmd_monitor)
 
-    p = sub.add_parser("health", help="exit 0 if a device (or the orchestrator) is healthy, "
-                       "judged from its retained state")
+    p = sub.add_parser(
+        "health",
+        help="exit 0 if a device (or the orchestrator) is healthy, judged from its retained state",
+    )
     add_broker_args(p)
     p.add_argument("--device-id", help="the device to check")
     p.add_argument("--orchestrator", action="store_true", help="check the orchestrator")
-    p.add_argument("--status", default="online,loading,ready",
-                   help="comma-separated statuses that count as healthy")
-    p.add_argument("--serving", action="store_true",
-                   help="with --orchestrator: also require a serving plan")
-    p.add_argument("--max-age", type=float, default=15.0,
-                   help="a device state older than this (seconds) is stale")
+    p.add_argument(
+        "--status",
+        default="online,loading,ready",
+        help="comma-separated statuses that count as healthy",
+    )
+    p.add_argument(
+        "--serving", action="store_true", help="with --orchestrator: also require a serving plan"
+    )
+    p.add_argument(
+        "--max-age",
+        type=float,
+        default=15.0,
+        help="a device state older than this (seconds) is stale",
+    )
     p.add_argument("--timeout", type=float, default=5.0)
     p.set_defaults(func=cmd_health)

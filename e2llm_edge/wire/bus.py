@@ -214,8 +214,11 @@ class Bus:
         on_bad_message: BadMessageHook | None = None,
         publish_will_on_close: bool = True,
     ) -> None:
-        self.config = config if config.client_id else replace(
-            config, client_id=f"e2llm-{uuid.uuid4().hex[:12]}")
+        self.config = (
+            config
+            if config.client_id
+            else replace(config, client_id=f"e2llm-{uuid.uuid4().hex[:12]}")
+        )
         self.stats = BusStats()
         self._will = will
         self._will_payload: tuple[str, bytes] | None = None
@@ -228,8 +231,7 @@ class Bus:
         self._on_bad = on_bad_message
         self._subs: dict[str, Topic] = {}
         self._retained: dict[str, bytes] = {}
-        self._queue: asyncio.Queue[tuple[Envelope, int]] = asyncio.Queue(
-            maxsize=config.queue_size)
+        self._queue: asyncio.Queue[tuple[Envelope, int]] = asyncio.Queue(maxsize=config.queue_size)
         self._queued_bytes = 0
         self._bad_queue: asyncio.Queue[BadMessage] = asyncio.Queue(maxsize=64)
         self._conn: _Connection | None = None
@@ -247,8 +249,10 @@ class Bus:
         stack = contextlib.AsyncExitStack()
         tg = await stack.enter_async_context(asyncio.TaskGroup())
         self._stack = stack
-        self._tasks = [tg.create_task(self._connection_loop(), name="bus-connection"),
-                       tg.create_task(self._bad_message_worker(), name="bus-bad-messages")]
+        self._tasks = [
+            tg.create_task(self._connection_loop(), name="bus-connection"),
+            tg.create_task(self._bad_message_worker(), name="bus-bad-messages"),
+        ]
         try:
             await self.wait_connected(self.config.connect_timeout)
         except BaseException:
@@ -256,13 +260,22 @@ class Bus:
             raise
         return self
 
-    async def __aexit__(self, exc_type: type[BaseException] | None,
-                        exc: BaseException | None, tb: TracebackType | None) -> None:
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
         if self._publish_will_on_close and self._will_payload and self.connected:
             topic, payload = self._will_payload
             with contextlib.suppress(BusError):
-                await self.publish_raw(topic, payload, qos=1, retain=self._will is not None
-                                       and self._will.topic.retain, timeout=2.0)
+                await self.publish_raw(
+                    topic,
+                    payload,
+                    qos=1,
+                    retain=self._will is not None and self._will.topic.retain,
+                    timeout=2.0,
+                )
         await self._shutdown()
 
     async def _shutdown(self) -> None:
@@ -282,16 +295,16 @@ class Bus:
         up = asyncio.ensure_future(self._up.wait())
         fatal = asyncio.ensure_future(self._fatal_event.wait())
         try:
-            done, _ = await asyncio.wait({up, fatal}, timeout=timeout,
-                                         return_when=asyncio.FIRST_COMPLETED)
+            done, _ = await asyncio.wait(
+                {up, fatal}, timeout=timeout, return_when=asyncio.FIRST_COMPLETED
+            )
         finally:
             up.cancel()
             fatal.cancel()
         if self._fatal is not None:
             raise self._fatal
         if not done:
-            raise BusTimeout("connect", f"{self.config.host}:{self.config.port}",
-                             timeout or 0.0)
+            raise BusTimeout("connect", f"{self.config.host}:{self.config.port}", timeout or 0.0)
 
     def tcp_nodelay_active(self) -> bool:
         """Whether the live socket has TCP_NODELAY set (read back from the kernel)."""
@@ -303,30 +316,38 @@ class Bus:
 
     # ----------------------------------------------------------------- publishing
 
-    async def publish(self, topic: Topic, msg: messages.Message, *,
-                      timeout: float | None = None, **ids: str) -> None:  # noqa: ASYNC109
+    async def publish(
+        self, topic: Topic, msg: messages.Message, *, timeout: float | None = None, **ids: str
+    ) -> None:  # noqa: ASYNC109
         """Encode ``msg`` and publish it on ``topic`` with the topic's QoS and retain flag.
 
         Waits for a reconnect if needed; raises BusTimeout after ``timeout`` seconds.
         """
         if not topic.accepts(msg):
-            raise CodecError("message", f"{type(msg).__name__} may not be sent on topic "
-                                        f"{topic.name}")
+            raise CodecError(
+                "message", f"{type(msg).__name__} may not be sent on topic {topic.name}"
+            )
         topic_str = topic.format(cluster=self.config.cluster, **ids)
         data = messages.encode(msg, max_bytes=self.config.max_message_bytes)
         if topic.retain:
             self._retained[topic_str] = data
-        await self.publish_raw(topic_str, data, qos=topic.qos, retain=topic.retain,
-                               timeout=timeout)
+        await self.publish_raw(topic_str, data, qos=topic.qos, retain=topic.retain, timeout=timeout)
 
-    async def publish_raw(self, topic_str: str, payload: bytes, *, qos: int = 1,
-                          retain: bool = False,
-                          timeout: float | None = None) -> None:  # noqa: ASYNC109
+    async def publish_raw(
+        self,
+        topic_str: str,
+        payload: bytes,
+        *,
+        qos: int = 1,
+        retain: bool = False,
+        timeout: float | None = None,
+    ) -> None:  # noqa: ASYNC109
         """Publish bytes as they are (tooling and tests; code uses ``publish``)."""
         if len(payload) > self.config.max_message_bytes:
             # the broker would drop the connection, and the retry loop would resend forever
-            raise CodecError("payload", f"size {len(payload)} B exceeds limit "
-                                        f"{self.config.max_message_bytes} B")
+            raise CodecError(
+                "payload", f"size {len(payload)} B exceeds limit {self.config.max_message_bytes} B"
+            )
         limit = self.config.publish_timeout if timeout is None else timeout
         try:
             async with asyncio.timeout(limit):
@@ -336,15 +357,17 @@ class Bus:
                     if conn is None:
                         continue
                     try:
-                        await _until_lost(conn.client.publish(
-                            topic_str, payload, qos=qos, retain=retain, timeout=math.inf),
-                            conn.lost)
+                        await _until_lost(
+                            conn.client.publish(
+                                topic_str, payload, qos=qos, retain=retain, timeout=math.inf
+                            ),
+                            conn.lost,
+                        )
                         break
                     except (_ConnectionLost, aiomqtt.MqttError) as exc:
                         if not conn.lost.is_set() and not isinstance(exc, _ConnectionLost):
                             raise BusError(f"publish on {topic_str!r} failed: {exc}") from exc
-                        log.debug("publish on %s interrupted by disconnect; retrying",
-                                  topic_str)
+                        log.debug("publish on %s interrupted by disconnect; retrying", topic_str)
         except TimeoutError:
             raise BusTimeout("publish", topic_str, limit) from None
         self.stats.published += 1
@@ -355,8 +378,13 @@ class Bus:
 
     # ----------------------------------------------------------------- subscribing
 
-    async def subscribe(self, topic: Topic, *, timeout: float | None = None,  # noqa: ASYNC109
-                        **ids: str) -> str:
+    async def subscribe(
+        self,
+        topic: Topic,
+        *,
+        timeout: float | None = None,  # noqa: ASYNC109
+        **ids: str,
+    ) -> str:
         """Subscribe to a topic family (ids given are fixed, the rest ``+``); returns the
         filter. Kept across reconnects. SubscriptionRefused if the broker's ACL denies it.
         """
@@ -412,29 +440,41 @@ class Bus:
         topic: Topic | None = None
         ids: Mapping[str, str] | None = None
         try:
-            topic, ids = topics.resolve(topic_str, set(self._subs.values()),
-                                        cluster=self.config.cluster)
+            topic, ids = topics.resolve(
+                topic_str, set(self._subs.values()), cluster=self.config.cluster
+            )
             msg = messages.decode(payload, max_bytes=self.config.max_message_bytes)
             if not topic.accepts(msg):
-                raise CodecError("header.k", f"{type(msg).__name__} is not allowed on topic "
-                                             f"{topic.name}", kind=int(msg.KIND),
-                                 request_id=getattr(msg, "request_id", None))
+                raise CodecError(
+                    "header.k",
+                    f"{type(msg).__name__} is not allowed on topic {topic.name}",
+                    kind=int(msg.KIND),
+                    request_id=getattr(msg, "request_id", None),
+                )
         except (CodecError, TopicError) as exc:
             self.stats.dropped_invalid += 1
-            self._ratelog.warning(f"bad:{topic.name if topic else topic_str}",
-                                  "dropped invalid message on %s (%d B): %s",
-                                  topic_str, len(payload), exc)
+            self._ratelog.warning(
+                f"bad:{topic.name if topic else topic_str}",
+                "dropped invalid message on %s (%d B): %s",
+                topic_str,
+                len(payload),
+                exc,
+            )
             if self._on_bad is not None:
                 with contextlib.suppress(asyncio.QueueFull):
-                    self._bad_queue.put_nowait(BadMessage(topic_str, topic, ids, exc,
-                                                          len(payload)))
+                    self._bad_queue.put_nowait(BadMessage(topic_str, topic, ids, exc, len(payload)))
             return
         env = Envelope(topic, ids, msg, topic_str, bool(raw.retain))
-        if (self._queue.full() or self._queued_bytes + len(payload) > self.config.queue_bytes):
+        if self._queue.full() or self._queued_bytes + len(payload) > self.config.queue_bytes:
             self.stats.dropped_overflow += 1
-            self._ratelog.warning("overflow", "inbound queue full (%d messages, %d B); "
-                                  "dropped %s on %s", self._queue.qsize(), self._queued_bytes,
-                                  type(msg).__name__, topic_str)
+            self._ratelog.warning(
+                "overflow",
+                "inbound queue full (%d messages, %d B); dropped %s on %s",
+                self._queue.qsize(),
+                self._queued_bytes,
+                type(msg).__name__,
+                topic_str,
+            )
             return
         self._queue.put_nowait((env, len(payload)))
         self._queued_bytes += len(payload)
@@ -457,8 +497,12 @@ class Bus:
         cfg = self.config
         will = None
         if self._will_payload is not None and self._will is not None:
-            will = aiomqtt.Will(self._will_payload[0], self._will_payload[1],
-                                qos=self._will.topic.qos, retain=self._will.topic.retain)
+            will = aiomqtt.Will(
+                self._will_payload[0],
+                self._will_payload[1],
+                qos=self._will.topic.qos,
+                retain=self._will.topic.retain,
+            )
         tls_context = None
         if cfg.tls is not None:
             tls_context = ssl.create_default_context(cafile=cfg.tls.ca_certs)
@@ -467,9 +511,16 @@ class Bus:
             if cfg.tls.insecure:
                 tls_context.check_hostname = False
         return aiomqtt.Client(
-            cfg.host, cfg.port, username=cfg.username, password=cfg.password,
-            identifier=cfg.client_id, will=will, clean_session=cfg.clean_session,
-            keepalive=cfg.keepalive, timeout=cfg.connect_timeout, tls_context=tls_context,
+            cfg.host,
+            cfg.port,
+            username=cfg.username,
+            password=cfg.password,
+            identifier=cfg.client_id,
+            will=will,
+            clean_session=cfg.clean_session,
+            keepalive=cfg.keepalive,
+            timeout=cfg.connect_timeout,
+            tls_context=tls_context,
             socket_options=[NODELAY_OPTION] if cfg.tcp_nodelay else [],
             # Bounded too, but drained at once by _dispatch; the real bound is self._queue.
             max_queued_incoming_messages=cfg.queue_size * 4,
@@ -489,8 +540,13 @@ class Bus:
                     self._up.set()
                     self.stats.connects += 1
                     delay = self.config.backoff_initial
-                    log.info("connected to %s:%d as %s (connect #%d)", self.config.host,
-                             self.config.port, self.config.client_id, self.stats.connects)
+                    log.info(
+                        "connected to %s:%d as %s (connect #%d)",
+                        self.config.host,
+                        self.config.port,
+                        self.config.client_id,
+                        self.stats.connects,
+                    )
                     async for raw in client.messages:
                         self._dispatch(raw)
             except MqttConnectError as exc:
@@ -519,12 +575,16 @@ class Bus:
                 self._subs.pop(flt, None)
         if self.stats.connects:
             for topic_str, data in list(self._retained.items()):
-                await client.publish(topic_str, data, qos=1, retain=True,
-                                     timeout=self.config.publish_timeout)
+                await client.publish(
+                    topic_str, data, qos=1, retain=True, timeout=self.config.publish_timeout
+                )
 
 
 async def _subscribe(
-    client: aiomqtt.Client, flt: str, qos: int, timeout: float  # noqa: ASYNC109
+    client: aiomqtt.Client,
+    flt: str,
+    qos: int,
+    timeout: float,  # noqa: ASYNC109
 ) -> None:
     try:
         granted = await client.subscribe(flt, qos=qos, timeout=timeout)

@@ -87,16 +87,22 @@ def pack(header: Header, body: Mapping[str, Any], *, max_bytes: int | None = Non
     try:
         data: bytes = msgpack.packb(obj, use_bin_type=True)
     except (TypeError, ValueError, OverflowError) as exc:
-        raise CodecError("payload", f"cannot pack: {exc}", request_id=header.request_id,
-                         kind=header.kind) from None
+        raise CodecError(
+            "payload", f"cannot pack: {exc}", request_id=header.request_id, kind=header.kind
+        ) from None
     if len(data) > limit:
-        raise CodecError("payload", f"encoded size {len(data)} B exceeds limit {limit} B",
-                         request_id=header.request_id, kind=header.kind)
+        raise CodecError(
+            "payload",
+            f"encoded size {len(data)} B exceeds limit {limit} B",
+            request_id=header.request_id,
+            kind=header.kind,
+        )
     return data
 
 
-def unpack(data: bytes | bytearray | memoryview, *, max_bytes: int | None = None
-           ) -> tuple[Header, dict[str, Any]]:
+def unpack(
+    data: bytes | bytearray | memoryview, *, max_bytes: int | None = None
+) -> tuple[Header, dict[str, Any]]:
     """Parse the framing and header; the body comes back unconverted (field -> wire value)."""
     limit = MAX_MESSAGE_BYTES if max_bytes is None else max_bytes
     if not isinstance(data, bytes | bytearray | memoryview):
@@ -107,19 +113,22 @@ def unpack(data: bytes | bytearray | memoryview, *, max_bytes: int | None = None
         # timestamp=0 keeps the timestamp extension as an ExtType, which validation rejects.
         obj = msgpack.unpackb(data, raw=False, strict_map_key=True, use_list=True, timestamp=0)
     except Exception as exc:  # msgpack raises a zoo of types on malformed input
-        raise CodecError("payload", f"not a msgpack message ({type(exc).__name__}: {exc})"
-                         ) from None
+        raise CodecError(
+            "payload", f"not a msgpack message ({type(exc).__name__}: {exc})"
+        ) from None
     if not isinstance(obj, dict):
         raise CodecError("payload", f"expected a map, got {_wire_type(obj)}")
     # best effort, so that even a wrong-version message can be answered with an error
     hint = obj.get("rid") if type(obj.get("rid")) is str else None
     version = obj.get("v")
     if type(version) is not int:
-        raise CodecError("header.v", f"expected int, got {_wire_type(version)}",
-                         request_id=hint)
+        raise CodecError("header.v", f"expected int, got {_wire_type(version)}", request_id=hint)
     if version != WIRE_VERSION:
-        raise CodecError("header.v", f"version {version} not supported (expected {WIRE_VERSION})",
-                         request_id=hint)
+        raise CodecError(
+            "header.v",
+            f"version {version} not supported (expected {WIRE_VERSION})",
+            request_id=hint,
+        )
     kind = obj.get("k")
     if type(kind) is not int:
         raise CodecError("header.k", f"expected int, got {_wire_type(kind)}")
@@ -133,12 +142,17 @@ def unpack(data: bytes | bytearray | memoryview, *, max_bytes: int | None = None
     for key, name in (("seq", "seq"), ("pv", "pv")):
         value = obj[key]
         if type(value) is not int or not 0 <= value <= _U64_MAX:
-            raise CodecError(f"header.{name}", f"expected non-negative int, got {value!r:.40}",
-                             request_id=rid, kind=kind)
+            raise CodecError(
+                f"header.{name}",
+                f"expected non-negative int, got {value!r:.40}",
+                request_id=rid,
+                kind=kind,
+            )
     body = obj["b"]
     if not isinstance(body, dict):
-        raise CodecError("body", f"expected a map, got {_wire_type(body)}", request_id=rid,
-                         kind=kind)
+        raise CodecError(
+            "body", f"expected a map, got {_wire_type(body)}", request_id=rid, kind=kind
+        )
     return Header(kind=kind, request_id=rid, seq=obj["seq"], plan_version=obj["pv"]), body
 
 
@@ -151,8 +165,9 @@ def encode_array(value: Any, field: str, spec: ArraySpec) -> dict[str, Any]:
         raise CodecError(field, f"expected ndarray, got {type(value).__name__}")
     dtype_name = value.dtype.name
     if dtype_name not in spec.dtypes:
-        raise CodecError(field, f"dtype {dtype_name} not allowed (allowed: "
-                                f"{', '.join(sorted(spec.dtypes))})")
+        raise CodecError(
+            field, f"dtype {dtype_name} not allowed (allowed: {', '.join(sorted(spec.dtypes))})"
+        )
     if spec.rank is not None and value.ndim != spec.rank:
         raise CodecError(field, f"expected rank {spec.rank}, got shape {list(value.shape)}")
     little = value.dtype.newbyteorder("<")
@@ -167,16 +182,23 @@ def decode_array(obj: Any, field: str, spec: ArraySpec) -> np.ndarray:
     if not isinstance(obj, dict):
         raise CodecError(field, f"expected an array map, got {_wire_type(obj)}")
     if set(obj) != _ARRAY_KEYS:
-        raise CodecError(field, "array map " + key_diff(_ARRAY_KEYS - set(obj),
-                                                         set(obj) - _ARRAY_KEYS))
+        raise CodecError(
+            field, "array map " + key_diff(_ARRAY_KEYS - set(obj), set(obj) - _ARRAY_KEYS)
+        )
     dt, shape, raw = obj["dt"], obj["sh"], obj["b"]
     if type(dt) is not str or dt not in spec.dtypes:
-        raise CodecError(field, f"dtype {dt!r:.40} not allowed (allowed: "
-                                f"{', '.join(sorted(spec.dtypes))})")
-    if (not isinstance(shape, list) or len(shape) > MAX_ARRAY_RANK
-            or not all(type(d) is int and d >= 0 for d in shape)):
-        raise CodecError(field, f"shape {shape!r:.60} is not a list of non-negative ints "
-                                f"(rank <= {MAX_ARRAY_RANK})")
+        raise CodecError(
+            field, f"dtype {dt!r:.40} not allowed (allowed: {', '.join(sorted(spec.dtypes))})"
+        )
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_ARRAY_RANK
+        or not all(type(d) is int and d >= 0 for d in shape)
+    ):
+        raise CodecError(
+            field,
+            f"shape {shape!r:.60} is not a list of non-negative ints (rank <= {MAX_ARRAY_RANK})",
+        )
     if spec.rank is not None and len(shape) != spec.rank:
         raise CodecError(field, f"expected rank {spec.rank}, got shape {shape}")
     if not isinstance(raw, bytes):
@@ -229,9 +251,11 @@ def compile_type(tp: Any) -> Converter:
         if base is not np.ndarray or len(specs) != 1:
             raise TypeError(f"unsupported annotation {tp!r}")
         spec = specs[0]
-        return Converter(f"ndarray{sorted(spec.dtypes)} rank {spec.rank}",
-                         lambda v, f: encode_array(v, f, spec),
-                         lambda v, f: decode_array(v, f, spec))
+        return Converter(
+            f"ndarray{sorted(spec.dtypes)} rank {spec.rank}",
+            lambda v, f: encode_array(v, f, spec),
+            lambda v, f: decode_array(v, f, spec),
+        )
     if origin is Literal:
         return _literal_converter(args)
     if origin in (Union, types.UnionType):

@@ -126,15 +126,20 @@ def decode(data: bytes | bytearray | memoryview, *, max_bytes: int | None = None
     header, body = codec.unpack(data, max_bytes=max_bytes)
     schema = _REGISTRY.get(header.kind)
     if schema is None:
-        raise CodecError("header.k", f"unknown message kind {header.kind}",
-                         request_id=header.request_id, kind=header.kind)
+        raise CodecError(
+            "header.k",
+            f"unknown message kind {header.kind}",
+            request_id=header.request_id,
+            kind=header.kind,
+        )
     name = schema.wire_name
     try:
         expected = {f for f, _ in schema.body}
         if set(body) != expected:
             raise CodecError(name, codec.key_diff(expected - set(body), set(body) - expected))
-        values: dict[str, Any] = {f: conv.from_wire(body[f], f"{name}.{f}")
-                                  for f, conv in schema.body}
+        values: dict[str, Any] = {
+            f: conv.from_wire(body[f], f"{name}.{f}") for f, conv in schema.body
+        }
         if schema.rid is not None:
             values["request_id"] = schema.rid.from_wire(header.request_id, f"{name}.request_id")
         elif header.request_id is not None:
@@ -441,9 +446,18 @@ def kv_chunks(
     n_total = key.shape[KV_TOKEN_AXIS]
     parts = list(chunk_array_pairs(key, value, target_bytes=target_bytes))
     return [
-        KVChunk(request_id=request_id, layer=layer, token_start=token_start + start,
-                n_tokens_total=n_total, key=k, value=v, chunk=i, n_chunks=len(parts),
-                plan_version=plan_version, seq=i)
+        KVChunk(
+            request_id=request_id,
+            layer=layer,
+            token_start=token_start + start,
+            n_tokens_total=n_total,
+            key=k,
+            value=v,
+            chunk=i,
+            n_chunks=len(parts),
+            plan_version=plan_version,
+            seq=i,
+        )
         for i, (start, k, v) in enumerate(parts)
     ]
 
@@ -477,12 +491,17 @@ class KVAssembler:
             entry = _LayerParts(chunk.n_chunks, chunk.n_tokens_total, -1, {})
             self._layers[key] = entry
         if (entry.n_chunks, entry.n_tokens_total) != (chunk.n_chunks, chunk.n_tokens_total):
-            raise CodecError(where, f"chunk {chunk.chunk} says {chunk.n_chunks} chunks / "
-                                    f"{chunk.n_tokens_total} tokens, earlier ones "
-                                    f"{entry.n_chunks} / {entry.n_tokens_total}")
+            raise CodecError(
+                where,
+                f"chunk {chunk.chunk} says {chunk.n_chunks} chunks / "
+                f"{chunk.n_tokens_total} tokens, earlier ones "
+                f"{entry.n_chunks} / {entry.n_tokens_total}",
+            )
         if chunk.key.shape != chunk.value.shape:
-            raise CodecError(f"{where}.value", f"shape {list(chunk.value.shape)} differs from "
-                                               f"key {list(chunk.key.shape)}")
+            raise CodecError(
+                f"{where}.value",
+                f"shape {list(chunk.value.shape)} differs from key {list(chunk.key.shape)}",
+            )
         entry.parts.setdefault(chunk.chunk, chunk)
         return self.layer_complete(chunk.request_id, chunk.layer)
 
@@ -505,13 +524,16 @@ class KVAssembler:
         expect = parts[0].token_start
         for p in parts:
             if p.token_start != expect:
-                raise CodecError(f"{where}.token_start", f"chunk {p.chunk} starts at "
-                                                         f"{p.token_start}, expected {expect}")
+                raise CodecError(
+                    f"{where}.token_start",
+                    f"chunk {p.chunk} starts at {p.token_start}, expected {expect}",
+                )
             expect += p.key.shape[KV_TOKEN_AXIS]
         got = expect - parts[0].token_start
         if got != entry.n_tokens_total:
-            raise CodecError(where, f"chunks hold {got} tokens, n_tokens_total says "
-                                    f"{entry.n_tokens_total}")
+            raise CodecError(
+                where, f"chunks hold {got} tokens, n_tokens_total says {entry.n_tokens_total}"
+            )
         key = np.concatenate([p.key for p in parts], axis=KV_TOKEN_AXIS)
         value = np.concatenate([p.value for p in parts], axis=KV_TOKEN_AXIS)
         return parts[0].token_start, key, value
@@ -524,5 +546,6 @@ class KVAssembler:
         return len(doomed)
 
     def pending_bytes(self) -> int:
-        return sum(p.key.nbytes + p.value.nbytes
-                   for e in self._layers.values() for p in e.parts.values())
+        return sum(
+            p.key.nbytes + p.value.nbytes for e in self._layers.values() for p in e.parts.values()
+        )

@@ -97,14 +97,15 @@ class Topic:
             parts[k] = v if v in _ACL_SUBSTITUTIONS else check_id(v, k)
         return self._prefix(cluster, root) + self.pattern.format(**parts)
 
-    def parse(self, topic: str, *, cluster: str = DEFAULT_CLUSTER, root: str = ROOT
-              ) -> dict[str, str]:
+    def parse(
+        self, topic: str, *, cluster: str = DEFAULT_CLUSTER, root: str = ROOT
+    ) -> dict[str, str]:
         """Ids of a concrete topic of this family; TopicError if the shape is wrong."""
         prefix = self._prefix(cluster, root)
         if not topic.startswith(prefix):
             raise TopicError(topic, f"not under {prefix!r}")
         want = self.pattern.split("/")
-        got = topic[len(prefix):].split("/")
+        got = topic[len(prefix) :].split("/")
         if len(want) != len(got):
             raise TopicError(topic, f"does not match {self.pattern!r}")
         ids: dict[str, str] = {}
@@ -116,8 +117,9 @@ class Topic:
                 raise TopicError(topic, f"does not match {self.pattern!r}")
         return ids
 
-    def match(self, topic: str, *, cluster: str = DEFAULT_CLUSTER, root: str = ROOT
-              ) -> dict[str, str] | None:
+    def match(
+        self, topic: str, *, cluster: str = DEFAULT_CLUSTER, root: str = ROOT
+    ) -> dict[str, str] | None:
         """Like ``parse`` but None instead of an error."""
         try:
             return self.parse(topic, cluster=cluster, root=root)
@@ -129,44 +131,108 @@ class Topic:
 
 
 DEVICE_STATE = Topic(
-    "device_state", "device/{device_id}/state", 1, True, (m.DeviceState,),
-    "Live state of a device; retained; last-will sets status offline.", lwt=True)
+    "device_state",
+    "device/{device_id}/state",
+    1,
+    True,
+    (m.DeviceState,),
+    "Live state of a device; retained; last-will sets status offline.",
+    lwt=True,
+)
 DEVICE_PROFILE = Topic(
-    "device_profile", "device/{device_id}/profile", 1, True, (m.DeviceProfileMsg,),
-    "Memory and measured per-layer costs of a device; retained.")
+    "device_profile",
+    "device/{device_id}/profile",
+    1,
+    True,
+    (m.DeviceProfileMsg,),
+    "Memory and measured per-layer costs of a device; retained.",
+)
 DEVICE_INBOX = Topic(
-    "device_inbox", "device/{device_id}/inbox", 1, False,
+    "device_inbox",
+    "device/{device_id}/inbox",
+    1,
+    False,
     (m.PrefillStart, m.Activation, m.KVChunk, m.DecodeStep, m.Release),
-    "Work for one device: from the orchestrator, and activations / KV from peer devices.")
+    "Work for one device: from the orchestrator, and activations / KV from peer devices.",
+)
 PLAN = Topic(
-    "plan", "plan", 1, True, (m.PlanMsg,),
-    "The current plan; retained; only the orchestrator writes it.")
+    "plan",
+    "plan",
+    1,
+    True,
+    (m.PlanMsg,),
+    "The current plan; retained; only the orchestrator writes it.",
+)
 ORCHESTRATOR_STATE = Topic(
-    "orchestrator_state", "orchestrator/state", 1, True, (m.OrchestratorState,),
-    "Orchestrator liveness; retained; last-will sets status offline.", lwt=True)
+    "orchestrator_state",
+    "orchestrator/state",
+    1,
+    True,
+    (m.OrchestratorState,),
+    "Orchestrator liveness; retained; last-will sets status offline.",
+    lwt=True,
+)
 ORCHESTRATOR_INBOX = Topic(
-    "orchestrator_inbox", "orchestrator/inbox/{device_id}", 1, False,
+    "orchestrator_inbox",
+    "orchestrator/inbox/{device_id}",
+    1,
+    False,
     (m.TokenOut, m.ErrorReport, m.Heartbeat),
-    "Device -> orchestrator; the topic names the (ACL-authenticated) sender.")
+    "Device -> orchestrator; the topic names the (ACL-authenticated) sender.",
+)
 REQUEST = Topic(
-    "request", "request/{client_id}", 1, False, (m.GenerateRequest, m.Release),
-    "A client submits (or cancels, with Release) a request.")
+    "request",
+    "request/{client_id}",
+    1,
+    False,
+    (m.GenerateRequest, m.Release),
+    "A client submits (or cancels, with Release) a request.",
+)
 RESPONSE = Topic(
-    "response", "response/{client_id}/{request_id}", 1, False, (m.ResponseEvent,),
-    "Token stream and final event of one request, readable only by its client.")
+    "response",
+    "response/{client_id}/{request_id}",
+    1,
+    False,
+    (m.ResponseEvent,),
+    "Token stream and final event of one request, readable only by its client.",
+)
 DEVICE_TELEMETRY = Topic(
-    "device_telemetry", "telemetry/device/{device_id}", 0, False, (m.Telemetry,),
-    "Periodic figures of one device.")
+    "device_telemetry",
+    "telemetry/device/{device_id}",
+    0,
+    False,
+    (m.Telemetry,),
+    "Periodic figures of one device.",
+)
 CLUSTER_TELEMETRY = Topic(
-    "cluster_telemetry", "telemetry/cluster", 0, True, (m.Telemetry,),
-    "Cluster summary from the orchestrator; retained so a new monitor sees it at once.")
+    "cluster_telemetry",
+    "telemetry/cluster",
+    0,
+    True,
+    (m.Telemetry,),
+    "Cluster summary from the orchestrator; retained so a new monitor sees it at once.",
+)
 REQUEST_EVENTS = Topic(
-    "request_events", "events/{request_id}", 0, False, (m.RequestEvent,),
-    "Request lifecycle for monitors; never carries prompt or answer text.")
+    "request_events",
+    "events/{request_id}",
+    0,
+    False,
+    (m.RequestEvent,),
+    "Request lifecycle for monitors; never carries prompt or answer text.",
+)
 
 ALL_TOPICS: tuple[Topic, ...] = (
-    DEVICE_STATE, DEVICE_PROFILE, DEVICE_INBOX, PLAN, ORCHESTRATOR_STATE, ORCHESTRATOR_INBOX,
-    REQUEST, RESPONSE, DEVICE_TELEMETRY, CLUSTER_TELEMETRY, REQUEST_EVENTS,
+    DEVICE_STATE,
+    DEVICE_PROFILE,
+    DEVICE_INBOX,
+    PLAN,
+    ORCHESTRATOR_STATE,
+    ORCHESTRATOR_INBOX,
+    REQUEST,
+    RESPONSE,
+    DEVICE_TELEMETRY,
+    CLUSTER_TELEMETRY,
+    REQUEST_EVENTS,
 )
 
 
@@ -175,8 +241,13 @@ def cluster_filter(*, cluster: str = DEFAULT_CLUSTER, root: str = ROOT) -> str:
     return f"{root}/{check_id(cluster, 'cluster')}/#"
 
 
-def resolve(topic: str, candidates: Iterable[Topic] = ALL_TOPICS, *,
-            cluster: str = DEFAULT_CLUSTER, root: str = ROOT) -> tuple[Topic, dict[str, str]]:
+def resolve(
+    topic: str,
+    candidates: Iterable[Topic] = ALL_TOPICS,
+    *,
+    cluster: str = DEFAULT_CLUSTER,
+    root: str = ROOT,
+) -> tuple[Topic, dict[str, str]]:
     """Which topic family a concrete topic belongs to, and its ids."""
     for t in candidates:
         ids = t.match(topic, cluster=cluster, root=root)

@@ -32,8 +32,9 @@ def config() -> dict[str, Any]:
     exe = shutil.which("docker-compose")
     if exe is None:
         pytest.skip("docker-compose not installed")
-    proc = subprocess.run([exe, "-f", str(COMPOSE), "config"], capture_output=True,
-                          text=True, cwd=ROOT, timeout=60)
+    proc = subprocess.run(
+        [exe, "-f", str(COMPOSE), "config"], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr
     data = yaml.safe_load(proc.stdout)
     assert isinstance(data, dict)
@@ -96,8 +97,9 @@ def test_every_service_command_is_a_real_e2llm_subcommand(config: dict[str, Any]
 
 
 def test_images_come_from_the_dockerfile_targets(config: dict[str, Any]) -> None:
-    stages = set(re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", (ROOT / "Dockerfile").read_text(),
-                            re.M | re.I))
+    stages = set(
+        re.findall(r"^FROM\s+\S+\s+AS\s+(\S+)", (ROOT / "Dockerfile").read_text(), re.M | re.I)
+    )
     for name, svc in config["services"].items():
         if _project(svc):
             assert svc["build"]["target"] in stages, name
@@ -131,13 +133,15 @@ def test_one_model_export_serves_everyone(config: dict[str, Any]) -> None:
     services = config["services"]
     export = _parse(services["model"]["command"])
     assert export.command == "export"
-    users = [_parse(services["orchestrator"]["command"])] + [a for _, a in
-                                                             _agents(config).values()]
+    users = [_parse(services["orchestrator"]["command"])] + [a for _, a in _agents(config).values()]
     for args in users:
         assert args.model == export.out
     volume = export.out.split("/")[1]
-    for name in ["model", "orchestrator", *[n for n, s in services.items() if _project(s)
-                                            and s["command"][1] == "agent"]]:
+    for name in [
+        "model",
+        "orchestrator",
+        *[n for n, s in services.items() if _project(s) and s["command"][1] == "agent"],
+    ]:
         mounts = [v for v in services[name]["volumes"] if isinstance(v, str)]
         assert any(v.startswith("models:/" + volume) for v in mounts), (name, mounts)
 
@@ -159,8 +163,11 @@ def test_each_process_logs_in_as_itself_with_only_its_secret(config: dict[str, A
         assert f"{args.username}.password" in mounted, where
     for name, svc in config["services"].items():
         mounted = {s["source"] for s in svc.get("secrets", [])}
-        users = {getattr(_parse(a), "username", None) for w, a in _commands(config)
-                 if w.split()[0] == name}
+        users = {
+            getattr(_parse(a), "username", None)
+            for w, a in _commands(config)
+            if w.split()[0] == name
+        }
         if _project(svc):
             assert mounted == {f"{u}.password" for u in users if u}, name
         for v in svc.get("volumes", []):
@@ -185,6 +192,7 @@ for argv in (['agent', '--broker', 'mqtt://b', '--device-id', 'd', '--memory-mb'
     p.parse_args(argv)
 import e2llm_edge.device.agent, e2llm_edge.client, e2llm_edge.ops.monitor
 """
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
-                          cwd=ROOT, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60
+    )
     assert proc.returncode == 0, proc.stderr

@@ -22,8 +22,7 @@ from e2llm_edge.client import Client, collect
 from e2llm_edge.ops.demo import bundled_inventory
 from e2llm_edge.ops.localcluster import LocalCluster
 
-pytestmark = [pytest.mark.model, pytest.mark.mosquitto, pytest.mark.slow,
-              pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.model, pytest.mark.mosquitto, pytest.mark.slow, pytest.mark.timeout(240)]
 
 N_REQUESTS = 3
 PROMPTS = ["Name a colour.", "What is 2 + 2?", "Say hello in French."]
@@ -31,11 +30,17 @@ E2LLM = [sys.executable, "-m", "e2llm_edge.cli"]
 
 
 @pytest.fixture(scope="module")
-def cluster(default_model: Path, tmp_path_factory: pytest.TempPathFactory
-            ) -> Iterator[LocalCluster]:
+def cluster(
+    default_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalCluster]:
     inventory = yaml.safe_load(bundled_inventory().read_text())
-    with LocalCluster(default_model, inventory, cluster="mon", verbose=False,
-                      workdir=tmp_path_factory.mktemp("mon-cluster")) as c:
+    with LocalCluster(
+        default_model,
+        inventory,
+        cluster="mon",
+        verbose=False,
+        workdir=tmp_path_factory.mktemp("mon-cluster"),
+    ) as c:
         c.wait_serving(timeout=150)
         yield c
 
@@ -51,19 +56,31 @@ def _lines(out: str) -> list[dict[str, Any]]:
 
 async def _requests(c: LocalCluster) -> list[dict[str, Any]]:
     async with Client(c.bus_config()) as client:
-        return list(await asyncio.gather(*[collect(client, p, max_new_tokens=8)
-                                            for p in PROMPTS[:N_REQUESTS]]))
+        return list(
+            await asyncio.gather(
+                *[collect(client, p, max_new_tokens=8) for p in PROMPTS[:N_REQUESTS]]
+            )
+        )
 
 
 @pytest.fixture(scope="module")
 def watched(cluster: LocalCluster) -> tuple[list[dict[str, Any]], list[dict[str, Any]], dict]:
     """Monitor (--json) running while N requests go through: (lines, results, baseline)."""
-    before = _lines(subprocess.run(_cli(cluster, "monitor", "--json", "--once"),
-                                   capture_output=True, text=True, timeout=60,
-                                   check=True).stdout)[-1]
-    mon = subprocess.Popen(_cli(cluster, "monitor", "--json", "--interval", "0.5",
-                                "--duration", "9"),
-                           stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    before = _lines(
+        subprocess.run(
+            _cli(cluster, "monitor", "--json", "--once"),
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=True,
+        ).stdout
+    )[-1]
+    mon = subprocess.Popen(
+        _cli(cluster, "monitor", "--json", "--interval", "0.5", "--duration", "9"),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         assert mon.stdout is not None
         first = mon.stdout.readline()  # subscribed and running before requests start
@@ -78,13 +95,17 @@ def watched(cluster: LocalCluster) -> tuple[list[dict[str, Any]], list[dict[str,
 
 
 def test_monitor_reports_devices_roles_and_plan(
-        cluster: LocalCluster, watched: tuple[list[dict[str, Any]], list, dict]) -> None:
+    cluster: LocalCluster, watched: tuple[list[dict[str, Any]], list, dict]
+) -> None:
     lines, _, _ = watched
     snap = lines[-1]
     assert snap["type"] == "snapshot"
     plan = cluster.wait_serving(timeout=10)
-    expected = {s["device_id"]: (r["role"], r["replica_id"], [s["layer_start"], s["layer_end"]])
-                for r in plan["replicas"] for s in r["stages"]}
+    expected = {
+        s["device_id"]: (r["role"], r["replica_id"], [s["layer_start"], s["layer_end"]])
+        for r in plan["replicas"]
+        for s in r["stages"]
+    }
     assert set(snap["devices"]) == {d["id"] for d in cluster.inventory["devices"]}
     assert len(snap["devices"]) == 4
     for dev, row in snap["devices"].items():
@@ -93,7 +114,8 @@ def test_monitor_reports_devices_roles_and_plan(
         assert row["mem_bytes"] > 0 and row["telemetry"], (dev, row)
     assert snap["plan_version"] == plan["version"]
     assert sorted(r["role"] for r in snap["replicas"]) == sorted(
-        r["role"] for r in plan["replicas"])
+        r["role"] for r in plan["replicas"]
+    )
     assert {r["role"] for r in snap["replicas"]} == {"prefill", "decoder"}
     assert all(r["ready"] for r in snap["replicas"])
     assert snap["orchestrator"]["status"] == "online"
@@ -101,7 +123,8 @@ def test_monitor_reports_devices_roles_and_plan(
 
 
 def test_monitor_counts_the_requests_that_completed(
-        watched: tuple[list[dict[str, Any]], list[dict[str, Any]], dict]) -> None:
+    watched: tuple[list[dict[str, Any]], list[dict[str, Any]], dict],
+) -> None:
     lines, results, before = watched
     events = [x for x in lines if x["type"] == "event"]
     by_rid: dict[str, list[str]] = {}
@@ -123,18 +146,20 @@ def test_monitor_counts_the_requests_that_completed(
     assert req["ttft_s"]["max"] == pytest.approx(told[-1], abs=1e-3)
     done = {e["request_id"]: e["data"] for e in events if e["event"] == "done"}
     assert sorted(d["new_tokens"] for d in done.values()) == sorted(
-        len(r["new_ids"]) for r in results)
-    assert snap["cluster_summary"]["tokens_out"] - (before["cluster_summary"]["tokens_out"]
-                                                     or 0) == sum(len(r["new_ids"])
-                                                                  for r in results)
+        len(r["new_ids"]) for r in results
+    )
+    assert snap["cluster_summary"]["tokens_out"] - (
+        before["cluster_summary"]["tokens_out"] or 0
+    ) == sum(len(r["new_ids"]) for r in results)
     # request events never carry user text
     texts = [r["text"] for r in results] + PROMPTS
     assert not any(t and t in json.dumps(e) for e in events for t in texts)
 
 
 def test_live_view_renders_the_cluster(cluster: LocalCluster) -> None:
-    out = subprocess.run(_cli(cluster, "monitor", "--once"), capture_output=True, text=True,
-                         timeout=60, check=True).stdout
+    out = subprocess.run(
+        _cli(cluster, "monitor", "--once"), capture_output=True, text=True, timeout=60, check=True
+    ).stdout
     for dev in ("pi-a", "pi-b", "jetson", "minipc"):
         assert dev in out
     assert "PREFILL" in out and "DECODER" in out and "serving" in out
@@ -142,8 +167,9 @@ def test_live_view_renders_the_cluster(cluster: LocalCluster) -> None:
 
 def test_health_reads_the_retained_state(cluster: LocalCluster) -> None:
     def health(*args: str) -> subprocess.CompletedProcess[str]:
-        return subprocess.run(_cli(cluster, "health", *args), capture_output=True, text=True,
-                              timeout=30)
+        return subprocess.run(
+            _cli(cluster, "health", *args), capture_output=True, text=True, timeout=30
+        )
 
     t0 = time.monotonic()
     ok = health("--device-id", "jetson", "--status", "ready")

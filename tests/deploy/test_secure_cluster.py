@@ -34,8 +34,7 @@ from e2llm_edge.wire import messages as m
 from e2llm_edge.wire import topics as t
 from e2llm_edge.wire.bus import Bus, BusConfig, Envelope
 
-pytestmark = [pytest.mark.model, pytest.mark.mosquitto, pytest.mark.slow,
-              pytest.mark.timeout(240)]
+pytestmark = [pytest.mark.model, pytest.mark.mosquitto, pytest.mark.slow, pytest.mark.timeout(240)]
 
 CLUSTER = "secure"
 PROMPT = "List three primary colours."
@@ -52,12 +51,18 @@ def secrets_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture(scope="module")
-def cluster(default_model: Path, secrets_dir: Path,
-            tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+def cluster(
+    default_model: Path, secrets_dir: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalCluster]:
     inventory = yaml.safe_load(bundled_inventory().read_text())
-    with LocalCluster(default_model, inventory, cluster=CLUSTER, verbose=False,
-                      secrets_dir=secrets_dir,
-                      workdir=tmp_path_factory.mktemp("secure-cluster")) as c:
+    with LocalCluster(
+        default_model,
+        inventory,
+        cluster=CLUSTER,
+        verbose=False,
+        secrets_dir=secrets_dir,
+        workdir=tmp_path_factory.mktemp("secure-cluster"),
+    ) as c:
         c.wait_serving(timeout=150)  # as the monitor user: plan + cluster telemetry
         yield c
 
@@ -71,8 +76,9 @@ def local_ids(default_model: Path) -> tuple[list[int], list[int]]:
 
 
 @contextlib.asynccontextmanager
-async def login(c: LocalCluster, user: str, password: str | None = None,
-                **over: Any) -> AsyncIterator[Bus]:
+async def login(
+    c: LocalCluster, user: str, password: str | None = None, **over: Any
+) -> AsyncIterator[Bus]:
     cfg = c.bus_config(user, connect_timeout=5, **over)
     if password is not None:
         cfg = BusConfig(**{**cfg.__dict__, "password": password})
@@ -112,19 +118,35 @@ def roles(c: LocalCluster) -> dict[str, list[str]]:
 
 
 def test_pipeline_answers_like_the_local_path_with_auth_on(
-        cluster: LocalCluster, local_ids: tuple[list[int], list[int]]) -> None:
+    cluster: LocalCluster, local_ids: tuple[list[int], list[int]]
+) -> None:
     prompt_ids, new_ids = local_ids
     got = asyncio.run(ask(cluster))
     assert got["prompt_ids"] == prompt_ids
     assert got["new_ids"] == new_ids
     # and as a user runs it: the CLI with its own user and password file
     assert cluster.broker_url is not None and cluster.secrets_dir is not None
-    cli = subprocess.run([*E2LLM, "generate", "--broker", cluster.broker_url,
-                          "--cluster", CLUSTER, "--username", "other-client",
-                          "--password-file", str(password_file(cluster.secrets_dir,
-                                                               "other-client")),
-                          "--max-new-tokens", str(MAX_NEW), "--json", PROMPT],
-                         capture_output=True, text=True, timeout=90)
+    cli = subprocess.run(
+        [
+            *E2LLM,
+            "generate",
+            "--broker",
+            cluster.broker_url,
+            "--cluster",
+            CLUSTER,
+            "--username",
+            "other-client",
+            "--password-file",
+            str(password_file(cluster.secrets_dir, "other-client")),
+            "--max-new-tokens",
+            str(MAX_NEW),
+            "--json",
+            PROMPT,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
     assert cli.returncode == 0, cli.stderr
     assert json.loads(cli.stdout)["new_ids"] == new_ids
 
@@ -142,31 +164,58 @@ def test_wrong_password_is_refused(cluster: LocalCluster, tmp_path: Path) -> Non
                 pass
 
     asyncio.run(attempt("pi-a", "guess"))
-    asyncio.run(attempt("orchestrator", cluster.credentials.users["pi-a"]  # type: ignore[union-attr]
-                        ))
+    asyncio.run(
+        attempt(
+            "orchestrator",
+            cluster.credentials.users["pi-a"],  # type: ignore[union-attr]
+        )
+    )
     asyncio.run(anonymous())
     # a real agent process with a wrong password file gives up instead of serving
     bad = tmp_path / "bad.password"
     bad.write_text("not-the-password\n")
     assert cluster.broker_url is not None
-    proc = subprocess.run([*E2LLM, "agent", "--broker", cluster.broker_url, "--cluster",
-                           CLUSTER, "--username", "pi-a", "--password-file", str(bad),
-                           "--device-id", "pi-a", "--memory-mb", "400",
-                           "--model", str(cluster.model_dir), "--threads", "1"],
-                          capture_output=True, text=True, timeout=90)
+    proc = subprocess.run(
+        [
+            *E2LLM,
+            "agent",
+            "--broker",
+            cluster.broker_url,
+            "--cluster",
+            CLUSTER,
+            "--username",
+            "pi-a",
+            "--password-file",
+            str(bad),
+            "--device-id",
+            "pi-a",
+            "--memory-mb",
+            "400",
+            "--model",
+            str(cluster.model_dir),
+            "--threads",
+            "1",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=90,
+    )
     assert proc.returncode != 0
     assert "BusAuthError" in proc.stderr or "refused" in proc.stderr.lower(), proc.stderr[-2000:]
     assert roles(cluster)  # the impostor did not disturb the plan
 
 
 def test_device_cannot_spy_on_a_peer_inbox_or_forge_a_plan(
-        cluster: LocalCluster, local_ids: tuple[list[int], list[int]]) -> None:
+    cluster: LocalCluster, local_ids: tuple[list[int], list[int]]
+) -> None:
     by_role = roles(cluster)
     spy, victim = by_role["prefill"][0], by_role["decoder"][0]
 
     async def scenario() -> tuple[list[Envelope], list[Envelope], list[Envelope], int, dict]:
-        async with (login(cluster, spy, client_id=f"spy-{spy}") as dev,
-                    login(cluster, "monitor") as mon):
+        async with (
+            login(cluster, spy, client_id=f"spy-{spy}") as dev,
+            login(cluster, "monitor") as mon,
+        ):
             await subscribe_or_refused(dev, t.DEVICE_INBOX, device_id=victim)
             await subscribe_or_refused(dev, t.DEVICE_INBOX)  # wildcard: only its own
             await subscribe_or_refused(dev, t.RESPONSE)
@@ -177,8 +226,9 @@ def test_device_cannot_spy_on_a_peer_inbox_or_forge_a_plan(
             await mon.subscribe(t.DEVICE_STATE, device_id=victim)
             forged = dict(plan_before.plan, version=999, replicas=[])
             await dev.publish(t.PLAN, m.PlanMsg(plan=forged, plan_version=999))
-            await dev.publish(t.DEVICE_STATE, m.DeviceState(device_id=victim, status="error"),
-                              device_id=victim)
+            await dev.publish(
+                t.DEVICE_STATE, m.DeviceState(device_id=victim, status="error"), device_id=victim
+            )
             answer = await ask(cluster)  # real traffic through the victim's inbox
             seen_by_spy = await drain(dev)
             seen_by_monitor = await drain(mon)
@@ -203,8 +253,10 @@ def test_device_cannot_spy_on_a_peer_inbox_or_forge_a_plan(
 
 def test_monitor_reads_telemetry_but_no_requests_or_responses(cluster: LocalCluster) -> None:
     async def scenario() -> tuple[list[Envelope], list[Envelope], dict]:
-        async with (login(cluster, "monitor") as mon,
-                    login(cluster, "monitor", client_id="monitor-events") as events):
+        async with (
+            login(cluster, "monitor") as mon,
+            login(cluster, "monitor", client_id="monitor-events") as events,
+        ):
             await subscribe_or_refused(mon, t.REQUEST)
             await subscribe_or_refused(mon, t.RESPONSE)
             await subscribe_or_refused(mon, t.ORCHESTRATOR_INBOX)
@@ -223,11 +275,25 @@ def test_monitor_reads_telemetry_but_no_requests_or_responses(cluster: LocalClus
     assert "secret" not in blob and answer["text"] not in blob
     # and the monitor CLI works with exactly these rights
     assert cluster.broker_url is not None and cluster.secrets_dir is not None
-    snap = subprocess.run([*E2LLM, "monitor", "--json", "--once", "--broker",
-                           cluster.broker_url, "--cluster", CLUSTER, "--username", "monitor",
-                           "--password-file", str(password_file(cluster.secrets_dir,
-                                                                "monitor"))],
-                          capture_output=True, text=True, timeout=60)
+    snap = subprocess.run(
+        [
+            *E2LLM,
+            "monitor",
+            "--json",
+            "--once",
+            "--broker",
+            cluster.broker_url,
+            "--cluster",
+            CLUSTER,
+            "--username",
+            "monitor",
+            "--password-file",
+            str(password_file(cluster.secrets_dir, "monitor")),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
     assert snap.returncode == 0, snap.stderr
     assert "warning" not in snap.stderr
     last = json.loads(snap.stdout.splitlines()[-1])

@@ -33,8 +33,13 @@ EOS = 2
 def live(mosquitto: MosquittoBroker, default_model: Path) -> Iterator[LocalCluster]:
     inv = yaml.safe_load(bundled_inventory().read_text())
     # the portable graph here; tests/e2e/test_pinned_plan.py runs the contrib graph
-    with LocalCluster(default_model, inv, broker_url=mosquitto.url, cluster="e2e",
-                      agent_args=["--graph", "standard", "--precision", "fp32"]) as c:
+    with LocalCluster(
+        default_model,
+        inv,
+        broker_url=mosquitto.url,
+        cluster="e2e",
+        agent_args=["--graph", "standard", "--precision", "fp32"],
+    ) as c:
         c.plan = Plan.from_dict(c.wait_serving(timeout=180))  # type: ignore[attr-defined]
         yield c
 
@@ -52,15 +57,24 @@ def test_plan_has_prefill_and_decoder_replicas(live: LocalCluster) -> None:
     assert all(len(r.stages) >= 2 for r in plan.replicas)
 
 
-async def test_greedy_output_equals_local_path(live: LocalCluster,
-                                               reference: dict[str, Any]) -> None:
-    cases = [c for c in reference["cases"] if c["name"] in
-             ("chat_capital", "raw_story", "raw_code", "chat_long")]
+async def test_greedy_output_equals_local_path(
+    live: LocalCluster, reference: dict[str, Any]
+) -> None:
+    cases = [
+        c
+        for c in reference["cases"]
+        if c["name"] in ("chat_capital", "raw_story", "raw_code", "chat_long")
+    ]
     assert any(len(c["prompt_ids"]) > 500 for c in cases)
     async with Client(live.bus_config()) as client:
         for case in cases:
-            got = await collect(client, case["prompt"], raw=case["raw"],
-                                max_new_tokens=reference["max_new_tokens"], timeout=60)
+            got = await collect(
+                client,
+                case["prompt"],
+                raw=case["raw"],
+                max_new_tokens=reference["max_new_tokens"],
+                timeout=60,
+            )
             assert got["prompt_ids"] == case["prompt_ids"], case["name"]
             assert got["new_ids"] == expected(case), case["name"]
 
@@ -69,8 +83,9 @@ async def test_eight_concurrent_requests(live: LocalCluster, default_model: Path
     prompts = [f"Give me one fact about the number {n}." for n in range(8)]
     local = LocalModel(default_model)
     async with Client(live.bus_config()) as client:
-        results = await asyncio.gather(*[
-            collect(client, p, max_new_tokens=16, timeout=120) for p in prompts])
+        results = await asyncio.gather(
+            *[collect(client, p, max_new_tokens=16, timeout=120) for p in prompts]
+        )
     for p, r in zip(prompts, results, strict=True):
         want = list(local.generate(r["prompt_ids"], 16))
         assert r["new_ids"] == want, p
@@ -102,15 +117,24 @@ async def test_bad_input_is_answered_and_service_continues(live: LocalCluster) -
         good = m.encode(m.DecodeStep(request_id="ghost", token_id=5, position=3, step=1))
         wrong_version = msgpack.unpackb(good, raw=False)
         wrong_version["v"] = 99
-        act = m.Activation(request_id="r", phase="decode", hidden=np.ones((1, 1, 576), np.float32),
-                           position_start=0, step=1)
+        act = m.Activation(
+            request_id="r",
+            phase="decode",
+            hidden=np.ones((1, 1, 576), np.float32),
+            position_start=0,
+            step=1,
+        )
         bad_shape = msgpack.unpackb(m.encode(act), raw=False)
         bad_shape["b"]["hidden"]["sh"] = [1, 2, 576]
         bad_dtype = msgpack.unpackb(m.encode(act), raw=False)
         bad_dtype["b"]["hidden"]["dt"] = "complex128"
-        payloads = [b"\x00garbage\xff" * 20, msgpack.packb(wrong_version),
-                    msgpack.packb(bad_shape), msgpack.packb(bad_dtype),
-                    good]  # well-formed, for a request this device never heard of
+        payloads = [
+            b"\x00garbage\xff" * 20,
+            msgpack.packb(wrong_version),
+            msgpack.packb(bad_shape),
+            msgpack.packb(bad_dtype),
+            good,
+        ]  # well-formed, for a request this device never heard of
         for topic in (inbox, orch_inbox):
             for p in payloads:
                 await raw.publish_raw(topic, p, qos=1)
@@ -126,10 +150,12 @@ async def test_bad_input_is_answered_and_service_continues(live: LocalCluster) -
         assert isinstance(ev.msg, m.ResponseEvent) and ev.msg.event == "error"
         assert ev.msg.error_code == "bad_request"
     async with Client(live.bus_config()) as client:
-        for kwargs, code in [({"prompt": "   "}, "bad_request"),
-                             ({"prompt": "hi", "temperature": -1.0}, "bad_request"),
-                             ({"prompt": "hi", "max_new_tokens": 10**6}, "bad_request"),
-                             ({"prompt_ids": [10**7]}, "bad_request")]:
+        for kwargs, code in [
+            ({"prompt": "   "}, "bad_request"),
+            ({"prompt": "hi", "temperature": -1.0}, "bad_request"),
+            ({"prompt": "hi", "max_new_tokens": 10**6}, "bad_request"),
+            ({"prompt_ids": [10**7]}, "bad_request"),
+        ]:
             with pytest.raises(GenerationError) as err:
                 await collect(client, **kwargs)
             assert err.value.code == code, kwargs

@@ -47,8 +47,9 @@ class FastModel:
             lg, bound = self.head.session.run(None, {"hidden": h[:, -1:]})
             logits.append((lg[0, -1], float(bound[0, -1])))
             out.append(int(lg[0, -1].argmax()))
-            h = self.layers.run(self.embed.run(np.asarray([[out[-1]]], np.int64)),
-                                cache.length, cache)
+            h = self.layers.run(
+                self.embed.run(np.asarray([[out[-1]]], np.int64)), cache.length, cache
+            )
         cache.release()
         return out, logits
 
@@ -65,18 +66,30 @@ def fast_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     out = tmp_path_factory.mktemp("fast_model")
     gguf = fetch_default_gguf()
     for precision in ("exact", "int8"):
-        export_model(gguf, out, ranges="0-30", progress=False, graph_name="contrib",
-                     precision=precision)
+        export_model(
+            gguf, out, ranges="0-30", progress=False, graph_name="contrib", precision=precision
+        )
     return out
 
 
 def _load(fast_dir: Path, precision: str) -> FastModel:
     m = Manifest.load(fast_dir)
     v = ("contrib", precision)
-    return FastModel(m, precision, VariantEmbedder(m, v, verify=False),
-                     FastLayerStack(m, 0, int(m.config["n_layers"]), precision=precision,
-                                    verify=False, max_batch=8, context=1024),
-                     VariantHead(m, v, verify=False))
+    return FastModel(
+        m,
+        precision,
+        VariantEmbedder(m, v, verify=False),
+        FastLayerStack(
+            m,
+            0,
+            int(m.config["n_layers"]),
+            precision=precision,
+            verify=False,
+            max_batch=8,
+            context=1024,
+        ),
+        VariantHead(m, v, verify=False),
+    )
 
 
 @pytest.fixture(scope="session")

@@ -72,7 +72,7 @@ def test_cache_moves_between_stages(exact: FastModel, reference: dict[str, Any])
         k, v = src.kv(layer)
         assert k.shape[2] == len(prompt)
         for a in range(0, len(prompt), 16):
-            dst.load(layer, k[:, :, a:a + 16], v[:, :, a:a + 16], a)
+            dst.load(layer, k[:, :, a : a + 16], v[:, :, a : a + 16], a)
     src.release()
     assert dst.length == len(prompt)
     out = [tok]

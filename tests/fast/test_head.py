@@ -21,8 +21,9 @@ from onnx_export.source import RawTensor
 
 V, K, M = 4096, 128, 48
 
-pytestmark = pytest.mark.skipif(not contrib_supported(),
-                                reason="this onnxruntime lacks the com.microsoft contrib operators")
+pytestmark = pytest.mark.skipif(
+    not contrib_supported(), reason="this onnxruntime lacks the com.microsoft contrib operators"
+)
 
 
 def q8_head(rng: np.random.Generator) -> tuple[RawTensor, np.ndarray]:
@@ -31,9 +32,10 @@ def q8_head(rng: np.random.Generator) -> tuple[RawTensor, np.ndarray]:
     d = rng.uniform(1e-3, 2e-2, (V, nb)).astype(np.float16)
     q = rng.integers(-120, 121, (V, nb, 32)).astype(np.int8)
     # The second half: twins of the first, a few quants off by one, logits a hair apart.
-    twin = q[: V // 2].astype(np.int16) + rng.integers(-1, 2, (V // 2, nb, 32)) * \
-        (rng.random((V // 2, nb, 32)) < 0.05)
-    q[V // 2:], d[V // 2:] = twin.astype(np.int8), d[: V // 2]
+    twin = q[: V // 2].astype(np.int16) + rng.integers(-1, 2, (V // 2, nb, 32)) * (
+        rng.random((V // 2, nb, 32)) < 0.05
+    )
+    q[V // 2 :], d[V // 2 :] = twin.astype(np.int8), d[: V // 2]
     blocks = np.concatenate([d[..., None].view(np.uint8), q.view(np.uint8)], axis=-1)
     exact = (q.astype(np.float64) * d.astype(np.float64)[..., None]).reshape(V, K)
     return RawTensor("Q8_0", np.ascontiguousarray(blocks.reshape(V, -1)), (V, K)), exact
@@ -96,7 +98,8 @@ def test_a_flat_row_is_left_uncertified_and_the_others_are_not(tmp_path: Path) -
 @pytest.mark.model
 @pytest.mark.slow
 def test_the_unscreened_head_is_exported_and_chosen_where_the_screen_is_slow(
-        fast_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    fast_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """Both head segments are exported; the screened one is kept when fast (here), the
     unscreened one where the screen is `SLOW_SCREEN` times slower (thresholds moved so this
     machine plays both cases). Same greedy tokens either way; the unscreened bound is 0."""

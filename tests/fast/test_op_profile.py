@@ -23,21 +23,22 @@ def op_profile():  # type: ignore[no-untyped-def]
 
 
 def test_a_decode_and_a_prefill_are_broken_down_by_operator_and_linear_layer(
-        fast_dir: Path, op_profile, monkeypatch: pytest.MonkeyPatch  # type: ignore[no-untyped-def]
+    fast_dir: Path,
+    op_profile,
+    monkeypatch: pytest.MonkeyPatch,  # type: ignore[no-untyped-def]
 ) -> None:
     monkeypatch.setattr(runner, "PREFILL_CHUNK", 4)  # a prefill of 8 is 2 session runs
-    profiles = op_profile.profile_stack(fast_dir, "int8", batches=[1, 2], prefills=[8],
-                                        steps=3)
-    assert [p.case for p in profiles] == ["int8 decode B=1", "int8 decode B=2",
-                                          "int8 prefill T=8"]
+    profiles = op_profile.profile_stack(fast_dir, "int8", batches=[1, 2], prefills=[8], steps=3)
+    assert [p.case for p in profiles] == ["int8 decode B=1", "int8 decode B=2", "int8 prefill T=8"]
     for p in profiles:
         rows = {r for r, _, _ in p.rows()}
         # every linear of the model is named, none falls through as a bare shape
         for lin in ("qkv", "o", "gate_up", "down"):
             assert f"MatMulNBits {lin}" in rows, (p.case, rows)
         assert "GroupQueryAttention" in rows and "Gemm gate_up block term" in rows
-        assert not [r for r in rows if r.split(" ")[0] in op_profile.LINEARS and "x" in
-                    r.split(" ")[-1]], rows
+        assert not [
+            r for r in rows if r.split(" ")[0] in op_profile.LINEARS and "x" in r.split(" ")[-1]
+        ], rows
         assert p.calls == 3  # the warm-up and prompt runs are left out
         assert p.session_runs == (6 if "prefill" in p.case else 3)
         assert abs(sum(s for _, _, s in p.rows()) - 1.0) < 1e-9

@@ -45,9 +45,11 @@ def test_exact_greedy_tokens_identical(exact: FastModel, reference: dict[str, An
             worst = max(worst, float(np.abs(ours - ref)[near].max()))
             worst_screened = max(worst_screened, float((np.abs(ours - ref) - bound).max()))
             rescored, total = rescored + int(near.sum()), total + len(ours)
-    print(f"\ncontrib exact: max |logit diff| on rescored reference top-32 logits "
-          f"({rescored} of {total}): {worst:.2e}; none exceeds its bound by more than "
-          f"{worst_screened:.2e}")
+    print(
+        f"\ncontrib exact: max |logit diff| on rescored reference top-32 logits "
+        f"({rescored} of {total}): {worst:.2e}; none exceeds its bound by more than "
+        f"{worst_screened:.2e}"
+    )
     assert worst < 1e-2
     assert worst_screened < 1e-2
 
@@ -59,7 +61,7 @@ def teacher_forced(model: FastModel, case: dict[str, Any]) -> np.ndarray:
     cache = model.layers.new_cache(len(ids))
     h = model.layers.run(model.embed.run(np.asarray([ids], np.int64)), 0, cache)
     cache.release()
-    return model.logits(h[:, len(prompt) - 1:])[0].argmax(-1)
+    return model.logits(h[:, len(prompt) - 1 :])[0].argmax(-1)
 
 
 def llamacpp_teacher_forced(cases: list[dict[str, Any]]) -> float | None:
@@ -68,14 +70,13 @@ def llamacpp_teacher_forced(cases: list[dict[str, Any]]) -> float | None:
         return None
     from llama_cpp import Llama
 
-    llm = Llama(str(fetch_default_gguf()), n_ctx=1024, n_threads=2, logits_all=True,
-                verbose=False)
+    llm = Llama(str(fetch_default_gguf()), n_ctx=1024, n_threads=2, logits_all=True, verbose=False)
     hits = total = 0
     for case in cases:
         prompt, new = case["prompt_ids"], case["new_ids"]
         llm.reset()
         llm.eval(prompt + new[:-1])
-        pred = np.asarray(llm.scores[len(prompt) - 1:len(prompt) + len(new) - 1]).argmax(-1)
+        pred = np.asarray(llm.scores[len(prompt) - 1 : len(prompt) + len(new) - 1]).argmax(-1)
         hits += int((pred == np.asarray(new)).sum())
         total += len(new)
     return hits / total
@@ -86,8 +87,10 @@ def test_int8_teacher_forced_agreement(int8: FastModel, reference: dict[str, Any
     hits = sum(int((teacher_forced(int8, c) == np.asarray(c["new_ids"])).sum()) for c in cases)
     ours = hits / sum(len(c["new_ids"]) for c in cases)
     theirs = llamacpp_teacher_forced(cases)
-    print(f"\ncontrib int8 teacher-forced top-1 agreement: {ours:.3f}; llama.cpp: "
-          f"{'not installed' if theirs is None else f'{theirs:.3f}'}")
+    print(
+        f"\ncontrib int8 teacher-forced top-1 agreement: {ours:.3f}; llama.cpp: "
+        f"{'not installed' if theirs is None else f'{theirs:.3f}'}"
+    )
     assert ours >= INT8_FLOOR
 
 

@@ -31,12 +31,13 @@ def test_tokenizer_matches_transformers(model: LocalModel, reference: dict[str, 
         assert ids == case["prompt_ids"] == case["hf_prompt_ids"], case["name"]
 
 
-@pytest.mark.parametrize("variant", [("standard", "fp32"), ("contrib", "exact")],
-                         ids=["standard", "contrib-exact"])
+@pytest.mark.parametrize(
+    "variant", [("standard", "fp32"), ("contrib", "exact")], ids=["standard", "contrib-exact"]
+)
 @pytest.mark.parametrize("prefer_ranges", [True, False], ids=["range-segments", "per-layer"])
 def test_greedy_tokens_and_logits_match_transformers(
-        default_model: Path, reference: dict[str, Any], prefer_ranges: bool,
-        variant: tuple[str, str]) -> None:
+    default_model: Path, reference: dict[str, Any], prefer_ranges: bool, variant: tuple[str, str]
+) -> None:
     """Tokens identical; the reference's top-32 logits within 1e-3 where ours are exact
     (all of the standard graph's; the screened head's within one bound of the top), the
     rest within their bound."""
@@ -47,8 +48,14 @@ def test_greedy_tokens_and_logits_match_transformers(
     worst = worst_screened = 0.0
     for case in reference["cases"]:
         logits: list[tuple[np.ndarray, float]] = []
-        got = list(model.generate(case["prompt_ids"], reference["max_new_tokens"],
-                                  stop_at_eos=False, logits_out=logits))
+        got = list(
+            model.generate(
+                case["prompt_ids"],
+                reference["max_new_tokens"],
+                stop_at_eos=False,
+                logits_out=logits,
+            )
+        )
         assert got == case["new_ids"], case["name"]
         for (row, bound), step in zip(logits, case["steps"], strict=True):
             assert np.isfinite(bound), f"{case['name']}: a model row left uncertified"
@@ -64,9 +71,24 @@ def test_greedy_tokens_and_logits_match_transformers(
 def test_cli_json_output(default_model: Path, reference: dict[str, Any]) -> None:
     case = next(c for c in reference["cases"] if c["name"] == "raw_story")
     out = subprocess.run(
-        [sys.executable, "-m", "e2llm_edge.cli", "generate", case["prompt"], "--raw",
-         "--max-new-tokens", "12", "--json", "--model", str(default_model)],
-        capture_output=True, text=True, check=True, timeout=120)
+        [
+            sys.executable,
+            "-m",
+            "e2llm_edge.cli",
+            "generate",
+            case["prompt"],
+            "--raw",
+            "--max-new-tokens",
+            "12",
+            "--json",
+            "--model",
+            str(default_model),
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=120,
+    )
     doc = json.loads(out.stdout)
     assert doc["prompt_ids"] == case["prompt_ids"]
     assert doc["new_ids"] == case["new_ids"][:12]

@@ -16,11 +16,15 @@ from e2llm_edge.device.local import LocalModel
 pytestmark = pytest.mark.model
 
 
-@pytest.mark.parametrize("variant", [("standard", "fp32"), ("contrib", "exact")],
-                         ids=["standard", "contrib-exact"])
-def test_chunked_prefill_equals_one_pass(variant: tuple[str, str], default_model: Path,
-                                         reference: dict[str, Any],
-                                         monkeypatch: pytest.MonkeyPatch) -> None:
+@pytest.mark.parametrize(
+    "variant", [("standard", "fp32"), ("contrib", "exact")], ids=["standard", "contrib-exact"]
+)
+def test_chunked_prefill_equals_one_pass(
+    variant: tuple[str, str],
+    default_model: Path,
+    reference: dict[str, Any],
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
     model = LocalModel(default_model, verify=False, variant=variant)
     ids = max((c["prompt_ids"] for c in reference["cases"]), key=len)[:150]
     x = model.embed.run(np.asarray([ids], np.int64))
@@ -30,8 +34,9 @@ def test_chunked_prefill_equals_one_pass(variant: tuple[str, str], default_model
         h = model.layers.run(x, 0, cache)
         toks = [int(model.head.run(h[:, -1:])[0, -1].argmax())]
         for _ in range(3):  # decode on top: the cache is what one pass leaves
-            h1 = model.layers.run(model.embed.run(np.asarray([[toks[-1]]], np.int64)),
-                                  cache.length, cache)
+            h1 = model.layers.run(
+                model.embed.run(np.asarray([[toks[-1]]], np.int64)), cache.length, cache
+            )
             toks.append(int(model.head.run(h1)[0, -1].argmax()))
         return h, cache, toks
 

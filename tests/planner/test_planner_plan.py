@@ -130,15 +130,29 @@ def test_bad_yaml() -> None:
 
 
 def _single(rid: int, role: str, devs: tuple[str, str]) -> Replica:
-    return Replica(rid, role, 1 if role == "prefill" else 4,  # type: ignore[arg-type]
-                   [Stage(devs[0], 0, 3, True, False, 0.1, 0.01),
-                    Stage(devs[1], 3, 6, False, True, 0.1, 0.01)])
+    return Replica(
+        rid,
+        role,
+        1 if role == "prefill" else 4,  # type: ignore[arg-type]
+        [
+            Stage(devs[0], 0, 3, True, False, 0.1, 0.01),
+            Stage(devs[1], 3, 6, False, True, 0.1, 0.01),
+        ],
+    )
 
 
 def test_without_keeps_surviving_replicas_exactly() -> None:
-    plan = Plan(4, "e2llm", 6, [_single(0, "prefill", ("a", "b")),
-                                _single(1, "decoder", ("c", "d")),
-                                _single(2, "decoder", ("e", "f"))], {"bottleneck_s": 0.5})
+    plan = Plan(
+        4,
+        "e2llm",
+        6,
+        [
+            _single(0, "prefill", ("a", "b")),
+            _single(1, "decoder", ("c", "d")),
+            _single(2, "decoder", ("e", "f")),
+        ],
+        {"bottleneck_s": 0.5},
+    )
     left = plan.without({"f", "zz"}, version=5)
     assert left is not None
     assert left.version == 5 and left.method == plan.method and left.n_layers == 6
@@ -149,12 +163,14 @@ def test_without_keeps_surviving_replicas_exactly() -> None:
 
 
 def test_without_is_none_when_a_role_is_gone() -> None:
-    plan = Plan(1, "e2llm", 6, [_single(0, "prefill", ("a", "b")),
-                                _single(1, "decoder", ("c", "d"))])
+    plan = Plan(
+        1, "e2llm", 6, [_single(0, "prefill", ("a", "b")), _single(1, "decoder", ("c", "d"))]
+    )
     assert plan.without({"c"}, version=2) is None  # nothing left decodes
     assert plan.without({"a"}, version=2) is None  # nothing left prefills
-    mixed = Plan(1, "e2llm", 6, [_single(0, "mixed", ("a", "b")),
-                                 _single(1, "prefill", ("c", "d"))])
+    mixed = Plan(
+        1, "e2llm", 6, [_single(0, "mixed", ("a", "b")), _single(1, "prefill", ("c", "d"))]
+    )
     left = mixed.without({"c"}, version=2)
     assert left is not None and [r.role for r in left.replicas] == ["mixed"]
     assert mixed.without({"a", "c"}, version=2) is None

@@ -40,10 +40,19 @@ def soak() -> ModuleType:
 @pytest.fixture(scope="package")
 def small(mosquitto: MosquittoBroker, default_model: Path) -> Iterator[LocalCluster]:
     """Two agents, each holding the whole model: a PREFILL and a DECODER replica."""
-    inv = {"link_defaults": {"bandwidth_mbps": 1000, "latency_ms": 0.5},
-           "devices": [{"id": d, "memory_mb": 4000,
-                        "hardware": {"tflops": 0.1, "mem_bw_gbps": 10}} for d in ("s0", "s1")]}
-    with LocalCluster(default_model, inv, broker_url=mosquitto.url, cluster="reliab",
-                      agent_args=["--request-timeout", str(AGENT_REQUEST_TIMEOUT)]) as c:
+    inv = {
+        "link_defaults": {"bandwidth_mbps": 1000, "latency_ms": 0.5},
+        "devices": [
+            {"id": d, "memory_mb": 4000, "hardware": {"tflops": 0.1, "mem_bw_gbps": 10}}
+            for d in ("s0", "s1")
+        ],
+    }
+    with LocalCluster(
+        default_model,
+        inv,
+        broker_url=mosquitto.url,
+        cluster="reliab",
+        agent_args=["--request-timeout", str(AGENT_REQUEST_TIMEOUT)],
+    ) as c:
         c.wait_serving(timeout=180)
         yield c

@@ -27,23 +27,42 @@ NEW_TOKENS = 16
 
 
 def _stage(dev: str, start: int, end: int) -> dict[str, object]:
-    return {"device_id": dev, "layer_start": start, "layer_end": end, "embed": start == 0,
-            "head": end == 30, "predicted_prefill_s": 0.1, "predicted_decode_s": 0.01}
+    return {
+        "device_id": dev,
+        "layer_start": start,
+        "layer_end": end,
+        "embed": start == 0,
+        "head": end == 30,
+        "predicted_prefill_s": 0.1,
+        "predicted_decode_s": 0.01,
+    }
 
 
 # Pinned while all six are up, so every test starts from three replicas of two devices: a
 # decoder device is expendable (the other replicas still serve) and a prefill one is not
 # (a GA/DP re-plan). The GA's own choice follows measured, noisy device profiles (it has
 # also chosen two replicas of three, where no device is expendable).
-PLAN = {"version": 1, "method": "pinned", "n_layers": 30, "predicted": {}, "replicas": [
-    {"replica_id": i, "role": role, "concurrency": 1 if role == "prefill" else 4,
-     "stages": [_stage(f"c{2 * i}", 0, 15), _stage(f"c{2 * i + 1}", 15, 30)]}
-    for i, role in enumerate(("prefill", "decoder", "decoder"))]}
+PLAN = {
+    "version": 1,
+    "method": "pinned",
+    "n_layers": 30,
+    "predicted": {},
+    "replicas": [
+        {
+            "replica_id": i,
+            "role": role,
+            "concurrency": 1 if role == "prefill" else 4,
+            "stages": [_stage(f"c{2 * i}", 0, 15), _stage(f"c{2 * i + 1}", 15, 30)],
+        }
+        for i, role in enumerate(("prefill", "decoder", "decoder"))
+    ],
+}
 
 
 @pytest.fixture(scope="module")
-def six(chaos: ModuleType, default_model: Path,
-        tmp_path_factory: pytest.TempPathFactory) -> Iterator[LocalCluster]:
+def six(
+    chaos: ModuleType, default_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalCluster]:
     """Six agents of 420 MB: every replica needs two devices; five still hold a plan."""
     plan = tmp_path_factory.mktemp("chaos_plan") / "plan.yaml"
     plan.write_text(yaml.safe_dump(PLAN))
@@ -52,11 +71,24 @@ def six(chaos: ModuleType, default_model: Path,
         yield c
 
 
-def test_chaos_every_request_completes_identically(six: LocalCluster, chaos: ModuleType,
-                                                   default_model: Path) -> None:
-    res = asyncio.run(chaos.run_chaos(
-        six, requests=20, concurrency=3, max_new_tokens=NEW_TOKENS, kills=1, every_s=3.0,
-        down_s=3.0, broker_after_kill=0, unique_prompts=6, interval_s=1.0, deadline_s=200))
+def test_chaos_every_request_completes_identically(
+    six: LocalCluster, chaos: ModuleType, default_model: Path
+) -> None:
+    res = asyncio.run(
+        chaos.run_chaos(
+            six,
+            requests=20,
+            concurrency=3,
+            max_new_tokens=NEW_TOKENS,
+            kills=1,
+            every_s=3.0,
+            down_s=3.0,
+            broker_after_kill=0,
+            unique_prompts=6,
+            interval_s=1.0,
+            deadline_s=200,
+        )
+    )
     chaos.check_against_local(res, default_model, NEW_TOKENS)
     print(chaos.report(res))
     counts = res.counts()
@@ -73,8 +105,15 @@ def test_chaos_every_request_completes_identically(six: LocalCluster, chaos: Mod
 
 def _expendable(plan: Plan) -> str:
     """A device whose loss leaves replicas that can still serve."""
-    victim = next((st.device_id for r in plan.replicas for st in r.stages
-                   if plan.without({st.device_id}, plan.version + 1) is not None), None)
+    victim = next(
+        (
+            st.device_id
+            for r in plan.replicas
+            for st in r.stages
+            if plan.without({st.device_id}, plan.version + 1) is not None
+        ),
+        None,
+    )
     assert victim is not None, f"no replica of {plan.to_dict()} can be lost and still serve"
     return victim
 
@@ -82,8 +121,7 @@ def _expendable(plan: Plan) -> str:
 async def _until_back_in(six: LocalCluster, victim: str, after: Plan) -> None:
     """Wait (a few plan versions at most) for a serving plan that holds `victim` again."""
     for _ in range(3):
-        nxt = Plan.from_dict(await six.await_serving(timeout=120,
-                                                     min_version=after.version + 1))
+        nxt = Plan.from_dict(await six.await_serving(timeout=120, min_version=after.version + 1))
         if victim in {st.device_id for r in nxt.replicas for st in r.stages}:
             return
         after = nxt
@@ -91,13 +129,21 @@ async def _until_back_in(six: LocalCluster, victim: str, after: Plan) -> None:
 
 
 def _layout(plan: Plan) -> list[tuple[object, ...]]:
-    return sorted((r.role, r.concurrency, tuple((st.device_id, st.layer_start, st.layer_end,
-                                                 st.embed, st.head) for st in r.stages))
-                  for r in plan.replicas)
+    return sorted(
+        (
+            r.role,
+            r.concurrency,
+            tuple(
+                (st.device_id, st.layer_start, st.layer_end, st.embed, st.head) for st in r.stages
+            ),
+        )
+        for r in plan.replicas
+    )
 
 
 async def test_a_loss_leaves_the_other_replicas_serving_as_they_are(
-        six: LocalCluster, default_model: Path) -> None:
+    six: LocalCluster, default_model: Path
+) -> None:
     """No GA/DP re-plan (which would move and reload most devices) when the replicas that
     lost nothing can still serve: they are the next plan, unchanged, serving at once."""
     p0 = Plan.from_dict(await six.await_serving(timeout=90))
@@ -118,8 +164,7 @@ async def test_a_loss_leaves_the_other_replicas_serving_as_they_are(
     await _until_back_in(six, victim, p1)
 
 
-async def test_a_stuck_device_is_treated_as_lost(six: LocalCluster,
-                                                 default_model: Path) -> None:
+async def test_a_stuck_device_is_treated_as_lost(six: LocalCluster, default_model: Path) -> None:
     """SIGSTOP: the connection stays open but nothing answers, not even heartbeats. The
     orchestrator must give up on it after its heartbeat timeout, and the requests in
     flight finish on the other replicas, identical to the local path."""
@@ -129,14 +174,15 @@ async def test_a_stuck_device_is_treated_as_lost(six: LocalCluster,
     assert pid is not None
     prompts = [f"Count from {i} to {i + 5}." for i in range(3)]
     async with Client(six.bus_config()) as client:
-        tasks = [asyncio.create_task(collect(client, p, max_new_tokens=NEW_TOKENS, timeout=90))
-                 for p in prompts]
+        tasks = [
+            asyncio.create_task(collect(client, p, max_new_tokens=NEW_TOKENS, timeout=90))
+            for p in prompts
+        ]
         await asyncio.sleep(0.5)
         os.kill(pid, signal.SIGSTOP)
         t0 = time.monotonic()
         try:
-            p1 = Plan.from_dict(await six.await_serving(timeout=60,
-                                                        min_version=p0.version + 1))
+            p1 = Plan.from_dict(await six.await_serving(timeout=60, min_version=p0.version + 1))
             lost_after = time.monotonic() - t0
             results = await asyncio.gather(*tasks)
         finally:
@@ -149,8 +195,9 @@ async def test_a_stuck_device_is_treated_as_lost(six: LocalCluster,
     await _until_back_in(six, victim, p1)  # it answers again: folded back in
 
 
-async def test_no_plan_fails_fast_then_serving_resumes(six: LocalCluster,
-                                                       default_model: Path) -> None:
+async def test_no_plan_fails_fast_then_serving_resumes(
+    six: LocalCluster, default_model: Path
+) -> None:
     await six.await_serving(timeout=90)
     doomed = sorted(six.agents)[1:]  # one 420 MB device cannot hold the model
     for d in doomed:

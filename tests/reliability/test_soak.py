@@ -34,8 +34,14 @@ async def test_memory_flat_over_a_short_soak(small: LocalCluster, soak: ModuleTy
 
 async def test_abandoned_request_state_is_freed(small: LocalCluster) -> None:
     dev = sorted(small.agents)[0]
-    ctx = {"sampling": {}, "max_new_tokens": 8, "eos": None, "prompt_len": 4, "index0": 0,
-           "decoder_replica": 0}
+    ctx = {
+        "sampling": {},
+        "max_new_tokens": 8,
+        "eos": None,
+        "prompt_len": 4,
+        "index0": 0,
+        "decoder_replica": 0,
+    }
     tel = await small.telemetry([dev], timeout=10)
     async with Bus(small.bus_config()) as bus:
         await bus.subscribe(t.PLAN)
@@ -43,14 +49,22 @@ async def test_abandoned_request_state_is_freed(small: LocalCluster) -> None:
         assert isinstance(env.msg, m.PlanMsg)
         plan = env.msg.plan
         rep = next(r for r in plan["replicas"] for s in r["stages"] if s["device_id"] == dev)
-        ctx["decoder_replica"] = next(r["replica_id"] for r in plan["replicas"]
-                                      if r["role"] in ("decoder", "mixed"))
+        ctx["decoder_replica"] = next(
+            r["replica_id"] for r in plan["replicas"] if r["role"] in ("decoder", "mixed")
+        )
         # one layer of a KV handoff that never completes: the state must not live forever
-        chunk = m.KVChunk(request_id="abandoned@0", layer=rep["stages"][0]["layer_start"],
-                          token_start=0, n_tokens_total=4,
-                          key=np.zeros((1, 3, 2, 64), np.float32),
-                          value=np.zeros((1, 3, 2, 64), np.float32), chunk=0, n_chunks=2,
-                          context=ctx, plan_version=plan["version"])
+        chunk = m.KVChunk(
+            request_id="abandoned@0",
+            layer=rep["stages"][0]["layer_start"],
+            token_start=0,
+            n_tokens_total=4,
+            key=np.zeros((1, 3, 2, 64), np.float32),
+            value=np.zeros((1, 3, 2, 64), np.float32),
+            chunk=0,
+            n_chunks=2,
+            context=ctx,
+            plan_version=plan["version"],
+        )
         await bus.publish(t.DEVICE_INBOX, chunk, device_id=dev)
     before = tel[dev]["requests"]
     held = False

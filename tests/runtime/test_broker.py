@@ -19,10 +19,16 @@ def test_missing_binary_explains_how_to_install(monkeypatch: pytest.MonkeyPatch)
 
 
 def test_rendered_config_has_nodelay_packet_limit_and_auth(tmp_path: Path) -> None:
-    cfg = broker.MosquittoConfig(password_file=tmp_path / "passwd", acl_file=tmp_path / "acl",
-                                 persistence=True)
+    cfg = broker.MosquittoConfig(
+        password_file=tmp_path / "passwd", acl_file=tmp_path / "acl", persistence=True
+    )
     text = broker.render_config(cfg, port=1234, workdir=tmp_path)
-    for line in ("listener 1234 127.0.0.1", "allow_anonymous false", "set_tcp_nodelay true",
-                 f"max_packet_size {4 * 1024 * 1024 + 64 * 1024}", "persistence true",
-                 f"password_file {tmp_path / 'passwd'}"):
+    for line in (
+        "listener 1234 127.0.0.1",
+        "allow_anonymous false",
+        "set_tcp_nodelay true",
+        f"max_packet_size {4 * 1024 * 1024 + 64 * 1024}",
+        "persistence true",
+        f"password_file {tmp_path / 'passwd'}",
+    ):
         assert line in text.splitlines()

@@ -33,18 +33,30 @@ def state(device_id: str, status: str = "ready") -> m.DeviceState:
     return m.DeviceState(device_id=device_id, status=status, ts=1.0)  # type: ignore[arg-type]
 
 
-async def test_publish_subscribe_typed_with_ids(mosquitto: MosquittoBroker,
-                                                cluster: str) -> None:
+async def test_publish_subscribe_typed_with_ids(mosquitto: MosquittoBroker, cluster: str) -> None:
     cfg = cfg_for(mosquitto, cluster)
     async with Bus(cfg) as sender, Bus(cfg) as device:
         assert sender.tcp_nodelay_active() and device.tcp_nodelay_active()
         await device.subscribe(t.DEVICE_INBOX, device_id="d1")
         hidden = f32(1, 3, 576)
-        await sender.publish(t.DEVICE_INBOX, m.DecodeStep(request_id="r", token_id=1,
-                                                          position=0, step=0), device_id="d2")
-        await sender.publish(t.DEVICE_INBOX, m.Activation(
-            request_id="r", phase="prefill", hidden=hidden, position_start=0, step=0,
-            seq=4, plan_version=2), device_id="d1")
+        await sender.publish(
+            t.DEVICE_INBOX,
+            m.DecodeStep(request_id="r", token_id=1, position=0, step=0),
+            device_id="d2",
+        )
+        await sender.publish(
+            t.DEVICE_INBOX,
+            m.Activation(
+                request_id="r",
+                phase="prefill",
+                hidden=hidden,
+                position_start=0,
+                step=0,
+                seq=4,
+                plan_version=2,
+            ),
+            device_id="d1",
+        )
         env = await device.recv(timeout=5)
         assert env.topic is t.DEVICE_INBOX and env.ids == {"device_id": "d1"}
         assert isinstance(env.msg, m.Activation) and env.msg.seq == 4
@@ -53,8 +65,9 @@ async def test_publish_subscribe_typed_with_ids(mosquitto: MosquittoBroker,
             await device.recv(timeout=0.3)
 
 
-async def test_wrong_payload_type_for_topic_is_refused_at_send(mosquitto: MosquittoBroker,
-                                                               cluster: str) -> None:
+async def test_wrong_payload_type_for_topic_is_refused_at_send(
+    mosquitto: MosquittoBroker, cluster: str
+) -> None:
     async with Bus(cfg_for(mosquitto, cluster)) as bus:
         with pytest.raises(CodecError, match="may not be sent"):
             await bus.publish(t.PLAN, state("d"))
@@ -65,16 +78,28 @@ async def test_large_message_round_trip(mosquitto: MosquittoBroker, cluster: str
     async with Bus(cfg) as a, Bus(cfg) as b:
         await b.subscribe(t.DEVICE_INBOX, device_id="d")
         key = f32(1, 3, 2600, 64)  # 2 x 2 MB: close to the 4 MiB limit
-        await a.publish(t.DEVICE_INBOX, m.KVChunk(
-            request_id="r", layer=0, token_start=0, n_tokens_total=2600, key=key, value=key,
-            chunk=0, n_chunks=1), device_id="d")
+        await a.publish(
+            t.DEVICE_INBOX,
+            m.KVChunk(
+                request_id="r",
+                layer=0,
+                token_start=0,
+                n_tokens_total=2600,
+                key=key,
+                value=key,
+                chunk=0,
+                n_chunks=1,
+            ),
+            device_id="d",
+        )
         env = await b.recv(timeout=5)
         assert isinstance(env.msg, m.KVChunk)
         np.testing.assert_array_equal(env.msg.value, key)
 
 
-async def test_retained_state_seen_by_late_subscriber(mosquitto: MosquittoBroker,
-                                                      cluster: str) -> None:
+async def test_retained_state_seen_by_late_subscriber(
+    mosquitto: MosquittoBroker, cluster: str
+) -> None:
     cfg = cfg_for(mosquitto, cluster)
     async with Bus(cfg, publish_will_on_close=False) as dev:
         await dev.publish(t.DEVICE_STATE, state("d1", "loading"), device_id="d1")
@@ -86,13 +111,13 @@ async def test_retained_state_seen_by_late_subscriber(mosquitto: MosquittoBroker
         assert isinstance(env.msg, m.DeviceState) and env.msg.status == "ready"
 
 
-async def test_clean_close_publishes_the_will(mosquitto: MosquittoBroker,
-                                              cluster: str) -> None:
+async def test_clean_close_publishes_the_will(mosquitto: MosquittoBroker, cluster: str) -> None:
     cfg = cfg_for(mosquitto, cluster)
     async with Bus(cfg) as orch:
         await orch.subscribe(t.DEVICE_STATE, device_id="d1")
-        async with Bus(cfg, will=Will(t.DEVICE_STATE, state("d1", "offline"),
-                                      {"device_id": "d1"})) as dev:
+        async with Bus(
+            cfg, will=Will(t.DEVICE_STATE, state("d1", "offline"), {"device_id": "d1"})
+        ) as dev:
             await dev.publish(t.DEVICE_STATE, state("d1"), device_id="d1")
             first = await orch.recv(timeout=5)
             assert isinstance(first.msg, m.DeviceState) and first.msg.status == "ready"
@@ -118,13 +143,18 @@ _CHILD = textwrap.dedent("""
 """)
 
 
-async def test_last_will_fires_when_process_is_killed(mosquitto: MosquittoBroker,
-                                                      cluster: str) -> None:
+async def test_last_will_fires_when_process_is_killed(
+    mosquitto: MosquittoBroker, cluster: str
+) -> None:
     async with Bus(cfg_for(mosquitto, cluster)) as orch:
         await orch.subscribe(t.DEVICE_STATE)
         child = await asyncio.to_thread(
-            subprocess.Popen, [sys.executable, "-c", _CHILD, str(mosquitto.port), cluster],
-            cwd=REPO, stdout=subprocess.PIPE, env={**os.environ, "PYTHONPATH": str(REPO)})
+            subprocess.Popen,
+            [sys.executable, "-c", _CHILD, str(mosquitto.port), cluster],
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            env={**os.environ, "PYTHONPATH": str(REPO)},
+        )
         try:
             assert child.stdout is not None
             line = await asyncio.to_thread(child.stdout.readline)
@@ -147,7 +177,8 @@ async def test_last_will_fires_when_process_is_killed(mosquitto: MosquittoBroker
 
 
 async def test_garbage_is_dropped_reported_and_delivery_continues(
-        mosquitto: MosquittoBroker, cluster: str) -> None:
+    mosquitto: MosquittoBroker, cluster: str
+) -> None:
     cfg = cfg_for(mosquitto, cluster)
     bad: list[BadMessage] = []
 
@@ -162,14 +193,20 @@ async def test_garbage_is_dropped_reported_and_delivery_continues(
         wrong_version = good.replace(b"\xa1v\x01", b"\xa1v\x02", 1)
         assert wrong_version != good
         plan_on_inbox = m.encode(m.PlanMsg(plan={}))
-        oversize = m.encode(m.Activation(request_id="big", phase="prefill",
-                                         hidden=f32(1, 100, 576), position_start=0, step=0))
+        oversize = m.encode(
+            m.Activation(
+                request_id="big", phase="prefill", hidden=f32(1, 100, 576), position_start=0, step=0
+            )
+        )
         for payload in (b"\x00garbage", wrong_version, plan_on_inbox, oversize):
             await a.publish_raw(inbox, payload)
         with pytest.raises(CodecError, match="exceeds limit"):  # senders refuse, too
             await a.publish_raw(inbox, b"x" * 5_000_000)
-        await a.publish(t.DEVICE_INBOX, m.DecodeStep(request_id="ok", token_id=3, position=4,
-                                                     step=1), device_id="d")
+        await a.publish(
+            t.DEVICE_INBOX,
+            m.DecodeStep(request_id="ok", token_id=3, position=4, step=1),
+            device_id="d",
+        )
         env = await b.recv(timeout=5)
         assert isinstance(env.msg, m.DecodeStep) and env.msg.request_id == "ok"
         for _ in range(50):
@@ -180,7 +217,11 @@ async def test_garbage_is_dropped_reported_and_delivery_continues(
         errors = [x.error for x in bad]
         assert all(isinstance(e, CodecError) for e in errors)
         assert [getattr(e, "field", None) for e in errors] == [
-            "payload", "header.v", "header.k", "payload"]
+            "payload",
+            "header.v",
+            "header.k",
+            "payload",
+        ]
         assert "exceeds limit 100000" in bad[3].error.reason
         assert getattr(bad[1].error, "request_id", None) == "r7"
         assert bad[1].ids == {"device_id": "d"}
@@ -193,8 +234,11 @@ async def test_inbound_queue_is_bounded(mosquitto: MosquittoBroker, cluster: str
     async with Bus(cfg) as a, Bus(cfg_for(mosquitto, cluster, queue_size=5)) as b:
         await b.subscribe(t.DEVICE_INBOX, device_id="d")
         for i in range(12):
-            await a.publish(t.DEVICE_INBOX, m.DecodeStep(request_id="r", token_id=i,
-                                                         position=i, step=i), device_id="d")
+            await a.publish(
+                t.DEVICE_INBOX,
+                m.DecodeStep(request_id="r", token_id=i, position=i, step=i),
+                device_id="d",
+            )
         for _ in range(100):
             if b.stats.received == 12:
                 break
@@ -210,8 +254,9 @@ async def test_queue_bytes_bound(mosquitto: MosquittoBroker, cluster: str) -> No
     cfg = cfg_for(mosquitto, cluster)
     async with Bus(cfg) as a, Bus(cfg_for(mosquitto, cluster, queue_bytes=3_000_000)) as b:
         await b.subscribe(t.DEVICE_INBOX, device_id="d")
-        act = m.Activation(request_id="r", phase="prefill", hidden=f32(1, 512, 576),
-                           position_start=0, step=0)  # 1.2 MB
+        act = m.Activation(
+            request_id="r", phase="prefill", hidden=f32(1, 512, 576), position_start=0, step=0
+        )  # 1.2 MB
         for _ in range(4):
             await a.publish(t.DEVICE_INBOX, act, device_id="d")
         for _ in range(100):
@@ -235,8 +280,9 @@ async def test_reconnect_after_broker_restart(tmp_path: Path, cluster: str) -> N
                     break
                 await asyncio.sleep(0.02)
             # publish waits for the reconnect instead of failing
-            await dev.publish(t.DEVICE_INBOX, m.Release(request_id="r", reason="x"),
-                              device_id="d", timeout=10)
+            await dev.publish(
+                t.DEVICE_INBOX, m.Release(request_id="r", reason="x"), device_id="d", timeout=10
+            )
             env = await orch.recv(timeout=10)
             assert isinstance(env.msg, m.Release)
             assert dev.stats.connects == 2 and orch.stats.connects == 2
@@ -255,8 +301,9 @@ async def test_publish_times_out_while_broker_down(tmp_path: Path, cluster: str)
                 break
             await asyncio.sleep(0.02)
         with pytest.raises(BusTimeout) as info:
-            await bus.publish(t.DEVICE_INBOX, m.Release(request_id="r", reason="x"),
-                              device_id="d", timeout=0.3)
+            await bus.publish(
+                t.DEVICE_INBOX, m.Release(request_id="r", reason="x"), device_id="d", timeout=0.3
+            )
         assert info.value.operation == "publish" and "device/d/inbox" in str(info.value)
 
 

@@ -52,14 +52,20 @@ def test_header_fields_travel_in_header() -> None:
     msg = m.DecodeStep(request_id="abc", token_id=1, position=2, step=3, seq=9, plan_version=5)
     raw = msgpack.unpackb(m.encode(msg), raw=False)
     assert {k: raw[k] for k in ("v", "k", "rid", "seq", "pv")} == {
-        "v": 1, "k": int(m.Kind.DECODE_STEP), "rid": "abc", "seq": 9, "pv": 5}
+        "v": 1,
+        "k": int(m.Kind.DECODE_STEP),
+        "rid": "abc",
+        "seq": 9,
+        "pv": 5,
+    }
     assert "request_id" not in raw["b"]
 
 
 def test_arrays_decode_without_copy_and_read_only() -> None:
     hidden = f32(1, 4, 576)
-    data = m.encode(m.Activation(request_id="r", phase="decode", hidden=hidden,
-                                 position_start=3, step=1))
+    data = m.encode(
+        m.Activation(request_id="r", phase="decode", hidden=hidden, position_start=3, step=1)
+    )
     back = m.decode(data)
     assert isinstance(back, m.Activation)
     arr = back.hidden
@@ -74,8 +80,16 @@ def test_arrays_decode_without_copy_and_read_only() -> None:
 def test_big_endian_and_non_contiguous_arrays_are_normalised() -> None:
     key = f32(1, 3, 10, 64)
     big = key.astype(">f4")[:, :, ::2]
-    msg = m.KVChunk(request_id="r", layer=0, token_start=0, n_tokens_total=5, key=big,
-                    value=big, chunk=0, n_chunks=1)
+    msg = m.KVChunk(
+        request_id="r",
+        layer=0,
+        token_start=0,
+        n_tokens_total=5,
+        key=big,
+        value=big,
+        chunk=0,
+        n_chunks=1,
+    )
     back = m.decode(m.encode(msg))
     assert isinstance(back, m.KVChunk)
     assert back.key.dtype == np.dtype("<f4")
@@ -83,9 +97,16 @@ def test_big_endian_and_non_contiguous_arrays_are_normalised() -> None:
 
 
 def _kv(**kw: Any) -> m.KVChunk:
-    base: dict[str, Any] = dict(request_id="r", layer=0, token_start=0, n_tokens_total=5,
-                                key=f32(1, 3, 5, 64), value=f32(1, 3, 5, 64), chunk=0,
-                                n_chunks=1)
+    base: dict[str, Any] = dict(
+        request_id="r",
+        layer=0,
+        token_start=0,
+        n_tokens_total=5,
+        key=f32(1, 3, 5, 64),
+        value=f32(1, 3, 5, 64),
+        chunk=0,
+        n_chunks=1,
+    )
     base.update(kw)
     return m.KVChunk(**base)
 
@@ -99,46 +120,55 @@ def test_shape_byte_mismatch_names_field_and_counts() -> None:
     assert info.value.request_id == "r" and info.value.kind == int(m.Kind.KV_CHUNK)
 
 
-@pytest.mark.parametrize(("changes", "field", "needle"), [
-    ({"v": 2}, "header.v", "version 2 not supported"),
-    ({"v": "1"}, "header.v", "expected int"),
-    ({"k": 250}, "header.k", "unknown message kind 250"),
-    ({"seq": -1}, "header.seq", "non-negative"),
-    ({"rid": 5}, "header.rid", "expected str"),
-    ({"extra": 1}, "header", "unexpected ['extra']"),
-    ({"b__layer": "3"}, "kv_chunk.layer", "expected int, got str"),
-    ({"b__layer": True}, "kv_chunk.layer", "expected int, got bool"),
-    ({"b__key__dt": "float64"}, "kv_chunk.key", "dtype 'float64' not allowed"),
-    ({"b__key__sh": [1, 3, 5]}, "kv_chunk.key", "expected rank 4"),
-    ({"b__key__sh": [1, -3, 5, 64]}, "kv_chunk.key", "non-negative ints"),
-    ({"b__key__b": "text"}, "kv_chunk.key", "must be bin"),
-    ({"b__key": [1, 2]}, "kv_chunk.key", "expected an array map"),
-    ({"b__chunk": _DELETE}, "kv_chunk", "missing ['chunk']"),
-    ({"b__bogus": 1}, "kv_chunk", "unexpected ['bogus']"),
-    ({"b": [1]}, "body", "expected a map"),
-])
-def test_validation_errors_name_the_field(changes: dict[str, Any], field: str,
-                                          needle: str) -> None:
+@pytest.mark.parametrize(
+    ("changes", "field", "needle"),
+    [
+        ({"v": 2}, "header.v", "version 2 not supported"),
+        ({"v": "1"}, "header.v", "expected int"),
+        ({"k": 250}, "header.k", "unknown message kind 250"),
+        ({"seq": -1}, "header.seq", "non-negative"),
+        ({"rid": 5}, "header.rid", "expected str"),
+        ({"extra": 1}, "header", "unexpected ['extra']"),
+        ({"b__layer": "3"}, "kv_chunk.layer", "expected int, got str"),
+        ({"b__layer": True}, "kv_chunk.layer", "expected int, got bool"),
+        ({"b__key__dt": "float64"}, "kv_chunk.key", "dtype 'float64' not allowed"),
+        ({"b__key__sh": [1, 3, 5]}, "kv_chunk.key", "expected rank 4"),
+        ({"b__key__sh": [1, -3, 5, 64]}, "kv_chunk.key", "non-negative ints"),
+        ({"b__key__b": "text"}, "kv_chunk.key", "must be bin"),
+        ({"b__key": [1, 2]}, "kv_chunk.key", "expected an array map"),
+        ({"b__chunk": _DELETE}, "kv_chunk", "missing ['chunk']"),
+        ({"b__bogus": 1}, "kv_chunk", "unexpected ['bogus']"),
+        ({"b": [1]}, "body", "expected a map"),
+    ],
+)
+def test_validation_errors_name_the_field(changes: dict[str, Any], field: str, needle: str) -> None:
     with pytest.raises(CodecError) as info:
         m.decode(_tamper(_kv(), **changes))
     assert info.value.field == field
     assert needle in info.value.reason
 
 
-@pytest.mark.parametrize(("msg", "field"), [
-    (m.DeviceState(device_id="d", status="sleeping"), "device_state.status"),  # type: ignore[arg-type]
-    (m.DeviceState(device_id="d", status="ready", layers=(1,)),  # type: ignore[arg-type]
-     "device_state.layers"),
-    (m.Heartbeat(device_id=3, ts=1.0), "heartbeat.device_id"),  # type: ignore[arg-type]
-    (m.Telemetry(source="x", data={"a": object()}), "telemetry.data.a"),
-    (m.Telemetry(source="x", data={"a": np.zeros(2)}), "telemetry.data.a"),
-    (_kv(key=np.zeros((1, 3, 5, 64), np.float64)), "kv_chunk.key"),
-    (_kv(key=f32(3, 5, 64)), "kv_chunk.key"),
-    (m.DecodeStep(request_id="r", token_id=2**70, position=0, step=0), "decode_step.token_id"),
-    (m.DecodeStep(request_id=None, token_id=1, position=0, step=0),  # type: ignore[arg-type]
-     "decode_step.request_id"),
-    (m.DecodeStep(request_id="r", token_id=1, position=0, step=0, seq=-1), "decode_step.seq"),
-])
+@pytest.mark.parametrize(
+    ("msg", "field"),
+    [
+        (m.DeviceState(device_id="d", status="sleeping"), "device_state.status"),  # type: ignore[arg-type]
+        (
+            m.DeviceState(device_id="d", status="ready", layers=(1,)),  # type: ignore[arg-type]
+            "device_state.layers",
+        ),
+        (m.Heartbeat(device_id=3, ts=1.0), "heartbeat.device_id"),  # type: ignore[arg-type]
+        (m.Telemetry(source="x", data={"a": object()}), "telemetry.data.a"),
+        (m.Telemetry(source="x", data={"a": np.zeros(2)}), "telemetry.data.a"),
+        (_kv(key=np.zeros((1, 3, 5, 64), np.float64)), "kv_chunk.key"),
+        (_kv(key=f32(3, 5, 64)), "kv_chunk.key"),
+        (m.DecodeStep(request_id="r", token_id=2**70, position=0, step=0), "decode_step.token_id"),
+        (
+            m.DecodeStep(request_id=None, token_id=1, position=0, step=0),  # type: ignore[arg-type]
+            "decode_step.request_id",
+        ),
+        (m.DecodeStep(request_id="r", token_id=1, position=0, step=0, seq=-1), "decode_step.seq"),
+    ],
+)
 def test_encoder_validates_too(msg: m.Message, field: str) -> None:
     with pytest.raises(CodecError) as info:
         m.encode(msg)
@@ -155,16 +185,18 @@ def test_numpy_scalars_and_int_floats_are_accepted() -> None:
 
 
 def test_size_limit_enforced_on_encode_and_decode() -> None:
-    big = m.Activation(request_id="r", phase="prefill", hidden=f32(1, 512, 576),
-                       position_start=0, step=0)  # ~1.2 MB
+    big = m.Activation(
+        request_id="r", phase="prefill", hidden=f32(1, 512, 576), position_start=0, step=0
+    )  # ~1.2 MB
     data = m.encode(big)
     assert 1_100_000 < len(data) < codec.MAX_MESSAGE_BYTES
     with pytest.raises(CodecError, match="exceeds limit 1000000"):
         m.encode(big, max_bytes=1_000_000)
     with pytest.raises(CodecError, match="exceeds limit 1000000"):
         m.decode(data, max_bytes=1_000_000)
-    too_big = m.Activation(request_id="r", phase="prefill", hidden=f32(1, 2000, 576),
-                           position_start=0, step=0)  # 4.6 MB > 4 MiB default
+    too_big = m.Activation(
+        request_id="r", phase="prefill", hidden=f32(1, 2000, 576), position_start=0, step=0
+    )  # 4.6 MB > 4 MiB default
     with pytest.raises(CodecError) as info:
         m.encode(too_big)
     assert info.value.field == "payload"
@@ -172,9 +204,15 @@ def test_size_limit_enforced_on_encode_and_decode() -> None:
 
 def test_nested_and_odd_msgpack_is_codec_error() -> None:
     deep = b"\x91" * 5000 + b"\xc0"  # 5000 nested one-element arrays
-    for payload in (b"", b"\xc1", deep, msgpack.packb([1, 2]),
-                    msgpack.packb({"v": 1}) + b"trailing", msgpack.packb(msgpack.ExtType(5, b"x")),
-                    b"\xd6\xff\0\0\0\0"):  # the last: a timestamp extension
+    for payload in (
+        b"",
+        b"\xc1",
+        deep,
+        msgpack.packb([1, 2]),
+        msgpack.packb({"v": 1}) + b"trailing",
+        msgpack.packb(msgpack.ExtType(5, b"x")),
+        b"\xd6\xff\0\0\0\0",
+    ):  # the last: a timestamp extension
         with pytest.raises(CodecError):
             m.decode(payload)
     with pytest.raises(CodecError):
@@ -189,29 +227,62 @@ def test_fuzz_arbitrary_bytes_only_raise_codec_error(data: bytes) -> None:
 
 
 _plain = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2**70), 2**70) | st.floats() | st.text(max_size=8)
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats()
+    | st.text(max_size=8)
     | st.binary(max_size=16),
-    lambda kids: st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=6), kids,
-                                                               max_size=4),
+    lambda kids: (
+        st.lists(kids, max_size=4) | st.dictionaries(st.text(max_size=6), kids, max_size=4)
+    ),
     max_leaves=12,
 )
 
 
 @settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
-@given(kind=st.sampled_from([int(k) for k in m.Kind] + [0, 99]),
-       rid=st.none() | st.text(max_size=4) | st.integers(),
-       body=st.dictionaries(st.sampled_from(
-           ["device_id", "status", "layers", "key", "value", "hidden", "token_ids", "plan",
-            "data", "layer", "chunk", "n_chunks", "phase", "event", "ts", "x"]),
-           _plain | st.fixed_dictionaries({"dt": st.sampled_from(["float32", "bool", "x"]),
-                                           "sh": st.lists(st.integers(-2, 5), max_size=4),
-                                           "b": st.binary(max_size=64)}),
-           max_size=8))
-def test_fuzz_well_framed_garbage_only_raises_codec_error(kind: int, rid: Any,
-                                                         body: dict[str, Any]) -> None:
+@given(
+    kind=st.sampled_from([int(k) for k in m.Kind] + [0, 99]),
+    rid=st.none() | st.text(max_size=4) | st.integers(),
+    body=st.dictionaries(
+        st.sampled_from(
+            [
+                "device_id",
+                "status",
+                "layers",
+                "key",
+                "value",
+                "hidden",
+                "token_ids",
+                "plan",
+                "data",
+                "layer",
+                "chunk",
+                "n_chunks",
+                "phase",
+                "event",
+                "ts",
+                "x",
+            ]
+        ),
+        _plain
+        | st.fixed_dictionaries(
+            {
+                "dt": st.sampled_from(["float32", "bool", "x"]),
+                "sh": st.lists(st.integers(-2, 5), max_size=4),
+                "b": st.binary(max_size=64),
+            }
+        ),
+        max_size=8,
+    ),
+)
+def test_fuzz_well_framed_garbage_only_raises_codec_error(
+    kind: int, rid: Any, body: dict[str, Any]
+) -> None:
     try:
-        data = msgpack.packb({"v": 1, "k": kind, "rid": rid, "seq": 0, "pv": 0, "b": body},
-                             use_bin_type=True)
+        data = msgpack.packb(
+            {"v": 1, "k": kind, "rid": rid, "seq": 0, "pv": 0, "b": body}, use_bin_type=True
+        )
     except (OverflowError, ValueError):
         return
     with contextlib.suppress(CodecError):

@@ -14,8 +14,7 @@ pytestmark = pytest.mark.mosquitto
 BENCH = Path(__file__).resolve().parents[2] / "bench"
 
 
-def test_paused_two_process_roundtrips_report_both_hops(capsys: pytest.CaptureFixture[str]
-                                                        ) -> None:
+def test_paused_two_process_roundtrips_report_both_hops(capsys: pytest.CaptureFixture[str]) -> None:
     if str(BENCH) not in sys.path:
         sys.path.insert(0, str(BENCH))
     import mqtt_roundtrip

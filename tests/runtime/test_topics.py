@@ -20,8 +20,10 @@ def test_format_and_parse_round_trip_for_every_topic() -> None:
 
 def test_examples() -> None:
     assert t.DEVICE_STATE.format(device_id="pi-1") == "e2llm/default/device/pi-1/state"
-    assert (t.RESPONSE.format(cluster="c", client_id="cli", request_id="r9")
-            == "e2llm/c/response/cli/r9")
+    assert (
+        t.RESPONSE.format(cluster="c", client_id="cli", request_id="r9")
+        == "e2llm/c/response/cli/r9"
+    )
     assert t.DEVICE_INBOX.filter(cluster="c") == "e2llm/c/device/+/inbox"
     assert t.RESPONSE.filter(cluster="c", client_id="%u") == "e2llm/c/response/%u/+"
     assert t.PLAN.retain and t.DEVICE_STATE.lwt and t.ORCHESTRATOR_STATE.lwt
@@ -34,13 +36,16 @@ def test_bad_ids_rejected(bad: str) -> None:
         t.DEVICE_STATE.format(device_id=bad)
 
 
-@pytest.mark.parametrize("topic_str", [
-    "e2llm/other/device/d/state",          # other cluster
-    "e2llm/default/device/d/state/extra",  # too long
-    "e2llm/default/device/d/profile",      # other family
-    "e2llm/default/device/+/state",        # wildcard is not an id
-    "e2llm/default/device//state",
-])
+@pytest.mark.parametrize(
+    "topic_str",
+    [
+        "e2llm/other/device/d/state",  # other cluster
+        "e2llm/default/device/d/state/extra",  # too long
+        "e2llm/default/device/d/profile",  # other family
+        "e2llm/default/device/+/state",  # wildcard is not an id
+        "e2llm/default/device//state",
+    ],
+)
 def test_parse_rejects_wrong_shapes(topic_str: str) -> None:
     with pytest.raises(TopicError):
         t.DEVICE_STATE.parse(topic_str)

@@ -73,12 +73,12 @@ def test_local_generation_matches_numpy_reference(exported: Manifest, tiny: tupl
         mask = np.ones((1, len(ids)), np.int64)
         for i in range(c["n_layers"]):
             p = f"model.layers.{i}."
-            lw = {k[len(p):]: v.astype(np.float64) for k, v in w.items() if k.startswith(p)}
+            lw = {k[len(p) :]: v.astype(np.float64) for k, v in w.items() if k.startswith(p)}
             z = np.zeros((1, c["n_kv_heads"], 0, c["head_dim"]))
             x, _, _ = ref.layer(x, pos, mask, z, z, lw, c)
         h = ref.rms_norm(x[0, -1], w["model.norm.weight"], c["rms_norm_eps"])
         ids.append(int(np.argmax(h @ w["model.embed_tokens.weight"].T)))
-    assert got == ids[len(prompt):]
+    assert got == ids[len(prompt) :]
     per_layer = LocalModel(exported.directory, prefer_ranges=False)
     assert list(per_layer.generate(prompt, 6, stop_at_eos=False)) == got
 
@@ -110,8 +110,9 @@ def _cli_error(capsys: pytest.CaptureFixture[str], *argv: str) -> str:
     return err[0]
 
 
-def test_bad_sources_give_one_clear_line(tmp_path: Path, tiny: tuple,
-                                         capsys: pytest.CaptureFixture[str]) -> None:
+def test_bad_sources_give_one_clear_line(
+    tmp_path: Path, tiny: tuple, capsys: pytest.CaptureFixture[str]
+) -> None:
     missing = tmp_path / "nope.gguf"
     assert str(missing) in _cli_error(capsys, "export", str(missing), "--out", str(tmp_path / "o"))
     junk = tmp_path / "junk.gguf"
@@ -128,8 +129,9 @@ def test_bad_sources_give_one_clear_line(tmp_path: Path, tiny: tuple,
     assert str(other) in line and "unsupported architecture 'mamba'" in line
 
 
-def test_corrupted_segment_is_refused(exported: Manifest, tmp_path: Path,
-                                      capsys: pytest.CaptureFixture[str]) -> None:
+def test_corrupted_segment_is_refused(
+    exported: Manifest, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     bad = tmp_path / "bad"
     shutil.copytree(exported.directory, bad)
     seg = bad / "layer_01.onnx"
@@ -157,13 +159,25 @@ def test_hf_directory_source(tmp_path: Path) -> None:
     w = tiny_model.hf_weights()
     save_file(w, str(tmp_path / "model.safetensors"))
     c = tiny_model.CFG
-    (tmp_path / "config.json").write_text(json.dumps({
-        "architectures": ["LlamaForCausalLM"], "num_hidden_layers": c["n_layers"],
-        "hidden_size": c["hidden_size"], "intermediate_size": c["intermediate_size"],
-        "num_attention_heads": c["n_heads"], "num_key_value_heads": c["n_kv_heads"],
-        "vocab_size": c["vocab_size"], "rope_theta": c["rope_theta"],
-        "rms_norm_eps": c["rms_norm_eps"], "tie_word_embeddings": True,
-        "max_position_embeddings": 256, "bos_token_id": 1, "eos_token_id": 2}))
+    (tmp_path / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "num_hidden_layers": c["n_layers"],
+                "hidden_size": c["hidden_size"],
+                "intermediate_size": c["intermediate_size"],
+                "num_attention_heads": c["n_heads"],
+                "num_key_value_heads": c["n_kv_heads"],
+                "vocab_size": c["vocab_size"],
+                "rope_theta": c["rope_theta"],
+                "rms_norm_eps": c["rms_norm_eps"],
+                "tie_word_embeddings": True,
+                "max_position_embeddings": 256,
+                "bos_token_id": 1,
+                "eos_token_id": 2,
+            }
+        )
+    )
     gguf_dir = tmp_path / "g"
     gguf_dir.mkdir()
     tiny_model.write_gguf(gguf_dir / "t.gguf", quantize=False)

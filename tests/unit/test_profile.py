@@ -19,9 +19,15 @@ def test_fill_is_non_decreasing_and_non_negative() -> None:
 
 
 def test_profile_problem_names_the_bad_field() -> None:
-    good = {"prefill_tokens": [16, 64], "layer_prefill_s": [0.001, 0.003],
-            "layer_decode_s": [0.0005, 0.0006], "embed_s": 1e-7, "head_prefill_s": 0.002,
-            "head_decode_s": [0.002, 0.0025], "measured": {"threads": 1}}
+    good = {
+        "prefill_tokens": [16, 64],
+        "layer_prefill_s": [0.001, 0.003],
+        "layer_decode_s": [0.0005, 0.0006],
+        "embed_s": 1e-7,
+        "head_prefill_s": 0.002,
+        "head_decode_s": [0.002, 0.0025],
+        "measured": {"threads": 1},
+    }
     assert profile_problem(good) is None
     bad = {**good, "head_decode_s": [0.002, -0.001]}
     problem = profile_problem(bad)
