@@ -153,7 +153,7 @@ class PlanWatch:
                     )
                 self.changed.set()
 
-    async def new_plan(self, after: int, device: str, member: bool, timeout: float) -> float | None:  # noqa: ASYNC109
+    async def new_plan(self, after: int, device: str, member: bool, timeout: float) -> float | None:
         """Seconds until a plan newer than `after`, with (or without) `device`, serves."""
         return await self.until(
             lambda: (
@@ -165,7 +165,7 @@ class PlanWatch:
             timeout,
         )
 
-    async def until(self, pred: Any, timeout: float) -> float | None:  # noqa: ASYNC109
+    async def until(self, pred: Any, timeout: float) -> float | None:
         """Seconds until pred() holds (None after timeout)."""
         t0 = time.monotonic()
         while not pred():
@@ -179,8 +179,12 @@ class PlanWatch:
 
 
 async def one_request(
-    client: Client, out: Outcome, text: str, max_new_tokens: int, timeout: float
-) -> None:  # noqa: ASYNC109
+    client: Client,
+    out: Outcome,
+    text: str,
+    max_new_tokens: int,
+    timeout: float,
+) -> None:
     """Stream one request and check the stream itself: indices 0, 1, 2 ... exactly once,
     and the streamed ids equal the final event's."""
     last = time.monotonic()

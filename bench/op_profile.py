@@ -34,7 +34,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 
 from machine import cpu_model  # noqa: E402
 
-from e2llm_edge import runner  # noqa: E402
+from e2llm_edge.device import runner  # noqa: E402
 from e2llm_edge.device.fast_runner import FastLayerStack  # noqa: E402
 from e2llm_edge.device.runner import configure_threads  # noqa: E402
 from onnx_export.export import export_model  # noqa: E402

@@ -118,7 +118,7 @@ class Client:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int | None = None,
-        timeout: float = 120.0,  # noqa: ASYNC109 (becomes BusTimeout)
+        timeout: float = 120.0,
     ) -> AsyncIterator[m.ResponseEvent]:
         """Stream one request's events; `timeout` bounds the wait for each next event."""
         assert self._bus is not None

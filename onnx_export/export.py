@@ -4,6 +4,7 @@ tokenizer and manifest. Re-running on an unchanged input is a no-op.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -186,9 +187,8 @@ def export_model(
     spans += [r for r in wanted_ranges if r[1] - r[0] > 1]
     for a, b in spans:
         name = f"{pre}layer_{a:02d}" if b == a + 1 else f"{pre}layers_{a:02d}_{b:02d}"
-        jobs.append(
-            (name, "layers", a, b, lambda a=a, b=b: builders.layers_model(cfg, a, b, w, precision))
-        )  # type: ignore[misc]
+        layers = functools.partial(builders.layers_model, cfg, a, b, w, precision)
+        jobs.append((name, "layers", a, b, layers))
     jobs.append((pre + "head", "head", None, None, lambda: builders.head_model(cfg, w, precision)))
     alternatives = getattr(builders, "alternative_heads", None)  # same kind; runtime picks
     for suffix, build in (alternatives(cfg, w, precision) if alternatives else {}).items():

@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
 # Prepare a fresh Debian/Ubuntu machine: Mosquitto (for tests and the demo's --mosquitto),
+# docker-compose (to validate compose.yaml),
 # a virtualenv in .venv with the project and its extras. Safe to re-run; quick when done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -7,6 +8,8 @@ cd "$(dirname "$0")/.."
 need_apt=()
 command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need_apt+=(mosquitto)
 python3 -c 'import venv, ensurepip' >/dev/null 2>&1 || need_apt+=(python3-venv)
+# validates compose.yaml (no Docker engine needed); the compose tests skip without it
+command -v docker-compose >/dev/null 2>&1 || need_apt+=(docker-compose)
 if [ ${#need_apt[@]} -gt 0 ]; then
   sudo=""
   [ "$(id -u)" -eq 0 ] || sudo="sudo"

@@ -269,7 +269,7 @@ class LocalCluster:
 
     async def await_serving(
         self,
-        timeout: float = 120.0,  # noqa: ASYNC109
+        timeout: float = 120.0,
         min_version: int = 1,
     ) -> dict[str, Any]:
         deadline = time.monotonic() + timeout
@@ -310,7 +310,7 @@ class LocalCluster:
     async def telemetry(
         self,
         device_ids: list[str],
-        timeout: float = 10.0,  # noqa: ASYNC109
+        timeout: float = 10.0,
     ) -> dict[str, dict[str, Any]]:
         """The next telemetry message of each named device."""
         out: dict[str, dict[str, Any]] = {}

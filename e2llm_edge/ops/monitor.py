@@ -450,7 +450,7 @@ async def check_health(
     serving: bool,
     max_age: float,
     timeout: float,
-) -> tuple[bool, str]:  # noqa: ASYNC109
+) -> tuple[bool, str]:
     """Read the retained state of a device (or of the orchestrator) and judge it.
 
     A device is healthy when its retained state has one of ``statuses`` and is at most

@@ -290,7 +290,7 @@ class Bus:
     def connected(self) -> bool:
         return self._up.is_set()
 
-    async def wait_connected(self, timeout: float | None = None) -> None:  # noqa: ASYNC109
+    async def wait_connected(self, timeout: float | None = None) -> None:
         """Wait until connected; BusAuthError if the broker refused the credentials."""
         up = asyncio.ensure_future(self._up.wait())
         fatal = asyncio.ensure_future(self._fatal_event.wait())
@@ -317,8 +317,13 @@ class Bus:
     # ----------------------------------------------------------------- publishing
 
     async def publish(
-        self, topic: Topic, msg: messages.Message, *, timeout: float | None = None, **ids: str
-    ) -> None:  # noqa: ASYNC109
+        self,
+        topic: Topic,
+        msg: messages.Message,
+        *,
+        timeout: float | None = None,
+        **ids: str,
+    ) -> None:
         """Encode ``msg`` and publish it on ``topic`` with the topic's QoS and retain flag.
 
         Waits for a reconnect if needed; raises BusTimeout after ``timeout`` seconds.
@@ -341,7 +346,7 @@ class Bus:
         qos: int = 1,
         retain: bool = False,
         timeout: float | None = None,
-    ) -> None:  # noqa: ASYNC109
+    ) -> None:
         """Publish bytes as they are (tooling and tests; code uses ``publish``)."""
         if len(payload) > self.config.max_message_bytes:
             # the broker would drop the connection, and the retry loop would resend forever
@@ -382,7 +387,7 @@ class Bus:
         self,
         topic: Topic,
         *,
-        timeout: float | None = None,  # noqa: ASYNC109
+        timeout: float | None = None,
         **ids: str,
     ) -> str:
         """Subscribe to a topic family (ids given are fixed, the rest ``+``); returns the
@@ -414,7 +419,7 @@ class Bus:
         while True:
             yield await self.recv()
 
-    async def recv(self, timeout: float | None = None) -> Envelope:  # noqa: ASYNC109
+    async def recv(self, timeout: float | None = None) -> Envelope:
         """Next valid inbound message; BusTimeout if none arrives within ``timeout``."""
         try:
             async with asyncio.timeout(timeout):
@@ -584,7 +589,7 @@ async def _subscribe(
     client: aiomqtt.Client,
     flt: str,
     qos: int,
-    timeout: float,  # noqa: ASYNC109
+    timeout: float,
 ) -> None:
     try:
         granted = await client.subscribe(flt, qos=qos, timeout=timeout)
