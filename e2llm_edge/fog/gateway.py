@@ -206,7 +206,8 @@ class Gateway:
 
     def app(self) -> web.Application:
         app = web.Application(
-            client_max_size=self.cfg.max_body_bytes, middlewares=[self._errors, self._auth]
+            client_max_size=self.cfg.max_body_bytes,
+            middlewares=[self._count, self._errors, self._auth],
         )
         app.router.add_post("/v1/chat/completions", self._chat)
         app.router.add_post("/v1/completions", self._completions)
@@ -215,6 +216,24 @@ class Gateway:
         app.router.add_get("/health", self._health)
         app.router.add_get("/metrics", self._metrics)
         return app
+
+    @web.middleware
+    async def _count(
+        self, request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+    ) -> web.StreamResponse:
+        """Requests by route and status; 499 when the client went away first."""
+        resource = request.match_info.route.resource
+        endpoint = resource.canonical if resource is not None else "unmatched"
+        status = 500
+        try:
+            resp = await handler(request)
+            status = resp.status
+            return resp
+        except (asyncio.CancelledError, ConnectionResetError):
+            status = 499
+            raise
+        finally:
+            self.metrics.requests.labels(endpoint, str(status)).inc()
 
     @web.middleware
     async def _errors(
@@ -318,38 +337,25 @@ class Gateway:
 
     async def _serve(self, request: web.Request, kind: api.Kind) -> web.StreamResponse:
         t0 = time.perf_counter()
-        endpoint = request.path
-        status = 500
+        job = self._parse(kind, await _read_json(request))
+        why = self.unavailable()
+        if why is not None:
+            raise api.ApiError(503, why, type="service_unavailable", code="unavailable")
+        if self.in_flight >= self.cfg.max_in_flight:
+            raise api.ApiError(
+                429,
+                f"{self.in_flight} requests in flight; retry later",
+                type="rate_limit_exceeded",
+                code="too_many_requests",
+            )
+        run = _Run(job, uuid.uuid4().hex, t0, request.path)
+        self.in_flight += 1
+        self.metrics.in_flight.inc()
         try:
-            job = self._parse(kind, await _read_json(request))
-            why = self.unavailable()
-            if why is not None:
-                raise api.ApiError(503, why, type="service_unavailable", code="unavailable")
-            if self.in_flight >= self.cfg.max_in_flight:
-                raise api.ApiError(
-                    429,
-                    f"{self.in_flight} requests in flight; retry later",
-                    type="rate_limit_exceeded",
-                    code="too_many_requests",
-                )
-            run = _Run(job, uuid.uuid4().hex, t0, endpoint)
-            self.in_flight += 1
-            self.metrics.in_flight.inc()
-            try:
-                resp = await (self._stream(request, run) if job.stream else self._answer(run))
-            finally:
-                self.in_flight -= 1
-                self.metrics.in_flight.dec()
-            status = resp.status
-            return resp
-        except api.ApiError as exc:
-            status = exc.status
-            raise
-        except (asyncio.CancelledError, ConnectionResetError):
-            status = 499
-            raise
+            return await (self._stream(request, run) if job.stream else self._answer(run))
         finally:
-            self.metrics.requests.labels(endpoint, str(status)).inc()
+            self.in_flight -= 1
+            self.metrics.in_flight.dec()
 
     def _parse(self, kind: api.Kind, body: Any) -> api.Job:
         if kind == "chat":

@@ -375,8 +375,8 @@ def parse_completion(body: Any, limits: Limits, encode: Callable[[str], list[int
 
 
 class StopMatcher:
-    """Cuts a text stream at the first stop string; text is only ever released once it
-    cannot be the start of a stop string.
+    """Cuts a text stream where a stop string first completes; text is only ever
+    released once it cannot be the start of a stop string.
 
     Works on ``str`` (code points), so a cut never splits a multi-byte character; the
     cluster's text deltas never end inside one either (its decoder holds split bytes back).
@@ -395,10 +395,12 @@ class StopMatcher:
         if not self.stops:
             return text
         buf = self._buf + text
-        cut = min((i for i in (buf.find(s) for s in self.stops) if i >= 0), default=-1)
-        if cut >= 0:
+        # the stop that completes first wins (on a tie, the longer one): the answer then
+        # does not depend on how the text was split into deltas
+        found = [(i + len(s), i) for s in self.stops if (i := buf.find(s)) >= 0]
+        if found:
             self.stopped, self._buf = True, ""
-            return buf[:cut]
+            return buf[: min(found)[1]]
         keep = 0
         for s in self.stops:
             for k in range(min(len(s) - 1, len(buf)), keep, -1):
