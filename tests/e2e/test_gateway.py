@@ -558,3 +558,23 @@ def test_chat_in_a_terminal_keeps_history_and_ctrl_c_stops_an_answer(
         assert term.proc.wait(15) == 0
     finally:
         term.close()
+
+
+def test_gateway_bench_short(gateway: dict[str, Any], live: LocalCluster) -> None:
+    """`bench/gateway_bench.py`, small: both paths answer and every figure is reported."""
+    bench = Path(__file__).resolve().parents[2] / "bench"
+    if str(bench) not in sys.path:
+        sys.path.insert(0, str(bench))
+    import gateway_bench
+
+    assert live.broker_url is not None
+    res = gateway_bench.main(
+        [
+            *("--broker", live.broker_url, "--cluster", CLUSTER, "--url", gateway["url"]),
+            *("--api-key", KEY, "--model", str(gateway["dir"]), "--rounds", "4"),
+            *("--tokens", "4", "--clients", "4", "--per-client", "1", "--crowd-tokens", "3"),
+        ]
+    )
+    assert res["throughput"]["gateway"]["tokens"] == res["throughput"]["direct"]["tokens"] == 12
+    for path in ("direct", "gateway"):
+        assert res["request"][path]["p99_ms"] > 0 and res["token"]["gap_median_ms"][path] > 0
