@@ -4,10 +4,12 @@ The same requests (prompt token ids, greedy) go to the cluster directly through 
 and through the gateway (`POST /v1/completions`, streamed), alternating so that the
 machine's noise hits both alike:
 
-- per request: end to end with 1 new token (prefill and one token), p50 and p99 of each
-  path and their difference (goal: < 5 ms at p99);
-- per token: median gap between tokens of a longer answer on each path, and the end-to-end
-  difference spread over its tokens (goal: < 0.2 ms per token);
+- per request: the time a path adds around the broker (from the caller's call to its
+  request on the broker, and from the final event on the broker to the caller having the
+  answer), timed by a third subscriber on the same clock, so the cluster's own speed and
+  noise drop out; p50 and p99 of each path and their difference (goal: < 5 ms at p99);
+- per token: from each token event on the broker to the caller having it (goal: the
+  gateway adds < 0.2 ms per token);
 - throughput: 32 clients streaming at once, total tokens/s on each path.
 
 Starts Mosquitto, the orchestrator, two agents and an `e2llm gateway` process, unless
@@ -23,10 +25,10 @@ import asyncio
 import contextlib
 import json
 import os
-import statistics
 import sys
 import time
 import urllib.request
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -42,7 +44,9 @@ from e2llm_edge.fog.textio import load_tokenizer  # noqa: E402
 from e2llm_edge.ops.broker import free_port  # noqa: E402
 from e2llm_edge.ops.localcluster import LocalCluster, Proc  # noqa: E402
 from e2llm_edge.ops.up import local_inventory  # noqa: E402
-from e2llm_edge.wire.bus import BusConfig  # noqa: E402
+from e2llm_edge.wire import messages as m  # noqa: E402
+from e2llm_edge.wire import topics as t  # noqa: E402
+from e2llm_edge.wire.bus import Bus, BusConfig  # noqa: E402
 from onnx_export.export import default_model_dir, export_model  # noqa: E402
 from onnx_export.manifest import Manifest  # noqa: E402
 
@@ -54,31 +58,56 @@ def pct(xs: list[float], q: float) -> float:
     return s[min(len(s) - 1, int(q * len(s)))]
 
 
-class Timed:
-    """One answer's timings: arrival-relative time of each token and the end."""
+class Tap:
+    """A third subscriber on the broker that timestamps every request and response message
+    on the same clock as the bench's callers: a path's own cost is then the time from the
+    caller's call to the request on the broker, plus from each event on the broker to the
+    caller having it, whatever the cluster's speed (noise there cancels out)."""
 
     def __init__(self) -> None:
+        self.request: dict[str, float] = {}
+        self.event: dict[tuple[str, int | str], float] = {}
+
+    async def run(self, bus: Bus) -> None:
+        await bus.subscribe(t.REQUEST)
+        await bus.subscribe(t.RESPONSE)
+        async for env in bus:
+            now = time.perf_counter()
+            msg = env.msg
+            if isinstance(msg, m.GenerateRequest):
+                self.request.setdefault(msg.request_id, now)
+            elif isinstance(msg, m.ResponseEvent):
+                key = msg.index if msg.event == "token" else msg.event
+                self.event.setdefault((msg.request_id, key), now)
+
+
+class Timed:
+    """One answer as its caller saw it: call time, token arrival times, end time."""
+
+    def __init__(self) -> None:
+        self.rid = ""
         self.t0 = time.perf_counter()
         self.tokens: list[float] = []
         self.end = 0.0
 
-    def token(self) -> None:
-        self.tokens.append(time.perf_counter() - self.t0)
-
-    def done(self) -> Timed:
-        self.end = time.perf_counter() - self.t0
-        return self
-
-    def gaps(self) -> list[float]:
-        return [b - a for a, b in zip(self.tokens, self.tokens[1:], strict=False)]
+    def costs(self, tap: Tap) -> tuple[float, list[float]]:
+        """(request overhead: call to broker + done on broker to the end; per-token delays)"""
+        req = tap.request[self.rid] - self.t0 + self.end - tap.event[(self.rid, "done")]
+        per_token = [at - tap.event[(self.rid, i)] for i, at in enumerate(self.tokens)]
+        return req, per_token
 
 
 async def direct(client: Client, ids: list[int], n: int) -> Timed:
     tm = Timed()
-    async for ev in client.generate(prompt_ids=ids, raw=True, max_new_tokens=n, timeout=120):
+    tm.rid = uuid.uuid4().hex
+    events = client.generate(
+        prompt_ids=ids, raw=True, max_new_tokens=n, timeout=120, request_id=tm.rid
+    )
+    async for ev in events:
         if ev.event == "token":
-            tm.token()
-    return tm.done()
+            tm.tokens.append(time.perf_counter())
+    tm.end = time.perf_counter()
+    return tm
 
 
 async def via_gateway(
@@ -96,11 +125,14 @@ async def via_gateway(
     async with session.post(f"{url}/v1/completions", json=body) as resp:
         if resp.status != 200:
             raise RuntimeError(f"gateway answered {resp.status}: {await resp.text()}")
+        tm.rid = resp.headers["X-Request-Id"]
         async for line in resp.content:
             if line.startswith(b"data: {"):
+                now = time.perf_counter()
                 for _ in json.loads(line[6:])["choices"][0]["token_ids"]:
-                    tm.token()
-    return tm.done()
+                    tm.tokens.append(now)
+    tm.end = time.perf_counter()
+    return tm
 
 
 async def measure(args: argparse.Namespace, bus: BusConfig, url: str, model: str) -> dict[str, Any]:
@@ -108,30 +140,21 @@ async def measure(args: argparse.Namespace, bus: BusConfig, url: str, model: str
     ids = [tok.encode_prompt(p) for p in PROMPTS]
     headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     out: dict[str, Any] = {}
-    async with Client(bus) as client, aiohttp.ClientSession(headers=headers) as s:
+    tap = Tap()
+    async with (
+        Bus(bus) as tap_bus,
+        Client(bus) as client,
+        aiohttp.ClientSession(headers=headers) as s,
+        asyncio.TaskGroup() as tg,
+    ):
+        tap_task = tg.create_task(tap.run(tap_bus))
+        await asyncio.sleep(0.5)  # subscriptions in place
         for i in range(2):  # warm both paths
             await direct(client, ids[i], 2)
             await via_gateway(s, url, model, ids[i], 2)
-        one: dict[str, list[float]] = {"direct": [], "gateway": []}
+        req: dict[str, list[float]] = {"direct": [], "gateway": []}
+        tok_cost: dict[str, list[float]] = {"direct": [], "gateway": []}
         for r in range(args.rounds):
-            p = ids[r % len(ids)]
-            first, second = ("direct", "gateway") if r % 2 == 0 else ("gateway", "direct")
-            for path in (first, second):
-                tm = await (
-                    direct(client, p, 1) if path == "direct" else via_gateway(s, url, model, p, 1)
-                )
-                one[path].append(tm.end)
-        out["request"] = {
-            path: {"p50_ms": pct(v, 0.5) * 1e3, "p99_ms": pct(v, 0.99) * 1e3}
-            for path, v in one.items()
-        }
-        out["request"]["overhead_ms"] = {
-            q: out["request"]["gateway"][q] - out["request"]["direct"][q]
-            for q in ("p50_ms", "p99_ms")
-        }
-        gaps: dict[str, list[float]] = {"direct": [], "gateway": []}
-        ends: dict[str, list[float]] = {"direct": [], "gateway": []}
-        for r in range(max(2, args.rounds // 4)):
             p = ids[r % len(ids)]
             for path in ("direct", "gateway") if r % 2 == 0 else ("gateway", "direct"):
                 tm = await (
@@ -139,16 +162,21 @@ async def measure(args: argparse.Namespace, bus: BusConfig, url: str, model: str
                     if path == "direct"
                     else via_gateway(s, url, model, p, args.tokens)
                 )
-                gaps[path] += tm.gaps()
-                ends[path].append(tm.end - tm.tokens[0])
-        out["token"] = {
-            "gap_median_ms": {k: statistics.median(v) * 1e3 for k, v in gaps.items()},
-            "overhead_per_token_ms": (
-                statistics.median(ends["gateway"]) - statistics.median(ends["direct"])
-            )
-            * 1e3
-            / max(1, args.tokens - 1),
+                await asyncio.sleep(0.05)  # the tap has seen the last messages
+                one, each = tm.costs(tap)
+                req[path].append(one)
+                tok_cost[path] += each
+        out["request"] = {
+            path: {"p50_ms": pct(v, 0.5) * 1e3, "p99_ms": pct(v, 0.99) * 1e3}
+            for path, v in req.items()
         }
+        out["token"] = {
+            path: {"p50_ms": pct(v, 0.5) * 1e3, "p99_ms": pct(v, 0.99) * 1e3}
+            for path, v in tok_cost.items()
+        }
+        for key in ("request", "token"):
+            d = out[key]
+            d["overhead_ms"] = {q: d["gateway"][q] - d["direct"][q] for q in ("p50_ms", "p99_ms")}
 
         async def crowd(path: str) -> tuple[int, float]:
             async def one_client(c: int) -> int:
@@ -171,6 +199,7 @@ async def measure(args: argparse.Namespace, bus: BusConfig, url: str, model: str
         for path in ("direct", "gateway"):
             n, wall = await crowd(path)
             out["throughput"][path] = {"tokens": n, "seconds": wall, "tokens_per_s": n / wall}
+        tap_task.cancel()
     return out
 
 
@@ -208,8 +237,8 @@ def own_cluster(args: argparse.Namespace) -> Iterator[tuple[BusConfig, str]]:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    ap.add_argument("--rounds", type=int, default=40, help="1-token requests per path")
-    ap.add_argument("--tokens", type=int, default=32, help="answer length for the per-token cost")
+    ap.add_argument("--rounds", type=int, default=40, help="requests per path")
+    ap.add_argument("--tokens", type=int, default=16, help="answer length of those requests")
     ap.add_argument("--clients", type=int, default=32, help="concurrent clients for throughput")
     ap.add_argument("--per-client", type=int, default=2, help="requests per client")
     ap.add_argument("--crowd-tokens", type=int, default=16, help="answer length in the crowd")
@@ -239,17 +268,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         return res
     rq, tk, tp = res["request"], res["token"], res["throughput"]
     print(f"load average {res['load'][0]:.2f} {res['load'][1]:.2f} {res['load'][2]:.2f}")
-    print(
-        f"per request (1 token, {args.rounds} each, alternating): direct p50 "
-        f"{rq['direct']['p50_ms']:.1f} ms p99 {rq['direct']['p99_ms']:.1f} ms; gateway p50 "
-        f"{rq['gateway']['p50_ms']:.1f} ms p99 {rq['gateway']['p99_ms']:.1f} ms; overhead p50 "
-        f"{rq['overhead_ms']['p50_ms']:+.2f} ms, p99 {rq['overhead_ms']['p99_ms']:+.2f} ms"
-    )
-    print(
-        f"per token ({args.tokens}-token answers): median gap direct "
-        f"{tk['gap_median_ms']['direct']:.2f} ms, gateway {tk['gap_median_ms']['gateway']:.2f} ms; "
-        f"overhead {tk['overhead_per_token_ms']:+.3f} ms per token"
-    )
+    for name, d, unit in (("per request", rq, "request"), ("per token", tk, "token")):
+        print(
+            f"{name} ({args.rounds} {args.tokens}-token answers per path, alternating; "
+            f"time the path adds around the broker): direct p50 {d['direct']['p50_ms']:.3f} "
+            f"p99 {d['direct']['p99_ms']:.3f} ms; gateway p50 {d['gateway']['p50_ms']:.3f} "
+            f"p99 {d['gateway']['p99_ms']:.3f} ms; gateway overhead per {unit} p50 "
+            f"{d['overhead_ms']['p50_ms']:+.3f} ms, p99 {d['overhead_ms']['p99_ms']:+.3f} ms"
+        )
     print(
         f"throughput ({args.clients} clients x {args.per_client} requests x "
         f"{args.crowd_tokens} tokens): direct {tp['direct']['tokens_per_s']:.1f} tokens/s, "
