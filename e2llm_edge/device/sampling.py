@@ -12,9 +12,11 @@ from typing import Any
 
 import numpy as np
 
+from e2llm_edge.errors import ParamError
 
-class SamplingError(ValueError):
-    """An invalid sampling parameter; the message names it."""
+
+class SamplingError(ParamError):
+    """An invalid sampling parameter; ``field`` and the message name it."""
 
 
 @dataclass(frozen=True)
@@ -25,11 +27,13 @@ class Sampling:
 
     def __post_init__(self) -> None:
         if not (isinstance(self.temperature, (int, float)) and 0.0 <= self.temperature <= 10.0):
-            raise SamplingError(f"temperature must be in [0, 10], got {self.temperature!r}")
+            raise SamplingError(
+                "temperature", f"temperature must be in [0, 10], got {self.temperature!r}"
+            )
         if not (isinstance(self.top_p, (int, float)) and 0.0 < self.top_p <= 1.0):
-            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise SamplingError("top_p", f"top_p must be in (0, 1], got {self.top_p!r}")
         if not isinstance(self.seed, int) or self.seed < 0:
-            raise SamplingError(f"seed must be a non-negative integer, got {self.seed!r}")
+            raise SamplingError("seed", f"seed must be a non-negative integer, got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
