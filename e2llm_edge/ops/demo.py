@@ -20,6 +20,7 @@ from e2llm_edge.client import Client, GenerationError, collect
 from e2llm_edge.device.profile import load_or_measure_profile
 from e2llm_edge.ops.localcluster import LocalCluster
 from e2llm_edge.params import GenerationParams, check_prompt
+from e2llm_edge.wire.bus import Bus, BusConfig
 from onnx_export.manifest import Manifest
 from planner import Plan, load_inventory
 
@@ -52,6 +53,8 @@ def check_demo_args(args: argparse.Namespace) -> dict[str, Any]:
     inv_path = Path(args.inventory) if args.inventory else bundled_inventory()
     load_inventory(inv_path, require_costs=False)
     inventory: dict[str, Any] = yaml.safe_load(inv_path.read_text())
+    if args.broker:  # a given broker must answer before anything is loaded or started
+        asyncio.run(_reachable(BusConfig.from_url(args.broker, cluster=args.cluster)))
     return inventory
 
 
@@ -90,6 +93,11 @@ def run_demo(args: argparse.Namespace, model_dir: Path, inventory: dict[str, Any
         for line in describe_plan(plan):
             print("  " + line)
         return asyncio.run(_ask(cluster, args))
+
+
+async def _reachable(cfg: BusConfig) -> None:
+    async with Bus(cfg, publish_will_on_close=False):
+        pass
 
 
 async def _ask(cluster: LocalCluster, args: argparse.Namespace) -> int:
