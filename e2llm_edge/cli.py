@@ -142,7 +142,8 @@ def _number(kind: type[float] | type[int], minimum: float, inclusive: bool) -> A
         try:
             value = kind(text)
         except ValueError:
-            raise argparse.ArgumentTypeError(f"expected a number, got {text!r}") from None
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
         if not (value >= minimum if inclusive else value > minimum):  # also refuses nan
             raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
         return value
