@@ -16,8 +16,6 @@ import sys
 from pathlib import Path
 from typing import Any
 
-import yaml
-
 from e2llm_edge.errors import BrokerError, E2LLMError
 from e2llm_edge.ops.broker import (
     Credentials,
@@ -27,27 +25,16 @@ from e2llm_edge.ops.broker import (
     render_config,
 )
 from e2llm_edge.wire import topics
+from planner.inventory import load_inventory
 
 DEFAULT_OUT = Path("broker/secrets")
 
 
 def inventory_devices(path: Path) -> list[str]:
-    """Device ids of an inventory YAML (``devices: [{id: ...}, ...]``)."""
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise BrokerError(f"{path}: cannot read inventory: {exc}") from exc
-    devices = data.get("devices") if isinstance(data, dict) else None
-    if not isinstance(devices, list) or not devices:
-        raise BrokerError(f"{path}: field 'devices' must be a non-empty list")
-    ids = []
-    for i, d in enumerate(devices):
-        if not isinstance(d, dict) or not isinstance(d.get("id"), str):
-            raise BrokerError(f"{path}: devices[{i}].id must be a string, got {d!r}")
-        ids.append(topics.check_id(d["id"], f"{path}: devices[{i}].id"))
-    if len(set(ids)) != len(ids):
-        raise BrokerError(f"{path}: device ids must be unique: {ids}")
-    return ids
+    """Device ids of an inventory YAML, checked as the orchestrator checks it (a typo'd
+    field names file, device and field) and usable as MQTT user names and topic ids."""
+    inventory = load_inventory(path, require_costs=False)
+    return [topics.check_id(d.id, f"{path}: device {d.id!r}: id") for d in inventory.devices]
 
 
 def password_file(out_dir: Path, user: str) -> Path:
