@@ -131,7 +131,11 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
 
 
 def _bus_config(args: argparse.Namespace, client_id: str | None = None) -> object:
+    """How a command reaches the broker: TLS with ``--identity DIR`` (its certificate's
+    name is the user name), or ``--username``/``--password-file`` (the plaintext lab mode)."""
+    from e2llm_edge.errors import BusTLSError
     from e2llm_edge.wire.bus import BusConfig
+    from e2llm_edge.wire.tls import TLSConfig, identity_name
 
     over: dict[str, object] = {"cluster": args.cluster}
     if client_id:
@@ -140,6 +144,16 @@ def _bus_config(args: argparse.Namespace, client_id: str | None = None) -> objec
         over["username"] = args.username
     if getattr(args, "password_file", None):
         over["password"] = Path(args.password_file).read_text().strip()
+    identity = getattr(args, "identity", None)
+    if identity:
+        if not args.broker.startswith("mqtts://"):
+            raise BusTLSError(
+                "bad_identity",
+                args.broker,
+                f"--identity needs TLS: use an mqtts:// broker URL, not {args.broker}",
+            )
+        over["tls"] = TLSConfig.from_identity(identity)
+        over.setdefault("username", identity_name(identity))
     return BusConfig.from_url(args.broker, **over)
 
 
@@ -157,6 +171,12 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
     bus = _bus_config(args, client_id=f"agent-{args.device_id}")
     assert isinstance(bus, BusConfig)
+    if args.identity and bus.username != args.device_id:
+        print(
+            f"error: --identity {args.identity} is {bus.username!r}, not device {args.device_id!r}",
+            file=sys.stderr,
+        )
+        return 2
     cfg = AgentConfig(
         device_id=args.device_id,
         bus=bus,
@@ -240,10 +260,20 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_broker_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--broker", required=required, help="mqtt://host:port (mqtts:// for TLS)")
+    p.add_argument("--broker", required=required, help="mqtts://host:8883 (mqtt:// for a lab)")
     p.add_argument("--cluster", default="default", help="topics live under e2llm/<cluster>/")
-    p.add_argument("--username", help="broker user (default: anonymous)")
-    p.add_argument("--password-file", help="file holding the broker password")
+    add_login_args(p)
+
+
+def add_login_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--identity",
+        metavar="DIR",
+        help="this process's identity directory from `e2llm broker init` "
+        "(ca.crt, client.crt, client.key): TLS with a client certificate",
+    )
+    p.add_argument("--username", help="broker user, plaintext lab mode (default: anonymous)")
+    p.add_argument("--password-file", help="file holding the broker password (lab mode)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -268,10 +298,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate locally, or on a cluster with --broker")
     add_generate_args(p)
     add_run_args(p)
-    p.add_argument("--broker", help="mqtt://[user:pass@]host:port of a running cluster")
+    p.add_argument("--broker", help="mqtts://host:8883 of a running cluster")
     p.add_argument("--cluster", default="default")
-    p.add_argument("--username", help="broker user (with --broker; also the client id)")
-    p.add_argument("--password-file", help="file holding the broker password")
+    add_login_args(p)
     p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the answer")
     p.set_defaults(func=cmd_generate)
 
@@ -361,9 +390,16 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         default="Explain in two sentences why small devices can serve a language model together.",
     )
-    p.add_argument("--broker", help="use a running broker instead of starting one")
+    p.add_argument("--broker", help="use a running broker (anonymous) instead of starting one")
     p.add_argument(
-        "--mosquitto", action="store_true", help="start Mosquitto (default: the embedded broker)"
+        "--mosquitto",
+        action="store_true",
+        help="require Mosquitto (the default when installed: TLS, a certificate per process)",
+    )
+    p.add_argument(
+        "--embedded",
+        action="store_true",
+        help="the embedded pure-Python broker instead (plaintext on loopback, no ACL)",
     )
     p.add_argument("--inventory", help="devices to start (default: the bundled 4-device one)")
     p.add_argument("--model", help="model directory (default: the exported default model)")
@@ -395,9 +431,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    from e2llm_edge.errors import E2LLMError
+
     try:
         return int(args.func(args))
-    except ExportError as exc:
+    except (ExportError, E2LLMError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -1,8 +1,10 @@
 """`e2llm demo`: a whole cluster on one machine, in one command.
 
-A broker (the embedded one unless `--mosquitto` or `--broker`), the orchestrator and one
-agent per device of the bundled inventory, each its own process (`LocalCluster`); then a
-prompt is answered and the plan, waiting time, time to first token and tokens/s printed.
+A broker, the orchestrator and one agent per device of the bundled inventory, each its
+own process (`LocalCluster`); then a prompt is answered and the plan, waiting time, time
+to first token and tokens/s printed. The broker is Mosquitto with TLS and a certificate
+per process (a throwaway CA), as deployed; without Mosquitto (or with `--embedded`), the
+embedded pure-Python broker, plaintext on loopback.
 """
 
 from __future__ import annotations
@@ -18,6 +20,8 @@ import yaml
 
 from e2llm_edge.client import Client, GenerationError, collect
 from e2llm_edge.device.profile import load_or_measure_profile
+from e2llm_edge.errors import BrokerError
+from e2llm_edge.ops.broker import find_mosquitto
 from e2llm_edge.ops.localcluster import LocalCluster
 from onnx_export.manifest import Manifest
 from planner import Plan
@@ -47,18 +51,23 @@ def run_demo(args: argparse.Namespace, model_dir: Path) -> int:
     print(f"model: {manifest.name} ({model_dir})")
     print("profiling this machine once (cached for the agents)...")
     load_or_measure_profile(manifest, threads=1)
-    kind = "mosquitto" if args.mosquitto else "embedded"
+    kind = _broker_kind(args)
     with LocalCluster(
         model_dir,
         inventory,
         broker_url=args.broker,
         broker_kind=kind,
+        tls=kind == "mosquitto",
         cluster=args.cluster,
         orchestrator_args=["--method", args.method, "--mean-output", str(args.max_new_tokens)],
         verbose=True,
     ) as cluster:
+        how = {
+            "mosquitto": "Mosquitto, TLS with a client certificate per process",
+            "embedded": "embedded broker, plaintext on loopback",
+        }[kind]
         print(
-            f"broker: {cluster.broker_url} ({'given' if args.broker else kind}); "
+            f"broker: {cluster.broker_url} ({'given' if args.broker else how}); "
             f"{len(inventory['devices'])} agents starting..."
         )
         try:
@@ -75,8 +84,22 @@ def run_demo(args: argparse.Namespace, model_dir: Path) -> int:
         return asyncio.run(_ask(cluster, args))
 
 
+def _broker_kind(args: argparse.Namespace) -> str:
+    """Mosquitto (TLS) when it is installed or asked for; else the embedded broker."""
+    if args.embedded:
+        return "embedded"
+    try:
+        find_mosquitto()
+    except BrokerError:
+        if args.mosquitto:
+            raise
+        print("Mosquitto not found: using the embedded broker (plaintext, no ACL)")
+        return "embedded"
+    return "mosquitto"
+
+
 async def _ask(cluster: LocalCluster, args: argparse.Namespace) -> int:
-    async with Client(cluster.bus_config()) as client:
+    async with Client(cluster.bus_config("client")) as client:
         print(f"\nprompt: {args.prompt}\n")
         results = await asyncio.gather(
             *[_one(client, args, echo=(i == 0)) for i in range(args.requests)],

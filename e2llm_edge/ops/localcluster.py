@@ -3,7 +3,8 @@
 What the demo, the end-to-end tests, the benchmarks and the chaos script run: every
 process is the real CLI entry point a user would start on a device or the fog node, and
 every byte between them crosses the broker. Agents can be killed (SIGKILL, like a power
-cut) and started again.
+cut) and started again. By default the cluster is secured as a deployment is: a
+throwaway CA, one certificate per process, TLS on every link and the ACL enforced.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from typing import Any, Self
 import yaml
 
 from e2llm_edge.errors import E2LLMError
-from e2llm_edge.ops.broker import Credentials, MosquittoConfig
+from e2llm_edge.ops import broker_cli
+from e2llm_edge.ops.broker import AUTH_TLS, BrokerTLS, Credentials, MosquittoConfig, Roster
 from e2llm_edge.sysinfo import rss_bytes
 from e2llm_edge.wire import messages as m
 from e2llm_edge.wire import topics as t
 from e2llm_edge.wire.bus import Bus, BusConfig
+from e2llm_edge.wire.tls import TLSConfig
 
 
 @dataclass
@@ -103,14 +106,20 @@ class LocalCluster:
     workdir: Path | None = None
     verbose: bool = True
     secrets_dir: Path | None = None
-    """Output of ``e2llm broker init`` (passwd, acl, credentials.json): the broker requires
-    auth, and every process logs in as its own user (``observer`` for ``bus_config``)."""
+    """Output of ``e2llm broker init`` (identities, or the lab mode's passwords): the
+    broker requires them, and every process logs in as itself (``observer`` for
+    ``bus_config``)."""
+    tls: bool = True
+    """With no ``secrets_dir`` when starting its own Mosquitto: make a throwaway CA and
+    one identity per process, so every link is TLS with client certificates and the ACL
+    applies, as in a deployment. False: anonymous plain TCP (baselines, embedded broker)."""
     observer: str = "monitor"
     agents: dict[str, Proc] = field(default_factory=dict)
     orchestrator: Proc | None = None
     _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     broker: Any = None
     credentials: Credentials | None = None
+    roster: Roster | None = None
 
     def __enter__(self) -> Self:
         try:
@@ -129,12 +138,25 @@ class LocalCluster:
         self.close()
 
     def _start(self) -> None:
-        if self.secrets_dir is not None:
-            self.credentials = Credentials.load(self.secrets_dir / "credentials.json")
         if self.workdir is None:
             self.workdir = Path(
                 self._stack.enter_context(tempfile.TemporaryDirectory(prefix="e2llm-cluster-"))
             )
+        own_mosquitto = self.broker_url is None and self.broker_kind == "mosquitto"
+        if self.secrets_dir is None and self.tls and own_mosquitto:
+            self.secrets_dir = self.workdir / "secrets"
+            broker_cli.init(
+                [d["id"] for d in self.inventory["devices"]],
+                self.secrets_dir,
+                cluster=self.cluster,
+                clients=["client"],
+                force=False,
+                hosts=["127.0.0.1"],
+            )
+        if self.secrets_dir is not None:
+            self.roster = Roster.load(self.secrets_dir)
+            if self.roster.auth != AUTH_TLS:
+                self.credentials = Credentials.load(self.secrets_dir / "credentials.json")
         if self.broker_url is None:
             if self.broker_kind == "embedded":
                 from e2llm_edge.ops.embedded_broker import start_embedded
@@ -153,7 +175,7 @@ class LocalCluster:
         inv = self.workdir / "inventory.yaml"
         inv.write_text(yaml.safe_dump(self.inventory))
         v = ["-v"] if self.verbose else []
-        orch_user = self.credentials.roles["orchestrator"][0] if self.credentials else ""
+        orch_user = self.roster.roles["orchestrator"][0] if self.roster else ""
         self.orchestrator = Proc(
             "orchestrator",
             [
@@ -166,7 +188,7 @@ class LocalCluster:
                 self.broker_url,
                 "--cluster",
                 self.cluster,
-                *self._login(orch_user),
+                *self.login_args(orch_user),
                 "--model",
                 str(self.model_dir),
                 "--inventory",
@@ -180,7 +202,16 @@ class LocalCluster:
             self.add_agent(d)
 
     def add_agent(self, device: dict[str, Any], start: bool = True) -> Proc:
+        """Start an agent; a device the cluster's CA does not know yet is admitted first
+        (``e2llm broker add-device``, then the broker reloads its ACL)."""
         assert self.workdir is not None and self.broker_url is not None
+        r = self.roster
+        if r is not None and r.auth == AUTH_TLS and r.role_of(device["id"]) is None:
+            assert self.secrets_dir is not None
+            broker_cli.add_identity(self.secrets_dir, device["id"], "device")
+            self.roster = Roster.load(self.secrets_dir)
+            if self.broker is not None:
+                self.broker.reload()
         cmd = [
             sys.executable,
             "-m",
@@ -191,7 +222,7 @@ class LocalCluster:
             self.broker_url,
             "--cluster",
             self.cluster,
-            *self._login(device["id"]),
+            *self.login_args(device["id"]),
             "--device-id",
             device["id"],
             "--memory-mb",
@@ -228,19 +259,22 @@ class LocalCluster:
         return {p.name: p.rss_bytes() for p in procs if p is not None and p.alive}
 
     def _mosquitto_config(self) -> MosquittoConfig:
-        if self.secrets_dir is None:
+        d = self.secrets_dir
+        if d is None:
             return MosquittoConfig()
-        return MosquittoConfig(
-            password_file=self.secrets_dir / "passwd", acl_file=self.secrets_dir / "acl"
-        )
+        if self.credentials is None:
+            return MosquittoConfig(acl_file=d / "acl", tls=BrokerTLS.from_dir(d))
+        return MosquittoConfig(password_file=d / "passwd", acl_file=d / "acl")
 
-    def _login(self, user: str) -> list[str]:
-        """``--username/--password-file`` of ``user`` (nothing without auth)."""
-        if self.secrets_dir is None:
+    def login_args(self, user: str) -> list[str]:
+        """``--identity`` of ``user`` (``--username/--password-file`` in the lab mode;
+        nothing without auth)."""
+        d = self.secrets_dir
+        if d is None:
             return []
-        from e2llm_edge.ops.broker_cli import password_file
-
-        return ["--username", user, "--password-file", str(password_file(self.secrets_dir, user))]
+        if self.credentials is None:
+            return ["--identity", str(broker_cli.identity_dir(d, user))]
+        return ["--username", user, "--password-file", str(broker_cli.password_file(d, user))]
 
     def close(self) -> None:
         for p in self.agents.values():
@@ -252,9 +286,12 @@ class LocalCluster:
     def bus_config(self, user: str | None = None, **over: Any) -> BusConfig:
         """How to reach the cluster; with auth, as ``user`` (default: the observer)."""
         assert self.broker_url is not None
+        name = user or self.observer
         if self.credentials is not None:
-            name = user or self.observer
             over = {"username": name, "password": self.credentials.users[name], **over}
+        elif self.secrets_dir is not None:
+            ident = broker_cli.identity_dir(self.secrets_dir, name)
+            over = {"username": name, "tls": TLSConfig.from_identity(ident), **over}
         return BusConfig.from_url(self.broker_url, cluster=self.cluster, **over)
 
     def logs(self) -> str:

@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import inspect
 import logging
 import math
 import random
 import socket
-import ssl
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
@@ -39,31 +39,30 @@ from e2llm_edge.errors import (
     BusAuthError,
     BusError,
     BusTimeout,
+    BusTLSError,
     CodecError,
     SubscriptionRefused,
     TopicError,
 )
 from e2llm_edge.wire import codec, messages, topics
+from e2llm_edge.wire.tls import TLSConfig, WatchedContext, client_context, explain, speaks_tls
 from e2llm_edge.wire.topics import Topic
 
 log = logging.getLogger(__name__)
 
+
+class _DropSocketErrors(logging.Filter):
+    """paho logs each failed socket read at ERROR; the bus reports the same event in one
+    line of its own (the broker's TLS verdict, or the lost connection), so drop paho's."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("failed to receive on socket")
+
+
+_MQTT_LOG = logging.getLogger(__name__ + ".mqtt")
+_MQTT_LOG.addFilter(_DropSocketErrors())
 _AUTH_CODES = frozenset({4, 5, 134, 135})  # MQTT 3.1.1 CONNACK 4/5; MQTT 5 0x86/0x87
 NODELAY_OPTION = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-@dataclass(frozen=True)
-class TLSConfig:
-    """TLS towards the broker."""
-
-    ca_certs: str | None = None
-    """CA bundle that signed the broker's certificate (None: system store)."""
-    certfile: str | None = None
-    """Client certificate, for brokers that require one."""
-    keyfile: str | None = None
-    """Private key of ``certfile``."""
-    insecure: bool = False
-    """Skip hostname verification (test setups with self-signed certificates only)."""
 
 
 @dataclass(frozen=True)
@@ -304,7 +303,15 @@ class Bus:
         if self._fatal is not None:
             raise self._fatal
         if not done:
-            raise BusTimeout("connect", f"{self.config.host}:{self.config.port}", timeout or 0.0)
+            host, port = self.config.host, self.config.port
+            if self.config.tls is None and await asyncio.to_thread(speaks_tls, host, port):
+                raise BusTLSError(
+                    "expects_tls",
+                    f"{host}:{port}",
+                    f"the broker speaks TLS on this port: use mqtts://{host}:{port} "
+                    "with --identity DIR",
+                )
+            raise BusTimeout("connect", f"{host}:{port}", timeout or 0.0)
 
     def tcp_nodelay_active(self) -> bool:
         """Whether the live socket has TCP_NODELAY set (read back from the kernel)."""
@@ -498,7 +505,7 @@ class Bus:
 
     # ----------------------------------------------------------------- connection
 
-    def _new_client(self) -> aiomqtt.Client:
+    def _new_client(self) -> tuple[aiomqtt.Client, WatchedContext | None]:
         cfg = self.config
         will = None
         if self._will_payload is not None and self._will is not None:
@@ -510,12 +517,8 @@ class Bus:
             )
         tls_context = None
         if cfg.tls is not None:
-            tls_context = ssl.create_default_context(cafile=cfg.tls.ca_certs)
-            if cfg.tls.certfile:
-                tls_context.load_cert_chain(cfg.tls.certfile, cfg.tls.keyfile)
-            if cfg.tls.insecure:
-                tls_context.check_hostname = False
-        return aiomqtt.Client(
+            tls_context = client_context(cfg.tls, f"{cfg.host}:{cfg.port}")
+        client = aiomqtt.Client(
             cfg.host,
             cfg.port,
             username=cfg.username,
@@ -529,39 +532,70 @@ class Bus:
             socket_options=[NODELAY_OPTION] if cfg.tcp_nodelay else [],
             # Bounded too, but drained at once by _dispatch; the real bound is self._queue.
             max_queued_incoming_messages=cfg.queue_size * 4,
-            logger=logging.getLogger(__name__ + ".mqtt"),
+            logger=_MQTT_LOG,
         )
+        return client, tls_context
+
+    def _give_up(self, exc: BusError) -> bool:
+        """At the first connect a refusal is final (the caller hears it at once); later,
+        the broker may be mid-restart or the files renewed: warn and keep trying."""
+        if self.stats.connects == 0:
+            self._fatal = exc
+            self._fatal_event.set()
+            return True
+        self._ratelog.warning("connect", "%s", exc)
+        return False
 
     async def _connection_loop(self) -> None:
         delay = self.config.backoff_initial
+        loop = asyncio.get_running_loop()
         while not self._closing:
             conn: _Connection | None = None
+            tls: WatchedContext | None = None
             try:
-                client = self._new_client()
-                async with client:
-                    conn = _Connection(client)
-                    await self._restore(client)
-                    self._conn = conn
-                    self._up.set()
-                    self.stats.connects += 1
-                    delay = self.config.backoff_initial
-                    log.info(
-                        "connected to %s:%d as %s (connect #%d)",
-                        self.config.host,
-                        self.config.port,
-                        self.config.client_id,
-                        self.stats.connects,
-                    )
-                    async for raw in client.messages:
-                        self._dispatch(raw)
+                client, tls = self._new_client()
+                async with asyncio.timeout(None) as connecting:
+                    if tls is not None:
+                        # the broker's verdict on our certificate ends the CONNACK wait
+                        expire = functools.partial(connecting.reschedule, -1.0)
+                        tls.on_failure = functools.partial(loop.call_soon_threadsafe, expire)
+                    async with client:
+                        if tls is not None:
+                            tls.connected()
+                        conn = _Connection(client)
+                        await self._restore(client)
+                        self._conn = conn
+                        self._up.set()
+                        self.stats.connects += 1
+                        delay = self.config.backoff_initial
+                        log.info(
+                            "connected to %s:%d as %s (connect #%d)",
+                            self.config.host,
+                            self.config.port,
+                            self.config.client_id,
+                            self.stats.connects,
+                        )
+                        async for raw in client.messages:
+                            self._dispatch(raw)
+            except BusTLSError as exc:  # this identity's files cannot be loaded
+                if self._give_up(exc):
+                    return
             except MqttConnectError as exc:
                 if _rc_value(exc) in _AUTH_CODES and self.stats.connects == 0:
                     self._fatal = BusAuthError(self.config.username, str(exc))
                     self._fatal_event.set()
                     return
                 self._ratelog.warning("connect", "broker refused connection: %s", exc)
-            except (aiomqtt.MqttError, BusError) as exc:
-                self._ratelog.warning("connect", "broker connection lost or failed: %s", exc)
+            except (aiomqtt.MqttError, BusError, TimeoutError) as exc:
+                if tls is not None and tls.failure is not None:
+                    assert self.config.tls is not None
+                    verdict = explain(
+                        tls.failure, self.config.tls, self.config.host, self.config.port
+                    )
+                    if self._give_up(verdict):
+                        return
+                else:
+                    self._ratelog.warning("connect", "broker connection lost or failed: %s", exc)
             finally:
                 self._up.clear()
                 self._conn = None

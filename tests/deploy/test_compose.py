@@ -23,8 +23,8 @@ from e2llm_edge.ops.demo import bundled_inventory
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
-PASSWORDS = "/run/e2llm-secrets"
-FOG_ONLY = ("tokenizers", "jinja2", "deap", "rich", "onnx", "gguf", "safetensors")
+IDENTITIES = "/run/e2llm-secrets/identities"
+FOG_ONLY = ("tokenizers", "jinja2", "deap", "rich", "onnx", "gguf", "safetensors", "cryptography")
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_agents_match_the_inventory_and_are_unequal(config: dict[str, Any]) -> N
         assert svc["depends_on"]["model"]["condition"] == "service_completed_successfully"
         health = _parse(svc["healthcheck"]["test"][1:])
         assert health.command == "health" and health.device_id == dev
-        assert health.username == "monitor"  # read-only user: retained device state
+        assert health.identity == f"{IDENTITIES}/monitor"  # read-only: retained state
     assert len(limits) == len(agents), "every device gets its own CPU/memory limits"
 
 
@@ -146,33 +146,59 @@ def test_one_model_export_serves_everyone(config: dict[str, Any]) -> None:
         assert any(v.startswith("models:/" + volume) for v in mounts), (name, mounts)
 
 
-def test_each_process_logs_in_as_itself_with_only_its_secret(config: dict[str, Any]) -> None:
-    secrets = config["secrets"]
-    for name, path in ((n, s["file"]) for n, s in secrets.items()):
-        assert Path(path).parent == ROOT / "broker" / "secrets", name
-    check = subprocess.run(["git", "check-ignore", "-q", "broker/secrets/x.password"], cwd=ROOT)
+def _mounts(svc: dict[str, Any]) -> list[tuple[str, str]]:
+    """(source, target) of a service's bind mounts and volumes."""
+    out = []
+    for v in svc.get("volumes", []):
+        if isinstance(v, str):
+            src, dst = v.split(":")[:2]
+        else:
+            src, dst = v.get("source", ""), v.get("target", "")
+        out.append((src, dst))
+    return out
+
+
+def test_each_process_speaks_tls_as_itself_with_only_its_identity(
+    config: dict[str, Any],
+) -> None:
+    check = subprocess.run(["git", "check-ignore", "-q", "broker/secrets/x.key"], cwd=ROOT)
     assert check.returncode == 0, "broker/secrets/ must be gitignored"
+    assert "secrets" not in config or not config["secrets"], "passwords are the lab mode"
+    identities = ROOT / "broker" / "secrets" / "identities"
+    used: dict[str, set[str]] = {}
     for where, argv in _commands(config):
         args = _parse(argv)
         if getattr(args, "broker", None) is None:
             continue
-        assert args.username, f"{where}: connects anonymously"
-        assert args.password_file == f"{PASSWORDS}/{args.username}.password", where
-        svc = config["services"][where.split()[0]]
-        mounted = {s["source"] for s in svc.get("secrets", [])}
-        assert f"{args.username}.password" in mounted, where
+        assert args.broker == "mqtts://mosquitto:8883", where
+        assert args.username is None and args.password_file is None, where
+        assert args.identity and args.identity.startswith(f"{IDENTITIES}/"), where
+        used.setdefault(where.split()[0], set()).add(args.identity.rsplit("/", 1)[1])
     for name, svc in config["services"].items():
-        mounted = {s["source"] for s in svc.get("secrets", [])}
-        users = {
-            getattr(_parse(a), "username", None)
-            for w, a in _commands(config)
-            if w.split()[0] == name
-        }
-        if _project(svc):
-            assert mounted == {f"{u}.password" for u in users if u}, name
-        for v in svc.get("volumes", []):
-            src = v.split(":")[0] if isinstance(v, str) else v.get("source", "")
+        mounts = _mounts(svc)
+        for src, _ in mounts:
             assert not src.rstrip("/").endswith("broker/secrets"), f"{name} mounts all secrets"
+            assert not src.endswith("ca.key"), f"{name} holds the CA's key"
+        mounted = {Path(src).name for src, _ in mounts if Path(src).parent == identities}
+        if _project(svc):
+            assert mounted == used.get(name, set()), name
+            for ident in mounted:  # where the entrypoint copies it from
+                assert (str(identities / ident), f"/run/secrets/identities/{ident}") in mounts
+    broker_files = {
+        Path(src).name
+        for src, _ in _mounts(config["services"]["mosquitto"])
+        if Path(src).parent == ROOT / "broker" / "secrets"
+    }
+    assert broker_files == {"ca.crt", "broker.crt", "broker.key", "crl.pem", "acl"}
+    conf = (ROOT / "broker" / "mosquitto.conf").read_text().splitlines()
+    for line in (
+        "require_certificate true",
+        "use_identity_as_username true",
+        "listener 8883 0.0.0.0",
+    ):
+        assert line in conf, line
+    assert not [x for x in conf if x.startswith("listener") and "8883" not in x], "plaintext"
+    assert not [x for x in conf if x.startswith("password_file")]
 
 
 def test_agent_image_commands_need_no_fog_extras() -> None:
@@ -186,11 +212,11 @@ class Block(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Block())
 from e2llm_edge.cli import build_parser
 p = build_parser()
-for argv in (['agent', '--broker', 'mqtt://b', '--device-id', 'd', '--memory-mb', '1'],
-             ['health', '--broker', 'mqtt://b', '--device-id', 'd'],
-             ['generate', '--broker', 'mqtt://b', 'hi']):
+for argv in (['agent', '--broker', 'mqtts://b', '--device-id', 'd', '--memory-mb', '1'],
+             ['health', '--broker', 'mqtts://b', '--device-id', 'd'],
+             ['generate', '--broker', 'mqtts://b', 'hi']):
     p.parse_args(argv)
-import e2llm_edge.device.agent, e2llm_edge.client, e2llm_edge.ops.monitor
+import e2llm_edge.device.agent, e2llm_edge.client, e2llm_edge.ops.monitor, e2llm_edge.wire.tls
 """
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60
