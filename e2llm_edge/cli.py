@@ -133,9 +133,7 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
 def _bus_config(args: argparse.Namespace, client_id: str | None = None) -> object:
     """How a command reaches the broker: TLS with ``--identity DIR`` (its certificate's
     name is the user name), or ``--username``/``--password-file`` (the plaintext lab mode)."""
-    from e2llm_edge.errors import BusTLSError
     from e2llm_edge.wire.bus import BusConfig
-    from e2llm_edge.wire.tls import TLSConfig, identity_name
 
     over: dict[str, object] = {"cluster": args.cluster}
     if client_id:
@@ -144,17 +142,7 @@ def _bus_config(args: argparse.Namespace, client_id: str | None = None) -> objec
         over["username"] = args.username
     if getattr(args, "password_file", None):
         over["password"] = Path(args.password_file).read_text().strip()
-    identity = getattr(args, "identity", None)
-    if identity:
-        if not args.broker.startswith("mqtts://"):
-            raise BusTLSError(
-                "bad_identity",
-                args.broker,
-                f"--identity needs TLS: use an mqtts:// broker URL, not {args.broker}",
-            )
-        over["tls"] = TLSConfig.from_identity(identity)
-        over.setdefault("username", identity_name(identity))
-    return BusConfig.from_url(args.broker, **over)
+    return BusConfig.from_url(args.broker, identity=getattr(args, "identity", None), **over)
 
 
 def _link(args: argparse.Namespace) -> dict[str, float] | None:

@@ -31,7 +31,6 @@ from e2llm_edge.sysinfo import rss_bytes
 from e2llm_edge.wire import messages as m
 from e2llm_edge.wire import topics as t
 from e2llm_edge.wire.bus import Bus, BusConfig
-from e2llm_edge.wire.tls import TLSConfig
 
 
 @dataclass
@@ -290,8 +289,7 @@ class LocalCluster:
         if self.credentials is not None:
             over = {"username": name, "password": self.credentials.users[name], **over}
         elif self.secrets_dir is not None:
-            ident = broker_cli.identity_dir(self.secrets_dir, name)
-            over = {"username": name, "tls": TLSConfig.from_identity(ident), **over}
+            over["identity"] = broker_cli.identity_dir(self.secrets_dir, name)
         return BusConfig.from_url(self.broker_url, cluster=self.cluster, **over)
 
     def logs(self) -> str:

@@ -28,6 +28,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import unquote, urlsplit
@@ -45,7 +46,14 @@ from e2llm_edge.errors import (
     TopicError,
 )
 from e2llm_edge.wire import codec, messages, topics
-from e2llm_edge.wire.tls import TLSConfig, WatchedContext, client_context, explain, speaks_tls
+from e2llm_edge.wire.tls import (
+    TLSConfig,
+    WatchedContext,
+    client_context,
+    explain,
+    identity_name,
+    speaks_tls,
+)
 from e2llm_edge.wire.topics import Topic
 
 log = logging.getLogger(__name__)
@@ -105,12 +113,24 @@ class BusConfig:
     """False: the broker keeps this client's subscriptions and QoS 1 backlog across drops."""
 
     @classmethod
-    def from_url(cls, url: str, **overrides: Any) -> BusConfig:
-        """``mqtt://[user:password@]host[:port]`` or ``mqtts://...`` (TLS, system CAs)."""
+    def from_url(
+        cls, url: str, *, identity: str | Path | None = None, **overrides: Any
+    ) -> BusConfig:
+        """``mqtts://host[:port]`` with ``identity`` (a directory from ``e2llm broker
+        init``: TLS with its client certificate, whose name is the user name), plain
+        ``mqtts://`` (system CAs, no certificate), or ``mqtt://[user:password@]host[:port]``
+        (the plaintext lab mode)."""
         parts = urlsplit(url)
         if parts.scheme not in ("mqtt", "mqtts", "tcp"):
-            raise ValueError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
+            raise ValueError(f"broker URL {url!r}: scheme must be mqtts:// or mqtt://")
         tls = TLSConfig() if parts.scheme == "mqtts" else None
+        if identity is not None:
+            if tls is None:
+                raise BusTLSError(
+                    "bad_identity", url, f"an identity needs TLS: use mqtts://, not {url}"
+                )
+            tls = TLSConfig.from_identity(identity)
+            overrides.setdefault("username", identity_name(identity))
         values: dict[str, Any] = {
             "host": parts.hostname or "127.0.0.1",
             "port": parts.port or (8883 if tls else 1883),

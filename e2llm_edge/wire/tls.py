@@ -176,12 +176,14 @@ def explain(exc: ssl.SSLError, cfg: TLSConfig, host: str, port: int) -> BusTLSEr
                 "expired", broker, "the broker's certificate is not valid yet: check the clocks"
             )
         if code in _UNKNOWN_CA:
-            ca = cfg.ca_certs or "the system store"
             return BusTLSError(
                 "unknown_ca",
                 broker,
-                f"the broker's certificate is not signed by the CA in {ca} (unknown CA): "
-                "is this identity from this cluster?",
+                f"the broker's certificate is not signed by the CA in {cfg.ca_certs} "
+                "(unknown CA): is this identity from this cluster?"
+                if cfg.ca_certs
+                else "the broker's certificate is not signed by a CA this machine trusts "
+                "(unknown CA): pass --identity DIR (made by `e2llm broker init`)",
                 path=cfg.ca_certs,
             )
         return BusTLSError(
