@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import functools
 import inspect
 import logging
 import math
@@ -219,6 +218,55 @@ class _Connection:
     lost: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+class _Client(aiomqtt.Client):
+    """aiomqtt's client, also saying when its socket closes: before a CONNACK that is a
+    refusal (a TLS port answering plaintext, a broker shedding load), which aiomqtt would
+    only report at its connect timeout."""
+
+    on_close: Callable[[], object] | None = None
+
+    def _on_socket_close(self, client: Any, userdata: Any, sock: Any) -> None:
+        super()._on_socket_close(client, userdata, sock)
+        if self.on_close is not None:
+            self.on_close()
+
+
+class _Attempt:
+    """The wait for one connection's CONNACK, cut short by ``fail()`` (from any thread)
+    once the attempt is known to have failed, instead of running to the timeout."""
+
+    def __init__(self) -> None:
+        self._deadline = asyncio.timeout(None)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._settled = False
+
+    async def __aenter__(self) -> Self:
+        self._loop = asyncio.get_running_loop()
+        await self._deadline.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._settled = True
+        await self._deadline.__aexit__(exc_type, exc, tb)
+
+    def connected(self) -> None:
+        """From now on a failure is a lost connection, reported as such."""
+        self._settled = True
+
+    def fail(self) -> None:
+        if not self._settled and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._expire)
+
+    def _expire(self) -> None:
+        if not self._settled and not self._deadline.expired():
+            self._deadline.reschedule(-1.0)
+
+
 BadMessageHook = Callable[[BadMessage], Awaitable[None] | None]
 
 
@@ -323,15 +371,22 @@ class Bus:
         if self._fatal is not None:
             raise self._fatal
         if not done:
-            host, port = self.config.host, self.config.port
-            if self.config.tls is None and await asyncio.to_thread(speaks_tls, host, port):
-                raise BusTLSError(
-                    "expects_tls",
-                    f"{host}:{port}",
-                    f"the broker speaks TLS on this port: use mqtts://{host}:{port} "
-                    "with --identity DIR",
-                )
-            raise BusTimeout("connect", f"{host}:{port}", timeout or 0.0)
+            if await self._expects_tls():
+                raise self._expects_tls_error()
+            raise BusTimeout("connect", f"{self.config.host}:{self.config.port}", timeout or 0.0)
+
+    async def _expects_tls(self) -> bool:
+        """A plaintext client that got no answer: is it talking to a TLS port?"""
+        cfg = self.config
+        return cfg.tls is None and await asyncio.to_thread(speaks_tls, cfg.host, cfg.port)
+
+    def _expects_tls_error(self) -> BusTLSError:
+        where = f"{self.config.host}:{self.config.port}"
+        return BusTLSError(
+            "expects_tls",
+            where,
+            f"the broker speaks TLS on this port: use mqtts://{where} with --identity DIR",
+        )
 
     def tcp_nodelay_active(self) -> bool:
         """Whether the live socket has TCP_NODELAY set (read back from the kernel)."""
@@ -525,7 +580,7 @@ class Bus:
 
     # ----------------------------------------------------------------- connection
 
-    def _new_client(self) -> tuple[aiomqtt.Client, WatchedContext | None]:
+    def _new_client(self) -> tuple[_Client, WatchedContext | None]:
         cfg = self.config
         will = None
         if self._will_payload is not None and self._will is not None:
@@ -538,7 +593,7 @@ class Bus:
         tls_context = None
         if cfg.tls is not None:
             tls_context = client_context(cfg.tls, f"{cfg.host}:{cfg.port}")
-        client = aiomqtt.Client(
+        client = _Client(
             cfg.host,
             cfg.port,
             username=cfg.username,
@@ -568,18 +623,17 @@ class Bus:
 
     async def _connection_loop(self) -> None:
         delay = self.config.backoff_initial
-        loop = asyncio.get_running_loop()
         while not self._closing:
             conn: _Connection | None = None
             tls: WatchedContext | None = None
             try:
                 client, tls = self._new_client()
-                async with asyncio.timeout(None) as connecting:
-                    if tls is not None:
-                        # the broker's verdict on our certificate ends the CONNACK wait
-                        expire = functools.partial(connecting.reschedule, -1.0)
-                        tls.on_failure = functools.partial(loop.call_soon_threadsafe, expire)
+                async with _Attempt() as attempt:
+                    client.on_close = attempt.fail
+                    if tls is not None:  # the broker's verdict on our certificate
+                        tls.on_failure = attempt.fail
                     async with client:
+                        attempt.connected()
                         if tls is not None:
                             tls.connected()
                         conn = _Connection(client)
@@ -614,6 +668,9 @@ class Bus:
                     )
                     if self._give_up(verdict):
                         return
+                elif self.stats.connects == 0 and await self._expects_tls():
+                    self._give_up(self._expects_tls_error())
+                    return
                 else:
                     self._ratelog.warning("connect", "broker connection lost or failed: %s", exc)
             finally:
