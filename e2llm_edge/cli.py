@@ -142,7 +142,29 @@ def _bus_config(args: argparse.Namespace, client_id: str | None = None) -> objec
         over["username"] = args.username
     if getattr(args, "password_file", None):
         over["password"] = Path(args.password_file).read_text().strip()
-    return BusConfig.from_url(args.broker, identity=getattr(args, "identity", None), **over)
+    identity = getattr(args, "identity", None)
+    if identity:
+        _check_identity(args, identity)
+    return BusConfig.from_url(args.broker, identity=identity, **over)
+
+
+def _check_identity(args: argparse.Namespace, identity: str) -> None:
+    """An identity used where the ACL will deny it everything is refused here, in words:
+    another cluster's, a device's for another device, the orchestrator's role."""
+    from e2llm_edge.errors import BusTLSError
+    from e2llm_edge.wire.tls import read_identity
+
+    info = read_identity(identity)
+    name, role, cluster = info["name"], info.get("role"), info.get("cluster")
+    why = None
+    if cluster and cluster != args.cluster:
+        why = f"is for cluster {cluster!r}, not {args.cluster!r}: pass --cluster {cluster}"
+    elif args.command == "agent" and name != args.device_id:
+        why = f"is {name!r}, not device {args.device_id!r}"
+    elif args.command == "orchestrator" and role and role != "orchestrator":
+        why = f"is the {role} {name!r}, not the orchestrator"
+    if why:
+        raise BusTLSError("bad_identity", args.broker, f"identity {identity} {why}")
 
 
 def _link(args: argparse.Namespace) -> dict[str, float] | None:
@@ -159,12 +181,6 @@ def cmd_agent(args: argparse.Namespace) -> int:
 
     bus = _bus_config(args, client_id=f"agent-{args.device_id}")
     assert isinstance(bus, BusConfig)
-    if args.identity and bus.username != args.device_id:
-        print(
-            f"error: --identity {args.identity} is {bus.username!r}, not device {args.device_id!r}",
-            file=sys.stderr,
-        )
-        return 2
     cfg = AgentConfig(
         device_id=args.device_id,
         bus=bus,

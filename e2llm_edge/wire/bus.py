@@ -50,7 +50,7 @@ from e2llm_edge.wire.tls import (
     WatchedContext,
     client_context,
     explain,
-    identity_name,
+    read_identity,
     speaks_tls,
 )
 from e2llm_edge.wire.topics import Topic
@@ -129,7 +129,7 @@ class BusConfig:
                     "bad_identity", url, f"an identity needs TLS: use mqtts://, not {url}"
                 )
             tls = TLSConfig.from_identity(identity)
-            overrides.setdefault("username", identity_name(identity))
+            overrides.setdefault("username", read_identity(identity)["name"])
         values: dict[str, Any] = {
             "host": parts.hostname or "127.0.0.1",
             "port": parts.port or (8883 if tls else 1883),

@@ -59,16 +59,19 @@ class TLSConfig:
         return cls(str(d / CA_CERT), str(d / CLIENT_CERT), str(d / CLIENT_KEY))
 
 
-def identity_name(directory: str | Path) -> str:
-    """The user name an identity directory's certificate carries (from ``identity.json``)."""
+def read_identity(directory: str | Path) -> dict[str, str]:
+    """``identity.json`` of an identity directory: ``name`` (the user name its certificate
+    carries), and the ``role`` and ``cluster`` it was made for."""
     path = Path(directory) / IDENTITY_FILE
     try:
         data: Any = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise BusTLSError("bad_identity", "-", f"cannot read {path}: {exc}") from None
-    if not isinstance(data, dict) or not isinstance(data.get("name"), str):
-        raise BusTLSError("bad_identity", "-", f"{path}: field 'name' must be a string")
-    return str(data["name"])
+    if not isinstance(data, dict) or not all(isinstance(v, str) for v in data.values()):
+        raise BusTLSError("bad_identity", "-", f"{path}: expected an object of strings")
+    if not data.get("name"):
+        raise BusTLSError("bad_identity", "-", f"{path}: field 'name' is missing")
+    return data
 
 
 class _WatchedSocket(ssl.SSLSocket):
@@ -169,7 +172,7 @@ def explain(exc: ssl.SSLError, cfg: TLSConfig, host: str, port: int) -> BusTLSEr
                 "expired",
                 broker,
                 "the broker's certificate has expired: `e2llm broker renew broker`, "
-                "then restart the broker",
+                "then reload the broker",
             )
         if code == _NOT_YET_VALID:
             return BusTLSError(

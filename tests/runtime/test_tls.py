@@ -18,6 +18,7 @@ import os
 import re
 import shutil
 import socket
+import ssl
 import subprocess
 import sys
 from collections.abc import AsyncIterator, Iterator
@@ -120,6 +121,19 @@ async def plans_seen(bus: Bus) -> list[dict[str, object]]:
             assert isinstance(env.msg, m.PlanMsg)
             got.append(env.msg.plan)
     return got
+
+
+def served_certificate(broker: MosquittoBroker, secrets: Path) -> bytes:
+    """The certificate the broker shows in a handshake (DER)."""
+    ctx = ssl.create_default_context(cafile=str(secrets / "ca.crt"))
+    ctx.load_cert_chain(*(str(ident(secrets, "dev-b") / f) for f in ("client.crt", "client.key")))
+    with (
+        socket.create_connection((broker.host, broker.port), timeout=5) as raw,
+        ctx.wrap_socket(raw, server_hostname=broker.host) as tls,
+    ):
+        der = tls.getpeercert(binary_form=True)
+    assert der is not None
+    return der
 
 
 def step(rid: str = "r") -> m.DecodeStep:
@@ -342,6 +356,16 @@ async def test_revoked_device_is_locked_out_while_the_others_keep_working(
         async with login(broker, secrets, "dev-b"):
             pass
 
+        # rotating the broker's own certificate (another name): served after a reload
+        before = served_certificate(broker, secrets)
+        broker_cli.renew_identity(secrets, "broker", ["fog.example"])
+        await asyncio.to_thread(broker.reload)
+        after = served_certificate(broker, secrets)
+        assert after != before
+        assert after == ssl.PEM_cert_to_DER_cert((secrets / "broker.crt").read_text())
+        async with login(broker, secrets, "dev-b"):
+            pass
+
 
 # --------------------------------------------------------------------------- the CLI
 
@@ -406,6 +430,19 @@ def test_cli_init_revoke_and_one_line_errors(tmp_path: Path) -> None:
             capture_output=True, text=True, timeout=60, check=False,
         )  # fmt: skip
         assert wrong.returncode == 2 and "is 'pi-2', not device 'pi-1'" in wrong.stderr
+        for argv, why in (
+            (["orchestrator", "--identity", str(ident(out, "pi-2"))],
+             "is the device 'pi-2', not the orchestrator"),
+            (["health", "--identity", str(ident(out, "monitor")), "--cluster", "lab",
+              "--device-id", "pi-2"],
+             "is for cluster 'default', not 'lab': pass --cluster default"),
+        ):  # fmt: skip
+            bad = subprocess.run(
+                [*E2LLM, argv[0], "--broker", url, *argv[1:]],
+                capture_output=True, text=True, timeout=60, check=False,
+            )  # fmt: skip
+            assert bad.returncode in (1, 2) and len(bad.stderr.strip().splitlines()) == 1
+            assert bad.stderr.strip().endswith(why), bad.stderr
     finally:
         proc.terminate()
         proc.wait(10)
