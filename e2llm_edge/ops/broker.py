@@ -25,7 +25,7 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from e2llm_edge.errors import BrokerError
 from e2llm_edge.wire import codec, topics
@@ -651,12 +651,23 @@ def init_secrets(
     return creds
 
 
+def cluster_ca() -> Any:
+    """``pki.ClusterCA``, imported on use: only the fog node mints certificates, and the
+    ``cryptography`` library it needs is not among a device's dependencies."""
+    try:
+        from e2llm_edge.ops.pki import ClusterCA
+    except ImportError as exc:
+        raise BrokerError(
+            f"making certificates needs the cryptography package ({exc}): "
+            "pip install 'e2llm-edge[fog]'"
+        ) from exc
+    return ClusterCA
+
+
 def init_identities(out_dir: Path, r: Roster) -> None:
     """The default: a cluster CA, the broker's certificate for ``r.hosts``, one client
     certificate per identity (``identities/<name>/``), the CRL, ACL and ``cluster.json``."""
-    from e2llm_edge.ops.pki import ClusterCA
-
-    ca = ClusterCA.create(out_dir, r.cluster)
+    ca = cluster_ca().create(out_dir, r.cluster)
     ca.issue_server(r.hosts)
     for role in ROLES:
         for name in r.roles.get(role, []):

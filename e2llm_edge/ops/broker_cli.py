@@ -29,6 +29,7 @@ from e2llm_edge.ops.broker import (
     Credentials,
     MosquittoConfig,
     Roster,
+    cluster_ca,
     find_mosquitto,
     init_identities,
     init_secrets,
@@ -175,9 +176,7 @@ def _tls_roster(out_dir: Path) -> Roster:
 
 
 def _ca(out_dir: Path) -> Any:
-    from e2llm_edge.ops.pki import ClusterCA
-
-    return ClusterCA(out_dir)
+    return cluster_ca()(out_dir)
 
 
 def add_identity(out_dir: Path, name: str, role: str) -> Path:
