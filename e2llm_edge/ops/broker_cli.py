@@ -302,12 +302,19 @@ def cmd_renew(args: argparse.Namespace) -> int:
         serials = renew_identity(out, args.name, args.host or [])
     except E2LLMError as exc:
         return _fail(exc)
-    where = f"{out}/broker.crt" if args.name == "broker" else f"{identity_dir(out, args.name)}/"
-    print(
-        f"{args.name!r} has a new key and certificate in {where}; the old one(s) "
-        f"({', '.join(f'{s:x}' for s in serials) or 'none'}) are revoked: install the new "
-        f"files before it reconnects; {reload_broker(out)}"
-    )
+    old = ", ".join(f"{s:x}" for s in serials) or "none"
+    if args.name == "broker":
+        hosts = ", ".join(Roster.load(out).hosts)
+        print(
+            f"the broker has a new key and certificate in {out}/broker.crt (for {hosts}); "
+            f"the old one ({old}) is revoked; {reload_broker(out)}"
+        )
+    else:
+        print(
+            f"{args.name!r} has a new key and certificate in {identity_dir(out, args.name)}/; "
+            f"the old one(s) ({old}) are revoked: install the new files before it "
+            f"reconnects; {reload_broker(out)}"
+        )
     return 0
 
 
