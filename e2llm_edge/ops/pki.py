@@ -80,7 +80,7 @@ class ClusterCA:
             self.cert = x509.load_pem_x509_certificate(self.cert_path.read_bytes())
             key = serialization.load_pem_private_key(self.key_path.read_bytes(), None)
             state = json.loads(self.index_path.read_text())
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, TypeError, KeyError) as exc:
             raise BrokerError(f"{directory}: no usable cluster CA ({exc})") from exc
         if not isinstance(key, ec.EllipticCurvePrivateKey):
             raise BrokerError(f"{self.key_path}: expected an EC private key")
