@@ -24,6 +24,7 @@ import sys
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from e2llm_edge.errors import BusTimeout, BusTLSError, SubscriptionRefused
@@ -195,6 +196,35 @@ async def test_identity_gets_in_as_its_certificate_name_and_the_acl_applies(
         await orch.publish(t.PLAN, m.PlanMsg(plan={"version": 1}, plan_version=1))
         env = await mon.recv(timeout=3)
         assert isinstance(env.msg, m.PlanMsg) and env.msg.plan == {"version": 1}
+
+
+async def test_large_messages_cross_tls_intact(broker: MosquittoBroker, secrets: Path) -> None:
+    """Near the 4 MiB message limit, in both directions (corked writes, capped reads)."""
+    rng = np.random.default_rng(0)
+    key = rng.standard_normal((1, 3, 2600, 64), dtype=np.float32)  # 2 x 2 MB
+    chunk = m.KVChunk(
+        request_id="r",
+        layer=0,
+        token_start=0,
+        n_tokens_total=2600,
+        key=key,
+        value=key[..., ::-1].copy(),
+        chunk=0,
+        n_chunks=1,
+    )
+    async with login(broker, secrets, "dev-a") as a, login(broker, secrets, "dev-b") as b:
+        await a.subscribe(t.DEVICE_INBOX, device_id="dev-a")
+        await b.subscribe(t.DEVICE_INBOX, device_id="dev-b")
+        for _ in range(3):
+            await a.publish(t.DEVICE_INBOX, chunk, device_id="dev-b")
+            got = (await b.recv(timeout=10)).msg
+            assert isinstance(got, m.KVChunk)
+            np.testing.assert_array_equal(got.key, key)
+            np.testing.assert_array_equal(got.value, chunk.value)
+            await b.publish(t.DEVICE_INBOX, got, device_id="dev-a")
+            back = (await a.recv(timeout=10)).msg
+            assert isinstance(back, m.KVChunk)
+            np.testing.assert_array_equal(back.value, chunk.value)
 
 
 async def test_a_claimed_user_name_does_not_override_the_certificate(
