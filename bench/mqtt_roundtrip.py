@@ -65,7 +65,12 @@ async def roundtrips(
         for login in logins
     )
     act = m.Activation(
-        request_id="r", phase="decode", hidden=np.ones(shape, np.float32), position_start=0, step=0
+        request_id="r",
+        attempt=0,
+        phase="decode",
+        hidden=np.ones(shape, np.float32),
+        position_start=0,
+        step=0,
     )
     async with Bus(a_cfg) as a, Bus(b_cfg) as b:
         await a.subscribe(t.DEVICE_INBOX, device_id="a")
@@ -208,6 +213,7 @@ async def paused_hops(port: int, pause_s: float, n: int) -> tuple[list[float], l
                 t.DEVICE_INBOX,
                 m.Activation(
                     request_id="r",
+                    attempt=0,
                     phase="decode",
                     hidden=np.ones((1, 1, 576), np.float32),
                     position_start=t0,

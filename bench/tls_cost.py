@@ -42,7 +42,6 @@ from e2llm_edge.ops import broker_cli  # noqa: E402
 from e2llm_edge.ops.localcluster import LocalCluster  # noqa: E402
 from onnx_export.export import default_model_dir, export_model  # noqa: E402
 from onnx_export.manifest import Manifest  # noqa: E402
-from planner import Plan  # noqa: E402
 
 MODES = ("plaintext", "tls")
 
@@ -135,7 +134,7 @@ def main() -> int:
         agent_args=variant,
     ) as four:
         for mode, c in four.items():
-            plan = Plan.from_dict(c.wait_serving(timeout=30))
+            plan = c.wait_serving(timeout=30)
             assert [len(r.stages) for r in plan.replicas] == [4], (mode, plan)
         for _ in range(args.rounds):
             for mode in MODES:
@@ -153,7 +152,7 @@ def main() -> int:
     kv: dict[str, list[float]] = {m: [] for m in MODES}
     kv_mb: dict[str, list[float]] = {m: [] for m in MODES}
     with clusters(model_dir, kv_inv, "tlskv", threads=args.threads, agent_args=variant) as pair:
-        plans = {mode: Plan.from_dict(c.wait_serving(timeout=30)) for mode, c in pair.items()}
+        plans = {mode: c.wait_serving(timeout=30) for mode, c in pair.items()}
         for mode, plan in plans.items():
             roles = sorted(r.role for r in plan.replicas)
             if roles != ["decoder", "prefill"]:

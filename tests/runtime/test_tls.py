@@ -40,6 +40,9 @@ from e2llm_edge.ops.pki import ClusterCA
 from e2llm_edge.wire import messages as m
 from e2llm_edge.wire import topics as t
 from e2llm_edge.wire.bus import Bus, BusConfig, TLSConfig
+from planner import Plan
+
+from .factories import a_plan
 
 pytestmark = [pytest.mark.mosquitto, pytest.mark.timeout(60)]
 CLUSTER = "tlsc"
@@ -113,7 +116,7 @@ async def nothing_arrives(bus: Bus) -> None:
         pytest.fail(f"unexpected delivery on {env.topic_str}")
 
 
-async def plans_seen(bus: Bus) -> list[dict[str, object]]:
+async def plans_seen(bus: Bus) -> list[Plan]:
     """Plans delivered to ``bus`` (a retained one first, if any) until it falls quiet."""
     got = []
     with contextlib.suppress(BusTimeout):
@@ -138,7 +141,7 @@ def served_certificate(broker: MosquittoBroker, secrets: Path) -> bytes:
 
 
 def step(rid: str = "r") -> m.DecodeStep:
-    return m.DecodeStep(request_id=rid, token_id=1, position=0, step=0)
+    return m.DecodeStep(request_id=rid, attempt=0, token_id=1, position=0, step=0)
 
 
 # --------------------------------------------------------------------------- identities
@@ -191,11 +194,11 @@ async def test_identity_gets_in_as_its_certificate_name_and_the_acl_applies(
         assert isinstance((await b.recv(timeout=3)).msg, m.DecodeStep)
         await nothing_arrives(a)  # dev-a's certificate cannot read dev-b's inbox
         await mon.subscribe(t.PLAN)
-        await a.publish(t.PLAN, m.PlanMsg(plan={"forged": True}, plan_version=9))
-        assert {"forged": True} not in await plans_seen(mon)  # nor write a plan
-        await orch.publish(t.PLAN, m.PlanMsg(plan={"version": 1}, plan_version=1))
+        await a.publish(t.PLAN, m.PlanMsg(plan=a_plan(99), plan_version=99))
+        assert a_plan(99) not in await plans_seen(mon)  # nor write a plan
+        await orch.publish(t.PLAN, m.PlanMsg(plan=a_plan(1), plan_version=1))
         env = await mon.recv(timeout=3)
-        assert isinstance(env.msg, m.PlanMsg) and env.msg.plan == {"version": 1}
+        assert isinstance(env.msg, m.PlanMsg) and env.msg.plan == a_plan(1)
 
 
 async def test_large_messages_cross_tls_intact(broker: MosquittoBroker, secrets: Path) -> None:
@@ -204,6 +207,7 @@ async def test_large_messages_cross_tls_intact(broker: MosquittoBroker, secrets:
     key = rng.standard_normal((1, 3, 2600, 64), dtype=np.float32)  # 2 x 2 MB
     chunk = m.KVChunk(
         request_id="r",
+        attempt=0,
         layer=0,
         token_start=0,
         n_tokens_total=2600,
@@ -237,8 +241,8 @@ async def test_a_claimed_user_name_does_not_override_the_certificate(
         login(broker, secrets, "monitor") as mon,
     ):
         await mon.subscribe(t.PLAN)
-        await impostor.publish(t.PLAN, m.PlanMsg(plan={"forged": True}, plan_version=9))
-        assert {"forged": True} not in await plans_seen(mon)
+        await impostor.publish(t.PLAN, m.PlanMsg(plan=a_plan(99), plan_version=99))
+        assert a_plan(99) not in await plans_seen(mon)
 
 
 # --------------------------------------------------------------------------- refusals
@@ -515,7 +519,7 @@ def test_the_shipped_config_serves_tls_with_client_certificates_only(
 ) -> None:
     async def scenario(shipped: MosquittoBroker) -> None:
         async with login(shipped, secrets, "dev-a") as a:
-            hello = m.DeviceState(device_id="dev-a", status="online")
+            hello = m.DeviceState(device_id="dev-a", status=m.DeviceStatus.ONLINE)
             await a.publish(t.DEVICE_STATE, hello, device_id="dev-a")
         assert (await refused(config(shipped, None))).problem == "expects_tls"
 
