@@ -6,7 +6,8 @@ certificate per identity (``e2llm_edge.ops.pki``), the ACL derived from the topi
 straight on this machine; ``--plaintext`` makes passwords instead, for a lab on a trusted
 network. ``add-device``, ``add-client``, ``revoke`` and ``renew`` change one identity
 and have a running broker reload (SIGHUP) without touching anyone else's key.
-Private keys and passwords are mode 0600; ``broker/secrets/`` is gitignored.
+It also writes the HTTP gateway's API key (``gateway.api-keys``). Private keys,
+passwords and API keys are mode 0600; ``broker/secrets/`` is gitignored.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import os
+import secrets
 import signal
 import sys
 from pathlib import Path
@@ -89,6 +91,19 @@ def write_password_files(out_dir: Path, creds: Credentials) -> list[Path]:
     return written
 
 
+API_KEYS_FILE = "gateway.api-keys"
+"""The gateway's accepted API keys (``e2llm gateway --api-key-file``), one per line."""
+
+
+def write_api_keys(out_dir: Path) -> Path:
+    """One random API key for the HTTP gateway, mode 0600 (add lines to rotate keys)."""
+    path = out_dir / API_KEYS_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"sk-e2llm-{secrets.token_urlsafe(32)}\n")
+    return path
+
+
 def write_local_config(
     out_dir: Path, *, tls: bool, port: int | None = None, host: str = "0.0.0.0"
 ) -> Path:
@@ -149,6 +164,7 @@ def init(
         files = [out_dir / "passwd", out_dir / "acl", out_dir / "credentials.json"]
         files += write_password_files(out_dir, creds)
         (out_dir / "passwd").chmod(0o600)
+    files.append(write_api_keys(out_dir))
     files.append(write_local_config(out_dir, tls=tls, port=port))
     return r, files
 

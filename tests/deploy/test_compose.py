@@ -93,7 +93,7 @@ def test_every_service_command_is_a_real_e2llm_subcommand(config: dict[str, Any]
         args = _parse(argv)
         assert callable(args.func), where
         seen.add(argv[1])
-    assert {"export", "orchestrator", "agent", "health", "generate", "monitor"} <= seen
+    assert {"export", "orchestrator", "agent", "health", "generate", "monitor", "gateway"} <= seen
 
 
 def test_images_come_from_the_dockerfile_targets(config: dict[str, Any]) -> None:
@@ -133,13 +133,15 @@ def test_one_model_export_serves_everyone(config: dict[str, Any]) -> None:
     services = config["services"]
     export = _parse(services["model"]["command"])
     assert export.command == "export"
-    users = [_parse(services["orchestrator"]["command"])] + [a for _, a in _agents(config).values()]
+    users = [_parse(services[n]["command"]) for n in ("orchestrator", "gateway")]
+    users += [a for _, a in _agents(config).values()]
     for args in users:
         assert args.model == export.out
     volume = export.out.split("/")[1]
     for name in [
         "model",
         "orchestrator",
+        "gateway",
         *[n for n, s in services.items() if _project(s) and s["command"][1] == "agent"],
     ]:
         mounts = [v for v in services[name]["volumes"] if isinstance(v, str)]
@@ -173,7 +175,11 @@ def test_each_process_speaks_tls_as_itself_with_only_its_identity(
         assert args.broker == "mqtts://mosquitto:8883", where
         assert args.username is None and args.password_file is None, where
         assert args.identity and args.identity.startswith(f"{IDENTITIES}/"), where
-        used.setdefault(where.split()[0], set()).add(args.identity.rsplit("/", 1)[1])
+        idents = [args.identity, getattr(args, "monitor_identity", None)]  # gateway: two
+        for ident in filter(None, idents):
+            assert ident.startswith(f"{IDENTITIES}/"), where
+            used.setdefault(where.split()[0], set()).add(ident.rsplit("/", 1)[1])
+        assert getattr(args, "monitor_username", None) is None, where
     for name, svc in config["services"].items():
         mounts = _mounts(svc)
         for src, _ in mounts:
@@ -222,3 +228,35 @@ import e2llm_edge.device.agent, e2llm_edge.client, e2llm_edge.ops.monitor, e2llm
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_gateway_is_published_with_its_api_key_from_broker_init(config: dict[str, Any]) -> None:
+    svc = config["services"]["gateway"]
+    args = _parse(svc["command"])
+    assert args.command == "gateway" and args.host == "0.0.0.0"
+    published = {(str(p["target"]), str(p.get("published"))) for p in svc["ports"]}
+    assert (str(args.port), str(args.port)) in published
+    key = Path(args.api_key_file)
+    assert key == Path("/run/e2llm-secrets/gateway.api-keys")  # copied by the entrypoint
+    src = ROOT / "broker" / "secrets" / "gateway.api-keys"  # written by broker init
+    assert (str(src), "/run/secrets/gateway.api-keys") in _mounts(svc)
+    assert args.identity == f"{IDENTITIES}/client"
+    assert args.monitor_identity == f"{IDENTITIES}/monitor"
+    assert svc["depends_on"]["orchestrator"]["condition"] == "service_healthy"
+    health = _parse(svc["healthcheck"]["test"][1:])
+    assert health.command == "health" and health.url.endswith(f":{args.port}/health")
+    assert svc["build"]["target"] == "fog"
+    fog = (ROOT / "Dockerfile").read_text().split("AS fog", 1)[1]
+    assert "gateway" in fog  # the fog image installs the gateway extra
+
+
+def test_broker_init_writes_the_gateway_api_key(tmp_path: Path) -> None:
+    pytest.importorskip("aiohttp")
+    from e2llm_edge.fog.gateway import read_api_keys
+    from e2llm_edge.ops.broker_cli import API_KEYS_FILE, init
+
+    _, files = init(["d1"], tmp_path, cluster="c", clients=["client"], force=False)
+    path = tmp_path / API_KEYS_FILE
+    assert path in files and path.stat().st_mode & 0o777 == 0o600
+    (key,) = read_api_keys(path)
+    assert key.startswith("sk-e2llm-") and len(key) > 40
