@@ -19,6 +19,8 @@ import dataclasses
 import json
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
@@ -31,10 +33,10 @@ from e2llm_edge.client import Client, collect
 from e2llm_edge.device.local import LocalModel
 from e2llm_edge.errors import BusTimeout, BusTLSError, SubscriptionRefused
 from e2llm_edge.fog.textio import ChatTokenizer
-from e2llm_edge.ops.broker import MosquittoBroker
+from e2llm_edge.ops.broker import MosquittoBroker, free_port
 from e2llm_edge.ops.broker_cli import identity_dir, init
 from e2llm_edge.ops.demo import bundled_inventory
-from e2llm_edge.ops.localcluster import LocalCluster
+from e2llm_edge.ops.localcluster import LocalCluster, Proc
 from e2llm_edge.wire import messages as m
 from e2llm_edge.wire import topics as t
 from e2llm_edge.wire.bus import Bus, BusConfig, Envelope, TLSConfig
@@ -286,6 +288,56 @@ def test_monitor_reads_telemetry_but_no_requests_or_responses(cluster: LocalClus
     assert "warning" not in snap.stderr
     last = json.loads(snap.stdout.splitlines()[-1])
     assert len(last["devices"]) == 4 and last["cluster_summary"]["completed"] >= 1
+
+
+def test_the_gateway_serves_over_tls_with_a_client_and_a_monitor_identity(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """`e2llm gateway` as compose runs it: requests as `client`, /metrics as `monitor`."""
+    pytest.importorskip("aiohttp")
+    assert cluster.broker_url is not None and cluster.secrets_dir is not None
+    port = free_port()
+    gw = Proc(
+        "gateway",
+        [*E2LLM, "gateway", "--broker", cluster.broker_url, "--cluster", CLUSTER,
+         "--identity", str(identity_dir(cluster.secrets_dir, "client")),
+         "--monitor-identity", str(identity_dir(cluster.secrets_dir, "monitor")),
+         "--model", str(cluster.model_dir), "--port", str(port)],
+        tmp_path / "gateway.log",
+    )  # fmt: skip
+    gw.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert gw.alive, gw.tail()
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"{url}/health", timeout=2) as r,
+            ):
+                if r.status == 200:
+                    break
+            assert time.monotonic() < deadline, f"gateway not healthy:\n{gw.tail()}"
+            time.sleep(0.2)
+        body = {
+            "model": cluster.model_dir.name,
+            "messages": [{"role": "user", "content": PROMPT}],
+            "max_tokens": MAX_NEW,
+            "temperature": 0,
+        }
+        req = urllib.request.Request(
+            f"{url}/v1/chat/completions",
+            json.dumps(body).encode(),
+            {"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=90) as r:
+            answer = json.loads(r.read())["choices"][0]["message"]["content"]
+        assert answer == asyncio.run(ask(cluster))["text"]
+        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        assert "e2llm_device_status{" in text  # read from the monitor topics
+    finally:
+        gw.stop()
 
 
 @pytest.mark.skipif(not can_sniff(), reason="capturing loopback needs root (AF_PACKET)")
