@@ -40,7 +40,9 @@ def test_reader_dequantizes_and_unpermutes(tiny: tuple[Path, dict]) -> None:
 def test_manifest_lists_segments_and_costs(exported: Manifest) -> None:
     m = Manifest.load(exported.directory)
     names = [s.name for s in m.segments]
-    assert names == ["embed", "layer_00", "layer_01", "layer_02", "layers_00_02", "head"]
+    std = ["embed", "layer_00", "layer_01", "layer_02", "layers_00_02", "head"]
+    # the default export holds the portable graph and the fast exact one
+    assert names == [*std, *(f"contrib_exact_{n}" for n in std), "contrib_exact_head_unscreened"]
     seg = m.segment("layers_00_02")
     assert (seg.layer_start, seg.layer_end) == (0, 2)
     ins = {t.name: t for t in seg.inputs}
@@ -138,18 +140,19 @@ def test_corrupted_segment_is_refused(
     data = bytearray(seg.read_bytes())
     data[len(data) // 2] ^= 0xFF
     seg.write_bytes(bytes(data))
+    std = ("standard", "fp32")
     with pytest.raises(ExportError, match=r"layer_01\.onnx: sha256 mismatch"):
-        LocalModel(bad, prefer_ranges=False)
+        LocalModel(bad, prefer_ranges=False, variant=std)
     # the range segment covering layer 1 is intact, so the default path still runs...
-    assert list(LocalModel(bad).generate([1, 2], 2, stop_at_eos=False))
-    emb = bad / "embed.onnx"
+    assert list(LocalModel(bad, variant=std).generate([1, 2], 2, stop_at_eos=False))
+    emb = bad / "contrib_exact_embed.onnx"
     emb.write_bytes(emb.read_bytes()[:-10] + b"0123456789")
     line = _cli_error(capsys, "generate", "hi", "--model", str(bad), "--max-new-tokens", "1")
-    assert "embed.onnx: sha256 mismatch" in line
-    shutil.copy(exported.directory / "embed.onnx", emb)
+    assert "contrib_exact_embed.onnx: sha256 mismatch" in line
+    shutil.copy(exported.directory / emb.name, emb)
     (bad / "head.onnx").unlink()
     with pytest.raises(ExportError, match=r"head\.onnx: segment file missing"):
-        LocalModel(bad)
+        LocalModel(bad, variant=std)
 
 
 def test_hf_directory_source(tmp_path: Path) -> None:
