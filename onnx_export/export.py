@@ -227,6 +227,11 @@ def export_model(
             variants = [(g, precision or ("fp32" if g == "standard" else "exact"))]
     family = _check_variants(variants)
     w = open_model(source)
+    for _, builders in family:
+        check = getattr(builders, "check_config", None)
+        problem = check(w.config) if check else None
+        if problem:
+            raise ExportError(f"{w.source['path']}: {problem}")
     out = Path(out_dir) if out_dir else default_model_dir()
     wanted_ranges = parse_ranges(ranges, w.config.n_layers)
     digest = _source_digest(w)

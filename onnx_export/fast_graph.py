@@ -284,6 +284,17 @@ def _finish(g: GraphBuilder) -> onnx.ModelProto:
     return m
 
 
+def check_config(cfg: ModelConfig) -> str | None:
+    """Why this graph cannot hold `cfg`, or None: GroupQueryAttention's rotary kernel wants
+    a rotating part of each head that is a multiple of 16 wide."""
+    if (cfg.rot_dim // 2) % 8:
+        return (
+            f"the contrib graph needs a rotary dimension that is a multiple of 16 "
+            f"(this model rotates {cfg.rot_dim} of {cfg.head_dim}); use --graph standard"
+        )
+    return None
+
+
 def _check(precision: str) -> None:
     if precision not in PRECISIONS:
         raise ValueError(f"contrib graph: precision {precision!r} not in {PRECISIONS}")
