@@ -13,12 +13,12 @@ import pytest
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
-import arch_models  # noqa: E402
+import arch_models
 
-from e2llm_edge.device.fast_runner import contrib_supported  # noqa: E402
-from e2llm_edge.device.local import LocalModel  # noqa: E402
-from onnx_export.export import export_model  # noqa: E402
-from onnx_export.manifest import Manifest  # noqa: E402
+from e2llm_edge.device.fast_runner import contrib_supported
+from e2llm_edge.device.local import LocalModel
+from onnx_export.export import export_model
+from onnx_export.manifest import Manifest
 
 PROMPT = [5, 17, 42, 99, 7, 200, 31, 64, 150, 3, 88, 12]
 NEW = 6
