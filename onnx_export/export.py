@@ -24,6 +24,7 @@ import onnx
 
 from onnx_export.errors import ExportError
 from onnx_export.manifest import Manifest, Segment, TensorSpec, sha256_path
+from onnx_export.onnx_writer import SegmentModel
 from onnx_export.source import ModelConfig, ModelWeights, open_model
 from onnx_export.tokenizer import write_tokenizer
 
@@ -122,13 +123,13 @@ def default_model_dir() -> Path:
 class GraphBuilders(Protocol):
     """A graph family: standard ONNX ops (`onnx_export.graph`) or contrib ops (fast)."""
 
-    def embed_model(self, cfg: ModelConfig, w: ModelWeights, precision: str) -> onnx.ModelProto: ...
+    def embed_model(self, cfg: ModelConfig, w: ModelWeights, precision: str) -> SegmentModel: ...
 
     def layers_model(
         self, cfg: ModelConfig, start: int, end: int, w: ModelWeights, precision: str
-    ) -> onnx.ModelProto: ...
+    ) -> SegmentModel: ...
 
-    def head_model(self, cfg: ModelConfig, w: ModelWeights, precision: str) -> onnx.ModelProto: ...
+    def head_model(self, cfg: ModelConfig, w: ModelWeights, precision: str) -> SegmentModel: ...
 
 
 def graph_family(name: str) -> GraphBuilders:
@@ -166,7 +167,7 @@ def _check_variants(variants: Sequence[tuple[str, str]]) -> list[tuple[str, Grap
     return out
 
 
-Job = tuple[str, str, int | None, int | None, str, str, Callable[[], onnx.ModelProto]]
+Job = tuple[str, str, int | None, int | None, str, str, Callable[[], SegmentModel]]
 
 
 def _jobs(
@@ -269,13 +270,13 @@ def export_model(
                 for name, kind, first, stop, g_name, prec, build in todo:
                     model = build()
                     path = tmp / f"{name}.onnx"
-                    onnx.save_model(model, str(path))
+                    digest_, size = model.save(path)
                     segments[name] = Segment(
                         name=name,
                         kind=kind,
                         file=path.name,
-                        sha256=sha256_path(path),
-                        bytes=path.stat().st_size,
+                        sha256=digest_,
+                        bytes=size,
                         layer_start=first,
                         layer_end=stop,
                         graph=g_name,
@@ -284,6 +285,7 @@ def export_model(
                         outputs=_specs(model.graph.output),
                     )
                     del model
+                    w.release()  # drop the source pages this segment read from memory
                     advance(name)
             write_tokenizer(w.tokenizer, tmp)
             manifest = Manifest(

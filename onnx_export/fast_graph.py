@@ -17,12 +17,12 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper
 
 from onnx_export import rope
 from onnx_export.errors import ExportError
 from onnx_export.graph import GraphBuilder, gelu_tanh, softcap
+from onnx_export.onnx_writer import SegmentModel
 from onnx_export.source import ModelConfig, ModelWeights, RawTensor
 
 PRECISIONS = ("exact", "int8")
@@ -278,10 +278,8 @@ def _norm(g: GraphBuilder, x: str, gamma: str, eps: float) -> str:
     )
 
 
-def _finish(g: GraphBuilder) -> onnx.ModelProto:
-    m = g.model()
-    m.opset_import.append(helper.make_opsetid(MS, 1))
-    return m
+def _finish(g: GraphBuilder) -> SegmentModel:
+    return g.segment((MS, 1))
 
 
 def check_config(cfg: ModelConfig) -> str | None:
@@ -305,7 +303,7 @@ def _check(precision: str) -> None:
 
 def layers_model(
     cfg: ModelConfig, start: int, end: int, w: ModelWeights, precision: str = "exact"
-) -> onnx.ModelProto:
+) -> SegmentModel:
     """Layers [start, end) in one graph.
 
     Inputs: hidden (B,T,H) f32, seqlens_k (B,) i32 = tokens in cache after this step - 1,
@@ -451,7 +449,7 @@ def stored(w: ModelWeights, name: str) -> RawTensor | None:
         return None
 
 
-def embed_model(cfg: ModelConfig, w: ModelWeights, precision: str = "exact") -> onnx.ModelProto:
+def embed_model(cfg: ModelConfig, w: ModelWeights, precision: str = "exact") -> SegmentModel:
     """input_ids (B,T) i64 -> hidden (B,T,H); a Q8_0 table stays int8 with its block scales."""
     _check(precision)
     g = GraphBuilder(f"contrib_{precision}_embed")
@@ -486,7 +484,7 @@ def embed_model(cfg: ModelConfig, w: ModelWeights, precision: str = "exact") -> 
 
 def head_model(
     cfg: ModelConfig, w: ModelWeights, precision: str = "exact", *, screened: bool = True
-) -> onnx.ModelProto:
+) -> SegmentModel:
     """hidden (B,T,H) -> logits (B,T,V), logit_bound (B,T): final RMSNorm and the lm_head.
 
     A Q8_0 head (the tied embedding) is screened (`_screened_head`): greedy tokens are those
@@ -532,7 +530,7 @@ def _screenable(raw: RawTensor | None) -> bool:
 
 def alternative_heads(
     cfg: ModelConfig, w: ModelWeights, precision: str
-) -> dict[str, Callable[[], onnx.ModelProto]]:
+) -> dict[str, Callable[[], SegmentModel]]:
     """Extra head segments, by name suffix: the unscreened head beside a screened one.
 
     The screen needs onnxruntime's 8-bit int8 kernel (x86 AVX2/AVX512, ARM with dotprod);

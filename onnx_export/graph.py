@@ -18,6 +18,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_export import rope
+from onnx_export.onnx_writer import SegmentModel, is_deferred
 from onnx_export.source import ModelConfig, ModelWeights
 
 OPSET = 18
@@ -32,6 +33,7 @@ class GraphBuilder:
     name: str
     nodes: list[onnx.NodeProto] = field(default_factory=list)
     inits: list[onnx.TensorProto] = field(default_factory=list)
+    arrays: list[tuple[str, np.ndarray]] = field(default_factory=list)  # streamed when saved
     inputs: list[onnx.ValueInfoProto] = field(default_factory=list)
     outputs: list[onnx.ValueInfoProto] = field(default_factory=list)
     _n: int = 0
@@ -49,7 +51,11 @@ class GraphBuilder:
         return outs[0]
 
     def init(self, name: str, array: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        array = np.ascontiguousarray(array)
+        if is_deferred(array):
+            self.arrays.append((name, array))
+        else:
+            self.inits.append(numpy_helper.from_array(array, name))
         return name
 
     def const(self, value: np.ndarray | list[int] | float, dtype: type = np.int64) -> str:
@@ -67,15 +73,24 @@ class GraphBuilder:
         self.nodes.append(helper.make_node("Identity", [src], [name]))
         self.outputs.append(helper.make_tensor_value_info(name, elem, shape))
 
-    def model(self) -> onnx.ModelProto:
+    def segment(self, *domains: tuple[str, int]) -> SegmentModel:
+        """The model, its large initializers kept as arrays until saved (`SegmentModel`);
+        `domains` adds operator sets (e.g. com.microsoft) to the default one."""
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.inits)
         m = helper.make_model(
             graph,
-            opset_imports=[helper.make_opsetid("", OPSET)],
+            opset_imports=[
+                helper.make_opsetid("", OPSET),
+                *(helper.make_opsetid(d, v) for d, v in domains),
+            ],
             producer_name="e2llm-edge onnx_export",
         )
         m.ir_version = 9
-        return m
+        return SegmentModel(m, list(self.arrays))
+
+    def model(self) -> onnx.ModelProto:
+        """The whole model as one proto (small graphs and tests)."""
+        return self.segment().to_proto()
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -312,7 +327,7 @@ F32, I64 = TensorProto.FLOAT, TensorProto.INT64
 
 def layers_model(
     cfg: ModelConfig, start: int, end: int, w: ModelWeights, precision: str = "fp32"
-) -> onnx.ModelProto:
+) -> SegmentModel:
     """Layers [start, end) in one graph.
 
     Inputs: hidden (B,T,H) f32, position_ids (B,T) i64, attention_mask (B,S) i64 (1 = real
@@ -342,10 +357,10 @@ def layers_model(
     for i, k, v in out_kv:
         g.add_output(f"present_key_{i}", k, F32, present_shape)
         g.add_output(f"present_value_{i}", v, F32, present_shape)
-    return g.model()
+    return g.segment()
 
 
-def embed_model(cfg: ModelConfig, w: ModelWeights, precision: str = "fp32") -> onnx.ModelProto:
+def embed_model(cfg: ModelConfig, w: ModelWeights, precision: str = "fp32") -> SegmentModel:
     """input_ids (B,T) i64 -> hidden (B,T,H), scaled where the model scales embeddings."""
     g = GraphBuilder("embed")
     ids = g.add_input("input_ids", I64, ["batch", "tokens"])
@@ -354,10 +369,10 @@ def embed_model(cfg: ModelConfig, w: ModelWeights, precision: str = "fp32") -> o
     if cfg.embed_scale is not None:
         hidden = g.op("Mul", [hidden, g.const(cfg.embed_scale, np.float32)])
     g.add_output("hidden", hidden, F32, ["batch", "tokens", cfg.hidden_size])
-    return g.model()
+    return g.segment()
 
 
-def head_model(cfg: ModelConfig, w: ModelWeights, precision: str = "fp32") -> onnx.ModelProto:
+def head_model(cfg: ModelConfig, w: ModelWeights, precision: str = "fp32") -> SegmentModel:
     """hidden (B,T,H) -> logits (B,T,V): final RMSNorm and lm_head (tied or not)."""
     g = GraphBuilder("head")
     x = g.add_input("hidden", F32, ["batch", "tokens", cfg.hidden_size])
@@ -367,4 +382,4 @@ def head_model(cfg: ModelConfig, w: ModelWeights, precision: str = "fp32") -> on
     if cfg.final_softcap is not None:
         logits = softcap(g, logits, cfg.final_softcap)
     g.add_output("logits", logits, F32, ["batch", "tokens", cfg.vocab_size])
-    return g.model()
+    return g.segment()

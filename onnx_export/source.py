@@ -231,6 +231,13 @@ class ModelWeights:
     names: set[str]
     _raw: Callable[[str], RawTensor] | None = None
     _shape: Callable[[str], tuple[int, ...]] | None = None
+    _release: Callable[[], None] | None = None
+
+    def release(self) -> None:
+        """Let the OS take back the source file's pages read so far (they are re-read on
+        demand): without this, a memory-mapped GGUF counts whole in the exporter's RSS."""
+        if self._release is not None:
+            self._release()
 
     def get(self, name: str) -> np.ndarray:
         """Tensor by HF name (`model.layers.3.self_attn.q_proj.weight`), fp32."""
@@ -441,9 +448,17 @@ def load_gguf(path: Path) -> ModelWeights:
     def get(hf_name: str) -> np.ndarray:
         s = where[hf_name]
         t = tensors[s.gguf]
-        w = quants.dequantize(t.data, t.tensor_type).astype(np.float32, copy=False)
         full = tuple(int(x) for x in reversed(t.shape))
-        return place(s, w.reshape(full) if w.shape != full else w)
+        data = np.asarray(t.data)
+        if len(full) == 1:
+            return place(s, quants.dequantize(data, t.tensor_type).astype(np.float32).ravel())
+        rows = data.reshape(full[0], -1)
+        out = np.empty(full, np.float32)
+        step = max(1, (16 << 20) // max(1, rows.shape[1] * 4))  # ~16 MB of temporaries
+        for a in range(0, full[0], step):
+            chunk = quants.dequantize(rows[a : a + step], t.tensor_type)
+            out[a : a + step] = chunk.reshape(-1, *full[1:])
+        return place(s, out)
 
     def raw(hf_name: str) -> RawTensor:
         s = where[hf_name]
@@ -489,6 +504,7 @@ def load_gguf(path: Path) -> ModelWeights:
         names=set(where),
         _raw=raw,
         _shape=shape_of,
+        _release=lambda: _drop_pages(reader),
         source={
             "kind": "gguf",
             "path": str(path.resolve()),
@@ -497,6 +513,14 @@ def load_gguf(path: Path) -> ModelWeights:
     )
     _check_complete(w)
     return w
+
+
+def _drop_pages(reader: Any) -> None:
+    mm = getattr(getattr(reader, "data", None), "_mmap", None)
+    if mm is not None and hasattr(mm, "madvise"):
+        import mmap
+
+        mm.madvise(mmap.MADV_DONTNEED)
 
 
 def _gguf_config(
