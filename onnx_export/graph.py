@@ -378,7 +378,7 @@ def head_model(cfg: ModelConfig, w: ModelWeights, precision: str = "fp32") -> Se
     x = g.add_input("hidden", F32, ["batch", "tokens", cfg.hidden_size])
     h = rms_norm(g, x, g.init("model.norm.weight", w.get("model.norm.weight")), cfg.rms_norm_eps)
     w_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-    logits = linear(g, h, w.get(w_name), "lm_head")
+    logits = g.op("MatMul", [h, g.init("lm_head", w.get_t(w_name))])  # as `linear`, one copy
     if cfg.final_softcap is not None:
         logits = softcap(g, logits, cfg.final_softcap)
     g.add_output("logits", logits, F32, ["batch", "tokens", cfg.vocab_size])

@@ -232,6 +232,15 @@ class ModelWeights:
     _raw: Callable[[str], RawTensor] | None = None
     _shape: Callable[[str], tuple[int, ...]] | None = None
     _release: Callable[[], None] | None = None
+    _get_t: Callable[[str], np.ndarray] | None = None
+
+    def get_t(self, name: str) -> np.ndarray:
+        """`get(name).T`, contiguous, without ever holding both layouts (the lm_head)."""
+        if name not in self.names:
+            raise ExportError(f"{self.source.get('path')}: tensor {name!r} is missing")
+        if self._get_t is None:
+            return np.ascontiguousarray(self._get(name).T)
+        return self._get_t(name)
 
     def release(self) -> None:
         """Let the OS take back the source file's pages read so far (they are re-read on
@@ -445,7 +454,7 @@ def load_gguf(path: Path) -> ModelWeights:
             data = unpermute_qk(data, s.heads)
         return np.ascontiguousarray(data)
 
-    def get(hf_name: str) -> np.ndarray:
+    def dequantize(hf_name: str, transposed: bool = False) -> np.ndarray:
         s = where[hf_name]
         t = tensors[s.gguf]
         full = tuple(int(x) for x in reversed(t.shape))
@@ -453,12 +462,26 @@ def load_gguf(path: Path) -> ModelWeights:
         if len(full) == 1:
             return place(s, quants.dequantize(data, t.tensor_type).astype(np.float32).ravel())
         rows = data.reshape(full[0], -1)
-        out = np.empty(full, np.float32)
+        if transposed:
+            if s.rows is not None or s.heads:
+                return np.ascontiguousarray(dequantize(hf_name).T)
+            out = np.empty(full[::-1], np.float32)
+        else:
+            out = np.empty(full, np.float32)
         step = max(1, (16 << 20) // max(1, rows.shape[1] * 4))  # ~16 MB of temporaries
         for a in range(0, full[0], step):
-            chunk = quants.dequantize(rows[a : a + step], t.tensor_type)
-            out[a : a + step] = chunk.reshape(-1, *full[1:])
-        return place(s, out)
+            chunk = quants.dequantize(rows[a : a + step], t.tensor_type).reshape(-1, full[1])
+            if transposed:
+                out[:, a : a + step] = chunk.T
+            else:
+                out[a : a + step] = chunk
+        return out if transposed else place(s, out)
+
+    def get(hf_name: str) -> np.ndarray:
+        return dequantize(hf_name)
+
+    def get_t(hf_name: str) -> np.ndarray:
+        return dequantize(hf_name, transposed=True)
 
     def raw(hf_name: str) -> RawTensor:
         s = where[hf_name]
@@ -496,6 +519,10 @@ def load_gguf(path: Path) -> ModelWeights:
 
     check_tokenizer(tok, path)
     name = str(_field(reader, "general.name") or path.stem)
+    file_type = _field(reader, "general.file_type")
+    # Everything is read from the metadata now; the reader keeps two numpy views per
+    # vocabulary string (~0.5 GB for a 150k vocabulary), which an export need not carry.
+    reader.fields.clear()
     w = ModelWeights(
         name=name,
         config=cfg,
@@ -504,11 +531,12 @@ def load_gguf(path: Path) -> ModelWeights:
         names=set(where),
         _raw=raw,
         _shape=shape_of,
+        _get_t=get_t,
         _release=lambda: _drop_pages(reader),
         source={
             "kind": "gguf",
             "path": str(path.resolve()),
-            "file_type": _field(reader, "general.file_type"),
+            "file_type": file_type,
         },
     )
     _check_complete(w)
