@@ -492,32 +492,7 @@ def load_gguf(path: Path) -> ModelWeights:
             data = data.reshape(full[0], -1)
         return RawTensor(t.tensor_type.name, place(s, data), shape_of(hf_name))
 
-    tokens = [str(t) for t in (_field(reader, "tokenizer.ggml.tokens") or [])]
-    model = _field(reader, "tokenizer.ggml.model")
-    if model not in ("gpt2", "llama"):
-        raise ExportError(
-            f"{path}: tokenizer model {model!r} is not supported "
-            "(byte-level BPE 'gpt2' or SentencePiece 'llama')"
-        )
-    tok = TokenizerData(
-        chat_template=_field(reader, "tokenizer.chat_template"),
-        bos_token=_token_str(tokens, cfg.bos_token_id),
-        eos_token=_token_str(tokens, cfg.eos_token_id),
-        tokens=tokens,
-        token_types=[int(x) for x in (_field(reader, "tokenizer.ggml.token_type") or [])],
-        merges=[str(m) for m in (_field(reader, "tokenizer.ggml.merges") or [])],
-        pre=_field(reader, "tokenizer.ggml.pre"),
-        model=str(model),
-        scores=[float(x) for x in (_field(reader, "tokenizer.ggml.scores") or [])],
-        # llama.cpp's defaults: SentencePiece vocabularies add BOS unless told otherwise.
-        add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", model == "llama")),
-        add_eos=bool(_field(reader, "tokenizer.ggml.add_eos_token", False)),
-        add_space_prefix=bool(_field(reader, "tokenizer.ggml.add_space_prefix", True)),
-        architecture=str(arch),
-    )
-    from onnx_export.tokenizer import check_tokenizer
-
-    check_tokenizer(tok, path)
+    tok = _gguf_tokenizer(reader, path, str(arch))
     name = str(_field(reader, "general.name") or path.stem)
     file_type = _field(reader, "general.file_type")
     # Everything is read from the metadata now; the reader keeps two numpy views per
@@ -541,6 +516,49 @@ def load_gguf(path: Path) -> ModelWeights:
     )
     _check_complete(w)
     return w
+
+
+def _gguf_tokenizer(reader: Any, path: Path, arch: str) -> TokenizerData:
+    from onnx_export.tokenizer import check_tokenizer
+
+    tokens = [str(t) for t in (_field(reader, "tokenizer.ggml.tokens") or [])]
+    model = _field(reader, "tokenizer.ggml.model")
+    if model not in ("gpt2", "llama"):
+        raise ExportError(
+            f"{path}: tokenizer model {model!r} is not supported "
+            "(byte-level BPE 'gpt2' or SentencePiece 'llama')"
+        )
+    bos = _opt_int(_field(reader, "tokenizer.ggml.bos_token_id"))
+    eos = _opt_int(_field(reader, "tokenizer.ggml.eos_token_id"))
+    tok = TokenizerData(
+        chat_template=_field(reader, "tokenizer.chat_template"),
+        bos_token=_token_str(tokens, bos),
+        eos_token=_token_str(tokens, eos),
+        tokens=tokens,
+        token_types=[int(x) for x in (_field(reader, "tokenizer.ggml.token_type") or [])],
+        merges=[str(m) for m in (_field(reader, "tokenizer.ggml.merges") or [])],
+        pre=_field(reader, "tokenizer.ggml.pre"),
+        model=str(model),
+        scores=[float(x) for x in (_field(reader, "tokenizer.ggml.scores") or [])],
+        # llama.cpp's defaults: SentencePiece vocabularies add BOS unless told otherwise.
+        add_bos=bool(_field(reader, "tokenizer.ggml.add_bos_token", model == "llama")),
+        add_eos=bool(_field(reader, "tokenizer.ggml.add_eos_token", False)),
+        add_space_prefix=bool(_field(reader, "tokenizer.ggml.add_space_prefix", True)),
+        architecture=arch,
+    )
+    check_tokenizer(tok, path)
+    return tok
+
+
+def load_gguf_tokenizer(path: Path) -> TokenizerData:
+    """Only the tokenizer of a GGUF (any architecture; a vocabulary-only file will do)."""
+    from gguf import GGUFReader
+
+    try:
+        reader = GGUFReader(str(path))
+    except Exception as exc:  # the reader raises bare ValueErrors/IndexErrors on truncation
+        raise ExportError(f"{path}: unreadable GGUF ({type(exc).__name__}: {exc})") from exc
+    return _gguf_tokenizer(reader, Path(path), str(_field(reader, "general.architecture")))
 
 
 def _drop_pages(reader: Any) -> None:

@@ -76,6 +76,15 @@ def check_tokenizer(tok: TokenizerData, where: Path | str) -> None:
         raise ExportError(f"{where}: SentencePiece vocabulary without tokenizer.ggml.scores")
     if tok.model == "gpt2" and not tok.merges:
         raise ExportError(f"{where}: byte-level BPE vocabulary without tokenizer.ggml.merges")
+    if tok.model == "gpt2":
+        vocab = set(tok.tokens)
+        for i, m in enumerate(tok.merges):
+            a, _, b = m.partition(" ")
+            if not (a in vocab and b in vocab and a + b in vocab):
+                # `tokenizers` aborts the process on such a merge; say which one instead
+                raise ExportError(
+                    f"{where}: tokenizer.ggml.merges[{i}] = {m!r} joins tokens not in the vocabulary"
+                )
 
 
 def _byte_level(tok: TokenizerData) -> Any:
