@@ -83,7 +83,8 @@ def check_tokenizer(tok: TokenizerData, where: Path | str) -> None:
             if not (a in vocab and b in vocab and a + b in vocab):
                 # `tokenizers` aborts the process on such a merge; say which one instead
                 raise ExportError(
-                    f"{where}: tokenizer.ggml.merges[{i}] = {m!r} joins tokens not in the vocabulary"
+                    f"{where}: tokenizer.ggml.merges[{i}] = {m!r} joins tokens not in "
+                    "the vocabulary"
                 )
 
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 CORPUS = [
     "Hello world! It's a test, isn't it? We'll see, they've said; I'd say you're right.",
-    "def fibonacci(n):\n    if n < 2:\n        return n\n    return fibonacci(n - 1) + fib(n - 2)\n",
+    "def fib(n):\n    if n < 2:\n        return n\n    return fib(n - 1) + fib(n - 2)\n",
     "x   =   1\t\t# tabs\n\n\n   trailing   \n  \n",
     "Emoji: 😀🎉👍🏽 and a family 👨\u200d👩\u200d👧 here",
     "中文测试：你好，世界。日本語のテキスト。한국어 텍스트입니다",
