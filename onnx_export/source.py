@@ -401,12 +401,6 @@ def load_gguf(path: Path) -> ModelWeights:
         return v
 
     tensors = {t.name: t for t in reader.tensors}
-    for t in reader.tensors:
-        if t.tensor_type.name not in _FLOAT_GGUF_TYPES:
-            raise ExportError(
-                f"{path}: tensor {t.name} has type {t.tensor_type.name}, which holds no "
-                f"weights this exporter can read (supported: {SUPPORTED_TYPES_TEXT})"
-            )
     cfg = _gguf_config(path, str(arch), key, req, tensors, reader)
     permute = arch in _PERMUTED_QK
     table = _GGUF_TO_HF_SANDWICH if cfg.sandwich_norm else _GGUF_TO_HF
@@ -439,6 +433,14 @@ def load_gguf(path: Path) -> ModelWeights:
         if permute and hf.startswith(("self_attn.q_proj", "self_attn.k_proj")):
             heads = cfg.n_heads if "q_proj" in hf else cfg.n_kv_heads
         where[p + hf] = _Slice(name, None, heads)
+
+    for used in sorted({s.gguf for s in where.values()}):
+        t = tensors[used]
+        if t.tensor_type.name not in _FLOAT_GGUF_TYPES:
+            raise ExportError(
+                f"{path}: tensor {used} has type {t.tensor_type.name}, which holds no "
+                f"weights this exporter can read (supported: {SUPPORTED_TYPES_TEXT})"
+            )
 
     def shape_of(hf_name: str) -> tuple[int, ...]:
         s = where[hf_name]
