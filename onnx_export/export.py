@@ -262,6 +262,9 @@ def export_model(
             {s.file for s in old.segments} - {s.file for s in existing.values()} if old else set()
         )
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # what mkdir would have made, not mkdtemp's 0700
         try:
             if out.is_dir():
                 _carry_over(out, tmp, skip=stale | {f"{j[0]}.onnx" for j in todo})

@@ -589,8 +589,13 @@ def _screened_head(g: GraphBuilder, h: str, raw: RawTensor) -> tuple[str, str]:
         block_size=BLOCK,
         accuracy_level=4,
     )  # (M, V)
-    q = p.packed.astype(np.float64) - 128
-    l1 = np.abs(q).sum(-1) * p.scales.astype(np.float64)  # (V, nb): |W[n, block]|_1
+    l1 = np.concatenate(
+        [
+            np.abs(p.packed[a : a + 4096].astype(np.float64) - 128).sum(-1)
+            * p.scales[a : a + 4096].astype(np.float64)
+            for a in range(0, n, 4096)  # in row blocks: float64 of a whole head is GBs
+        ]
+    )  # (V, nb): |W[n, block]|_1
     per_amax = (l1.max(0) / 254.0 * 1.01).astype(np.float32)[:, None]  # (nb, 1)
     amax = g.op(
         "ReduceMax",
