@@ -47,7 +47,9 @@ _TEKKEN = (
 # llama.cpp pre-tokenizer name -> (regex splits applied in order, whole-word lookup first).
 # "digits" splits every digit on its own (the starcoder family), then the GPT-2 regex.
 _PRE: dict[str, tuple[tuple[str, ...], bool]] = {
-    **dict.fromkeys(("default", "gpt2", "gpt-2", "phi-2", "mpt", "olmo"), ((_GPT2,), False)),
+    # llama.cpp's fallback for a BPE vocabulary that names no known pre-tokenizer
+    "default": ((r"[\p{P}\$\+<=>\^~\|]+", _GPT2, r"\p{N}+", r"[0-9][0-9][0-9]"), False),
+    **dict.fromkeys(("gpt-2", "phi-2", "mpt", "olmo"), ((_GPT2,), False)),
     **dict.fromkeys(
         ("llama3", "llama-v3", "llama-bpe", "falcon3", "pixtral", "dbrx", "smaug-bpe"),
         ((_LLAMA3,), True),

@@ -60,8 +60,9 @@ def train_byte_level(pre: str, vocab_size: int = 700) -> tuple[list[str], list[s
 
 
 def train_sentencepiece(vocab_size: int = 500) -> tuple[list[str], list[float], list[int]]:
-    """A SentencePiece-style vocabulary: <unk>, <s>, </s>, the 256 byte pieces, characters
-    and merged pieces with scores in merge order (as SentencePiece BPE models score them)."""
+    """A SentencePiece-style vocabulary: <unk>, <s>, </s>, two chat control tokens, the 256
+    byte pieces, characters and merged pieces with scores in merge order (as SentencePiece
+    BPE models score them)."""
     import json
 
     from tokenizers import SentencePieceBPETokenizer
@@ -72,8 +73,8 @@ def train_sentencepiece(vocab_size: int = 500) -> tuple[list[str], list[float], 
     merges = [m if isinstance(m, str) else " ".join(m) for m in model["merges"]]
     merged = ["".join(m.split(" ")) for m in merges]
     chars = [t for t in model["vocab"] if t not in set(merged)]
-    tokens = ["<unk>", "<s>", "</s>", "<|user|>"] + [f"<0x{b:02X}>" for b in range(256)]
-    types = [2, 3, 3, 3] + [6] * 256
+    tokens = ["<unk>", "<s>", "</s>", *SPECIALS[1:]] + [f"<0x{b:02X}>" for b in range(256)]
+    types = [2, 3, 3, 3, 3] + [6] * 256
     scores = [0.0] * len(tokens)
     seen = set(tokens)
     for rank, piece in enumerate(dict.fromkeys(merged)):

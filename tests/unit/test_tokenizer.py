@@ -21,9 +21,13 @@ import tokenizer_vocab as tv
 from onnx_export.source import load_gguf_tokenizer
 from onnx_export.tokenizer import build_tokenizer_json
 
-BYTE_LEVEL = ["llama-bpe", "qwen2", "smollm", "gpt-4o", "gpt2", "tekken"]
+BYTE_LEVEL = ["llama-bpe", "qwen2", "smollm", "gpt-4o", "gpt-2", "tekken", "default"]
 # Pre-tokenizers whose GGUF conversion in transformers splits as llama.cpp does.
-TRANSFORMERS_AGREES = {"llama-bpe", "qwen2", "gpt-4o", "gpt2", "tekken"}
+TRANSFORMERS_AGREES = {"llama-bpe", "qwen2", "gpt-4o", "gpt-2", "tekken"}
+# llama.cpp rewrites these two regexes without \p{Lu}/\p{Ll} ("[^a-z]" for upper case), which
+# splits words that start with a non-ASCII capital ("ÉCOLE" -> "É", "COLE"); the model's own
+# tokenizer (and transformers, and this exporter) keeps them whole.
+LLAMA_CPP_CASE_APPROXIMATION = {"gpt-4o", "tekken"}
 HAVE_LLAMA_CPP = importlib.util.find_spec("llama_cpp") is not None
 
 
@@ -78,7 +82,13 @@ def test_byte_level_specials_stay_whole(byte_level: Path) -> None:
 
 @pytest.mark.skipif(not HAVE_LLAMA_CPP, reason="llama-cpp-python not installed")
 def test_byte_level_matches_llama_cpp(byte_level: Path) -> None:
-    assert encode_all(byte_level) == llama_cpp_ids(byte_level, tv.CORPUS)
+    ours_ids, theirs = encode_all(byte_level), llama_cpp_ids(byte_level, tv.CORPUS)
+    pre = byte_level.parent.name.rstrip("0123456789")
+    for text, a, b in zip(tv.CORPUS, ours_ids, theirs, strict=True):
+        if pre in LLAMA_CPP_CASE_APPROXIMATION and "ÉCOLE" in text:
+            assert a != b  # the approximation shows; every other text must agree
+            continue
+        assert a == b, text
 
 
 def test_byte_level_matches_transformers(byte_level: Path) -> None:
