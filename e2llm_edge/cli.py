@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -143,10 +145,12 @@ def _bus_config(args: argparse.Namespace, client_id: str | None = None) -> objec
     return BusConfig.from_url(args.broker, **over)
 
 
-def _link(args: argparse.Namespace) -> dict[str, float] | None:
+def _link(args: argparse.Namespace) -> Any:
+    from e2llm_edge.wire.messages import LinkSpec
+
     if args.bandwidth_mbps is None and args.latency_ms is None:
         return None
-    return {"bandwidth_mbps": args.bandwidth_mbps or 1000.0, "latency_ms": args.latency_ms or 0.5}
+    return LinkSpec(bandwidth_mbps=args.bandwidth_mbps or 1000.0, latency_ms=args.latency_ms or 0.5)
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
@@ -167,6 +171,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         request_timeout=args.request_timeout,
         variant=_variant(args),
         stage_timeout=args.stage_timeout,
+        telemetry_interval=args.telemetry_interval,
     )
     asyncio.run(Agent(cfg).run())
     return 0
@@ -179,9 +184,13 @@ def cmd_orchestrator(args: argparse.Namespace) -> int:
     from e2llm_edge.wire.bus import BusConfig
     from planner import Workload
 
-    bus = _bus_config(args, client_id="orchestrator")
+    name = args.id or f"orchestrator-{socket.gethostname()}-{os.getpid()}"
+    bus = _bus_config(args, client_id=name)
     assert isinstance(bus, BusConfig)
     cfg = OrchestratorConfig(
+        orchestrator_id=name,
+        standby=args.standby,
+        lease_ttl_s=args.lease_ttl,
         bus=bus,
         model_dir=_model_dir(args),
         inventory_path=Path(args.inventory) if args.inventory else None,
@@ -189,7 +198,6 @@ def cmd_orchestrator(args: argparse.Namespace) -> int:
         method=args.method,
         seed=args.seed,
         fixed_plan=Path(args.plan) if args.plan else None,
-        export_ranges=not args.no_export_ranges,
         workload=Workload(args.mean_prompt, args.mean_output, args.rate),
         request_timeout=args.request_timeout,
         heartbeat_timeout=args.heartbeat_timeout,
@@ -225,6 +233,44 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from e2llm_edge.ops.demo import run_demo
 
     return run_demo(args, _model_dir(args))
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from e2llm_edge.fog.gateway import cmd_gateway as run
+
+    return run(args, _model_dir(args))
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from e2llm_edge.ops.up import run_up
+
+    return run_up(args, _model_dir(args))
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from e2llm_edge.ops.chat import run_chat
+
+    return run_chat(args, _model_dir(args) if args.broker else None)
+
+
+def add_gateway_args(p: argparse.ArgumentParser, port: int = 8000) -> None:
+    """How the OpenAI-compatible HTTP API listens (gateway and up)."""
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=port, help="TCP port of the HTTP API")
+    p.add_argument("--api-key-file", help="file of accepted API keys, one per line (Bearer)")
+    p.add_argument("--model-id", help="model name clients pass (default: the model directory's)")
+    p.add_argument(
+        "--max-in-flight", type=int, default=256, help="requests served at once (429 beyond)"
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=120.0,
+        help="seconds without an answer from the cluster before 504",
+    )
+    p.add_argument(
+        "--max-body-bytes", type=int, default=1024 * 1024, help="largest request body (413 beyond)"
+    )
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
@@ -299,6 +345,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=30.0,
         help="seconds of queued work without progress before reporting error",
     )
+    p.add_argument(
+        "--telemetry-interval",
+        type=float,
+        default=2.0,
+        help="seconds between telemetry, state and heartbeat messages",
+    )
     p.set_defaults(func=cmd_agent)
 
     p = sub.add_parser("orchestrator", help="run the fog orchestrator")
@@ -308,9 +360,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expect-devices", type=int, help="devices to wait for before planning")
     p.add_argument("--plan", help="pin this plan (YAML) while all its devices are present")
     p.add_argument(
-        "--no-export-ranges",
+        "--id",
+        help="this orchestrator's name, unique per instance (default: orchestrator-<host>-<pid>)",
+    )
+    p.add_argument(
+        "--standby",
         action="store_true",
-        help="do not write the plan's layer-range segments into the model directory",
+        help="stand by: take over (no device reloads) when the serving orchestrator dies",
+    )
+    p.add_argument(
+        "--lease-ttl",
+        type=float,
+        default=3.0,
+        help="seconds without a lease renewal after which a standby takes over",
     )
     p.add_argument(
         "--method", default="e2llm", choices=["e2llm", "splitwise", "pipeline", "memprop"]
@@ -372,6 +434,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="e2llm")
     p.add_argument("--cluster", default="demo")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "gateway", help="OpenAI-compatible HTTP API of a cluster (chat, completions, metrics)"
+    )
+    add_broker_args(p)
+    p.add_argument("--model", help="the model directory the cluster serves (chat template)")
+    add_gateway_args(p)
+    p.add_argument("--monitor-username", help="broker user for /metrics (default: --username)")
+    p.add_argument("--monitor-password-file", help="password file of --monitor-username")
+    p.set_defaults(func=cmd_gateway)
+
+    p = sub.add_parser(
+        "up", help="broker, orchestrator, agents and the HTTP API on this machine, until Ctrl-C"
+    )
+    p.add_argument("--agents", type=int, default=2, help="local agent processes (devices)")
+    p.add_argument("--model", help="model directory or source (default: SmolLM2-135M)")
+    p.add_argument(
+        "--broker-kind",
+        choices=["auto", "mosquitto", "embedded"],
+        default="auto",
+        help="Mosquitto when installed (auto), else the embedded pure-Python broker",
+    )
+    p.add_argument("--logs", help="keep every process's log in this directory")
+    p.add_argument("--cluster", default="local")
+    add_gateway_args(p)
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat in the terminal")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="an e2llm gateway (or any OpenAI-compatible server)")
+    where.add_argument("--broker", help="mqtt://host:port of a cluster (no gateway needed)")
+    p.add_argument("--cluster", default="default", help="with --broker")
+    p.add_argument("--username", help="with --broker: broker user")
+    p.add_argument("--password-file", help="with --broker: its password file")
+    p.add_argument("--model", help="with --broker: the model directory (chat template)")
+    p.add_argument("--api-key-file", help="with --url: file holding the API key to send")
+    p.add_argument("--system", help="a system message opening the conversation")
+    p.add_argument("--max-tokens", type=int, default=512, help="longest answer, in tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for an answer")
+    p.set_defaults(func=cmd_chat)
 
     for register in _plugins():
         register(sub)
