@@ -67,6 +67,7 @@ COMMANDS: dict[str, str] = {
     "e2llm export model.gguf --out models/m": RUN,
     "e2llm export path/to/hf-dir --out models/m": RUN,
     "e2llm export --ranges 0-10,10-20,20-30": PARSE,
+    "e2llm export --graph standard": RUN,
     "e2llm export --graph contrib --precision exact --ranges 0-30": PARSE,
     "e2llm export --graph contrib --precision int8 --ranges 0-30": PARSE,
     "e2llm generate Hello --graph contrib --precision exact": RUN,
