@@ -1,6 +1,7 @@
 # e2llm-edge image, two targets:
-#   agent: a device; only the base dependencies (numpy, onnxruntime, msgpack, aiomqtt, pyyaml)
-#   fog:   orchestrator, exporter, monitor (extras "fog": tokenizer, planner GA, rich, onnx)
+#   agent: a device; only the base dependencies (numpy, onnxruntime, onnx, msgpack, aiomqtt,
+#          pyyaml)
+#   fog:   orchestrator, exporter, monitor (extras "fog": tokenizer, planner GA, rich, gguf)
 # docker-compose builds both (compose.yaml); by hand:
 #   docker build --target agent -t e2llm-edge:agent .
 #   docker build --target fog -t e2llm-edge:fog .
