@@ -104,6 +104,7 @@ def child(method: str, model_dir: Path, variant: tuple[str, str], n: int, a: Any
     m = Manifest.load(model_dir)
     gc.collect()
     before = _status()
+    cgroup_before = _cgroup_mb()
     Path("/proc/self/clear_refs").write_text("5")  # reset VmHWM: the peak of this load only
     t0 = time.perf_counter()
     parts = _open(method, model_dir, variant, n)
@@ -141,6 +142,7 @@ def child(method: str, model_dir: Path, variant: tuple[str, str], n: int, a: Any
                 "decoded_mb": after["VmRSS"] - before["VmRSS"],
                 "tok_s": tok_s,
                 "checksum": float(np.abs(out).sum()),
+                "cgroup_before_mb": cgroup_before,
             }
         )
     )
@@ -160,8 +162,52 @@ def onnx_import_cost() -> dict[str, float]:
     return json.loads(out.stdout)  # type: ignore[no-any-return]
 
 
-def run(method: str, model_dir: Path, variant: str, n: int, a: Any) -> dict[str, float]:
-    cmd = [
+CGROUP = Path("/sys/fs/cgroup/memory")
+
+
+def _cgroup_mb() -> float | None:
+    """What this process's memory cgroup (v1) is charged, in MB; None outside one."""
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, path = line.split(":", 2)
+        if "memory" in controllers.split(","):
+            usage = CGROUP / path.lstrip("/") / "memory.usage_in_bytes"
+            return int(usage.read_text()) / 2**20 if usage.exists() else None
+    return None
+
+
+def fits(
+    method: str, model_dir: Path, variant: str, n: int, limit_mb: float | None, a: Any
+) -> tuple[bool, float, float]:
+    """Whether `method` loads and decodes inside a memory cgroup (v1) of `limit_mb` (None:
+    no limit), as a device under a memory limit does; the charge before the load and the
+    cgroup's peak charge, in MB (page cache included: the kernel reclaims it before killing)."""
+    group = CGROUP / f"e2llm-range-bench-{os.getpid()}"
+    group.mkdir()
+    try:
+        if limit_mb is not None:
+            (group / "memory.limit_in_bytes").write_text(str(int(limit_mb * 2**20)))
+
+        def join() -> None:
+            (group / "cgroup.procs").write_text(str(os.getpid()))
+
+        out = subprocess.run(
+            _child_cmd(method, model_dir, variant, n, a),
+            capture_output=True,
+            text=True,
+            timeout=900,
+            preexec_fn=join,
+        )
+        peak = int((group / "memory.max_usage_in_bytes").read_text()) / 2**20
+        if out.returncode:
+            return False, 0.0, peak
+        before = json.loads(out.stdout.strip().splitlines()[-1])["cgroup_before_mb"]
+        return True, before, peak
+    finally:
+        group.rmdir()
+
+
+def _child_cmd(method: str, model_dir: Path, variant: str, n: int, a: Any) -> list[str]:
+    return [
         sys.executable,
         __file__,
         "--child",
@@ -177,7 +223,12 @@ def run(method: str, model_dir: Path, variant: str, n: int, a: Any) -> dict[str,
         "--prompt",
         str(a.prompt),
     ]
-    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900)
+
+
+def run(method: str, model_dir: Path, variant: str, n: int, a: Any) -> dict[str, float]:
+    out = subprocess.run(
+        _child_cmd(method, model_dir, variant, n, a), capture_output=True, text=True, timeout=900
+    )
     if out.returncode:
         raise RuntimeError(f"{method} {variant} {n}: {out.stderr.strip()[-2000:]}")
     return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
@@ -191,6 +242,31 @@ def measure(model_dir: Path, a: Any) -> dict[tuple[str, int, str], list[dict[str
                 for meth in a.methods:
                     res.setdefault((v, n, meth), []).append(run(meth, model_dir, v, n, a))
     return res
+
+
+def cgroup_table(
+    model_dir: Path, res: dict[tuple[str, int, str], list[dict[str, float]]], a: Any
+) -> str:
+    """Each configuration under memory limits of (RSS before the load) + F x (the range's
+    weights, the exported range file's size), for every F of --cgroup."""
+    from onnx_export.manifest import Manifest
+
+    m = Manifest.load(model_dir)
+    lines = [
+        "memory cgroup (v1) limited to its charge before the load + F x the weights; "
+        "peak charge beyond the charge before the load, as a multiple of the weights"
+    ]
+    for v, n, meth in res:
+        (seg,) = m.cover(0, n, *v.split("/"))
+        weights = seg.bytes / 2**20
+        ok, before, peak = fits(meth, model_dir, v, n, None, a)
+        assert ok, (v, n, meth)
+        cells = [f"unlimited: peak {(peak - before) / weights:.2f}x"]
+        for f in a.cgroup:
+            ok, _, _ = fits(meth, model_dir, v, n, before + f * weights, a)
+            cells.append(f"{f}x: {'ok ' if ok else 'OOM'}")
+        lines.append(f"{v:14s} {n:>3d} {meth:8s} {weights:5.0f} MB  " + "  ".join(cells))
+    return "\n".join(lines)
 
 
 def table(res: dict[tuple[str, int, str], list[dict[str, float]]]) -> str:
@@ -227,6 +303,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--steps", type=int, default=64, help="decode steps timed")
     ap.add_argument("--prompt", type=int, default=128, help="tokens in the cache before decoding")
+    ap.add_argument(
+        "--cgroup",
+        default="",
+        help="also run each configuration in a memory cgroup (v1, root) limited to the RSS "
+        "before the load + F x the weights, for each F of this list (e.g. 1.25,1.5,2)",
+    )
     a = ap.parse_args(argv)
     if a.child:
         meth, v, n = a.child
@@ -236,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     a.layers = [int(x) for x in a.layers.split(",")]
     a.methods = a.methods.split(",")
     a.variants = a.variants.split(",")
+    a.cgroup = [float(x) for x in a.cgroup.split(",") if x]
     model_dir = a.model or export_ranges(a.variants, a.layers)
     from machine import cpu_model
 
@@ -244,9 +327,11 @@ def main(argv: list[str] | None = None) -> int:
         f"{a.threads} thread(s); {a.rounds} round(s), medians"
     )
     cost = onnx_import_cost()
-    print(f"import onnx: +{cost['rss_mb']:.0f} MB RSS, {cost['import_s']:.2f} s")
+    print(f"import onnx: +{cost['rss_mb']:.0f} MB RSS, {cost['import_s']:.2f} s", flush=True)
     res = measure(model_dir, a)
-    print(table(res))
+    print(table(res), flush=True)
+    if a.cgroup:
+        print(cgroup_table(model_dir, res, a))
     print(f"load average after: {os.getloadavg()[0]:.2f}")
     return 0
 

@@ -452,8 +452,7 @@ def check_variant(manifest: Manifest, graph: str, precision: str) -> None:
         raise ExportError(
             f"{manifest.directory}: no complete {graph}/{precision} variant "
             f"(have {manifest.variants()}); export it with "
-            f"e2llm export --graph {graph} --precision {precision} "
-            f"--ranges 0-{manifest.config['n_layers']} (one session for all layers)"
+            f"e2llm export --graph {graph} --precision {precision}"
         )
 
 
