@@ -92,12 +92,47 @@ def _open(method: str, model_dir: Path, variant: tuple[str, str], n: int) -> lis
         cache.rmdir()
 
 
+class _Decoder:
+    """A stage of layers [0, n) on `parts`, its cache filled with a random prompt, decoding
+    random hidden states (the speed does not depend on their values)."""
+
+    def __init__(
+        self, m: Any, variant: tuple[str, str], n: int, parts: list[Any], prompt: int, steps: int
+    ) -> None:
+        import numpy as np
+
+        from e2llm_edge.device.fast_runner import FastLayerStack
+        from e2llm_edge.device.runner import LayerStack
+
+        ctx = prompt + steps + 8
+        self.stage: Any
+        if variant[0] == "contrib":
+            self.stage = FastLayerStack(
+                m, 0, n, precision=variant[1], max_batch=0, context=ctx, parts=parts
+            )
+        else:
+            self.stage = LayerStack(m, 0, n, parts=parts)
+        h = int(m.config["hidden_size"])
+        rng = np.random.default_rng(0)
+        self.cache = self.stage.new_cache(ctx)
+        self.stage.run(rng.normal(0, 1, (1, prompt, h)).astype(np.float32), 0, self.cache)
+        self.xs = rng.normal(0, 1, (steps, 1, 1, h)).astype(np.float32)
+        self.done = 0
+
+    def step(self, k: int) -> Any:
+        """k decode steps; the last output."""
+        out = None
+        for x in self.xs[self.done : self.done + k]:
+            out = self.stage.run(x, self.cache.length, self.cache)
+        self.done += k
+        return out
+
+
 def child(method: str, model_dir: Path, variant: tuple[str, str], n: int, a: Any) -> None:
     import numpy as np
     import onnx  # noqa: F401  (imported by every method: the baseline includes it)
 
-    from e2llm_edge.device.fast_runner import FastLayerStack
-    from e2llm_edge.device.runner import LayerStack, configure_threads
+    from e2llm_edge.device.runner import configure_threads
     from onnx_export.manifest import Manifest
 
     configure_threads(a.threads)
@@ -111,22 +146,10 @@ def child(method: str, model_dir: Path, variant: tuple[str, str], n: int, a: Any
     load_s = time.perf_counter() - t0
     gc.collect()
     loaded = _status()
-    stage: Any
-    if variant[0] == "contrib":
-        ctx = a.prompt + a.steps + 8
-        stage = FastLayerStack(m, 0, n, precision=variant[1], max_batch=0, context=ctx, parts=parts)
-    else:
-        stage = LayerStack(m, 0, n, parts=parts)
-    h = int(m.config["hidden_size"])
-    rng = np.random.default_rng(0)
-    cache = stage.new_cache(a.prompt + a.steps + 8)
-    out = stage.run(rng.normal(0, 1, (1, a.prompt, h)).astype(np.float32), 0, cache)
-    steps = rng.normal(0, 1, (a.steps + 4, 1, 1, h)).astype(np.float32)
-    for x in steps[:4]:  # warm-up
-        stage.run(x, cache.length, cache)
+    stage = _Decoder(m, variant, n, parts, a.prompt, a.steps + 4)
+    stage.step(4)  # warm-up
     t1 = time.perf_counter()
-    for x in steps[4:]:
-        out = stage.run(x, cache.length, cache)
+    out = stage.step(a.steps)
     tok_s = a.steps / (time.perf_counter() - t1)
     after = _status()
     print(
@@ -148,6 +171,45 @@ def child(method: str, model_dir: Path, variant: tuple[str, str], n: int, a: Any
     )
 
 
+SPEED_METHODS = ("a", "b", "d", "d-range")  # c-bytes and c-file load d's graph
+
+
+def speed_child(model_dir: Path, variant: tuple[str, str], n: int, a: Any) -> None:
+    """Decode tok/s of every method in one process, in short alternating bursts: on a busy
+    machine the noise then hits all alike (separate processes swung by 30% here)."""
+    from e2llm_edge.device.runner import configure_threads
+    from onnx_export.manifest import Manifest
+
+    configure_threads(a.threads)
+    m = Manifest.load(model_dir)
+    burst = 8
+    bursts = max(1, a.steps // burst) * a.rounds
+    stages = {
+        meth: _Decoder(
+            m, variant, n, _open(meth, model_dir, variant, n), a.prompt, 4 + bursts * burst
+        )
+        for meth in SPEED_METHODS
+    }
+    spent = dict.fromkeys(stages, 0.0)
+    for s in stages.values():
+        s.step(4)  # warm-up
+    for b in range(bursts):
+        order = list(stages)[b % len(stages) :] + list(stages)[: b % len(stages)]
+        for meth in order:
+            t = time.perf_counter()
+            stages[meth].step(burst)
+            spent[meth] += time.perf_counter() - t
+    print(json.dumps({meth: bursts * burst / t for meth, t in spent.items()}))
+
+
+def speed(model_dir: Path, v: str, n: int, a: Any) -> dict[str, float]:
+    cmd = [*_child_cmd("speed", model_dir, v, n, a), "--rounds", str(a.rounds)]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
+    if out.returncode:
+        raise RuntimeError(f"speed {v} {n}: {out.stderr.strip()[-2000:]}")
+    return json.loads(out.stdout.strip().splitlines()[-1])
+
+
 def onnx_import_cost() -> dict[str, float]:
     """RSS and time that `import onnx` adds to a process with numpy and onnxruntime."""
     code = (
@@ -159,7 +221,7 @@ def onnx_import_cost() -> dict[str, float]:
         "'rss_mb': _status()['VmRSS'] - a}))"
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
-    return json.loads(out.stdout)  # type: ignore[no-any-return]
+    return json.loads(out.stdout)
 
 
 CGROUP = Path("/sys/fs/cgroup/memory")
@@ -231,7 +293,7 @@ def run(method: str, model_dir: Path, variant: str, n: int, a: Any) -> dict[str,
     )
     if out.returncode:
         raise RuntimeError(f"{method} {variant} {n}: {out.stderr.strip()[-2000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])  # type: ignore[no-any-return]
+    return json.loads(out.stdout.strip().splitlines()[-1])
 
 
 def measure(model_dir: Path, a: Any) -> dict[tuple[str, int, str], list[dict[str, float]]]:
@@ -257,7 +319,8 @@ def cgroup_table(
         "peak charge beyond the charge before the load, as a multiple of the weights"
     ]
     for v, n, meth in res:
-        (seg,) = m.cover(0, n, *v.split("/"))
+        graph, precision = v.split("/")
+        (seg,) = m.cover(0, n, graph, precision)
         weights = seg.bytes / 2**20
         ok, before, peak = fits(meth, model_dir, v, n, None, a)
         assert ok, (v, n, meth)
@@ -304,6 +367,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--steps", type=int, default=64, help="decode steps timed")
     ap.add_argument("--prompt", type=int, default=128, help="tokens in the cache before decoding")
     ap.add_argument(
+        "--no-speed",
+        dest="speed",
+        action="store_false",
+        help="skip the decode speed of the methods alternating in one process",
+    )
+    ap.add_argument(
         "--cgroup",
         default="",
         help="also run each configuration in a memory cgroup (v1, root) limited to the RSS "
@@ -313,10 +382,13 @@ def main(argv: list[str] | None = None) -> int:
     if a.child:
         meth, v, n = a.child
         graph, precision = v.split("/")
-        child(meth, a.model, (graph, precision), int(n), a)
+        if meth == "speed":
+            speed_child(a.model, (graph, precision), int(n), a)
+        else:
+            child(meth, a.model, (graph, precision), int(n), a)
         return 0
     a.layers = [int(x) for x in a.layers.split(",")]
-    a.methods = a.methods.split(",")
+    a.methods = [x for x in a.methods.split(",") if x]
     a.variants = a.variants.split(",")
     a.cgroup = [float(x) for x in a.cgroup.split(",") if x]
     model_dir = a.model or export_ranges(a.variants, a.layers)
@@ -330,6 +402,16 @@ def main(argv: list[str] | None = None) -> int:
     print(f"import onnx: +{cost['rss_mb']:.0f} MB RSS, {cost['import_s']:.2f} s", flush=True)
     res = measure(model_dir, a)
     print(table(res), flush=True)
+    if a.speed:
+        print(
+            f"decode tok/s, {', '.join(SPEED_METHODS)} alternating in one process "
+            f"({a.rounds} x {a.steps} steps each), and the ratio to a:"
+        )
+        for v in a.variants:
+            for n in a.layers:
+                tps = speed(model_dir, v, n, a)
+                cells = "  ".join(f"{m_} {t:6.1f} ({t / tps['a']:.2f})" for m_, t in tps.items())
+                print(f"{v:14s} {n:>3d}  {cells}", flush=True)
     if a.cgroup:
         print(cgroup_table(model_dir, res, a))
     print(f"load average after: {os.getloadavg()[0]:.2f}")
