@@ -47,6 +47,9 @@ def test_every_method_runs_and_equal_graphs_give_equal_outputs(tmp_path: Path) -
         assert row["sessions"] == (2 if meth == "b" else 1)
         assert row["tok_s"] > 0 and row["peak_mb"] >= row["loaded_mb"] > 0
         assert f"{v:14s}   2 {meth:8s}" in table
+    a = SimpleNamespace(rounds=1, threads=1, steps=8, prompt=4)
+    tps = range_sessions.speed(tmp_path / "m", variants[-1], 2, a)
+    assert list(tps) == list(range_sessions.SPEED_METHODS) and min(tps.values()) > 0
     for v in variants:
         sums = {m: r[0]["checksum"] for (v_, _, m), r in res.items() if v_ == v}
         # composed from per-layer files: the chain's bits; the range file in place: its own
