@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from onnx_export.errors import ExportError
 from onnx_export.manifest import Manifest
@@ -39,6 +39,7 @@ class ChatTokenizer:
             from jinja2.sandbox import ImmutableSandboxedEnvironment
 
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = _raise_exception
             self._template = env.from_string(self.chat_template)
         return str(
             self._template.render(
@@ -53,14 +54,41 @@ class ChatTokenizer:
         text = prompt if raw else self.render_chat([{"role": "user", "content": prompt}])
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
+    def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
+        """A whole conversation through the chat template, ready for the next answer."""
+        return list(self.tokenizer.encode(self.render_chat(messages), add_special_tokens=False).ids)
+
     def decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def encode_raw(self, text: str) -> list[int]:
+        """Ids of text as is (no template, no added special tokens), as the orchestrator
+        encodes a ``raw`` prompt."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+
+def encode_chat(tok: ChatTokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """A whole conversation (``{role, content}`` turns, system/user/assistant) through the
+    model's chat template, ready for the assistant's next turn: the prompt of the gateway's
+    chat completions and of `e2llm chat`. For a single user message it equals
+    ``tok.encode_prompt(content)``, what `e2llm generate` sends."""
+    return tok.encode_raw(tok.render_chat(messages))
+
+
+def _raise_exception(message: str) -> None:
+    """What transformers gives templates to refuse a conversation (e.g. roles that do not
+    alternate); the gateway answers it with a 400 naming the template's message."""
+    raise ValueError(message)
+
+
+class Detokenizer(Protocol):
+    def decode(self, ids: list[int]) -> str: ...
 
 
 class StreamDecoder:
     """Turns a growing list of token ids into text deltas, holding back split UTF-8 chars."""
 
-    def __init__(self, tok: ChatTokenizer) -> None:
+    def __init__(self, tok: Detokenizer) -> None:
         self.tok = tok
         self.ids: list[int] = []
         self.emitted = ""

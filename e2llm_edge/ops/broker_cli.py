@@ -2,7 +2,8 @@
 
 Writes the Mosquitto password file and ACL (``e2llm_edge.ops.broker.init_secrets``), the
 credentials, one ``<user>.password`` file per user for the ``--password-file`` option of
-every command, and a Mosquitto config for running the broker straight on this machine.
+every command, the HTTP gateway's API key (``gateway.api-keys``), and a Mosquitto config
+for running the broker straight on this machine.
 Everything it writes is mode 0600 except the config; ``broker/secrets/`` is gitignored.
 """
 
@@ -10,11 +11,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import sys
 from pathlib import Path
 from typing import Any
-
-import yaml
 
 from e2llm_edge.errors import BrokerError, E2LLMError
 from e2llm_edge.ops.broker import (
@@ -25,27 +25,16 @@ from e2llm_edge.ops.broker import (
     render_config,
 )
 from e2llm_edge.wire import topics
+from planner.inventory import load_inventory
 
 DEFAULT_OUT = Path("broker/secrets")
 
 
 def inventory_devices(path: Path) -> list[str]:
-    """Device ids of an inventory YAML (``devices: [{id: ...}, ...]``)."""
-    try:
-        data = yaml.safe_load(path.read_text())
-    except (OSError, yaml.YAMLError) as exc:
-        raise BrokerError(f"{path}: cannot read inventory: {exc}") from exc
-    devices = data.get("devices") if isinstance(data, dict) else None
-    if not isinstance(devices, list) or not devices:
-        raise BrokerError(f"{path}: field 'devices' must be a non-empty list")
-    ids = []
-    for i, d in enumerate(devices):
-        if not isinstance(d, dict) or not isinstance(d.get("id"), str):
-            raise BrokerError(f"{path}: devices[{i}].id must be a string, got {d!r}")
-        ids.append(topics.check_id(d["id"], f"{path}: devices[{i}].id"))
-    if len(set(ids)) != len(ids):
-        raise BrokerError(f"{path}: device ids must be unique: {ids}")
-    return ids
+    """Device ids of an inventory YAML, checked as the orchestrator checks it (a typo'd
+    field names file, device and field) and usable as MQTT user names and topic ids."""
+    inventory = load_inventory(path, require_costs=False)
+    return [topics.check_id(d.id, f"{path}: device {d.id!r}: id") for d in inventory.devices]
 
 
 def password_file(out_dir: Path, user: str) -> Path:
@@ -63,6 +52,19 @@ def write_password_files(out_dir: Path, creds: Credentials) -> list[Path]:
             f.write(password + "\n")
         written.append(path)
     return written
+
+
+API_KEYS_FILE = "gateway.api-keys"
+"""The gateway's accepted API keys (``e2llm gateway --api-key-file``), one per line."""
+
+
+def write_api_keys(out_dir: Path) -> Path:
+    """One random API key for the HTTP gateway, mode 0600 (add lines to rotate keys)."""
+    path = out_dir / API_KEYS_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"sk-e2llm-{secrets.token_urlsafe(32)}\n")
+    return path
 
 
 def write_local_config(out_dir: Path, port: int = 1883, host: str = "0.0.0.0") -> Path:
@@ -95,6 +97,7 @@ def init(
     creds = init_secrets(out_dir, devices, cluster=cluster, clients=clients)
     files = [out_dir / "passwd", out_dir / "acl", out_dir / "credentials.json"]
     files += write_password_files(out_dir, creds)
+    files.append(write_api_keys(out_dir))
     for f in files[:2]:
         f.chmod(0o600)
     files.append(write_local_config(out_dir))

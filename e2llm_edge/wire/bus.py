@@ -7,6 +7,10 @@ Inbound messages are decoded on arrival and queued in a bounded queue (by count 
 bytes); malformed ones are dropped with a rate-limited log and handed to a callback so
 the caller can answer the requester.
 
+Before the first connection the bus says why the broker cannot be reached (refused,
+unknown host, no answer, TLS): one-shot tools fail at once with that reason
+(``BusConnectError``); services (``wait_for_broker``) log it once and keep retrying.
+
 Timeouts are parameters (not left to callers' ``asyncio.timeout``) because they turn into
 ``BusTimeout`` naming the operation and topic; hence the ASYNC109 waivers.
 
@@ -37,9 +41,11 @@ from aiomqtt.exceptions import MqttConnectError
 
 from e2llm_edge.errors import (
     BusAuthError,
+    BusConnectError,
     BusError,
     BusTimeout,
     CodecError,
+    ConfigError,
     SubscriptionRefused,
     TopicError,
 )
@@ -95,7 +101,12 @@ class BusConfig:
     publish_timeout: float = 10.0
     """Default timeout of ``publish`` (including waiting for a reconnect)."""
     connect_timeout: float = 10.0
-    """How long entering the context keeps trying to reach the broker."""
+    """How long one connection attempt may take, and entering the context at most unless
+    ``wait_for_broker``."""
+    wait_for_broker: bool = False
+    """Before the first connection: False (one-shot tools) raises ``BusConnectError`` with
+    the reason as soon as an attempt fails; True (services, which may start before their
+    broker) logs the reason once and retries with backoff until the broker answers."""
     backoff_initial: float = 0.05
     """First reconnect delay in seconds."""
     backoff_max: float = 2.0
@@ -109,12 +120,20 @@ class BusConfig:
     def from_url(cls, url: str, **overrides: Any) -> BusConfig:
         """``mqtt://[user:password@]host[:port]`` or ``mqtts://...`` (TLS, system CAs)."""
         parts = urlsplit(url)
-        if parts.scheme not in ("mqtt", "mqtts", "tcp"):
-            raise ValueError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
+        if parts.scheme not in ("mqtt", "mqtts", "tcp") or not parts.netloc:
+            raise ConfigError(
+                f"broker URL {url!r}: expected mqtt://host[:port] or mqtts://host[:port]"
+            )
+        try:
+            port = parts.port
+        except ValueError as exc:  # not a number, or outside 0-65535
+            raise ConfigError(f"broker URL {url!r}: bad port ({exc})") from None
+        if not parts.hostname:
+            raise ConfigError(f"broker URL {url!r}: no host name")
         tls = TLSConfig() if parts.scheme == "mqtts" else None
         values: dict[str, Any] = {
-            "host": parts.hostname or "127.0.0.1",
-            "port": parts.port or (8883 if tls else 1883),
+            "host": parts.hostname,
+            "port": port or (8883 if tls else 1883),
             "tls": tls,
         }
         if parts.username:
@@ -254,7 +273,17 @@ class Bus:
             tg.create_task(self._bad_message_worker(), name="bus-bad-messages"),
         ]
         try:
-            await self.wait_connected(self.config.connect_timeout)
+            if self.config.wait_for_broker:
+                await self.wait_connected(None)
+            else:
+                try:
+                    await self.wait_connected(self.config.connect_timeout)
+                except BusTimeout:
+                    raise BusConnectError(
+                        self.config.host,
+                        self.config.port,
+                        f"no answer within {self.config.connect_timeout:.3g} s",
+                    ) from None
         except BaseException:
             await self._shutdown()
             raise
@@ -291,7 +320,8 @@ class Bus:
         return self._up.is_set()
 
     async def wait_connected(self, timeout: float | None = None) -> None:
-        """Wait until connected; BusAuthError if the broker refused the credentials."""
+        """Wait until connected; BusAuthError if the broker refused the credentials,
+        BusConnectError if it could not be reached at first (unless ``wait_for_broker``)."""
         up = asyncio.ensure_future(self._up.wait())
         fatal = asyncio.ensure_future(self._fatal_event.wait())
         try:
@@ -515,7 +545,7 @@ class Bus:
                 tls_context.load_cert_chain(cfg.tls.certfile, cfg.tls.keyfile)
             if cfg.tls.insecure:
                 tls_context.check_hostname = False
-        return aiomqtt.Client(
+        client = aiomqtt.Client(
             cfg.host,
             cfg.port,
             username=cfg.username,
@@ -531,9 +561,13 @@ class Bus:
             max_queued_incoming_messages=cfg.queue_size * 4,
             logger=logging.getLogger(__name__ + ".mqtt"),
         )
+        # paho's TCP connect has its own 5 s limit; one limit per attempt is less surprising
+        client._client.connect_timeout = cfg.connect_timeout
+        return client
 
     async def _connection_loop(self) -> None:
         delay = self.config.backoff_initial
+        last_reason: str | None = None
         while not self._closing:
             conn: _Connection | None = None
             try:
@@ -545,6 +579,11 @@ class Bus:
                     self._up.set()
                     self.stats.connects += 1
                     delay = self.config.backoff_initial
+                    if last_reason is not None:  # close the warning the user saw
+                        last_reason = None
+                        log.warning(
+                            "the broker at %s:%d answers now", self.config.host, self.config.port
+                        )
                     log.info(
                         "connected to %s:%d as %s (connect #%d)",
                         self.config.host,
@@ -554,14 +593,35 @@ class Bus:
                     )
                     async for raw in client.messages:
                         self._dispatch(raw)
-            except MqttConnectError as exc:
-                if _rc_value(exc) in _AUTH_CODES and self.stats.connects == 0:
-                    self._fatal = BusAuthError(self.config.username, str(exc))
-                    self._fatal_event.set()
-                    return
-                self._ratelog.warning("connect", "broker refused connection: %s", exc)
+            except asyncio.CancelledError:
+                if conn is None:
+                    _abandon_connect(client)
+                raise
             except (aiomqtt.MqttError, BusError) as exc:
-                self._ratelog.warning("connect", "broker connection lost or failed: %s", exc)
+                cfg = self.config
+                if self.stats.connects == 0:
+                    if isinstance(exc, MqttConnectError) and _rc_value(exc) in _AUTH_CODES:
+                        where = f"broker at {cfg.host}:{cfg.port}"
+                        self._fatal = BusAuthError(cfg.username, f"{exc} ({where})")
+                        self._fatal_event.set()
+                        return
+                    reason = connect_failure(exc, cfg.connect_timeout)
+                    if not cfg.wait_for_broker:
+                        self._fatal = BusConnectError(cfg.host, cfg.port, reason)
+                        self._fatal_event.set()
+                        return
+                    if reason != last_reason:  # one line per cause, not one per attempt
+                        last_reason = reason
+                        log.warning(
+                            "cannot reach the broker at %s:%d: %s; retrying until it answers",
+                            cfg.host,
+                            cfg.port,
+                            reason,
+                        )
+                elif isinstance(exc, MqttConnectError):
+                    self._ratelog.warning("connect", "broker refused connection: %s", exc)
+                else:
+                    self._ratelog.warning("connect", "broker connection lost or failed: %s", exc)
             finally:
                 self._up.clear()
                 self._conn = None
@@ -618,6 +678,46 @@ async def _until_lost(coro: Coroutine[Any, Any, None], lost: asyncio.Event) -> N
         work.result()
         return
     raise _ConnectionLost
+
+
+def connect_failure(exc: BaseException, timeout: float) -> str:
+    """Why a connection attempt failed, in words a user can act on.
+
+    aiomqtt turns the socket's OSError into a bare MqttError (``raise ... from None``);
+    the original stays reachable as the exception's context, and its type is what tells a
+    refused connection from an unknown host, a silent one or a TLS failure.
+    """
+    cause: BaseException | None = exc
+    for _ in range(4):
+        if cause is None or isinstance(cause, OSError):
+            break
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, socket.gaierror):
+        return f"unknown host ({cause.strerror})"
+    if isinstance(cause, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(cause, TimeoutError):
+        return f"no answer within {timeout:.3g} s"
+    if isinstance(cause, ssl.SSLError):
+        return f"TLS failed: {cause.reason or cause}"
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror[0].lower() + cause.strerror[1:]
+    if isinstance(exc, MqttConnectError):
+        return f"the broker refused the connection: {exc}"
+    if "timed out" in str(exc):  # TCP connected but no CONNACK: not an MQTT broker?
+        return f"no MQTT answer within {timeout:.3g} s (is it an MQTT broker?)"
+    return str(exc) or type(exc).__name__
+
+
+def _abandon_connect(client: aiomqtt.Client) -> None:
+    """Close a client whose connect was cancelled before the CONNACK.
+
+    aiomqtt keeps the socket registered and its CONNACK future cancelled; the socket's next
+    event then calls ``exception()`` on that future and asyncio logs a traceback. Closing
+    the socket and resetting the future (as aiomqtt does after a failed connect) avoids it.
+    """
+    client._connected = asyncio.get_running_loop().create_future()
+    client._client._sock_close()
 
 
 def _rc_value(exc: aiomqtt.MqttCodeError) -> int:
