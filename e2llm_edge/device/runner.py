@@ -60,11 +60,13 @@ def make_session(
     *,
     profile: str | None = None,
     external_dir: Path | None = None,
+    name: str | None = None,
 ) -> Any:
     """An InferenceSession with the process's thread settings (a file path or model bytes).
     `profile`: a file prefix; onnxruntime then records every operator's time
     (`session.end_profiling()` writes the JSON, `bench/op_profile.py` reads it).
-    `external_dir`: where the external data of a model given as bytes lives.
+    `external_dir`: where the external data of a model given as bytes lives; `name`: what
+    an error calls the model (default: its path).
 
     One thread: no pool, each run executes on the calling thread. More: a per-session pool
     that spins during a run (between operators) and sleeps as soon as the run ends, so an
@@ -93,7 +95,7 @@ def make_session(
         src = path if isinstance(path, bytes) else str(path)
         return ort.InferenceSession(src, sess_options=so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
-        where = "<model bytes>" if isinstance(path, bytes) else path
+        where = name or ("<model bytes>" if isinstance(path, bytes) else path)
         raise ExportError(f"{where}: onnxruntime cannot load it ({exc})") from exc
 
 
@@ -110,7 +112,9 @@ def open_segments(
     directory (`e2llm_edge.device.ranges`); with `verify`, every file is checked against the
     manifest's sha256 first."""
     model, folder = compose(manifest, segments, verify=verify)
-    return make_session(model, threads, profile=profile, external_dir=folder)
+    files = [manifest.path(s) for s in segments]
+    name = str(files[0]) if len(files) == 1 else f"{files[0]} .. {files[-1].name}"
+    return make_session(model, threads, profile=profile, external_dir=folder, name=name)
 
 
 @dataclass(frozen=True)

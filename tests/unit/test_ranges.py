@@ -5,6 +5,8 @@ file named."""
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import shutil
 from pathlib import Path
 
@@ -163,8 +165,24 @@ def test_bad_files_are_named(tiny_dir: Path, tmp_path: Path) -> None:
         _stage(m, 0, 3, v, prefer_ranges=False)
     with pytest.raises(ExportError, match="not contiguous"):
         compose(m, [m.segment("layer_00"), m.segment("layer_02")])
-    with pytest.raises(ExportError, match="not a layer segment"):
-        compose(m, [m.segment("embed"), m.segment("layer_00")])
+    # files that match the manifest but onnxruntime refuses, or are no model at all
+    shutil.copyfile(tiny_dir / "layer_01.onnx", m.path(seg))
+    bad = onnx.load(str(m.path(m.segment("layer_02"))))
+    bad.graph.node[0].op_type = "NoSuchOperator"
+    cases = [
+        ("layer_02", bad.SerializeToString(), r"layer_00\.onnx \.\. layer_02\.onnx: onnxruntime"),
+        ("layer_01", b"\xff" * 64, r"layer_01\.onnx: not an ONNX model"),
+    ]
+    for name, data, error in cases:
+        m.path(m.segment(name)).write_bytes(data)
+        m.segments = [
+            dataclasses.replace(s, bytes=len(data), sha256=hashlib.sha256(data).hexdigest())
+            if s.name == name
+            else s
+            for s in m.segments
+        ]
+        with pytest.raises(ExportError, match=error):
+            _stage(m, 0, 3, v, prefer_ranges=False)
 
 
 def test_segment_files_linked_from_one_other_folder(tiny_dir: Path, tmp_path: Path) -> None:
