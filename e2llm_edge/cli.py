@@ -184,8 +184,10 @@ def read_password_file(path: str) -> str:
 def _bus_config(
     args: argparse.Namespace, client_id: str | None = None, *, service: bool = False
 ) -> BusConfig:
-    """The broker settings from the flags. A ``service`` (agent, orchestrator) waits for a
-    broker that is not up yet; one-shot commands fail at once with the reason."""
+    """The broker settings from the flags: TLS with ``--identity DIR`` (its certificate's
+    name is the user name), or ``--username``/``--password-file`` (the plaintext lab mode).
+    A ``service`` (agent, orchestrator) waits for a broker that is not up yet; one-shot
+    commands fail at once with the reason."""
     from e2llm_edge.wire.bus import BusConfig
 
     over: dict[str, object] = {"cluster": args.cluster, "wait_for_broker": service}
@@ -195,7 +197,29 @@ def _bus_config(
         over["username"] = args.username
     if getattr(args, "password_file", None):
         over["password"] = read_password_file(args.password_file)
-    return BusConfig.from_url(args.broker, **over)
+    identity = getattr(args, "identity", None)
+    if identity:
+        _check_identity(args, identity)
+    return BusConfig.from_url(args.broker, identity=identity, **over)
+
+
+def _check_identity(args: argparse.Namespace, identity: str) -> None:
+    """An identity used where the ACL will deny it everything is refused here, in words:
+    another cluster's, a device's for another device, the orchestrator's role."""
+    from e2llm_edge.errors import BusTLSError
+    from e2llm_edge.wire.tls import read_identity
+
+    info = read_identity(identity)
+    name, role, cluster = info["name"], info.get("role"), info.get("cluster")
+    why = None
+    if cluster and cluster != args.cluster:
+        why = f"is for cluster {cluster!r}, not {args.cluster!r}: pass --cluster {cluster}"
+    elif args.command == "agent" and name != args.device_id:
+        why = f"is {name!r}, not device {args.device_id!r}"
+    elif args.command == "orchestrator" and role and role != "orchestrator":
+        why = f"is the {role} {name!r}, not the orchestrator"
+    if why:
+        raise BusTLSError("bad_identity", args.broker, f"identity {identity} {why}")
 
 
 def _link(args: argparse.Namespace) -> Any:
@@ -359,10 +383,20 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_broker_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--broker", required=required, help="mqtt://host:port (mqtts:// for TLS)")
+    p.add_argument("--broker", required=required, help="mqtts://host:8883 (mqtt:// for a lab)")
     p.add_argument("--cluster", default="default", help="topics live under e2llm/<cluster>/")
-    p.add_argument("--username", help="broker user (default: anonymous)")
-    p.add_argument("--password-file", help="file holding the broker password")
+    add_login_args(p)
+
+
+def add_login_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--identity",
+        metavar="DIR",
+        help="this process's identity directory from `e2llm broker init` "
+        "(ca.crt, client.crt, client.key): TLS with a client certificate",
+    )
+    p.add_argument("--username", help="broker user, plaintext lab mode (default: anonymous)")
+    p.add_argument("--password-file", help="file holding the broker password (lab mode)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -389,10 +423,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate locally, or on a cluster with --broker")
     add_generate_args(p)
     add_run_args(p)
-    p.add_argument("--broker", help="mqtt://[user:pass@]host:port of a running cluster")
+    p.add_argument("--broker", help="mqtts://host:8883 of a running cluster")
     p.add_argument("--cluster", default="default")
-    p.add_argument("--username", help="broker user (with --broker; also the client id)")
-    p.add_argument("--password-file", help="file holding the broker password")
+    add_login_args(p)
     p.add_argument(
         "--timeout", type=positive_float, default=120.0, help="seconds to wait for the answer"
     )
@@ -507,9 +540,16 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         default="Explain in two sentences why small devices can serve a language model together.",
     )
-    p.add_argument("--broker", help="use a running broker instead of starting one")
+    p.add_argument("--broker", help="use a running broker (anonymous) instead of starting one")
     p.add_argument(
-        "--mosquitto", action="store_true", help="start Mosquitto (default: the embedded broker)"
+        "--mosquitto",
+        action="store_true",
+        help="require Mosquitto (the default when installed: TLS, a certificate per process)",
+    )
+    p.add_argument(
+        "--embedded",
+        action="store_true",
+        help="the embedded pure-Python broker instead (plaintext on loopback, no ACL)",
     )
     p.add_argument("--inventory", help="devices to start (default: the bundled 4-device one)")
     p.add_argument("--model", help="model directory (default: the exported default model)")
@@ -527,7 +567,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_broker_args(p)
     p.add_argument("--model", help="the model directory the cluster serves (chat template)")
     add_gateway_args(p)
-    p.add_argument("--monitor-username", help="broker user for /metrics (default: --username)")
+    p.add_argument(
+        "--monitor-identity",
+        metavar="DIR",
+        help="identity for /metrics, read from the monitor topics (default: --identity)",
+    )
+    p.add_argument("--monitor-username", help="lab mode: broker user for /metrics")
     p.add_argument("--monitor-password-file", help="password file of --monitor-username")
     p.set_defaults(func=cmd_gateway)
 
@@ -550,10 +595,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive multi-turn chat in the terminal")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--url", help="an e2llm gateway (or any OpenAI-compatible server)")
-    where.add_argument("--broker", help="mqtt://host:port of a cluster (no gateway needed)")
+    where.add_argument("--broker", help="mqtts://host:8883 of a cluster (no gateway needed)")
     p.add_argument("--cluster", default="default", help="with --broker")
-    p.add_argument("--username", help="with --broker: broker user")
-    p.add_argument("--password-file", help="with --broker: its password file")
+    add_login_args(p)
     p.add_argument("--model", help="with --broker: the model directory (chat template)")
     p.add_argument("--api-key-file", help="with --url: file holding the API key to send")
     p.add_argument("--system", help="a system message opening the conversation")
@@ -584,6 +628,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
     try:
         return int(args.func(args))
     except KeyboardInterrupt:

@@ -77,6 +77,24 @@ class BusAuthError(BusError):
         super().__init__(f"broker refused user {username!r}: {reason}")
 
 
+class BusTLSError(BusError):
+    """A TLS link to the broker failed in a way retrying will not mend: its certificate is
+    not from our CA, has expired or names another host; or the broker refused ours.
+
+    ``problem`` is a stable code (``unknown_ca``, ``expired``, ``host_mismatch``,
+    ``client_unknown_ca``, ``client_expired``, ``client_revoked``, ``client_rejected``,
+    ``no_client_certificate``, ``bad_identity``, ``expects_tls``); ``broker`` is
+    ``host:port``; ``path`` the file to look at, when one is to blame.
+    """
+
+    def __init__(self, problem: str, broker: str, reason: str, *, path: str | None = None) -> None:
+        self.problem = problem
+        self.broker = broker
+        self.reason = reason
+        self.path = path
+        super().__init__(f"TLS with broker {broker}: {reason}")
+
+
 class SubscriptionRefused(BusError):
     """The broker answered a SUBSCRIBE with a failure code (usually an ACL denial)."""
 

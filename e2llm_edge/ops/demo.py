@@ -1,8 +1,10 @@
 """`e2llm demo`: a whole cluster on one machine, in one command.
 
-A broker (the embedded one unless `--mosquitto` or `--broker`), the orchestrator and one
-agent per device of the bundled inventory, each its own process (`LocalCluster`); then a
-prompt is answered and the plan, waiting time, time to first token and tokens/s printed.
+A broker, the orchestrator and one agent per device of the bundled inventory, each its
+own process (`LocalCluster`); then a prompt is answered and the plan, waiting time, time
+to first token and tokens/s printed. The broker is Mosquitto with TLS and a certificate
+per process (a throwaway CA), as deployed; without Mosquitto (or with `--embedded`), the
+embedded pure-Python broker, plaintext on loopback.
 """
 
 from __future__ import annotations
@@ -19,6 +21,8 @@ import yaml
 
 from e2llm_edge.client import Client, GenerationError, collect
 from e2llm_edge.device.profile import load_or_measure_profile
+from e2llm_edge.errors import BrokerError
+from e2llm_edge.ops.broker import find_mosquitto
 from e2llm_edge.ops.localcluster import LocalCluster
 from e2llm_edge.params import GenerationParams, check_prompt
 from e2llm_edge.wire.bus import Bus, BusConfig
@@ -68,18 +72,23 @@ def run_demo(args: argparse.Namespace, model_dir: Path, inventory: dict[str, Any
         threads=1,
         on_measure=lambda: print("profiling this machine once (cached for the agents)..."),
     )
-    kind = "mosquitto" if args.mosquitto else "embedded"
+    kind = _broker_kind(args)
     with LocalCluster(
         model_dir,
         inventory,
         broker_url=args.broker,
         broker_kind=kind,
+        tls=kind == "mosquitto",
         cluster=args.cluster,
         orchestrator_args=["--method", args.method, "--mean-output", str(args.max_new_tokens)],
         verbose=True,
     ) as cluster:
+        how = {
+            "mosquitto": "Mosquitto, TLS with a client certificate per process",
+            "embedded": "embedded broker, plaintext on loopback",
+        }[kind]
         print(
-            f"broker: {cluster.broker_url} ({'given' if args.broker else kind}); "
+            f"broker: {cluster.broker_url} ({'given' if args.broker else how}); "
             f"{len(inventory['devices'])} agents starting..."
         )
         try:
@@ -101,8 +110,22 @@ async def _reachable(cfg: BusConfig) -> None:
         pass
 
 
+def _broker_kind(args: argparse.Namespace) -> str:
+    """Mosquitto (TLS) when it is installed or asked for; else the embedded broker."""
+    if args.embedded:
+        return "embedded"
+    try:
+        find_mosquitto()
+    except BrokerError:
+        if args.mosquitto:
+            raise
+        print("Mosquitto not found: using the embedded broker (plaintext, no ACL)")
+        return "embedded"
+    return "mosquitto"
+
+
 async def _ask(cluster: LocalCluster, args: argparse.Namespace) -> int:
-    async with Client(cluster.bus_config()) as client:
+    async with Client(cluster.bus_config("client")) as client:
         print(f"\nprompt: {args.prompt}")
         if args.requests > 1:
             print(

@@ -73,16 +73,23 @@ COMMANDS: dict[str, str] = {
     "e2llm generate 'What is the capital of France?' --max-new-tokens 32": RUN,
     "e2llm generate 'Once upon a time' --raw --json": RUN,
     "e2llm generate 'Tell me a joke' --temperature 0.8 --top-p 0.9 --seed 7": RUN,
-    "e2llm broker init --devices devices.yaml": RUN,
+    "e2llm broker init --devices devices.yaml --host fog": RUN,
     "mosquitto -c broker/secrets/mosquitto.local.conf": BROKER,
-    "e2llm orchestrator --broker mqtt://fog:1883 --inventory devices.yaml --username "
-    "orchestrator --password-file broker/secrets/orchestrator.password": LOGIN,
-    "e2llm agent --broker mqtt://fog:1883 --device-id pi-a --memory-mb 400 --username pi-a "
-    "--password-file pi-a.password": LOGIN,
-    "e2llm generate --broker mqtt://fog:1883 --username client --password-file "
-    "broker/secrets/client.password Hello": LOGIN,
-    "e2llm monitor --broker mqtt://fog:1883 --username monitor --password-file "
-    "broker/secrets/monitor.password": LOGIN,
+    "e2llm orchestrator --broker mqtts://fog:8883 --identity broker/secrets/identities/"
+    "orchestrator --inventory devices.yaml": LOGIN,
+    "e2llm agent --broker mqtts://fog:8883 --identity ./pi-a --device-id pi-a "
+    "--memory-mb 400": LOGIN,
+    "e2llm generate --broker mqtts://fog:8883 --identity broker/secrets/identities/client "
+    "Hello": LOGIN,
+    "e2llm monitor --broker mqtts://fog:8883 --identity broker/secrets/identities/monitor": LOGIN,
+    "e2llm broker init --devices devices.yaml --host fog --host 192.168.1.10": RUN,
+    "e2llm broker add-device pi-c": RUN,
+    "e2llm broker revoke pi-b": RUN,
+    "e2llm broker renew pi-a": RUN,
+    "e2llm broker renew broker --host fog.lan": RUN,
+    "docker-compose exec mosquitto sh /e2llm/broker.sh reload": COMPOSE,
+    ".venv/bin/python bench/mqtt_roundtrip.py --tls": BENCH,
+    ".venv/bin/python bench/tls_cost.py": BENCH,
     "e2llm plan --inventory devices.yaml --prompt-tokens 256 --output-tokens 128 --rate 0.5 "
     "--manifest '~/.cache/e2llm/models/smollm2-135m-instruct-q4_1/manifest.yaml'": RUN,
     "e2llm simulate --out runs/simulate": PARSE,
@@ -90,8 +97,8 @@ COMMANDS: dict[str, str] = {
     "e2llm broker init --devices e2llm_edge/examples/demo-devices.yaml": RUN,
     "docker-compose up -d --build": COMPOSE,
     "docker-compose ps": COMPOSE,
-    "docker-compose run --rm client e2llm generate --broker mqtt://mosquitto:1883 --username "
-    "client --password-file /run/e2llm-secrets/client.password 'Why is the sky blue?'": COMPOSE,
+    "docker-compose run --rm client e2llm generate --broker mqtts://mosquitto:8883 --identity "
+    "/run/e2llm-secrets/identities/client 'Why is the sky blue?'": COMPOSE,
     "docker-compose run --rm monitor": COMPOSE,
     "docker-compose down": COMPOSE,
     ".venv/bin/python bench/local_decode.py": BENCH,
@@ -108,10 +115,9 @@ COMMANDS: dict[str, str] = {
     "bash scripts/setup.sh": SUITE,
     ".venv/bin/e2llm up": PARSE,
     "e2llm up --agents 2 --port 8000": PARSE,
-    "e2llm gateway --broker mqtt://fog:1883 --host 0.0.0.0 --port 8000 --api-key-file "
-    "broker/secrets/gateway.api-keys --username client --password-file "
-    "broker/secrets/client.password --monitor-username monitor --monitor-password-file "
-    "broker/secrets/monitor.password": PARSE,
+    "e2llm gateway --broker mqtts://fog:8883 --host 0.0.0.0 --port 8000 --api-key-file "
+    "broker/secrets/gateway.api-keys --identity broker/secrets/identities/client "
+    "--monitor-identity broker/secrets/identities/monitor": PARSE,
     "e2llm chat --url http://fog:8000 --api-key-file broker/secrets/gateway.api-keys": PARSE,
 }
 
@@ -135,9 +141,9 @@ PLACEHOLDERS = {
     "devices.yaml": "your inventory: a copy of e2llm_edge/examples/demo-devices.yaml",
     "model.gguf": "any Llama-family GGUF: the tiny one of tests/tiny_model.py",
     "path/to/hf-dir": "a Hugging Face directory: the same tiny model in that form",
-    "pi-a.password": "the device's copy of broker/secrets/pi-a.password",
+    "./pi-a": "the device's copy of broker/secrets/identities/pi-a/",
     "~/.cache/e2llm": "HOME is a fresh directory whose .cache/e2llm is this run's cache",
-    "fog:1883": "the fog node: 127.0.0.1 and the port the README's Mosquitto listens on",
+    "fog:8883": "the fog node: 127.0.0.1 and the port the README's Mosquitto listens on",
 }
 """What stands in for the names a reader supplies."""
 
@@ -147,7 +153,7 @@ EXPECT = {
     "e2llm export model.gguf --out models/m": r"models/m: 5 segments",
     "e2llm export path/to/hf-dir --out models/m": r"models/m: 5 segments",
     "e2llm generate 'Once upon a time' --raw --json": r'^\{"prompt_ids": \[.*"new_ids": \[',
-    "e2llm broker init --devices devices.yaml": r"users: device: pi-a, pi-b, jetson, minipc",
+    "e2llm broker init --devices devices.yaml": r"identities: device: pi-a, pi-b, jetson, minipc",
     "e2llm plan --inventory devices.yaml": r"(?m)^replicas:",
 }
 """A pattern the stdout of a RUN command must contain (by command prefix)."""
@@ -345,7 +351,7 @@ def _broker(c: Command, cwd: Path, env: dict[str, str]) -> Iterator[int]:
     argv = shlex.split(c.key)
     conf = cwd / argv[argv.index("-c") + 1]
     port = free_port()
-    conf.write_text(re.sub(r"(?m)^listener 1883 ", f"listener {port} ", conf.read_text()))
+    conf.write_text(re.sub(r"(?m)^listener 8883\b", f"listener {port}", conf.read_text()))
     proc = subprocess.Popen(
         ["bash", "-c", c.text],
         cwd=cwd,
@@ -372,9 +378,9 @@ def _broker(c: Command, cwd: Path, env: dict[str, str]) -> Iterator[int]:
 
 async def _login(c: Command, cwd: Path, port: int) -> None:
     args = parse_e2llm(shlex.split(c.key))
-    args.broker = args.broker.replace("fog:1883", f"127.0.0.1:{port}")
-    if args.password_file:
-        args.password_file = str(cwd / args.password_file)
+    args.broker = args.broker.replace("fog:8883", f"127.0.0.1:{port}")
+    if args.identity:
+        args.identity = str(cwd / args.identity)
     async with Bus(_bus_config(args), publish_will_on_close=False) as bus:
         assert bus.connected
 
@@ -406,8 +412,8 @@ def test_readme_commands_run_as_written(
                     port = stack.enter_context(_broker(c, cwd, env))
                 elif kind == LOGIN:
                     assert port is not None, f"README: `{c.text}` comes before its broker"
-                    if c.key.startswith("e2llm agent"):  # on the device, its copied file
-                        shutil.copy(cwd / "broker/secrets/pi-a.password", cwd / "pi-a.password")
+                    if c.key.startswith("e2llm agent"):  # on the device, its copied identity
+                        shutil.copytree(cwd / "broker/secrets/identities/pi-a", cwd / "pi-a")
                     asyncio.run(_login(c, cwd, port))
                 else:
                     continue
