@@ -13,13 +13,12 @@ no cache grows with the plans a device sees.
 
 Why this way (bench/range_sessions.py on the default model, onnxruntime 1.32): onnxruntime
 copies initializers embedded in a model but reads external data straight into place. In a
-memory cgroup a stage loaded so peaks at 1.13x its weights (30 fp32 layers, 405 MB) and
-loads under a limit of 1.25x; an exported range file loaded by path needs 1.47x (1.8x
-resident after), chained per-layer sessions 1.7x, a composed graph with the weights copied
-in 3x. Decode speed, measured alternating in one process: fp32 as fast as the range file,
-contrib 5% slower from per-layer files (the range fuses each layer's last residual add into
-the next layer's norm, per-layer files cannot) and as fast when a range file is present;
-chained per-layer sessions were 15% slower (contrib).
+memory cgroup a stage loaded so peaked at 1.11-1.14x its weights (fp32, 15 and 30 layers)
+and loaded under a limit of 1.25x; an exported range file loaded by path needed 1.34x
+(contrib 1.9x), chained per-layer sessions 1.6x (contrib 3.8x: each file's rotary tables),
+a composed graph with the weights copied in 3x. Decode, alternating in one process, was
+as fast as the range file loaded by path or faster (fp32 1.04-1.16x, contrib 0.94-1.03x
+over two runs); chained per-layer sessions were 12-15% slower (contrib).
 """
 
 from __future__ import annotations
