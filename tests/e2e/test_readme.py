@@ -107,6 +107,7 @@ COMMANDS: dict[str, str] = {
     ".venv/bin/python bench/agreement.py": BENCH,
     ".venv/bin/python bench/op_profile.py": BENCH,
     ".venv/bin/python bench/distributed_decode.py": BENCH,
+    ".venv/bin/python bench/range_sessions.py": BENCH,
     ".venv/bin/python bench/planner_bench.py": BENCH,
     ".venv/bin/python bench/mqtt_roundtrip.py": BENCH,
     ".venv/bin/python bench/chaos.py": BENCH,
