@@ -120,6 +120,10 @@ class FogConfig:
     regroup_after: float = 30.0
     replay_cache: int = 512
     summary_every_s: float = 2.0
+    will_grace_s: float = 0.4
+    """A device's last-will counts once we are still connected this long after it: a
+    broker shutting down publishes every client's will just before it drops us too, and
+    that must not look like every device dying at once (a re-plan at each broker restart)."""
 
 
 # --------------------------------------------------------------------------- events
@@ -374,6 +378,8 @@ class FogCore:
         reload) while all its devices are present."""
         self.inherit_until = 0.0
         """How long to wait for the inherited plan's devices before planning anew."""
+        self.offline_since: dict[str, float] = {}
+        """Devices whose last-will came, not yet acted on (`FogConfig.will_grace_s`)."""
         self.started = started
         self.phase = PlanPhase.NONE
         self.plan: Plan | None = None
@@ -429,9 +435,12 @@ class FogCore:
         self.registry.state(dev, msg, self.now, retained=ev.retained)
         watched = dev in self._watched()
         if msg.status == DeviceStatus.OFFLINE:
-            if watched:
+            if watched and not ev.retained:
+                self.offline_since.setdefault(dev, self.now)  # acted on after the grace
+            elif watched:
                 self._lost(dev, "went offline")
             return
+        self.offline_since.pop(dev, None)
         if msg.status in (DeviceStatus.ERROR, DeviceStatus.STUCK):
             if watched:
                 self._lost(dev, f"reported {msg.status.value}: {msg.last_error}")
@@ -1092,6 +1101,12 @@ class FogCore:
     # ------------------------------------------------------------------ time
 
     def _on_tick(self, ev: Tick) -> None:
+        for dev, since in list(self.offline_since.items()):
+            if self.now - since >= self.cfg.will_grace_s:
+                del self.offline_since[dev]
+                if dev in self._watched():
+                    self._lost(dev, "went offline")
+                    self._dispatch()  # restart on the survivors before any re-plan
         for dev, quiet in self.registry.silent(
             self._watched(), self.now, self.cfg.heartbeat_timeout
         ):
@@ -1119,6 +1134,9 @@ class FogCore:
         )
         self.confirm_after = self.now
         self.registry.touch_all(self.now)
+        # wills seen just before our own disconnect were the broker shutting down; a
+        # device that really died stays silent and times out
+        self.offline_since.clear()
         if self.plan is not None and self.phase == PlanPhase.SERVING:
             self.phase = PlanPhase.LOADING
         self._requeue(lambda r: True, "broker connection lost", fault=False)

@@ -27,21 +27,26 @@ class LeaseView:
     """Local time the holder last renewed (None: never seen one)."""
     holder_gone: bool = False
     """The holder's last-will (or a clean release) says it no longer serves."""
+    gone_at: float = 0.0
+    will_grace_s: float = 0.4
+    """A will counts once we are still connected this long after it: a broker shutting
+    down publishes the holder's will just before it drops us too."""
 
     def seen_lease(self, lease: OrchestratorLease, now: float) -> None:
         if lease.epoch < self.epoch:
             return  # a stale retained copy
         self.holder, self.epoch, self.ttl_s = lease.holder, lease.epoch, lease.ttl_s
         self.renewed_at = now
-        self.holder_gone = lease.released
+        self.holder_gone, self.gone_at = lease.released, now - self.will_grace_s
 
-    def seen_state(self, state: OrchestratorState) -> None:
+    def seen_state(self, state: OrchestratorState, now: float) -> None:
         if (
             state.status == "offline"
             and state.orchestrator_id == self.holder
             and (state.epoch in (0, self.epoch))
+            and not self.holder_gone
         ):
-            self.holder_gone = True
+            self.holder_gone, self.gone_at = True, now
 
     def reconnected(self, now: float) -> None:
         """We were cut off from the broker (e.g. it restarted): renewals we missed prove
@@ -59,7 +64,7 @@ class LeaseView:
         if self.holder is None:
             return now - started >= wait_s
         if self.holder_gone:
-            return True
+            return now - self.gone_at >= self.will_grace_s
         return self.renewed_at is None or now - self.renewed_at > self.ttl_s
 
     def next_epoch(self) -> int:

@@ -189,7 +189,7 @@ class Orchestrator:
                     # our own reconnect (a broker restart) says nothing of the holder
                     connects = bus.stats.connects
                     self.lease.reconnected(time.monotonic())
-                if self.lease.vacant(
+                if bus.connected and self.lease.vacant(
                     time.monotonic(), started=started, wait_s=2 * self.cfg.lease_ttl_s
                 ):
                     log.warning(
@@ -204,7 +204,7 @@ class Orchestrator:
         if isinstance(env.msg, m.OrchestratorLease):
             self.lease.seen_lease(env.msg, time.monotonic())
         elif isinstance(env.msg, m.OrchestratorState):
-            self.lease.seen_state(env.msg)
+            self.lease.seen_state(env.msg, time.monotonic())
 
     async def _serve(self) -> None:
         will = Will(

@@ -183,11 +183,14 @@ class FogDriver:
             self.down.add(dev)
         else:
             self.down.discard(dev)
-        return self.feed(
+        out = self.feed(
             c.DeviceStateSeen(
                 dev, m.DeviceState(device_id=m.DeviceId(dev), status=status, plan_version=version)
             )
         )
+        if status == DeviceStatus.OFFLINE:  # a last-will counts once the grace has passed
+            out += self.feed(c.Tick(), self.cfg.will_grace_s + 0.01)
+        return out
 
     def ready(self, plan: Plan, devices: set[str] | None = None) -> None:
         for s in sorted(d for r in plan.replicas for d in (x.device_id for x in r.stages)):

@@ -429,3 +429,31 @@ def test_devices_moved_on_by_another_orchestrator_stop_dispatch_without_burning_
     d2.state("d0", DeviceStatus.READY, version=2)
     assert d2.core.phase == c.PlanPhase.LOADING
     assert d2.core.requests["r2"].status == c.RequestStatus.QUEUED
+
+
+def test_wills_from_a_broker_shutting_down_are_not_device_losses() -> None:
+    """A broker that stops publishes every client's last-will, then drops us: if our own
+    reconnect follows within the grace, nobody was lost and nothing is re-planned; a will
+    with the connection still up is a loss."""
+    d = FogDriver(two_by_two())
+    d.boot()
+    published = len(d.published)
+    for dev in ("p0", "d1"):
+        d.feed(
+            c.DeviceStateSeen(
+                dev, m.DeviceState(device_id=m.DeviceId(dev), status=DeviceStatus.OFFLINE)
+            )
+        )
+    d.feed(c.Reconnected(), 1.5)
+    for _ in range(8):
+        d.tick()
+    assert not d.core.registry.lost and len(d.published) == published
+    d.feed(
+        c.DeviceStateSeen(
+            "d1", m.DeviceState(device_id=m.DeviceId("d1"), status=DeviceStatus.OFFLINE)
+        )
+    )
+    d.tick(0.1)
+    assert "d1" not in d.core.registry.lost, "still within the grace"
+    d.tick(d.cfg.will_grace_s)  # 0.1 + the grace since the will
+    assert "d1" in d.core.registry.lost

@@ -23,10 +23,11 @@ def test_a_standby_waits_while_the_holder_renews() -> None:
 def test_the_holders_last_will_hands_over_at_once() -> None:
     v = LeaseView("b")
     v.seen_lease(lease("a", 4), 10.0)
-    v.seen_state(OrchestratorState(orchestrator_id="someone-else", status="offline"))
+    v.seen_state(OrchestratorState(orchestrator_id="someone-else", status="offline"), 10.1)
     assert not v.vacant(10.1, started=0.0, wait_s=6.0), "another process's will is not the holder's"
-    v.seen_state(OrchestratorState(orchestrator_id="a", status="offline"))
-    assert v.vacant(10.1, started=0.0, wait_s=6.0)
+    v.seen_state(OrchestratorState(orchestrator_id="a", status="offline"), 10.1)
+    assert not v.vacant(10.2, started=0.0, wait_s=6.0), "the grace: is the broker going down?"
+    assert v.vacant(10.1 + v.will_grace_s, started=0.0, wait_s=6.0)
 
 
 def test_a_clean_release_hands_over_and_stale_copies_are_ignored() -> None:
@@ -59,7 +60,7 @@ def test_a_standby_cut_off_by_a_broker_restart_gives_the_holder_a_fresh_ttl() ->
     our own reconnect, only if the holder then stays silent for a whole ttl."""
     v = LeaseView("b")
     v.seen_lease(lease("a", 4), 10.0)
-    v.seen_state(OrchestratorState(orchestrator_id="a", status="offline"))  # broker shutdown
+    v.seen_state(OrchestratorState(orchestrator_id="a", status="offline"), 13.0)  # shutdown
     v.reconnected(14.0)
     assert not v.vacant(14.5, started=0.0, wait_s=6.0)
     v.seen_lease(lease("a", 4), 15.0)
