@@ -82,6 +82,8 @@ class Check:
 class Testbed:
     """`Testbed.create(name, inventory, model_dir)` then `up()`; `down(name)` always."""
 
+    __test__ = False  # not a pytest test class despite its name
+
     def __init__(self, state: State, mounts: dict[str, Path], logs: Path | None = None) -> None:
         self.state = state
         self.mounts = mounts
@@ -392,6 +394,28 @@ class Testbed:
                 env={"E2LLM_CACHE": str(self.device_cache(d.id))},
             )  # fmt: skip
 
+    def wait_serving(self, timeout: float = 600.0) -> float:
+        """Seconds until the orchestrator serves a plan (`e2llm health` on the fog node)."""
+        t0 = time.monotonic()
+        health = cli(
+            "health", "--broker", f"mqtt://127.0.0.1:{BROKER_PORT}", "--cluster", CLUSTER,
+            "--orchestrator", "--serving", "--timeout", "5",
+        )  # fmt: skip
+        while True:
+            r = subprocess.run(
+                ["ip", "netns", "exec", self.ns(FOG), *health], capture_output=True, timeout=30
+            )
+            if r.returncode == 0:
+                return time.monotonic() - t0
+            dead = self.dead_processes()
+            if dead:
+                raise TestbedError(f"the cluster lost a process before serving: {dead[0]}")
+            if time.monotonic() - t0 > timeout:
+                raise TestbedError(
+                    f"not serving after {timeout:g} s: {self.log_tail('orchestrator', 3)}"
+                )
+            time.sleep(1.0)
+
     def stop_cluster(self) -> None:
         """Agents and orchestrator stop, and the broker restarts empty: the next cluster
         inherits no retained plan, state or session."""
@@ -615,6 +639,15 @@ class Testbed:
             raise TestbedError(f"{where}: `{' '.join(argv[-4:])}` failed: {self.log_tail(log)}")
         result: dict[str, Any] = json.loads(out.decode().strip().splitlines()[-1])
         return result
+
+    def down(self) -> list[str]:
+        """`down(name)`, then reap this process's children (all dead by now)."""
+        done = down(self.name)
+        for p in self.procs.values():
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                p.wait(5)
+        self.procs.clear()
+        return done
 
     # ------------------------------------------------------------------ status
 

@@ -70,7 +70,7 @@ def _teardown_on_signals() -> None:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    from e2llm_edge.ops.testbed.bed import CLUSTER, FOG, Testbed, down
+    from e2llm_edge.ops.testbed.bed import CLUSTER, FOG, Testbed
     from planner import Workload
 
     inv = _inventory(args)
@@ -82,8 +82,10 @@ def cmd_up(args: argparse.Namespace) -> int:
         bed.up(lambda s: print(f"  {s}...", file=sys.stderr))
         p, o = args.workload
         bed.start_cluster(args.method, Workload(p, o, args.rate), args.seed, args.min_tokens_per_s)
+        print("  waiting for the cluster to serve...", file=sys.stderr)
+        bed.wait_serving()
     except BaseException:
-        down(args.name)
+        bed.down()
         raise
     fog = bed.ns(FOG)
     print(

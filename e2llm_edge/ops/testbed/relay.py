@@ -129,15 +129,11 @@ def _serve_one(client: socket.socket, upstream: tuple[str, int], delay: float) -
     server.close()
 
 
-def serve(listen: tuple[str, int], upstream: tuple[str, int], delay_s: float) -> None:
-    """Accept connections on `listen` and relay each to `upstream`; until SIGTERM."""
-    stop = threading.Event()
-
-    def on_term(signum: int, frame: FrameType | None) -> None:
-        stop.set()
-
-    signal.signal(signal.SIGTERM, on_term)
-    with socket.create_server(listen, reuse_port=False) as srv:
+def serve(
+    listen: tuple[str, int], upstream: tuple[str, int], delay_s: float, stop: threading.Event
+) -> None:
+    """Accept connections on `listen` and relay each to `upstream`, until `stop` is set."""
+    with socket.create_server(listen) as srv:
         srv.settimeout(0.5)
         log.info("relay %s:%d -> %s:%d, %.3f ms each way", *listen, *upstream, delay_s * 1e3)
         while not stop.is_set():
@@ -156,5 +152,11 @@ def _hostport(s: str) -> tuple[str, int]:
 
 
 def main(args: argparse.Namespace) -> int:
-    serve(_hostport(args.listen), _hostport(args.to), args.delay_ms / 1e3)
+    stop = threading.Event()
+
+    def on_term(signum: int, frame: FrameType | None) -> None:
+        stop.set()
+
+    signal.signal(signal.SIGTERM, on_term)
+    serve(_hostport(args.listen), _hostport(args.to), args.delay_ms / 1e3, stop)
     return 0

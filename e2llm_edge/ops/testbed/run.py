@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from e2llm_edge.ops.testbed import compare
-from e2llm_edge.ops.testbed.bed import BROKER_PORT, CLUSTER, FOG, Testbed, cli, down
+from e2llm_edge.ops.testbed.bed import BROKER_PORT, CLUSTER, FOG, Testbed, cli
 from e2llm_edge.ops.testbed.inventory import TestbedError, TestbedInventory
 from planner.workload import Request, Workload, load_azure_trace
 
@@ -138,7 +138,7 @@ class Runner:
             out["runs"] = runs
         finally:
             self.bed = None
-            down(cfg.name)
+            bed.down()
         out["machine"]["load_after"] = os.getloadavg()
         analyse(out, stream, cfg, self.progress)
         return out
