@@ -17,7 +17,6 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import time
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -157,8 +156,14 @@ class Runner:
         bed.reset_peaks()
         before = bed.device_usage()
         load0 = os.getloadavg()
-        t0 = time.monotonic()
         bed.start_cluster(spec.planner, workload, cfg.seed, cfg.min_tokens_per_s)
+        try:
+            ready = bed.wait_serving(cfg.serving_timeout)
+        except TestbedError as exc:
+            bed.stop_cluster()
+            self.progress.remove_task(task)
+            return {"method": method, "rate": rate, "error": str(exc)}
+        self.progress.update(task, description=f"{method} @ {rate:g}/s")
         driver = bed.spawn(
             "driver",
             FOG,
@@ -174,10 +179,7 @@ class Runner:
         failed = 0
         for line in driver.stdout:
             ev = json.loads(line)
-            if ev["event"] == "serving":
-                ready = time.monotonic() - t0
-                self.progress.update(task, description=f"{method} @ {rate:g}/s")
-            elif ev["event"] == "done":
+            if ev["event"] == "done":
                 failed += not ev["ok"]
                 self.progress.advance(task)
         rc = driver.wait()
@@ -241,6 +243,8 @@ def analyse(
     expected = local_answers(cfg, stream, progress) if cfg.check_answers else None
     model = planning_model(Manifest.load(cfg.model_dir))
     for run in out["runs"]:
+        if "error" in run:  # the method found no plan for these devices
+            continue
         rows, equal, differ = [], 0, 0
         for r in run["requests"]:
             ok = "error" not in r
@@ -291,13 +295,16 @@ def analyse(
 
 def goals(runs: list[dict[str, Any]]) -> dict[str, Any]:
     """The issue's goals, judged on these runs."""
-    by = {(r["method"], r["rate"]): r for r in runs}
+    by = {(r["method"], r["rate"]): r for r in runs if "error" not in r}
     rates = sorted({r["rate"] for r in runs})
     out: dict[str, Any] = {}
     if any(m == "e2llm" for m, _ in by) and any(m == "splitwise" for m, _ in by):
         top = [x for x in rates if by.get(("e2llm", x), {}).get("sustained")][-2:]
         cells = []
         for x in top:
+            if ("splitwise", x) not in by:
+                cells.append({"rate": x, "splitwise": "no plan"})
+                continue
             e, s = by[("e2llm", x)]["measured"], by[("splitwise", x)]["measured"]
             ratio = (
                 e["waiting"]["mean"] / s["waiting"]["mean"]
@@ -317,11 +324,12 @@ def goals(runs: list[dict[str, Any]]) -> dict[str, Any]:
         out["e2llm_vs_splitwise"] = {
             "rates": top,
             "cells": cells,
-            "met": bool(cells) and all(c["waiting_ok"] and c["ttft_ok"] for c in cells),
+            "met": bool(cells) and all(c.get("waiting_ok") and c.get("ttft_ok") for c in cells),
         }
     misses = [
         f"{r['method']} @ {r['rate']:g}/s: {k} {v['relative_error']:+.0%}"
         for r in runs
+        if "error" not in r
         for k, v in r["fidelity"].items()
         if not v["within"]
     ]
@@ -345,7 +353,10 @@ def plot(out: dict[str, Any], path: Path) -> Path:
         strict=True,
     ):
         for i, m in enumerate(methods):
-            runs = sorted((r for r in out["runs"] if r["method"] == m), key=lambda r: r["rate"])
+            runs = sorted(
+                (r for r in out["runs"] if r["method"] == m and "error" not in r),
+                key=lambda r: r["rate"],
+            )
             x = [r["rate"] for r in runs]
             c = colors[i % len(colors)]
             ax.plot(
@@ -381,6 +392,9 @@ def table(out: dict[str, Any]) -> list[str]:
         f"{'TBT mean':>15} {'tput req/s':>15}  sustained  answers"
     ]
     for r in out["runs"]:
+        if "error" in r:
+            lines.append(f"{r['method']:<10} {r['rate']:>5g}  {r['error']}")
+            continue
 
         def pair(key: str, stat: str | None, r: dict[str, Any] = r) -> str:
             a = r["measured"][key] if stat is None else r["measured"][key][stat]
