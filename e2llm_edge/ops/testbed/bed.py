@@ -408,6 +408,11 @@ class Testbed:
             )
             if r.returncode == 0:
                 return time.monotonic() - t0
+            said = r.stderr.decode(errors="replace").strip()
+            if "not serving (" in said and "(no serving plan)" not in said:
+                # the orchestrator planned with every device and found no plan: final
+                why = said.split("not serving (", 1)[1].removesuffix(")")
+                raise TestbedError(f"the cluster cannot serve: {why}")
             dead = self.dead_processes()
             if dead:
                 raise TestbedError(f"the cluster lost a process before serving: {dead[0]}")
@@ -420,9 +425,9 @@ class Testbed:
     def stop_cluster(self) -> None:
         """Agents and orchestrator stop, and the broker restarts empty: the next cluster
         inherits no retained plan, state or session."""
+        self.stop_role("orchestrator")  # first: it would re-plan around each agent stopping
         for d in self.inventory.devices:
             self.stop_role(f"agent-{d.id}")
-        self.stop_role("orchestrator")
         self.stop_role("broker")
         self.state.cluster = {}
         self.state.save()

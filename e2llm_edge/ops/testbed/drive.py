@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import sys
 import time
@@ -110,6 +111,23 @@ async def one(
     return out
 
 
+async def device_counters(cfg: BusConfig, n_devices: int, timeout: float = 8.0) -> dict[str, Any]:
+    """Each device's running totals (prefills, decode steps and batches, KV bytes...): the
+    next telemetry message of each, so the run's totals are in."""
+    out: dict[str, Any] = {}
+    deadline = time.monotonic() + timeout
+    async with Bus(cfg) as bus:
+        await bus.subscribe(t.DEVICE_TELEMETRY)
+        while len(out) < n_devices and time.monotonic() < deadline:
+            try:
+                env = await bus.recv(timeout=max(0.01, deadline - time.monotonic()))
+            except E2LLMError:
+                break
+            if isinstance(env.msg, m.DeviceTelemetry):
+                out[env.msg.device_id] = dataclasses.asdict(env.msg.counters)
+    return out
+
+
 async def drive(
     cfg: BusConfig,
     stream: list[dict[str, Any]],
@@ -124,7 +142,13 @@ async def drive(
         results = await asyncio.gather(
             *(one(client, i, r, t0, request_timeout) for i, r in enumerate(stream))
         )
-    return {"plan": plan.to_dict(), "inventory": inventory, "requests": list(results)}
+    counters = await device_counters(cfg, n_devices)
+    return {
+        "plan": plan.to_dict(),
+        "inventory": inventory,
+        "requests": list(results),
+        "counters": counters,
+    }
 
 
 def main(args: argparse.Namespace) -> int:

@@ -202,6 +202,7 @@ class Runner:
             "plan": result["plan"],
             "inventory": result["inventory"],
             "requests": result["requests"],
+            "counters": result["counters"],
             "devices": {
                 k: {
                     "memory_peak_mb": v["memory_peak_mb"],
@@ -290,6 +291,14 @@ def analyse(
         run["fidelity"] = compare.fidelity(measured, predicted)
         run["sustained"] = compare.sustained(measured, run["rate"], len(stream))
         run["late_s_max"] = max((r["late_s"] for r in run["requests"]), default=0.0)
+        # requests a device decoded per pass: 1 when a decoder's requests take turns through
+        # its stages (micro-batches, as the simulator assumes), its concurrency when they
+        # travel together
+        run["decode_batch_mean"] = {
+            dev: c["decode_steps"] / c["decode_batches"]
+            for dev, c in run.get("counters", {}).items()
+            if c.get("decode_batches")
+        }
     out["goals"] = goals(out["runs"])
 
 
