@@ -7,6 +7,8 @@ and never guesses. Agents verify each segment's sha256 before loading it.
 from __future__ import annotations
 
 import hashlib
+import mmap
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -209,16 +211,24 @@ class Manifest:
         p = self.path(seg)
         if not p.is_file():
             raise ExportError(f"{p}: segment file missing")
-        size = p.stat().st_size
+        self._check(seg, p.stat().st_size, lambda: sha256_path(p))
+        return p
+
+    def check(self, seg: Segment, data: bytes | mmap.mmap) -> None:
+        """Check the segment's bytes as read (size and sha256): what is parsed is what was
+        verified, in one read. ExportError names the file."""
+        self._check(seg, len(data), lambda: hashlib.sha256(data).hexdigest())
+
+    def _check(self, seg: Segment, size: int, digest: Callable[[], str]) -> None:
+        p = self.path(seg)
         if size != seg.bytes:
             raise ExportError(f"{p}: size {size} != manifest's {seg.bytes} (corrupted segment)")
-        digest = sha256_path(p)
-        if digest != seg.sha256:
+        got = digest()
+        if got != seg.sha256:
             raise ExportError(
                 f"{p}: sha256 mismatch (corrupted segment): "
-                f"{digest[:12]}... != manifest's {seg.sha256[:12]}..."
+                f"{got[:12]}... != manifest's {seg.sha256[:12]}..."
             )
-        return p
 
 
 def sha256_path(path: Path) -> str:
