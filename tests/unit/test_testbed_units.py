@@ -20,7 +20,7 @@ from e2llm_edge.ops.testbed.inventory import (
     bundled_inventory,
     load_testbed_inventory,
 )
-from e2llm_edge.ops.testbed.run import goals
+from e2llm_edge.ops.testbed.run import cpu_table, goals
 
 
 def doc(**over: Any) -> dict[str, Any]:
@@ -174,3 +174,28 @@ def test_metrics_and_goals() -> None:
     g = goals(runs)["e2llm_vs_splitwise"]
     assert [c["waiting_ok"] for c in g["cells"]] == [True, False]
     assert not g["met"]
+
+
+def test_fidelity_is_not_met_by_runs_that_never_served() -> None:
+    """A method that found no plan is recorded, but proves nothing about the simulator."""
+    none = goals([{"method": "e2llm", "rate": 0.5, "error": "no plan"}])["fidelity"]
+    assert none["runs"] == 0 and not none["met"]
+    ok = goals([_run("e2llm", 0.5, 0.2, 1.0)])["fidelity"]
+    assert ok["runs"] == 1 and ok["met"]
+    off = _run("pipeline", 0.5, 0.2, 1.0)
+    predicted = {**off["measured"], "waiting": {**off["measured"]["waiting"], "mean": 0.3}}
+    off["fidelity"] = compare.fidelity(off["measured"], predicted)
+    miss = goals([off])["fidelity"]
+    assert not miss["met"] and miss["misses"] == ["pipeline @ 0.5/s: waiting_mean +50%"]
+
+
+def test_cpu_table_sets_each_device_beside_its_simulated_busy_time() -> None:
+    run = _run("e2llm", 0.5, 0.2, 1.0)
+    run["predicted"] = {"busy_s": {"a": 2.0, "b": 0.0}}
+    run["devices"] = {
+        "a": {"cpu_s": 3.0, "cpu_throttled_s": 0.5},
+        "b": {"cpu_s": 0.01, "cpu_throttled_s": 0.0},  # idle: in no replica of the plan
+    }
+    lines = cpu_table({"runs": [run, {"method": "pipeline", "rate": 0.5, "error": "no plan"}]})
+    assert len(lines) == 2
+    assert lines[1].split() == ["e2llm", "0.5", "a", "3.00/2.00", "0.50"]

@@ -448,7 +448,8 @@ class Testbed:
                 system.cg_write(self.cgroup("memory", d.id), "memory.max_usage_in_bytes", 0)
 
     def device_usage(self) -> dict[str, dict[str, float]]:
-        """Per device: memory peak and limit, OOM kills, CPU periods throttled."""
+        """Per device: memory peak and limit, OOM kills, CPU periods throttled (and for how
+        long), CPU seconds its processes have run."""
         out = {}
         for d in self.inventory.devices:
             mem, cpu = self.cgroup("memory", d.id), self.cgroup("cpu", d.id)
@@ -466,6 +467,8 @@ class Testbed:
                 "oom_kills": int(oom.get("oom_kill", 0)),
                 "cpu_periods": int(stat.get("nr_periods", 0)),
                 "cpu_throttled": int(stat.get("nr_throttled", 0)),
+                "cpu_throttled_s": int(stat.get("throttled_time", 0)) / 1e9,
+                "cpu_s": system.cpu_seconds(system.cg_pids(cpu)),
             }
         return out
 

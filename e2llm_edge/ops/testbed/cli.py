@@ -149,7 +149,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
-    from e2llm_edge.ops.testbed.run import RunConfig, Runner, plot, table
+    from e2llm_edge.ops.testbed.run import RunConfig, Runner, cpu_table, plot, table
 
     inv = _inventory(args)
     p, o = args.workload
@@ -181,15 +181,16 @@ def cmd_run(args: argparse.Namespace) -> int:
         out = Runner(cfg, progress).run()
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps(out, indent=1))
-    for line in table(out):
+    for line in [*table(out), "", *cpu_table(out)]:
         print(line)
     g = out["goals"]
     if "e2llm_vs_splitwise" in g:
         e = g["e2llm_vs_splitwise"]
         verdict = "met" if e["met"] else "NOT met"
         print(f"goal e2llm waiting <= 0.5x splitwise, TTFT p99 no worse at {e['rates']}: {verdict}")
-    misses = g["fidelity"]["misses"]
-    print(f"goal simulator within 25%: {'NOT met: ' + '; '.join(misses) if misses else 'met'}")
+    f = g["fidelity"]
+    said = "met" if f["met"] else "NOT met: " + ("; ".join(f["misses"]) or "no run was served")
+    print(f"goal simulator within 25%: {said}")
     if args.plot:
         print(f"plot: {plot(out, Path(args.plot))}")
     print(f"json: {args.json}")

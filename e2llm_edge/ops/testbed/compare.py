@@ -115,6 +115,7 @@ def predicted_metrics(sim: SimResult) -> dict[str, Any]:
         "throughput_rps": sim.throughput_rps,
         "throughput_tokens_per_s": sim.throughput_tokens_per_s,
         "makespan_s": sim.makespan_s,
+        "busy_s": {d: u * sim.makespan_s for d, u in sim.utilisation.items()},
     }
 
 
