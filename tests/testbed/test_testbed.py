@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -16,10 +17,13 @@ from pathlib import Path
 import pytest
 
 from e2llm_edge.device.local import LocalModel
+from e2llm_edge.device.profile import load_or_measure_profile, profile_path
 from e2llm_edge.ops.testbed import system
 from e2llm_edge.ops.testbed.bed import CLUSTER, FOG, Testbed
 from e2llm_edge.ops.testbed.inventory import TestbedError, TestbedInventory
 from e2llm_edge.ops.testbed.state import State, cgroup_dirname, ns_prefix, state_root
+from onnx_export.manifest import Manifest
+from onnx_export.source import cache_dir
 from planner import Workload
 
 pytestmark = [pytest.mark.model, pytest.mark.mosquitto, pytest.mark.slow]
@@ -70,6 +74,21 @@ def leftovers(name: str) -> list[str]:
     return out
 
 
+def share_one_profile(b: Testbed, model: Path) -> None:
+    """Put this machine's profile (measured once, cached) in every device's cache, where
+    `e2llm profile` and the agent find it: profiling three devices under their quotas
+    took most of this module's minute and a half. What it spares is not what this module
+    proves; `e2llm testbed run` profiles every device under its limits."""
+    variant = ("standard", "fp32")
+    manifest = Manifest.load(model)
+    load_or_measure_profile(manifest, 1, variant=variant)
+    mine = profile_path(manifest, 1, variant)
+    for d in b.inventory.devices:
+        target = b.device_cache(d.id) / mine.relative_to(cache_dir())
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(mine, target)
+
+
 @pytest.fixture(scope="module")
 def bed(default_model: Path) -> Iterator[Testbed]:
     _machine()
@@ -77,6 +96,7 @@ def bed(default_model: Path) -> Iterator[Testbed]:
     inv = TestbedInventory.from_dict(THREE, source="test")
     b = Testbed.create(name, inv, default_model)
     try:
+        share_one_profile(b, default_model)
         b.up()
         # the floor is the paper's figure for real boards; three slices of a loaded VM
         # would make every plan infeasible, and this test is about the mechanics

@@ -191,11 +191,15 @@ def test_fidelity_is_not_met_by_runs_that_never_served() -> None:
 
 def test_cpu_table_sets_each_device_beside_its_simulated_busy_time() -> None:
     run = _run("e2llm", 0.5, 0.2, 1.0)
-    run["predicted"] = {"busy_s": {"a": 2.0, "b": 0.0}}
+    run["predicted"] = {"busy_s": {"a": 8.0, "b": 0.0}}
     run["devices"] = {
         "a": {"cpu_s": 3.0, "cpu_throttled_s": 0.5},
         "b": {"cpu_s": 0.01, "cpu_throttled_s": 0.0},  # idle: in no replica of the plan
     }
-    lines = cpu_table({"runs": [run, {"method": "pipeline", "rate": 0.5, "error": "no plan"}]})
+    run["counters"] = {"a": {"prefills": 0, "decode_batches": 100}, "b": {}}
+    inv = {"devices": [{"id": "a", "cpu_percent": 25}, {"id": "b", "cpu_percent": 50}]}
+    runs = [run, {"method": "pipeline", "rate": 0.5, "error": "no plan"}]
+    lines = cpu_table({"inventory": inv, "runs": runs})
     assert len(lines) == 2
-    assert lines[1].split() == ["e2llm", "0.5", "a", "3.00/2.00", "0.50"]
+    # 3 CPU s at a 25% quota: 12 s of its clock, 4 s more than simulated over 100 passes
+    assert lines[1].split() == ["e2llm", "0.5", "a", "3.00", "12.00", "8.00", "100", "40.0", "0.50"]

@@ -183,6 +183,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     Path(args.json).write_text(json.dumps(out, indent=1))
     for line in [*table(out), "", *cpu_table(out)]:
         print(line)
+    _verdicts(out)
+    if args.plot:
+        print(f"plot: {plot(out, Path(args.plot))}")
+    print(f"json: {args.json}")
+    return 0
+
+
+def _verdicts(out: dict[str, Any]) -> None:
     g = out["goals"]
     if "e2llm_vs_splitwise" in g:
         e = g["e2llm_vs_splitwise"]
@@ -191,9 +199,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     f = g["fidelity"]
     said = "met" if f["met"] else "NOT met: " + ("; ".join(f["misses"]) or "no run was served")
     print(f"goal simulator within 25%: {said}")
+
+
+def cmd_predict(args: argparse.Namespace) -> int:
+    from e2llm_edge.ops.testbed.run import cpu_table, plot, predict_again, table
+
+    path = Path(args.json)
+    try:
+        out = json.loads(path.read_text())
+    except (OSError, ValueError) as exc:
+        raise TestbedError(f"{path}: not a testbed run's JSON ({exc})") from exc
+    out = predict_again(out, _model_dir(args))
+    for line in [*table(out), "", *cpu_table(out)]:
+        print(line)
+    _verdicts(out)
+    Path(args.out).write_text(json.dumps(out, indent=1))
     if args.plot:
         print(f"plot: {plot(out, Path(args.plot))}")
-    print(f"json: {args.json}")
+    print(f"json: {args.out}")
     return 0
 
 
@@ -300,6 +323,15 @@ def register(subparsers: Any) -> None:
         "--no-limit-check", action="store_true", help="skip proving the limits before the runs"
     )
     p.set_defaults(func=_guard(cmd_run))
+
+    p = sub.add_parser(
+        "predict", help="predict a finished run again with the simulator as it is now (no root)"
+    )
+    p.add_argument("--json", required=True, help="a run's JSON (e2llm testbed run --json)")
+    p.add_argument("--out", required=True, help="where to write it with the new predictions")
+    p.add_argument("--model", help="model directory (default: the exported default model)")
+    p.add_argument("--plot", help="PNG of the measured and the new predicted figures")
+    p.set_defaults(func=_guard(cmd_predict))
 
     p = sub.add_parser("relay", help="(started by up) a TCP relay adding a fixed delay each way")
     p.add_argument("--listen", required=True, help="HOST:PORT to accept connections on")

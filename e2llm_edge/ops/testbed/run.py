@@ -28,6 +28,7 @@ import numpy as np
 from e2llm_edge.ops.testbed import compare
 from e2llm_edge.ops.testbed.bed import BROKER_PORT, CLUSTER, FOG, Testbed, cli
 from e2llm_edge.ops.testbed.inventory import TestbedError, TestbedInventory
+from planner.model import ModelSpec
 from planner.workload import Request, Workload, load_azure_trace
 
 FIRST_ORDINARY_TOKEN = 100
@@ -246,9 +247,6 @@ def analyse(
     """Correctness, predictions, fidelity and the goals, added to `out`."""
     from e2llm_edge.fog.orchestrator import planning_model
     from onnx_export.manifest import Manifest
-    from planner.inventory import Inventory
-    from planner.plan import Plan
-    from planner.sim.cluster import simulate
 
     expected = local_answers(cfg, stream, progress) if cfg.check_answers else None
     model = planning_model(Manifest.load(cfg.model_dir))
@@ -286,17 +284,7 @@ def analyse(
             else len(r.get("new_ids", [])) or s["max_new_tokens"]
             for i, (r, s) in enumerate(zip(run["requests"], stream, strict=True))
         ]
-        reqs = [
-            Request(i, s["arrival_s"] / run["rate"], len(s["prompt_ids"]), max(1, n))
-            for i, (s, n) in enumerate(zip(stream, lengths, strict=True))
-        ]
-        plan = Plan.from_dict(run["plan"])
-        inv = Inventory.from_dict(run["inventory"], source=f"{run['method']} @ {run['rate']:g}/s")
-        workload = Workload(cfg.prompt_tokens, cfg.output_tokens, run["rate"])
-        sim = simulate(
-            plan, inv, model, workload, reqs, routing=compare.METHODS[run["method"]].routing
-        )
-        run["predicted"] = predicted = compare.predicted_metrics(sim)
+        run["predicted"] = predicted = predict(run, stream, lengths, out["workload"], model)
         run["fidelity"] = compare.fidelity(measured, predicted)
         run["sustained"] = compare.sustained(measured, run["rate"], len(stream))
         run["late_s_max"] = max((r["late_s"] for r in run["requests"]), default=0.0)
@@ -309,6 +297,56 @@ def analyse(
             if c.get("decode_batches")
         }
     out["goals"] = goals(out["runs"])
+
+
+def predict(
+    run: dict[str, Any],
+    stream: list[dict[str, Any]],
+    lengths: list[int],
+    workload: dict[str, Any],
+    model: ModelSpec,
+) -> dict[str, Any]:
+    """What the simulator predicts for one run: its plan and the inventory (profiles,
+    links) the orchestrator planned with, the stream at the run's rate, the output
+    lengths the model produced."""
+    from planner.inventory import Inventory
+    from planner.plan import Plan
+    from planner.sim.cluster import simulate
+
+    reqs = [
+        Request(i, s["arrival_s"] / run["rate"], len(s["prompt_ids"]), max(1, n))
+        for i, (s, n) in enumerate(zip(stream, lengths, strict=True))
+    ]
+    plan = Plan.from_dict(run["plan"])
+    inv = Inventory.from_dict(run["inventory"], source=f"{run['method']} @ {run['rate']:g}/s")
+    means = Workload(workload["prompt_tokens"], workload["output_tokens"], run["rate"])
+    sim = simulate(plan, inv, model, means, reqs, routing=compare.METHODS[run["method"]].routing)
+    return compare.predicted_metrics(sim)
+
+
+def predict_again(out: dict[str, Any], model_dir: Path) -> dict[str, Any]:
+    """`out` (a finished run's JSON) with every prediction made again by the simulator as
+    it is now, the measurements untouched: how a change to the cost model fares against
+    the same measured runs."""
+    from e2llm_edge.fog.orchestrator import planning_model
+    from onnx_export.manifest import Manifest
+
+    if "stream" not in out:
+        raise TestbedError("this JSON holds no stream (written before streams were kept)")
+    model = planning_model(Manifest.load(model_dir))
+    stream = out["stream"]
+    for run in out["runs"]:
+        if "error" in run:
+            continue
+        lengths = [
+            len(r.get("new_ids", [])) or s["max_new_tokens"]
+            for r, s in zip(run["requests"], stream, strict=True)
+        ]
+        run["predicted_before"] = run["predicted"]
+        run["predicted"] = predict(run, stream, lengths, out["workload"], model)
+        run["fidelity"] = compare.fidelity(run["measured"], run["predicted"])
+    out["goals"] = goals(out["runs"])
+    return out
 
 
 def goals(runs: list[dict[str, Any]]) -> dict[str, Any]:
@@ -441,19 +479,29 @@ def table(out: dict[str, Any]) -> list[str]:
 
 
 def cpu_table(out: dict[str, Any]) -> list[str]:
-    """Per run and device: CPU seconds its agent ran while serving the stream, beside the
-    busy seconds the simulator gave it (compute plus the hops feeding its stages), and
-    the seconds the kernel held it back at its quota."""
-    lines = [f"{'method':<10} {'rate':>5}  device        CPU s measured/predicted  throttled s"]
+    """Per run and device: the CPU seconds its agent ran while serving the stream, and
+    the same divided by its quota (the seconds of its slowed clock they took, the unit of
+    its profile), beside the busy seconds the simulator gave it (its stages' compute plus
+    the hops feeding them); passes (prefills and decode batches) and what each pass cost
+    beyond the simulator's figure; seconds the kernel held it back at its quota."""
+    share = {d["id"]: d["cpu_percent"] / 100 for d in out["inventory"]["devices"]}
+    lines = [
+        f"{'method':<10} {'rate':>5}  {'device':<8} {'CPU s':>7} {'/quota':>7} {'sim busy':>8} "
+        f"{'passes':>6} {'extra ms/pass':>13} {'throttled s':>11}"
+    ]
     for r in out["runs"]:
         if "error" in r:
             continue
         busy = r["predicted"].get("busy_s", {})
         for dev, u in sorted(r["devices"].items()):
-            if dev not in busy or (busy[dev] == 0 and u.get("cpu_s", 0) < 0.05):
+            c = r.get("counters", {}).get(dev, {})
+            passes = c.get("prefills", 0) + c.get("decode_batches", 0)
+            if dev not in busy or passes == 0:
                 continue  # in no replica of this plan
+            slowed = u.get("cpu_s", 0.0) / share[dev]
             lines.append(
-                f"{r['method']:<10} {r['rate']:>5g}  {dev:<12} {u.get('cpu_s', 0):>9.2f}/"
-                f"{busy[dev]:<9.2f}       {u.get('cpu_throttled_s', 0):>9.2f}"
+                f"{r['method']:<10} {r['rate']:>5g}  {dev:<8} {u.get('cpu_s', 0.0):>7.2f} "
+                f"{slowed:>7.2f} {busy[dev]:>8.2f} {passes:>6} "
+                f"{1e3 * (slowed - busy[dev]) / passes:>13.1f} {u.get('cpu_throttled_s', 0):>11.2f}"
             )
     return lines
