@@ -203,3 +203,11 @@ def test_cpu_table_sets_each_device_beside_its_simulated_busy_time() -> None:
     assert len(lines) == 2
     # 3 CPU s at a 25% quota: 12 s of its clock, 4 s more than simulated over 100 passes
     assert lines[1].split() == ["e2llm", "0.5", "a", "3.00", "12.00", "8.00", "100", "40.0", "0.50"]
+
+
+def test_sustained_allows_the_last_request_its_own_service() -> None:
+    """Ten requests 2 s apart, each served in 3 s: kept up, though the makespan (21 s)
+    is longer than the arrivals (18 s); served in 30 s each, it did not keep up."""
+    assert _run("e2llm", 0.5, 0.2, 1.0)["sustained"]
+    slow = [compare.Measured(i, 2.0 * i, 2.0 * i + 30.0, 8, 0.2, 1.0, 30.0) for i in range(10)]
+    assert not compare.sustained(compare.measured_metrics(slow), 0.5, 10)

@@ -253,31 +253,19 @@ def analyse(
     for run in out["runs"]:
         if "error" in run:  # the method found no plan for these devices
             continue
-        rows, equal, differ = [], 0, 0
+        equal, differ = 0, 0
         for r in run["requests"]:
             ok = "error" not in r
             if ok and expected is not None:
                 same = r["new_ids"] == expected[r["index"]]
                 equal += same
                 differ += not same
-            rows.append(
-                compare.Measured(
-                    index=r["index"],
-                    sent_s=r["sent_s"],
-                    done_s=r.get("done_s"),
-                    new_tokens=len(r.get("new_ids", [])),
-                    waiting_s=r.get("waiting_s"),
-                    ttft_s=r.get("ttft_s"),
-                    total_s=r.get("total_s"),
-                    error=r.get("error"),
-                )
-            )
         run["answers"] = {
             "equal_local": equal if expected is not None else None,
             "differ": differ if expected is not None else None,
             "errors": sorted({r["error"] for r in run["requests"] if "error" in r}),
         }
-        run["measured"] = measured = compare.measured_metrics(rows)
+        run["measured"] = measured = measure(run)
         lengths = [
             len(expected[i])
             if expected is not None
@@ -297,6 +285,25 @@ def analyse(
             if c.get("decode_batches")
         }
     out["goals"] = goals(out["runs"])
+
+
+def measure(run: dict[str, Any]) -> dict[str, Any]:
+    """The measured figures of one run, from the requests the driver recorded."""
+    return compare.measured_metrics(
+        [
+            compare.Measured(
+                index=r["index"],
+                sent_s=r["sent_s"],
+                done_s=r.get("done_s"),
+                new_tokens=len(r.get("new_ids", [])),
+                waiting_s=r.get("waiting_s"),
+                ttft_s=r.get("ttft_s"),
+                total_s=r.get("total_s"),
+                error=r.get("error"),
+            )
+            for r in run["requests"]
+        ]
+    )
 
 
 def predict(
@@ -326,8 +333,8 @@ def predict(
 
 def predict_again(out: dict[str, Any], model_dir: Path) -> dict[str, Any]:
     """`out` (a finished run's JSON) with every prediction made again by the simulator as
-    it is now, the measurements untouched: how a change to the cost model fares against
-    the same measured runs."""
+    it is now, and the figures computed again from the same recorded requests: how a
+    change to the cost model fares against the same measured runs."""
     from e2llm_edge.fog.orchestrator import planning_model
     from onnx_export.manifest import Manifest
 
@@ -342,9 +349,10 @@ def predict_again(out: dict[str, Any], model_dir: Path) -> dict[str, Any]:
             len(r.get("new_ids", [])) or s["max_new_tokens"]
             for r, s in zip(run["requests"], stream, strict=True)
         ]
-        run["predicted_before"] = run["predicted"]
+        run["measured"] = measure(run)
         run["predicted"] = predict(run, stream, lengths, out["workload"], model)
         run["fidelity"] = compare.fidelity(run["measured"], run["predicted"])
+        run["sustained"] = compare.sustained(run["measured"], run["rate"], len(stream))
     out["goals"] = goals(out["runs"])
     return out
 
