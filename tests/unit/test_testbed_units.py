@@ -3,8 +3,11 @@ the device and the field), the delay relay on loopback, the metrics and the goal
 
 from __future__ import annotations
 
+import json
 import socket
 import statistics
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -21,6 +24,8 @@ from e2llm_edge.ops.testbed.inventory import (
     load_testbed_inventory,
 )
 from e2llm_edge.ops.testbed.run import cpu_table, goals
+
+RESULTS = Path(__file__).resolve().parents[2] / "bench" / "results" / "testbed.json"
 
 
 def doc(**over: Any) -> dict[str, Any]:
@@ -211,3 +216,32 @@ def test_sustained_allows_the_last_request_its_own_service() -> None:
     assert _run("e2llm", 0.5, 0.2, 1.0)["sustained"]
     slow = [compare.Measured(i, 2.0 * i, 2.0 * i + 30.0, 8, 0.2, 1.0, 30.0) for i in range(10)]
     assert not compare.sustained(compare.measured_metrics(slow), 0.5, 10)
+
+
+def test_predict_again_a_recorded_run(default_model: Path, tmp_path: Path) -> None:
+    """`e2llm testbed predict` on the committed run: every run predicted again from its
+    plan, profiles and stream, the measured figures recomputed from its requests."""
+    out = tmp_path / "again.json"
+    cli = [sys.executable, "-m", "e2llm_edge.cli", "testbed", "predict", "--model"]
+    p = subprocess.run(
+        [*cli, str(default_model), "--json", str(RESULTS), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert p.returncode == 0, p.stderr
+    recorded, again = json.loads(RESULTS.read_text()), json.loads(out.read_text())
+    assert len(again["runs"]) == len(recorded["runs"]) == 9
+    for before, now in zip(recorded["runs"], again["runs"], strict=True):
+        assert now["measured"] == before["measured"]
+        assert now["predicted"]["completed"] == len(recorded["stream"])
+        assert 0 < now["predicted"]["ttft"]["mean"] < now["predicted"]["e2e"]["mean"]
+    assert "extra ms/pass" in p.stdout and "goal simulator within 25%" in p.stdout
+    bad = subprocess.run(
+        [*cli, str(default_model), "--json", str(tmp_path / "none.json"), "--out", str(out)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert bad.returncode == 2 and bad.stderr.startswith("error: ")
+    assert "Traceback" not in bad.stderr
