@@ -209,7 +209,12 @@ def cmd_predict(args: argparse.Namespace) -> int:
         out = json.loads(path.read_text())
     except (OSError, ValueError) as exc:
         raise TestbedError(f"{path}: not a testbed run's JSON ({exc})") from exc
-    out = predict_again(out, _model_dir(args))
+    if not isinstance(out, dict) or not isinstance(out.get("runs"), list):
+        raise TestbedError(f"{path}: not a testbed run's JSON (no list of runs)")
+    try:
+        out = predict_again(out, _model_dir(args))
+    except (KeyError, TypeError, ValueError) as exc:
+        raise TestbedError(f"{path}: a run lacks what predicting needs ({exc!r})") from exc
     for line in [*table(out), "", *cpu_table(out)]:
         print(line)
     _verdicts(out)
