@@ -294,6 +294,7 @@ def cmd_orchestrator(args: argparse.Namespace) -> int:
         seed=args.seed,
         fixed_plan=Path(args.plan) if args.plan else None,
         workload=Workload(args.mean_prompt, args.mean_output, args.rate),
+        min_tokens_per_s=args.min_tokens_per_s,
         request_timeout=args.request_timeout,
         heartbeat_timeout=args.heartbeat_timeout,
         drain_timeout=args.drain_timeout,
@@ -307,13 +308,14 @@ def cmd_orchestrator(args: argparse.Namespace) -> int:
 def cmd_profile(args: argparse.Namespace) -> int:
     import yaml
 
-    from e2llm_edge.device.fast_runner import choose_variant
+    from e2llm_edge.device.fast_runner import check_variant, choose_variant
     from e2llm_edge.device.profile import load_or_measure_profile, measure_profile, profile_path
     from e2llm_edge.device.runner import configure_threads
     from onnx_export.manifest import Manifest
 
     manifest = Manifest.load(_model_dir(args))
-    variant = choose_variant(manifest)
+    variant = _variant(args) or choose_variant(manifest)
+    check_variant(manifest, *variant)
     if args.fresh:
         prof = measure_profile(manifest, args.threads, variant=variant)
     else:
@@ -503,6 +505,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--rate", type=positive_float, default=0.5, help="workload: requests per second")
     p.add_argument(
+        "--min-tokens-per-s",
+        type=positive_float,
+        default=15.0,
+        help="floor on each request's generation speed a decoder must keep (the paper's 15)",
+    )
+    p.add_argument(
         "--request-timeout",
         type=positive_float,
         default=60.0,
@@ -536,8 +544,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_orchestrator)
 
     p = sub.add_parser("profile", help="measure this device's per-layer costs")
-    p.add_argument("--model", help="model directory (default: the exported default model)")
-    p.add_argument("--threads", type=positive_int)
+    add_run_args(p)
     p.add_argument("--fresh", action="store_true", help="measure even if a profile is cached")
     p.set_defaults(func=cmd_profile)
 
@@ -623,7 +630,12 @@ def _plugins() -> list[Any]:
     import importlib
 
     regs = []
-    for mod in ("planner.cli", "e2llm_edge.ops.monitor", "e2llm_edge.ops.broker_cli"):
+    for mod in (
+        "planner.cli",
+        "e2llm_edge.ops.monitor",
+        "e2llm_edge.ops.broker_cli",
+        "e2llm_edge.ops.testbed.cli",
+    ):
         try:
             regs.append(importlib.import_module(mod).register)
         except ImportError as exc:  # an extra this machine did not install

@@ -120,6 +120,15 @@ class OrchestratorConfig:
         )
 
 
+def planning_model(manifest: Manifest) -> ModelSpec:
+    """What the planner is told about the model (the simulator of a run is told the same)."""
+    # Our embed and head segments each carry their own copy of a tied weight, so a
+    # device holding both pays for both: tell the planner the truth about the files.
+    md = manifest.to_dict()
+    md["config"] = {**md["config"], "tie_word_embeddings": False}
+    return ModelSpec.from_manifest(md)
+
+
 class Superseded(E2LLMError):
     """Another orchestrator holds a newer lease: this one stops serving."""
 
@@ -131,11 +140,7 @@ class Orchestrator:
         self.cfg = config
         self.manifest = Manifest.load(config.model_dir)
         self.tokenizer = ChatTokenizer(self.manifest)
-        # Our embed and head segments each carry their own copy of a tied weight, so a
-        # device holding both pays for both: tell the planner the truth about the files.
-        md = self.manifest.to_dict()
-        md["config"] = {**md["config"], "tie_word_embeddings": False}
-        self.model = ModelSpec.from_manifest(md)
+        self.model = planning_model(self.manifest)
         self.inventory_file: dict[str, Any] = {}
         if config.inventory_path:
             self.inventory_file = yaml.safe_load(Path(config.inventory_path).read_text()) or {}

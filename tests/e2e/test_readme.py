@@ -113,6 +113,14 @@ COMMANDS: dict[str, str] = {
     ".venv/bin/python bench/chaos.py": BENCH,
     ".venv/bin/python bench/soak.py --minutes 5": BENCH,
     ".venv/bin/python bench/gateway_bench.py": BENCH,
+    ".venv/bin/python bench/testbed_memory.py": BENCH,
+    "e2llm testbed up": PARSE,
+    "e2llm testbed status": PARSE,
+    "e2llm testbed check": PARSE,
+    "e2llm testbed down": PARSE,
+    "e2llm testbed run --methods e2llm,splitwise,pipeline --requests 60 --rate 0.1,0.2,0.3 "
+    "--workload 128/64 --seed 0 --json runs/testbed.json --plot runs/testbed.png": PARSE,
+    "e2llm testbed predict --json runs/testbed.json --out runs/again.json": PARSE,
     "bash scripts/setup.sh": SUITE,
     ".venv/bin/e2llm up": PARSE,
     "e2llm up --agents 2 --port 8000": PARSE,
@@ -133,6 +141,10 @@ HEAVY = {
     "the same export runs in the default_model fixture (ranges 0-15,15-30)",
     "e2llm export --graph": "a full contrib export (int8: ~10 s); the default_model fixture "
     "runs the contrib/exact one, tests/fast the int8 one",
+    "e2llm testbed predict": "reads a run's JSON (none in a fresh directory); "
+    "tests/unit/test_testbed_units.py predicts bench/results/testbed.json again",
+    "e2llm testbed": "needs root, builds namespaces and cgroups and profiles every device "
+    "(minutes); tests/testbed/test_testbed.py runs a 3-device testbed for real",
     "e2llm simulate": "the paper's grid is ~1 min on 2 cores; tests/planner/test_planner_cli "
     "runs small grids",
 }
