@@ -701,22 +701,25 @@ class Bus:
             except BusTLSError as exc:  # this identity's files cannot be loaded
                 if self._give_up(exc):
                     return
-            except (aiomqtt.MqttError, BusError, TimeoutError) as exc:
+            except (aiomqtt.MqttError, BusError, TimeoutError) as exc_:
+                # the broker's CONNACK refusal, if one came: the socket closing right after
+                # it cuts the attempt short, which must not read as "no answer"
+                err: BaseException = _refusal(client) or exc_
                 cfg = self.config
                 if tls is not None and tls.failure is not None:
                     assert cfg.tls is not None
                     if self._give_up(explain(tls.failure, cfg.tls, cfg.host, cfg.port)):
                         return
                 elif self.stats.connects == 0:
-                    if isinstance(exc, MqttConnectError) and _rc_value(exc) in _AUTH_CODES:
+                    if isinstance(err, MqttConnectError) and _rc_value(err) in _AUTH_CODES:
                         where = f"broker at {cfg.host}:{cfg.port}"
-                        self._fatal = BusAuthError(cfg.username, f"{exc} ({where})")
+                        self._fatal = BusAuthError(cfg.username, f"{err} ({where})")
                         self._fatal_event.set()
                         return
                     if await self._expects_tls():
                         self._give_up(self._expects_tls_error())
                         return
-                    reason = connect_failure(exc, cfg.connect_timeout)
+                    reason = connect_failure(err, cfg.connect_timeout)
                     if not cfg.wait_for_broker:
                         self._fatal = BusConnectError(cfg.host, cfg.port, reason)
                         self._fatal_event.set()
@@ -729,10 +732,10 @@ class Bus:
                             cfg.port,
                             reason,
                         )
-                elif isinstance(exc, MqttConnectError):
-                    self._ratelog.warning("connect", "broker refused connection: %s", exc)
+                elif isinstance(err, MqttConnectError):
+                    self._ratelog.warning("connect", "broker refused connection: %s", err)
                 else:
-                    self._ratelog.warning("connect", "broker connection lost or failed: %s", exc)
+                    self._ratelog.warning("connect", "broker connection lost or failed: %s", err)
             finally:
                 self._up.clear()
                 self._conn = None
@@ -789,6 +792,16 @@ async def _until_lost(coro: Coroutine[Any, Any, None], lost: asyncio.Event) -> N
         work.result()
         return
     raise _ConnectionLost
+
+
+def _refusal(client: _Client | None) -> MqttConnectError | None:
+    """The CONNACK refusal aiomqtt recorded for this attempt (None: there was none)."""
+    fut = getattr(client, "_connected", None)
+    if isinstance(fut, asyncio.Future) and fut.done() and not fut.cancelled():
+        err = fut.exception()
+        if isinstance(err, MqttConnectError):
+            return err
+    return None
 
 
 def _rc_value(exc: aiomqtt.MqttCodeError) -> int:

@@ -7,7 +7,7 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from e2llm_edge.errors import BusAuthError, BusTimeout, SubscriptionRefused
+from e2llm_edge.errors import BusAuthError, BusTimeout, E2LLMError, SubscriptionRefused
 from e2llm_edge.ops.broker import Credentials, MosquittoBroker, render_acl
 from e2llm_edge.wire import messages as m
 from e2llm_edge.wire import topics as t
@@ -172,3 +172,18 @@ def test_render_acl_rules_are_built_from_topics() -> None:
     assert "topic readwrite e2llm/lab/plan" in acl
     assert not any("plan" in x and "write" in x for x in block)
     assert "pattern read e2llm/lab/response/%u/+" in acl
+
+
+async def test_a_refusal_is_never_mistaken_for_silence(auth_mosquitto: Auth) -> None:
+    """The broker closes the socket right after its refusing CONNACK; whichever of the two
+    the client handles first, the answer is the refusal, every time."""
+    seen: list[str] = []
+    for _ in range(40):
+        try:
+            async with login(auth_mosquitto, "dev-a", "not-the-password"):
+                pass
+        except BusAuthError:
+            seen.append("refused")
+        except E2LLMError as exc:
+            seen.append(f"{type(exc).__name__}: {exc}")
+    assert seen == ["refused"] * 40, [s for s in seen if s != "refused"]
