@@ -165,7 +165,7 @@ def test_simulate_small_grid_with_plot(tmp_path: Path, capsys: pytest.CaptureFix
     )
     assert status == 0
     text = (tmp_path / "simulate.md").read_text()
-    assert "| 576/588 | 3 | splitwise |" in text
+    assert "| 576/588 | 3 | splitwise (count)" in text
     png = tmp_path / "waiting_vs_interval.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
