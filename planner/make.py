@@ -14,6 +14,7 @@ from planner.costs import WORKSPACE_BUFFERS, CostModel, Layout, decode_cycle, mi
 from planner.dp import CONCURRENCY_STEPS, Split
 from planner.errors import PlanInfeasible
 from planner.inventory import Inventory
+from planner.load import follow_load
 from planner.methods import METHODS
 from planner.model import ModelSpec
 from planner.plan import Plan, Replica, Role, Stage, Timing
@@ -54,9 +55,13 @@ def make_plan(
     evaluation, tried = _evaluate(ev, method, seed)
     if not evaluation.assignment.bottleneck_s < float("inf"):
         raise PlanInfeasible(_diagnose(ev, method, tried))
-    return build_plan(
-        cm, evaluation, method=method, version=version, min_tokens_per_s=min_tokens_per_s
-    )
+
+    def build(e: Evaluation) -> Plan:
+        return build_plan(cm, e, method=method, version=version, min_tokens_per_s=min_tokens_per_s)
+
+    if method == "e2llm":
+        evaluation = follow_load(ev, evaluation, build, seed)
+    return build(evaluation)
 
 
 def _evaluate(ev: Evaluator, method: str, seed: int) -> tuple[Evaluation, list[tuple[int, ...]]]:

@@ -86,6 +86,8 @@ than BUFFER prompts per stage are in the pipeline: the bottleneck stage always h
 queued before it even when prompt lengths vary (a short prompt behind a long one), and
 requests otherwise stay in the orchestrator's queue, free to go elsewhere."""
 _EPS = 1e-9
+_FULL = 1e-6
+"""Entry delay marking a pipeline that is full now (its next first token frees it)."""
 
 
 @dataclass(frozen=True)
@@ -588,12 +590,13 @@ class Router:
             if len(taken | blocked) == len(prompts):
                 break
             req = self.requests[rid]
-            best: tuple[float, int, float, list[float]] | None = None
+            best: tuple[float, int, float, list[float], bool] | None = None
             for r in prompts:
                 i = r.replica_id
                 if i in blocked or kv[i] + self._need(r, req) > r.timing.kv_budget_tokens:
                     continue
                 stages = self._stages(r, req.prompt)
+                full = False
                 if r.role == "mixed":
                     start = now
                     done = start + sum(stages) + self._decode_s(r, req)
@@ -601,17 +604,20 @@ class Router:
                     start, done = self._entry(free[i], stages, now)
                     cap = BUFFER * r.n_stages
                     if len(ends[i]) >= cap:
-                        # full: it enters once enough of the prompts inside have left
-                        start = max(start, ends[i][len(ends[i]) - cap])
+                        # full: it enters once enough prompts inside have left (predicted;
+                        # never before the first token that frees the place is seen)
+                        start = max(start, ends[i][len(ends[i]) - cap], now + _FULL)
                         done = max(done, start + sum(stages))
+                        full = True
                 if best is None or (done, i) < (best[0], best[1]):
-                    best = (done, i, start, stages)
+                    best = (done, i, start, stages, full)
             if best is None:
                 break  # the head of the line waits for memory: FIFO, nobody overtakes it
-            _, i, start, stages = best
+            _, i, start, stages, full = best
             if start <= now + _EPS:
                 return Dispatch(rid, i)
-            wake = min(wake, start)
+            if not full:
+                wake = min(wake, start)
             allowance -= 1
             t = start
             for j, s in enumerate(stages):
