@@ -215,15 +215,6 @@ def _moved(a: Workload, b: Workload, by: float) -> bool:
     )
 
 
-def _round(w: Workload) -> tuple[int, int, int]:
-    """A coarse key of a mix (about 5% steps), so plans are reused across ticks."""
-
-    def q(x: float) -> int:
-        return round(math.log(max(x, 1e-9)) / math.log(1.05))
-
-    return q(w.mean_prompt_tokens), q(w.mean_output_tokens), q(w.arrival_rate_rps)
-
-
 class DriftPlanner:
     """Observations in, a decision out (see the module docstring)."""
 
@@ -252,7 +243,8 @@ class DriftPlanner:
         self.designed_for = designed_for
         """The mix the current layouts were planned for."""
         self._last_switch = -math.inf
-        self._plans: dict[tuple[int, int, int], Plan | None] = {}
+        self._fresh_for: Workload | None = None
+        self._fresh_plan: Plan | None = None
         self.decisions: list[str] = []
         """Every non-trivial decision, for reports."""
 
@@ -334,10 +326,12 @@ class DriftPlanner:
         )
 
     def _fresh(self, w: Workload, version: int) -> Plan | None:
-        key = _round(w)
-        if key not in self._plans:
+        """A full plan for the live mix; recomputed only when the mix moved by half of
+        `replan_shift` since the last one (a search costs seconds on a large pool)."""
+        if self._fresh_for is None or _moved(w, self._fresh_for, self.config.replan_shift / 2):
+            self._fresh_for = w
             try:
-                self._plans[key] = make_plan(
+                self._fresh_plan = make_plan(
                     self.inventory,
                     self.model,
                     w,
@@ -348,8 +342,8 @@ class DriftPlanner:
                     max_concurrency=self.max_concurrency,
                 )
             except PlanInfeasible:
-                self._plans[key] = None
-        p = self._plans[key]
+                self._fresh_plan = None
+        p = self._fresh_plan
         return None if p is None else replace(p, version=version)
 
     @staticmethod

@@ -8,7 +8,7 @@ searched groups:
 - the capacity-optimal roles and concurrencies;
 - the same roles with each decoder on its *latency* split: the concurrency whose layer
   split decodes one request fastest (less KV reserved lets the split favour the fast
-  devices), as long as capacity stays above the load;
+  devices), as long as the load stays below `HEADROOM` of the capacity;
 - the role assignments (PREFILL / DECODER / MIXED) with the least latency proxy (the
   fastest prefill replica's prompt time plus the output at the fastest decoder's
   per-token time) among those that carry the load.
@@ -37,9 +37,12 @@ from planner.search import Evaluation, Evaluator
 
 LOW_LOAD = 0.8
 """Below this fraction of the best capacity, latency decides between plans."""
-PROBE_REQUESTS = 60
+HEADROOM = 0.5
+"""A latency candidate must keep the load below this fraction of its own capacity: a
+short probe cannot see the queueing of a plan run close to its limit."""
+PROBE_REQUESTS = 30
 """Requests of the short stream each candidate serves."""
-ROLE_CANDIDATES = 3
+ROLE_CANDIDATES = 2
 """Role assignments (by latency proxy) tried beside the capacity-optimal one."""
 
 _NAMES = ("prefill", "decoder", "mixed")
@@ -134,9 +137,9 @@ def follow_load(
     cm: CostModel = ev.cm
     w = cm.workload
     capacity = 1.0 / evaluation.assignment.bottleneck_s
-    need = w.arrival_rate_rps / LOW_LOAD
-    if capacity < need or len(evaluation.options) < 2:
+    if w.arrival_rate_rps > LOW_LOAD * capacity or len(evaluation.options) < 2:
         return evaluation
+    need = w.arrival_rate_rps / HEADROOM
     out = max(w.mean_output_tokens - 1.0, 1e-6)
     share = need / max(1, len(evaluation.options))
     fast = tuple(latency_split(ev, o, share) for o in evaluation.options)

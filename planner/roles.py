@@ -180,7 +180,7 @@ def best_mixed(
 
 
 RoleRule = Literal["balanced", "fastest_prefill", "mixed", "hybrid"]
-HYBRID_EXACT_MAX = 8
+HYBRID_EXACT_MAX = 6
 """Up to this many replicas the hybrid role search enumerates all 3^n assignments."""
 HYBRID_MARGIN = 1.05
 """MIXED replicas join a plan with roles only when that is at least 5% more capacity:

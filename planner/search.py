@@ -36,6 +36,8 @@ INFEASIBLE = 1e12
 """Fitness floor of groupings that cannot serve; minus a bonus for devices put to use."""
 
 Group = tuple[int, ...]
+STARTS = 6
+"""Local searches run from this many of the best heuristic starts."""
 SMALL_POOL = 8
 """Up to this many devices the search scores every pipeline order of small groups."""
 
@@ -459,6 +461,8 @@ def search_groups(
     seeds = seed_partitions(ev, pool, extra_seeds)
     if any(len(ev.evaluate_sets(s).options) >= 2 for s in seeds):
         ev.min_replicas = 2
+    # local search from the most promising starts only (many cuts lead to one optimum)
+    seeds = sorted(seeds, key=ev.set_fitness)[:STARTS]
     per_start = max(1, b.local_search // (len(seeds) + 1))
     results = []
     ls_rng = random.Random(0)

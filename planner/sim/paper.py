@@ -269,6 +269,10 @@ def all_infeasible(rows: Sequence[Row]) -> bool:
     return bool(rows) and all(r.result is None for r in rows)
 
 
+def _iv(x: float) -> str:
+    return f"{x:g}" if x > 0 else "-"
+
+
 def _fmt(x: float) -> str:
     if math.isnan(x):
         return "-"
@@ -287,7 +291,7 @@ def table(rows: Sequence[Row], baseline: str = "splitwise", variants: bool = Tru
     for r in rows:
         if r.result is None:
             lines.append(
-                f"| {r.workload} | {r.interval_s:g} | {r.method} | infeasible: {r.note} |"
+                f"| {r.workload} | {_iv(r.interval_s)} | {r.method} | infeasible: {r.note} |"
                 + " |" * 15
             )
             continue
@@ -304,7 +308,7 @@ def table(rows: Sequence[Row], baseline: str = "splitwise", variants: bool = Tru
         bound = r.predicted.get("capacity_bound_rps", float("nan"))
         mark = "*" if r.best else ""
         lines.append(
-            f"| {r.workload} | {r.interval_s:g} | {r.label}{mark} | {_fmt(s.waiting.mean)} | "
+            f"| {r.workload} | {_iv(r.interval_s)} | {r.label}{mark} | {_fmt(s.waiting.mean)} | "
             f"{_fmt(s.waiting.p50)} | {_fmt(s.waiting.p90)} | {_fmt(s.waiting.p99)} | "
             f"{_fmt(s.ttft.mean)} | {_fmt(s.ttft.p99)} | {_fmt(1000 * s.tbt.mean)} | "
             f"{_fmt(1000 * s.tbt.p99)} | {_fmt(s.e2e.mean)} | {_fmt(s.e2e.p99)} | "
