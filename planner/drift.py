@@ -68,6 +68,12 @@ class DriftConfig:
     """No re-layout this soon after a switch (it costs a drain and a reload)."""
 
 
+SHIFT = 0.5
+"""A change of the prompts' geometric mean by this fraction marks a new mix."""
+SHIFT_EVIDENCE = 5
+"""Finished requests of the new mix needed before their outputs replace the old ones."""
+
+
 class MixEstimator:
     """The live workload mix over a sliding window of observations."""
 
@@ -78,6 +84,7 @@ class MixEstimator:
         self._finishes: deque[tuple[float, int, int, float]] = deque()
         self._first: float | None = None
         self._in_flight: dict[str, tuple[int, int, float]] = {}
+        self._last: deque[tuple[float, int]] = deque(maxlen=2 * recent)
 
     def observe_arrival(
         self, now: float, request_id: str, prompt_tokens: int, max_new_tokens: int
@@ -86,6 +93,7 @@ class MixEstimator:
         if self._first is None:
             self._first = now
         self._arrivals.append((now, prompt_tokens))
+        self._last.append((now, prompt_tokens))
         self._in_flight[request_id] = (prompt_tokens, max_new_tokens, now)
 
     def observe_finish(self, now: float, request_id: str, output_tokens: int) -> None:
@@ -100,6 +108,19 @@ class MixEstimator:
             self._arrivals.popleft()
         while self._finishes and self._finishes[0][0] < cut:
             self._finishes.popleft()
+
+    def _shift(self) -> float | None:
+        """Arrival time of the first of the last `recent` prompts when their lengths differ
+        from the `recent` before them by more than SHIFT (geometric means), else None."""
+        r = self.recent
+        if len(self._last) < 2 * r:
+            return None
+        block = list(self._last)
+        new = [math.log(max(p, 1)) for _, p in block[r:]]
+        old = [math.log(max(p, 1)) for _, p in block[:r]]
+        if abs(sum(new) / r - sum(old) / r) <= math.log(1.0 + SHIFT):
+            return None
+        return block[r][0]
 
     def counts(self, now: float) -> tuple[int, int]:
         """(arrivals, finishes) in the window."""
@@ -119,6 +140,13 @@ class MixEstimator:
         # last to finish are old ones, and the mix of new arrivals would show late
         by_arrival = sorted(self._finishes, key=lambda f: f[3])
         outputs = [o for _, _, o, _ in by_arrival][-self.recent :]
+        shift = self._shift()
+        if shift is not None:
+            # the prompts changed: once a few of the new requests are through, their
+            # outputs alone say what the new mix generates
+            after = [o for _, _, o, arrived in by_arrival if arrived >= shift]
+            if len(after) >= SHIFT_EVIDENCE:
+                outputs = after[-self.recent :]
         w = Workload(
             mean_prompt_tokens=sum(prompts) / len(prompts),
             mean_output_tokens=max(1.0, sum(outputs) / len(outputs)),

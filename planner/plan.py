@@ -8,6 +8,11 @@ is on the last stage only; exactly one stage embeds, and it is the first or the 
 (embedding next to the head lets a tied weight be stored once; the last device then
 embeds the sampled token and sends the hidden state to stage 0). A device appears in at
 most one stage of the whole plan.
+
+Each replica may carry a `timing` block (`Timing`): the planner's predicted per-stage
+prefill times over a grid of prompt lengths, its decode cycle per batch size and the KV
+tokens its memory holds. `planner.routing.Router` routes by it (optional: a hand-written
+plan without it is routed on its stages' predicted times, with unbounded KV).
 """
 
 from __future__ import annotations

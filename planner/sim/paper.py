@@ -463,6 +463,11 @@ def run_phases(
 
 
 def best_static(rows: Sequence[Row]) -> Row | None:
-    """The static method row with the least mean waiting (strongest routing and plan)."""
-    static = [r for r in rows if r.best and r.result is not None and r.method != REPLAN]
+    """The static *baseline* with the least mean waiting (at its strongest routing and
+    plan); E2LLM's own static rows are an ablation, not a baseline."""
+    static = [
+        r
+        for r in rows
+        if r.best and r.result is not None and not r.method.startswith(("e2llm ", REPLAN))
+    ]
     return min(static, key=_strength) if static else None

@@ -151,3 +151,21 @@ def test_a_relayout_drains_restarts_and_reloads_before_serving_again() -> None:
     cut = [r for r in res.records if r.decode_start_s < 32.0 < r.finish_s]
     assert cut and all(r.decode_stall_s >= down for r in cut)
     assert all(r.waiting_s >= r.decode_stall_s for r in cut)
+
+
+def test_after_a_prompt_shift_only_the_new_requests_outputs_count() -> None:
+    m = MixEstimator(window_s=1000.0, recent=10)
+    t = 0.0
+    for i in range(10):  # old mix: short prompts, long outputs
+        m.observe_arrival(t, f"o{i}", 100, 1000)
+        m.observe_finish(t + 1, f"o{i}", 1000)
+        t += 2
+    for i in range(10):  # new mix: long prompts; five of them finish with 50 tokens
+        m.observe_arrival(t, f"n{i}", 2000, 50)
+        t += 2
+    w = m.estimate(t)
+    assert w is not None and w.mean_output_tokens == 1000  # no evidence yet
+    for i in range(5):
+        m.observe_finish(t + i, f"n{i}", 50)
+    w = m.estimate(t + 5)
+    assert w is not None and w.mean_output_tokens == 50
