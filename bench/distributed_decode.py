@@ -92,10 +92,10 @@ async def kv_handoff(cluster: LocalCluster, plan: Plan, prompt_ids: list[int]) -
         await collect(c, prompt_ids=prompt_ids, max_new_tokens=4, timeout=120)
     tel = await cluster.telemetry(p_devs + d_devs, timeout=15)
     return {
-        "bytes": sum(tel[d]["kv_bytes_out"] - before[d]["kv_bytes_out"] for d in p_devs),
-        "send_s": max(tel[d]["last_kv_send_s"] for d in p_devs),
-        "handoff_s": max(tel[d]["last_kv_handoff_s"] for d in d_devs),
-        "wait_s": max(tel[d].get("last_kv_wait_s", 0.0) for d in d_devs),
+        "bytes": sum(tel[d].kv_bytes_out - before[d].kv_bytes_out for d in p_devs),
+        "send_s": max(tel[d].last_kv_send_s for d in p_devs),
+        "handoff_s": max(tel[d].last_kv_handoff_s for d in d_devs),
+        "wait_s": max(tel[d].last_kv_wait_s for d in d_devs),
     }
 
 
@@ -112,6 +112,12 @@ def main() -> int:
     )
     ap.add_argument("--graph", default="standard", choices=["standard", "contrib"])
     ap.add_argument("--precision", default=None, help="fp32 (standard), exact/int8 (contrib)")
+    ap.add_argument(
+        "--plaintext",
+        action="store_true",
+        help="anonymous plain TCP (default: TLS with a certificate per process, as deployed; "
+        "bench/tls_cost.py measures the difference)",
+    )
     args = ap.parse_args()
     precision = args.precision or ("fp32" if args.graph == "standard" else "exact")
     variant = ["--graph", args.graph, "--precision", precision]
@@ -128,7 +134,9 @@ def main() -> int:
     ids = tok.encode_prompt(PROMPT)
     load_or_measure_profile(manifest, threads=args.threads, variant=(args.graph, precision))
     print(
-        f"CPU: {cpu_model()}, {os.cpu_count()} cores; local path with 1 and 2 threads; "
+        f"CPU: {cpu_model()}, {os.cpu_count()} cores; "
+        f"{'plaintext' if args.plaintext else 'TLS with client certificates'}; "
+        "local path with 1 and 2 threads; "
         f"agents {args.threads} thread(s) each; prompt {len(ids)} "
         f"tokens, up to {args.new_tokens} new tokens, {args.rounds} rounds; graph "
         f"{args.graph}/{precision}"
@@ -143,6 +151,7 @@ def main() -> int:
             orchestrator_args=pipe,
             agent_args=variant,
             verbose=False,
+            tls=not args.plaintext,
         ) as c2,
         LocalCluster(
             model_dir,
@@ -152,10 +161,11 @@ def main() -> int:
             orchestrator_args=pipe,
             agent_args=variant,
             verbose=False,
+            tls=not args.plaintext,
         ) as c4,
     ):
-        p2 = Plan.from_dict(c2.wait_serving(timeout=180))
-        p4 = Plan.from_dict(c4.wait_serving(timeout=180))
+        p2 = c2.wait_serving(timeout=180)
+        p4 = c4.wait_serving(timeout=180)
         assert [len(r.stages) for r in p2.replicas] == [2], p2
         assert [len(r.stages) for r in p4.replicas] == [4], p4
         runs: dict[str, list[float]] = {
@@ -197,9 +207,15 @@ def main() -> int:
         ],
     }
     with LocalCluster(
-        model_dir, inv, cluster="benchkv", threads=args.threads, agent_args=variant, verbose=False
+        model_dir,
+        inv,
+        cluster="benchkv",
+        threads=args.threads,
+        agent_args=variant,
+        verbose=False,
+        tls=not args.plaintext,
     ) as ck:
-        pk = Plan.from_dict(ck.wait_serving(timeout=180))
+        pk = ck.wait_serving(timeout=180)
         roles = sorted(r.role for r in pk.replicas)
         if roles != ["decoder", "prefill"]:
             print(f"KV handoff: plan has roles {roles}, no PREFILL->DECODER pair")

@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from planner.errors import PlannerError
+from planner.errors import ModelSpecError, PlannerError, yaml_problem
 from planner.inventory import load_inventory
 from planner.methods import METHODS
 from planner.metrics import SLO
@@ -119,7 +119,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     try:
         inventory = load_inventory(args.inventory)
         if args.manifest:
-            manifest = yaml.safe_load(Path(args.manifest).read_text())
+            try:
+                manifest = yaml.safe_load(Path(args.manifest).read_text())
+            except yaml.YAMLError as e:
+                raise ModelSpecError(f"{args.manifest}: not valid YAML: {yaml_problem(e)}") from e
             model = ModelSpec.from_manifest(manifest)
         else:
             model = _model(args.model)
@@ -143,17 +146,24 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}", file=sys.stderr)
     else:
         print(text, end="")
-    pred = plan.predicted
     print(
-        f"predicted capacity {pred['capacity_rps']:.3f} req/s; upper bound "
-        f"{pred['capacity_bound_rps']:.3f} req/s (gap {100 * pred['gap_to_bound']:.0f}%)",
+        f"predicted capacity {plan.figure('capacity_rps', 0.0):.3f} req/s; upper bound "
+        f"{plan.figure('capacity_bound_rps', 0.0):.3f} req/s "
+        f"(gap {100 * plan.figure('gap_to_bound', 0.0):.0f}%)",
         file=sys.stderr,
     )
     return 0
 
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
+def _floats(text: str, flag: str) -> list[float]:
+    """Comma-separated positive numbers (intervals and rates: a zero would divide by it)."""
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or any(not v > 0 for v in values):
+        raise ValueError(f"{flag}: expected comma-separated numbers > 0, got {text!r}")
+    return values
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -196,7 +206,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 inventory,
                 model,
                 args.trace,
-                rates_rps=_floats(args.trace_rates),
+                rates_rps=_floats(args.trace_rates, "--trace-rates"),
                 n_requests=args.requests,
                 **common,
             )
@@ -215,7 +225,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 inventory,
                 model,
                 workloads=[(w[0], w[1]) for w in workloads],
-                intervals=_floats(args.intervals),
+                intervals=_floats(args.intervals, "--intervals"),
                 n_requests=args.requests,
                 **common,
             )

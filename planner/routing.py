@@ -135,7 +135,7 @@ def timing_of(replica: Replica, plan: Plan) -> Timing:
     (prefill time proportional to prompt length, unbounded KV)."""
     if replica.timing is not None:
         return replica.timing
-    p = float(plan.predicted.get("mean_prompt_tokens", 256.0))
+    p = plan.figure("mean_prompt_tokens", 256.0)
     base = tuple(s.predicted_prefill_s for s in replica.stages)
     grid = (max(1, round(p)), max(2, 2 * round(p)))
     dec = [s.predicted_decode_s for s in replica.stages]
@@ -222,7 +222,7 @@ class Router:
             raise ValueError(f"unknown routing policy {policy!r} (expected one of {POLICIES})")
         self.policy: Policy = policy
         self.mean_output_tokens = float(
-            mean_output_tokens or plan.predicted.get("mean_output_tokens", 128.0)
+            mean_output_tokens or plan.figure("mean_output_tokens", 128.0)
         )
         self.replicas: dict[int, ReplicaState] = {}
         for r in sorted(plan.replicas, key=lambda r: r.replica_id):
@@ -354,9 +354,7 @@ class Router:
             rep.next_role, rep.next_concurrency, rep.next_timing = r.role, r.concurrency, timing
             self._settle(rep)
         self._stages_cache.clear()
-        self.mean_output_tokens = float(
-            plan.predicted.get("mean_output_tokens", self.mean_output_tokens)
-        )
+        self.mean_output_tokens = plan.figure("mean_output_tokens", self.mean_output_tokens)
 
     def take_flipped(self) -> list[int]:
         """Replicas that finished draining and now serve in their new role (once each)."""

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from onnx_export.errors import ExportError
 from onnx_export.manifest import Manifest
@@ -36,10 +36,7 @@ class ChatTokenizer:
         if not self.chat_template:
             raise ExportError("this model has no chat template; use --raw")
         if self._template is None:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            self._template = env.from_string(self.chat_template)
+            self._template = _environment().from_string(self.chat_template)
         return str(
             self._template.render(
                 messages=messages,
@@ -50,17 +47,73 @@ class ChatTokenizer:
         )
 
     def encode_prompt(self, prompt: str, raw: bool = False) -> list[int]:
-        text = prompt if raw else self.render_chat([{"role": "user", "content": prompt}])
+        """Token ids of `prompt`: rendered by the chat template (which writes any BOS itself)
+        or, `raw`, as is with the tokenizer's own BOS/EOS rule (as transformers does)."""
+        if raw:
+            return list(self.tokenizer.encode(prompt, add_special_tokens=True).ids)
+        text = self.render_chat([{"role": "user", "content": prompt}])
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+    def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
+        """A whole conversation through the chat template, ready for the next answer."""
+        return list(self.tokenizer.encode(self.render_chat(messages), add_special_tokens=False).ids)
 
     def decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def encode_raw(self, text: str) -> list[int]:
+        """Ids of text as is (no template, no added special tokens), as the orchestrator
+        encodes a ``raw`` prompt."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+
+def encode_chat(tok: ChatTokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """A whole conversation (``{role, content}`` turns, system/user/assistant) through the
+    model's chat template, ready for the assistant's next turn: the prompt of the gateway's
+    chat completions and of `e2llm chat`. For a single user message it equals
+    ``tok.encode_prompt(content)``, what `e2llm generate` sends."""
+    return tok.encode_raw(tok.render_chat(messages))
+
+
+def _raise_exception(message: str) -> None:
+    """What transformers gives templates to refuse a conversation (e.g. roles that do not
+    alternate); the gateway answers it with a 400 naming the template's message."""
+    raise ValueError(message)
+
+
+class Detokenizer(Protocol):
+    def decode(self, ids: list[int]) -> str: ...
+
+
+def _environment() -> Any:
+    """The sandboxed Jinja environment transformers renders chat templates in: loop controls,
+    `raise_exception` (a ValueError), `strftime_now` and a `tojson` that keeps non-ASCII text."""
+    from datetime import datetime
+
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def tojson(
+        x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+        sort_keys: bool = False,
+    ) -> str:  # fmt: skip
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
 
 
 class StreamDecoder:
     """Turns a growing list of token ids into text deltas, holding back split UTF-8 chars."""
 
-    def __init__(self, tok: ChatTokenizer) -> None:
+    def __init__(self, tok: Detokenizer) -> None:
         self.tok = tok
         self.ids: list[int] = []
         self.emitted = ""

@@ -3,7 +3,8 @@
 What the demo, the end-to-end tests, the benchmarks and the chaos script run: every
 process is the real CLI entry point a user would start on a device or the fog node, and
 every byte between them crosses the broker. Agents can be killed (SIGKILL, like a power
-cut) and started again.
+cut) and started again. By default the cluster is secured as a deployment is: a
+throwaway CA, one certificate per process, TLS on every link and the ACL enforced.
 """
 
 from __future__ import annotations
@@ -24,11 +25,13 @@ from typing import Any, Self
 import yaml
 
 from e2llm_edge.errors import E2LLMError
-from e2llm_edge.ops.broker import Credentials, MosquittoConfig
+from e2llm_edge.ops import broker_cli
+from e2llm_edge.ops.broker import AUTH_TLS, BrokerTLS, Credentials, MosquittoConfig, Roster
 from e2llm_edge.sysinfo import rss_bytes
 from e2llm_edge.wire import messages as m
 from e2llm_edge.wire import topics as t
 from e2llm_edge.wire.bus import Bus, BusConfig
+from planner.plan import Plan
 
 
 @dataclass
@@ -103,14 +106,23 @@ class LocalCluster:
     workdir: Path | None = None
     verbose: bool = True
     secrets_dir: Path | None = None
-    """Output of ``e2llm broker init`` (passwd, acl, credentials.json): the broker requires
-    auth, and every process logs in as its own user (``observer`` for ``bus_config``)."""
+    """Output of ``e2llm broker init`` (identities, or the lab mode's passwords): the
+    broker requires them, and every process logs in as itself (``observer`` for
+    ``bus_config``)."""
+    tls: bool = True
+    """With no ``secrets_dir`` when starting its own Mosquitto: make a throwaway CA and
+    one identity per process, so every link is TLS with client certificates and the ACL
+    applies, as in a deployment. False: anonymous plain TCP (baselines, embedded broker)."""
     observer: str = "monitor"
+    standby: bool = False
+    """Also run a standby orchestrator (``orch-b``) that takes over if ``orch-a`` dies."""
     agents: dict[str, Proc] = field(default_factory=dict)
     orchestrator: Proc | None = None
+    standby_orchestrator: Proc | None = None
     _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     broker: Any = None
     credentials: Credentials | None = None
+    roster: Roster | None = None
 
     def __enter__(self) -> Self:
         try:
@@ -129,12 +141,25 @@ class LocalCluster:
         self.close()
 
     def _start(self) -> None:
-        if self.secrets_dir is not None:
-            self.credentials = Credentials.load(self.secrets_dir / "credentials.json")
         if self.workdir is None:
             self.workdir = Path(
                 self._stack.enter_context(tempfile.TemporaryDirectory(prefix="e2llm-cluster-"))
             )
+        own_mosquitto = self.broker_url is None and self.broker_kind == "mosquitto"
+        if self.secrets_dir is None and self.tls and own_mosquitto:
+            self.secrets_dir = self.workdir / "secrets"
+            broker_cli.init(
+                [d["id"] for d in self.inventory["devices"]],
+                self.secrets_dir,
+                cluster=self.cluster,
+                clients=["client"],
+                force=False,
+                hosts=["127.0.0.1"],
+            )
+        if self.secrets_dir is not None:
+            self.roster = Roster.load(self.secrets_dir)
+            if self.roster.auth != AUTH_TLS:
+                self.credentials = Credentials.load(self.secrets_dir / "credentials.json")
         if self.broker_url is None:
             if self.broker_kind == "embedded":
                 from e2llm_edge.ops.embedded_broker import start_embedded
@@ -152,35 +177,72 @@ class LocalCluster:
                 self.broker_url = self.broker.url
         inv = self.workdir / "inventory.yaml"
         inv.write_text(yaml.safe_dump(self.inventory))
-        v = ["-v"] if self.verbose else []
-        orch_user = self.credentials.roles["orchestrator"][0] if self.credentials else ""
-        self.orchestrator = Proc(
-            "orchestrator",
+        self.orchestrator = self._orchestrator("orch-a", standby=False)
+        self.orchestrator.start()
+        if self.standby:
+            self.standby_orchestrator = self._orchestrator("orch-b", standby=True)
+            self.standby_orchestrator.start()
+        for d in self.inventory["devices"]:
+            self.add_agent(d)
+
+    def _orchestrator(self, name: str, *, standby: bool) -> Proc:
+        assert self.workdir is not None and self.broker_url is not None
+        orch_user = self.roster.roles["orchestrator"][0] if self.roster else ""
+        return Proc(
+            name,
             [
                 sys.executable,
                 "-m",
                 "e2llm_edge.cli",
-                *v,
+                *(["-v"] if self.verbose else []),
                 "orchestrator",
                 "--broker",
                 self.broker_url,
                 "--cluster",
                 self.cluster,
-                *self._login(orch_user),
+                *self.login_args(orch_user),
+                "--id",
+                name,
+                *(["--standby"] if standby else []),
                 "--model",
                 str(self.model_dir),
                 "--inventory",
-                str(inv),
+                str(self.workdir / "inventory.yaml"),
                 *self.orchestrator_args,
             ],
-            self.workdir / "orchestrator.log",
+            self.workdir / f"{name}.log",
         )
-        self.orchestrator.start()
-        for d in self.inventory["devices"]:
-            self.add_agent(d)
+
+    def orchestrator_proc(self, name: str) -> Proc:
+        """The orchestrator process of that name (``orch-a``, or ``orch-b`` the standby)."""
+        for p in (self.orchestrator, self.standby_orchestrator):
+            if p is not None and p.name == name:
+                return p
+        raise KeyError(name)
+
+    def restart_orchestrator(self, name: str, *, standby: bool) -> Proc:
+        """Start a killed orchestrator again (as a standby, or to take the lease over)."""
+        old = self.orchestrator_proc(name)
+        old.kill()
+        p = self._orchestrator(name, standby=standby)
+        if old is self.orchestrator:
+            self.orchestrator = p
+        else:
+            self.standby_orchestrator = p
+        p.start()
+        return p
 
     def add_agent(self, device: dict[str, Any], start: bool = True) -> Proc:
+        """Start an agent; a device the cluster's CA does not know yet is admitted first
+        (``e2llm broker add-device``, then the broker reloads its ACL)."""
         assert self.workdir is not None and self.broker_url is not None
+        r = self.roster
+        if r is not None and r.auth == AUTH_TLS and r.role_of(device["id"]) is None:
+            assert self.secrets_dir is not None
+            broker_cli.add_identity(self.secrets_dir, device["id"], "device")
+            self.roster = Roster.load(self.secrets_dir)
+            if self.broker is not None:
+                self.broker.reload()
         cmd = [
             sys.executable,
             "-m",
@@ -191,7 +253,7 @@ class LocalCluster:
             self.broker_url,
             "--cluster",
             self.cluster,
-            *self._login(device["id"]),
+            *self.login_args(device["id"]),
             "--device-id",
             device["id"],
             "--memory-mb",
@@ -224,56 +286,65 @@ class LocalCluster:
 
     def rss(self) -> dict[str, int]:
         """Resident bytes of the orchestrator and of each running agent."""
-        procs = [self.orchestrator, *self.agents.values()]
+        procs = [self.orchestrator, self.standby_orchestrator, *self.agents.values()]
         return {p.name: p.rss_bytes() for p in procs if p is not None and p.alive}
 
     def _mosquitto_config(self) -> MosquittoConfig:
-        if self.secrets_dir is None:
+        d = self.secrets_dir
+        if d is None:
             return MosquittoConfig()
-        return MosquittoConfig(
-            password_file=self.secrets_dir / "passwd", acl_file=self.secrets_dir / "acl"
-        )
+        if self.credentials is None:
+            return MosquittoConfig(acl_file=d / "acl", tls=BrokerTLS.from_dir(d))
+        return MosquittoConfig(password_file=d / "passwd", acl_file=d / "acl")
 
-    def _login(self, user: str) -> list[str]:
-        """``--username/--password-file`` of ``user`` (nothing without auth)."""
-        if self.secrets_dir is None:
+    def login_args(self, user: str) -> list[str]:
+        """``--identity`` of ``user`` (``--username/--password-file`` in the lab mode;
+        nothing without auth)."""
+        d = self.secrets_dir
+        if d is None:
             return []
-        from e2llm_edge.ops.broker_cli import password_file
-
-        return ["--username", user, "--password-file", str(password_file(self.secrets_dir, user))]
+        if self.credentials is None:
+            return ["--identity", str(broker_cli.identity_dir(d, user))]
+        return ["--username", user, "--password-file", str(broker_cli.password_file(d, user))]
 
     def close(self) -> None:
         for p in self.agents.values():
             p.stop()
-        if self.orchestrator is not None:
-            self.orchestrator.stop()
+        for orch in (self.orchestrator, self.standby_orchestrator):
+            if orch is not None:
+                orch.stop()
         self._stack.close()
 
     def bus_config(self, user: str | None = None, **over: Any) -> BusConfig:
         """How to reach the cluster; with auth, as ``user`` (default: the observer)."""
         assert self.broker_url is not None
+        name = user or self.observer
         if self.credentials is not None:
-            name = user or self.observer
             over = {"username": name, "password": self.credentials.users[name], **over}
+        elif self.secrets_dir is not None:
+            over["identity"] = broker_cli.identity_dir(self.secrets_dir, name)
         return BusConfig.from_url(self.broker_url, cluster=self.cluster, **over)
 
     def logs(self) -> str:
-        procs = [self.orchestrator, *self.agents.values()]
+        procs = [self.orchestrator, self.standby_orchestrator, *self.agents.values()]
         return "\n".join(f"--- {p.name}\n{p.tail()}" for p in procs if p is not None)
 
     # ----------------------------------------------------------------- observing
 
-    def wait_serving(self, timeout: float = 120.0, min_version: int = 1) -> dict[str, Any]:
-        """Block until the orchestrator reports a serving plan; returns the plan dict."""
+    def wait_serving(self, timeout: float = 120.0, min_version: int = 1) -> Plan:
+        """Block until the orchestrator reports a serving plan; returns the plan."""
         return asyncio.run(self.await_serving(timeout, min_version))
 
     async def await_serving(
         self,
         timeout: float = 120.0,
         min_version: int = 1,
-    ) -> dict[str, Any]:
+        min_epoch: int = 0,
+    ) -> Plan:
+        """The plan, once an orchestrator of lease epoch >= `min_epoch` serves one of
+        version >= `min_version`."""
         deadline = time.monotonic() + timeout
-        plan: dict[str, Any] | None = None
+        plan: Plan | None = None
         async with Bus(self.bus_config()) as bus:
             await bus.subscribe(t.CLUSTER_TELEMETRY)
             await bus.subscribe(t.PLAN)
@@ -297,13 +368,14 @@ class LocalCluster:
                     continue
                 if isinstance(env.msg, m.PlanMsg):
                     plan = env.msg.plan
-                elif isinstance(env.msg, m.Telemetry):
-                    d = env.msg.data
+                elif isinstance(env.msg, m.ClusterTelemetry):
+                    d = env.msg.summary
                     if (
-                        d.get("serving")
-                        and d.get("plan_version", 0) >= min_version
+                        d.serving
+                        and d.epoch >= min_epoch
+                        and d.plan_version >= min_version
                         and plan is not None
-                        and plan.get("version") == d["plan_version"]
+                        and plan.version == d.plan_version
                     ):
                         return plan
 
@@ -311,9 +383,9 @@ class LocalCluster:
         self,
         device_ids: list[str],
         timeout: float = 10.0,
-    ) -> dict[str, dict[str, Any]]:
+    ) -> dict[str, m.DeviceCounters]:
         """The next telemetry message of each named device."""
-        out: dict[str, dict[str, Any]] = {}
+        out: dict[str, m.DeviceCounters] = {}
         async with Bus(self.bus_config()) as bus:
             await bus.subscribe(t.DEVICE_TELEMETRY)
             deadline = time.monotonic() + timeout
@@ -322,6 +394,6 @@ class LocalCluster:
                 if left <= 0:
                     raise TimeoutError(f"no telemetry from {set(device_ids) - set(out)}")
                 env = await bus.recv(timeout=left)
-                if isinstance(env.msg, m.Telemetry) and env.msg.source in device_ids:
-                    out[env.msg.source] = env.msg.data
+                if isinstance(env.msg, m.DeviceTelemetry) and env.msg.device_id in device_ids:
+                    out[env.msg.device_id] = env.msg.counters
         return out

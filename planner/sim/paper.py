@@ -141,7 +141,7 @@ def run_stream(
 
 def _predicted(plan: Plan) -> dict[str, float]:
     return {
-        k: float(plan.predicted[k])
+        k: plan.figure(k, 0.0)
         for k in ("capacity_rps", "capacity_bound_rps")
         if k in plan.predicted
     }

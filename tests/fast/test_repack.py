@@ -73,7 +73,7 @@ def _run_linear(tmp_path: Path, raw: RawTensor, precision: str, x: np.ndarray) -
     y = Linear(g, precision)(xi, [raw], "w", lambda: gguf_dequant(raw))
     g.add_output("y", y, onnx.TensorProto.FLOAT, ["m", N])
     path = tmp_path / f"{raw.qtype}_{precision}.onnx"
-    onnx.save_model(_finish(g), str(path))
+    _finish(g).save(path)
     return make_session(path).run(None, {"x": x})[0]
 
 

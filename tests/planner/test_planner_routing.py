@@ -3,6 +3,7 @@ driving exactly this code."""
 
 from __future__ import annotations
 
+import dataclasses
 from typing import Any, ClassVar
 
 import numpy as np
@@ -47,8 +48,16 @@ def replica(
 
 
 def plan_of(*replicas: Replica) -> Plan:
+    """The replicas in one plan; each one's last stage holds the layers up to the deepest
+    replica's depth, so every replica covers the whole model as a plan must."""
     n = max(len(r.stages) for r in replicas)
-    return Plan(1, "test", n, list(replicas), {"mean_output_tokens": 11.0})
+    whole = [
+        dataclasses.replace(
+            r, stages=[*r.stages[:-1], dataclasses.replace(r.stages[-1], layer_end=n)]
+        )
+        for r in replicas
+    ]
+    return Plan(1, "test", n, whole, {"mean_output_tokens": 11.0})
 
 
 def two_prefill_two_decoders(**kw: Any) -> Plan:

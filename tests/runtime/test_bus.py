@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -13,13 +14,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from e2llm_edge.errors import BusTimeout, CodecError
-from e2llm_edge.ops.broker import MosquittoBroker, MosquittoConfig
+from e2llm_edge.errors import BusConnectError, BusTimeout, CodecError
+from e2llm_edge.ops.broker import MosquittoBroker, MosquittoConfig, free_port
 from e2llm_edge.wire import messages as m
 from e2llm_edge.wire import topics as t
 from e2llm_edge.wire.bus import BadMessage, Bus, BusConfig, Will
 
-from .factories import f32
+from .factories import a_plan, f32
 
 pytestmark = [pytest.mark.mosquitto, pytest.mark.timeout(30)]
 REPO = Path(__file__).resolve().parents[2]
@@ -30,7 +31,7 @@ def cfg_for(broker: MosquittoBroker, cluster: str, **kw: object) -> BusConfig:
 
 
 def state(device_id: str, status: str = "ready") -> m.DeviceState:
-    return m.DeviceState(device_id=device_id, status=status, ts=1.0)  # type: ignore[arg-type]
+    return m.DeviceState(device_id=device_id, status=m.DeviceStatus(status), ts=1.0)  # type: ignore[arg-type]
 
 
 async def test_publish_subscribe_typed_with_ids(mosquitto: MosquittoBroker, cluster: str) -> None:
@@ -41,13 +42,14 @@ async def test_publish_subscribe_typed_with_ids(mosquitto: MosquittoBroker, clus
         hidden = f32(1, 3, 576)
         await sender.publish(
             t.DEVICE_INBOX,
-            m.DecodeStep(request_id="r", token_id=1, position=0, step=0),
+            m.DecodeStep(request_id="r", attempt=0, token_id=1, position=0, step=0),
             device_id="d2",
         )
         await sender.publish(
             t.DEVICE_INBOX,
             m.Activation(
                 request_id="r",
+                attempt=0,
                 phase="prefill",
                 hidden=hidden,
                 position_start=0,
@@ -82,6 +84,7 @@ async def test_large_message_round_trip(mosquitto: MosquittoBroker, cluster: str
             t.DEVICE_INBOX,
             m.KVChunk(
                 request_id="r",
+                attempt=0,
                 layer=0,
                 token_start=0,
                 n_tokens_total=2600,
@@ -132,11 +135,11 @@ _CHILD = textwrap.dedent("""
     from e2llm_edge.wire.bus import Bus, BusConfig, Will
     async def main():
         cfg = BusConfig(port=int(sys.argv[1]), cluster=sys.argv[2], keepalive=5)
-        will = Will(t.DEVICE_STATE, m.DeviceState(device_id="d9", status="offline"),
+        will = Will(t.DEVICE_STATE, m.DeviceState(device_id="d9", status=m.DeviceStatus.OFFLINE),
                     {"device_id": "d9"})
         async with Bus(cfg, will=will) as bus:
-            await bus.publish(t.DEVICE_STATE, m.DeviceState(device_id="d9", status="ready"),
-                              device_id="d9")
+            ready = m.DeviceState(device_id="d9", status=m.DeviceStatus.READY)
+            await bus.publish(t.DEVICE_STATE, ready, device_id="d9")
             print("up", flush=True)
             await asyncio.sleep(60)
     asyncio.run(main())
@@ -189,13 +192,18 @@ async def test_garbage_is_dropped_reported_and_delivery_continues(
     async with Bus(cfg) as a, Bus(small, on_bad_message=hook) as b:
         await b.subscribe(t.DEVICE_INBOX, device_id="d")
         inbox = t.DEVICE_INBOX.format(cluster=cluster, device_id="d")
-        good = m.encode(m.DecodeStep(request_id="r7", token_id=1, position=2, step=0))
+        good = m.encode(m.DecodeStep(request_id="r7", attempt=0, token_id=1, position=2, step=0))
         wrong_version = good.replace(b"\xa1v\x01", b"\xa1v\x02", 1)
         assert wrong_version != good
-        plan_on_inbox = m.encode(m.PlanMsg(plan={}))
+        plan_on_inbox = m.encode(m.PlanMsg(plan=a_plan()))
         oversize = m.encode(
             m.Activation(
-                request_id="big", phase="prefill", hidden=f32(1, 100, 576), position_start=0, step=0
+                request_id="big",
+                attempt=0,
+                phase="prefill",
+                hidden=f32(1, 100, 576),
+                position_start=0,
+                step=0,
             )
         )
         for payload in (b"\x00garbage", wrong_version, plan_on_inbox, oversize):
@@ -204,7 +212,7 @@ async def test_garbage_is_dropped_reported_and_delivery_continues(
             await a.publish_raw(inbox, b"x" * 5_000_000)
         await a.publish(
             t.DEVICE_INBOX,
-            m.DecodeStep(request_id="ok", token_id=3, position=4, step=1),
+            m.DecodeStep(request_id="ok", attempt=0, token_id=3, position=4, step=1),
             device_id="d",
         )
         env = await b.recv(timeout=5)
@@ -236,7 +244,7 @@ async def test_inbound_queue_is_bounded(mosquitto: MosquittoBroker, cluster: str
         for i in range(12):
             await a.publish(
                 t.DEVICE_INBOX,
-                m.DecodeStep(request_id="r", token_id=i, position=i, step=i),
+                m.DecodeStep(request_id="r", attempt=0, token_id=i, position=i, step=i),
                 device_id="d",
             )
         for _ in range(100):
@@ -255,7 +263,12 @@ async def test_queue_bytes_bound(mosquitto: MosquittoBroker, cluster: str) -> No
     async with Bus(cfg) as a, Bus(cfg_for(mosquitto, cluster, queue_bytes=3_000_000)) as b:
         await b.subscribe(t.DEVICE_INBOX, device_id="d")
         act = m.Activation(
-            request_id="r", phase="prefill", hidden=f32(1, 512, 576), position_start=0, step=0
+            request_id="r",
+            attempt=0,
+            phase="prefill",
+            hidden=f32(1, 512, 576),
+            position_start=0,
+            step=0,
         )  # 1.2 MB
         for _ in range(4):
             await a.publish(t.DEVICE_INBOX, act, device_id="d")
@@ -307,9 +320,58 @@ async def test_publish_times_out_while_broker_down(tmp_path: Path, cluster: str)
         assert info.value.operation == "publish" and "device/d/inbox" in str(info.value)
 
 
-async def test_connect_timeout_when_no_broker(cluster: str) -> None:
-    from e2llm_edge.ops.broker import free_port
-
-    with pytest.raises(BusTimeout):
-        async with Bus(BusConfig(port=free_port(), cluster=cluster, connect_timeout=0.5)):
+async def test_refused_connection_fails_at_once_with_the_reason(cluster: str) -> None:
+    """Nothing listens: the kernel refuses, so there is nothing to wait 10 s for."""
+    port = free_port()
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    with pytest.raises(BusConnectError) as info:
+        async with Bus(BusConfig(port=port, cluster=cluster)):
             pass
+    assert loop.time() - t0 < 2.0
+    assert str(info.value) == f"cannot reach the broker at 127.0.0.1:{port}: connection refused"
+    assert (info.value.host, info.value.port, info.value.reason) == (
+        "127.0.0.1",
+        port,
+        "connection refused",
+    )
+
+
+async def test_unknown_host_and_silent_listener_have_their_own_reasons(cluster: str) -> None:
+    with pytest.raises(BusConnectError) as info:
+        async with Bus(BusConfig(host="no-such-host.invalid", cluster=cluster)):
+            pass
+    assert info.value.reason.startswith("unknown host (")
+    # a TCP listener that never speaks MQTT: connected, but no CONNACK
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        with pytest.raises(BusConnectError) as info:
+            async with Bus(BusConfig(port=port, cluster=cluster, connect_timeout=0.5)):
+                pass
+    assert str(info.value) == f"cannot reach the broker at 127.0.0.1:{port}: no answer within 0.5 s"
+
+
+async def test_a_service_waits_for_a_broker_that_starts_later(
+    tmp_path: Path, cluster: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """wait_for_broker: one line saying why, retries with backoff, connects once it is up."""
+    port = free_port()
+    broker = MosquittoBroker(MosquittoConfig(port=port), workdir=tmp_path)
+    cfg = BusConfig(port=port, cluster=cluster, wait_for_broker=True, backoff_max=0.2)
+    with caplog.at_level("WARNING", logger="e2llm_edge.wire.bus"):
+        entering = asyncio.ensure_future(Bus(cfg).__aenter__())
+        await asyncio.sleep(1.0)  # several attempts, all refused
+        assert not entering.done()
+        async with broker:
+            bus = await asyncio.wait_for(entering, 10)
+            try:
+                assert bus.connected
+            finally:
+                await bus.__aexit__(None, None, None)
+    where = f"the broker at 127.0.0.1:{port}"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"cannot reach {where}: connection refused; retrying until it answers",
+        f"{where} answers now",
+    ]
