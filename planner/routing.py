@@ -46,6 +46,14 @@ The policy, and why:
 - **Deterministic.** Ties go to the lower replica id; queues are FIFO; no clock (every
   method takes `now`), no randomness.
 
+**Binding mode** (`bind`): ``ready`` (the default, above) binds the decoder when the
+first token is seen, so the prefill devices must hold the KV until told where it goes;
+``dispatch`` binds it when the prompt is dispatched (the same decoder choice, made for a
+request about to be prefilled; a prompt waits in the queue until a decoder slot and its
+KV fit), so the prefill devices hand the KV over as soon as each stage is done. The
+runtime orchestrator runs ``dispatch`` (its devices hand the KV over at once; holding it
+for a later bind is a protocol step they do not have yet); the simulator runs either.
+
 Role flips without reload: `reconfigure(plan)` takes a plan with the same replicas and
 layouts but other roles or concurrency; a replica whose role changes stops taking work
 in its old role and takes the new one once its old work is gone (`take_flipped`).
@@ -76,6 +84,8 @@ from planner.plan import Plan, Replica, Role, Timing
 
 Policy = Literal["time", "tokens", "count"]
 POLICIES: tuple[Policy, ...] = ("time", "tokens", "count")
+Binding = Literal["ready", "dispatch"]
+BINDINGS: tuple[Binding, ...] = ("ready", "dispatch")
 LOOKAHEAD = 64
 """Queued requests the ``time`` policy reserves replicas for, in FIFO order, per decision."""
 RUN_AHEAD = 1
@@ -97,6 +107,9 @@ class Dispatch:
 
     request_id: str
     replica_id: int
+    decoder: int | None = None
+    """The decoder bound at dispatch (``bind="dispatch"``; a mixed replica's own id), or
+    None: bound later by a `Bind`."""
 
 
 @dataclass(frozen=True)
@@ -216,11 +229,19 @@ class Router:
     """Routing state and decisions for one plan (see the module docstring)."""
 
     def __init__(
-        self, plan: Plan, policy: Policy = "time", *, mean_output_tokens: float | None = None
+        self,
+        plan: Plan,
+        policy: Policy = "time",
+        *,
+        mean_output_tokens: float | None = None,
+        bind: Binding = "ready",
     ) -> None:
         if policy not in POLICIES:
             raise ValueError(f"unknown routing policy {policy!r} (expected one of {POLICIES})")
+        if bind not in BINDINGS:
+            raise ValueError(f"unknown binding {bind!r} (expected one of {BINDINGS})")
         self.policy: Policy = policy
+        self.bind: Binding = bind
         self.mean_output_tokens = float(
             mean_output_tokens or plan.figure("mean_output_tokens", 128.0)
         )
@@ -257,8 +278,11 @@ class Router:
         self.requests[rid] = _Request(rid, int(prompt_tokens), int(max_new_tokens))
         self.queue.appendleft(rid)
 
-    def start_prefill(self, rid: str, replica_id: int, now: float) -> None:
-        """Its prompt was sent to `replica_id` (a mixed replica binds its decode slot too)."""
+    def start_prefill(
+        self, rid: str, replica_id: int, now: float, decoder: int | None = None
+    ) -> None:
+        """Its prompt was sent to `replica_id` (a mixed replica binds its decode slot too;
+        so does `decoder`, bound at dispatch)."""
         req = self.requests[rid]
         rep = self.replicas[replica_id]
         self._remove_from_queues(rid)
@@ -267,6 +291,9 @@ class Router:
         if rep.role == "mixed":
             req.decoder = replica_id
             rep.decoding[rid] = req.reserve - req.prompt
+        elif decoder is not None:
+            req.decoder = decoder
+            self.replicas[decoder].decoding[rid] = req.reserve
         t = now
         for i, s in enumerate(self._stages(rep, req.prompt)):
             t = max(t, rep.stage_free[i]) + s
@@ -283,9 +310,15 @@ class Router:
         tokens = req.prompt
         rep.prefill_end.pop(rid, None)
         rep.stage_free[-1] = max(rep.stage_free[-1], now)
+        if not rep.prefilling:
+            # the pipeline is empty, whatever was predicted: devices faster than their
+            # profile must not sit idle until the predicted time
+            rep.stage_free = [min(f, now) for f in rep.stage_free[:-1]] + [now]
         if req.decoder == req.prefill:
             rep.decoding[rid] += tokens
             req.phase = Phase.DECODING
+        elif req.decoder is not None:
+            req.phase = Phase.MOVING  # bound at dispatch: the stages hand the KV over now
         else:
             rep.held[rid] = tokens
             req.phase = Phase.READY
@@ -377,7 +410,17 @@ class Router:
             if isinstance(d, Reject):
                 self.finish(d.request_id, now)
             else:
-                self.start_prefill(d.request_id, d.replica_id, now)
+                if self.bind == "dispatch":
+                    if self.replicas[d.replica_id].role == "mixed":
+                        dec_id = d.replica_id
+                    else:
+                        dec = self._pick_decoder(self.requests[d.request_id])
+                        if dec is None:
+                            self._wake = None  # a decoder slot frees on a finish (an event)
+                            break
+                        dec_id = dec.replica_id
+                    d = Dispatch(d.request_id, d.replica_id, dec_id)
+                self.start_prefill(d.request_id, d.replica_id, now, d.decoder)
             out.append(d)
         return out
 
@@ -447,6 +490,12 @@ class Router:
                 f"prefilled request needs {req.reserve} KV tokens; no decoder of this plan "
                 f"holds more than {largest:.0f}",
             )
+        best = self._pick_decoder(req)
+        return None if best is None else Bind(req.rid, best.replica_id)
+
+    def _pick_decoder(self, req: _Request) -> ReplicaState | None:
+        """The decoder for `req` by the policy, among those with a free slot and room for
+        its KV (None: wait for one to free)."""
         avail = [
             r
             for r in self.replicas.values()
@@ -457,12 +506,10 @@ class Router:
         if not avail:
             return None
         if self.policy == "time":
-            best = min(avail, key=lambda r: (self._decode_s(r, req), r.replica_id))
-        elif self.policy == "count":
-            best = min(avail, key=lambda r: (len(r.decoding), r.replica_id))
-        else:
-            best = min(avail, key=lambda r: (sum(r.decoding.values()), r.replica_id))
-        return Bind(req.rid, best.replica_id)
+            return min(avail, key=lambda r: (self._decode_s(r, req), r.replica_id))
+        if self.policy == "count":
+            return min(avail, key=lambda r: (len(r.decoding), r.replica_id))
+        return min(avail, key=lambda r: (sum(r.decoding.values()), r.replica_id))
 
     # ---- state views ---------------------------------------------------------------
 

@@ -12,8 +12,10 @@ What it decides:
   until every device of the plan is ready for it, serve; after a loss keep serving on the
   replicas that lost no device; before any other switch drain (no new dispatch, requests
   in flight may finish, bounded), then restart the rest seamlessly under the new plan;
-- each request's lifecycle (`RequestStatus`): validate, queue (bounded), route (JSQ on
-  estimated time, a decoder slot reserved), stream tokens in order, finish or fail with
+- each request's lifecycle (`RequestStatus`): validate, queue (bounded), route (the
+  simulator's own policy, `planner.routing.Router`, fed the same events: what is
+  simulated is what runs; the decoder is bound at dispatch, since the devices hand the
+  KV over as each prefill stage ends), stream tokens in order, finish or fail with
   an `ErrorCode`; each dispatch is a new *attempt*, so late messages of an abandoned
   attempt are ignored; a fault (lost replica, stall, device error) restarts the request
   from its prompt plus the tokens already streamed, at most `max_retries` times.
@@ -32,7 +34,6 @@ from typing import Any, Protocol
 
 from e2llm_edge.errors import ParamError
 from e2llm_edge.fog.registry import Registry
-from e2llm_edge.fog.router import ReplicaLoad, choose_decoder, choose_prefill
 from e2llm_edge.fog.textio import StreamDecoder
 from e2llm_edge.params import GenerationParams, ModelLimits, check_prompt, validate
 from e2llm_edge.wire import messages as m
@@ -48,6 +49,7 @@ from e2llm_edge.wire.messages import (
 )
 from planner import Inventory, Plan, Workload
 from planner.errors import InventoryError
+from planner.routing import Dispatch, Policy, Reject, Router
 
 
 class PlanPhase(StrEnum):
@@ -120,6 +122,8 @@ class FogConfig:
     regroup_after: float = 30.0
     replay_cache: int = 512
     summary_every_s: float = 2.0
+    routing: Policy = "time"
+    """The router's policy (`planner.routing`; the simulator's default too)."""
 
 
 # --------------------------------------------------------------------------- events
@@ -383,7 +387,8 @@ class FogCore:
         self.drain_until = 0.0
         self.dead: set[int] = set()
         """Replicas of the current plan that lost a device (no dispatch to them)."""
-        self.loads: dict[int, ReplicaLoad] = {}
+        self.router: Router | None = None
+        """Routing state of the current plan (the queue mirrored in its order)."""
         self.requests: dict[str, Request] = {}
         self.queue: deque[str] = deque()
         self.finished: OrderedDict[str, Replay] = OrderedDict()
@@ -472,6 +477,8 @@ class FogCore:
         if self.plan is not None:
             hit = {r.replica_id for r in self.plan.replicas if dev in _replica_devices(r)}
             self.dead |= hit
+            if self.router is not None:
+                self.router.exclude(hit)
             self._requeue(
                 lambda r: (
                     r.route is not None and (r.route.prefill in hit or r.route.decoder in hit)
@@ -617,7 +624,7 @@ class FogCore:
         self.plan_error = why
         self._log("warning", "no_plan", why)
         self._requeue(lambda r: True, "plan withdrawn", fault=False)
-        self.plan, self.pending, self.dead = None, None, set()
+        self.plan, self.pending, self.dead, self.router = None, None, set(), None
         self.phase = PlanPhase.NO_PLAN
         for rid in list(self.queue):
             req = self.requests.get(rid)
@@ -657,9 +664,14 @@ class FogCore:
         self._requeue(lambda r: True, f"plan v{plan.version} replaces v{self.version}", fault=False)
         self.plan, self.version, self.dead = plan, plan.version, set()
         self.phase = PlanPhase.LOADING
-        self.loads = {
-            r.replica_id: ReplicaLoad.for_replica(r, self.cfg.workload) for r in plan.replicas
-        }
+        self.router = Router(
+            plan,
+            self.cfg.routing,
+            mean_output_tokens=self.cfg.workload.mean_output_tokens,
+            bind="dispatch",
+        )
+        for rid in self.queue:
+            self._route_arrival(self.requests[rid], front=False)
         self._emit(PublishPlan(plan))
         self._log("info", "plan", f"published plan v{plan.version}: {describe_plan(plan)}")
         self._check_serving()
@@ -745,6 +757,19 @@ class FogCore:
             self._finish(req, "length")
         else:
             self.queue.append(rid)
+            self._route_arrival(req, front=False)
+
+    def _route_arrival(self, req: Request, *, front: bool) -> None:
+        """The router queues it too (at the back, or at the front for a restart), with the
+        prompt it will be prefilled with and the tokens it may still generate."""
+        if self.router is None:
+            return
+        prompt = len(req.prompt_ids) + len(req.generated)
+        left = req.max_new_tokens - len(req.generated)
+        if front:
+            self.router.restart(req.rid, prompt, left, self.now)
+        else:
+            self.router.arrive(req.rid, prompt, left, self.now)
 
     def _prompt_ids(self, msg: m.GenerateRequest) -> list[int]:
         """The prompt's token ids; ParamError when the request's prompt forms are wrong."""
@@ -795,24 +820,29 @@ class FogCore:
             self._answer(ClientId(client), done.final)
 
     def _dispatch(self) -> None:
-        """Start queued requests while a PREFILL replica and a DECODER slot are free."""
-        if self.phase != PlanPhase.SERVING or self.plan is None or self.pending is not None:
+        """Start what the router decides now (it waits for a prefill pipeline and a decoder
+        slot with room for the request's KV)."""
+        if (
+            self.phase != PlanPhase.SERVING
+            or self.plan is None
+            or self.pending is not None
+            or self.router is None
+        ):
             return
-        while self.queue:
-            req = self.requests.get(self.queue[0])
-            if req is None:
-                self.queue.popleft()
+        for decision in self.router.decide(self.now):
+            req = self.requests[decision.request_id]
+            if isinstance(decision, Reject):
+                self._fail(req, ErrorCode.BAD_REQUEST, decision.reason)
                 continue
-            prompt = req.prompt_ids + req.generated
-            p = choose_prefill(self.plan, self.loads, len(prompt), exclude=self.dead)
-            d = choose_decoder(self.plan, self.loads, p, exclude=self.dead)
-            if p is None or d is None:
-                return
-            self.queue.popleft()
-            self._start(req, p, d, prompt)
+            assert isinstance(decision, Dispatch) and decision.decoder is not None, (
+                f"bound at dispatch, got {decision}"
+            )
+            self.queue.remove(req.rid)
+            self._start(req, decision.replica_id, decision.decoder)
 
-    def _start(self, req: Request, p: int, d: int, prompt: list[int]) -> None:
+    def _start(self, req: Request, p: int, d: int) -> None:
         assert self.plan is not None
+        prompt = req.prompt_ids + req.generated
         req.route = Route(p, d, self.version, self.now)
         req.status = RequestStatus.PREFILLING
         req.progress = self.now
@@ -820,8 +850,6 @@ class FogCore:
         if req.first_dispatch is None:
             req.first_dispatch = self.now
             self.waits.append(self.now - req.arrived)
-        self.loads[p].start_prefill(len(prompt))
-        self.loads[d].start_decode(str(req.key))
         embed_dev = next(s.device_id for s in self.plan.replica(p).stages if s.embed)
         self._emit(
             Send(
@@ -872,7 +900,8 @@ class FogCore:
         req.progress = self.now
         if req.status == RequestStatus.PREFILLING:
             req.status = RequestStatus.TRANSFERRING
-            self.loads[req.route.prefill].finish_prefill(len(req.prompt_ids) + len(req.generated))
+            if self.router is not None and req.route.plan_version == self.version:
+                self.router.prefill_done(req.rid, self.now)
             if msg.timings is not None:
                 req.waiting_s += msg.timings.prefill_queued_s
             if req.first_token is None:
@@ -885,6 +914,8 @@ class FogCore:
                 )
         elif req.status == RequestStatus.TRANSFERRING:
             req.status = RequestStatus.DECODING
+            if self.router is not None and req.route.plan_version == self.version:
+                self.router.kv_moved(req.rid, self.now)  # the decoder ran a step: it has it
             if msg.timings is not None:
                 req.waiting_s += msg.timings.kv_wait_s
         req.generated.append(msg.token_id)
@@ -987,12 +1018,9 @@ class FogCore:
         self._maybe_switch()
 
     def _release_slots(self, req: Request) -> None:
-        route = req.route
-        if route is not None and route.plan_version == self.version:
-            if req.status == RequestStatus.PREFILLING and route.prefill in self.loads:
-                self.loads[route.prefill].finish_prefill(len(req.prompt_ids) + len(req.generated))
-            if route.decoder in self.loads:
-                self.loads[route.decoder].finish_decode(str(req.key))
+        """The router forgets it: queue place, prefill pipeline, decoder slot, KV."""
+        if self.router is not None:
+            self.router.finish(req.rid, self.now)
         req.route = None
 
     def _release_on_devices(self, req: Request) -> None:
@@ -1041,6 +1069,7 @@ class FogCore:
             req.status = RequestStatus.QUEUED
             req.queued_at = self.now
             self.queue.appendleft(req.rid)
+            self._route_arrival(req, front=True)
             self._notify(
                 req.rid,
                 RequestEventKind.REQUEUED,
@@ -1137,11 +1166,13 @@ class FogCore:
                     role=r.role,
                     concurrency=r.concurrency,
                     devices=[s.device_id for s in r.stages],
-                    prefill_queue_tokens=self.loads[r.replica_id].prefill_tokens
-                    if r.replica_id in self.loads
+                    prefill_queue_tokens=round(
+                        sum(self.router.replicas[r.replica_id].prefilling.values())
+                    )
+                    if self.router is not None
                     else 0,
-                    decoding=len(self.loads[r.replica_id].decoding)
-                    if r.replica_id in self.loads
+                    decoding=len(self.router.replicas[r.replica_id].decoding)
+                    if self.router is not None
                     else 0,
                 )
                 for r in (plan.replicas if plan is not None else [])
@@ -1177,26 +1208,44 @@ class FogCore:
                 f"{rid}: status {req.status} vs queue membership"
             )
             assert req.running == (req.route is not None), f"{rid}: route vs status"
-        reserved: dict[int, set[str]] = {}
-        for req in self.requests.values():
-            if req.route is not None and req.route.plan_version == self.version:
-                reserved.setdefault(req.route.decoder, set()).add(str(req.key))
-        for rep, load in self.loads.items():
-            assert load.decoding == reserved.get(rep, set()), (
-                f"replica {rep}: decoder slots {sorted(load.decoding)} vs requests "
-                f"{sorted(reserved.get(rep, set()))}"
+        if self.router is None:
+            return
+        router = self.router
+        assert list(router.queue) == queued, "the router's queue is not the core's"
+        tracked = {rid for rid, r in self.requests.items() if r.status == RequestStatus.QUEUED}
+        tracked |= {
+            rid
+            for rid, r in self.requests.items()
+            if r.route is not None and r.route.plan_version == self.version
+        }
+        assert set(router.requests) == tracked, (
+            f"router tracks {sorted(router.requests)}, the core {sorted(tracked)}"
+        )
+        for rep, state in router.replicas.items():
+            decoding = {
+                rid
+                for rid, r in self.requests.items()
+                if r.route is not None
+                and r.route.plan_version == self.version
+                and r.route.decoder == rep
+            }
+            assert set(state.decoding) == decoding, (
+                f"replica {rep}: decoder slots {sorted(state.decoding)} vs requests "
+                f"{sorted(decoding)}"
             )
-            assert len(load.decoding) <= load.concurrency, f"replica {rep} over concurrency"
-            prefilling = [
-                r
-                for r in self.requests.values()
+            assert len(state.decoding) <= state.concurrency or state.next_role is not None, (
+                f"replica {rep} over concurrency"
+            )
+            prefilling = {
+                rid
+                for rid, r in self.requests.items()
                 if r.route is not None
                 and r.route.plan_version == self.version
                 and r.route.prefill == rep
                 and r.status == RequestStatus.PREFILLING
-            ]
-            assert load.prefills == len(prefilling), (
-                f"replica {rep}: {load.prefills} prefills counted, {len(prefilling)} running"
+            }
+            assert set(state.prefilling) == prefilling, (
+                f"replica {rep}: prefilling {sorted(state.prefilling)} vs {sorted(prefilling)}"
             )
 
     _handlers: Mapping[type, Callable[[FogCore, Any], None]] = {}

@@ -42,7 +42,7 @@ from planner.inventory import Inventory
 from planner.metrics import SLO, RequestRecord, Summary, summarize
 from planner.model import ModelSpec
 from planner.plan import Plan, Replica
-from planner.routing import Bind, Dispatch, Policy, Reject, Router
+from planner.routing import Bind, Binding, Dispatch, Policy, Reject, Router
 from planner.sim.kernel import EventQueue
 from planner.switch import Flip, Keep, Relayout, SwitchCost, SwitchDecision, reload_s
 from planner.workload import Request, Workload
@@ -159,9 +159,11 @@ class _Cluster:
         bind_message_s: float,
         switch: SwitchCost,
         replanner: Replanner | None,
+        bind: Binding = "ready",
     ) -> None:
         self.cm = cm
         self.policy: Policy = policy
+        self.bind: Binding = bind
         self.bind_message_s = bind_message_s
         self.switch = switch
         self.replanner = replanner
@@ -190,7 +192,7 @@ class _Cluster:
         roles = {r.role for r in plan.replicas}
         if "mixed" not in roles and not {"prefill", "decoder"} <= roles:
             raise ValueError("plan needs a mixed replica, or prefill and decoder replicas")
-        self.router = Router(plan, self.policy)
+        self.router = Router(plan, self.policy, bind=self.bind)
         for lv in queued:
             self.router.arrive(lv.rid, lv.prompt, lv.max_new, now)
 
@@ -308,10 +310,14 @@ class _Cluster:
             return
         node.passes.pop(lv.rid, None)
         self.router.prefill_done(lv.rid, now)
+        decoder = self.router.requests[lv.rid].decoder
         self._first_token(lv, now)
         if lv.generated >= lv.req.output_tokens:
             self._kv_free(node, lv)
             self._finish(lv, now)
+        elif decoder is not None and decoder != node.replica.replica_id:
+            # bound at dispatch: the stages hand the KV over without a bind message
+            self._bind(self.nodes[decoder], lv, now, message_s=0.0)
         self.decide(now)
 
     def _first_token(self, lv: _Live, now: float) -> None:
@@ -322,20 +328,21 @@ class _Cluster:
 
     # ---- KV hand-off ---------------------------------------------------------------------
 
-    def _bind(self, node: _Node, lv: _Live, now: float) -> None:
+    def _bind(self, node: _Node, lv: _Live, now: float, message_s: float | None = None) -> None:
         lv.rec.decoder_replica = node.replica.replica_id
         src = self.nodes[lv.rec.prefill_replica or 0]
         epoch, node_epoch = lv.epoch, node.epoch
+        message_s = self.bind_message_s if message_s is None else message_s
         if src is node:  # it flipped to decoding: the KV is already here
             self.events.schedule(
-                now + self.bind_message_s,
+                now + message_s,
                 _KV,
                 lambda at: self._kv_arrived(src, node, lv, at, epoch, node_epoch, moved=False),
             )
             return
         self._kv_add(node, lv, lv.prompt)
         send, recv = self.cm.kv_flows(src.layout, node.layout, lv.prompt)
-        t0 = now + self.bind_message_s
+        t0 = now + message_s
         links = self.cm.links
         up_done = t0
         for d, nbytes in sorted(send.items()):
@@ -573,9 +580,11 @@ def simulate(
     bind_message_s: float = 0.001,
     switch: SwitchCost | None = None,
     replanner: Replanner | None = None,
+    bind: Binding = "ready",
 ) -> SimResult:
     """Serve `requests` with `plan`; `workload` gives the mean lengths the cost model uses
-    (decode context); `routing` is the router's policy; `replanner` may switch plans."""
+    (decode context); `routing` is the router's policy and `bind` when it binds decoders
+    (``dispatch``: as the runtime orchestrator does today); `replanner` may switch plans."""
     cm = CostModel(
         inventory, model, workload, max(max_concurrency, max(r.concurrency for r in plan.replicas))
     )
@@ -586,6 +595,7 @@ def simulate(
         bind_message_s=bind_message_s,
         switch=switch or SwitchCost(),
         replanner=replanner,
+        bind=bind,
     )
     records = [RequestRecord(str(r.id), r.arrival_s, r.prompt_tokens) for r in requests]
     cluster.pending_arrivals = len(requests)
