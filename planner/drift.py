@@ -248,7 +248,7 @@ class DriftPlanner:
 
     def __init__(
         self,
-        inventory: Inventory,
+        inventory: Inventory | None,
         model: ModelSpec,
         *,
         designed_for: Workload,
@@ -259,7 +259,7 @@ class DriftPlanner:
         config: DriftConfig | None = None,
         switch: SwitchCost | None = None,
     ) -> None:
-        self.inventory = inventory
+        self._inventory = inventory
         self.model = model
         self.method = method
         self.seed = seed
@@ -275,6 +275,17 @@ class DriftPlanner:
         self._fresh_plan: Plan | None = None
         self.decisions: list[str] = []
         """Every non-trivial decision, for reports."""
+
+    @property
+    def inventory(self) -> Inventory:
+        """The devices to plan with (the orchestrator sets the live ones before a check)."""
+        if self._inventory is None:
+            raise ValueError("drift planner: no inventory given yet")
+        return self._inventory
+
+    @inventory.setter
+    def inventory(self, inventory: Inventory) -> None:
+        self._inventory = inventory
 
     @property
     def tick_s(self) -> float:
@@ -293,16 +304,20 @@ class DriftPlanner:
 
     def decide(self, now: float, plan: Plan, queued: int) -> SwitchDecision:
         """Keep, flip roles / concurrency, or re-layout (see the module docstring)."""
+        if now - self._last_switch < self.config.cooldown_s:
+            return Keep("cooling down after a switch")
+        w = enough_observed(self.mix, self.config, now)
+        if w is None:
+            return Keep("not enough observations")
+        return self.decide_for(now, plan, queued, w)
+
+    def decide_for(self, now: float, plan: Plan, queued: int, w: Workload) -> SwitchDecision:
+        """`decide` at a mix measured elsewhere: the orchestrator measures it in its event
+        loop and runs this (seconds: it may search a fresh plan) in a thread."""
         cfg = self.config
         quiet = now - self._last_switch
         if quiet < cfg.cooldown_s:
             return Keep("cooling down after a switch")
-        arrivals, finishes = self.mix.counts(now)
-        if arrivals < cfg.min_arrivals or finishes < max(1, cfg.min_arrivals // 3):
-            return Keep("not enough observations")
-        w = self.mix.estimate(now)
-        if w is None:
-            return Keep("not enough observations")
         area = self._area_fn(w, float(queued))
         cur = area(self._capacity(plan, w), 0.0)
         options: list[tuple[float, int, SwitchDecision]] = []
@@ -381,6 +396,14 @@ class DriftPlanner:
             f"live mix {w.mean_prompt_tokens:.0f}/{w.mean_output_tokens:.0f} tokens at "
             f"{w.arrival_rate_rps:.2f} req/s: {capacity:.3f} req/s{extra}"
         )
+
+
+def enough_observed(mix: MixEstimator, config: DriftConfig, now: float) -> Workload | None:
+    """The live mix, once the window holds enough arrivals and finishes to trust it."""
+    arrivals, finishes = mix.counts(now)
+    if arrivals < config.min_arrivals or finishes < max(1, config.min_arrivals // 3):
+        return None
+    return mix.estimate(now)
 
 
 def _changed(a: Plan, b: Plan) -> bool:

@@ -18,7 +18,13 @@ What it decides:
   KV over as each prefill stage ends), stream tokens in order, finish or fail with
   an `ErrorCode`; each dispatch is a new *attempt*, so late messages of an abandoned
   attempt are ignored; a fault (lost replica, stall, device error) restarts the request
-  from its prompt plus the tokens already streamed, at most `max_retries` times.
+  from its prompt plus the tokens already streamed, at most `max_retries` times;
+- re-planning on drift (with a `DriftPlanner`): the live mix (prompt and output lengths,
+  arrival rate) is measured over a sliding window; every `tick_s` the core asks for a
+  check (`CheckDrift`, run off the loop: it may search a plan) and, when the predicted
+  waiting saved beats the switch, takes the answer: preferably a flip of roles or
+  decoder concurrency on the same layouts (devices reconfigure, nothing reloads), or a
+  re-layout; either is installed like any new plan (drain, bounded, then switch).
 
 Every accepted request ends exactly once: with `done`, or an `error` event with a code.
 """
@@ -48,8 +54,10 @@ from e2llm_edge.wire.messages import (
     Sampling,
 )
 from planner import Inventory, Plan, Workload
+from planner.drift import DriftPlanner, MixEstimator, enough_observed
 from planner.errors import InventoryError
 from planner.routing import Dispatch, Policy, Reject, Router
+from planner.switch import Flip, Keep, Relayout, SwitchDecision
 
 
 class PlanPhase(StrEnum):
@@ -201,6 +209,14 @@ class PlanComputed:
 
 
 @dataclass(frozen=True)
+class DriftChecked:
+    """The answer to a `CheckDrift` for plan `version`."""
+
+    version: int
+    decision: SwitchDecision
+
+
+@dataclass(frozen=True)
 class Reconnected:
     """Our broker connection came back: messages in flight may be lost."""
 
@@ -221,6 +237,7 @@ Event = (
     | BadRequestArrived
     | CancelArrived
     | PlanComputed
+    | DriftChecked
     | Reconnected
     | Tick
 )
@@ -263,6 +280,24 @@ class ComputePlan:
 
 
 @dataclass(frozen=True)
+class CheckDrift:
+    """Weigh a switch for the live mix (seconds: run it off the loop, then report back
+    with `DriftChecked(version, run())`). The core leaves `planner` alone meanwhile."""
+
+    version: int
+    now: float
+    plan: Plan
+    queued: int
+    workload: Workload
+    inventory: Inventory
+    planner: DriftPlanner
+
+    def run(self) -> SwitchDecision:
+        self.planner.inventory = self.inventory
+        return self.planner.decide_for(self.now, self.plan, self.queued, self.workload)
+
+
+@dataclass(frozen=True)
 class Notify:
     """A request lifecycle event for monitors."""
 
@@ -285,7 +320,7 @@ class Log:
     text: str
 
 
-Command = Send | Answer | PublishPlan | ComputePlan | Notify | PublishSummary | Log
+Command = Send | Answer | PublishPlan | ComputePlan | CheckDrift | Notify | PublishSummary | Log
 
 
 # --------------------------------------------------------------------------- requests
@@ -363,6 +398,7 @@ class FogCore:
         epoch: int = 0,
         pinned: Plan | None = None,
         started: float = 0.0,
+        drift: DriftPlanner | None = None,
     ) -> None:
         self.cfg = cfg
         self.model = model
@@ -404,6 +440,12 @@ class FogCore:
         self.waits: deque[float] = deque(maxlen=256)
         self.ttfts: deque[float] = deque(maxlen=256)
         self.now = started
+        self.drift = drift
+        """Re-planning on drift (None: the plan changes only with the devices)."""
+        self.mix = MixEstimator(drift.config.window_s, drift.config.recent) if drift else None
+        self.drift_checking: int | None = None
+        """Plan version a drift check is running for."""
+        self.drift_checked = started
         self._out: list[Command] = []
 
     # ------------------------------------------------------------------ entry point
@@ -758,6 +800,8 @@ class FogCore:
         else:
             self.queue.append(rid)
             self._route_arrival(req, front=False)
+            if self.mix is not None:
+                self.mix.observe_arrival(self.now, rid, len(ids), msg.max_new_tokens)
 
     def _route_arrival(self, req: Request, *, front: bool) -> None:
         """The router queues it too (at the back, or at the front for a restart), with the
@@ -937,6 +981,8 @@ class FogCore:
 
     def _finish(self, req: Request, reason: m.FinishReason) -> None:
         self._release_slots(req)
+        if self.mix is not None:
+            self.mix.observe_finish(self.now, req.rid, len(req.generated))
         req.status = RequestStatus.FINISHED
         self.requests.pop(req.rid, None)
         self.completed += 1
@@ -999,6 +1045,8 @@ class FogCore:
         """End a request with an error event; its devices drop their state."""
         self._release_on_devices(req)
         self._release_slots(req)
+        if self.mix is not None:
+            self.mix.observe_finish(self.now, req.rid, len(req.generated))
         req.status = status
         self.requests.pop(req.rid, None)
         with contextlib.suppress(ValueError):
@@ -1118,6 +1166,55 @@ class FogCore:
                 self._fail(req, ErrorCode.NO_PLAN, self.plan_error)
         self._maybe_plan()
         self._check_serving()
+        self._maybe_check_drift()
+
+    # ------------------------------------------------------------------ drift
+
+    def _maybe_check_drift(self) -> None:
+        """Ask for a drift check every `tick_s` while serving a whole plan steadily."""
+        drift, mix = self.drift, self.mix
+        if (
+            drift is None
+            or mix is None
+            or self.plan is None
+            or self.phase != PlanPhase.SERVING
+            or self.pending is not None
+            or self.planning_version is not None
+            or self.drift_checking is not None
+            or self.dead
+            or self.now - self.drift_checked < drift.config.tick_s
+        ):
+            return
+        self.drift_checked = self.now
+        w = enough_observed(mix, drift.config, self.now)
+        if w is None:
+            return
+        try:
+            inv, _ = self.registry.inventory(self.registry.available())
+        except InventoryError:
+            return  # planning proper says why
+        self.drift_checking = self.version
+        self._emit(CheckDrift(self.version, self.now, self.plan, len(self.queue), w, inv, drift))
+
+    def _on_drift_checked(self, ev: DriftChecked) -> None:
+        if ev.version != self.drift_checking:
+            return
+        self.drift_checking = None
+        d = ev.decision
+        if isinstance(d, Keep):
+            return
+        if (
+            ev.version != self.version
+            or self.pending is not None
+            or self.planning_version is not None
+            or self.dead
+        ):
+            return  # the plan changed meanwhile: the next check looks again
+        kind = "flip roles/concurrency, no reload" if isinstance(d, Flip) else "re-layout"
+        assert isinstance(d, Flip | Relayout)
+        plan = _renumbered(d.plan, self.version + 1)
+        self._log("info", "drift", f"workload drift: {kind} (plan v{plan.version}): {d.reason}")
+        self._adopt(plan)
 
     def _on_reconnected(self, ev: Reconnected) -> None:
         """Back on the broker: messages in flight may be lost and devices' subscriptions
@@ -1262,6 +1359,7 @@ FogCore._handlers = {
     BadRequestArrived: FogCore._on_bad_request,
     CancelArrived: FogCore._on_cancel,
     PlanComputed: FogCore._on_plan_computed,
+    DriftChecked: FogCore._on_drift_checked,
     Reconnected: FogCore._on_reconnected,
     Tick: FogCore._on_tick,
 }
