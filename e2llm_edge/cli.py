@@ -304,6 +304,7 @@ def cmd_orchestrator(args: argparse.Namespace) -> int:
             window_s=args.drift_window,
             tick_s=args.drift_check_every,
             min_arrivals=args.drift_min_requests,
+            relayout=not args.drift_flips_only,
         )
         if args.replan_on_drift
         else None,
@@ -564,6 +565,11 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_int,
         default=20,
         help="arrivals in the window before the mix is trusted (default 20)",
+    )
+    p.add_argument(
+        "--drift-flips-only",
+        action="store_true",
+        help="on drift, only flip roles/concurrency on the same layouts (never reload weights)",
     )
     p.set_defaults(func=cmd_orchestrator)
 

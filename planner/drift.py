@@ -66,6 +66,9 @@ class DriftConfig:
     """No new flip this soon after a switch (flips cost nothing but must show effect)."""
     relayout_cooldown_s: float = 300.0
     """No re-layout this soon after a switch (it costs a drain and a reload)."""
+    relayout: bool = True
+    """False: only flips (no weight ever reloads on drift; where reading weights is slow
+    or wears the storage, an operator may prefer that)."""
 
 
 SHIFT = 0.5
@@ -335,7 +338,11 @@ class DriftPlanner:
                 options.append((area(cap, 0.0), 0, Flip(flipped, self._why(w, cap))))
         except PlanInfeasible:
             pass
-        if quiet >= cfg.relayout_cooldown_s and _moved(w, self.designed_for, cfg.replan_shift):
+        if (
+            cfg.relayout
+            and quiet >= cfg.relayout_cooldown_s
+            and _moved(w, self.designed_for, cfg.replan_shift)
+        ):
             fresh = self._fresh(w, plan.version + 1)
             if fresh is not None:
                 down = self.switch.drain_timeout_s + reload_s(plan, fresh, self.model, self.switch)
