@@ -463,6 +463,13 @@ class FogCore:
         out, self._out = self._out, []
         return out
 
+    def next_wakeup(self) -> float | None:
+        """When the router can dispatch a waiting request if nothing else happens first
+        (the shell ticks then, not only every tick period)."""
+        if self.router is None or self.phase != PlanPhase.SERVING or self.pending is not None:
+            return None
+        return self.router.next_wakeup()
+
     def _emit(self, cmd: Command) -> None:
         self._out.append(cmd)
 

@@ -454,7 +454,10 @@ class Orchestrator:
     async def _ticker(self, bus: Bus) -> None:
         connects = bus.stats.connects
         while True:
-            await asyncio.sleep(TICK_S)
+            wake = self.core.next_wakeup() if self.core is not None else None
+            # never a busy loop: a wake-up already past is served at the next 10 ms
+            delay = TICK_S if wake is None else min(TICK_S, max(0.01, wake - time.monotonic()))
+            await asyncio.sleep(delay)
             if bus.stats.connects != connects:
                 connects = bus.stats.connects
                 await self._feed(c.Reconnected())

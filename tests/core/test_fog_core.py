@@ -74,6 +74,8 @@ def test_waiting_time_counts_queueing_and_what_devices_report() -> None:
     d.token("a", 7, finished=True)
     assert req.waiting_s == pytest.approx(0.25 + 0.125)
     assert d.starts("b") and not d.starts("c"), "b took the prefill pipeline a left"
+    wake = d.core.next_wakeup()
+    assert wake is not None and d.now < wake <= d.now + 0.05 + 1e-9, "when b leaves stage 0"
     d.tick(0.25)  # b's predicted pass through the first stage is over
     assert d.starts("c"), "a finished: its decoder slot goes to c"
     assert d.core.requests["c"].waiting_s == pytest.approx(1.25)  # queued at the fog node
