@@ -112,6 +112,7 @@ COMMANDS: dict[str, str] = {
     ".venv/bin/python bench/range_sessions.py": BENCH,
     ".venv/bin/python bench/planner_bench.py": BENCH,
     ".venv/bin/python bench/planner_compare.py": BENCH,
+    ".venv/bin/python bench/planner_binding.py": BENCH,
     ".venv/bin/python bench/mqtt_roundtrip.py": BENCH,
     ".venv/bin/python bench/chaos.py": BENCH,
     ".venv/bin/python bench/soak.py --minutes 5": BENCH,

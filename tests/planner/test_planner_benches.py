@@ -49,3 +49,19 @@ def test_planner_compare_prints_every_metric_and_the_goal() -> None:
     assert "| 576/588 | 1 | e2llm (" in text and "| 576/588 | 1 | splitwise (count)" in text
     assert "TTFT p99" in text and "goodput" in text
     assert "MET" in text or "MISSED" in text
+
+
+def test_planner_binding_compares_the_runtime_binding_with_the_simulated_one() -> None:
+    text = run(
+        "planner_binding.py",
+        "--pools",
+        "paper",
+        "--requests",
+        "30",
+        "--intervals",
+        "1",
+        "--workloads",
+        "576/588",
+    )
+    assert "| paper | 576/588 | 1 | ready (" in text
+    assert "| paper | 576/588 | 1 | dispatch (" in text and "x |" in text
