@@ -716,7 +716,10 @@ class FogCore:
         self.router = Router(
             plan,
             self.cfg.routing,
-            mean_output_tokens=self.cfg.workload.mean_output_tokens,
+            # the mix the plan was made for (a drift switch's is the live one)
+            mean_output_tokens=plan.figure(
+                "mean_output_tokens", self.cfg.workload.mean_output_tokens
+            ),
             bind="dispatch",
         )
         for rid in self.queue:
