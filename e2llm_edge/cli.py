@@ -300,6 +300,7 @@ def cmd_orchestrator(args: argparse.Namespace) -> int:
         drain_timeout=args.drain_timeout,
         regroup_after=args.regroup_after,
         max_retries=args.max_retries,
+        min_tokens_per_s=args.min_tokens_per_s,
         drift=DriftConfig(
             window_s=args.drift_window,
             tick_s=args.drift_check_every,
@@ -541,6 +542,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=non_negative_int,
         default=5,
         help="restarts after faults before a request fails",
+    )
+    p.add_argument(
+        "--min-tokens-per-s",
+        type=positive_float,
+        default=15.0,
+        help="per-request generation speed floor the plans keep (default 15, the paper's)",
     )
     p.add_argument(
         "--replan-on-drift",

@@ -1212,6 +1212,7 @@ class FogCore:
         self.drift_checking = None
         d = ev.decision
         if isinstance(d, Keep):
+            self._log("info", "drift", f"drift check on plan v{ev.version}: keep ({d.reason})")
             return
         if (
             ev.version != self.version
