@@ -318,7 +318,10 @@ class Router:
             rep.decoding[rid] += tokens
             req.phase = Phase.DECODING
         elif req.decoder is not None:
-            req.phase = Phase.MOVING  # bound at dispatch: the stages hand the KV over now
+            # bound at dispatch: the stages hand the KV over now; it occupies this
+            # replica's memory until the decoder has it (`kv_moved`)
+            rep.held[rid] = tokens
+            req.phase = Phase.MOVING
         else:
             rep.held[rid] = tokens
             req.phase = Phase.READY
