@@ -216,8 +216,13 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 "(interval = 1/rate), prompts clipped to 4096 tokens"
             )
         else:
-            workloads = [tuple(float(v) for v in w.split("/")) for w in args.workloads.split(",")]
-            if any(len(w) != 2 for w in workloads):
+            try:
+                workloads = [
+                    tuple(float(v) for v in w.split("/")) for w in args.workloads.split(",")
+                ]
+            except ValueError:
+                workloads = []
+            if not workloads or any(len(w) != 2 or min(w) <= 0 for w in workloads):
                 raise ValueError(
                     f"--workloads must look like 576/588,2284/1004, got {args.workloads!r}"
                 )

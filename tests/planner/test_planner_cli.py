@@ -214,3 +214,5 @@ def test_simulate_says_when_a_floor_makes_every_method_infeasible(
     assert "with --min-tokens-per-s 5000 and --max-concurrency 16 every method is infeasible" in err
     assert main(["simulate", *common, "--max-concurrency", "0"]) == 2
     assert "--max-concurrency >= 1, got" in capsys.readouterr().err
+    assert main(["simulate", "--workloads", "576/x", "--no-plot"]) == 2
+    assert "--workloads must look like 576/588,2284/1004, got '576/x'" in capsys.readouterr().err
