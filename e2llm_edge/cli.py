@@ -279,6 +279,7 @@ def cmd_orchestrator(args: argparse.Namespace) -> int:
 
     from e2llm_edge.fog.orchestrator import Orchestrator, OrchestratorConfig
     from planner import Workload
+    from planner.drift import DriftConfig
 
     check_orchestrator_files(args)
     name = args.id or f"orchestrator-{socket.gethostname()}-{os.getpid()}"
@@ -300,6 +301,14 @@ def cmd_orchestrator(args: argparse.Namespace) -> int:
         drain_timeout=args.drain_timeout,
         regroup_after=args.regroup_after,
         max_retries=args.max_retries,
+        drift=DriftConfig(
+            window_s=args.drift_window,
+            tick_s=args.drift_check_every,
+            min_arrivals=args.drift_min_requests,
+            relayout=not args.drift_flips_only,
+        )
+        if args.replan_on_drift
+        else None,
     )
     asyncio.run(Orchestrator(cfg).run())
     return 0
@@ -540,6 +549,35 @@ def build_parser() -> argparse.ArgumentParser:
         type=non_negative_int,
         default=5,
         help="restarts after faults before a request fails",
+    )
+    p.add_argument(
+        "--replan-on-drift",
+        action="store_true",
+        help="measure the live mix (prompt/output lengths, rate) and re-plan when a switch "
+        "pays: preferably a role or concurrency flip (no reload), else a re-layout",
+    )
+    p.add_argument(
+        "--drift-window",
+        type=positive_float,
+        default=120.0,
+        help="seconds of requests the live mix is measured over (default 120)",
+    )
+    p.add_argument(
+        "--drift-check-every",
+        type=positive_float,
+        default=10.0,
+        help="seconds between drift checks (default 10)",
+    )
+    p.add_argument(
+        "--drift-min-requests",
+        type=positive_int,
+        default=20,
+        help="arrivals in the window before the mix is trusted (default 20)",
+    )
+    p.add_argument(
+        "--drift-flips-only",
+        action="store_true",
+        help="on drift, only flip roles/concurrency on the same layouts (never reload weights)",
     )
     p.set_defaults(func=cmd_orchestrator)
 

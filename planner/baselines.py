@@ -10,13 +10,19 @@
   rule and routing differ); roles follow Splitwise's rule (the fastest replicas at
   prefill form the prompt pool, only the pool size is optimised), and routing is
   Splitwise's JSQ by number of outstanding requests (see `planner.sim`).
-- **pipeline** (EdgeShard-like, Zhang et al. 2024): one pipeline over all devices, the
-  layer split by the same DP (EdgeShard also splits by DP); no replication, so it
-  prefills and decodes on the same pipeline (mixed).
+- **pipeline** (EdgeShard-like, Zhang et al. 2024): one pipeline, the layer split by the
+  same DP (EdgeShard also splits by DP), over the devices EdgeShard's DP would pick: the
+  best of the fastest-first prefixes of the devices in a few natural orders; no
+  replication, so it prefills and decodes on the same pipeline (mixed).
 - **memprop** (exo / llama.cpp RPC): one ring over all devices ordered by memory, layers
   split in proportion to each device's memory (exo's default partitioning strategy,
   llama.cpp's `--tensor-split` by free memory), embedding on the first device, head on
   the last; mixed role, the largest concurrency that fits memory and meets the floor.
+- **homogeneous**: the best replicas without roles: E2LLM's own search, every replica
+  MIXED (it prefills and decodes its own requests), so the gain from roles shows alone.
+
+Every baseline leaves out devices that cannot hold one layer with what a stage needs
+(`planner.search.usable_devices`), as an operator would, instead of failing on them.
 """
 
 from __future__ import annotations
@@ -24,39 +30,34 @@ from __future__ import annotations
 from planner.costs import CostModel, Layout
 from planner.dp import Split
 from planner.roles import ReplicaOption, best_mixed
-from planner.search import Evaluator, memory_order, speed_order
+from planner.search import Evaluator, groups_of, memory_order, speed_order, usable_devices
 
 
 def splitwise_groups(ev: Evaluator) -> list[tuple[int, ...]]:
     """Greedy replicas: fastest devices first, each closed once it can hold the model."""
-    order = speed_order(ev.cm)
-    sizes = ev.greedy_sizes(order)
-    out, at = [], 0
-    for s in sizes:
-        out.append(tuple(order[at : at + s]))
-        at += s
-    return out
+    order = speed_order(ev.cm, usable_devices(ev.cm))
+    return [ev.best_order(g).devices for g in groups_of(order, ev.greedy_sizes(order))]
 
 
 def pipeline_groups(ev: Evaluator) -> list[tuple[int, ...]]:
-    """One pipeline over every device, in the best of a few natural orders.
-
-    EdgeShard's DP also picks the order; trying fastest/slowest-first and
-    largest/smallest-memory-first stands in for that without a GA.
-    """
-    speed, mem = speed_order(ev.cm), memory_order(ev.cm)
-    orders = [tuple(speed), tuple(reversed(speed)), tuple(mem), tuple(reversed(mem))]
-    # every stage holds at least one layer: with more devices than layers, use the first L
-    orders = [o[: ev.cm.n_layers] for o in orders]
-    return [max(orders, key=lambda g: ev.option(g, with_mixed=True).mixed_rps)]
+    """One pipeline over the devices EdgeShard would pick (see the module docstring)."""
+    usable = usable_devices(ev.cm)
+    speed, mem = speed_order(ev.cm, usable), memory_order(ev.cm, usable)
+    candidates: list[tuple[int, ...]] = []
+    for order in (speed, mem):
+        for k in range(1, min(len(order), ev.cm.n_layers) + 1):
+            candidates += ev.canonical_orders(order[:k])
+    if not candidates:
+        return []
+    return [max(candidates, key=lambda g: ev.option(g, with_mixed=True).mixed_rps)]
 
 
 def memprop_layout(cm: CostModel) -> Layout:
-    """All devices by memory, layers in proportion to memory (largest remainder).
+    """All usable devices by memory, layers in proportion to memory (largest remainder).
 
     A device whose share rounds to no layer is left out, as exo and llama.cpp do.
     """
-    order = memory_order(cm)
+    order = memory_order(cm, usable_devices(cm))
     L = cm.n_layers
     mem = [float(cm.capacity[d]) for d in order]
     total = sum(mem)
@@ -81,7 +82,7 @@ def memprop_option(cm: CostModel, min_tokens_per_s: float) -> ReplicaOption:
     for c in range(1, cm.max_concurrency + 1):
         b = -(-c // min(k, c))
         mem = cm.stage_memory(
-            layout, kv_tokens=cm.decode_kv_tokens(c), pass_tokens=max(b, cm.prompt_tokens)
+            layout, kv_tokens=cm.decode_kv_tokens(c), pass_tokens=max(b, cm.peak_prompt_tokens)
         )
         if any(m > cm.capacity[d] for m, d in zip(mem, layout.devices, strict=True)):
             splits.append(None)

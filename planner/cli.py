@@ -16,10 +16,11 @@ import yaml
 from planner.errors import ModelSpecError, PlannerError, yaml_problem
 from planner.inventory import load_inventory
 from planner.methods import METHODS
+from planner.metrics import SLO
 from planner.model import ModelSpec, load_model_description
-from planner.workload import Workload
-
-DEFAULT_TRACE = "/work/shared/data/traces/AzureLLMInferenceTrace_conv.csv"
+from planner.pools import POOLS, pool
+from planner.routing import POLICIES
+from planner.workload import TRACES, Workload, load_phases
 
 
 def register(subparsers: Any) -> None:
@@ -35,21 +36,22 @@ def register(subparsers: Any) -> None:
     p.add_argument("--method", choices=METHODS, default="e2llm")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--version", type=int, default=1)
-    p.add_argument(
-        "--min-tokens-per-s",
-        type=float,
-        default=15.0,
-        help="per-request generation speed floor (default 15)",
-    )
-    p.add_argument("--max-concurrency", type=int, default=16)
+    _limits(p)
     p.add_argument("-o", "--out", help="write the plan here instead of stdout")
     p.set_defaults(func=cmd_plan)
 
     s = subparsers.add_parser(
-        "simulate", help="reproduce the paper's comparison in the simulator (table + PNG)"
+        "simulate", help="compare E2LLM with the baselines in the simulator (table + PNG)"
     )
-    s.add_argument("--inventory", help="inventory YAML (default: the paper's testbed)")
-    s.add_argument("--model", help="model description or manifest YAML (default: paper 20B)")
+    s.add_argument(
+        "--pool",
+        choices=sorted(POOLS),
+        default="paper",
+        help="bundled devices and model: "
+        + "; ".join(f"{k}: {v.about}" for k, v in sorted(POOLS.items())),
+    )
+    s.add_argument("--inventory", help="inventory YAML (instead of the pool's)")
+    s.add_argument("--model", help="model description or manifest YAML (instead of the pool's)")
     s.add_argument(
         "--workloads",
         default="576/588,2284/1004",
@@ -60,23 +62,50 @@ def register(subparsers: Any) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--methods", default=",".join(METHODS))
     s.add_argument(
+        "--routing",
+        choices=("best", *POLICIES),
+        default="best",
+        help="routing policy; best (default): each method with every policy, reported at "
+        "its strongest",
+    )
+    _limits(s)
+    s.add_argument(
+        "--slo-ttft", type=float, default=10.0, help="goodput: largest TTFT in s (default 10)"
+    )
+    s.add_argument(
         "--trace",
         nargs="?",
-        const=DEFAULT_TRACE,
+        const="conv",
         default=None,
-        help=f"also replay an Azure trace (default file: {DEFAULT_TRACE})",
+        help=f"replay an Azure trace instead: a shipped one ({', '.join(TRACES)}; default "
+        "conv) or a CSV file",
     )
     s.add_argument(
         "--trace-rates", default="0.5,1", help="requests/s the trace is time-scaled to (edge rates)"
     )
-    s.add_argument("--out", default="runs/simulate", help="directory for table and PNGs")
-    s.add_argument("--no-plot", action="store_true", help="skip the PNGs")
     s.add_argument(
-        "--no-ablation",
-        action="store_true",
-        help="skip the splitwise+jsq_time row (Splitwise's plan, E2LLM's routing)",
+        "--phases",
+        help="a drifting stream instead: YAML list of phases (prompt_tokens, output_tokens, "
+        "rate or interval_s, requests or duration_s); adds E2LLM re-planning online",
     )
+    s.add_argument("--out", default="runs/simulate", help="directory for table and PNG")
+    s.add_argument("--no-plot", action="store_true", help="skip the PNG")
     s.set_defaults(func=cmd_simulate)
+
+
+def _limits(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--min-tokens-per-s",
+        type=float,
+        default=15.0,
+        help="per-request generation speed floor (default 15, the paper's)",
+    )
+    p.add_argument(
+        "--max-concurrency",
+        type=int,
+        default=16,
+        help="most requests a decoder runs at once (default 16)",
+    )
 
 
 def _model(path: str) -> ModelSpec:
@@ -84,7 +113,7 @@ def _model(path: str) -> ModelSpec:
 
 
 def cmd_plan(args: argparse.Namespace) -> int:
-    """Print or write a plan."""
+    """Print or write a plan; its predicted capacity and the bound go to stderr."""
     from planner.make import make_plan
 
     try:
@@ -108,7 +137,7 @@ def cmd_plan(args: argparse.Namespace) -> int:
             min_tokens_per_s=args.min_tokens_per_s,
             max_concurrency=args.max_concurrency,
         )
-    except (PlannerError, OSError) as e:
+    except (PlannerError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
     text = plan.to_yaml()
@@ -117,6 +146,12 @@ def cmd_plan(args: argparse.Namespace) -> int:
         print(f"wrote {args.out}", file=sys.stderr)
     else:
         print(text, end="")
+    print(
+        f"predicted capacity {plan.figure('capacity_rps', 0.0):.3f} req/s; upper bound "
+        f"{plan.figure('capacity_bound_rps', 0.0):.3f} req/s "
+        f"(gap {100 * plan.figure('gap_to_bound', 0.0):.0f}%)",
+        file=sys.stderr,
+    )
     return 0
 
 
@@ -132,80 +167,104 @@ def _floats(text: str, flag: str) -> list[float]:
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
-    """Run the paper's grid (and optionally a trace); print and write tables and plots."""
+    """Run the comparison (the paper's grid, a trace or a drifting stream); print and
+    write the table and the plot."""
     from planner.sim import paper
 
+    floor = args.min_tokens_per_s
     try:
-        inventory = load_inventory(args.inventory) if args.inventory else paper.paper_inventory()
-        model = _model(args.model) if args.model else paper.paper_model()
-        workloads = [tuple(float(v) for v in w.split("/")) for w in args.workloads.split(",")]
-        if any(len(w) != 2 for w in workloads):
+        inventory, model, _ = pool(args.pool)
+        if args.inventory:
+            inventory = load_inventory(args.inventory)
+        if args.model:
+            model = _model(args.model)
+        if floor <= 0 or args.max_concurrency < 1:
             raise ValueError(
-                f"--workloads must look like 576/588,2284/1004, got {args.workloads!r}"
+                "--min-tokens-per-s must be > 0 and --max-concurrency >= 1, got "
+                f"{floor:g} and {args.max_concurrency}"
             )
         methods = [m for m in args.methods.split(",") if m]
         bad = [m for m in methods if m not in METHODS]
         if bad:
             raise ValueError(f"unknown methods {bad} (expected some of {list(METHODS)})")
-        rows = paper.reproduce(
-            inventory,
-            model,
-            workloads=[(w[0], w[1]) for w in workloads],
-            intervals=_floats(args.intervals, "--intervals"),
-            n_requests=args.requests,
-            seed=args.seed,
-            methods=methods,
-            ablation=not args.no_ablation,
-        )
-        trace_rows = []
-        if args.trace:
-            trace_rows = paper.reproduce_trace(
+        policies = POLICIES if args.routing == "best" else (args.routing,)
+        slo = SLO(ttft_s=args.slo_ttft, tbt_s=1.0 / floor)
+        common: dict[str, Any] = {
+            "methods": methods,
+            "seed": args.seed,
+            "min_tokens_per_s": floor,
+            "max_concurrency": args.max_concurrency,
+            "policies": policies,
+            "slo": slo,
+        }
+        if args.phases:
+            phased = load_phases(args.phases)
+            rows = paper.run_phases(inventory, model, phased, **common)
+            what = f"drifting stream {args.phases} ({len(phased.phases)} phases)"
+        elif args.trace:
+            rows = paper.reproduce_trace(
                 inventory,
                 model,
                 args.trace,
                 rates_rps=_floats(args.trace_rates, "--trace-rates"),
                 n_requests=args.requests,
-                seed=args.seed,
-                methods=methods,
-                ablation=not args.no_ablation,
+                **common,
             )
+            what = (
+                f"Azure trace {args.trace} (Patel et al., Splitwise, ISCA 2024; CC BY 4.0), "
+                f"first {args.requests} requests time-scaled to {args.trace_rates} req/s "
+                "(interval = 1/rate), prompts clipped to 4096 tokens"
+            )
+        else:
+            try:
+                workloads = [
+                    tuple(float(v) for v in w.split("/")) for w in args.workloads.split(",")
+                ]
+            except ValueError:
+                workloads = []
+            if not workloads or any(len(w) != 2 or min(w) <= 0 for w in workloads):
+                raise ValueError(
+                    f"--workloads must look like 576/588,2284/1004, got {args.workloads!r}"
+                )
+            rows = paper.reproduce(
+                inventory,
+                model,
+                workloads=[(w[0], w[1]) for w in workloads],
+                intervals=_floats(args.intervals, "--intervals"),
+                n_requests=args.requests,
+                **common,
+            )
+            what = f"{args.requests} requests per cell"
     except (PlannerError, OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    if paper.all_infeasible(rows):
+        reason = next((r.note for r in rows if r.method == "e2llm"), rows[0].note)
+        print(
+            f"error: with --min-tokens-per-s {floor:g} and --max-concurrency "
+            f"{args.max_concurrency} every method is infeasible on these {len(inventory)} "
+            f"devices: {reason}",
+            file=sys.stderr,
+        )
+        return 2
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    text = [
-        f"# Simulated mean waiting time ({args.requests} requests per cell, seed "
-        f"{args.seed}, {len(inventory)} devices, model {model.name})",
-        "",
-        paper.table(rows),
-    ]
-    if trace_rows:
-        text += [
-            "",
-            f"## Azure trace {args.trace}, first {args.requests} requests, time-scaled "
-            "to the given rates (interval = 1/rate), prompts clipped to 4096 tokens "
-            "(Patel et al., Splitwise, ISCA 2024; CC BY 4.0)",
-            "",
-            paper.table(trace_rows),
-        ]
-    report = "\n".join(text) + "\n"
+    header = (
+        f"# Simulated serving: {what}; seed {args.seed}, {len(inventory)} devices, model "
+        f"{model.name}, floor {floor:g} tokens/s, max concurrency {args.max_concurrency}; "
+        f"goodput SLO TTFT <= {slo.ttft_s:g} s and TBT <= {1000 * slo.tbt_s:.0f} ms; "
+        "* marks each method's strongest routing"
+    )
+    report = "\n".join([header, "", paper.table(rows)]) + "\n"
     print(report)
     (out / "simulate.md").write_text(report)
-    if not args.no_plot:
+    if not args.no_plot and not args.phases:
         png = paper.plot(
             rows,
             out / "waiting_vs_interval.png",
             title=f"E2LLM vs baselines, simulated ({model.name})",
         )
         print(f"wrote {png}")
-        if trace_rows:
-            tpng = paper.plot(
-                trace_rows,
-                out / "trace_waiting_vs_interval.png",
-                title="Azure conversation trace, time-scaled to edge rates",
-            )
-            print(f"wrote {tpng}")
     return 0
 
 

@@ -74,6 +74,8 @@ class CostModel:
         # Context a decode step attends over, on average across a request's life.
         self.decode_context = workload.mean_prompt_tokens + workload.mean_output_tokens / 2
         self.prompt_tokens = workload.mean_prompt_tokens
+        self.peak_prompt_tokens = workload.peak_prompt_tokens
+        self.peak_context_tokens = workload.peak_context_tokens
         self._prefill_cache = lru_cache(maxsize=4096)(self._prefill_layers)
 
     # ---- per device, per layer -------------------------------------------------------
@@ -156,6 +158,34 @@ class CostModel:
             return 0.0
         return hop_s(self.links[devices[-1]], self.links[devices[0]], nbytes)
 
+    def in_hop_vec(
+        self,
+        devices: Sequence[int],
+        i: int,
+        embed_last: bool,
+        decode: bool,
+        tokens: np.ndarray,
+    ) -> np.ndarray:
+        """`in_hop_s` for an array of token counts (the hop is affine in the bytes)."""
+        k = len(devices)
+        zero = np.zeros(len(tokens))
+        if k == 1:
+            return zero
+        act = self.model.activation_bytes_per_token
+        if i > 0:
+            src, per_token = self.links[devices[i - 1]], act
+        elif embed_last:
+            src, per_token = self.links[devices[-1]], act
+        elif decode:
+            src, per_token = self.links[devices[-1]], float(TOKEN_ID_BYTES)
+        else:
+            return zero
+        dst = self.links[devices[i]]
+        latency = (src.latency_ms + dst.latency_ms) * 1e-3
+        per_byte = 8.0 / (src.bandwidth_mbps * 1e6) + 8.0 / (dst.bandwidth_mbps * 1e6)
+        result: np.ndarray = latency + tokens * per_token * per_byte
+        return result
+
     def stage_times(self, layout: Layout, *, decode: bool, tokens: float) -> list[float]:
         """Time of each stage for one pass of `tokens` prompt tokens or a decode micro-batch.
 
@@ -194,14 +224,42 @@ class CostModel:
         return WORKSPACE_BUFFERS * pass_tokens * self.model.activation_bytes_per_token
 
     def decode_kv_tokens(self, concurrency: int) -> float:
-        """KV tokens a decoder of this concurrency reserves (mean context per request)."""
-        return concurrency * self.workload.mean_context_tokens
+        """KV tokens a decoder of this concurrency must hold: `concurrency` requests of
+        the mean context (what the router reserves on average), and at least the longest
+        context the workload reaches."""
+        return max(concurrency * self.workload.mean_context_tokens, self.peak_context_tokens)
 
-    def kv_transfer_s(self, src: Layout, dst: Layout, prompt_tokens: float) -> float:
-        """Seconds to move a prompt's KV cache from a prefill replica to a decoder.
+    def prefill_kv_tokens(self, n_stages: int) -> float:
+        """KV tokens a prefill replica must hold: a mean prompt per pipeline stage in
+        flight, and at least the longest prompt the workload reaches."""
+        return max(n_stages * self.prompt_tokens, self.peak_prompt_tokens)
+
+    def pass_tokens(self, role: str, concurrency: int, n_stages: int) -> float:
+        """Tokens of the largest pass a replica of this role runs (its workspace)."""
+        batch = float(micro_batch(concurrency, n_stages))
+        if role == "decoder":
+            return batch
+        return max(batch, self.peak_prompt_tokens)
+
+    def kv_budget_tokens(self, layout: Layout, pass_tokens: float) -> float:
+        """KV tokens the replica can hold at once: the least over its stages of the memory
+        left after weights and the workspace of a `pass_tokens` pass, per token of the
+        stage's layers (negative: it cannot even hold its weights)."""
+        kv = self.model.kv_bytes_per_token_per_layer
+        base = self.stage_memory(layout, kv_tokens=0.0, pass_tokens=pass_tokens)
+        out = float("inf")
+        for i, d in enumerate(layout.devices):
+            n = layout.bounds[i + 1] - layout.bounds[i]
+            out = min(out, (float(self.capacity[d]) - base[i]) / (kv * n) if kv > 0 else out)
+        return out
+
+    def kv_flows(
+        self, src: Layout, dst: Layout, prompt_tokens: float
+    ) -> tuple[dict[int, float], dict[int, float]]:
+        """Bytes each device sends and receives to move a prompt's KV between replicas.
 
         Each source device sends the KV of its layers to the devices holding them in the
-        decoder; sends from one device share its uplink, receives share the downlink.
+        decoder (every byte crosses the broker: source uplink, then destination downlink).
         """
         kv = self.model.kv_bytes_per_token_per_layer * prompt_tokens
         send: dict[int, float] = {}
@@ -213,9 +271,25 @@ class CostModel:
                 if hi > lo:
                     send[s] = send.get(s, 0.0) + kv * (hi - lo)
                     recv[t] = recv.get(t, 0.0) + kv * (hi - lo)
+        return send, recv
+
+    def kv_transfer_s(self, src: Layout, dst: Layout, prompt_tokens: float) -> float:
+        """Seconds to move a prompt's KV cache from a prefill replica to a decoder on idle
+        links: sends from one device share its uplink, receives share the downlink, and
+        the downlinks start once the uplinks are done (store and forward)."""
+        send, recv = self.kv_flows(src, dst, prompt_tokens)
         up = max(self.links[s].one_way_s(b) for s, b in send.items())
         down = max(self.links[t].one_way_s(b) for t, b in recv.items())
         return up + down
+
+    def kv_link_s(self, layout: Layout, prompt_tokens: float) -> float:
+        """Seconds the busiest link of a replica is occupied by one prompt's KV (sent out
+        by a prefill replica, or received by a decoder): a bound on requests/s."""
+        kv = self.model.kv_bytes_per_token_per_layer * prompt_tokens
+        return max(
+            self.links[d].one_way_s(kv * (layout.bounds[i + 1] - layout.bounds[i]))
+            for i, d in enumerate(layout.devices)
+        )
 
 
 def decode_cycle(stage_s: Sequence[float], concurrency: int) -> float:

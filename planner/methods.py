@@ -1,4 +1,4 @@
 """Names of the planning methods (kept apart so importing it needs no deap)."""
 
-METHODS: tuple[str, ...] = ("e2llm", "splitwise", "pipeline", "memprop")
-"""e2llm (GA + DP + role search) and the baselines documented in `planner.baselines`."""
+METHODS: tuple[str, ...] = ("e2llm", "splitwise", "pipeline", "memprop", "homogeneous")
+"""e2llm (search + DP + role search) and the baselines documented in `planner.baselines`."""

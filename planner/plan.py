@@ -8,10 +8,17 @@ is on the last stage only; exactly one stage embeds, and it is the first or the 
 (embedding next to the head lets a tied weight be stored once; the last device then
 embeds the sampled token and sends the hidden state to stage 0). A device appears in at
 most one stage of the whole plan.
+
+Each replica may carry a `timing` block (`Timing`): the planner's predicted per-stage
+prefill times over a grid of prompt lengths, its decode cycle per batch size and the KV
+tokens its memory holds. `planner.routing.Router` routes by it (optional: a hand-written
+plan without it is routed on its stages' predicted times, with unbounded KV).
 """
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import math
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
@@ -53,6 +60,52 @@ class Stage:
 
 
 @dataclass(frozen=True)
+class Timing:
+    """The planner's predictions a router needs for one replica (seconds)."""
+
+    prefill_tokens: tuple[int, ...]
+    """Prompt lengths at which prefill was predicted (strictly increasing)."""
+    prefill_stage_s: tuple[tuple[float, ...], ...]
+    """For each of those lengths, each stage's time (compute + the hop into it)."""
+    decode_cycle_s: tuple[float, ...]
+    """Seconds per token of every request when n requests decode, n = 1..len."""
+    kv_budget_tokens: float
+    """KV-cache tokens the replica can hold at once (the least over its stages of what
+    memory leaves after weights and workspace, per token of its layers); a router admits
+    a request only while the tokens it reserved fit."""
+    kv_out_s_per_token: float = 0.0
+    """Seconds per prompt token its slowest uplink needs to send a prompt's KV."""
+    pass_tokens: float = 0.0
+    """The largest prefill pass (prompt) `kv_budget_tokens` leaves workspace for."""
+    workspace_kv_per_token: float = 0.0
+    """KV tokens one more prompt token of a longer pass costs in workspace (tightest
+    stage): a prompt longer than `pass_tokens` reserves that much more."""
+
+    def prefill_need(self, prompt_tokens: int) -> float:
+        """KV tokens (with extra workspace) a prompt reserves while prefilled here."""
+        extra = max(0.0, prompt_tokens - self.pass_tokens) * self.workspace_kv_per_token
+        return prompt_tokens + extra
+
+    def prefill_stages(self, tokens: float) -> list[float]:
+        """Each stage's predicted time for a prompt of `tokens` (piecewise linear,
+        extrapolated linearly beyond the grid)."""
+        xs = self.prefill_tokens
+        if len(xs) == 1 or tokens <= xs[0]:
+            return list(self.prefill_stage_s[0])
+        i = bisect.bisect_left(xs, tokens)
+        i = min(max(i, 1), len(xs) - 1)
+        w = (tokens - xs[i - 1]) / (xs[i] - xs[i - 1])
+        lo, hi = self.prefill_stage_s[i - 1], self.prefill_stage_s[i]
+        return [a + w * (b - a) for a, b in zip(lo, hi, strict=True)]
+
+    def cycle_s(self, n: int) -> float:
+        """Seconds per token when `n` requests decode (beyond the table: the last)."""
+        if not self.decode_cycle_s:
+            return 0.0
+        return self.decode_cycle_s[max(1, min(n, len(self.decode_cycle_s))) - 1]
+
+
+@dataclass(frozen=True)
 class Replica:
     """A group of devices that together hold the whole model."""
 
@@ -64,6 +117,9 @@ class Replica:
     """Requests decoded at once (decoder/mixed); 1 for prefill replicas."""
     stages: list[Stage]
     """Stages in pipeline order."""
+    timing: Timing | None = None
+    """Predictions for routing (None in hand-written plans: the router derives them
+    from the stages' predicted times)."""
 
     @property
     def device_ids(self) -> list[str]:
@@ -94,6 +150,14 @@ class Plan:
     def __post_init__(self) -> None:
         """A plan built any way (planner, YAML, a decoded message) holds its invariants."""
         _check_invariants(self)
+
+    def figure(self, key: str, default: float) -> float:
+        """A numeric predicted figure (`default` when absent or not a number: a
+        hand-written plan may carry none)."""
+        value = self.predicted.get(key)
+        if isinstance(value, bool) or not isinstance(value, int | float):
+            return default
+        return float(value)
 
     def replica(self, replica_id: int) -> Replica:
         """The replica with this id."""
@@ -147,6 +211,7 @@ class Plan:
                     "replica_id": r.replica_id,
                     "role": r.role,
                     "concurrency": r.concurrency,
+                    **({"timing": _timing_dict(r.timing)} if r.timing is not None else {}),
                     "stages": [
                         {
                             "device_id": s.device_id,
@@ -207,6 +272,66 @@ class Plan:
         except yaml.YAMLError as e:
             raise PlanError(f"plan: not valid YAML: {e}") from e
         return cls.from_dict(data)
+
+
+def _timing_dict(t: Timing) -> dict[str, Any]:
+    return {
+        "prefill_tokens": list(t.prefill_tokens),
+        "prefill_stage_s": [list(row) for row in t.prefill_stage_s],
+        "decode_cycle_s": list(t.decode_cycle_s),
+        "kv_budget_tokens": t.kv_budget_tokens,
+        "kv_out_s_per_token": t.kv_out_s_per_token,
+        "pass_tokens": t.pass_tokens,
+        "workspace_kv_per_token": t.workspace_kv_per_token,
+    }
+
+
+def _timing(raw: Any, where: str, n_stages: int) -> Timing:
+    w = f"{where}: timing"
+    if not isinstance(raw, Mapping):
+        raise PlanError(f"{w}: must be a mapping, got {raw!r}")
+    tokens = raw.get("prefill_tokens")
+    if (
+        not isinstance(tokens, list)
+        or not tokens
+        or not all(isinstance(x, int) and not isinstance(x, bool) and x > 0 for x in tokens)
+        or any(b <= a for a, b in itertools.pairwise(tokens))
+    ):
+        raise PlanError(
+            f"{w}: prefill_tokens must be a strictly increasing list of positive integers, "
+            f"got {tokens!r}"
+        )
+    rows = raw.get("prefill_stage_s")
+    if not isinstance(rows, list) or len(rows) != len(tokens):
+        raise PlanError(f"{w}: prefill_stage_s must have one row per prefill_tokens entry")
+    table = []
+    for i, row in enumerate(rows):
+        if not isinstance(row, list) or len(row) != n_stages:
+            raise PlanError(
+                f"{w}: prefill_stage_s[{i}] must list one time per stage ({n_stages}), got {row!r}"
+            )
+        table.append(tuple(_float({"x": x}, "x", f"{w}: prefill_stage_s[{i}]") for x in row))
+    cycles = raw.get("decode_cycle_s")
+    if not isinstance(cycles, list):
+        raise PlanError(f"{w}: decode_cycle_s must be a list, got {cycles!r}")
+    budget = raw.get("kv_budget_tokens")
+    if isinstance(budget, bool) or not isinstance(budget, int | float) or budget <= 0:
+        raise PlanError(f"{w}: kv_budget_tokens must be a number > 0, got {budget!r}")
+    return Timing(
+        prefill_tokens=tuple(tokens),
+        prefill_stage_s=tuple(table),
+        decode_cycle_s=tuple(
+            _float({"x": x}, "x", f"{w}: decode_cycle_s[{i}]") for i, x in enumerate(cycles)
+        ),
+        kv_budget_tokens=float(budget),
+        kv_out_s_per_token=_float(raw, "kv_out_s_per_token", w)
+        if "kv_out_s_per_token" in raw
+        else 0.0,
+        pass_tokens=_float(raw, "pass_tokens", w) if "pass_tokens" in raw else 0.0,
+        workspace_kv_per_token=_float(raw, "workspace_kv_per_token", w)
+        if "workspace_kv_per_token" in raw
+        else 0.0,
+    )
 
 
 def _int(d: Mapping[str, Any], key: str, where: str, *, minimum: int) -> int:
@@ -295,7 +420,8 @@ def _replica(raw: Any, n: int, n_layers: int) -> Replica:
             f"{where}: embed must be true on exactly one stage, the first or the last; "
             f"got embed on stages {embeds}"
         )
-    return Replica(rid, role, concurrency, stages)
+    timing = _timing(raw["timing"], where, len(stages)) if raw.get("timing") is not None else None
+    return Replica(rid, role, concurrency, stages, timing)
 
 
 def _check_invariants(plan: Plan) -> None:

@@ -17,7 +17,7 @@ from typing import Literal
 
 import numpy as np
 
-from planner.costs import CostModel
+from planner.costs import CostModel, Layout, micro_batch
 from planner.dp import Split, SplitSolver
 
 EXACT_ROLE_SEARCH_MAX = 12
@@ -63,16 +63,73 @@ def evaluate_group(
     out_tokens = cm.workload.mean_output_tokens
     decode_tokens = max(out_tokens - 1.0, 1e-6)  # the first token comes from the prefill
     prefill = solver.prefill(devices)
-    prefill_rps = 1.0 / prefill.bottleneck_s if prefill is not None else 0.0
-    decode, conc, tps = _best_decoder(solver.decode(devices), min_tokens_per_s)
+    prefill_rps = 0.0
+    if prefill is not None:
+        # its busiest link must also send every prompt's KV out
+        link = cm.kv_link_s(prefill.layout, cm.prompt_tokens)
+        prefill_rps = 1.0 / max(prefill.bottleneck_s, link)
+    fast_enough = 1.0 / solver.fastest_token_s(devices) >= min_tokens_per_s
+    decode, conc, tps = (
+        _best_decoder(solver.decode(devices), min_tokens_per_s) if fast_enough else (None, 1, 0.0)
+    )
+    if decode is not None:
+        # ... and a decoder's must receive them
+        tps = min(tps, decode_tokens / cm.kv_link_s(decode.layout, cm.prompt_tokens))
     mixed: Split | None = None
     mixed_conc, mixed_rps = 1, 0.0
-    if with_mixed:
+    if with_mixed and fast_enough:
         mixed, mixed_conc, mixed_rps = best_mixed(
-            cm, solver.decode(devices, mixed=True), min_tokens_per_s, decode_tokens
+            cm, solver.decode(devices, mixed=True), min_tokens_per_s, decode_tokens, solver
         )
     return ReplicaOption(
         devices,
+        prefill,
+        prefill_rps,
+        decode,
+        conc,
+        tps,
+        tps / decode_tokens,
+        mixed,
+        mixed_conc,
+        mixed_rps,
+    )
+
+
+def evaluate_layout(
+    cm: CostModel, layout: Layout, *, min_tokens_per_s: float, concurrencies: Sequence[int]
+) -> ReplicaOption:
+    """Every role's best configuration of a *fixed* layout (devices and layer split kept:
+    a role flip or a new concurrency reloads nothing); a role whose memory or speed floor
+    the layout cannot meet gets no split."""
+    k = len(layout.devices)
+    decode_tokens = max(cm.workload.mean_output_tokens - 1.0, 1e-6)
+
+    def fits(kv_tokens: float, work: float) -> bool:
+        mem = cm.stage_memory(layout, kv_tokens=kv_tokens, pass_tokens=work)
+        return all(m <= cm.capacity[d] for m, d in zip(mem, layout.devices, strict=True))
+
+    prefill: Split | None = None
+    prefill_rps = 0.0
+    if fits(cm.prefill_kv_tokens(k), cm.peak_prompt_tokens):
+        times = cm.stage_times(layout, decode=False, tokens=cm.prompt_tokens)
+        prefill = Split(layout, tuple(times))
+        link = cm.kv_link_s(layout, cm.prompt_tokens)
+        prefill_rps = 1.0 / max(prefill.bottleneck_s, link)
+    dec: list[Split | None] = [None] * max(concurrencies)
+    mix: list[Split | None] = [None] * max(concurrencies)
+    for c in concurrencies:
+        b = micro_batch(c, k)
+        split = Split(layout, tuple(cm.stage_times(layout, decode=True, tokens=b)))
+        if fits(cm.decode_kv_tokens(c), b):
+            dec[c - 1] = split
+        if fits(cm.decode_kv_tokens(c), max(b, cm.peak_prompt_tokens)):
+            mix[c - 1] = split
+    decode, conc, tps = _best_decoder(dec, min_tokens_per_s)
+    if decode is not None:
+        tps = min(tps, decode_tokens / cm.kv_link_s(layout, cm.prompt_tokens))
+    mixed, mixed_conc, mixed_rps = best_mixed(cm, mix, min_tokens_per_s, decode_tokens)
+    return ReplicaOption(
+        layout.devices,
         prefill,
         prefill_rps,
         decode,
@@ -97,8 +154,14 @@ def _best_decoder(splits: Sequence[Split | None], floor: float) -> tuple[Split |
 
 
 def best_mixed(
-    cm: CostModel, splits: Sequence[Split | None], floor: float, decode_tokens: float
+    cm: CostModel,
+    splits: Sequence[Split | None],
+    floor: float,
+    decode_tokens: float,
+    solver: SplitSolver | None = None,
 ) -> tuple[Split | None, int, float]:
+    """The concurrency (and its split) with the most requests/s as a MIXED replica, which
+    prefills a whole prompt (decoding paused) then decodes it with the others."""
     best: tuple[Split | None, int, float] = (None, 1, 0.0)
     for c, s in enumerate(splits, start=1):
         if s is None:
@@ -106,14 +169,22 @@ def best_mixed(
         cycle = s.cycle_s(c)
         if 1.0 / cycle < floor:
             continue
-        prefill_s = sum(cm.stage_times(s.layout, decode=False, tokens=cm.prompt_tokens))
+        if solver is not None:
+            prefill_s = solver.prefill_s(s.layout)
+        else:
+            prefill_s = sum(cm.stage_times(s.layout, decode=False, tokens=cm.prompt_tokens))
         rps = 1.0 / (prefill_s + decode_tokens * cycle / c)
         if rps > best[2]:
             best = (s, c, rps)
     return best
 
 
-RoleRule = Literal["balanced", "fastest_prefill"]
+RoleRule = Literal["balanced", "fastest_prefill", "mixed", "hybrid"]
+HYBRID_EXACT_MAX = 6
+"""Up to this many replicas the hybrid role search enumerates all 3^n assignments."""
+HYBRID_MARGIN = 1.05
+"""MIXED replicas join a plan with roles only when that is at least 5% more capacity:
+within the cost model's error, disaggregation (the paper's design) is kept."""
 
 
 @dataclass(frozen=True)
@@ -128,6 +199,8 @@ class Assignment:
     """Prefill capacity, requests/s (mixed: total capacity)."""
     decode_rps: float
     """Decode capacity, requests/s (mixed: total capacity)."""
+    mixed_rps: float = 0.0
+    """Capacity of the MIXED replicas beside PREFILL/DECODER ones (hybrid), requests/s."""
 
 
 def assign_roles(options: Sequence[ReplicaOption], rule: RoleRule = "balanced") -> Assignment:
@@ -136,11 +209,19 @@ def assign_roles(options: Sequence[ReplicaOption], rule: RoleRule = "balanced") 
     `balanced` searches all assignments (exactly up to EXACT_ROLE_SEARCH_MAX replicas,
     else threshold splits by comparative advantage plus single flips). `fastest_prefill`
     is Splitwise's rule: the replicas fastest at prefill prefill; only their number is
-    chosen.
+    chosen. `mixed` makes every replica mixed (no roles). `hybrid` lets each replica
+    also be MIXED next to PREFILL/DECODER ones (capacity = mixed + min(prefill,
+    decode)), exactly up to HYBRID_EXACT_MAX replicas, else by single-replica changes
+    from the best two-role and the all-mixed assignments.
     """
     n = len(options)
     if n == 0:
         return Assignment((), float("inf"), 0.0, 0.0)
+    if rule == "hybrid" and n > 1:
+        return _hybrid(options)
+    if rule == "mixed":
+        rps = sum(o.mixed_rps for o in options)
+        return Assignment(("mixed",) * n, 1.0 / rps if rps > 0 else float("inf"), rps, rps)
     if n == 1:
         rps = options[0].mixed_rps
         return Assignment(("mixed",), 1.0 / rps if rps > 0 else float("inf"), rps, rps)
@@ -173,6 +254,56 @@ def assign_roles(options: Sequence[ReplicaOption], rule: RoleRule = "balanced") 
         if cand.bottleneck_s < best.bottleneck_s:
             best, improved = cand, True
     return best
+
+
+_ROLE_NAMES = ("prefill", "decoder", "mixed")
+
+
+def _hybrid_scores(codes: np.ndarray, mu: np.ndarray) -> np.ndarray:
+    """Capacity of each assignment (rows of role codes 0=P, 1=D, 2=M); -inf if invalid."""
+    onehot = codes[:, :, None] == np.arange(3)[None, None, :]  # (a, n, 3)
+    totals = (onehot * mu[None]).sum(axis=1)  # (a, 3)
+    n_p, n_d = onehot[:, :, 0].sum(axis=1), onehot[:, :, 1].sum(axis=1)
+    playable = (~onehot | (mu[None] > 0)).all(axis=(1, 2))
+    valid = playable & ((n_p > 0) == (n_d > 0)) & (onehot.any(axis=1).any(axis=1))
+    split = np.where(n_p > 0, np.minimum(totals[:, 0], totals[:, 1]), 0.0)
+    return np.where(valid, totals[:, 2] + split, -np.inf)
+
+
+def _hybrid(options: Sequence[ReplicaOption]) -> Assignment:
+    n = len(options)
+    mu = np.array([[o.prefill_rps, o.decode_rps, o.mixed_rps] for o in options])
+    if n <= HYBRID_EXACT_MAX:
+        codes = (np.arange(3**n)[:, None] // 3 ** np.arange(n)[None, :]) % 3
+        scores = _hybrid_scores(codes, mu)
+        best = codes[int(np.argmax(scores))]
+    else:
+        two = assign_roles(options, "balanced")
+        starts = [np.array([_ROLE_NAMES.index(r) for r in two.roles]), np.full(n, 2)]
+        best, best_score = starts[0], -np.inf
+        for current in starts:
+            score = float(_hybrid_scores(current[None], mu)[0])
+            while True:
+                cands = np.repeat(current[None], 2 * n, axis=0)
+                for i in range(n):
+                    cands[2 * i, i] = (current[i] + 1) % 3
+                    cands[2 * i + 1, i] = (current[i] + 2) % 3
+                s = _hybrid_scores(cands, mu)
+                j = int(np.argmax(s))
+                if s[j] <= score * (1 + 1e-12):
+                    break
+                current, score = cands[j], float(s[j])
+            if score > best_score:
+                best, best_score = current, score
+    score = float(_hybrid_scores(best[None], mu)[0])
+    two = assign_roles(options, "balanced")
+    if not score > HYBRID_MARGIN / two.bottleneck_s:
+        return two
+    roles = tuple(_ROLE_NAMES[int(c)] for c in best)
+    p = float(sum(mu[i, 0] for i in range(n) if best[i] == 0))
+    d = float(sum(mu[i, 1] for i in range(n) if best[i] == 1))
+    m = float(sum(mu[i, 2] for i in range(n) if best[i] == 2))
+    return Assignment(roles, 1.0 / score if score > 0 else float("inf"), p, d, m)
 
 
 def _mask(prefill: Sequence[int], n: int) -> list[bool]:

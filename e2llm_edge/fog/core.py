@@ -12,11 +12,19 @@ What it decides:
   until every device of the plan is ready for it, serve; after a loss keep serving on the
   replicas that lost no device; before any other switch drain (no new dispatch, requests
   in flight may finish, bounded), then restart the rest seamlessly under the new plan;
-- each request's lifecycle (`RequestStatus`): validate, queue (bounded), route (JSQ on
-  estimated time, a decoder slot reserved), stream tokens in order, finish or fail with
+- each request's lifecycle (`RequestStatus`): validate, queue (bounded), route (the
+  simulator's own policy, `planner.routing.Router`, fed the same events: what is
+  simulated is what runs; the decoder is bound at dispatch, since the devices hand the
+  KV over as each prefill stage ends), stream tokens in order, finish or fail with
   an `ErrorCode`; each dispatch is a new *attempt*, so late messages of an abandoned
   attempt are ignored; a fault (lost replica, stall, device error) restarts the request
-  from its prompt plus the tokens already streamed, at most `max_retries` times.
+  from its prompt plus the tokens already streamed, at most `max_retries` times;
+- re-planning on drift (with a `DriftPlanner`): the live mix (prompt and output lengths,
+  arrival rate) is measured over a sliding window; every `tick_s` the core asks for a
+  check (`CheckDrift`, run off the loop: it may search a plan) and, when the predicted
+  waiting saved beats the switch, takes the answer: preferably a flip of roles or
+  decoder concurrency on the same layouts (devices reconfigure, nothing reloads), or a
+  re-layout; either is installed like any new plan (drain, bounded, then switch).
 
 Every accepted request ends exactly once: with `done`, or an `error` event with a code.
 """
@@ -32,7 +40,6 @@ from typing import Any, Protocol
 
 from e2llm_edge.errors import ParamError
 from e2llm_edge.fog.registry import Registry
-from e2llm_edge.fog.router import ReplicaLoad, choose_decoder, choose_prefill
 from e2llm_edge.fog.textio import StreamDecoder
 from e2llm_edge.params import GenerationParams, ModelLimits, check_prompt, validate
 from e2llm_edge.wire import messages as m
@@ -47,7 +54,10 @@ from e2llm_edge.wire.messages import (
     Sampling,
 )
 from planner import Inventory, Plan, Workload
+from planner.drift import DriftPlanner, MixEstimator, enough_observed
 from planner.errors import InventoryError
+from planner.routing import Dispatch, Policy, Reject, Router
+from planner.switch import Flip, Keep, Relayout, SwitchDecision
 
 
 class PlanPhase(StrEnum):
@@ -124,6 +134,8 @@ class FogConfig:
     """A device's last-will counts once we are still connected this long after it: a
     broker shutting down publishes every client's will just before it drops us too, and
     that must not look like every device dying at once (a re-plan at each broker restart)."""
+    routing: Policy = "time"
+    """The router's policy (`planner.routing`; the simulator's default too)."""
 
 
 # --------------------------------------------------------------------------- events
@@ -201,6 +213,14 @@ class PlanComputed:
 
 
 @dataclass(frozen=True)
+class DriftChecked:
+    """The answer to a `CheckDrift` for plan `version`."""
+
+    version: int
+    decision: SwitchDecision
+
+
+@dataclass(frozen=True)
 class Reconnected:
     """Our broker connection came back: messages in flight may be lost."""
 
@@ -221,6 +241,7 @@ Event = (
     | BadRequestArrived
     | CancelArrived
     | PlanComputed
+    | DriftChecked
     | Reconnected
     | Tick
 )
@@ -263,6 +284,24 @@ class ComputePlan:
 
 
 @dataclass(frozen=True)
+class CheckDrift:
+    """Weigh a switch for the live mix (seconds: run it off the loop, then report back
+    with `DriftChecked(version, run())`). The core leaves `planner` alone meanwhile."""
+
+    version: int
+    now: float
+    plan: Plan
+    queued: int
+    workload: Workload
+    inventory: Inventory
+    planner: DriftPlanner
+
+    def run(self) -> SwitchDecision:
+        self.planner.inventory = self.inventory
+        return self.planner.decide_for(self.now, self.plan, self.queued, self.workload)
+
+
+@dataclass(frozen=True)
 class Notify:
     """A request lifecycle event for monitors."""
 
@@ -285,7 +324,7 @@ class Log:
     text: str
 
 
-Command = Send | Answer | PublishPlan | ComputePlan | Notify | PublishSummary | Log
+Command = Send | Answer | PublishPlan | ComputePlan | CheckDrift | Notify | PublishSummary | Log
 
 
 # --------------------------------------------------------------------------- requests
@@ -363,6 +402,7 @@ class FogCore:
         epoch: int = 0,
         pinned: Plan | None = None,
         started: float = 0.0,
+        drift: DriftPlanner | None = None,
     ) -> None:
         self.cfg = cfg
         self.model = model
@@ -389,7 +429,8 @@ class FogCore:
         self.drain_until = 0.0
         self.dead: set[int] = set()
         """Replicas of the current plan that lost a device (no dispatch to them)."""
-        self.loads: dict[int, ReplicaLoad] = {}
+        self.router: Router | None = None
+        """Routing state of the current plan (the queue mirrored in its order)."""
         self.requests: dict[str, Request] = {}
         self.queue: deque[str] = deque()
         self.finished: OrderedDict[str, Replay] = OrderedDict()
@@ -405,6 +446,12 @@ class FogCore:
         self.waits: deque[float] = deque(maxlen=256)
         self.ttfts: deque[float] = deque(maxlen=256)
         self.now = started
+        self.drift = drift
+        """Re-planning on drift (None: the plan changes only with the devices)."""
+        self.mix = MixEstimator(drift.config.window_s, drift.config.recent) if drift else None
+        self.drift_checking: int | None = None
+        """Plan version a drift check is running for."""
+        self.drift_checked = started
         self._out: list[Command] = []
 
     # ------------------------------------------------------------------ entry point
@@ -421,6 +468,13 @@ class FogCore:
             self._emit(PublishSummary(self.summary()))
         out, self._out = self._out, []
         return out
+
+    def next_wakeup(self) -> float | None:
+        """When the router can dispatch a waiting request if nothing else happens first
+        (the shell ticks then, not only every tick period)."""
+        if self.router is None or self.phase != PlanPhase.SERVING or self.pending is not None:
+            return None
+        return self.router.next_wakeup()
 
     def _emit(self, cmd: Command) -> None:
         self._out.append(cmd)
@@ -497,6 +551,8 @@ class FogCore:
         if self.plan is not None:
             hit = {r.replica_id for r in self.plan.replicas if dev in _replica_devices(r)}
             self.dead |= hit
+            if self.router is not None:
+                self.router.exclude(hit)
             self._requeue(
                 lambda r: (
                     r.route is not None and (r.route.prefill in hit or r.route.decoder in hit)
@@ -642,7 +698,7 @@ class FogCore:
         self.plan_error = why
         self._log("warning", "no_plan", why)
         self._requeue(lambda r: True, "plan withdrawn", fault=False)
-        self.plan, self.pending, self.dead = None, None, set()
+        self.plan, self.pending, self.dead, self.router = None, None, set(), None
         self.phase = PlanPhase.NO_PLAN
         for rid in list(self.queue):
             req = self.requests.get(rid)
@@ -682,9 +738,17 @@ class FogCore:
         self._requeue(lambda r: True, f"plan v{plan.version} replaces v{self.version}", fault=False)
         self.plan, self.version, self.dead = plan, plan.version, set()
         self.phase = PlanPhase.LOADING
-        self.loads = {
-            r.replica_id: ReplicaLoad.for_replica(r, self.cfg.workload) for r in plan.replicas
-        }
+        self.router = Router(
+            plan,
+            self.cfg.routing,
+            # the mix the plan was made for (a drift switch's is the live one)
+            mean_output_tokens=plan.figure(
+                "mean_output_tokens", self.cfg.workload.mean_output_tokens
+            ),
+            bind="dispatch",
+        )
+        for rid in self.queue:
+            self._route_arrival(self.requests[rid], front=False)
         self._emit(PublishPlan(plan))
         self._log("info", "plan", f"published plan v{plan.version}: {describe_plan(plan)}")
         self._check_serving()
@@ -770,6 +834,21 @@ class FogCore:
             self._finish(req, "length")
         else:
             self.queue.append(rid)
+            self._route_arrival(req, front=False)
+            if self.mix is not None:
+                self.mix.observe_arrival(self.now, rid, len(ids), msg.max_new_tokens)
+
+    def _route_arrival(self, req: Request, *, front: bool) -> None:
+        """The router queues it too (at the back, or at the front for a restart), with the
+        prompt it will be prefilled with and the tokens it may still generate."""
+        if self.router is None:
+            return
+        prompt = len(req.prompt_ids) + len(req.generated)
+        left = req.max_new_tokens - len(req.generated)
+        if front:
+            self.router.restart(req.rid, prompt, left, self.now)
+        else:
+            self.router.arrive(req.rid, prompt, left, self.now)
 
     def _prompt_ids(self, msg: m.GenerateRequest) -> list[int]:
         """The prompt's token ids; ParamError when the request's prompt forms are wrong."""
@@ -820,24 +899,29 @@ class FogCore:
             self._answer(ClientId(client), done.final)
 
     def _dispatch(self) -> None:
-        """Start queued requests while a PREFILL replica and a DECODER slot are free."""
-        if self.phase != PlanPhase.SERVING or self.plan is None or self.pending is not None:
+        """Start what the router decides now (it waits for a prefill pipeline and a decoder
+        slot with room for the request's KV)."""
+        if (
+            self.phase != PlanPhase.SERVING
+            or self.plan is None
+            or self.pending is not None
+            or self.router is None
+        ):
             return
-        while self.queue:
-            req = self.requests.get(self.queue[0])
-            if req is None:
-                self.queue.popleft()
+        for decision in self.router.decide(self.now):
+            req = self.requests[decision.request_id]
+            if isinstance(decision, Reject):
+                self._fail(req, ErrorCode.BAD_REQUEST, decision.reason)
                 continue
-            prompt = req.prompt_ids + req.generated
-            p = choose_prefill(self.plan, self.loads, len(prompt), exclude=self.dead)
-            d = choose_decoder(self.plan, self.loads, p, exclude=self.dead)
-            if p is None or d is None:
-                return
-            self.queue.popleft()
-            self._start(req, p, d, prompt)
+            assert isinstance(decision, Dispatch) and decision.decoder is not None, (
+                f"bound at dispatch, got {decision}"
+            )
+            self.queue.remove(req.rid)
+            self._start(req, decision.replica_id, decision.decoder)
 
-    def _start(self, req: Request, p: int, d: int, prompt: list[int]) -> None:
+    def _start(self, req: Request, p: int, d: int) -> None:
         assert self.plan is not None
+        prompt = req.prompt_ids + req.generated
         req.route = Route(p, d, self.version, self.now)
         req.status = RequestStatus.PREFILLING
         req.progress = self.now
@@ -845,8 +929,6 @@ class FogCore:
         if req.first_dispatch is None:
             req.first_dispatch = self.now
             self.waits.append(self.now - req.arrived)
-        self.loads[p].start_prefill(len(prompt))
-        self.loads[d].start_decode(str(req.key))
         embed_dev = next(s.device_id for s in self.plan.replica(p).stages if s.embed)
         self._emit(
             Send(
@@ -897,7 +979,8 @@ class FogCore:
         req.progress = self.now
         if req.status == RequestStatus.PREFILLING:
             req.status = RequestStatus.TRANSFERRING
-            self.loads[req.route.prefill].finish_prefill(len(req.prompt_ids) + len(req.generated))
+            if self.router is not None and req.route.plan_version == self.version:
+                self.router.prefill_done(req.rid, self.now)
             if msg.timings is not None:
                 req.waiting_s += msg.timings.prefill_queued_s
             if req.first_token is None:
@@ -910,6 +993,8 @@ class FogCore:
                 )
         elif req.status == RequestStatus.TRANSFERRING:
             req.status = RequestStatus.DECODING
+            if self.router is not None and req.route.plan_version == self.version:
+                self.router.kv_moved(req.rid, self.now)  # the decoder ran a step: it has it
             if msg.timings is not None:
                 req.waiting_s += msg.timings.kv_wait_s
         req.generated.append(msg.token_id)
@@ -931,6 +1016,8 @@ class FogCore:
 
     def _finish(self, req: Request, reason: m.FinishReason) -> None:
         self._release_slots(req)
+        if self.mix is not None:
+            self.mix.observe_finish(self.now, req.rid, len(req.generated))
         req.status = RequestStatus.FINISHED
         self.requests.pop(req.rid, None)
         self.completed += 1
@@ -993,6 +1080,8 @@ class FogCore:
         """End a request with an error event; its devices drop their state."""
         self._release_on_devices(req)
         self._release_slots(req)
+        if self.mix is not None:
+            self.mix.observe_finish(self.now, req.rid, len(req.generated))
         req.status = status
         self.requests.pop(req.rid, None)
         with contextlib.suppress(ValueError):
@@ -1012,12 +1101,9 @@ class FogCore:
         self._maybe_switch()
 
     def _release_slots(self, req: Request) -> None:
-        route = req.route
-        if route is not None and route.plan_version == self.version:
-            if req.status == RequestStatus.PREFILLING and route.prefill in self.loads:
-                self.loads[route.prefill].finish_prefill(len(req.prompt_ids) + len(req.generated))
-            if route.decoder in self.loads:
-                self.loads[route.decoder].finish_decode(str(req.key))
+        """The router forgets it: queue place, prefill pipeline, decoder slot, KV."""
+        if self.router is not None:
+            self.router.finish(req.rid, self.now)
         req.route = None
 
     def _release_on_devices(self, req: Request) -> None:
@@ -1066,6 +1152,7 @@ class FogCore:
             req.status = RequestStatus.QUEUED
             req.queued_at = self.now
             self.queue.appendleft(req.rid)
+            self._route_arrival(req, front=True)
             self._notify(
                 req.rid,
                 RequestEventKind.REQUEUED,
@@ -1123,6 +1210,56 @@ class FogCore:
                 self._fail(req, ErrorCode.NO_PLAN, self.plan_error)
         self._maybe_plan()
         self._check_serving()
+        self._maybe_check_drift()
+
+    # ------------------------------------------------------------------ drift
+
+    def _maybe_check_drift(self) -> None:
+        """Ask for a drift check every `tick_s` while serving a whole plan steadily."""
+        drift, mix = self.drift, self.mix
+        if (
+            drift is None
+            or mix is None
+            or self.plan is None
+            or self.phase != PlanPhase.SERVING
+            or self.pending is not None
+            or self.planning_version is not None
+            or self.drift_checking is not None
+            or self.dead
+            or self.now - self.drift_checked < drift.config.tick_s
+        ):
+            return
+        self.drift_checked = self.now
+        w = enough_observed(mix, drift.config, self.now)
+        if w is None:
+            return
+        try:
+            inv, _ = self.registry.inventory(self.registry.available())
+        except InventoryError:
+            return  # planning proper says why
+        self.drift_checking = self.version
+        self._emit(CheckDrift(self.version, self.now, self.plan, len(self.queue), w, inv, drift))
+
+    def _on_drift_checked(self, ev: DriftChecked) -> None:
+        if ev.version != self.drift_checking:
+            return
+        self.drift_checking = None
+        d = ev.decision
+        if isinstance(d, Keep):
+            self._log("info", "drift", f"drift check on plan v{ev.version}: keep ({d.reason})")
+            return
+        if (
+            ev.version != self.version
+            or self.pending is not None
+            or self.planning_version is not None
+            or self.dead
+        ):
+            return  # the plan changed meanwhile: the next check looks again
+        kind = "flip roles/concurrency, no reload" if isinstance(d, Flip) else "re-layout"
+        assert isinstance(d, Flip | Relayout)
+        plan = _renumbered(d.plan, self.version + 1)
+        self._log("info", "drift", f"workload drift: {kind} (plan v{plan.version}): {d.reason}")
+        self._adopt(plan)
 
     def _on_reconnected(self, ev: Reconnected) -> None:
         """Back on the broker: messages in flight may be lost and devices' subscriptions
@@ -1174,11 +1311,13 @@ class FogCore:
                     role=r.role,
                     concurrency=r.concurrency,
                     devices=[s.device_id for s in r.stages],
-                    prefill_queue_tokens=self.loads[r.replica_id].prefill_tokens
-                    if r.replica_id in self.loads
+                    prefill_queue_tokens=round(
+                        sum(self.router.replicas[r.replica_id].prefilling.values())
+                    )
+                    if self.router is not None
                     else 0,
-                    decoding=len(self.loads[r.replica_id].decoding)
-                    if r.replica_id in self.loads
+                    decoding=len(self.router.replicas[r.replica_id].decoding)
+                    if self.router is not None
                     else 0,
                 )
                 for r in (plan.replicas if plan is not None else [])
@@ -1214,26 +1353,44 @@ class FogCore:
                 f"{rid}: status {req.status} vs queue membership"
             )
             assert req.running == (req.route is not None), f"{rid}: route vs status"
-        reserved: dict[int, set[str]] = {}
-        for req in self.requests.values():
-            if req.route is not None and req.route.plan_version == self.version:
-                reserved.setdefault(req.route.decoder, set()).add(str(req.key))
-        for rep, load in self.loads.items():
-            assert load.decoding == reserved.get(rep, set()), (
-                f"replica {rep}: decoder slots {sorted(load.decoding)} vs requests "
-                f"{sorted(reserved.get(rep, set()))}"
+        if self.router is None:
+            return
+        router = self.router
+        assert list(router.queue) == queued, "the router's queue is not the core's"
+        tracked = {rid for rid, r in self.requests.items() if r.status == RequestStatus.QUEUED}
+        tracked |= {
+            rid
+            for rid, r in self.requests.items()
+            if r.route is not None and r.route.plan_version == self.version
+        }
+        assert set(router.requests) == tracked, (
+            f"router tracks {sorted(router.requests)}, the core {sorted(tracked)}"
+        )
+        for rep, state in router.replicas.items():
+            decoding = {
+                rid
+                for rid, r in self.requests.items()
+                if r.route is not None
+                and r.route.plan_version == self.version
+                and r.route.decoder == rep
+            }
+            assert set(state.decoding) == decoding, (
+                f"replica {rep}: decoder slots {sorted(state.decoding)} vs requests "
+                f"{sorted(decoding)}"
             )
-            assert len(load.decoding) <= load.concurrency, f"replica {rep} over concurrency"
-            prefilling = [
-                r
-                for r in self.requests.values()
+            assert len(state.decoding) <= state.concurrency or state.next_role is not None, (
+                f"replica {rep} over concurrency"
+            )
+            prefilling = {
+                rid
+                for rid, r in self.requests.items()
                 if r.route is not None
                 and r.route.plan_version == self.version
                 and r.route.prefill == rep
                 and r.status == RequestStatus.PREFILLING
-            ]
-            assert load.prefills == len(prefilling), (
-                f"replica {rep}: {load.prefills} prefills counted, {len(prefilling)} running"
+            }
+            assert set(state.prefilling) == prefilling, (
+                f"replica {rep}: prefilling {sorted(state.prefilling)} vs {sorted(prefilling)}"
             )
 
     _handlers: Mapping[type, Callable[[FogCore, Any], None]] = {}
@@ -1250,6 +1407,7 @@ FogCore._handlers = {
     BadRequestArrived: FogCore._on_bad_request,
     CancelArrived: FogCore._on_cancel,
     PlanComputed: FogCore._on_plan_computed,
+    DriftChecked: FogCore._on_drift_checked,
     Reconnected: FogCore._on_reconnected,
     Tick: FogCore._on_tick,
 }

@@ -37,7 +37,9 @@ from e2llm_edge.wire import topics as t
 from e2llm_edge.wire.bus import BadMessage, Bus, BusConfig, Envelope, RateLimitedLog, Will
 from onnx_export.manifest import Manifest
 from planner import Inventory, ModelSpec, Plan, PlanInfeasible, Workload, make_plan
+from planner.drift import DriftConfig, DriftPlanner
 from planner.errors import PlannerError
+from planner.switch import Keep
 
 log = logging.getLogger(__name__)
 
@@ -99,6 +101,8 @@ class OrchestratorConfig:
     """A lease not renewed for this long lapses (a hung or cut-off orchestrator)."""
     lease_renew_s: float = 1.0
     """How often the holder renews its lease."""
+    drift: DriftConfig | None = None
+    """Re-plan when the live workload mix drifts (None: only when the devices change)."""
 
     def core_config(self, expect: int) -> c.FogConfig:
         return c.FogConfig(
@@ -237,6 +241,17 @@ class Orchestrator:
                 epoch=self.epoch,
                 pinned=self.pinned,
                 started=now,
+                drift=DriftPlanner(
+                    None,
+                    self.model,
+                    designed_for=self.cfg.workload,
+                    method=self.cfg.method,
+                    seed=self.cfg.seed,
+                    min_tokens_per_s=self.cfg.min_tokens_per_s,
+                    config=self.cfg.drift,
+                )
+                if self.cfg.drift is not None
+                else None,
             )
             # subscribed before saying "online": clients re-send what is unfinished as soon
             # as they see our epoch, and nothing they send may fall on deaf ears
@@ -388,6 +403,8 @@ class Orchestrator:
                 await bus.publish(t.CLUSTER_TELEMETRY, m.ClusterTelemetry(summary=summary))
             elif isinstance(cmd, c.ComputePlan):
                 self._start_planner(cmd)
+            elif isinstance(cmd, c.CheckDrift):
+                self._start_drift_check(cmd)
             elif isinstance(cmd, c.Log):
                 level = logging.WARNING if cmd.level == "warning" else logging.INFO
                 if level == logging.WARNING:
@@ -400,6 +417,21 @@ class Orchestrator:
             self._ratelog.warning(
                 f"do:{type(cmd).__name__}", "%s failed: %s", type(cmd).__name__, exc
             )
+
+    def _start_drift_check(self, cmd: c.CheckDrift) -> None:
+        """A drift check may search a plan: a thread, owned by the serving TaskGroup; one
+        at a time (the core asks again only after the answer). It always answers."""
+
+        async def run() -> None:
+            try:
+                decision = await asyncio.to_thread(cmd.run)
+            except (PlannerError, ValueError) as exc:
+                decision = Keep(f"drift check failed: {exc}")
+                self._ratelog.warning("drift", "%s", decision.reason)
+            await self._feed(c.DriftChecked(cmd.version, decision))
+
+        assert self._tasks is not None
+        self._tasks.create_task(run(), name="drift")
 
     def _start_planner(self, cmd: c.ComputePlan) -> None:
         """The GA runs in a thread; its answer comes back as an event. Owned by the serving
@@ -432,7 +464,10 @@ class Orchestrator:
     async def _ticker(self, bus: Bus) -> None:
         connects = bus.stats.connects
         while True:
-            await asyncio.sleep(TICK_S)
+            wake = self.core.next_wakeup() if self.core is not None else None
+            # never a busy loop: a wake-up already past is served at the next 10 ms
+            delay = TICK_S if wake is None else min(TICK_S, max(0.01, wake - time.monotonic()))
+            await asyncio.sleep(delay)
             if bus.stats.connects != connects:
                 connects = bus.stats.connects
                 await self._feed(c.Reconnected())

@@ -1,55 +1,97 @@
-"""A plan serving a request stream: prefill pipelines, KV hand-off, batched decoders.
+"""A plan serving a request stream, event by event, routed by `planner.routing.Router`.
+
+The router is driven exactly as the orchestrator drives it (same events, same calls):
+what is simulated is the policy that runs. Service times come from the planner's cost
+model (the simulated "truth"); the router only sees the plan's predictions.
 
 - PREFILL replicas are pipelines (flow shops): a prompt enters stage i when the stage is
-  free and the prompt has left stage i-1; stage times come from `CostModel.stage_times`
-  for that prompt's length. The prefill produces the first token.
-- The KV cache then moves to a DECODER replica chosen at that moment; the transfer takes
-  `CostModel.kv_transfer_s` (links are not modelled as shared between transfers).
+  free and the prompt has left stage i-1. The prefill produces the first token.
+- The decoder is bound when the first token is out (the router's choice), one message
+  later (`bind_message_s`); the prompt's KV then crosses the links: every source device's
+  uplink, then (store and forward at the broker) every destination device's downlink.
+  Links are FIFO resources shared by all KV transfers; activation hops are part of the
+  stage times.
 - DECODER replicas run up to `concurrency` requests; one step yields a token for each,
   every cycle(n) seconds for a batch of n; newcomers join at step boundaries.
-- MIXED replicas alternate: a waiting prompt is prefilled (whole pipeline, decoding
-  paused) whenever the batch has room, else the batch takes a decode step.
-- Routing, at arrival (prefill) and after prefill (decoder): `jsq_time` (E2LLM) picks the
-  replica with the least estimated time until the request is done there (queued work
-  ahead plus its own service); `jsq_count` (Splitwise) picks the fewest outstanding
-  requests. Ties go to the lower replica id.
+- MIXED replicas alternate: a dispatched prompt is prefilled through the whole pipeline
+  while the batch is paused (the paused requests are stalled, i.e. waiting), else the
+  batch takes a decode step.
+- KV memory is checked on every device at every admission and every token: weights,
+  workspace and the live KV of the requests it holds must fit its memory, or the run
+  stops with `SimulationError` naming the device (the router's reservations prevent it).
+- A re-planner (`planner.drift.DriftPlanner`) may be asked every `tick_s`: a flip takes
+  effect replica by replica as each drains its old work; a re-layout pauses dispatch,
+  drains for up to `SwitchCost.drain_timeout_s`, restarts what is still running, and
+  resumes after the slowest device has reloaded.
 
-Waiting time is time spent queued, not served: before the prefill starts plus before a
-decoder admits the request into its batch.
+Every request's timestamps land in a `planner.metrics.RequestRecord`; `SimResult.summary`
+is `planner.metrics.summarize` over them, the same code a runtime run is measured with.
 """
 
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Protocol
 
 import numpy as np
 
 from planner.costs import CostModel, Layout, decode_cycle, micro_batch
 from planner.inventory import Inventory
+from planner.metrics import SLO, RequestRecord, Summary, summarize
 from planner.model import ModelSpec
 from planner.plan import Plan, Replica
-from planner.sim.kernel import Event, EventQueue
+from planner.routing import Bind, Binding, Dispatch, Policy, Reject, Router
+from planner.sim.kernel import EventQueue
+from planner.switch import Flip, Keep, Relayout, SwitchCost, SwitchDecision, reload_s
 from planner.workload import Request, Workload
 
-Routing = Literal["jsq_time", "jsq_count"]
-
 # Tie order of simultaneous events: finish work before admitting new work.
-_STEP, _KV_ARRIVAL, _ARRIVAL = 0, 1, 2
+_STEP, _KV, _FIRST, _WAKE, _ARRIVAL, _TICK = 0, 1, 2, 3, 4, 5
+
+
+class SimulationError(RuntimeError):
+    """The simulated cluster broke a physical limit (names the device and the figures)."""
+
+
+class Replanner(Protocol):
+    """What the simulator asks every `tick_s` (see `planner.drift.DriftPlanner`)."""
+
+    @property
+    def tick_s(self) -> float: ...
+
+    def observe_arrival(
+        self, now: float, request_id: str, prompt_tokens: int, max_new_tokens: int
+    ) -> None: ...
+
+    def observe_finish(self, now: float, request_id: str, output_tokens: int) -> None: ...
+
+    def decide(self, now: float, plan: Plan, queued: int) -> SwitchDecision: ...
 
 
 @dataclass
-class _Req:
+class _Live:
+    """A request in the simulated cluster."""
+
     req: Request
-    prefill_start: float = float("nan")
-    first_token: float = float("nan")
-    decode_wait: float = 0.0
-    decode_admit: float = float("nan")
-    finish: float = float("nan")
-    remaining: int = 0
-    queued_at: float = 0.0
+    rec: RequestRecord
+    prompt: int
+    """Tokens to prefill (prompt, plus tokens already streamed after a restart)."""
+    generated: int = 0
+    epoch: int = 0
+    """Bumped when the request restarts, so its stale events do nothing."""
+    paused_at: float = float("nan")
+    """When a re-layout interrupted its decoding (the gap counts as a stall)."""
+
+    @property
+    def rid(self) -> str:
+        return self.rec.request_id
+
+    @property
+    def max_new(self) -> int:
+        """Tokens still to generate (the client's limit: the simulated output length)."""
+        return self.req.output_tokens - self.generated
 
 
 @dataclass
@@ -58,276 +100,470 @@ class _Node:
 
     replica: Replica
     layout: Layout
-    cycle: list[float]
-    """cycle[n]: seconds per decode step with n requests in the batch (index 0 unused)."""
-    stage_decode: list[list[float]]
-    """stage_decode[n]: per-stage time of one micro-batch when n requests decode."""
-    stage_free: list[float] = field(default_factory=list)
-    outstanding: int = 0
-    active: list[_Req] = field(default_factory=list)
-    joining: list[_Req] = field(default_factory=list)
-    queue: deque[_Req] = field(default_factory=deque)
+    stage_free: list[float]
+    active: list[_Live] = field(default_factory=list)
+    joining: list[_Live] = field(default_factory=list)
+    mixed_queue: deque[_Live] = field(default_factory=deque)
     stepping: bool = False
-
-    @property
-    def concurrency(self) -> int:
-        return self.replica.concurrency
+    kv_live: dict[str, float] = field(default_factory=dict)
+    """Live KV tokens per request on this replica."""
+    kv_total: float = 0.0
+    """Their sum."""
+    kv_room: dict[float, float] = field(default_factory=dict)
+    """KV tokens its memory holds beside a pass of that many tokens (cached)."""
+    passes: dict[str, float] = field(default_factory=dict)
+    """Prompts being prefilled here (their workspace is in use)."""
+    cycles: dict[int, tuple[float, list[float]]] = field(default_factory=dict)
+    epoch: int = 0
+    """Bumped when the node is dropped by a re-layout (its events do nothing)."""
 
 
 @dataclass(frozen=True)
 class SimResult:
-    """Figures of one simulated run (times in seconds)."""
+    """One simulated run: the standard figures and what produced them."""
 
-    n_arrived: int
-    """Requests that arrived."""
-    n_completed: int
-    """Requests that finished."""
-    waiting: dict[str, float]
-    """Queueing time: mean, p50, p90, p99."""
-    ttft: dict[str, float]
-    """Time to first token: mean, p50, p90, p99."""
-    tbt: dict[str, float]
-    """Mean time between tokens per request (decode phase): mean, p50, p90, p99."""
-    e2e: dict[str, float]
-    """Arrival to last token: mean, p50, p90, p99."""
-    throughput_rps: float
-    """Completed requests per second of makespan."""
-    throughput_tokens_per_s: float
-    """Generated tokens per second of makespan."""
-    makespan_s: float
-    """First arrival to last completion."""
+    summary: Summary
+    """TTFT, TBT, end-to-end, waiting (mean and percentiles), throughput, goodput."""
+    records: tuple[RequestRecord, ...]
+    """Every request's timestamps, by id."""
     utilisation: dict[str, float]
     """Busy fraction of each device over the makespan."""
     events: int
     """Events processed (a cost figure of the simulator itself)."""
+    switches: tuple[str, ...] = ()
+    """Plan switches made during the run: '<time> flip|relayout: <reason>'."""
+
+    @property
+    def n_arrived(self) -> int:
+        """Requests that arrived."""
+        return self.summary.n_arrived
+
+    @property
+    def n_completed(self) -> int:
+        """Requests that finished."""
+        return self.summary.n_completed
 
     @property
     def unfinished(self) -> int:
-        """Arrivals that did not finish (0 unless a horizon cut the run short)."""
-        return self.n_arrived - self.n_completed
-
-
-def _stats(xs: Sequence[float]) -> dict[str, float]:
-    if not xs:
-        return {"mean": float("nan"), "p50": float("nan"), "p90": float("nan"), "p99": float("nan")}
-    a = np.asarray(xs, dtype=float)
-    return {
-        "mean": float(a.mean()),
-        "p50": float(np.percentile(a, 50)),
-        "p90": float(np.percentile(a, 90)),
-        "p99": float(np.percentile(a, 99)),
-    }
+        """Arrivals that did not end (a horizon cut the run short)."""
+        return self.summary.unfinished
 
 
 class _Cluster:
-    def __init__(self, plan: Plan, cm: CostModel, routing: Routing) -> None:
+    def __init__(
+        self,
+        plan: Plan,
+        cm: CostModel,
+        policy: Policy,
+        *,
+        bind_message_s: float,
+        switch: SwitchCost,
+        replanner: Replanner | None,
+        bind: Binding = "ready",
+    ) -> None:
         self.cm = cm
-        self.routing = routing
+        self.policy: Policy = policy
+        self.bind: Binding = bind
+        self.bind_message_s = bind_message_s
+        self.switch = switch
+        self.replanner = replanner
         self.events = EventQueue()
-        inv = cm.inventory
-        self.busy = np.zeros(len(inv))
-        self.prefill: list[_Node] = []
-        self.decoders: list[_Node] = []
-        self.mixed: list[_Node] = []
-        for r in plan.replicas:
-            node = self._node(r)
-            {"prefill": self.prefill, "decoder": self.decoders, "mixed": self.mixed}[r.role].append(
-                node
-            )
-        if not self.mixed and not (self.prefill and self.decoders):
-            raise ValueError("plan needs a mixed replica, or prefill and decoder replicas")
-        self.done: list[_Req] = []
-        self._prefill_cache: dict[tuple[int, int], list[float]] = {}
+        n = len(cm.inventory)
+        self.busy = np.zeros(n)
+        self.up_free = np.zeros(n)
+        self.down_free = np.zeros(n)
+        self.live: dict[str, _Live] = {}
+        self.switches: list[str] = []
+        self.state = "serving"
+        """serving, draining (a re-layout waits for requests in flight) or reloading."""
+        self._pending_plan: Plan | None = None
+        self._drain_until = 0.0
+        self.pending_arrivals = 0
+        self._wake_at: float | None = None
+        self._ticks_seen = 0
+        self._idle_ticks = 0
+        self._install(plan, now=0.0)
 
-    def _node(self, r: Replica) -> _Node:
+    # ---- plan ------------------------------------------------------------------------
+
+    def _install(self, plan: Plan, now: float, queued: Sequence[_Live] = ()) -> None:
+        self.plan = plan
+        self.nodes = {r.replica_id: self._node(r, now) for r in plan.replicas}
+        roles = {r.role for r in plan.replicas}
+        if "mixed" not in roles and not {"prefill", "decoder"} <= roles:
+            raise ValueError("plan needs a mixed replica, or prefill and decoder replicas")
+        self.router = Router(plan, self.policy, bind=self.bind)
+        for lv in queued:
+            self.router.arrive(lv.rid, lv.prompt, lv.max_new, now)
+
+    def _node(self, r: Replica, now: float) -> _Node:
         inv = self.cm.inventory
         devices = tuple(inv.index(s.device_id) for s in r.stages)
         bounds = tuple([s.layer_start for s in r.stages] + [r.stages[-1].layer_end])
-        layout = Layout(devices, bounds, r.embed_last)
-        cycle, stage_decode = [0.0], [[0.0] * len(devices)]
-        for n in range(1, r.concurrency + 1):
-            st = self.cm.stage_times(layout, decode=True, tokens=micro_batch(n, len(devices)))
-            stage_decode.append(st)
-            cycle.append(decode_cycle(st, n))
-        return _Node(r, layout, cycle, stage_decode, stage_free=[0.0] * len(devices))
+        return _Node(r, Layout(devices, bounds, r.embed_last), [now] * len(devices))
 
-    def prefill_times(self, node: _Node, tokens: int) -> list[float]:
-        key = (node.replica.replica_id, tokens)
-        if key not in self._prefill_cache:
-            self._prefill_cache[key] = self.cm.stage_times(node.layout, decode=False, tokens=tokens)
-        return self._prefill_cache[key]
+    def _cycle(self, node: _Node, n: int) -> tuple[float, list[float]]:
+        if n not in node.cycles:
+            k = len(node.layout.devices)
+            st = self.cm.stage_times(node.layout, decode=True, tokens=micro_batch(n, k))
+            node.cycles[n] = (decode_cycle(st, n), st)
+        return node.cycles[n]
 
-    # ---- arrivals and prefill -------------------------------------------------------
+    # ---- memory ----------------------------------------------------------------------
 
-    def arrive(self, r: _Req) -> Iterable[Event]:
-        def handler(now: float) -> Iterable[Event]:
-            if self.mixed:
-                node = self._pick_mixed(now, r)
-                node.outstanding += 1
-                node.queue.append(r)
-                r.queued_at = now
-                return self._kick_mixed(node, now)
-            node = self._pick_prefill(now, r)
-            return self._start_prefill(node, r, now)
+    def _check_memory(self, node: _Node) -> None:
+        largest = max(node.passes.values(), default=0.0)
+        k = len(node.layout.devices)
+        work = max(largest, float(micro_batch(max(1, len(node.active)), k)))
+        if work not in node.kv_room:
+            node.kv_room[work] = self.cm.kv_budget_tokens(node.layout, work)
+        if node.kv_total > node.kv_room[work] + 1e-6:
+            mem = self.cm.stage_memory(node.layout, kv_tokens=node.kv_total, pass_tokens=work)
+            i = max(
+                range(k), key=lambda j: mem[j] - float(self.cm.capacity[node.layout.devices[j]])
+            )
+            d = node.layout.devices[i]
+            raise SimulationError(
+                f"device {self.cm.inventory.devices[d].id!r} (replica "
+                f"{node.replica.replica_id}): weights + workspace + KV of {node.kv_total:.0f} "
+                f"tokens need {mem[i] / 1e6:.0f} MB, it has {self.cm.capacity[d] / 1e6:.0f} MB"
+            )
 
-        return [(r.req.arrival_s, _ARRIVAL, handler)]
+    def _kv_add(self, node: _Node, lv: _Live, tokens: float) -> None:
+        node.kv_live[lv.rid] = node.kv_live.get(lv.rid, 0.0) + tokens
+        node.kv_total += tokens
+        self._check_memory(node)
 
-    def _pick_prefill(self, now: float, r: _Req) -> _Node:
-        if self.routing == "jsq_count":
-            return min(self.prefill, key=lambda n: n.outstanding)
+    def _kv_free(self, node: _Node, lv: _Live) -> None:
+        node.kv_total -= node.kv_live.pop(lv.rid, 0.0)
 
-        def finish(n: _Node) -> float:
-            t = now
-            for free, s in zip(
-                n.stage_free, self.prefill_times(n, r.req.prompt_tokens), strict=True
-            ):
-                t = max(t, free) + s
-            return t
+    # ---- routing -----------------------------------------------------------------------
 
-        return min(self.prefill, key=finish)
+    def decide(self, now: float) -> None:
+        self._maybe_switch(now)
+        if self.state != "serving":
+            return
+        for d in self.router.decide(now):
+            lv = self.live[d.request_id]
+            if isinstance(d, Reject):
+                lv.rec.status = "failed" if lv.generated else "rejected"
+                del self.live[d.request_id]
+                for node in self.nodes.values():
+                    self._kv_free(node, lv)
+                if self.replanner is not None:
+                    self.replanner.observe_finish(now, lv.rid, lv.generated)
+            elif isinstance(d, Dispatch):
+                self._dispatch(self.nodes[d.replica_id], lv, now)
+            elif isinstance(d, Bind):
+                self._bind(self.nodes[d.replica_id], lv, now)
+        wake = self.router.next_wakeup()
+        if wake is not None and wake > now and (self._wake_at is None or wake < self._wake_at):
+            self._wake_at = wake
+            self.events.schedule(wake, _WAKE, self._on_wake)
 
-    def _start_prefill(self, node: _Node, r: _Req, now: float) -> Iterable[Event]:
+    def _on_wake(self, now: float) -> None:
+        if self._wake_at is not None and now >= self._wake_at:
+            self._wake_at = None
+        self.decide(now)
+
+    def arrive(self, lv: _Live) -> Callable[[float], None]:
+        def handler(now: float) -> None:
+            self.pending_arrivals -= 1
+            self.live[lv.rid] = lv
+            if self.replanner is not None:
+                self.replanner.observe_arrival(
+                    now, lv.rid, lv.req.prompt_tokens, lv.req.output_tokens
+                )
+            self.router.arrive(lv.rid, lv.prompt, lv.max_new, now)
+            self.decide(now)
+
+        return handler
+
+    # ---- prefill -----------------------------------------------------------------------
+
+    def _dispatch(self, node: _Node, lv: _Live, now: float) -> None:
+        if lv.generated == 0:
+            lv.rec.prefill_start_s = now
+        lv.rec.prefill_replica = node.replica.replica_id
+        node.passes[lv.rid] = float(lv.prompt)
+        self._kv_add(node, lv, lv.prompt)
+        if node.replica.role == "mixed":
+            node.mixed_queue.append(lv)
+            if not node.stepping:
+                self._mixed_iteration(node, now)
+            return
         t = now
-        times = self.prefill_times(node, r.req.prompt_tokens)
+        service = 0.0
+        times = self.cm.stage_times(node.layout, decode=False, tokens=lv.prompt)
         for i, s in enumerate(times):
-            start = max(t, node.stage_free[i])
-            if i == 0:
-                r.prefill_start = start
-            t = start + s
+            t = max(t, node.stage_free[i]) + s
             node.stage_free[i] = t
             self.busy[node.layout.devices[i]] += s
-        node.outstanding += 1
+            service += s
+        if lv.generated == 0:
+            lv.rec.prefill_service_s += service
+        epoch, node_epoch = lv.epoch, node.epoch
+        self.events.schedule(t, _FIRST, lambda at: self._prefilled(node, lv, at, epoch, node_epoch))
 
-        def done(at: float) -> Iterable[Event]:
-            node.outstanding -= 1
-            r.first_token = at
-            r.remaining = r.req.output_tokens - 1
-            if r.remaining <= 0:
-                r.finish = at
-                self.done.append(r)
-                return []
-            dec = self._pick_decoder(at, r)
-            dec.outstanding += 1
-            kv = self.cm.kv_transfer_s(node.layout, dec.layout, r.req.prompt_tokens)
-            return [(at + kv, _KV_ARRIVAL, lambda t2: self._decoder_arrival(dec, r, t2))]
+    def _prefilled(self, node: _Node, lv: _Live, now: float, epoch: int, node_epoch: int) -> None:
+        if lv.epoch != epoch or node.epoch != node_epoch:
+            return
+        node.passes.pop(lv.rid, None)
+        self.router.prefill_done(lv.rid, now)
+        decoder = self.router.requests[lv.rid].decoder
+        self._first_token(lv, now)
+        if lv.generated >= lv.req.output_tokens:
+            self._kv_free(node, lv)
+            self._finish(lv, now)
+        elif decoder is not None and decoder != node.replica.replica_id:
+            # bound at dispatch: the stages hand the KV over without a bind message
+            self._bind(self.nodes[decoder], lv, now, message_s=0.0)
+        self.decide(now)
 
-        return [(t, _STEP, done)]
+    def _first_token(self, lv: _Live, now: float) -> None:
+        """A prefill yields the next token (the first one, or the next after a restart)."""
+        if lv.generated == 0:
+            lv.rec.first_token_s = now
+        lv.generated += 1
 
-    # ---- decoders -------------------------------------------------------------------
+    # ---- KV hand-off ---------------------------------------------------------------------
 
-    def _pick_decoder(self, now: float, r: _Req) -> _Node:
-        if self.routing == "jsq_count":
-            return min(self.decoders, key=lambda n: n.outstanding)
-        mean_left = max(self.cm.workload.mean_output_tokens - 1.0, 1.0)
+    def _bind(self, node: _Node, lv: _Live, now: float, message_s: float | None = None) -> None:
+        lv.rec.decoder_replica = node.replica.replica_id
+        src = self.nodes[lv.rec.prefill_replica or 0]
+        epoch, node_epoch = lv.epoch, node.epoch
+        message_s = self.bind_message_s if message_s is None else message_s
+        if src is node:  # it flipped to decoding: the KV is already here
+            self.events.schedule(
+                now + message_s,
+                _KV,
+                lambda at: self._kv_arrived(src, node, lv, at, epoch, node_epoch, moved=False),
+            )
+            return
+        self._kv_add(node, lv, lv.prompt)
+        send, recv = self.cm.kv_flows(src.layout, node.layout, lv.prompt)
+        t0 = now + message_s
+        links = self.cm.links
+        up_done = t0
+        for d, nbytes in sorted(send.items()):
+            end = max(t0, float(self.up_free[d])) + links[d].one_way_s(nbytes)
+            self.up_free[d] = end
+            up_done = max(up_done, end)
+        done = up_done
+        for d, nbytes in sorted(recv.items()):
+            end = max(up_done, float(self.down_free[d])) + links[d].one_way_s(nbytes)
+            self.down_free[d] = end
+            done = max(done, end)
+        self.events.schedule(
+            done, _KV, lambda at: self._kv_arrived(src, node, lv, at, epoch, node_epoch)
+        )
 
-        def estimate(n: _Node) -> float:
-            c = n.concurrency
-            ahead = len(n.active) + len(n.joining) + len(n.queue)
-            full_cycle = n.cycle[c]
-            wait = 0.0
-            if ahead >= c:
-                # slots free at the batch's token rate; each holds ~mean_left tokens
-                wait = (ahead - c + 1) * mean_left * full_cycle / c
-            own = r.remaining * n.cycle[min(ahead + 1, c)]
-            return wait + own
-
-        return min(self.decoders, key=estimate)
-
-    def _decoder_arrival(self, node: _Node, r: _Req, now: float) -> Iterable[Event]:
-        r.queued_at = now
-        if len(node.active) + len(node.joining) < node.concurrency:
-            node.joining.append(r)
-        else:
-            node.queue.append(r)
+    def _kv_arrived(
+        self,
+        src: _Node,
+        node: _Node,
+        lv: _Live,
+        now: float,
+        epoch: int,
+        node_epoch: int,
+        *,
+        moved: bool = True,
+    ) -> None:
+        if lv.epoch != epoch or node.epoch != node_epoch:
+            return
+        if moved:
+            self._kv_free(src, lv)
+        self.router.kv_moved(lv.rid, now)
+        node.joining.append(lv)
         if not node.stepping:
-            return self._step(node, now)
-        return []
+            self._step(node, now)
+        self.decide(now)
+
+    # ---- decoding ----------------------------------------------------------------------
 
     def _admit(self, node: _Node, now: float) -> None:
-        for r in node.joining:
-            r.decode_wait += now - r.queued_at
-            r.decode_admit = now
-            node.active.append(r)
+        for lv in node.joining:
+            if np.isnan(lv.rec.decode_start_s):
+                lv.rec.decode_start_s = now
+            elif not np.isnan(lv.paused_at):
+                lv.rec.decode_stall_s += now - lv.paused_at
+                lv.paused_at = float("nan")
+            node.active.append(lv)
         node.joining.clear()
-        while node.queue and len(node.active) < node.concurrency:
-            r = node.queue.popleft()
-            r.decode_wait += now - r.queued_at
-            r.decode_admit = now
-            node.active.append(r)
 
-    def _step(self, node: _Node, now: float) -> Iterable[Event]:
+    def _step(self, node: _Node, now: float) -> None:
         self._admit(node, now)
         if not node.active:
             node.stepping = False
-            return []
+            return
         node.stepping = True
         n = len(node.active)
+        cycle, st = self._cycle(node, n)
         m = min(len(node.layout.devices), n)
-        for d, s in zip(node.layout.devices, node.stage_decode[n], strict=True):
+        for d, s in zip(node.layout.devices, st, strict=True):
             self.busy[d] += m * s
-        return [(now + node.cycle[n], _STEP, lambda t: self._step_done(node, t))]
+        node_epoch = node.epoch
+        self.events.schedule(now + cycle, _STEP, lambda t: self._step_done(node, t, node_epoch))
 
-    def _step_done(self, node: _Node, now: float) -> Iterable[Event]:
+    def _step_done(self, node: _Node, now: float, node_epoch: int) -> None:
+        if node.epoch != node_epoch:
+            return
         still = []
-        for r in node.active:
-            r.remaining -= 1
-            if r.remaining <= 0:
-                r.finish = now
-                node.outstanding -= 1
-                self.done.append(r)
+        finished = False
+        for lv in node.active:
+            lv.generated += 1
+            node.kv_live[lv.rid] += 1.0
+            node.kv_total += 1.0
+            if lv.generated >= lv.req.output_tokens:
+                self._kv_free(node, lv)
+                self._finish(lv, now)
+                finished = True
             else:
-                still.append(r)
+                still.append(lv)
         node.active = still
+        self._check_memory(node)
         if node.replica.role == "mixed":
-            return self._mixed_iteration(node, now)
-        return self._step(node, now)
+            self._mixed_iteration(node, now)
+        else:
+            self._step(node, now)
+        if finished:
+            self.decide(now)
 
-    # ---- mixed replicas ---------------------------------------------------------------
+    def _finish(self, lv: _Live, now: float) -> None:
+        lv.rec.finish_s = now
+        lv.rec.output_tokens = lv.req.output_tokens
+        lv.rec.status = "done"
+        self.router.finish(lv.rid, now)
+        self.live.pop(lv.rid, None)
+        if self.replanner is not None:
+            self.replanner.observe_finish(now, lv.rid, lv.req.output_tokens)
 
-    def _pick_mixed(self, now: float, r: _Req) -> _Node:
-        if self.routing == "jsq_count" or len(self.mixed) == 1:
-            return min(self.mixed, key=lambda n: n.outstanding)
-        return min(
-            self.mixed,
-            key=lambda n: (n.outstanding + 1) * sum(self.prefill_times(n, r.req.prompt_tokens)),
-        )
+    # ---- mixed replicas ------------------------------------------------------------------
 
-    def _kick_mixed(self, node: _Node, now: float) -> Iterable[Event]:
-        if node.stepping:
-            return []
-        return self._mixed_iteration(node, now)
-
-    def _mixed_iteration(self, node: _Node, now: float) -> Iterable[Event]:
-        if node.queue and len(node.active) < node.concurrency:
+    def _mixed_iteration(self, node: _Node, now: float) -> None:
+        self._admit(node, now)
+        if node.mixed_queue and len(node.active) < node.replica.concurrency:
             node.stepping = True
-            r = node.queue.popleft()
-            r.prefill_start = now
-            times = self.prefill_times(node, r.req.prompt_tokens)
+            lv = node.mixed_queue.popleft()
+            times = self.cm.stage_times(node.layout, decode=False, tokens=lv.prompt)
             for d, s in zip(node.layout.devices, times, strict=True):
                 self.busy[d] += s
+            total = sum(times)
+            if lv.generated == 0:
+                lv.rec.prefill_service_s += total
+            for other in node.active:
+                other.rec.decode_stall_s += total
+            epoch, node_epoch = lv.epoch, node.epoch
 
-            def prefilled(at: float) -> Iterable[Event]:
-                r.first_token = at
-                r.remaining = r.req.output_tokens - 1
-                if r.remaining <= 0:
-                    r.finish = at
-                    node.outstanding -= 1
-                    self.done.append(r)
-                else:
-                    r.decode_admit = at
-                    node.active.append(r)
-                return self._mixed_iteration(node, at)
+            def prefilled(at: float) -> None:
+                if node.epoch != node_epoch:
+                    return
+                if lv.epoch == epoch:
+                    node.passes.pop(lv.rid, None)
+                    self.router.prefill_done(lv.rid, at)
+                    fresh = lv.generated == 0
+                    self._first_token(lv, at)
+                    if lv.generated >= lv.req.output_tokens:
+                        self._kv_free(node, lv)
+                        self._finish(lv, at)
+                    else:
+                        if fresh:
+                            lv.rec.decode_start_s = at
+                            lv.rec.decoder_replica = node.replica.replica_id
+                        node.joining.append(lv)
+                self._mixed_iteration(node, at)
+                self.decide(at)
 
-            return [(now + sum(times), _STEP, prefilled)]
+            self.events.schedule(now + total, _STEP, prefilled)
+            return
         if node.active:
-            node.stepping = True
-            n = len(node.active)
-            m = min(len(node.layout.devices), n)
-            for d, s in zip(node.layout.devices, node.stage_decode[n], strict=True):
-                self.busy[d] += m * s
-            return [(now + node.cycle[n], _STEP, lambda t: self._step_done(node, t))]
+            self._step(node, now)
+            return
         node.stepping = False
-        return []
+
+    # ---- re-planning ---------------------------------------------------------------------
+
+    def tick(self, now: float) -> None:
+        assert self.replanner is not None
+        if self.state == "serving":
+            self._apply(self.replanner.decide(now, self.plan, self.router.queued), now)
+        if not (self.pending_arrivals or self.live):
+            return
+        busy = self.events.processed - self._ticks_seen
+        self._ticks_seen = self.events.processed + 1
+        self._idle_ticks = 0 if busy > 1 else self._idle_ticks + 1
+        if self._idle_ticks > 100:
+            raise SimulationError(
+                f"stalled at {now:.0f} s: {len(self.live)} requests can no longer be served "
+                f"by plan v{self.plan.version} (nothing happened for 100 re-planning ticks)"
+            )
+        self.events.schedule(now + self.replanner.tick_s, _TICK, self.tick)
+
+    def _apply(self, decision: SwitchDecision, now: float) -> None:
+        if isinstance(decision, Keep):
+            return
+        kind = "flip" if isinstance(decision, Flip) else "relayout"
+        self.switches.append(f"{now:.1f} {kind}: {decision.reason}")
+        if isinstance(decision, Flip):
+            self.plan = decision.plan
+            self.router.reconfigure(decision.plan)
+            self.decide(now)
+            return
+        assert isinstance(decision, Relayout)
+        self.state = "draining"
+        self._pending_plan = decision.plan
+        self._drain_until = now + self.switch.drain_timeout_s
+        self.events.schedule(self._drain_until, _TICK, self._drain_over)
+        self._maybe_switch(now)
+
+    def _maybe_switch(self, now: float) -> None:
+        """Flipped replicas take their new role; a drained re-layout goes ahead."""
+        flipped = self.router.take_flipped()
+        if flipped:
+            new = {r.replica_id: r for r in self.plan.replicas}
+            for rid in flipped:
+                node = self.nodes[rid]
+                node.replica = new[rid]
+                node.cycles.clear()
+                node.stage_free = [max(now, f) for f in node.stage_free]
+        if self.state == "draining" and self.router.in_flight == 0:
+            self._relayout(now)
+
+    def _drain_over(self, now: float) -> None:
+        if self.state == "draining":
+            self._relayout(now)
+
+    def _relayout(self, now: float) -> None:
+        """Drop the old replicas; restart what still runs; resume once devices reloaded."""
+        assert self._pending_plan is not None
+        old, new = self.plan, self._pending_plan
+        queued = [self.live[rid] for rid in self.router.queue]
+        waiting = set(self.router.queue)
+        for node in self.nodes.values():
+            node.epoch += 1
+        restarted = []
+        for rid, lv in self.live.items():
+            if rid in waiting:
+                continue
+            lv.epoch += 1
+            if lv.generated > 0:
+                lv.prompt = lv.req.prompt_tokens + lv.generated
+                if not np.isnan(lv.rec.decode_start_s):
+                    lv.paused_at = now
+            else:
+                lv.rec.prefill_service_s = 0.0
+            restarted.append(lv)
+        restarted.sort(key=lambda lv: lv.req.id)
+        resume = now + reload_s(old, new, self.cm.model, self.switch)
+        self.state = "reloading"
+        self._pending_plan = None
+        self._install(new, resume, restarted + queued)
+
+        def serve(at: float) -> None:
+            self.state = "serving"
+            self.decide(at)
+
+        self.events.schedule(resume, _WAKE, serve)
 
 
 def simulate(
@@ -337,44 +573,48 @@ def simulate(
     workload: Workload,
     requests: Sequence[Request],
     *,
-    routing: Routing = "jsq_time",
+    routing: Policy = "time",
     max_concurrency: int = 16,
     horizon_s: float = float("inf"),
+    slo: SLO | None = None,
+    bind_message_s: float = 0.001,
+    switch: SwitchCost | None = None,
+    replanner: Replanner | None = None,
+    bind: Binding = "ready",
 ) -> SimResult:
-    """Serve `requests` with `plan`; `workload` gives the mean lengths the cost model uses."""
+    """Serve `requests` with `plan`; `workload` gives the mean lengths the cost model uses
+    (decode context); `routing` is the router's policy and `bind` when it binds decoders
+    (``dispatch``: as the runtime orchestrator does today); `replanner` may switch plans."""
     cm = CostModel(
         inventory, model, workload, max(max_concurrency, max(r.concurrency for r in plan.replicas))
     )
-    cluster = _Cluster(plan, cm, routing)
-    reqs = [_Req(r) for r in requests]
-    for r in reqs:
-        for t, order, h in cluster.arrive(r):
-            cluster.events.schedule(t, order, h)
+    cluster = _Cluster(
+        plan,
+        cm,
+        routing,
+        bind_message_s=bind_message_s,
+        switch=switch or SwitchCost(),
+        replanner=replanner,
+        bind=bind,
+    )
+    records = [RequestRecord(str(r.id), r.arrival_s, r.prompt_tokens) for r in requests]
+    cluster.pending_arrivals = len(requests)
+    for r, rec in zip(requests, records, strict=True):
+        lv = _Live(r, rec, r.prompt_tokens)
+        cluster.events.schedule(r.arrival_s, _ARRIVAL, cluster.arrive(lv))
+    if replanner is not None and requests:
+        first = min(r.arrival_s for r in requests)
+        cluster.events.schedule(first + replanner.tick_s, _TICK, cluster.tick)
     cluster.events.run(until=horizon_s)
-    done = sorted(cluster.done, key=lambda r: r.req.id)
-    t0 = min((r.req.arrival_s for r in reqs), default=0.0)
-    t_end = max((r.finish for r in done), default=t0)
-    makespan = max(t_end - t0, 1e-12)
-    waits = [(r.prefill_start - r.req.arrival_s) + r.decode_wait for r in done]
-    tbt = [
-        (r.finish - r.decode_admit) / (r.req.output_tokens - 1)
-        for r in done
-        if r.req.output_tokens > 1
-    ]
-    tokens = sum(r.req.output_tokens for r in done)
+    summary = summarize(records, slo)
+    span = max(summary.makespan_s, 1e-12)
     return SimResult(
-        n_arrived=len(reqs),
-        n_completed=len(done),
-        waiting=_stats(waits),
-        ttft=_stats([r.first_token - r.req.arrival_s for r in done]),
-        tbt=_stats(tbt),
-        e2e=_stats([r.finish - r.req.arrival_s for r in done]),
-        throughput_rps=len(done) / makespan,
-        throughput_tokens_per_s=tokens / makespan,
-        makespan_s=makespan,
+        summary=summary,
+        records=tuple(records),
         utilisation={
-            inventory.devices[d].id: float(min(1.0, cluster.busy[d] / makespan))
+            inventory.devices[d].id: float(min(1.0, cluster.busy[d] / span))
             for d in range(len(inventory))
         },
         events=cluster.events.processed,
+        switches=tuple(cluster.switches),
     )

@@ -12,6 +12,7 @@ from e2llm_edge.fog import core as c
 from e2llm_edge.fog.registry import Registry
 from e2llm_edge.wire import messages as m
 from e2llm_edge.wire.messages import DeviceStatus
+from planner.drift import DriftPlanner
 from planner.plan import Plan, Replica, Stage
 
 VOCAB = 512
@@ -111,6 +112,8 @@ class FogDriver:
     """True: `plan` is pinned (no planning); False: the driver answers `ComputePlan` with it."""
     auto_plan: bool = True
     """Answer planning requests with `planner` (False: the test answers them)."""
+    drift: DriftPlanner | None = None
+    """The core's drift planner (None: no re-planning on drift)."""
 
     def __post_init__(self) -> None:
         self.core = c.FogCore(
@@ -120,6 +123,7 @@ class FogDriver:
             registry=Registry(),
             epoch=self.epoch,
             pinned=self.plan if self.pinned else None,
+            drift=self.drift,
         )
         self.log: list[c.Command] = []
         self.down: set[str] = set()

@@ -159,7 +159,9 @@ class FogMachine(RuleBasedStateMachine):
             assert len(finals) == 1, (i, finals)
             if finals[0].event == "done":
                 assert d.streamed(f"r{i}") == finals[0].token_ids
-        assert all(not x.decoding and not x.prefills for x in d.core.loads.values())
+        if d.core.router is not None:
+            assert not d.core.router.requests
+            assert all(not x.decoding and not x.prefilling for x in d.core.router.replicas.values())
 
 
 FogMachine.TestCase.settings = settings(

@@ -392,7 +392,7 @@ def test_orchestrator_pinned_plan_is_read_at_start(
         (
             ["demo", "--method", "magic"],
             "argument --method: invalid choice: 'magic' "
-            "(choose from 'e2llm', 'splitwise', 'pipeline', 'memprop')",
+            "(choose from 'e2llm', 'splitwise', 'pipeline', 'memprop', 'homogeneous')",
         ),
     ],
 )

@@ -94,7 +94,9 @@ COMMANDS: dict[str, str] = {
     "e2llm plan --inventory devices.yaml --prompt-tokens 256 --output-tokens 128 --rate 0.5 "
     "--manifest '~/.cache/e2llm/models/smollm2-135m-instruct-q4_1/manifest.yaml'": RUN,
     "e2llm simulate --out runs/simulate": PARSE,
-    "e2llm simulate --trace --out runs/trace": PARSE,
+    "e2llm simulate --pool edge13 --min-tokens-per-s 2": PARSE,
+    "e2llm simulate --trace conv --out runs/trace": PARSE,
+    "e2llm simulate --phases planner/data/drift_example.yaml": PARSE,
     "e2llm broker init --devices e2llm_edge/examples/demo-devices.yaml": RUN,
     "docker-compose up -d --build": COMPOSE,
     "docker-compose ps": COMPOSE,
@@ -109,6 +111,8 @@ COMMANDS: dict[str, str] = {
     ".venv/bin/python bench/distributed_decode.py": BENCH,
     ".venv/bin/python bench/range_sessions.py": BENCH,
     ".venv/bin/python bench/planner_bench.py": BENCH,
+    ".venv/bin/python bench/planner_compare.py": BENCH,
+    ".venv/bin/python bench/planner_binding.py": BENCH,
     ".venv/bin/python bench/mqtt_roundtrip.py": BENCH,
     ".venv/bin/python bench/chaos.py": BENCH,
     ".venv/bin/python bench/soak.py --minutes 5": BENCH,
@@ -145,8 +149,8 @@ HEAVY = {
     "tests/unit/test_testbed_units.py predicts bench/results/testbed.json again",
     "e2llm testbed": "needs root, builds namespaces and cgroups and profiles every device "
     "(minutes); tests/testbed/test_testbed.py runs a 3-device testbed for real",
-    "e2llm simulate": "the paper's grid is ~1 min on 2 cores; tests/planner/test_planner_cli "
-    "runs small grids",
+    "e2llm simulate": "the paper's grid is minutes on 2 cores; tests/planner/test_planner_cli "
+    "runs small grids, tests/planner/test_planner_drift a short drifting stream",
 }
 """Why a PARSE command is not run, and where the same code runs (by command prefix)."""
 

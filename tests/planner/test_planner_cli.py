@@ -165,7 +165,7 @@ def test_simulate_small_grid_with_plot(tmp_path: Path, capsys: pytest.CaptureFix
     )
     assert status == 0
     text = (tmp_path / "simulate.md").read_text()
-    assert "| 576/588 | 3 | splitwise |" in text
+    assert "| 576/588 | 3 | splitwise (count)" in text
     png = tmp_path / "waiting_vs_interval.png"
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
@@ -173,3 +173,46 @@ def test_simulate_small_grid_with_plot(tmp_path: Path, capsys: pytest.CaptureFix
 def test_simulate_rejects_bad_arguments(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["simulate", "--methods", "nope", "--no-plot"]) == 2
     assert "unknown methods" in capsys.readouterr().err
+
+
+def test_simulate_a_drifting_stream_from_a_phases_file(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    phases = tmp_path / "phases.yaml"
+    phases.write_text(
+        "- {prompt_tokens: 256, output_tokens: 64, interval_s: 2.0, requests: 12}\n"
+        "- {prompt_tokens: 1500, output_tokens: 16, interval_s: 2.0, requests: 12}\n"
+    )
+    status = main(
+        [
+            "simulate",
+            "--phases",
+            str(phases),
+            "--methods",
+            "e2llm",
+            "--routing",
+            "time",
+            "--max-concurrency",
+            "8",
+            "--out",
+            str(tmp_path),
+        ]
+    )
+    assert status == 0, capsys.readouterr().err
+    text = (tmp_path / "simulate.md").read_text()
+    assert "e2llm+replan" in text and "e2llm [first phase]" in text
+
+
+def test_simulate_says_when_a_floor_makes_every_method_infeasible(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    common = ["--workloads", "576/588", "--intervals", "1", "--requests", "10", "--no-plot"]
+    floor = ["--min-tokens-per-s", "5000", "--out", str(tmp_path)]
+    status = main(["simulate", *common, "--methods", "e2llm,splitwise", *floor])
+    err = capsys.readouterr().err
+    assert status == 2
+    assert "with --min-tokens-per-s 5000 and --max-concurrency 16 every method is infeasible" in err
+    assert main(["simulate", *common, "--max-concurrency", "0"]) == 2
+    assert "--max-concurrency >= 1, got" in capsys.readouterr().err
+    assert main(["simulate", "--workloads", "576/x", "--no-plot"]) == 2
+    assert "--workloads must look like 576/588,2284/1004, got '576/x'" in capsys.readouterr().err

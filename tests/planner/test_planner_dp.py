@@ -9,7 +9,7 @@ import pytest
 from planner_factories import hardware_device, random_inventory, tiny_model, workload
 
 from planner.costs import CostModel, Layout, micro_batch
-from planner.dp import SplitSolver
+from planner.dp import CONCURRENCY_STEPS, SplitSolver
 from planner.inventory import Inventory
 
 
@@ -23,6 +23,9 @@ def brute_force(
 ) -> tuple[float, float] | None:
     """(bottleneck, sum) of the solver's objective, by enumerating every feasible layout.
 
+    Memory must hold what the workload reaches: a prefill replica a mean prompt per stage
+    and at least the longest prompt (workspace of the longest prompt), a decoder
+    `concurrency` mean contexts and at least the longest context.
     Per embedding placement: least bottleneck, then least sum among those. Between the
     placements: prefill by (bottleneck, sum), decode by (cycle, bottleneck).
     """
@@ -34,12 +37,15 @@ def brute_force(
             lay = Layout(devices, bounds, embed_last)
             if decode:
                 b = micro_batch(concurrency, k)
-                mem = cm.stage_memory(
-                    lay, kv_tokens=cm.decode_kv_tokens(concurrency), pass_tokens=b
-                )
+                kv = max(concurrency * cm.workload.mean_context_tokens, cm.peak_context_tokens)
+                mem = cm.stage_memory(lay, kv_tokens=kv, pass_tokens=b)
                 times = cm.stage_times(lay, decode=True, tokens=b)
             else:
-                mem = cm.stage_memory(lay, kv_tokens=cm.prompt_tokens, pass_tokens=cm.prompt_tokens)
+                mem = cm.stage_memory(
+                    lay,
+                    kv_tokens=max(k * cm.prompt_tokens, cm.peak_prompt_tokens),
+                    pass_tokens=cm.peak_prompt_tokens,
+                )
                 times = cm.stage_times(lay, decode=False, tokens=cm.prompt_tokens)
             if any(m > cm.capacity[d] for m, d in zip(mem, devices, strict=True)):
                 continue
@@ -89,6 +95,9 @@ def test_dp_equals_brute_force(case: int) -> None:
             cm.stage_times(got.layout, decode=False, tokens=cm.prompt_tokens), rel=1e-9
         )
     for c, split in enumerate(solver.decode(devices), start=1):
+        if c not in CONCURRENCY_STEPS:
+            assert split is None  # the DP solves a ladder of concurrencies only
+            continue
         want = brute_force(cm, devices, decode=True, concurrency=c)
         if want is None:
             assert split is None
@@ -97,6 +106,11 @@ def test_dp_equals_brute_force(case: int) -> None:
         assert split.bottleneck_s == pytest.approx(want[0], rel=1e-9)
         assert split.cycle_s(c) == pytest.approx(
             max(want[1], min(len(devices), c) * want[0]), rel=1e-9
+        )
+        # the backtracked layout's stage times are those of the plain cost model
+        b = micro_batch(c, len(devices))
+        assert list(split.stage_s) == pytest.approx(
+            cm.stage_times(split.layout, decode=True, tokens=b), rel=1e-9
         )
 
 

@@ -1,4 +1,4 @@
-"""The GA finds the exhaustive optimum on small instances and is reproducible."""
+"""The search finds the exhaustive optimum on small instances and is reproducible."""
 
 from __future__ import annotations
 
@@ -12,7 +12,7 @@ from planner_factories import random_inventory, tiny_model, workload
 from planner import make_plan
 from planner.costs import CostModel
 from planner.ga import Chromosome, crossover, mutate, repair_sizes
-from planner.search import Evaluator, e2llm_groups
+from planner.search import Evaluator, search_groups
 
 
 def set_partitions(items: tuple[int, ...]) -> Iterator[list[tuple[int, ...]]]:
@@ -28,12 +28,12 @@ def set_partitions(items: tuple[int, ...]) -> Iterator[list[tuple[int, ...]]]:
 
 
 def exhaustive_best(ev: Evaluator, n: int) -> float:
-    """Least fitness over every grouping and every pipeline order within each group."""
-    best = float("inf")
-    for blocks in set_partitions(tuple(range(n))):
-        for ordered in itertools.product(*(itertools.permutations(b) for b in blocks)):
-            best = min(best, ev.evaluate(list(ordered)).fitness)
-    return best
+    """Least fitness over every grouping, each role of each group in its best pipeline
+    order (every order of up to 4 devices, the canonical ones beyond)."""
+    return min(
+        ev.evaluate_sets(blocks, thorough=True).fitness
+        for blocks in set_partitions(tuple(range(n)))
+    )
 
 
 def instance(seed: int, n: int, n_layers: int) -> Evaluator:
@@ -44,7 +44,7 @@ def instance(seed: int, n: int, n_layers: int) -> Evaluator:
     cm = CostModel(
         inv, model, workload(prompt=rng.choice([100, 600]), output=150), max_concurrency=8
     )
-    return Evaluator(cm, min_tokens_per_s=5.0)
+    return Evaluator(cm, min_tokens_per_s=5.0, hybrid=True)
 
 
 @pytest.mark.parametrize(
@@ -58,11 +58,11 @@ def instance(seed: int, n: int, n_layers: int) -> Evaluator:
         (6, 7, 4),
     ],
 )
-def test_ga_reaches_exhaustive_optimum(seed: int, n: int, n_layers: int) -> None:
+def test_search_reaches_exhaustive_optimum(seed: int, n: int, n_layers: int) -> None:
     ev = instance(seed, n, n_layers)
-    # the GA first learns whether two replicas can be formed (then a lone mixed replica
-    # does not count); the exhaustive search is held to the same rule
-    found = ev.evaluate(e2llm_groups(ev, random.Random(seed))).fitness
+    # the search first learns whether two replicas can be formed (then a lone mixed
+    # replica does not count); the exhaustive search is held to the same rule
+    found = ev.evaluate_sets(search_groups(ev, random.Random(seed)), thorough=True).fitness
     optimum = exhaustive_best(ev, n)
     assert optimum < 1e6, "instance should be feasible"
     assert found == pytest.approx(optimum, rel=1e-9)

@@ -174,3 +174,28 @@ def test_without_is_none_when_a_role_is_gone() -> None:
     left = mixed.without({"c"}, version=2)
     assert left is not None and [r.role for r in left.replicas] == ["mixed"]
     assert mixed.without({"a", "c"}, version=2) is None
+
+
+def test_timing_round_trips_and_bad_fields_are_named() -> None:
+    from planner import Workload, make_plan
+    from planner.pools import pool
+
+    inv, model, floor = pool("paper")
+    plan = make_plan(inv, model, Workload(576, 588, 1.0), min_tokens_per_s=floor)
+    assert all(r.timing is not None for r in plan.replicas)
+    again = Plan.from_yaml(plan.to_yaml())
+    assert again == plan
+    t = again.replicas[0].timing
+    assert t is not None and t.prefill_stages(576) == pytest.approx(
+        [s.predicted_prefill_s for s in again.replicas[0].stages], rel=0.05
+    )
+    d = plan.to_dict()
+    d["replicas"][0]["timing"]["kv_budget_tokens"] = -1
+    with pytest.raises(
+        PlanError, match=r"replica 0: timing: kv_budget_tokens must be a number > 0"
+    ):
+        Plan.from_dict(d)
+    d = plan.to_dict()
+    d["replicas"][1]["timing"]["prefill_stage_s"][0] = [0.1] * 9
+    with pytest.raises(PlanError, match=r"replica 1: timing: prefill_stage_s\[0\] must list"):
+        Plan.from_dict(d)

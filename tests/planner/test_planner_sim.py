@@ -75,8 +75,8 @@ def test_md1_mean_wait_matches_pollaczek_khinchine() -> None:
     res = simulate(plan, inv, model, wl, reqs)
     pk = lam * service**2 / (2 * (1 - rho))  # M/D/1 mean wait in queue
     assert res.n_completed == res.n_arrived == 40_000
-    assert res.waiting["mean"] == pytest.approx(pk, rel=0.08)
-    assert res.ttft["mean"] == pytest.approx(pk + service, rel=0.08)
+    assert res.summary.waiting.mean == pytest.approx(pk, rel=0.08)
+    assert res.summary.ttft.mean == pytest.approx(pk + service, rel=0.08)
     assert res.utilisation["p"] == pytest.approx(rho, rel=0.03)
     assert res.utilisation["d"] == 0.0
 
@@ -86,7 +86,7 @@ def test_fixed_arrivals_below_capacity_never_wait() -> None:
     model = tiny_model(n_layers=4)
     wl = Workload(64, 1, 1.0, length_dist="fixed", arrival="fixed")
     res = simulate(md1_plan(inv), inv, model, wl, wl.sample_requests(50, np.random.default_rng(0)))
-    assert res.waiting["p99"] == 0.0
+    assert res.summary.waiting.p99 == pytest.approx(0.0, abs=1e-9)
 
 
 def test_every_arrival_finishes_or_is_reported() -> None:
@@ -101,7 +101,8 @@ def test_every_arrival_finishes_or_is_reported() -> None:
     assert 0 < cut.n_completed < 200
     assert cut.n_completed + cut.unfinished == 200
     # total generated tokens are exactly those requested
-    assert full.throughput_tokens_per_s * full.makespan_s == pytest.approx(
+    s = full.summary
+    assert s.throughput_tokens_per_s * s.makespan_s == pytest.approx(
         sum(r.output_tokens for r in reqs)
     )
 
@@ -113,7 +114,7 @@ def test_saturated_throughput_matches_the_planners_prediction() -> None:
     # everything arrives at once: the cluster runs flat out at its bottleneck
     reqs = [Request(i, 0.0, 576, 588) for i in range(400)]
     res = simulate(plan, inv, model, wl, reqs)
-    assert res.throughput_rps == pytest.approx(plan.predicted["capacity_rps"], rel=0.12)
+    assert res.summary.throughput_rps == pytest.approx(plan.predicted["capacity_rps"], rel=0.12)
 
 
 def test_mixed_replica_serves_everything() -> None:
@@ -123,7 +124,7 @@ def test_mixed_replica_serves_everything() -> None:
     reqs = wl.sample_requests(30, np.random.default_rng(0))
     res = simulate(plan, inv, model, wl, reqs)
     assert res.n_completed == 30
-    assert res.tbt["mean"] > 0
+    assert res.summary.tbt.mean > 0
 
 
 def test_same_inputs_same_result() -> None:
@@ -131,9 +132,9 @@ def test_same_inputs_same_result() -> None:
     wl = workload(576, 588, 1.0)
     plan = make_plan(inv, model, wl, method="splitwise")
     reqs = wl.sample_requests(100, np.random.default_rng(5))
-    a = simulate(plan, inv, model, wl, reqs, routing="jsq_count")
-    b = simulate(plan, inv, model, wl, reqs, routing="jsq_count")
-    assert a == b
+    a = simulate(plan, inv, model, wl, reqs, routing="count")
+    b = simulate(plan, inv, model, wl, reqs, routing="count")
+    assert a.summary == b.summary and a.records == b.records
 
 
 def test_small_paper_grid_runs_and_tabulates() -> None:
@@ -145,9 +146,22 @@ def test_small_paper_grid_runs_and_tabulates() -> None:
         n_requests=60,
         methods=["e2llm", "splitwise"],
     )
-    assert [r.method for r in rows] == ["e2llm", "splitwise", "splitwise+jsq_time"]
+    # every method with every routing policy, exactly one strongest per method
+    assert [(r.method, r.routing) for r in rows] == [
+        (m, p) for m in ("e2llm", "splitwise") for p in ("time", "tokens", "count")
+    ]
+    for m in ("e2llm", "splitwise"):
+        mine = [r for r in rows if r.method == m]
+        best = [r for r in mine if r.best]
+        assert len(best) == 1
+        assert best[0].result is not None
+        assert best[0].result.summary.waiting.mean == min(
+            r.result.summary.waiting.mean for r in mine if r.result is not None
+        )
     text = table(rows)
-    assert "| 576/588 | 1 | e2llm |" in text
+    assert "| 576/588 | 1 | e2llm (" in text
+    e2, sw = (next(r for r in rows if r.method == m and r.best) for m in ("e2llm", "splitwise"))
+    assert e2.result is not None and sw.result is not None
     assert reduction(rows, "576/588", 1.0) == pytest.approx(
-        1 - rows[0].result.waiting["mean"] / rows[1].result.waiting["mean"]
-    )  # type: ignore[union-attr]
+        1 - e2.result.summary.waiting.mean / sw.result.summary.waiting.mean
+    )

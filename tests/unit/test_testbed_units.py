@@ -234,8 +234,14 @@ def test_predict_again_a_recorded_run(default_model: Path, tmp_path: Path) -> No
     assert len(again["runs"]) == len(recorded["runs"]) == 9
     for before, now in zip(recorded["runs"], again["runs"], strict=True):
         assert now["measured"] == before["measured"]
-        assert now["predicted"]["completed"] == len(recorded["stream"])
-        assert 0 < now["predicted"]["ttft"]["mean"] < now["predicted"]["e2e"]["mean"]
+        # the cost model's KV budgets (what the router admits by, at run time too) refuse
+        # some requests the emulated devices served: said, and counted, never dropped
+        pred = now["predicted"]
+        assert pred["completed"] + pred["failed"] == len(recorded["stream"])
+        assert pred["completed"] > 0
+        assert 0 < pred["ttft"]["mean"] < pred["e2e"]["mean"]
+        if pred["completed"] < len(recorded["stream"]):
+            assert f"the simulator serves {pred['completed']} of 24 requests" in p.stdout
     assert "extra ms/pass" in p.stdout and "goal simulator within 25%" in p.stdout
     bad = subprocess.run(
         [*cli, str(default_model), "--json", str(tmp_path / "none.json"), "--out", str(out)],

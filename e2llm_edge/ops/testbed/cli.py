@@ -183,6 +183,14 @@ def cmd_run(args: argparse.Namespace) -> int:
     Path(args.json).write_text(json.dumps(out, indent=1))
     for line in [*table(out), "", *cpu_table(out)]:
         print(line)
+    for run in out["runs"]:
+        pred, n = run.get("predicted") or {}, len(out.get("stream") or [])
+        if pred and pred.get("completed", n) < n:
+            print(
+                f"note: the simulator serves {pred['completed']} of {n} requests of "
+                f"{run['method']} @ {run['rate']:g}/s: the others exceed every replica's KV "
+                "budget in the cost model, although the devices served them"
+            )
     _verdicts(out)
     if args.plot:
         print(f"plot: {plot(out, Path(args.plot))}")
@@ -211,12 +219,25 @@ def cmd_predict(args: argparse.Namespace) -> int:
         raise TestbedError(f"{path}: not a testbed run's JSON ({exc})") from exc
     if not isinstance(out, dict) or not isinstance(out.get("runs"), list):
         raise TestbedError(f"{path}: not a testbed run's JSON (no list of runs)")
+    from planner.errors import PlannerError
+    from planner.sim.cluster import SimulationError
+
     try:
         out = predict_again(out, _model_dir(args))
     except (KeyError, TypeError, ValueError) as exc:
         raise TestbedError(f"{path}: a run lacks what predicting needs ({exc!r})") from exc
+    except (PlannerError, SimulationError) as exc:
+        raise TestbedError(f"{path}: the simulator cannot replay a run: {exc}") from exc
     for line in [*table(out), "", *cpu_table(out)]:
         print(line)
+    for run in out["runs"]:
+        pred, n = run.get("predicted") or {}, len(out.get("stream") or [])
+        if pred and pred.get("completed", n) < n:
+            print(
+                f"note: the simulator serves {pred['completed']} of {n} requests of "
+                f"{run['method']} @ {run['rate']:g}/s: the others exceed every replica's KV "
+                "budget in the cost model, although the devices served them"
+            )
     _verdicts(out)
     Path(args.out).write_text(json.dumps(out, indent=1))
     if args.plot:

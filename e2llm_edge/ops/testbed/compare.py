@@ -2,21 +2,22 @@
 method each one plans with, and how the simulator routes for it) and the metrics computed
 alike from measured requests and from the simulator's.
 
-Routing: the runtime has one router for every plan (`e2llm_edge/fog/router.py`: prefill
-by estimated wait, decoders by free slots), so the simulator is asked to route every
-method by estimated time (`jsq_time`), the policy it models closest to that router; a
-routing policy shared by runtime and simulator will replace this table's column.
+Routing: the runtime and the simulator call the same router (`planner.routing.Router`);
+the orchestrator runs it with the "time" policy and binds a request's decoder when it
+dispatches the prompt, so the simulator is asked to do exactly that for every method.
 """
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-from planner.sim.cluster import Routing, SimResult
+from planner.routing import Binding, Policy
+from planner.sim.cluster import SimResult
 
 STATS = ("mean", "p50", "p90", "p99")
 METRICS = ("waiting", "ttft", "tbt", "e2e")
@@ -34,17 +35,19 @@ class Method:
     """As given on the command line."""
     planner: str
     """The planner method the orchestrator plans with (`--method`)."""
-    routing: Routing
-    """How the simulator routes requests for this method's plan."""
+    routing: Policy
+    """How the router (at run time and in the simulator) picks replicas for this plan."""
+    bind: Binding = "dispatch"
+    """When the decoder is chosen: at dispatch, as the orchestrator does."""
 
 
 METHODS: dict[str, Method] = {
     m.name: m
     for m in (
-        Method("e2llm", "e2llm", "jsq_time"),
-        Method("splitwise", "splitwise", "jsq_time"),
-        Method("pipeline", "pipeline", "jsq_time"),
-        Method("memprop", "memprop", "jsq_time"),
+        Method("e2llm", "e2llm", "time"),
+        Method("splitwise", "splitwise", "time"),
+        Method("pipeline", "pipeline", "time"),
+        Method("memprop", "memprop", "time"),
     )
 }
 
@@ -106,17 +109,18 @@ def measured_metrics(rows: Sequence[Measured]) -> dict[str, Any]:
 
 def predicted_metrics(sim: SimResult) -> dict[str, Any]:
     """The simulator's figures for the same plan, profiles and stream."""
+    s = sim.summary
     return {
         "completed": sim.n_completed,
         "failed": sim.n_arrived - sim.n_completed,
-        "waiting": dict(sim.waiting),
-        "ttft": dict(sim.ttft),
-        "tbt": dict(sim.tbt),
-        "e2e": dict(sim.e2e),
-        "throughput_rps": sim.throughput_rps,
-        "throughput_tokens_per_s": sim.throughput_tokens_per_s,
-        "makespan_s": sim.makespan_s,
-        "busy_s": {d: u * sim.makespan_s for d, u in sim.utilisation.items()},
+        "waiting": dataclasses.asdict(s.waiting),
+        "ttft": dataclasses.asdict(s.ttft),
+        "tbt": dataclasses.asdict(s.tbt),
+        "e2e": dataclasses.asdict(s.e2e),
+        "throughput_rps": s.throughput_rps,
+        "throughput_tokens_per_s": s.throughput_tokens_per_s,
+        "makespan_s": s.makespan_s,
+        "busy_s": {d: u * s.makespan_s for d, u in sim.utilisation.items()},
     }
 
 

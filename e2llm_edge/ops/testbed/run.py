@@ -317,6 +317,7 @@ def predict(
     links) the orchestrator planned with, the stream at the run's rate, the output
     lengths the model produced."""
     from planner.inventory import Inventory
+    from planner.make import with_timings
     from planner.plan import Plan
     from planner.sim.cluster import simulate
 
@@ -327,7 +328,9 @@ def predict(
     plan = Plan.from_dict(run["plan"])
     inv = Inventory.from_dict(run["inventory"], source=f"{run['method']} @ {run['rate']:g}/s")
     means = Workload(workload["prompt_tokens"], workload["output_tokens"], run["rate"])
-    sim = simulate(plan, inv, model, means, reqs, routing=compare.METHODS[run["method"]].routing)
+    method = compare.METHODS[run["method"]]
+    plan = with_timings(plan, inv, model, means)  # a run recorded before plans had them
+    sim = simulate(plan, inv, model, means, reqs, routing=method.routing, bind=method.bind)
     return compare.predicted_metrics(sim)
 
 
