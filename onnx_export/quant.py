@@ -270,8 +270,11 @@ def _split(
     to them.
 
     One 4-bit part when 16 values suffice, one 8-bit part when allowed, else the low and
-    high nibbles of codes - lo: c = (l - z_l) + 16 (h - z_h) with z_l + 16 z_h = -lo. A part
-    uses MatMulNBits' default zero point (8 or 128) whenever shifting its codes allows it.
+    high nibbles l, h of u = c - lo. Preferably both with MatMulNBits' default zero point 8
+    (no zero-point input): c = (l - 8) + (16 / r) (r h - z) with (16 / r) z = -lo - 8, the
+    high part's codes r h shifted to the default (Q5_0, Q5_1, Q5_K: r = 2; Q6_K: r = 2).
+    Otherwise (Q8_0, IQ4: -lo - 8 is no such multiple) c = (l - z_l) + 16 (h - z_h) with
+    z_l + 16 z_h = -lo, a zero point shifted to the default where it fits.
     """
     span = hi - lo + 1
     if span <= 16 or (max_bits == 8 and span <= 256):
@@ -282,10 +285,18 @@ def _split(
     if span > 256:
         raise ValueError(f"codes span {span} values: more than 8 bits")
     u = (codes - lo).astype(np.uint8)
-    out = []
-    for q, z, mult, top in ((u & 0x0F, -lo & 0x0F, 1, 15), (u >> 4, -lo >> 4, 16, (span - 1) >> 4)):
+    low, high, top = u & 0x0F, u >> 4, (span - 1) >> 4
+    for r in (1, 2, 4, 8):
+        z, rest = divmod((-lo - 8) * r, 16)
         shift = 8 - z
-        if shift >= 0 and top + shift <= 15:  # the default zero point fits: no zp input
+        if top * r + max(shift, 0) > 15:
+            break
+        if rest == 0 and shift >= 0:
+            return [(low, 8, 1, 4), (high * np.uint8(r) + np.uint8(shift), 8, 16 // r, 4)]
+    out = []
+    for q, z, mult, qmax in ((low, -lo & 0x0F, 1, 15), (high, -lo >> 4, 16, top)):
+        shift = 8 - z
+        if shift >= 0 and qmax + shift <= 15:  # the default zero point fits: no zp input
             q, z = q + np.uint8(shift), 8
         out.append((q, z, mult, 4))
     return out
