@@ -95,8 +95,11 @@ def write_quant_gguf(
     embed_type: str = "Q6_K",
     head_type: str = "Q8_0",
     seed: int = 0,
+    roles: dict[str, str] | None = None,
+    variants: list[dict[str, str]] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Write the model; returns its HF-layout weights as gguf dequantizes them.
+    """Write the model; returns its HF-layout weights as gguf dequantizes them. Layer i
+    stores its matrices as `roles` (default `ROLE_TYPES`) updated by `variants[i % n]`.
 
     Q/K rows are stored permuted for the llama family (as llama.cpp's converter does);
     blocks run along rows, so the HF-order matrix is the row permutation of the stored one.
@@ -109,7 +112,7 @@ def write_quant_gguf(
     wr = gguf.GGUFWriter(str(path), arch)
     wr.add_name(f"tiny-{arch}-kquants")
     wr.add_block_count(n_layers)
-    wr.add_context_length(512)
+    wr.add_context_length(2048)  # agents profile prefills of up to 1024 tokens
     wr.add_embedding_length(hidden)
     wr.add_feed_forward_length(intermediate)
     wr.add_head_count(n_heads)
@@ -159,7 +162,8 @@ def write_quant_gguf(
     }
     for i in range(n_layers):
         p = f"model.layers.{i}."
-        roles = {**ROLE_TYPES, **LAYER_VARIANTS[i % len(LAYER_VARIANTS)]}
+        layer_variants = variants or LAYER_VARIANTS
+        types = {**(roles or ROLE_TYPES), **layer_variants[i % len(layer_variants)]}
         dense(
             f"blk.{i}.attn_norm.weight",
             p + "input_layernorm.weight",
@@ -171,7 +175,7 @@ def write_quant_gguf(
             1 + 0.1 * rng.standard_normal(hidden),
         )
         for role, (hf, rows, cols, heads) in shapes.items():
-            quantized(f"blk.{i}.{role}.weight", f"{p}{hf}.weight", roles[role], rows, cols, heads)
+            quantized(f"blk.{i}.{role}.weight", f"{p}{hf}.weight", types[role], rows, cols, heads)
         if arch == "qwen2":
             for role, (hf, rows, _, _) in shapes.items():
                 if role in ("attn_q", "attn_k", "attn_v"):
