@@ -201,7 +201,7 @@ def greedy_vs_transformers(
         model = LocalModel(mdir, verify=False, variant=("contrib", precision))
         same, first_diff = 0, []
         for ids, want in zip(prompts, ref["ids"], strict=True):
-            got = list(model.generate(ids, new_tokens, stop_at_eos=False))
+            got = list(model.generate(ids, new_tokens))  # both stop after end-of-sequence
             same += got == want
             n = next((i for i, (a, b) in enumerate(zip(got, want, strict=False)) if a != b), None)
             first_diff.append(n)

@@ -79,18 +79,24 @@ class Linear:
     def matrix(self, name: str) -> QMatrix | None:
         """The exact MatMulNBits form of tensor `name`, or None (fp32 MatMul instead)."""
         raw = stored(self.w, name)
-        if raw is None:
+        if raw is None or raw.qtype in ("F32", "F16", "BF16"):  # fp32 holds these exactly
             return None
-        if not quant.supported(raw.qtype):
-            if raw.qtype not in ("F32", "F16", "BF16"):  # lossless in fp32: not a fallback
-                self.fallbacks[name] = f"{raw.qtype}: no exact MatMulNBits form, fp32 MatMul"
+        try:
+            qm = quant.to_nbits(raw.qtype, raw.data, raw.shape[1], self.max_bits)
+        except quant.NoExactForm as exc:
+            why = str(exc)
+        else:
+            if not quant.rounding_free(qm):
+                why = f"{raw.qtype}: gguf rounds d*q + m in fp32"
+            elif not quant.supported(raw.qtype) and not quant.products_exact(qm):
+                why = f"{raw.qtype}: re-encoded scales too wide for 4-bit parts"
+            else:
+                why = ""
+        if why:
+            log.warning("%s: %s; fp32 MatMul", name, why)
+            self.fallbacks[name] = why + "; fp32 MatMul"
             return None
-        qm = quant.to_nbits(raw.qtype, raw.data, raw.shape[1], self.max_bits)
-        if not quant.rounding_free(qm):
-            log.warning("%s: gguf rounds its %s block minimum; fp32 MatMul", name, raw.qtype)
-            self.fallbacks[name] = f"{raw.qtype}: gguf's fp32 values are rounded, fp32 MatMul"
-            return None
-        self.forms[raw.qtype] = form(qm)
+        self.forms[raw.qtype] = form(qm) + ("" if quant.supported(raw.qtype) else ", re-encoded")
         return qm
 
     def block_sums(self, x: str, k: int, block: int) -> str:
@@ -449,9 +455,10 @@ def _screenable(qm: QMatrix) -> bool:
 
 
 def _screenable_type(raw: RawTensor | None) -> bool:
-    return (
-        raw is not None and quant.supported(raw.qtype) and not quant.LAYOUTS[raw.qtype].has_offsets
-    )
+    """Whether `head_model` may screen this tensor (no block minimum: one part)."""
+    if raw is None or raw.qtype in ("F32", "F16", "BF16"):
+        return False
+    return raw.qtype not in quant.LAYOUTS or not quant.LAYOUTS[raw.qtype].has_offsets
 
 
 def alternative_heads(

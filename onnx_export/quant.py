@@ -28,6 +28,7 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 
 import numpy as np
+from gguf import quants
 from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
 from gguf.quants import IQ4_NL, Q4_K
 
@@ -302,45 +303,116 @@ def _split(
     return out
 
 
+class NoExactForm(Exception):
+    """A tensor with no exact MatMulNBits form: its type cannot be read, or its values are
+    not integers times a block scale."""
+
+
 def to_nbits(qtype: str, data: np.ndarray, k: int, max_bits: int = 4) -> QMatrix:
     """GGUF rows (N, bytes per row) -> `QMatrix`; `max_bits` 4 (fp32 activations) or 8.
 
-    With a block minimum, codes are centred (c - mid, offset o + mid * s): the same matrix,
-    but parts with weights around zero, so int8 activation rounding errs less (SmolLM2's
-    int8 teacher-forced agreement: 0.969 centred, 0.932 not) and the default zero point serves.
-    Centring needs o + mid * s exact in fp32 (always so in both real Qwen files and
-    SmolLM2); a matrix where it is not keeps uncentred codes.
+    Types of `LAYOUTS` are decoded from their blocks. With a block minimum, codes are
+    centred (c - mid, offset o + mid * s): the same matrix, but parts with weights around
+    zero, so int8 activation rounding errs less (SmolLM2's int8 teacher-forced agreement:
+    0.969 centred, 0.932 not) and the default zero point serves. Centring needs o + mid * s
+    exact in fp32 (always so in both real Qwen files and SmolLM2); a matrix where it is not
+    keeps uncentred codes.
+
+    Other types gguf can read (IQ1-IQ3, TQ1_0/TQ2_0, MXFP4: codebooks of small integers)
+    get the nearest exact wider form, Q8_0's: 8-bit codes times one scale per block of 32
+    (else 16) found in gguf's own values (`reencode`). NoExactForm when neither works.
     """
     if max_bits not in (4, 8):
         raise ValueError(f"max_bits must be 4 or 8, not {max_bits}")
-    if LAYOUTS[qtype].has_offsets:
+    n = data.shape[0]
+    if qtype in LAYOUTS:
+        lay = LAYOUTS[qtype]
+
+        def dec(rows: slice) -> Decoded:
+            return decode(qtype, data[rows], k)
+
+        if lay.has_offsets:
+            try:
+                return _to_nbits(qtype, n, k, dec, lay, max_bits, centre=True)
+            except _InexactOffset:
+                pass
+        return _to_nbits(qtype, n, k, dec, lay, max_bits, centre=False)
+    for block in (32, 16):
+        lay = Layout(block, -128, 127, False, _q8_0)
+
+        def redo(rows: slice, block: int = block) -> Decoded:
+            return reencode(qtype, data[rows], k, block)
+
         try:
-            return _to_nbits(qtype, data, k, max_bits, centre=True)
-        except _InexactOffset:
-            pass
-    return _to_nbits(qtype, data, k, max_bits, centre=False)
+            return _to_nbits(qtype, n, k, redo, lay, max_bits, centre=False)
+        except _NotIntegral:
+            continue
+    raise NoExactForm(f"{qtype}: values are not 8-bit integers times a scale per 16 or 32")
 
 
 class _InexactOffset(Exception):
     """A centred block minimum o + mid * s is not exact in fp32."""
 
 
-def _to_nbits(qtype: str, data: np.ndarray, k: int, max_bits: int, centre: bool) -> QMatrix:
-    lay = LAYOUTS[qtype]
+class _NotIntegral(Exception):
+    """A block of gguf's values is no int8 multiple of one scale."""
+
+
+def reencode(qtype: str, data: np.ndarray, k: int, block: int) -> Decoded:
+    """gguf's values of rows of any type it reads, as int8 codes times one fp32 scale per
+    `block`: per block, scale = (smallest nonzero |value|) / j for the first j in 1..127
+    that makes every value an integer of at most 127 in magnitude and code * scale equal
+    to the value exactly (checked in float64). _NotIntegral if a block has none."""
+    try:
+        v = quants.dequantize(data, GGMLQuantizationType[qtype])
+    except (NotImplementedError, KeyError) as exc:
+        raise NoExactForm(f"{qtype}: gguf cannot dequantize it ({exc})") from None
+    blocks = v.reshape(-1, block).astype(np.float32)
+    if not np.isfinite(blocks).all():
+        raise NoExactForm(f"{qtype}: values that are not finite")
+    mag = np.abs(blocks)
+    smallest = np.where(mag > 0, mag, np.inf).min(-1)
+    smallest[~np.isfinite(smallest)] = 1.0  # an all-zero block: any scale
+    codes = np.zeros(blocks.shape, np.int16)
+    scales = np.zeros(len(blocks), np.float32)
+    todo = np.arange(len(blocks))
+    for j in range(1, 128):
+        s = (smallest[todo] / np.float32(j)).astype(np.float32)
+        c = np.rint(blocks[todo] / s[:, None])
+        fits = (np.abs(c) <= 127).all(-1) & (
+            c * s[:, None].astype(np.float64) == blocks[todo].astype(np.float64)
+        ).all(-1)
+        done = todo[fits]
+        codes[done], scales[done] = c[fits], s[fits]
+        todo = todo[~fits]
+        if not len(todo):
+            rows = data.shape[0]
+            return Decoded(codes.reshape(rows, k), scales.reshape(rows, k // block), None)
+    raise _NotIntegral
+
+
+def _to_nbits(
+    qtype: str,
+    n: int,
+    k: int,
+    dec: Callable[[slice], Decoded],
+    lay: Layout,
+    max_bits: int,
+    centre: bool,
+) -> QMatrix:
     mid = (lay.lo + lay.hi + 1) // 2 if centre else 0
-    n = data.shape[0]
     chunks: list[list[tuple[np.ndarray, np.ndarray, int, int]]] = []
     offsets: list[np.ndarray] = []
     for rows in _row_chunks(n):
-        dec = decode(qtype, data[rows], k)
+        d = dec(rows)
         pieces = []
-        for q, z, mult, bits in _split(dec.codes - mid, lay.lo - mid, lay.hi - mid, max_bits):
+        for q, z, mult, bits in _split(d.codes - mid, lay.lo - mid, lay.hi - mid, max_bits):
             blocks = q.reshape(q.shape[0], k // lay.sub, lay.sub)
             packed = np.ascontiguousarray(blocks) if bits == 8 else pack4(blocks)
-            pieces.append((packed, dec.scales * np.float32(mult), z, bits))
+            pieces.append((packed, d.scales * np.float32(mult), z, bits))
         chunks.append(pieces)
-        if dec.offsets is not None:
-            exact = dec.offsets.astype(np.float64) + mid * dec.scales.astype(np.float64)
+        if d.offsets is not None:
+            exact = d.offsets.astype(np.float64) + mid * d.scales.astype(np.float64)
             off = exact.astype(np.float32)
             if not np.array_equal(off, exact):
                 raise _InexactOffset

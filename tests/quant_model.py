@@ -28,6 +28,7 @@ SCALE_FIELDS = {  # byte offsets of a block's fp16 scale and minimum (None: no m
     "Q6_K": (208, None),
     "IQ4_NL": (0, None),
     "IQ4_XS": (0, None),
+    "IQ3_S": (0, None),  # no decoder in onnx_export.quant: re-encoded as 8-bit codes
 }
 
 
@@ -79,7 +80,13 @@ ROLE_TYPES = {  # a mix like llama.cpp's Q4_K_M with every other type somewhere
 LAYER_VARIANTS = [  # layer i uses these instead, so every type is in some matrix
     {},
     {"attn_q": "Q8_0", "attn_k": "Q4_0", "attn_v": "Q5_1", "ffn_down": "IQ4_NL"},
-    {"attn_q": "IQ4_XS", "attn_v": "Q4_K", "ffn_gate": "Q6_K", "ffn_down": "Q4_K"},
+    {
+        "attn_q": "IQ4_XS",
+        "attn_k": "IQ3_S",
+        "attn_v": "Q4_K",
+        "ffn_gate": "Q6_K",
+        "ffn_down": "Q4_K",
+    },
 ]
 
 

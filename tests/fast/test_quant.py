@@ -100,6 +100,41 @@ def test_stored_weights_are_gguf_values_bit_for_bit(qtype: str, max_bits: int) -
     np.testing.assert_array_equal(got, gguf_values(raw).astype(np.float64))
 
 
+REENCODED = {  # types without a decoder here: where their fp16/e8m0 scale sits, its value
+    "IQ1_S": (0, np.float16(0.01)),
+    "IQ2_XXS": (0, np.float16(0.01)),
+    "IQ3_XXS": (0, np.float16(0.01)),
+    "IQ3_S": (0, np.float16(0.01)),
+    "TQ2_0": (64, np.float16(0.01)),
+    "MXFP4": (0, np.uint8(120)),
+}
+
+
+@pytest.mark.parametrize("max_bits", [4, 8])
+@pytest.mark.parametrize("qtype", list(REENCODED))
+def test_other_types_get_the_nearest_exact_wider_form(qtype: str, max_bits: int) -> None:
+    """Codebook types: gguf's values re-encoded as int8 codes times a scale per block."""
+    elems, size = GGML_QUANT_SIZES[GGMLQuantizationType[qtype]]
+    rng = np.random.default_rng(len(qtype))
+    blocks = rng.integers(0, 256, (N * K // elems, size), dtype=np.uint8)
+    at, scale = REENCODED[qtype]
+    blocks[:, at : at + scale.nbytes] = np.asarray([scale]).view(np.uint8)
+    raw = RawTensor(qtype, blocks.reshape(N, -1), (N, K))
+    qm = quant.to_nbits(qtype, raw.data, K, max_bits)
+    assert qm.parts[0].bits == max_bits and qm.offsets is None
+    assert quant.products_exact(qm)
+    np.testing.assert_array_equal(quant.represented(qm), gguf_values(raw).astype(np.float64))
+
+
+def test_types_without_an_exact_form_say_why() -> None:
+    with pytest.raises(quant.NoExactForm, match="gguf cannot dequantize"):
+        quant.to_nbits("Q8_K", np.zeros((2, 2 * 292), np.uint8), 512)
+    bf16 = np.random.default_rng(0).standard_normal((4, K)).astype(np.float32)
+    bits = (bf16.view(np.uint32) >> 16).astype(np.uint16).view(np.uint8).reshape(4, -1)
+    with pytest.raises(quant.NoExactForm, match="not 8-bit integers"):
+        quant.to_nbits("BF16", bits, K)
+
+
 def test_nibble_order_is_matmulnbits_order() -> None:
     """GGUF keeps element i and i+16 in one byte; MatMulNBits keeps 2i and 2i+1."""
     raw = random_rows("Q4_0", np.random.default_rng(2))
@@ -195,7 +230,7 @@ def test_a_rounded_block_minimum_falls_back_for_that_matrix_only(tmp_path: Path)
     raws = {"good": random_rows("Q4_K", rng), "bad": bad}
     x = rng.standard_normal((3, K)).astype(np.float32)
     y, lin = _run(tmp_path, raws, "exact", x)
-    assert list(lin.fallbacks) == ["bad"] and "rounded" in lin.fallbacks["bad"]
+    assert list(lin.fallbacks) == ["bad"] and "gguf rounds" in lin.fallbacks["bad"]
     w64 = np.concatenate([gguf_values(r).astype(np.float64) for r in raws.values()])
     want = x.astype(np.float64) @ w64.T + np.arange(2 * N) / 7
     assert np.abs(y - want).max() <= 2e-6 * float(np.abs(want).max())

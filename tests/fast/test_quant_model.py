@@ -58,8 +58,9 @@ def test_every_type_is_stored_quantized(model: tuple[Manifest, dict]) -> None:
         assert s.weights is None or not s.weights["fallbacks"], s.name
         if s.precision == "exact" and s.weights:
             forms.update(s.weights["forms"])
-    assert set(forms) == set(quant.LAYOUTS) == set(quant_model.SCALE_FIELDS)
+    assert set(forms) == set(quant_model.SCALE_FIELDS) == set(quant.LAYOUTS) | {"IQ3_S"}
     assert all(f.startswith("MatMulNBits 4-bit") for f in forms.values())
+    assert forms["IQ3_S"].endswith("re-encoded")
 
 
 def test_exact_greedy_tokens_equal_the_float64_reference(model: tuple[Manifest, dict]) -> None:
