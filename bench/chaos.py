@@ -6,13 +6,14 @@ A cluster of real processes (Mosquitto, orchestrator, agents with memory budgets
 each replica needs two devices) serves `--requests` greedy requests, `--concurrency` at a
 time. Meanwhile a chaos task repeatedly kills a random device of the current plan (at most
 one down at a time, so a plan stays feasible), restarts it a few seconds later, and
-restarts the broker once half way. Printed: completed (identical to
+restarts the broker once half way, then SIGKILLs the serving orchestrator (`--standby`: a
+standby takes over; otherwise it is started again). Printed: completed (identical to
 `e2llm_edge.device.local.LocalModel` greedy, ids compared), wrong, explicit errors by code,
 silent; the recovery time of each kill (device killed -> a new plan without it serving)
 and of each return (agent restarted -> a plan with it serving); and how long client
 streams stalled. Bounded: every request has a timeout and the whole run a deadline.
 
-    .venv/bin/python bench/chaos.py [--requests 120] [--concurrency 3] [--agents 6]
+    .venv/bin/python bench/chaos.py [--requests 120] [--concurrency 3] [--agents 6] [--standby]
 """
 
 from __future__ import annotations
@@ -38,6 +39,7 @@ from e2llm_edge.ops.localcluster import LocalCluster  # noqa: E402
 from e2llm_edge.wire import messages as m  # noqa: E402
 from e2llm_edge.wire import topics as t  # noqa: E402
 from e2llm_edge.wire.bus import Bus  # noqa: E402
+from planner.plan import Plan  # noqa: E402
 
 PROMPTS = [
     "Give me one fact about the number {n}.",
@@ -108,6 +110,7 @@ class ChaosResult:
     outcomes: list[Outcome]
     kills: list[dict[str, Any]] = field(default_factory=list)
     broker_restarts: list[dict[str, Any]] = field(default_factory=list)
+    orchestrator_kills: list[dict[str, Any]] = field(default_factory=list)
     wall_s: float = 0.0
 
     def counts(self) -> dict[str, int]:
@@ -128,14 +131,15 @@ class PlanWatch:
 
     def __init__(self, c: LocalCluster) -> None:
         self.c = c
-        self.plan: dict[str, Any] = {}
+        self.plan: Plan | None = None
         self.version = 0
+        self.epoch = 0
         self.serving = False
         self.changed = asyncio.Event()
-        self.last: dict[str, Any] = {}
+        self.last: m.ClusterSummary | None = None
 
     def devices(self) -> set[str]:
-        return {s["device_id"] for r in self.plan.get("replicas", []) for s in r["stages"]}
+        return {s.device_id for r in self.plan.replicas for s in r.stages} if self.plan else set()
 
     async def run(self) -> None:
         async with Bus(self.c.bus_config()) as bus:
@@ -144,13 +148,10 @@ class PlanWatch:
             async for env in bus:
                 if isinstance(env.msg, m.PlanMsg):
                     self.plan = env.msg.plan
-                elif isinstance(env.msg, m.Telemetry):
-                    d = env.msg.data
+                elif isinstance(env.msg, m.ClusterTelemetry):
+                    d = env.msg.summary
                     self.last = d
-                    self.version, self.serving = (
-                        int(d.get("plan_version", 0)),
-                        bool(d.get("serving")),
-                    )
+                    self.version, self.serving, self.epoch = d.plan_version, d.serving, d.epoch
                 self.changed.set()
 
     async def new_plan(self, after: int, device: str, member: bool, timeout: float) -> float | None:
@@ -160,7 +161,8 @@ class PlanWatch:
                 self.serving
                 and self.version > after
                 and (device in self.devices()) == member
-                and int(self.plan.get("version", 0)) == self.version
+                and self.plan is not None
+                and self.plan.version == self.version
             ),
             timeout,
         )
@@ -202,8 +204,9 @@ async def one_request(
                     return
                 out.new_ids.extend(ev.token_ids)
             else:
-                out.prompt_ids = list(ev.stats.get("prompt_ids", []))
-                out.restarts = int(ev.stats.get("restarts", 0))
+                assert ev.stats is not None
+                out.prompt_ids = list(ev.stats.prompt_ids)
+                out.restarts = ev.stats.restarts
                 if ev.token_ids != out.new_ids:
                     out.status, out.error = "wrong", "stream differs from the final event"
                     return
@@ -225,11 +228,14 @@ async def chaos_task(
     every_s: float,
     down_s: float,
     broker_after_kill: int,
+    orchestrator_kills: int = 0,
     recovery_timeout: float = 60.0,
 ) -> None:
     """Kill a random plan device, wait for the new plan, restart it, wait for it to be
     folded in; the broker restarts once after `broker_after_kill` kills (0: before the
-    first kill, so that a short stream of requests surely sees it)."""
+    first kill, so that a short stream of requests surely sees it); then the serving
+    orchestrator is SIGKILLed `orchestrator_kills` times (the standby takes over if the
+    cluster has one, else it is started again)."""
 
     async def restart_broker() -> None:
         if c.broker is None or await _sleep_or_stop(stop, every_s / 2):
@@ -273,6 +279,36 @@ async def chaos_task(
         entry["return_s"] = await watch.new_plan(v1, victim, True, recovery_timeout)
         if k + 1 == broker_after_kill:
             await restart_broker()
+    for _ in range(orchestrator_kills):
+        if await _sleep_or_stop(stop, every_s):
+            return
+        await kill_orchestrator(c, watch, res, recovery_timeout)
+
+
+async def kill_orchestrator(
+    c: LocalCluster, watch: PlanWatch, res: ChaosResult, recovery_timeout: float
+) -> None:
+    """SIGKILL the orchestrator serving now; time until one of a newer lease epoch serves.
+    With a standby it takes over; without, the killed one is started again. Either way the
+    killed process is back (as the standby) afterwards."""
+    last = watch.last
+    serving = last.orchestrator_id if last is not None else "orch-a"
+    e0 = watch.epoch
+    t0 = time.monotonic()
+    c.orchestrator_proc(serving).kill()
+    entry: dict[str, Any] = {
+        "orchestrator": serving,
+        "standby": c.standby,
+        "epoch": e0,
+        "at_s": round(t0 - res.wall_s, 1),
+    }
+    res.orchestrator_kills.append(entry)
+    if not c.standby:
+        c.restart_orchestrator(serving, standby=False)
+    back = await watch.until(lambda: watch.serving and watch.epoch > e0, recovery_timeout)
+    entry["serving_again_s"] = None if back is None else round(time.monotonic() - t0, 2)
+    if c.standby:
+        c.restart_orchestrator(serving, standby=True)
 
 
 async def _sleep_or_stop(stop: asyncio.Event, seconds: float) -> bool:
@@ -291,6 +327,7 @@ async def run_chaos(
     every_s: float,
     down_s: float,
     broker_after_kill: int = 1,
+    orchestrator_kills: int = 0,
     unique_prompts: int = 12,
     seed: int = 0,
     request_timeout: float = 90.0,
@@ -326,6 +363,7 @@ async def run_chaos(
                 every_s=every_s,
                 down_s=down_s,
                 broker_after_kill=broker_after_kill,
+                orchestrator_kills=orchestrator_kills,
             )
         )
         await watch.until(lambda: watch.serving, 120)
@@ -356,7 +394,7 @@ def check_against_local(res: ChaosResult, model_dir: Path, max_new_tokens: int) 
             o.error = f"got {o.new_ids}, local {cache[key]}"
 
 
-def report(res: ChaosResult, orchestrator: dict[str, Any] | None = None) -> str:
+def report(res: ChaosResult, orchestrator: m.ClusterSummary | None = None) -> str:
     n = len(res.outcomes)
     cnt = res.counts()
     codes: dict[str, int] = {}
@@ -398,11 +436,18 @@ def report(res: ChaosResult, orchestrator: dict[str, Any] | None = None) -> str:
             f"broker restart at {b['at_s']} s (down 1 s): serving again after "
             f"{_fmt(b['serving_again_s'])}"
         )
+    for o in res.orchestrator_kills:
+        how = "the standby took over" if o["standby"] else "restarted"
+        lines.append(
+            f"orchestrator {o['orchestrator']} (epoch {o['epoch']}) killed at {o['at_s']} s, "
+            f"{how}: serving again after {_fmt(o.get('serving_again_s'))} (target "
+            f"{'3 s' if o['standby'] else '5 s + process start'})"
+        )
     if orchestrator:
         lines.append(
-            f"orchestrator: completed {orchestrator.get('completed')}, failed "
-            f"{orchestrator.get('failed')}, attempts restarted "
-            f"{orchestrator.get('restarted')}, plan v{orchestrator.get('plan_version')}"
+            f"orchestrator {orchestrator.orchestrator_id} (epoch {orchestrator.epoch}): "
+            f"completed {orchestrator.completed}, failed {orchestrator.failed}, attempts "
+            f"restarted {orchestrator.restarted}, plan v{orchestrator.plan_version}"
         )
     for o in res.outcomes:
         if o.status in ("wrong", "silent") or (o.status == "error" and len(codes) < 10):
@@ -432,6 +477,17 @@ def main() -> int:
     ap.add_argument("--every", type=float, default=12.0, help="seconds between kills")
     ap.add_argument("--down", type=float, default=6.0, help="seconds a killed agent stays down")
     ap.add_argument("--interval", type=float, default=0.5, help="seconds between arrivals")
+    ap.add_argument(
+        "--orchestrator-kills",
+        type=int,
+        default=1,
+        help="SIGKILL the serving orchestrator this many times, after the agent kills",
+    )
+    ap.add_argument(
+        "--standby",
+        action="store_true",
+        help="run a standby orchestrator that takes over (else the killed one restarts)",
+    )
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--deadline", type=float, default=900.0, help="hard bound on the run")
     ap.add_argument(
@@ -451,12 +507,16 @@ def main() -> int:
     print(
         f"{args.agents} agents x {args.memory_mb:.0f} MB, {args.requests} requests "
         f"({args.concurrency} at a time, {args.max_new_tokens} new tokens), {args.kills} "
-        f"kills every {args.every:.0f} s (down {args.down:.0f} s), one broker restart",
+        f"kills every {args.every:.0f} s (down {args.down:.0f} s), one broker restart, "
+        f"{args.orchestrator_kills} orchestrator kill(s) "
+        f"({'a standby takes over' if args.standby else 'restarted'})",
         flush=True,
     )
     if args.logs is not None:
         args.logs.mkdir(parents=True, exist_ok=True)
-    with cluster(model_dir, args.agents, args.memory_mb, workdir=args.logs) as c:
+    with cluster(
+        model_dir, args.agents, args.memory_mb, workdir=args.logs, standby=args.standby
+    ) as c:
         c.wait_serving(timeout=180)
         res = asyncio.run(
             run_chaos(
@@ -470,6 +530,7 @@ def main() -> int:
                 seed=args.seed,
                 interval_s=args.interval,
                 deadline_s=args.deadline,
+                orchestrator_kills=args.orchestrator_kills,
             )
         )
         summary = asyncio.run(_orchestrator_summary(c))
@@ -479,14 +540,14 @@ def main() -> int:
     return 0 if cnt["wrong"] == 0 and cnt["silent"] == 0 and cnt["error"] == 0 else 1
 
 
-async def _orchestrator_summary(c: LocalCluster) -> dict[str, Any]:
+async def _orchestrator_summary(c: LocalCluster) -> m.ClusterSummary | None:
     with contextlib.suppress(E2LLMError, TimeoutError):
         async with Bus(c.bus_config()) as bus:
             await bus.subscribe(t.CLUSTER_TELEMETRY)
             env = await bus.recv(timeout=5)
-            if isinstance(env.msg, m.Telemetry):
-                return env.msg.data
-    return {}
+            if isinstance(env.msg, m.ClusterTelemetry):
+                return env.msg.summary
+    return None
 
 
 if __name__ == "__main__":

@@ -92,10 +92,10 @@ async def kv_handoff(cluster: LocalCluster, plan: Plan, prompt_ids: list[int]) -
         await collect(c, prompt_ids=prompt_ids, max_new_tokens=4, timeout=120)
     tel = await cluster.telemetry(p_devs + d_devs, timeout=15)
     return {
-        "bytes": sum(tel[d]["kv_bytes_out"] - before[d]["kv_bytes_out"] for d in p_devs),
-        "send_s": max(tel[d]["last_kv_send_s"] for d in p_devs),
-        "handoff_s": max(tel[d]["last_kv_handoff_s"] for d in d_devs),
-        "wait_s": max(tel[d].get("last_kv_wait_s", 0.0) for d in d_devs),
+        "bytes": sum(tel[d].kv_bytes_out - before[d].kv_bytes_out for d in p_devs),
+        "send_s": max(tel[d].last_kv_send_s for d in p_devs),
+        "handoff_s": max(tel[d].last_kv_handoff_s for d in d_devs),
+        "wait_s": max(tel[d].last_kv_wait_s for d in d_devs),
     }
 
 
@@ -154,8 +154,8 @@ def main() -> int:
             verbose=False,
         ) as c4,
     ):
-        p2 = Plan.from_dict(c2.wait_serving(timeout=180))
-        p4 = Plan.from_dict(c4.wait_serving(timeout=180))
+        p2 = c2.wait_serving(timeout=180)
+        p4 = c4.wait_serving(timeout=180)
         assert [len(r.stages) for r in p2.replicas] == [2], p2
         assert [len(r.stages) for r in p4.replicas] == [4], p4
         runs: dict[str, list[float]] = {
@@ -199,7 +199,7 @@ def main() -> int:
     with LocalCluster(
         model_dir, inv, cluster="benchkv", threads=args.threads, agent_args=variant, verbose=False
     ) as ck:
-        pk = Plan.from_dict(ck.wait_serving(timeout=180))
+        pk = ck.wait_serving(timeout=180)
         roles = sorted(r.role for r in pk.replicas)
         if roles != ["decoder", "prefill"]:
             print(f"KV handoff: plan has roles {roles}, no PREFILL->DECODER pair")

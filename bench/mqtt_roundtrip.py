@@ -38,7 +38,12 @@ SIZES = {"2 KB": (1, 1, 512), "1.2 MB": (1, 520, 576)}
 async def roundtrips(port: int, nodelay: bool, shape: tuple[int, int, int], n: int) -> list[float]:
     cfg = BusConfig(port=port, cluster="bench", tcp_nodelay=nodelay)
     act = m.Activation(
-        request_id="r", phase="decode", hidden=np.ones(shape, np.float32), position_start=0, step=0
+        request_id="r",
+        attempt=0,
+        phase="decode",
+        hidden=np.ones(shape, np.float32),
+        position_start=0,
+        step=0,
     )
     async with Bus(cfg) as a, Bus(cfg) as b:
         await a.subscribe(t.DEVICE_INBOX, device_id="a")
@@ -131,6 +136,7 @@ async def paused_hops(port: int, pause_s: float, n: int) -> tuple[list[float], l
                 t.DEVICE_INBOX,
                 m.Activation(
                     request_id="r",
+                    attempt=0,
                     phase="decode",
                     hidden=np.ones((1, 1, 576), np.float32),
                     position_start=t0,

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
+import socket
 import sys
 import time
 from collections.abc import Sequence
@@ -143,10 +145,12 @@ def _bus_config(args: argparse.Namespace, client_id: str | None = None) -> objec
     return BusConfig.from_url(args.broker, **over)
 
 
-def _link(args: argparse.Namespace) -> dict[str, float] | None:
+def _link(args: argparse.Namespace) -> Any:
+    from e2llm_edge.wire.messages import LinkSpec
+
     if args.bandwidth_mbps is None and args.latency_ms is None:
         return None
-    return {"bandwidth_mbps": args.bandwidth_mbps or 1000.0, "latency_ms": args.latency_ms or 0.5}
+    return LinkSpec(bandwidth_mbps=args.bandwidth_mbps or 1000.0, latency_ms=args.latency_ms or 0.5)
 
 
 def cmd_agent(args: argparse.Namespace) -> int:
@@ -179,9 +183,13 @@ def cmd_orchestrator(args: argparse.Namespace) -> int:
     from e2llm_edge.wire.bus import BusConfig
     from planner import Workload
 
-    bus = _bus_config(args, client_id="orchestrator")
+    name = args.id or f"orchestrator-{socket.gethostname()}-{os.getpid()}"
+    bus = _bus_config(args, client_id=name)
     assert isinstance(bus, BusConfig)
     cfg = OrchestratorConfig(
+        orchestrator_id=name,
+        standby=args.standby,
+        lease_ttl_s=args.lease_ttl,
         bus=bus,
         model_dir=_model_dir(args),
         inventory_path=Path(args.inventory) if args.inventory else None,
@@ -189,7 +197,6 @@ def cmd_orchestrator(args: argparse.Namespace) -> int:
         method=args.method,
         seed=args.seed,
         fixed_plan=Path(args.plan) if args.plan else None,
-        export_ranges=not args.no_export_ranges,
         workload=Workload(args.mean_prompt, args.mean_output, args.rate),
         request_timeout=args.request_timeout,
         heartbeat_timeout=args.heartbeat_timeout,
@@ -308,9 +315,19 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--expect-devices", type=int, help="devices to wait for before planning")
     p.add_argument("--plan", help="pin this plan (YAML) while all its devices are present")
     p.add_argument(
-        "--no-export-ranges",
+        "--id",
+        help="this orchestrator's name, unique per instance (default: orchestrator-<host>-<pid>)",
+    )
+    p.add_argument(
+        "--standby",
         action="store_true",
-        help="do not write the plan's layer-range segments into the model directory",
+        help="stand by: take over (no device reloads) when the serving orchestrator dies",
+    )
+    p.add_argument(
+        "--lease-ttl",
+        type=float,
+        default=3.0,
+        help="seconds without a lease renewal after which a standby takes over",
     )
     p.add_argument(
         "--method", default="e2llm", choices=["e2llm", "splitwise", "pipeline", "memprop"]

@@ -21,7 +21,9 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
+import logging
 import sys
 import uuid
 from collections.abc import AsyncIterator
@@ -29,10 +31,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
-from e2llm_edge.errors import BusTimeout, E2LLMError
+from e2llm_edge.errors import BusTimeout, E2LLMError, SubscriptionRefused
 from e2llm_edge.wire import messages as m
 from e2llm_edge.wire import topics as t
 from e2llm_edge.wire.bus import Bus, BusConfig
+
+log = logging.getLogger(__name__)
 
 
 class GenerationError(E2LLMError):
@@ -54,6 +58,9 @@ class Client:
         self._bus: Bus | None = None
         self._streams: dict[str, asyncio.Queue[m.ResponseEvent]] = {}
         self._submitted: dict[str, m.GenerateRequest] = {}
+        self._held: dict[str, list[int]] = {}
+        """Tokens of each unfinished request already yielded, in order (for a resume)."""
+        self._epoch: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self.resent = 0
 
@@ -61,6 +68,12 @@ class Client:
         self._bus = Bus(self.config)
         await self._bus.__aenter__()
         await self._bus.subscribe(t.RESPONSE, client_id=self.id)
+        try:
+            await self._bus.subscribe(t.ORCHESTRATOR_STATE)
+        except SubscriptionRefused:
+            # an ACL from before takeovers existed: unfinished requests are then re-sent
+            # after `resend_s` of silence instead of at once when a standby takes over
+            log.info("may not read the orchestrator's state: takeovers noticed by silence")
         # owned: cancelled and awaited in __aexit__
         self._tasks = [
             asyncio.create_task(self._read()),
@@ -85,10 +98,20 @@ class Client:
     async def _read(self) -> None:
         assert self._bus is not None
         async for env in self._bus:
-            if isinstance(env.msg, m.ResponseEvent):
-                q = self._streams.get(env.msg.request_id)
+            msg = env.msg
+            if isinstance(msg, m.ResponseEvent):
+                q = self._streams.get(msg.request_id)
                 if q is not None:
-                    q.put_nowait(env.msg)
+                    # full only if the cluster replays far more than was asked for: the
+                    # gap logic asks again for anything dropped here
+                    with contextlib.suppress(asyncio.QueueFull):
+                        q.put_nowait(msg)
+            elif isinstance(msg, m.OrchestratorState) and msg.status == "online":
+                if self._epoch is not None and msg.epoch != self._epoch:
+                    # another orchestrator took over: it knows nothing of our requests
+                    for rid in list(self._submitted):
+                        await self._resend(rid)
+                self._epoch = msg.epoch
 
     async def _watch_reconnects(self) -> None:
         """After a reconnect, send every unfinished request again: the first copy, or the
@@ -99,12 +122,18 @@ class Client:
             await asyncio.sleep(0.2)
             if self._bus.stats.connects != seen:
                 seen = self._bus.stats.connects
-                for req in list(self._submitted.values()):
-                    await self._resend(req)
+                for rid in list(self._submitted):
+                    await self._resend(rid)
 
-    async def _resend(self, req: m.GenerateRequest) -> None:
+    async def _resend(self, rid: str) -> None:
+        """The request again, with the tokens already received: a new orchestrator
+        continues from there, the old one replays what we may have missed."""
         assert self._bus is not None
+        req = self._submitted.get(rid)
+        if req is None:
+            return
         self.resent += 1
+        req = dataclasses.replace(req, resume=list(self._held.get(rid, [])))
         with contextlib.suppress(E2LLMError):
             await self._bus.publish(t.REQUEST, req, client_id=self.id)
 
@@ -112,6 +141,7 @@ class Client:
         self,
         prompt: str | None = None,
         *,
+        messages: list[m.ChatMessage] | None = None,
         prompt_ids: list[int] | None = None,
         raw: bool = False,
         max_new_tokens: int = 64,
@@ -122,14 +152,15 @@ class Client:
     ) -> AsyncIterator[m.ResponseEvent]:
         """Stream one request's events; `timeout` bounds the wait for each next event."""
         assert self._bus is not None
-        rid = uuid.uuid4().hex
-        q: asyncio.Queue[m.ResponseEvent] = asyncio.Queue()
+        rid = m.RequestId(uuid.uuid4().hex)
+        q: asyncio.Queue[m.ResponseEvent] = asyncio.Queue(maxsize=4 * max(max_new_tokens, 1) + 64)
         self._streams[rid] = q
         finished = False
         req = m.GenerateRequest(
             request_id=rid,
-            client_id=self.id,
+            client_id=m.ClientId(self.id),
             prompt=prompt,
+            messages=messages,
             prompt_ids=prompt_ids,
             raw=raw,
             max_new_tokens=max_new_tokens,
@@ -137,10 +168,11 @@ class Client:
             top_p=top_p,
             seed=seed,
         )
+        held: list[int] = []
         try:
             await self._bus.publish(t.REQUEST, req, client_id=self.id)
             self._submitted[rid] = req
-            seen = 0
+            self._held[rid] = held
             early: dict[int, m.ResponseEvent] = {}
             loop = asyncio.get_running_loop()
             silent_since = loop.time()
@@ -153,21 +185,22 @@ class Client:
                     ev = await asyncio.wait_for(q.get(), min(left, self.resend_s))
                 except TimeoutError:
                     if loop.time() - silent_since < timeout:
-                        await self._resend(req)
+                        await self._resend(rid)
                     continue
                 silent_since = loop.time()
                 if ev.event == "token":
-                    if ev.index >= seen:
+                    if ev.index >= len(held):
                         early.setdefault(ev.index, ev)  # the first copy of an index wins
-                    while seen in early:
-                        yield early.pop(seen)
-                        seen += 1
+                    while len(held) in early:
+                        tok = early.pop(len(held))
+                        held.extend(tok.token_ids)
+                        yield tok
                     if early and loop.time() - gap_asked > 1.0:
                         gap_asked = loop.time()  # tokens went missing: ask for a replay
-                        await self._resend(req)
+                        await self._resend(rid)
                 elif ev.event == "done":
                     finished = True
-                    for i in range(seen, len(ev.token_ids)):
+                    for i in range(len(held), len(ev.token_ids)):
                         yield early.get(i) or m.ResponseEvent(
                             request_id=rid, event="token", token_ids=[ev.token_ids[i]], index=i
                         )
@@ -175,10 +208,13 @@ class Client:
                     return
                 else:
                     finished = True
-                    raise GenerationError(ev.error_code or "error", ev.error or "", ev)
+                    raise GenerationError(
+                        ev.error_code.value if ev.error_code else "error", ev.error or "", ev
+                    )
         finally:
             self._streams.pop(rid, None)
             self._submitted.pop(rid, None)
+            self._held.pop(rid, None)
             if not finished and self._bus is not None:
                 with contextlib.suppress(E2LLMError):
                     await self._bus.publish(
@@ -199,13 +235,14 @@ async def collect(client: Client, prompt: str | None = None, **kw: Any) -> dict[
             text.append(ev.text)
         else:
             done = ev
-    assert done is not None
+    assert done is not None and done.stats is not None
+    stats = dataclasses.asdict(done.stats)
     return {
-        "prompt_ids": done.stats.get("prompt_ids", []),
+        "prompt_ids": stats.pop("prompt_ids"),
         "new_ids": new_ids,
         "text": "".join(text),
         "finish_reason": done.finish_reason,
-        "stats": {k: v for k, v in done.stats.items() if k != "prompt_ids"},
+        "stats": stats,
     }
 
 
@@ -237,13 +274,13 @@ def run_generate_cli(args: argparse.Namespace) -> int:
                     if ev.event == "token":
                         sys.stdout.write(ev.text)
                         sys.stdout.flush()
-                    else:
+                    elif ev.stats is not None:
                         s = ev.stats
                         print()
                         print(
-                            f"[{s.get('prompt_tokens')} prompt tokens; {s.get('new_tokens')} "
-                            f"new tokens; waiting {s.get('queue_wait_s')} s, first token "
-                            f"{s.get('ttft_s')} s, {s.get('decode_tokens_per_s')} tokens/s]",
+                            f"[{s.prompt_tokens} prompt tokens; {s.new_tokens} new tokens; "
+                            f"waiting {s.waiting_s} s, first token {s.ttft_s} s, "
+                            f"{s.decode_tokens_per_s} tokens/s]",
                             file=sys.stderr,
                         )
             except GenerationError as exc:

@@ -22,6 +22,8 @@ import yaml
 from planner.errors import PlanError
 
 Role = Literal["prefill", "decoder", "mixed"]
+Prediction = int | float | bool | str | list[int] | list[str] | None
+"""Values of `Plan.predicted` (typed, so a plan crosses the bus as a checked struct)."""
 ROLES: tuple[str, ...] = ("prefill", "decoder", "mixed")
 
 
@@ -86,8 +88,12 @@ class Plan:
     """Layers of the model."""
     replicas: list[Replica]
     """All replicas."""
-    predicted: dict[str, Any] = field(default_factory=dict)
-    """Predicted figures: bottleneck, capacities, throughput (plain numbers)."""
+    predicted: dict[str, Prediction] = field(default_factory=dict)
+    """Predicted figures: bottleneck, capacities, throughput (plain numbers, names)."""
+
+    def __post_init__(self) -> None:
+        """A plan built any way (planner, YAML, a decoded message) holds its invariants."""
+        _check_invariants(self)
 
     def replica(self, replica_id: int) -> Replica:
         """The replica with this id."""
@@ -115,6 +121,8 @@ class Plan:
         """
         gone = set(devices)
         kept = [r for r in self.replicas if not gone & {s.device_id for s in r.stages}]
+        if not kept:
+            return None
         left = Plan(
             version,
             self.method,
@@ -288,3 +296,49 @@ def _replica(raw: Any, n: int, n_layers: int) -> Replica:
             f"got embed on stages {embeds}"
         )
     return Replica(rid, role, concurrency, stages)
+
+
+def _check_invariants(plan: Plan) -> None:
+    """What every consumer of a plan relies on (see the module docstring)."""
+    if plan.version < 1 or plan.n_layers < 1:
+        raise PlanError(
+            f"plan: version and n_layers must be >= 1, got {plan.version}, {plan.n_layers}"
+        )
+    if not plan.replicas:
+        raise PlanError("plan: replicas must be a non-empty list")
+    ids = [r.replica_id for r in plan.replicas]
+    if len(set(ids)) != len(ids):
+        raise PlanError(f"plan: replica_id values must be unique, got {ids}")
+    seen: dict[str, int] = {}
+    for r in plan.replicas:
+        where = f"plan: replica {r.replica_id}"
+        if r.role not in ROLES:
+            raise PlanError(f"{where}: role must be one of {list(ROLES)}, got {r.role!r}")
+        if r.concurrency < 1:
+            raise PlanError(f"{where}: concurrency must be >= 1, got {r.concurrency}")
+        if not r.stages:
+            raise PlanError(f"{where}: stages must be a non-empty list")
+        start = 0
+        for i, s in enumerate(r.stages):
+            if s.device_id in seen:
+                raise PlanError(
+                    f"{where}: device_id {s.device_id!r} already used by replica "
+                    f"{seen[s.device_id]}"
+                )
+            seen[s.device_id] = r.replica_id
+            if s.layer_start != start or not s.layer_start < s.layer_end <= plan.n_layers:
+                raise PlanError(
+                    f"{where}: stage {i}: layers [{s.layer_start}, {s.layer_end}) "
+                    f"must start at {start} and end in ({start}, {plan.n_layers}]"
+                )
+            start = s.layer_end
+            if s.head != (i == len(r.stages) - 1):
+                raise PlanError(f"{where}: stage {i}: head must be on the last stage only")
+        if start != plan.n_layers:
+            raise PlanError(f"{where}: stages cover layers [0, {start}), not all {plan.n_layers}")
+        embeds = [i for i, s in enumerate(r.stages) if s.embed]
+        if len(embeds) != 1 or embeds[0] not in (0, len(r.stages) - 1):
+            raise PlanError(
+                f"{where}: embed must be true on exactly one stage, the first or "
+                f"the last; got embed on stages {embeds}"
+            )

@@ -235,6 +235,15 @@ class FastLayerStack:
 
     # -- caches
 
+    def reconfigure(self, max_batch: int) -> None:
+        """A new pool size (a role or concurrency change): same sessions, no reload. Every
+        cache of the old pool must have been dropped."""
+        self.max_batch = max_batch
+        self._pool = None
+        self._seqlens = np.zeros(max(1, max_batch), np.int32)
+        for bd in self.bound:
+            bd.key = None
+
     @property
     def pool(self) -> KVPool:
         if self._pool is None:

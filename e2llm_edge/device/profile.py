@@ -20,6 +20,7 @@ import yaml
 
 from e2llm_edge.device.fast_runner import VariantEmbedder, VariantHead, load_stage
 from e2llm_edge.device.runner import StageCache, configure_threads
+from e2llm_edge.wire.messages import ProfileData, ProfileMeta
 from onnx_export.manifest import Manifest
 from onnx_export.source import cache_dir
 
@@ -192,3 +193,27 @@ def load_or_measure_profile(
     tmp.write_text(yaml.safe_dump(prof, sort_keys=False))
     tmp.replace(path)
     return prof
+
+
+def profile_data(prof: dict[str, Any]) -> ProfileData:
+    """The profile as the typed struct a device announces (`DeviceProfileMsg.profile`)."""
+    meta = prof.get("measured")
+    return ProfileData(
+        prefill_tokens=[int(x) for x in prof["prefill_tokens"]],
+        layer_prefill_s=[float(x) for x in prof["layer_prefill_s"]],
+        layer_decode_s=[float(x) for x in prof["layer_decode_s"]],
+        embed_s=float(prof["embed_s"]),
+        head_prefill_s=float(prof["head_prefill_s"]),
+        head_decode_s=[float(x) for x in prof["head_decode_s"]],
+        measured=ProfileMeta(
+            threads=int(meta["threads"]),
+            graph=str(meta["graph"]),
+            precision=str(meta["precision"]),
+            past_tokens=int(meta["past_tokens"]),
+            decode_batches=[int(x) for x in meta["decode_batches"]],
+            model=str(meta["model"]),
+            at=str(meta["at"]),
+        )
+        if isinstance(meta, dict)
+        else None,
+    )

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from onnx_export.errors import ExportError
 from onnx_export.manifest import Manifest
@@ -53,14 +53,22 @@ class ChatTokenizer:
         text = prompt if raw else self.render_chat([{"role": "user", "content": prompt}])
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
+    def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
+        """A whole conversation through the chat template, ready for the next answer."""
+        return list(self.tokenizer.encode(self.render_chat(messages), add_special_tokens=False).ids)
+
     def decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+
+class Detokenizer(Protocol):
+    def decode(self, ids: list[int]) -> str: ...
 
 
 class StreamDecoder:
     """Turns a growing list of token ids into text deltas, holding back split UTF-8 chars."""
 
-    def __init__(self, tok: ChatTokenizer) -> None:
+    def __init__(self, tok: Detokenizer) -> None:
         self.tok = tok
         self.ids: list[int] = []
         self.emitted = ""

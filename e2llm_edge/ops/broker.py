@@ -301,12 +301,14 @@ def render_acl(
     - device ``d``: reads only its own inbox, the plan and orchestrator state; writes its
       own state, profile and telemetry, ``orchestrator/inbox/d``, and any device inbox
       (write, never read): activations and KV handoff go device -> device.
-    - orchestrator: the only writer of the plan; writes inboxes, responses, events and
-      cluster telemetry; reads states, profiles, its inbox, requests and telemetry.
+    - orchestrator (every instance, serving or standby): the only writer of the plan and
+      of the lease; writes inboxes, responses, events and cluster telemetry; reads states,
+      profiles, its inbox, requests and telemetry.
     - monitor: reads state, profiles, plan, telemetry and request events; nothing that
       carries prompts or answers.
     - clients (a ``pattern`` with ``%u``, so it applies to every user): write
-      ``request/<own username>``, read ``response/<own username>/+`` only.
+      ``request/<own username>``, read ``response/<own username>/+`` and the
+      orchestrator's state only.
     """
     c = {"cluster": cluster}
     t = topics
@@ -341,7 +343,10 @@ def render_acl(
             t.DEVICE_TELEMETRY,
         )
     ]
-    out += [f"topic readwrite {x.filter(**c)}" for x in (t.PLAN, t.ORCHESTRATOR_STATE)]
+    out += [
+        f"topic readwrite {x.filter(**c)}"
+        for x in (t.PLAN, t.ORCHESTRATOR_STATE, t.ORCHESTRATOR_LEASE)
+    ]
     out += [
         f"topic write {x.filter(**c)}"
         for x in (t.DEVICE_INBOX, t.RESPONSE, t.REQUEST_EVENTS, t.CLUSTER_TELEMETRY)
@@ -365,9 +370,11 @@ def render_acl(
         out.append("")
     if client_pattern:
         out += [
-            "# clients: only their own requests and responses",
+            "# clients: only their own requests and responses, and whether an orchestrator",
+            "# serves (a client re-sends unfinished requests when a standby takes over)",
             f"pattern write {t.REQUEST.filter(client_id='%u', **c)}",
             f"pattern read {t.RESPONSE.filter(client_id='%u', **c)}",
+            f"pattern read {t.ORCHESTRATOR_STATE.format(**c)}",
             "",
         ]
     return "\n".join(out)

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import sys
 from importlib import resources
 from pathlib import Path
@@ -62,7 +63,7 @@ def run_demo(args: argparse.Namespace, model_dir: Path) -> int:
             f"{len(inventory['devices'])} agents starting..."
         )
         try:
-            plan = Plan.from_dict(cluster.wait_serving(timeout=180))
+            plan = cluster.wait_serving(timeout=180)
         except (TimeoutError, RuntimeError) as exc:
             print(f"error: {exc}", file=sys.stderr)
             return 1
@@ -103,7 +104,10 @@ async def _one(client: Client, args: argparse.Namespace, echo: bool) -> dict[str
                 sys.stdout.flush()
             else:
                 print("\n")
-                return {"text": "".join(text), "stats": ev.stats}
+                assert ev.stats is not None
+                stats = dataclasses.asdict(ev.stats)
+                stats.pop("prompt_ids")
+                return {"text": "".join(text), "stats": stats}
     except GenerationError as exc:
         print(f"\nerror: {exc}", file=sys.stderr)
         raise
@@ -115,7 +119,7 @@ def _report(results: list[dict[str, Any]]) -> None:
         return sum(float(r["stats"][key]) for r in results) / len(results)
 
     print(f"requests completed: {len(results)}")
-    print(f"waiting time (mean, arrival to prefill start): {mean('queue_wait_s') * 1e3:.0f} ms")
+    print(f"waiting time (mean, every moment not served): {mean('waiting_s') * 1e3:.0f} ms")
     print(f"time to first token (mean): {mean('ttft_s') * 1e3:.0f} ms")
     print(f"decode speed (mean per request): {mean('decode_tokens_per_s'):.1f} tokens/s")
     total = sum(int(r["stats"]["new_tokens"]) for r in results)

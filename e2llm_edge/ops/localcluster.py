@@ -29,6 +29,7 @@ from e2llm_edge.sysinfo import rss_bytes
 from e2llm_edge.wire import messages as m
 from e2llm_edge.wire import topics as t
 from e2llm_edge.wire.bus import Bus, BusConfig
+from planner.plan import Plan
 
 
 @dataclass
@@ -106,8 +107,11 @@ class LocalCluster:
     """Output of ``e2llm broker init`` (passwd, acl, credentials.json): the broker requires
     auth, and every process logs in as its own user (``observer`` for ``bus_config``)."""
     observer: str = "monitor"
+    standby: bool = False
+    """Also run a standby orchestrator (``orch-b``) that takes over if ``orch-a`` dies."""
     agents: dict[str, Proc] = field(default_factory=dict)
     orchestrator: Proc | None = None
+    standby_orchestrator: Proc | None = None
     _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     broker: Any = None
     credentials: Credentials | None = None
@@ -152,32 +156,60 @@ class LocalCluster:
                 self.broker_url = self.broker.url
         inv = self.workdir / "inventory.yaml"
         inv.write_text(yaml.safe_dump(self.inventory))
-        v = ["-v"] if self.verbose else []
+        self.orchestrator = self._orchestrator("orch-a", standby=False)
+        self.orchestrator.start()
+        if self.standby:
+            self.standby_orchestrator = self._orchestrator("orch-b", standby=True)
+            self.standby_orchestrator.start()
+        for d in self.inventory["devices"]:
+            self.add_agent(d)
+
+    def _orchestrator(self, name: str, *, standby: bool) -> Proc:
+        assert self.workdir is not None and self.broker_url is not None
         orch_user = self.credentials.roles["orchestrator"][0] if self.credentials else ""
-        self.orchestrator = Proc(
-            "orchestrator",
+        return Proc(
+            name,
             [
                 sys.executable,
                 "-m",
                 "e2llm_edge.cli",
-                *v,
+                *(["-v"] if self.verbose else []),
                 "orchestrator",
                 "--broker",
                 self.broker_url,
                 "--cluster",
                 self.cluster,
                 *self._login(orch_user),
+                "--id",
+                name,
+                *(["--standby"] if standby else []),
                 "--model",
                 str(self.model_dir),
                 "--inventory",
-                str(inv),
+                str(self.workdir / "inventory.yaml"),
                 *self.orchestrator_args,
             ],
-            self.workdir / "orchestrator.log",
+            self.workdir / f"{name}.log",
         )
-        self.orchestrator.start()
-        for d in self.inventory["devices"]:
-            self.add_agent(d)
+
+    def orchestrator_proc(self, name: str) -> Proc:
+        """The orchestrator process of that name (``orch-a``, or ``orch-b`` the standby)."""
+        for p in (self.orchestrator, self.standby_orchestrator):
+            if p is not None and p.name == name:
+                return p
+        raise KeyError(name)
+
+    def restart_orchestrator(self, name: str, *, standby: bool) -> Proc:
+        """Start a killed orchestrator again (as a standby, or to take the lease over)."""
+        old = self.orchestrator_proc(name)
+        old.kill()
+        p = self._orchestrator(name, standby=standby)
+        if old is self.orchestrator:
+            self.orchestrator = p
+        else:
+            self.standby_orchestrator = p
+        p.start()
+        return p
 
     def add_agent(self, device: dict[str, Any], start: bool = True) -> Proc:
         assert self.workdir is not None and self.broker_url is not None
@@ -224,7 +256,7 @@ class LocalCluster:
 
     def rss(self) -> dict[str, int]:
         """Resident bytes of the orchestrator and of each running agent."""
-        procs = [self.orchestrator, *self.agents.values()]
+        procs = [self.orchestrator, self.standby_orchestrator, *self.agents.values()]
         return {p.name: p.rss_bytes() for p in procs if p is not None and p.alive}
 
     def _mosquitto_config(self) -> MosquittoConfig:
@@ -245,8 +277,9 @@ class LocalCluster:
     def close(self) -> None:
         for p in self.agents.values():
             p.stop()
-        if self.orchestrator is not None:
-            self.orchestrator.stop()
+        for orch in (self.orchestrator, self.standby_orchestrator):
+            if orch is not None:
+                orch.stop()
         self._stack.close()
 
     def bus_config(self, user: str | None = None, **over: Any) -> BusConfig:
@@ -258,22 +291,25 @@ class LocalCluster:
         return BusConfig.from_url(self.broker_url, cluster=self.cluster, **over)
 
     def logs(self) -> str:
-        procs = [self.orchestrator, *self.agents.values()]
+        procs = [self.orchestrator, self.standby_orchestrator, *self.agents.values()]
         return "\n".join(f"--- {p.name}\n{p.tail()}" for p in procs if p is not None)
 
     # ----------------------------------------------------------------- observing
 
-    def wait_serving(self, timeout: float = 120.0, min_version: int = 1) -> dict[str, Any]:
-        """Block until the orchestrator reports a serving plan; returns the plan dict."""
+    def wait_serving(self, timeout: float = 120.0, min_version: int = 1) -> Plan:
+        """Block until the orchestrator reports a serving plan; returns the plan."""
         return asyncio.run(self.await_serving(timeout, min_version))
 
     async def await_serving(
         self,
         timeout: float = 120.0,
         min_version: int = 1,
-    ) -> dict[str, Any]:
+        min_epoch: int = 0,
+    ) -> Plan:
+        """The plan, once an orchestrator of lease epoch >= `min_epoch` serves one of
+        version >= `min_version`."""
         deadline = time.monotonic() + timeout
-        plan: dict[str, Any] | None = None
+        plan: Plan | None = None
         async with Bus(self.bus_config()) as bus:
             await bus.subscribe(t.CLUSTER_TELEMETRY)
             await bus.subscribe(t.PLAN)
@@ -297,13 +333,14 @@ class LocalCluster:
                     continue
                 if isinstance(env.msg, m.PlanMsg):
                     plan = env.msg.plan
-                elif isinstance(env.msg, m.Telemetry):
-                    d = env.msg.data
+                elif isinstance(env.msg, m.ClusterTelemetry):
+                    d = env.msg.summary
                     if (
-                        d.get("serving")
-                        and d.get("plan_version", 0) >= min_version
+                        d.serving
+                        and d.epoch >= min_epoch
+                        and d.plan_version >= min_version
                         and plan is not None
-                        and plan.get("version") == d["plan_version"]
+                        and plan.version == d.plan_version
                     ):
                         return plan
 
@@ -311,9 +348,9 @@ class LocalCluster:
         self,
         device_ids: list[str],
         timeout: float = 10.0,
-    ) -> dict[str, dict[str, Any]]:
+    ) -> dict[str, m.DeviceCounters]:
         """The next telemetry message of each named device."""
-        out: dict[str, dict[str, Any]] = {}
+        out: dict[str, m.DeviceCounters] = {}
         async with Bus(self.bus_config()) as bus:
             await bus.subscribe(t.DEVICE_TELEMETRY)
             deadline = time.monotonic() + timeout
@@ -322,6 +359,6 @@ class LocalCluster:
                 if left <= 0:
                     raise TimeoutError(f"no telemetry from {set(device_ids) - set(out)}")
                 env = await bus.recv(timeout=left)
-                if isinstance(env.msg, m.Telemetry) and env.msg.source in device_ids:
-                    out[env.msg.source] = env.msg.data
+                if isinstance(env.msg, m.DeviceTelemetry) and env.msg.device_id in device_ids:
+                    out[env.msg.device_id] = env.msg.counters
         return out

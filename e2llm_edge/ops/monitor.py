@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import dataclasses
 import json
 import statistics
 import sys
@@ -24,6 +25,8 @@ from e2llm_edge.errors import BusError, E2LLMError, SubscriptionRefused
 from e2llm_edge.wire import messages as m
 from e2llm_edge.wire import topics as t
 from e2llm_edge.wire.bus import Bus, BusConfig, Envelope
+from e2llm_edge.wire.messages import DeviceStatus
+from planner.plan import Plan
 
 MONITOR_TOPICS: tuple[t.Topic, ...] = (
     t.DEVICE_STATE,
@@ -47,7 +50,7 @@ class DeviceRow:
     """What the monitor knows about one device."""
 
     state: m.DeviceState | None = None
-    telemetry: dict[str, Any] = field(default_factory=dict)
+    telemetry: m.DeviceCounters | None = None
     memory_mb: float | None = None
     seen: float = 0.0
 
@@ -59,6 +62,7 @@ class RequestRow:
     first_seen: float
     events: list[str] = field(default_factory=list)
     data: dict[str, Any] = field(default_factory=dict)
+    """The events' figures merged (fields a later event sets win)."""
 
 
 def _stats(values: Iterable[float]) -> dict[str, float | int | None]:
@@ -82,9 +86,9 @@ class ClusterView:
         self.clock = clock
         self.started = clock()
         self.devices: dict[str, DeviceRow] = {}
-        self.plan: dict[str, Any] | None = None
+        self.plan: Plan | None = None
         self.orchestrator: m.OrchestratorState | None = None
-        self.summary: dict[str, Any] = {}
+        self.summary: m.ClusterSummary | None = None
         self._samples: deque[tuple[float, int]] = deque(maxlen=64)
         self.requests: OrderedDict[str, RequestRow] = OrderedDict()
         self.event_counts: dict[str, int] = {}
@@ -101,13 +105,11 @@ class ClusterView:
             self._device(env.ids["device_id"]).state = msg
         elif isinstance(msg, m.DeviceProfileMsg):
             self._device(env.ids["device_id"]).memory_mb = msg.memory_mb
-        elif isinstance(msg, m.Telemetry) and env.topic is t.DEVICE_TELEMETRY:
-            self._device(env.ids["device_id"]).telemetry = dict(msg.data)
-        elif isinstance(msg, m.Telemetry):
-            self.summary = dict(msg.data)
-            tokens = self.summary.get("tokens_out")
-            if isinstance(tokens, int):
-                self._samples.append((now, tokens))
+        elif isinstance(msg, m.DeviceTelemetry):
+            self._device(env.ids["device_id"]).telemetry = msg.counters
+        elif isinstance(msg, m.ClusterTelemetry):
+            self.summary = msg.summary
+            self._samples.append((now, msg.summary.tokens_out))
         elif isinstance(msg, m.PlanMsg):
             self.plan = msg.plan
         elif isinstance(msg, m.OrchestratorState):
@@ -118,15 +120,16 @@ class ClusterView:
                 row = self.requests[msg.request_id] = RequestRow(now)
                 while len(self.requests) > MAX_TRACKED_REQUESTS:
                     self.requests.popitem(last=False)
-            row.events.append(msg.event)
-            row.data.update(msg.data)
-            self.event_counts[msg.event] = self.event_counts.get(msg.event, 0) + 1
+            data = _plain(msg.data)
+            row.events.append(msg.event.value)
+            row.data.update(data)
+            self.event_counts[msg.event.value] = self.event_counts.get(msg.event.value, 0) + 1
             return {
                 "type": "event",
                 "ts": round(time.time(), 3),
                 "request_id": msg.request_id,
-                "event": msg.event,
-                "data": msg.data,
+                "event": msg.event.value,
+                "data": data,
             }
         return None
 
@@ -140,25 +143,25 @@ class ClusterView:
         return round((n_end - n0) / (t_end - t0), 2) if t_end > t0 else None
 
     def replicas(self) -> list[dict[str, Any]]:
-        live = {r.get("id"): r for r in self.summary.get("replicas", [])}
+        live = {r.replica_id: r for r in (self.summary.replicas if self.summary else [])}
         out = []
-        for r in (self.plan or {}).get("replicas", []):
-            rid = r["replica_id"]
-            devs = [s["device_id"] for s in r["stages"]]
+        for r in self.plan.replicas if self.plan else []:
+            devs = [s.device_id for s in r.stages]
             states = [self.devices[d].state for d in devs if d in self.devices]
+            now = live.get(r.replica_id)
             out.append(
                 {
-                    "id": rid,
-                    "role": r["role"],
-                    "concurrency": r.get("concurrency"),
+                    "id": r.replica_id,
+                    "role": r.role,
+                    "concurrency": r.concurrency,
                     "stages": [
-                        {"device": s["device_id"], "layers": [s["layer_start"], s["layer_end"]]}
-                        for s in r["stages"]
+                        {"device": s.device_id, "layers": [s.layer_start, s.layer_end]}
+                        for s in r.stages
                     ],
-                    "ready": all(s is not None and s.status == "ready" for s in states)
+                    "ready": all(s is not None and s.status == DeviceStatus.READY for s in states)
                     and len(states) == len(devs),
-                    "prefill_queue_tokens": live.get(rid, {}).get("prefill_queue_tokens"),
-                    "decoding": live.get(rid, {}).get("decoding"),
+                    "prefill_queue_tokens": now.prefill_queue_tokens if now else None,
+                    "decoding": now.decoding if now else None,
                 }
             )
         return out
@@ -169,7 +172,7 @@ class ClusterView:
         for dev, row in sorted(self.devices.items()):
             s = row.state
             rows[dev] = {
-                "status": s.status if s else "unknown",
+                "status": s.status.value if s else "unknown",
                 "role": s.role if s else None,
                 "replica": s.replica_id if s else None,
                 "layers": list(s.layers) if s and s.layers else None,
@@ -180,7 +183,7 @@ class ClusterView:
                 "memory_mb": row.memory_mb,
                 "last_error": s.last_error if s else None,
                 "plan_version": s.plan_version if s else None,
-                "telemetry": row.telemetry,
+                "telemetry": _plain(row.telemetry) if row.telemetry else {},
                 "age_s": round(now - row.seen, 2),
             }
         return rows
@@ -194,8 +197,8 @@ class ClusterView:
             "done": sum(1 for r in self.requests.values() if "done" in r.events),
             "failed": sum(1 for r in self.requests.values() if "failed" in r.events),
             "open": sum(1 for r in self.requests.values() if not ended & set(r.events)),
-            "wait_s": _stats(d["queue_wait_s"] for d in done if "queue_wait_s" in d),
-            "ttft_s": _stats(d["ttft_s"] for d in done if "ttft_s" in d),
+            "wait_s": _stats(d["waiting_s"] for d in done if d.get("waiting_s") is not None),
+            "ttft_s": _stats(d["ttft_s"] for d in done if d.get("ttft_s") is not None),
             "decode_tokens_per_s": _stats(
                 d["decode_tokens_per_s"] for d in done if d.get("decode_tokens_per_s")
             ),
@@ -203,20 +206,23 @@ class ClusterView:
 
     def snapshot(self) -> dict[str, Any]:
         """Everything known, as plain data (the ``--json`` snapshot line)."""
-        s = self.summary
+        s = _plain(self.summary) if self.summary else {}
         orch = self.orchestrator
         return {
             "type": "snapshot",
             "ts": round(time.time(), 3),
             "cluster": self.cluster,
             "watching_s": round(self.clock() - self.started, 1),
-            "orchestrator": {"id": orch.orchestrator_id, "status": orch.status} if orch else None,
-            "plan_version": (self.plan or {}).get("version"),
-            "plan_method": (self.plan or {}).get("method"),
+            "orchestrator": {"id": orch.orchestrator_id, "status": orch.status, "epoch": orch.epoch}
+            if orch
+            else None,
+            "plan_version": self.plan.version if self.plan else None,
+            "plan_method": self.plan.method if self.plan else None,
             "devices": self.device_rows(),
             "replicas": self.replicas(),
             "cluster_summary": {
                 "serving": s.get("serving"),
+                "phase": s.get("phase"),
                 "plan_error": s.get("plan_error"),
                 "queued": s.get("queued"),
                 "in_flight": s.get("in_flight"),
@@ -230,6 +236,15 @@ class ClusterView:
             },
             "requests": self.request_stats(),
         }
+
+
+def _plain(struct: Any) -> dict[str, Any]:
+    """A typed struct as JSON-able data without its unset (None) fields."""
+    return {
+        k: v
+        for k, v in json.loads(json.dumps(dataclasses.asdict(struct), default=str)).items()
+        if v is not None
+    }
 
 
 # --------------------------------------------------------------------------- rendering
@@ -421,9 +436,9 @@ def _settled(view: ClusterView) -> bool:
         bool(view.summary)
         and bool(view.devices)
         and all(
-            r.telemetry
+            r.telemetry is not None
             for r in view.devices.values()
-            if r.state is not None and r.state.status != "offline"
+            if r.state is not None and r.state.status != DeviceStatus.OFFLINE
         )
     )
 
@@ -468,7 +483,7 @@ async def check_health(
                 await bus.subscribe(t.CLUSTER_TELEMETRY)
         deadline = time.monotonic() + timeout
         state: m.DeviceState | m.OrchestratorState | None = None
-        summary: dict[str, Any] | None = None
+        summary: m.ClusterSummary | None = None
         while time.monotonic() < deadline:
             try:
                 env = await bus.recv(timeout=max(0.01, deadline - time.monotonic()))
@@ -476,22 +491,23 @@ async def check_health(
                 break
             if isinstance(env.msg, m.DeviceState | m.OrchestratorState):
                 state = env.msg
-            elif isinstance(env.msg, m.Telemetry):
-                summary = env.msg.data
+            elif isinstance(env.msg, m.ClusterTelemetry):
+                summary = env.msg.summary
             if state is not None and (not serving or device_id or summary is not None):
                 break
     if state is None:
         return False, f"{what}: no retained state within {timeout:.0f} s"
-    if state.status not in statuses:
-        return False, f"{what}: status {state.status}"
+    status = state.status.value if isinstance(state, m.DeviceState) else state.status
+    if status not in statuses:
+        return False, f"{what}: status {status}"
     age = time.time() - state.ts if state.ts else 0.0
     if isinstance(state, m.DeviceState) and age > max_age:
-        return False, f"{what}: state is {age:.0f} s old (status {state.status})"
+        return False, f"{what}: state is {age:.0f} s old (status {status})"
     if serving and device_id is None:
-        if summary is None or not summary.get("serving"):
-            why = (summary or {}).get("plan_error") or "no serving plan"
+        if summary is None or not summary.serving:
+            why = (summary.plan_error if summary else None) or "no serving plan"
             return False, f"orchestrator: online, not serving ({why})"
-        return True, f"orchestrator: online, serving plan v{summary.get('plan_version')}"
+        return True, f"orchestrator: online, serving plan v{summary.plan_version}"
     if isinstance(state, m.DeviceState):
         where = (
             f", {state.role} replica {state.replica_id}, layers "
@@ -499,8 +515,8 @@ async def check_health(
             if state.layers
             else ""
         )
-        return True, f"{what}: {state.status}{where}, state {age:.1f} s old"
-    return True, f"{what}: {state.status}"
+        return True, f"{what}: {status}{where}, state {age:.1f} s old"
+    return True, f"{what}: {status}"
 
 
 # --------------------------------------------------------------------------- CLI

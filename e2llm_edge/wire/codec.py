@@ -14,6 +14,8 @@ once per message class (``compile_type``), so validation is generic, not per cla
 
 from __future__ import annotations
 
+import dataclasses
+import enum
 import math
 import types
 import typing
@@ -230,11 +232,23 @@ class Converter:
 
 
 def compile_type(tp: Any) -> Converter:
-    """Build the converter for a field annotation (evaluated, not a string)."""
+    """Build the converter for a field annotation (evaluated, not a string).
+
+    Besides scalars, arrays, Literal, unions, lists, tuples and maps, a field may be a
+    frozen dataclass (a nested struct, converted field by field, its constructor's own
+    checks run on decode), an Enum (travels as its value), or a NewType of any of these.
+    """
+    supertype = getattr(tp, "__supertype__", None)
+    if supertype is not None:  # typing.NewType: an id with a name, the same on the wire
+        return compile_type(supertype)
     origin = typing.get_origin(tp)
     args = typing.get_args(tp)
     if tp is Any:
         return _plain_converter("any data")
+    if isinstance(tp, type) and issubclass(tp, enum.Enum):
+        return _enum_converter(tp)
+    if isinstance(tp, type) and dataclasses.is_dataclass(tp):
+        return _struct_converter(tp)
     if tp is int:
         return Converter("int", _check_int, _check_int)
     if tp is float:
@@ -269,8 +283,79 @@ def compile_type(tp: Any) -> Converter:
     if origin is dict:
         if args and args[0] is not str:
             raise TypeError(f"dict keys must be str: {tp!r}")
+        if args and args[1] is not Any:
+            return _map_converter(compile_type(args[1]))
         return _plain_converter("map")
     raise TypeError(f"unsupported field type {tp!r}")
+
+
+_STRUCTS: dict[type, Converter] = {}
+
+
+def _struct_converter(cls: type) -> Converter:
+    """A dataclass as a map of exactly its fields; decoding calls the constructor, so the
+    struct's own invariants (``__post_init__``) are checked on every message received."""
+    if cls in _STRUCTS:
+        return _STRUCTS[cls]
+    hints = typing.get_type_hints(cls, include_extras=True)
+    fields = [(f.name, compile_type(hints[f.name])) for f in dataclasses.fields(cls) if f.init]
+    names = frozenset(n for n, _ in fields)
+
+    def to_wire(value: Any, field: str) -> dict[str, Any]:
+        if not isinstance(value, cls):
+            raise CodecError(field, f"expected {cls.__name__}, got {_wire_type(value)}")
+        return {n: conv.to_wire(getattr(value, n), f"{field}.{n}") for n, conv in fields}
+
+    def from_wire(value: Any, field: str) -> Any:
+        if not isinstance(value, dict):
+            raise CodecError(field, f"expected a {cls.__name__} map, got {_wire_type(value)}")
+        if set(value) != names:
+            raise CodecError(field, key_diff(names - set(value), set(value) - names))
+        kwargs = {n: conv.from_wire(value[n], f"{field}.{n}") for n, conv in fields}
+        try:
+            return cls(**kwargs)
+        except (TypeError, ValueError) as exc:
+            raise CodecError(field, str(exc)) from None
+
+    conv = Converter(cls.__name__, to_wire, from_wire)
+    _STRUCTS[cls] = conv
+    return conv
+
+
+def _enum_converter(cls: type[enum.Enum]) -> Converter:
+    values = {m.value: m for m in cls}
+    describe = f"{cls.__name__} ({', '.join(repr(v) for v in values)})"
+
+    def to_wire(value: Any, field: str) -> Any:
+        if not isinstance(value, cls):
+            raise CodecError(field, f"expected {describe}, got {value!r:.40}")
+        return value.value
+
+    def from_wire(value: Any, field: str) -> Any:
+        member = values.get(value) if type(value) in (str, int) else None
+        if member is None or type(value) is not type(member.value):
+            raise CodecError(field, f"{value!r:.40} is not one of {describe}")
+        return member
+
+    return Converter(describe, to_wire, from_wire)
+
+
+def _map_converter(item: Converter) -> Converter:
+    def convert(value: Any, field: str, use_encoder: bool) -> dict[str, Any]:
+        if not isinstance(value, dict):
+            raise CodecError(field, f"expected map of {item.describe}, got {_wire_type(value)}")
+        out = {}
+        for k, v in value.items():
+            if type(k) is not str:
+                raise CodecError(field, f"map keys must be str, got {_wire_type(k)}")
+            out[k] = (item.to_wire if use_encoder else item.from_wire)(v, f"{field}.{k}")
+        return out
+
+    return Converter(
+        f"map[str, {item.describe}]",
+        lambda v, f: convert(v, f, True),
+        lambda v, f: convert(v, f, False),
+    )
 
 
 def _check_int(value: Any, field: str) -> int:
@@ -310,8 +395,11 @@ def _literal_converter(choices: tuple[Any, ...]) -> Converter:
 
 def _union_converter(options: list[Converter]) -> Converter:
     describe = " | ".join(o.describe for o in options)
+    some = [o for o in options if o.describe != "nil"]
 
     def attempt(value: Any, field: str, use_encoder: bool) -> Any:
+        if value is not None and len(some) == 1:  # `X | None` with a value: X's own error
+            return some[0].to_wire(value, field) if use_encoder else some[0].from_wire(value, field)
         for opt in options:
             try:
                 return opt.to_wire(value, field) if use_encoder else opt.from_wire(value, field)

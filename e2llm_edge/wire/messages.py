@@ -1,34 +1,98 @@
-"""Every message type that crosses the bus, and ``encode``/``decode`` for all of them.
+"""Every message type that crosses the bus, the typed structs inside them, and
+``encode``/``decode`` for all of them.
 
 Messages are frozen keyword-only dataclasses; each field's annotation is its wire contract
 (converters compiled once at registration by ``codec.compile_type``), so adding a message is
-declaring a class, never writing a validator.
+declaring a class, never writing a validator. Fields are typed all the way down: nested
+structs (``Sampling``, ``RequestContext``, ``DeviceCounters``, ``ClusterSummary``, the
+``Plan`` itself ...) are dataclasses whose own constructors check their invariants when a
+message is decoded, enums travel as their values, and no payload is a free-form map.
 
 Header mapping: ``seq`` and ``plan_version`` (on every message) travel in the header as
 ``seq``/``pv``; a class's ``request_id`` field travels as ``rid``; everything else is body.
+
+A request's data-plane messages also carry its ``attempt``: each dispatch of a request to
+the devices is a new attempt, so late messages of an abandoned attempt never mix with the
+live one (devices key their state by ``AttemptKey``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
-from collections.abc import Iterator
 from dataclasses import dataclass
-from enum import IntEnum
-from typing import Annotated, Any, ClassVar, Literal, TypeVar
+from enum import IntEnum, StrEnum
+from typing import Annotated, ClassVar, Literal, NamedTuple, NewType, TypeVar
 
 import numpy as np
 
 from e2llm_edge.errors import CodecError
 from e2llm_edge.wire import codec
 from e2llm_edge.wire.codec import Converter, Header, array
+from planner.plan import Plan
 
 F32_R3 = Annotated[np.ndarray, array("float32", rank=3)]
 F32_R4 = Annotated[np.ndarray, array("float32", rank=4)]
 
-DeviceStatus = Literal["online", "loading", "ready", "offline", "error"]
+RequestId = NewType("RequestId", str)
+"""A client's request id (unique per client; also the response topic's last level)."""
+DeviceId = NewType("DeviceId", str)
+ClientId = NewType("ClientId", str)
+
 Role = Literal["prefill", "decoder", "mixed"]
+
+
+class AttemptKey(NamedTuple):
+    """One dispatch of a request to the devices: what a device keys its state by."""
+
+    request_id: str
+    attempt: int
+
+    def __str__(self) -> str:
+        return f"{self.request_id}#{self.attempt}"
+
+
+class DeviceStatus(StrEnum):
+    """A device's lifecycle. The orchestrator serves through devices that are ``READY``
+    for its plan; ``ERROR`` (a load failed) and ``STUCK`` (holds work, finishes nothing)
+    count as lost, ``OFFLINE`` is the last-will."""
+
+    ONLINE = "online"
+    LOADING = "loading"
+    READY = "ready"
+    STUCK = "stuck"
+    ERROR = "error"
+    OFFLINE = "offline"
+
+
+class ErrorCode(StrEnum):
+    """Why a request (or a device's handling of it) failed; clients branch on these."""
+
+    BAD_REQUEST = "bad_request"
+    """The request itself is invalid (empty prompt, too long, bad sampling values)."""
+    NO_PLAN = "no_plan"
+    """The devices present cannot hold the model."""
+    OVERLOADED = "overloaded"
+    """A queue is full: try again later."""
+    CANCELLED = "cancelled"
+    RETRIES_EXHAUSTED = "retries_exhausted"
+    TIMEOUT = "timeout"
+    INTERNAL = "internal"
+    # device-side reasons, reported to the orchestrator (which retries the request)
+    NOT_READY = "not_ready"
+    PLAN_VERSION = "plan_version"
+    MISROUTED = "misrouted"
+    UNKNOWN_REQUEST = "unknown_request"
+    POSITION = "position"
+    BAD_MESSAGE = "bad_message"
+    KV_TIMEOUT = "kv_timeout"
+    LOAD_FAILED = "load_failed"
+    BAD_PLAN = "bad_plan"
+
+
+FinishReason = Literal["stop", "length"]
 
 
 class Kind(IntEnum):
@@ -38,6 +102,7 @@ class Kind(IntEnum):
     DEVICE_PROFILE = 2
     PLAN = 3
     ORCHESTRATOR_STATE = 4
+    ORCHESTRATOR_LEASE = 5
     GENERATE_REQUEST = 10
     RESPONSE_EVENT = 11
     PREFILL_START = 20
@@ -48,8 +113,273 @@ class Kind(IntEnum):
     RELEASE = 25
     ERROR_REPORT = 30
     HEARTBEAT = 31
-    TELEMETRY = 32
+    DEVICE_TELEMETRY = 32
     REQUEST_EVENT = 33
+    CLUSTER_SUMMARY = 34
+
+
+# --------------------------------------------------------------------------- structs
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How the last stage of a replica picks tokens: greedy when temperature is 0."""
+
+    temperature: float = 0.0
+    top_p: float = 1.0
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if not (_number(self.temperature) and 0.0 <= self.temperature <= 10.0):
+            raise SamplingError(f"temperature must be in [0, 10], got {self.temperature!r}")
+        if not (_number(self.top_p) and 0.0 < self.top_p <= 1.0):
+            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p!r}")
+        if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
+            raise SamplingError(f"seed must be a non-negative integer, got {self.seed!r}")
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+class SamplingError(ValueError):
+    """An invalid sampling parameter; the message names it."""
+
+
+def _number(x: object) -> bool:
+    return isinstance(x, int | float) and not isinstance(x, bool) and math.isfinite(x)
+
+
+@dataclass(frozen=True)
+class RequestContext:
+    """What every device on a request's path must know about it; travels with the first
+    message a device sees for an attempt. It decides how much KV memory a device
+    allocates, so its bounds are checked against the model by the receiving device."""
+
+    sampling: Sampling
+    max_new_tokens: int
+    eos_token_id: int | None
+    prompt_len: int
+    """Tokens prefilled by this attempt (the prompt plus any tokens already streamed)."""
+    index0: int
+    """Index, within the answer, of the token this attempt's prefill produces."""
+    decoder_replica: int
+
+    def __post_init__(self) -> None:
+        if not (
+            self.prompt_len >= 1
+            and self.max_new_tokens >= 1
+            and 0 <= self.index0 < self.max_new_tokens
+            and self.prompt_len - self.index0 >= 1
+        ):
+            raise ValueError(
+                f"request context out of range: prompt {self.prompt_len}, max_new_tokens "
+                f"{self.max_new_tokens}, index0 {self.index0}"
+            )
+
+    @property
+    def capacity(self) -> int:
+        """Tokens the KV cache must hold for this attempt."""
+        return self.prompt_len + self.max_new_tokens - self.index0
+
+
+@dataclass(frozen=True)
+class ChatMessage:
+    """One turn of a conversation, rendered with the model's chat template."""
+
+    role: str
+    content: str
+
+
+@dataclass(frozen=True)
+class RequestStats:
+    """Figures of one finished request (seconds), sent with its ``done`` event.
+
+    ``waiting_s`` is every moment the request was not being served: queued before its
+    prefill, queued at the stages of the prefill pipeline, waiting for its KV cache on the
+    decoder; ``queue_wait_s`` is only the first part (arrival to dispatch)."""
+
+    prompt_ids: list[int]
+    prompt_tokens: int
+    new_tokens: int
+    queue_wait_s: float
+    waiting_s: float
+    ttft_s: float
+    total_s: float
+    decode_tokens_per_s: float
+    prefill_replica: int | None
+    decoder_replica: int | None
+    plan_version: int
+    retries: int
+    restarts: int
+
+
+@dataclass(frozen=True)
+class StepTimings:
+    """Where a request's first token spent its time on the devices (seconds)."""
+
+    prefill_queued_s: float = 0.0
+    """Summed over the prefill stages: time its activation waited behind other work."""
+    kv_wait_s: float = 0.0
+    """Time its first decode step waited on the decoder for the KV cache to arrive."""
+
+
+@dataclass(frozen=True)
+class LinkSpec:
+    """A device's link to the broker, as announced to the planner."""
+
+    bandwidth_mbps: float
+    latency_ms: float
+
+
+@dataclass(frozen=True)
+class HardwareSpec:
+    """Roofline figures of a device (when it has no measured profile)."""
+
+    tflops: float
+    mem_bw_gbps: float
+    efficiency: float = 0.5
+
+
+@dataclass(frozen=True)
+class ProfileMeta:
+    """How a profile was measured."""
+
+    threads: int
+    graph: str
+    precision: str
+    past_tokens: int
+    decode_batches: list[int]
+    model: str
+    at: str
+
+
+@dataclass(frozen=True)
+class ProfileData:
+    """Measured per-layer costs (the inventory schema, see ``planner.inventory``)."""
+
+    prefill_tokens: list[int]
+    layer_prefill_s: list[float]
+    layer_decode_s: list[float]
+    embed_s: float
+    head_prefill_s: float
+    head_decode_s: list[float]
+    measured: ProfileMeta | None = None
+
+    def costs(self) -> dict[str, object]:
+        """The inventory's ``profile`` mapping (without ``measured``)."""
+        d = dataclasses.asdict(self)
+        d.pop("measured")
+        return d
+
+
+@dataclass(frozen=True)
+class Capabilities:
+    """Graph variants a device holds and the one it runs."""
+
+    variants: list[tuple[str, str]]
+    running: tuple[str, str]
+
+
+@dataclass(frozen=True)
+class DeviceCounters:
+    """A device's running totals and gauges, published as telemetry."""
+
+    status: DeviceStatus
+    requests: int = 0
+    """Requests (attempts) holding state on this device now."""
+    queue_depth: int = 0
+    prefills: int = 0
+    decode_steps: int = 0
+    decode_batches: int = 0
+    kv_chunks_in: int = 0
+    kv_chunks_out: int = 0
+    kv_bytes_in: int = 0
+    kv_bytes_out: int = 0
+    kv_pending_bytes: int = 0
+    last_kv_send_s: float = 0.0
+    last_kv_handoff_s: float = 0.0
+    last_kv_wait_s: float = 0.0
+    errors: int = 0
+    rejected: int = 0
+    """Messages refused because the inbound queue was full (each answered)."""
+    released: int = 0
+    """Attempts freed on a Release (finished, cancelled, failed elsewhere)."""
+    timed_out: int = 0
+    """Attempts freed because they made no progress for the request timeout."""
+    mem_bytes: int = 0
+
+
+@dataclass(frozen=True)
+class ReplicaSummary:
+    replica_id: int
+    role: Role
+    concurrency: int
+    devices: list[str]
+    prefill_queue_tokens: int
+    decoding: int
+
+
+@dataclass(frozen=True)
+class ClusterSummary:
+    """The orchestrator's view, for monitors and health checks."""
+
+    orchestrator_id: str
+    epoch: int
+    phase: str
+    """The plan phase (``PlanPhase`` of the fog core)."""
+    plan_version: int
+    serving: bool
+    plan_error: str | None
+    devices: dict[str, DeviceStatus]
+    replicas: list[ReplicaSummary]
+    queued: int
+    in_flight: int
+    completed: int
+    failed: int
+    dead_replicas: list[int]
+    draining: bool
+    restarted: int
+    last_recovery_s: float | None
+    rss_bytes: int
+    mean_wait_s: float | None
+    mean_ttft_s: float | None
+    tokens_out: int
+    uptime_s: float
+
+
+class RequestEventKind(StrEnum):
+    QUEUED = "queued"
+    ROUTED = "routed"
+    FIRST_TOKEN = "first_token"
+    DONE = "done"
+    FAILED = "failed"
+    REQUEUED = "requeued"
+
+
+@dataclass(frozen=True)
+class RequestEventData:
+    """Details of a lifecycle event; only the fields that event has are set. Never user
+    text: monitors see ids and figures, not prompts or answers."""
+
+    prompt_tokens: int | None = None
+    prefill_replica: int | None = None
+    decoder_replica: int | None = None
+    plan_version: int | None = None
+    retry: int | None = None
+    attempt: int | None = None
+    ttft_s: float | None = None
+    new_tokens: int | None = None
+    waiting_s: float | None = None
+    total_s: float | None = None
+    decode_tokens_per_s: float | None = None
+    code: ErrorCode | None = None
+    reason: str | None = None
+    generated: int | None = None
+    fault: bool | None = None
+
+
+# --------------------------------------------------------------------------- framing
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -137,18 +467,21 @@ def decode(data: bytes | bytearray | memoryview, *, max_bytes: int | None = None
         expected = {f for f, _ in schema.body}
         if set(body) != expected:
             raise CodecError(name, codec.key_diff(expected - set(body), set(body) - expected))
-        values: dict[str, Any] = {
+        values: dict[str, object] = {
             f: conv.from_wire(body[f], f"{name}.{f}") for f, conv in schema.body
         }
         if schema.rid is not None:
             values["request_id"] = schema.rid.from_wire(header.request_id, f"{name}.request_id")
         elif header.request_id is not None:
             raise CodecError("header.rid", f"{name} carries no request id")
+        try:
+            return schema.cls(seq=header.seq, plan_version=header.plan_version, **values)
+        except (TypeError, ValueError) as exc:  # the message's own invariants
+            raise CodecError(name, str(exc)) from None
     except CodecError as exc:
         exc.request_id = header.request_id
         exc.kind = header.kind
         raise
-    return schema.cls(seq=header.seq, plan_version=header.plan_version, **values)
 
 
 def peek_header(data: bytes | bytearray | memoryview) -> Header | None:
@@ -168,7 +501,7 @@ class DeviceState(Message):
     """A device's live state; retained, and its last-will is the same with status offline."""
 
     KIND: ClassVar[Kind] = Kind.DEVICE_STATE
-    device_id: str
+    device_id: DeviceId
     status: DeviceStatus
     role: Role | None = None
     replica_id: int | None = None
@@ -188,21 +521,23 @@ class DeviceProfileMsg(Message):
     """What a device can do: memory and measured per-layer costs; retained."""
 
     KIND: ClassVar[Kind] = Kind.DEVICE_PROFILE
-    device_id: str
+    device_id: DeviceId
     memory_mb: float
-    profile: dict[str, Any]
-    hardware: dict[str, Any] | None = None
-    link: dict[str, Any] | None = None
-    capabilities: dict[str, Any] = dataclasses.field(default_factory=dict)
+    profile: ProfileData | None = None
+    hardware: HardwareSpec | None = None
+    link: LinkSpec | None = None
+    capabilities: Capabilities | None = None
 
 
 @register
 @dataclass(frozen=True, kw_only=True)
 class PlanMsg(Message):
-    """The planner's ``Plan.to_dict()``; only the orchestrator publishes it (retained)."""
+    """The plan (checked by ``Plan``'s own invariants on decode); only the orchestrator
+    publishes it (retained). ``epoch`` is the publishing orchestrator's lease epoch."""
 
     KIND: ClassVar[Kind] = Kind.PLAN
-    plan: dict[str, Any]
+    plan: Plan
+    epoch: int = 0
 
 
 @register
@@ -212,9 +547,26 @@ class OrchestratorState(Message):
 
     KIND: ClassVar[Kind] = Kind.ORCHESTRATOR_STATE
     orchestrator_id: str
-    status: Literal["online", "offline", "error"]
+    status: Literal["online", "standby", "offline"]
+    epoch: int = 0
+    """Lease epoch of the orchestrator serving; a client re-sends what is unfinished when
+    it sees a new epoch come online (a standby took over)."""
     ts: float = 0.0
-    detail: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class OrchestratorLease(Message):
+    """Who serves the cluster; retained, renewed every ``renew_s`` by its holder. A
+    standby takes over (epoch + 1) when the holder's last-will says offline or the lease
+    is not renewed for ``ttl_s``."""
+
+    KIND: ClassVar[Kind] = Kind.ORCHESTRATOR_LEASE
+    holder: str
+    epoch: int
+    ttl_s: float
+    released: bool = False
+    """True: the holder stopped cleanly and gives the lease up."""
 
 
 # --------------------------------------------------------------------------- client API
@@ -223,23 +575,27 @@ class OrchestratorState(Message):
 @register
 @dataclass(frozen=True, kw_only=True)
 class GenerateRequest(Message):
-    """A client's request; exactly one of ``prompt`` (chat-templated) or ``prompt_ids``.
+    """A client's request; exactly one of ``prompt`` (a user message, chat-templated unless
+    ``raw``), ``messages`` (a conversation, chat-templated) or ``prompt_ids``.
 
     The reply topic is not a field: the orchestrator derives it from the client id in the
-    submission topic, which the broker's ACL ties to the client's username.
+    submission topic, which the broker's ACL ties to the client's username. ``resume``:
+    tokens of the answer the client already holds (re-sent to a new orchestrator after a
+    takeover, which continues from there instead of starting over).
     """
 
     KIND: ClassVar[Kind] = Kind.GENERATE_REQUEST
-    request_id: str
-    client_id: str
+    request_id: RequestId
+    client_id: ClientId
     prompt: str | None = None
+    messages: list[ChatMessage] | None = None
     prompt_ids: list[int] | None = None
     raw: bool = False
-    """True: ``prompt`` is used as is, without the chat template."""
     max_new_tokens: int = 128
     temperature: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    resume: list[int] = dataclasses.field(default_factory=list)
 
 
 @register
@@ -248,16 +604,16 @@ class ResponseEvent(Message):
     """One event of a response stream: tokens, then exactly one done or error."""
 
     KIND: ClassVar[Kind] = Kind.RESPONSE_EVENT
-    request_id: str
+    request_id: RequestId
     event: Literal["token", "done", "error"]
     token_ids: list[int] = dataclasses.field(default_factory=list)
     text: str = ""
     index: int = 0
     """Index of the first token in ``token_ids`` within the generated answer."""
-    finish_reason: str | None = None
-    error_code: str | None = None
+    finish_reason: FinishReason | None = None
+    error_code: ErrorCode | None = None
     error: str | None = None
-    stats: dict[str, Any] = dataclasses.field(default_factory=dict)
+    stats: RequestStats | None = None
 
 
 # --------------------------------------------------------------------------- data plane
@@ -266,14 +622,14 @@ class ResponseEvent(Message):
 @register
 @dataclass(frozen=True, kw_only=True)
 class PrefillStart(Message):
-    """Orchestrator -> first device of a PREFILL replica: run this prompt."""
+    """Orchestrator -> the device embedding for a PREFILL replica: run this prompt."""
 
     KIND: ClassVar[Kind] = Kind.PREFILL_START
-    request_id: str
+    request_id: RequestId
+    attempt: int
     token_ids: list[int]
-    position_start: int = 0
     decoder_replica: int
-    sampling: dict[str, Any] = dataclasses.field(default_factory=dict)
+    sampling: Sampling
     max_new_tokens: int
     generated: list[int] = dataclasses.field(default_factory=list)
     """Tokens already streamed to the client (re-prefill after a failure resumes here)."""
@@ -285,15 +641,17 @@ class Activation(Message):
     """Hidden states from one pipeline stage to the next."""
 
     KIND: ClassVar[Kind] = Kind.ACTIVATION
-    request_id: str
+    request_id: RequestId
+    attempt: int
     phase: Literal["prefill", "decode"]
     hidden: F32_R3
     """(B, T, hidden) float32."""
     position_start: int
     step: int
-    context: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """The request's context (sampling, limits, decoder replica) on the first message a
-    device sees for a request; empty afterwards."""
+    context: RequestContext | None = None
+    """On the first message a device sees for an attempt; None afterwards."""
+    queued_s: float = 0.0
+    """Prefill: time this prompt has waited behind other work at the stages so far."""
 
 
 @register
@@ -302,7 +660,8 @@ class KVChunk(Message):
     """A slice along the token axis of one layer's KV cache, PREFILL -> DECODER device."""
 
     KIND: ClassVar[Kind] = Kind.KV_CHUNK
-    request_id: str
+    request_id: RequestId
+    attempt: int
     layer: int
     token_start: int
     n_tokens_total: int
@@ -311,24 +670,23 @@ class KVChunk(Message):
     value: F32_R4
     chunk: int
     n_chunks: int
-    context: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """The request's context (sampling, limits, decoder replica) on the first message a
-    device sees for a request; empty afterwards."""
+    context: RequestContext | None = None
+    sent_at: float = 0.0
+    """Wall clock when the sender started the handoff (the receiver times it)."""
 
 
 @register
 @dataclass(frozen=True, kw_only=True)
 class DecodeStep(Message):
-    """Decoder replica's first stage: feed this token at this position."""
+    """Decoder replica's embedding device: feed this token at this position."""
 
     KIND: ClassVar[Kind] = Kind.DECODE_STEP
-    request_id: str
+    request_id: RequestId
+    attempt: int
     token_id: int
     position: int
     step: int
-    context: dict[str, Any] = dataclasses.field(default_factory=dict)
-    """The request's context (sampling, limits, decoder replica) on the first message a
-    device sees for a request; empty afterwards."""
+    context: RequestContext | None = None
 
 
 @register
@@ -337,21 +695,26 @@ class TokenOut(Message):
     """Last decoder stage -> orchestrator: the token sampled at ``index``."""
 
     KIND: ClassVar[Kind] = Kind.TOKEN_OUT
-    request_id: str
+    request_id: RequestId
+    attempt: int
     token_id: int
     index: int
     finished: bool = False
-    finish_reason: str | None = None
-    timings: dict[str, Any] = dataclasses.field(default_factory=dict)
+    finish_reason: FinishReason | None = None
+    timings: StepTimings | None = None
+    """On the first token of an attempt: where its prefill and handoff waited."""
 
 
 @register
 @dataclass(frozen=True, kw_only=True)
 class Release(Message):
-    """Free everything held for a request (finished, cancelled, failed, timed out)."""
+    """Free everything held for a request: one attempt, or every attempt when ``attempt``
+    is None (finished, cancelled, failed, timed out). From a client on its request topic
+    it cancels the request."""
 
     KIND: ClassVar[Kind] = Kind.RELEASE
-    request_id: str
+    request_id: RequestId
+    attempt: int | None = None
     reason: str
 
 
@@ -361,12 +724,15 @@ class Release(Message):
 @register
 @dataclass(frozen=True, kw_only=True)
 class ErrorReport(Message):
-    """A device tells the orchestrator something failed (for a request, or in general)."""
+    """A device tells the orchestrator something failed (for an attempt, or in general)."""
 
     KIND: ClassVar[Kind] = Kind.ERROR_REPORT
-    request_id: str | None = None
-    device_id: str
-    code: str
+    request_id: RequestId | None = None
+    attempt: int | None = None
+    """The attempt it concerns; None: the request's live one (the sender could not read
+    which, e.g. from a malformed message)."""
+    device_id: DeviceId
+    code: ErrorCode
     message: str
 
 
@@ -376,176 +742,43 @@ class Heartbeat(Message):
     """Liveness between state changes."""
 
     KIND: ClassVar[Kind] = Kind.HEARTBEAT
-    device_id: str
+    device_id: DeviceId
     ts: float
 
 
 @register
 @dataclass(frozen=True, kw_only=True)
-class Telemetry(Message):
-    """Free-form figures (per device or cluster summary); never user text."""
+class DeviceTelemetry(Message):
+    """A device's counters, every telemetry interval."""
 
-    KIND: ClassVar[Kind] = Kind.TELEMETRY
-    source: str
-    data: dict[str, Any]
+    KIND: ClassVar[Kind] = Kind.DEVICE_TELEMETRY
+    device_id: DeviceId
+    counters: DeviceCounters
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class ClusterTelemetry(Message):
+    """The orchestrator's summary of the cluster."""
+
+    KIND: ClassVar[Kind] = Kind.CLUSTER_SUMMARY
+    summary: ClusterSummary
 
 
 @register
 @dataclass(frozen=True, kw_only=True)
 class RequestEvent(Message):
-    """Request lifecycle for monitors (queued, routed, prefilled, done ...); no user text."""
+    """Request lifecycle for monitors (queued, routed, first token, done ...); no user text."""
 
     KIND: ClassVar[Kind] = Kind.REQUEST_EVENT
-    request_id: str
-    event: str
-    data: dict[str, Any] = dataclasses.field(default_factory=dict)
+    request_id: RequestId
+    event: RequestEventKind
+    data: RequestEventData = dataclasses.field(default_factory=RequestEventData)
 
 
-# --------------------------------------------------------------------------- KV chunking
-
-KV_CHUNK_BYTES = 1024 * 1024
-"""Target payload per KV message; ~1 MB is the sweet spot measured on Mosquitto."""
-
-KV_TOKEN_AXIS = 2
+DATA_PLANE = (PrefillStart, Activation, KVChunk, DecodeStep, TokenOut, Release, ErrorReport)
+"""Messages that belong to one attempt of a request."""
 
 
-def chunk_array_pairs(
-    key: np.ndarray,
-    value: np.ndarray,
-    *,
-    axis: int = KV_TOKEN_AXIS,
-    target_bytes: int = KV_CHUNK_BYTES,
-) -> Iterator[tuple[int, np.ndarray, np.ndarray]]:
-    """Split (key, value) along ``axis`` into slices of about ``target_bytes`` together.
-
-    Yields ``(start, key_slice, value_slice)``; at least one slice per token, and one
-    (possibly empty) slice for zero tokens.
-    """
-    if key.shape[axis] != value.shape[axis]:
-        raise ValueError(f"key has {key.shape[axis]} tokens, value {value.shape[axis]}")
-    n = key.shape[axis]
-    per_token = (key.nbytes + value.nbytes) // max(n, 1)
-    step = max(1, target_bytes // max(per_token, 1))
-    for start in range(0, max(n, 1), step):
-        sl = [slice(None)] * key.ndim
-        sl[axis] = slice(start, min(n, start + step))
-        yield start, key[tuple(sl)], value[tuple(sl)]
-
-
-def kv_chunks(
-    request_id: str,
-    layer: int,
-    key: np.ndarray,
-    value: np.ndarray,
-    *,
-    token_start: int = 0,
-    plan_version: int = 0,
-    target_bytes: int = KV_CHUNK_BYTES,
-) -> list[KVChunk]:
-    """One layer's KV cache (B, H, T, D) as KVChunk messages of about ``target_bytes``."""
-    n_total = key.shape[KV_TOKEN_AXIS]
-    parts = list(chunk_array_pairs(key, value, target_bytes=target_bytes))
-    return [
-        KVChunk(
-            request_id=request_id,
-            layer=layer,
-            token_start=token_start + start,
-            n_tokens_total=n_total,
-            key=k,
-            value=v,
-            chunk=i,
-            n_chunks=len(parts),
-            plan_version=plan_version,
-            seq=i,
-        )
-        for i, (start, k, v) in enumerate(parts)
-    ]
-
-
-@dataclass
-class _LayerParts:
-    n_chunks: int
-    n_tokens_total: int
-    token_start: int
-    parts: dict[int, KVChunk]
-
-
-class KVAssembler:
-    """Collects KVChunk messages per (request, layer) and says when a request is complete.
-
-    Duplicates (QoS 1 redelivery) are ignored; inconsistent chunks raise CodecError so the
-    caller can fail the request.
-    """
-
-    def __init__(self) -> None:
-        self._layers: dict[tuple[str, int], _LayerParts] = {}
-
-    def add(self, chunk: KVChunk) -> bool:
-        """Store one chunk; True when its layer is now complete."""
-        where = f"kv_chunk[{chunk.request_id} layer {chunk.layer}]"
-        if not 0 <= chunk.chunk < chunk.n_chunks:
-            raise CodecError(f"{where}.chunk", f"{chunk.chunk} not in [0, {chunk.n_chunks})")
-        key = (chunk.request_id, chunk.layer)
-        entry = self._layers.get(key)
-        if entry is None:
-            entry = _LayerParts(chunk.n_chunks, chunk.n_tokens_total, -1, {})
-            self._layers[key] = entry
-        if (entry.n_chunks, entry.n_tokens_total) != (chunk.n_chunks, chunk.n_tokens_total):
-            raise CodecError(
-                where,
-                f"chunk {chunk.chunk} says {chunk.n_chunks} chunks / "
-                f"{chunk.n_tokens_total} tokens, earlier ones "
-                f"{entry.n_chunks} / {entry.n_tokens_total}",
-            )
-        if chunk.key.shape != chunk.value.shape:
-            raise CodecError(
-                f"{where}.value",
-                f"shape {list(chunk.value.shape)} differs from key {list(chunk.key.shape)}",
-            )
-        entry.parts.setdefault(chunk.chunk, chunk)
-        return self.layer_complete(chunk.request_id, chunk.layer)
-
-    def layer_complete(self, request_id: str, layer: int) -> bool:
-        entry = self._layers.get((request_id, layer))
-        return entry is not None and len(entry.parts) == entry.n_chunks
-
-    def complete(self, request_id: str, layers: range | list[int]) -> bool:
-        """True when every layer in ``layers`` has all its chunks."""
-        return all(self.layer_complete(request_id, la) for la in layers)
-
-    def take(self, request_id: str, layer: int) -> tuple[int, np.ndarray, np.ndarray]:
-        """Remove a complete layer and return ``(token_start, key, value)`` concatenated."""
-        entry = self._layers.get((request_id, layer))
-        if entry is None or len(entry.parts) != entry.n_chunks:
-            raise KeyError(f"layer {layer} of {request_id} is not complete")
-        del self._layers[(request_id, layer)]
-        parts = [entry.parts[i] for i in range(entry.n_chunks)]
-        where = f"kv_chunk[{request_id} layer {layer}]"
-        expect = parts[0].token_start
-        for p in parts:
-            if p.token_start != expect:
-                raise CodecError(
-                    f"{where}.token_start",
-                    f"chunk {p.chunk} starts at {p.token_start}, expected {expect}",
-                )
-            expect += p.key.shape[KV_TOKEN_AXIS]
-        got = expect - parts[0].token_start
-        if got != entry.n_tokens_total:
-            raise CodecError(
-                where, f"chunks hold {got} tokens, n_tokens_total says {entry.n_tokens_total}"
-            )
-        key = np.concatenate([p.key for p in parts], axis=KV_TOKEN_AXIS)
-        value = np.concatenate([p.value for p in parts], axis=KV_TOKEN_AXIS)
-        return parts[0].token_start, key, value
-
-    def discard(self, request_id: str) -> int:
-        """Drop every partial layer of a request (released or timed out); returns count."""
-        doomed = [k for k in self._layers if k[0] == request_id]
-        for k in doomed:
-            del self._layers[k]
-        return len(doomed)
-
-    def pending_bytes(self) -> int:
-        return sum(
-            p.key.nbytes + p.value.nbytes for e in self._layers.values() for p in e.parts.values()
-        )
+def attempt_key(msg: PrefillStart | Activation | KVChunk | DecodeStep | TokenOut) -> AttemptKey:
+    return AttemptKey(msg.request_id, msg.attempt)

@@ -15,14 +15,17 @@ Topics, under ``e2llm/<cluster>/`` (QoS, retained, payload: writer -> reader):
 - ``plan``: QoS 1, retained. PlanMsg: orchestrator only -> devices, monitors.
 - ``orchestrator/state``: QoS 1, retained, last-will. OrchestratorState:
   orchestrator -> devices, monitors.
+- ``orchestrator/lease``: QoS 1, retained. OrchestratorLease: the serving orchestrator ->
+  standby orchestrators (a standby takes over when the lease lapses or its holder's
+  last-will fires).
 - ``orchestrator/inbox/<device_id>``: QoS 1. TokenOut, ErrorReport, Heartbeat:
   a device, under its own id only -> orchestrator.
 - ``request/<client_id>``: QoS 1. GenerateRequest, Release (cancel):
   a client, under its own id only -> orchestrator.
 - ``response/<client_id>/<request_id>``: QoS 1. ResponseEvent:
   orchestrator -> that client only.
-- ``telemetry/device/<device_id>``: QoS 0. Telemetry: the device -> monitors, orchestrator.
-- ``telemetry/cluster``: QoS 0, retained. Telemetry (cluster summary):
+- ``telemetry/device/<device_id>``: QoS 0. DeviceTelemetry: the device -> monitors.
+- ``telemetry/cluster``: QoS 0, retained. ClusterTelemetry (cluster summary):
   orchestrator -> monitors.
 - ``events/<request_id>``: QoS 0. RequestEvent, never prompt or answer text:
   orchestrator -> monitors.
@@ -172,6 +175,14 @@ ORCHESTRATOR_STATE = Topic(
     "Orchestrator liveness; retained; last-will sets status offline.",
     lwt=True,
 )
+ORCHESTRATOR_LEASE = Topic(
+    "orchestrator_lease",
+    "orchestrator/lease",
+    1,
+    True,
+    (m.OrchestratorLease,),
+    "Which orchestrator serves (epoch); retained, renewed by its holder; standbys watch it.",
+)
 ORCHESTRATOR_INBOX = Topic(
     "orchestrator_inbox",
     "orchestrator/inbox/{device_id}",
@@ -201,7 +212,7 @@ DEVICE_TELEMETRY = Topic(
     "telemetry/device/{device_id}",
     0,
     False,
-    (m.Telemetry,),
+    (m.DeviceTelemetry,),
     "Periodic figures of one device.",
 )
 CLUSTER_TELEMETRY = Topic(
@@ -209,7 +220,7 @@ CLUSTER_TELEMETRY = Topic(
     "telemetry/cluster",
     0,
     True,
-    (m.Telemetry,),
+    (m.ClusterTelemetry,),
     "Cluster summary from the orchestrator; retained so a new monitor sees it at once.",
 )
 REQUEST_EVENTS = Topic(
@@ -227,6 +238,7 @@ ALL_TOPICS: tuple[Topic, ...] = (
     DEVICE_INBOX,
     PLAN,
     ORCHESTRATOR_STATE,
+    ORCHESTRATOR_LEASE,
     ORCHESTRATOR_INBOX,
     REQUEST,
     RESPONSE,

@@ -102,9 +102,9 @@ def test_monitor_reports_devices_roles_and_plan(
     assert snap["type"] == "snapshot"
     plan = cluster.wait_serving(timeout=10)
     expected = {
-        s["device_id"]: (r["role"], r["replica_id"], [s["layer_start"], s["layer_end"]])
-        for r in plan["replicas"]
-        for s in r["stages"]
+        s.device_id: (r.role, r.replica_id, [s.layer_start, s.layer_end])
+        for r in plan.replicas
+        for s in r.stages
     }
     assert set(snap["devices"]) == {d["id"] for d in cluster.inventory["devices"]}
     assert len(snap["devices"]) == 4
@@ -112,10 +112,8 @@ def test_monitor_reports_devices_roles_and_plan(
         assert row["status"] == "ready", (dev, row)
         assert (row["role"], row["replica"], row["layers"]) == expected[dev]
         assert row["mem_bytes"] > 0 and row["telemetry"], (dev, row)
-    assert snap["plan_version"] == plan["version"]
-    assert sorted(r["role"] for r in snap["replicas"]) == sorted(
-        r["role"] for r in plan["replicas"]
-    )
+    assert snap["plan_version"] == plan.version
+    assert sorted(r["role"] for r in snap["replicas"]) == sorted(r.role for r in plan.replicas)
     assert {r["role"] for r in snap["replicas"]} == {"prefill", "decoder"}
     assert all(r["ready"] for r in snap["replicas"])
     assert snap["orchestrator"]["status"] == "online"

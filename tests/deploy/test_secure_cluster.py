@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import json
 import subprocess
 import sys
@@ -112,8 +113,8 @@ def roles(c: LocalCluster) -> dict[str, list[str]]:
     """Device ids per role under the current plan."""
     plan = c.wait_serving(timeout=10)
     out: dict[str, list[str]] = {}
-    for r in plan["replicas"]:
-        out.setdefault(r["role"], []).extend(s["device_id"] for s in r["stages"])
+    for r in plan.replicas:
+        out.setdefault(r.role, []).extend(s.device_id for s in r.stages)
     return out
 
 
@@ -224,10 +225,12 @@ def test_device_cannot_spy_on_a_peer_inbox_or_forge_a_plan(
             plan_before = (await mon.recv(timeout=5)).msg
             assert isinstance(plan_before, m.PlanMsg)
             await mon.subscribe(t.DEVICE_STATE, device_id=victim)
-            forged = dict(plan_before.plan, version=999, replicas=[])
+            forged = dataclasses.replace(plan_before.plan, version=999)
             await dev.publish(t.PLAN, m.PlanMsg(plan=forged, plan_version=999))
             await dev.publish(
-                t.DEVICE_STATE, m.DeviceState(device_id=victim, status="error"), device_id=victim
+                t.DEVICE_STATE,
+                m.DeviceState(device_id=victim, status=m.DeviceStatus.ERROR),
+                device_id=victim,
             )
             answer = await ask(cluster)  # real traffic through the victim's inbox
             seen_by_spy = await drain(dev)
@@ -235,7 +238,7 @@ def test_device_cannot_spy_on_a_peer_inbox_or_forge_a_plan(
         async with login(cluster, "monitor") as mon:  # a fresh subscriber: retained plan
             await mon.subscribe(t.PLAN)
             retained = [e for e in await drain(mon) if isinstance(e.msg, m.PlanMsg)]
-        return seen_by_spy, seen_by_monitor, retained, plan_before.plan["version"], answer
+        return seen_by_spy, seen_by_monitor, retained, plan_before.plan.version, answer
 
     seen_by_spy, seen_by_monitor, retained, version, answer = asyncio.run(scenario())
     # the spy received only its own inbox (it is on the prefill path), never the victim's
@@ -246,7 +249,7 @@ def test_device_cannot_spy_on_a_peer_inbox_or_forge_a_plan(
     assert not [e for e in seen_by_monitor if e.topic is t.PLAN]
     states = [e.msg for e in seen_by_monitor if isinstance(e.msg, m.DeviceState)]
     assert states and {s.status for s in states} == {"ready"}, states
-    assert [e.msg.plan["version"] for e in retained] == [version]  # type: ignore[attr-defined]
+    assert [e.msg.plan.version for e in retained] == [version]  # type: ignore[attr-defined]
     assert answer["new_ids"] == local_ids[1]  # the cluster kept serving correctly
     assert roles(cluster)["decoder"][0] == victim
 
@@ -270,8 +273,11 @@ def test_monitor_reads_telemetry_but_no_requests_or_responses(cluster: LocalClus
     assert not leaked, [e.topic_str for e in leaked]
     kinds = [e.msg.event for e in allowed if isinstance(e.msg, m.RequestEvent)]
     assert kinds[0] == "queued" and kinds[-1] == "done", kinds
-    assert {e.msg.source for e in allowed if isinstance(e.msg, m.Telemetry)}
-    blob = json.dumps([e.msg.data for e in allowed if isinstance(e.msg, m.RequestEvent)])
+    assert {e.msg.device_id for e in allowed if isinstance(e.msg, m.DeviceTelemetry)}
+    blob = json.dumps(
+        [dataclasses.asdict(e.msg.data) for e in allowed if isinstance(e.msg, m.RequestEvent)],
+        default=str,
+    )
     assert "secret" not in blob and answer["text"] not in blob
     # and the monitor CLI works with exactly these rights
     assert cluster.broker_url is not None and cluster.secrets_dir is not None

@@ -40,7 +40,7 @@ def live(mosquitto: MosquittoBroker, default_model: Path) -> Iterator[LocalClust
         cluster="e2e",
         agent_args=["--graph", "standard", "--precision", "fp32"],
     ) as c:
-        c.plan = Plan.from_dict(c.wait_serving(timeout=180))  # type: ignore[attr-defined]
+        c.plan = c.wait_serving(timeout=180)  # type: ignore[attr-defined]
         yield c
 
 
@@ -101,11 +101,11 @@ async def test_kv_cache_moved_from_prefill_to_decoder(live: LocalCluster) -> Non
     for dev, role in devices.items():
         c = tel[dev]
         if role == "prefill":
-            assert c["prefills"] > 0 and c["kv_chunks_out"] > 0, (dev, c)
-            assert c["decode_steps"] == 0 and c["kv_chunks_in"] == 0, (dev, c)
+            assert c.prefills > 0 and c.kv_chunks_out > 0, (dev, c)
+            assert c.decode_steps == 0 and c.kv_chunks_in == 0, (dev, c)
         else:
-            assert c["prefills"] == 0, (dev, c)  # the decoder never ran the prompt
-            assert c["kv_chunks_in"] > 0 and c["decode_steps"] > 0, (dev, c)
+            assert c.prefills == 0, (dev, c)  # the decoder never ran the prompt
+            assert c.kv_chunks_in > 0 and c.decode_steps > 0, (dev, c)
 
 
 async def test_bad_input_is_answered_and_service_continues(live: LocalCluster) -> None:
@@ -114,11 +114,12 @@ async def test_bad_input_is_answered_and_service_continues(live: LocalCluster) -
     inbox = t.DEVICE_INBOX.format(cluster="e2e", device_id=dev)
     orch_inbox = t.ORCHESTRATOR_INBOX.format(cluster="e2e", device_id=dev)
     async with Bus(live.bus_config()) as raw:
-        good = m.encode(m.DecodeStep(request_id="ghost", token_id=5, position=3, step=1))
+        good = m.encode(m.DecodeStep(request_id="ghost", attempt=0, token_id=5, position=3, step=1))
         wrong_version = msgpack.unpackb(good, raw=False)
         wrong_version["v"] = 99
         act = m.Activation(
             request_id="r",
+            attempt=0,
             phase="decode",
             hidden=np.ones((1, 1, 576), np.float32),
             position_start=0,

@@ -102,7 +102,7 @@ def pinned(
         agent_args=["--graph", "contrib", "--precision", "exact"],
     ) as c:
         got = c.wait_serving(timeout=180)
-        assert [len(r["stages"]) for r in got["replicas"]] == [2, 2]
+        assert [len(r.stages) for r in got.replicas] == [2, 2]
         yield c
 
 
@@ -140,4 +140,4 @@ async def test_batched_decoder_matches_local(pinned: LocalCluster, default_model
         assert r["new_ids"] == list(local.generate(r["prompt_ids"], 20)), p
     tel = await pinned.telemetry(["d0", "d1"], timeout=15)
     # the decoder ran its requests together: fewer passes than steps
-    assert tel["d0"]["decode_batches"] < tel["d0"]["decode_steps"], tel["d0"]
+    assert tel["d0"].decode_batches < tel["d0"].decode_steps, tel["d0"]

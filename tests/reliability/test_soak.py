@@ -28,34 +28,35 @@ async def test_memory_flat_over_a_short_soak(small: LocalCluster, soak: ModuleTy
     print(res.table())
     assert res.errors == 0 and res.done >= 10 and res.abandoned >= 2, res
     growth = res.growth_mb(warmup=2)
-    assert set(growth) == {"orchestrator", *small.agents}, growth
+    assert small.orchestrator is not None
+    assert set(growth) == {small.orchestrator.name, *small.agents}, growth
     assert all(g < GROWTH_MB for g in growth.values()), (growth, res.table())
 
 
 async def test_abandoned_request_state_is_freed(small: LocalCluster) -> None:
     dev = sorted(small.agents)[0]
-    ctx = {
-        "sampling": {},
-        "max_new_tokens": 8,
-        "eos": None,
-        "prompt_len": 4,
-        "index0": 0,
-        "decoder_replica": 0,
-    }
     tel = await small.telemetry([dev], timeout=10)
     async with Bus(small.bus_config()) as bus:
         await bus.subscribe(t.PLAN)
         env = await bus.recv(timeout=10)
         assert isinstance(env.msg, m.PlanMsg)
         plan = env.msg.plan
-        rep = next(r for r in plan["replicas"] for s in r["stages"] if s["device_id"] == dev)
-        ctx["decoder_replica"] = next(
-            r["replica_id"] for r in plan["replicas"] if r["role"] in ("decoder", "mixed")
+        stage = next(s for r in plan.replicas for s in r.stages if s.device_id == dev)
+        ctx = m.RequestContext(
+            sampling=m.Sampling(),
+            max_new_tokens=8,
+            eos_token_id=None,
+            prompt_len=4,
+            index0=0,
+            decoder_replica=next(
+                r.replica_id for r in plan.replicas if r.role in ("decoder", "mixed")
+            ),
         )
         # one layer of a KV handoff that never completes: the state must not live forever
         chunk = m.KVChunk(
-            request_id="abandoned@0",
-            layer=rep["stages"][0]["layer_start"],
+            request_id=m.RequestId("abandoned"),
+            attempt=0,
+            layer=stage.layer_start,
             token_start=0,
             n_tokens_total=4,
             key=np.zeros((1, 3, 2, 64), np.float32),
@@ -63,17 +64,17 @@ async def test_abandoned_request_state_is_freed(small: LocalCluster) -> None:
             chunk=0,
             n_chunks=2,
             context=ctx,
-            plan_version=plan["version"],
+            plan_version=plan.version,
         )
         await bus.publish(t.DEVICE_INBOX, chunk, device_id=dev)
-    before = tel[dev]["requests"]
+    before = tel[dev].requests
     held = False
     deadline = time.monotonic() + AGENT_REQUEST_TIMEOUT + 12
     while time.monotonic() < deadline:
         now = (await small.telemetry([dev], timeout=10))[dev]
-        if now["requests"] > before:
+        if now.requests > before:
             held = True
-        if held and now["requests"] == before and now["kv_pending_bytes"] == 0:
+        if held and now.requests == before and now.kv_pending_bytes == 0:
             return
         await asyncio.sleep(0.5)
     pytest.fail(f"request state not freed: held={held}, telemetry {now}")

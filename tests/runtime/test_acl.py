@@ -13,6 +13,8 @@ from e2llm_edge.wire import messages as m
 from e2llm_edge.wire import topics as t
 from e2llm_edge.wire.bus import Bus, BusConfig
 
+from .factories import a_plan
+
 ACL_CLUSTER = "aclc"  # matches tests/conftest.py auth_mosquitto
 
 pytestmark = [pytest.mark.mosquitto, pytest.mark.timeout(30)]
@@ -64,7 +66,7 @@ async def test_wrong_password_and_anonymous_are_refused(auth_mosquitto: Auth) ->
 
 
 async def test_device_reads_only_its_own_inbox(auth_mosquitto: Auth) -> None:
-    step = m.DecodeStep(request_id="r", token_id=1, position=0, step=0)
+    step = m.DecodeStep(request_id="r", attempt=0, token_id=1, position=0, step=0)
     async with (
         login(auth_mosquitto, "orchestrator") as orch,
         login(auth_mosquitto, "dev-a") as a,
@@ -89,12 +91,12 @@ async def test_only_orchestrator_publishes_the_plan(auth_mosquitto: Auth) -> Non
     ):
         await a.subscribe(t.PLAN)
         await mon.subscribe(t.PLAN)
-        await a.publish(t.PLAN, m.PlanMsg(plan={"forged": True}, plan_version=99))
+        await a.publish(t.PLAN, m.PlanMsg(plan=a_plan(99), plan_version=99))
         await nothing_arrives(mon)
-        await orch.publish(t.PLAN, m.PlanMsg(plan={"version": 1}, plan_version=1))
+        await orch.publish(t.PLAN, m.PlanMsg(plan=a_plan(1), plan_version=1))
         for bus in (a, mon):
             env = await bus.recv(timeout=3)
-            assert isinstance(env.msg, m.PlanMsg) and env.msg.plan == {"version": 1}
+            assert isinstance(env.msg, m.PlanMsg) and env.msg.plan == a_plan(1)
 
 
 async def test_device_cannot_speak_for_another_device(auth_mosquitto: Auth) -> None:
@@ -104,7 +106,9 @@ async def test_device_cannot_speak_for_another_device(auth_mosquitto: Auth) -> N
         hb = m.Heartbeat(device_id="dev-b", ts=1.0)
         await a.publish(t.ORCHESTRATOR_INBOX, hb, device_id="dev-b")
         await a.publish(
-            t.DEVICE_STATE, m.DeviceState(device_id="dev-b", status="error"), device_id="dev-b"
+            t.DEVICE_STATE,
+            m.DeviceState(device_id="dev-b", status=m.DeviceStatus.ERROR),
+            device_id="dev-b",
         )
         await nothing_arrives(orch)
         await a.publish(
@@ -151,7 +155,9 @@ async def test_clients_see_only_their_responses_and_monitor_no_user_data(
         await nothing_arrives(a)
         await mon.subscribe(t.REQUEST_EVENTS)
         await orch.publish(
-            t.REQUEST_EVENTS, m.RequestEvent(request_id="q1", event="done"), request_id="q1"
+            t.REQUEST_EVENTS,
+            m.RequestEvent(request_id="q1", event=m.RequestEventKind.DONE),
+            request_id="q1",
         )
         assert isinstance((await mon.recv(timeout=3)).msg, m.RequestEvent)
 

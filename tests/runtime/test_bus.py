@@ -19,7 +19,7 @@ from e2llm_edge.wire import messages as m
 from e2llm_edge.wire import topics as t
 from e2llm_edge.wire.bus import BadMessage, Bus, BusConfig, Will
 
-from .factories import f32
+from .factories import a_plan, f32
 
 pytestmark = [pytest.mark.mosquitto, pytest.mark.timeout(30)]
 REPO = Path(__file__).resolve().parents[2]
@@ -30,7 +30,7 @@ def cfg_for(broker: MosquittoBroker, cluster: str, **kw: object) -> BusConfig:
 
 
 def state(device_id: str, status: str = "ready") -> m.DeviceState:
-    return m.DeviceState(device_id=device_id, status=status, ts=1.0)  # type: ignore[arg-type]
+    return m.DeviceState(device_id=device_id, status=m.DeviceStatus(status), ts=1.0)  # type: ignore[arg-type]
 
 
 async def test_publish_subscribe_typed_with_ids(mosquitto: MosquittoBroker, cluster: str) -> None:
@@ -41,13 +41,14 @@ async def test_publish_subscribe_typed_with_ids(mosquitto: MosquittoBroker, clus
         hidden = f32(1, 3, 576)
         await sender.publish(
             t.DEVICE_INBOX,
-            m.DecodeStep(request_id="r", token_id=1, position=0, step=0),
+            m.DecodeStep(request_id="r", attempt=0, token_id=1, position=0, step=0),
             device_id="d2",
         )
         await sender.publish(
             t.DEVICE_INBOX,
             m.Activation(
                 request_id="r",
+                attempt=0,
                 phase="prefill",
                 hidden=hidden,
                 position_start=0,
@@ -82,6 +83,7 @@ async def test_large_message_round_trip(mosquitto: MosquittoBroker, cluster: str
             t.DEVICE_INBOX,
             m.KVChunk(
                 request_id="r",
+                attempt=0,
                 layer=0,
                 token_start=0,
                 n_tokens_total=2600,
@@ -132,11 +134,11 @@ _CHILD = textwrap.dedent("""
     from e2llm_edge.wire.bus import Bus, BusConfig, Will
     async def main():
         cfg = BusConfig(port=int(sys.argv[1]), cluster=sys.argv[2], keepalive=5)
-        will = Will(t.DEVICE_STATE, m.DeviceState(device_id="d9", status="offline"),
+        will = Will(t.DEVICE_STATE, m.DeviceState(device_id="d9", status=m.DeviceStatus.OFFLINE),
                     {"device_id": "d9"})
         async with Bus(cfg, will=will) as bus:
-            await bus.publish(t.DEVICE_STATE, m.DeviceState(device_id="d9", status="ready"),
-                              device_id="d9")
+            ready = m.DeviceState(device_id="d9", status=m.DeviceStatus.READY)
+            await bus.publish(t.DEVICE_STATE, ready, device_id="d9")
             print("up", flush=True)
             await asyncio.sleep(60)
     asyncio.run(main())
@@ -189,13 +191,18 @@ async def test_garbage_is_dropped_reported_and_delivery_continues(
     async with Bus(cfg) as a, Bus(small, on_bad_message=hook) as b:
         await b.subscribe(t.DEVICE_INBOX, device_id="d")
         inbox = t.DEVICE_INBOX.format(cluster=cluster, device_id="d")
-        good = m.encode(m.DecodeStep(request_id="r7", token_id=1, position=2, step=0))
+        good = m.encode(m.DecodeStep(request_id="r7", attempt=0, token_id=1, position=2, step=0))
         wrong_version = good.replace(b"\xa1v\x01", b"\xa1v\x02", 1)
         assert wrong_version != good
-        plan_on_inbox = m.encode(m.PlanMsg(plan={}))
+        plan_on_inbox = m.encode(m.PlanMsg(plan=a_plan()))
         oversize = m.encode(
             m.Activation(
-                request_id="big", phase="prefill", hidden=f32(1, 100, 576), position_start=0, step=0
+                request_id="big",
+                attempt=0,
+                phase="prefill",
+                hidden=f32(1, 100, 576),
+                position_start=0,
+                step=0,
             )
         )
         for payload in (b"\x00garbage", wrong_version, plan_on_inbox, oversize):
@@ -204,7 +211,7 @@ async def test_garbage_is_dropped_reported_and_delivery_continues(
             await a.publish_raw(inbox, b"x" * 5_000_000)
         await a.publish(
             t.DEVICE_INBOX,
-            m.DecodeStep(request_id="ok", token_id=3, position=4, step=1),
+            m.DecodeStep(request_id="ok", attempt=0, token_id=3, position=4, step=1),
             device_id="d",
         )
         env = await b.recv(timeout=5)
@@ -236,7 +243,7 @@ async def test_inbound_queue_is_bounded(mosquitto: MosquittoBroker, cluster: str
         for i in range(12):
             await a.publish(
                 t.DEVICE_INBOX,
-                m.DecodeStep(request_id="r", token_id=i, position=i, step=i),
+                m.DecodeStep(request_id="r", attempt=0, token_id=i, position=i, step=i),
                 device_id="d",
             )
         for _ in range(100):
@@ -255,7 +262,12 @@ async def test_queue_bytes_bound(mosquitto: MosquittoBroker, cluster: str) -> No
     async with Bus(cfg) as a, Bus(cfg_for(mosquitto, cluster, queue_bytes=3_000_000)) as b:
         await b.subscribe(t.DEVICE_INBOX, device_id="d")
         act = m.Activation(
-            request_id="r", phase="prefill", hidden=f32(1, 512, 576), position_start=0, step=0
+            request_id="r",
+            attempt=0,
+            phase="prefill",
+            hidden=f32(1, 512, 576),
+            position_start=0,
+            step=0,
         )  # 1.2 MB
         for _ in range(4):
             await a.publish(t.DEVICE_INBOX, act, device_id="d")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 from typing import Any
 
 import msgpack
@@ -11,11 +12,14 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from e2llm_edge.device.kv_transfer import KV_CHUNK_BYTES, KVAssembler, kv_chunks
 from e2llm_edge.errors import CodecError
 from e2llm_edge.wire import codec
 from e2llm_edge.wire import messages as m
 
 from .factories import assert_same, examples, f32
+
+KEY = m.AttemptKey("r", 0)
 
 
 def _tamper(msg: m.Message, **changes: Any) -> bytes:
@@ -49,7 +53,15 @@ def test_round_trip(msg: m.Message) -> None:
 
 
 def test_header_fields_travel_in_header() -> None:
-    msg = m.DecodeStep(request_id="abc", token_id=1, position=2, step=3, seq=9, plan_version=5)
+    msg = m.DecodeStep(
+        request_id=m.RequestId("abc"),
+        attempt=0,
+        token_id=1,
+        position=2,
+        step=3,
+        seq=9,
+        plan_version=5,
+    )
     raw = msgpack.unpackb(m.encode(msg), raw=False)
     assert {k: raw[k] for k in ("v", "k", "rid", "seq", "pv")} == {
         "v": 1,
@@ -64,7 +76,9 @@ def test_header_fields_travel_in_header() -> None:
 def test_arrays_decode_without_copy_and_read_only() -> None:
     hidden = f32(1, 4, 576)
     data = m.encode(
-        m.Activation(request_id="r", phase="decode", hidden=hidden, position_start=3, step=1)
+        m.Activation(
+            request_id="r", attempt=0, phase="decode", hidden=hidden, position_start=3, step=1
+        )
     )
     back = m.decode(data)
     assert isinstance(back, m.Activation)
@@ -82,6 +96,7 @@ def test_big_endian_and_non_contiguous_arrays_are_normalised() -> None:
     big = key.astype(">f4")[:, :, ::2]
     msg = m.KVChunk(
         request_id="r",
+        attempt=0,
         layer=0,
         token_start=0,
         n_tokens_total=5,
@@ -99,6 +114,7 @@ def test_big_endian_and_non_contiguous_arrays_are_normalised() -> None:
 def _kv(**kw: Any) -> m.KVChunk:
     base: dict[str, Any] = dict(
         request_id="r",
+        attempt=0,
         layer=0,
         token_start=0,
         n_tokens_total=5,
@@ -153,20 +169,35 @@ def test_validation_errors_name_the_field(changes: dict[str, Any], field: str, n
     [
         (m.DeviceState(device_id="d", status="sleeping"), "device_state.status"),  # type: ignore[arg-type]
         (
-            m.DeviceState(device_id="d", status="ready", layers=(1,)),  # type: ignore[arg-type]
+            m.DeviceState(device_id="d", status=m.DeviceStatus.READY, layers=(1,)),  # type: ignore[arg-type]
             "device_state.layers",
         ),
         (m.Heartbeat(device_id=3, ts=1.0), "heartbeat.device_id"),  # type: ignore[arg-type]
-        (m.Telemetry(source="x", data={"a": object()}), "telemetry.data.a"),
-        (m.Telemetry(source="x", data={"a": np.zeros(2)}), "telemetry.data.a"),
+        (
+            m.DeviceTelemetry(device_id="x", counters={"a": 1}),  # type: ignore[arg-type]
+            "device_telemetry.counters",
+        ),
+        (
+            m.DeviceTelemetry(
+                device_id="x",
+                counters=m.DeviceCounters(status="busy"),  # type: ignore[arg-type]
+            ),
+            "device_telemetry.counters.status",
+        ),
         (_kv(key=np.zeros((1, 3, 5, 64), np.float64)), "kv_chunk.key"),
         (_kv(key=f32(3, 5, 64)), "kv_chunk.key"),
-        (m.DecodeStep(request_id="r", token_id=2**70, position=0, step=0), "decode_step.token_id"),
         (
-            m.DecodeStep(request_id=None, token_id=1, position=0, step=0),  # type: ignore[arg-type]
+            m.DecodeStep(request_id="r", attempt=0, token_id=2**70, position=0, step=0),
+            "decode_step.token_id",
+        ),
+        (
+            m.DecodeStep(request_id=None, attempt=0, token_id=1, position=0, step=0),  # type: ignore[arg-type]
             "decode_step.request_id",
         ),
-        (m.DecodeStep(request_id="r", token_id=1, position=0, step=0, seq=-1), "decode_step.seq"),
+        (
+            m.DecodeStep(request_id="r", attempt=0, token_id=1, position=0, step=0, seq=-1),
+            "decode_step.seq",
+        ),
     ],
 )
 def test_encoder_validates_too(msg: m.Message, field: str) -> None:
@@ -176,7 +207,7 @@ def test_encoder_validates_too(msg: m.Message, field: str) -> None:
 
 
 def test_numpy_scalars_and_int_floats_are_accepted() -> None:
-    msg = m.DecodeStep(request_id="r", token_id=np.int64(5), position=1, step=0)  # type: ignore[arg-type]
+    msg = m.DecodeStep(request_id="r", attempt=0, token_id=np.int64(5), position=1, step=0)  # type: ignore[arg-type]
     back = m.decode(m.encode(msg))
     assert isinstance(back, m.DecodeStep) and back.token_id == 5
     gen = m.decode(m.encode(m.GenerateRequest(request_id="r", client_id="c", temperature=1)))
@@ -186,7 +217,12 @@ def test_numpy_scalars_and_int_floats_are_accepted() -> None:
 
 def test_size_limit_enforced_on_encode_and_decode() -> None:
     big = m.Activation(
-        request_id="r", phase="prefill", hidden=f32(1, 512, 576), position_start=0, step=0
+        request_id="r",
+        attempt=0,
+        phase="prefill",
+        hidden=f32(1, 512, 576),
+        position_start=0,
+        step=0,
     )  # ~1.2 MB
     data = m.encode(big)
     assert 1_100_000 < len(data) < codec.MAX_MESSAGE_BYTES
@@ -195,7 +231,12 @@ def test_size_limit_enforced_on_encode_and_decode() -> None:
     with pytest.raises(CodecError, match="exceeds limit 1000000"):
         m.decode(data, max_bytes=1_000_000)
     too_big = m.Activation(
-        request_id="r", phase="prefill", hidden=f32(1, 2000, 576), position_start=0, step=0
+        request_id="r",
+        attempt=0,
+        phase="prefill",
+        hidden=f32(1, 2000, 576),
+        position_start=0,
+        step=0,
     )  # 4.6 MB > 4 MiB default
     with pytest.raises(CodecError) as info:
         m.encode(too_big)
@@ -289,23 +330,99 @@ def test_fuzz_well_framed_garbage_only_raises_codec_error(
         m.decode(data)
 
 
+# --------------------------------------------------------------------------- typed structs
+
+
+def _raw(msg: m.Message) -> dict[str, Any]:
+    return msgpack.unpackb(m.encode(msg), raw=False)  # type: ignore[no-any-return]
+
+
+def _repack(raw: dict[str, Any]) -> bytes:
+    return msgpack.packb(raw, use_bin_type=True)  # type: ignore[no-any-return]
+
+
+def test_nested_struct_invariants_are_checked_on_decode() -> None:
+    """A decoded struct is built by its own constructor: its checks run on every message."""
+    act = next(x for x in examples() if isinstance(x, m.Activation))
+    raw = _raw(act)
+    raw["b"]["context"]["index0"] = 99  # beyond max_new_tokens: no sane KV size follows
+    with pytest.raises(CodecError) as info:
+        m.decode(_repack(raw))
+    assert info.value.field == "activation.context" and "out of range" in info.value.reason
+    raw = _raw(act)
+    raw["b"]["context"]["sampling"]["top_p"] = 0.0
+    with pytest.raises(CodecError) as info:
+        m.decode(_repack(raw))
+    assert info.value.field == "activation.context.sampling"
+    assert "top_p must be in (0, 1]" in info.value.reason
+    raw = _raw(act)
+    del raw["b"]["context"]["decoder_replica"]
+    with pytest.raises(CodecError, match=r"missing \['decoder_replica'\]"):
+        m.decode(_repack(raw))
+
+
+def test_plan_invariants_are_checked_on_decode() -> None:
+    plan = next(x for x in examples() if isinstance(x, m.PlanMsg))
+    raw = _raw(plan)
+    raw["b"]["plan"]["replicas"][0]["stages"][1]["layer_start"] = 14  # overlapping stages
+    with pytest.raises(CodecError) as info:
+        m.decode(_repack(raw))
+    assert info.value.field == "plan_msg.plan" and "must start at 15" in info.value.reason
+    raw = _raw(plan)
+    raw["b"]["plan"]["replicas"][1]["stages"][0]["device_id"] = "a"  # one device, two replicas
+    with pytest.raises(CodecError, match="already used by replica 0"):
+        m.decode(_repack(raw))
+
+
+def test_enums_travel_as_values_and_unknown_values_are_refused() -> None:
+    err = next(x for x in examples() if isinstance(x, m.ErrorReport))
+    raw = _raw(err)
+    assert raw["b"]["code"] == "internal"
+    raw["b"]["code"] = "meltdown"
+    with pytest.raises(CodecError) as info:
+        m.decode(_repack(raw))
+    assert info.value.field == "error_report.code" and "not one of ErrorCode" in info.value.reason
+
+
+def test_no_message_field_is_a_free_form_map() -> None:
+    """Every field is typed all the way down: no dict[str, Any] crosses the bus."""
+    import typing
+
+    def loose(tp: Any, seen: set[Any]) -> bool:
+        if tp is Any:
+            return True
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if origin is typing.Annotated:
+            return False
+        if origin is not None:
+            return any(loose(a, seen) for a in args if a is not Ellipsis)
+        if dataclasses.is_dataclass(tp) and tp not in seen:
+            seen.add(tp)
+            hints = typing.get_type_hints(tp, include_extras=True)
+            return any(loose(hints[f.name], seen) for f in dataclasses.fields(tp))
+        return False
+
+    for cls in m.message_types():
+        assert not loose(cls, set()), cls.__name__
+
+
 # --------------------------------------------------------------------------- KV chunking
 
 
 def test_kv_chunks_are_about_target_size_and_reassemble() -> None:
     key, value = f32(1, 3, 700, 64), f32(1, 3, 700, 64)  # 1536 B/token for K+V
-    chunks = m.kv_chunks("r", 4, key, value, target_bytes=256 * 1024, plan_version=2)
+    chunks = kv_chunks(KEY, 4, key, value, target_bytes=256 * 1024, plan_version=2)
     assert len(chunks) == 5
     assert all(len(m.encode(c)) <= 256 * 1024 + 1024 for c in chunks)
-    asm = m.KVAssembler()
+    asm = KVAssembler()
     decoded = [m.decode(m.encode(c)) for c in reversed(chunks)]
     assert all(isinstance(c, m.KVChunk) for c in decoded)
     kv = [c for c in decoded if isinstance(c, m.KVChunk)]
     done = [asm.add(c) for c in kv]
     assert done == [False] * 4 + [True]
     assert asm.add(kv[0]) is True  # redelivered duplicate is harmless
-    assert asm.complete("r", [4]) and not asm.complete("r", [4, 5])
-    start, k2, v2 = asm.take("r", 4)
+    assert asm.layer_complete(KEY, 4) and not asm.layer_complete(KEY, 5)
+    start, k2, v2 = asm.take(KEY, 4)
     assert start == 0
     np.testing.assert_array_equal(k2, key)
     np.testing.assert_array_equal(v2, value)
@@ -314,19 +431,19 @@ def test_kv_chunks_are_about_target_size_and_reassemble() -> None:
 
 def test_kv_default_target_is_one_mib_per_message() -> None:
     key = f32(1, 3, 2048, 64)
-    chunks = m.kv_chunks("r", 0, key, key)
+    chunks = kv_chunks(KEY, 0, key, key)
     sizes = [len(m.encode(c)) for c in chunks]
     assert len(chunks) == 4  # 3 MiB of K+V
-    assert max(sizes) <= m.KV_CHUNK_BYTES + 1024 and min(sizes) > 1000
+    assert max(sizes) <= KV_CHUNK_BYTES + 1024 and min(sizes) > 1000
 
 
 def test_kv_assembler_rejects_inconsistent_chunks_and_discards() -> None:
-    a, b = m.kv_chunks("r", 0, f32(1, 3, 10, 64), f32(1, 3, 10, 64), target_bytes=8000)
-    asm = m.KVAssembler()
+    a, b = kv_chunks(KEY, 0, f32(1, 3, 10, 64), f32(1, 3, 10, 64), target_bytes=8000)
+    asm = KVAssembler()
     asm.add(a)
     with pytest.raises(CodecError, match="chunks"):
         asm.add(_kv(layer=0, n_chunks=7))
-    assert asm.discard("r") == 1
+    assert asm.discard(KEY) == 1
     with pytest.raises(KeyError):
-        asm.take("r", 0)
+        asm.take(KEY, 0)
     assert b.token_start == 5
