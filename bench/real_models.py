@@ -372,7 +372,6 @@ def cluster(mdir: Path, prompts: list[list[int]], new_tokens: int, threads: int)
     """4 agents, each with a budget under the model's size: every replica spans >= 2."""
     from e2llm_edge.device.profile import load_or_measure_profile
     from e2llm_edge.ops.localcluster import LocalCluster
-    from planner import Plan
 
     m = Manifest.load(mdir)
     variant = ("contrib", "exact")
@@ -394,14 +393,17 @@ def cluster(mdir: Path, prompts: list[list[int]], new_tokens: int, threads: int)
     with LocalCluster(
         mdir, inv, cluster="realqwen", threads=threads, agent_args=agent_args, verbose=False
     ) as lc:
-        plan = Plan.from_dict(lc.wait_serving(timeout=1800))
+        plan = lc.wait_serving(timeout=1800)
         got = asyncio.run(_cluster_answers(lc, prompts, new_tokens))
         rss = lc.rss()
     return {
         "model_mb": model_mb,
         "budget_mb": budget,
         "replicas": [
-            {"role": r.role, "stages": [[s.device_id, s.start, s.end] for s in r.stages]}
+            {
+                "role": r.role,
+                "stages": [[s.device_id, s.layer_start, s.layer_end] for s in r.stages],
+            }
             for r in plan.replicas
         ],
         "every_replica_spans_two": all(len(r.stages) >= 2 for r in plan.replicas),

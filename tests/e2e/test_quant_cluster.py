@@ -75,7 +75,7 @@ def live(mosquitto: MosquittoBroker, model_dir: Path) -> Iterator[LocalCluster]:
         cluster="quant",
         agent_args=["--graph", VARIANT[0], "--precision", VARIANT[1]],
     ) as c:
-        c.plan = Plan.from_dict(c.wait_serving(timeout=180))  # type: ignore[attr-defined]
+        c.plan = c.wait_serving(timeout=180)  # type: ignore[attr-defined]
         yield c
 
 
