@@ -1,6 +1,7 @@
 # e2llm-edge image, two targets:
 #   agent: a device; only the base dependencies (numpy, onnxruntime, msgpack, aiomqtt, pyyaml)
-#   fog:   orchestrator, exporter, monitor (extras "fog": tokenizer, planner GA, rich, onnx)
+#   fog:   orchestrator, exporter, monitor, HTTP gateway (extras "fog" and "gateway": tokenizer,
+#          planner GA, rich, onnx, aiohttp, prometheus-client)
 # docker-compose builds both (compose.yaml); by hand:
 #   docker build --target agent -t e2llm-edge:agent .
 #   docker build --target fog -t e2llm-edge:fog .
@@ -23,4 +24,4 @@ FROM base AS agent
 RUN pip install . && rm -rf /src/build
 
 FROM base AS fog
-RUN pip install ".[fog]" && rm -rf /src/build
+RUN pip install ".[fog,gateway]" && rm -rf /src/build

@@ -171,6 +171,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         request_timeout=args.request_timeout,
         variant=_variant(args),
         stage_timeout=args.stage_timeout,
+        telemetry_interval=args.telemetry_interval,
     )
     asyncio.run(Agent(cfg).run())
     return 0
@@ -232,6 +233,44 @@ def cmd_demo(args: argparse.Namespace) -> int:
     from e2llm_edge.ops.demo import run_demo
 
     return run_demo(args, _model_dir(args))
+
+
+def cmd_gateway(args: argparse.Namespace) -> int:
+    from e2llm_edge.fog.gateway import cmd_gateway as run
+
+    return run(args, _model_dir(args))
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    from e2llm_edge.ops.up import run_up
+
+    return run_up(args, _model_dir(args))
+
+
+def cmd_chat(args: argparse.Namespace) -> int:
+    from e2llm_edge.ops.chat import run_chat
+
+    return run_chat(args, _model_dir(args) if args.broker else None)
+
+
+def add_gateway_args(p: argparse.ArgumentParser, port: int = 8000) -> None:
+    """How the OpenAI-compatible HTTP API listens (gateway and up)."""
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0: all)")
+    p.add_argument("--port", type=int, default=port, help="TCP port of the HTTP API")
+    p.add_argument("--api-key-file", help="file of accepted API keys, one per line (Bearer)")
+    p.add_argument("--model-id", help="model name clients pass (default: the model directory's)")
+    p.add_argument(
+        "--max-in-flight", type=int, default=256, help="requests served at once (429 beyond)"
+    )
+    p.add_argument(
+        "--request-timeout",
+        type=float,
+        default=120.0,
+        help="seconds without an answer from the cluster before 504",
+    )
+    p.add_argument(
+        "--max-body-bytes", type=int, default=1024 * 1024, help="largest request body (413 beyond)"
+    )
 
 
 def add_run_args(p: argparse.ArgumentParser) -> None:
@@ -305,6 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=30.0,
         help="seconds of queued work without progress before reporting error",
+    )
+    p.add_argument(
+        "--telemetry-interval",
+        type=float,
+        default=2.0,
+        help="seconds between telemetry, state and heartbeat messages",
     )
     p.set_defaults(func=cmd_agent)
 
@@ -389,6 +434,47 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--method", default="e2llm")
     p.add_argument("--cluster", default="demo")
     p.set_defaults(func=cmd_demo)
+
+    p = sub.add_parser(
+        "gateway", help="OpenAI-compatible HTTP API of a cluster (chat, completions, metrics)"
+    )
+    add_broker_args(p)
+    p.add_argument("--model", help="the model directory the cluster serves (chat template)")
+    add_gateway_args(p)
+    p.add_argument("--monitor-username", help="broker user for /metrics (default: --username)")
+    p.add_argument("--monitor-password-file", help="password file of --monitor-username")
+    p.set_defaults(func=cmd_gateway)
+
+    p = sub.add_parser(
+        "up", help="broker, orchestrator, agents and the HTTP API on this machine, until Ctrl-C"
+    )
+    p.add_argument("--agents", type=int, default=2, help="local agent processes (devices)")
+    p.add_argument("--model", help="model directory or source (default: SmolLM2-135M)")
+    p.add_argument(
+        "--broker-kind",
+        choices=["auto", "mosquitto", "embedded"],
+        default="auto",
+        help="Mosquitto when installed (auto), else the embedded pure-Python broker",
+    )
+    p.add_argument("--logs", help="keep every process's log in this directory")
+    p.add_argument("--cluster", default="local")
+    add_gateway_args(p)
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("chat", help="interactive multi-turn chat in the terminal")
+    where = p.add_mutually_exclusive_group(required=True)
+    where.add_argument("--url", help="an e2llm gateway (or any OpenAI-compatible server)")
+    where.add_argument("--broker", help="mqtt://host:port of a cluster (no gateway needed)")
+    p.add_argument("--cluster", default="default", help="with --broker")
+    p.add_argument("--username", help="with --broker: broker user")
+    p.add_argument("--password-file", help="with --broker: its password file")
+    p.add_argument("--model", help="with --broker: the model directory (chat template)")
+    p.add_argument("--api-key-file", help="with --url: file holding the API key to send")
+    p.add_argument("--system", help="a system message opening the conversation")
+    p.add_argument("--max-tokens", type=int, default=512, help="longest answer, in tokens")
+    p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
+    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for an answer")
+    p.set_defaults(func=cmd_chat)
 
     for register in _plugins():
         register(sub)

@@ -26,7 +26,7 @@ import json
 import logging
 import sys
 import uuid
-from collections.abc import AsyncIterator
+from collections.abc import AsyncGenerator
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
@@ -149,10 +149,17 @@ class Client:
         top_p: float = 1.0,
         seed: int | None = None,
         timeout: float = 120.0,
-    ) -> AsyncIterator[m.ResponseEvent]:
-        """Stream one request's events; `timeout` bounds the wait for each next event."""
+        request_id: str | None = None,
+    ) -> AsyncGenerator[m.ResponseEvent, None]:
+        """Stream one request's events; `timeout` bounds the wait for each next event.
+
+        `request_id` (default: a fresh uuid) names the request on the cluster, so a caller
+        can correlate its own ids with the monitor's request events; it must be unique.
+        """
         assert self._bus is not None
-        rid = m.RequestId(uuid.uuid4().hex)
+        rid = m.RequestId(request_id or uuid.uuid4().hex)
+        if rid in self._streams:
+            raise ValueError(f"request id {rid!r} is already in flight on this client")
         q: asyncio.Queue[m.ResponseEvent] = asyncio.Queue(maxsize=4 * max(max_new_tokens, 1) + 64)
         self._streams[rid] = q
         finished = False

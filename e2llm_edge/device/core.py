@@ -308,6 +308,7 @@ class DeviceCore:
                 "rejected",
                 "released",
                 "timed_out",
+                "loads",
             ),
             0,
         )
@@ -426,6 +427,7 @@ class DeviceCore:
             self._set_status(DeviceStatus.ERROR, error)
             self._emit(Log("warning", "load", f"{self.id}: loading plan v{version}: {error}"))
         else:
+            self.counters["loads"] += 1
             self.placement = place
             self.last_error = None
             self.status = DeviceStatus.READY
@@ -1148,6 +1150,7 @@ class DeviceCore:
             rejected=int(c["rejected"]),
             released=int(c["released"]),
             timed_out=int(c["timed_out"]),
+            loads=int(c["loads"]),
             mem_bytes=mem_bytes,
         )
 

@@ -39,6 +39,7 @@ class ChatTokenizer:
             from jinja2.sandbox import ImmutableSandboxedEnvironment
 
             env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
+            env.globals["raise_exception"] = _raise_exception
             self._template = env.from_string(self.chat_template)
         return str(
             self._template.render(
@@ -59,6 +60,25 @@ class ChatTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
+
+    def encode_raw(self, text: str) -> list[int]:
+        """Ids of text as is (no template, no added special tokens), as the orchestrator
+        encodes a ``raw`` prompt."""
+        return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+
+def encode_chat(tok: ChatTokenizer, messages: list[dict[str, str]]) -> list[int]:
+    """A whole conversation (``{role, content}`` turns, system/user/assistant) through the
+    model's chat template, ready for the assistant's next turn: the prompt of the gateway's
+    chat completions and of `e2llm chat`. For a single user message it equals
+    ``tok.encode_prompt(content)``, what `e2llm generate` sends."""
+    return tok.encode_raw(tok.render_chat(messages))
+
+
+def _raise_exception(message: str) -> None:
+    """What transformers gives templates to refuse a conversation (e.g. roles that do not
+    alternate); the gateway answers it with a 400 naming the template's message."""
+    raise ValueError(message)
 
 
 class Detokenizer(Protocol):

@@ -2,7 +2,8 @@
 
 Writes the Mosquitto password file and ACL (``e2llm_edge.ops.broker.init_secrets``), the
 credentials, one ``<user>.password`` file per user for the ``--password-file`` option of
-every command, and a Mosquitto config for running the broker straight on this machine.
+every command, the HTTP gateway's API key (``gateway.api-keys``), and a Mosquitto config
+for running the broker straight on this machine.
 Everything it writes is mode 0600 except the config; ``broker/secrets/`` is gitignored.
 """
 
@@ -10,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import secrets
 import sys
 from pathlib import Path
 from typing import Any
@@ -65,6 +67,19 @@ def write_password_files(out_dir: Path, creds: Credentials) -> list[Path]:
     return written
 
 
+API_KEYS_FILE = "gateway.api-keys"
+"""The gateway's accepted API keys (``e2llm gateway --api-key-file``), one per line."""
+
+
+def write_api_keys(out_dir: Path) -> Path:
+    """One random API key for the HTTP gateway, mode 0600 (add lines to rotate keys)."""
+    path = out_dir / API_KEYS_FILE
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(f"sk-e2llm-{secrets.token_urlsafe(32)}\n")
+    return path
+
+
 def write_local_config(out_dir: Path, port: int = 1883, host: str = "0.0.0.0") -> Path:
     """A mosquitto.conf that uses these secrets in place (paths absolute), for running
     Mosquitto directly; ``broker/mosquitto.conf`` is the one for the container."""
@@ -95,6 +110,7 @@ def init(
     creds = init_secrets(out_dir, devices, cluster=cluster, clients=clients)
     files = [out_dir / "passwd", out_dir / "acl", out_dir / "credentials.json"]
     files += write_password_files(out_dir, creds)
+    files.append(write_api_keys(out_dir))
     for f in files[:2]:
         f.chmod(0o600)
     files.append(write_local_config(out_dir))

@@ -549,7 +549,29 @@ def cmd_monitor(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_url(url: str, timeout: float) -> tuple[bool, str]:
+    """A gateway's ``/health``: healthy when it answers 200 (stdlib only: the agent image
+    has no HTTP client library)."""
+    import urllib.error
+    import urllib.request
+
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as resp:
+            return True, f"{url}: {resp.status} {resp.read(200).decode(errors='replace')}"
+    except urllib.error.HTTPError as exc:
+        return False, f"{url}: {exc.code} {exc.read(200).decode(errors='replace')}"
+    except (OSError, ValueError) as exc:
+        return False, f"{url}: {exc}"
+
+
 def cmd_health(args: argparse.Namespace) -> int:
+    if args.url:
+        ok, text = check_url(args.url, args.timeout)
+        print(text, file=sys.stdout if ok else sys.stderr)
+        return 0 if ok else 1
+    if args.broker is None:
+        print("error: give --broker (or --url for a gateway)", file=sys.stderr)
+        return 2
     if (args.device_id is None) == (not args.orchestrator):
         print("error: give exactly one of --device-id or --orchestrator", file=sys.stderr)
         return 2
@@ -592,7 +614,8 @@ def register(sub: Any) -> None:
         "health",
         help="exit 0 if a device (or the orchestrator) is healthy, judged from its retained state",
     )
-    add_broker_args(p)
+    add_broker_args(p, required=False)
+    p.add_argument("--url", help="instead: a gateway's /health URL (healthy when it answers 200)")
     p.add_argument("--device-id", help="the device to check")
     p.add_argument("--orchestrator", action="store_true", help="check the orchestrator")
     p.add_argument(

@@ -307,6 +307,8 @@ class DeviceCounters:
     """Attempts freed on a Release (finished, cancelled, failed elsewhere)."""
     timed_out: int = 0
     """Attempts freed because they made no progress for the request timeout."""
+    loads: int = 0
+    """Times this agent loaded its stage's weights (a role flip or a takeover loads none)."""
     mem_bytes: int = 0
 
 

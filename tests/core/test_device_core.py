@@ -274,6 +274,7 @@ def test_a_role_flip_keeps_the_weights() -> None:
     )
     cmds = core.plan(flipped, 1.0)
     assert not [x for x in cmds if isinstance(x, dc.Load)], "same layers: no reload"
+    assert core.telemetry(0).loads == 1
     assert dc.Configure(0) in cmds  # a prefill replica keeps no decode pool
     assert core.status == DeviceStatus.READY and core.placement is not None
     assert core.placement.replica.role == "prefill" and core.placement.version == 2

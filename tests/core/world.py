@@ -303,9 +303,10 @@ class World:
         self.now += dt
         self._fog(fc.Tick())
         for n, dev in self.devices.items():
-            if dev.alive:
+            if dev.alive:  # what an agent's housekeeping sends: heartbeat, then its state
                 self._fog(fc.DeviceHeard(n))
                 self._do(n, dev.core.tick(self.now))
+                self._device_state(n)
 
     def boot(self) -> None:
         for _ in range(10):

@@ -93,7 +93,7 @@ def test_every_service_command_is_a_real_e2llm_subcommand(config: dict[str, Any]
         args = _parse(argv)
         assert callable(args.func), where
         seen.add(argv[1])
-    assert {"export", "orchestrator", "agent", "health", "generate", "monitor"} <= seen
+    assert {"export", "orchestrator", "agent", "health", "generate", "monitor", "gateway"} <= seen
 
 
 def test_images_come_from_the_dockerfile_targets(config: dict[str, Any]) -> None:
@@ -133,13 +133,15 @@ def test_one_model_export_serves_everyone(config: dict[str, Any]) -> None:
     services = config["services"]
     export = _parse(services["model"]["command"])
     assert export.command == "export"
-    users = [_parse(services["orchestrator"]["command"])] + [a for _, a in _agents(config).values()]
+    users = [_parse(services[n]["command"]) for n in ("orchestrator", "gateway")]
+    users += [a for _, a in _agents(config).values()]
     for args in users:
         assert args.model == export.out
     volume = export.out.split("/")[1]
     for name in [
         "model",
         "orchestrator",
+        "gateway",
         *[n for n, s in services.items() if _project(s) and s["command"][1] == "agent"],
     ]:
         mounts = [v for v in services[name]["volumes"] if isinstance(v, str)]
@@ -158,18 +160,27 @@ def test_each_process_logs_in_as_itself_with_only_its_secret(config: dict[str, A
             continue
         assert args.username, f"{where}: connects anonymously"
         assert args.password_file == f"{PASSWORDS}/{args.username}.password", where
+        if getattr(args, "monitor_username", None):  # the gateway's second login
+            want = f"{PASSWORDS}/{args.monitor_username}.password"
+            assert args.monitor_password_file == want, where
         svc = config["services"][where.split()[0]]
         mounted = {s["source"] for s in svc.get("secrets", [])}
         assert f"{args.username}.password" in mounted, where
     for name, svc in config["services"].items():
         mounted = {s["source"] for s in svc.get("secrets", [])}
         users = {
-            getattr(_parse(a), "username", None)
+            getattr(_parse(a), attr, None)
             for w, a in _commands(config)
             if w.split()[0] == name
+            for attr in ("username", "monitor_username")
+        }
+        api_keys = {
+            Path(a.api_key_file).name
+            for w, a in ((w, _parse(a)) for w, a in _commands(config))
+            if w.split()[0] == name and getattr(a, "api_key_file", None)
         }
         if _project(svc):
-            assert mounted == {f"{u}.password" for u in users if u}, name
+            assert mounted == {f"{u}.password" for u in users if u} | api_keys, name
         for v in svc.get("volumes", []):
             src = v.split(":")[0] if isinstance(v, str) else v.get("source", "")
             assert not src.rstrip("/").endswith("broker/secrets"), f"{name} mounts all secrets"
@@ -196,3 +207,35 @@ import e2llm_edge.device.agent, e2llm_edge.client, e2llm_edge.ops.monitor
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60
     )
     assert proc.returncode == 0, proc.stderr
+
+
+def test_gateway_is_published_with_its_api_key_from_a_secret(config: dict[str, Any]) -> None:
+    svc = config["services"]["gateway"]
+    args = _parse(svc["command"])
+    assert args.command == "gateway" and args.host == "0.0.0.0"
+    published = {(str(p["target"]), str(p.get("published"))) for p in svc["ports"]}
+    assert (str(args.port), str(args.port)) in published
+    key = Path(args.api_key_file)
+    assert key.parent == Path(PASSWORDS) and key.name in {s["source"] for s in svc["secrets"]}
+    assert Path(config["secrets"][key.name]["file"]).name == "gateway.api-keys"  # broker init
+    assert args.monitor_username == "monitor" and args.username == "client"
+    assert svc["depends_on"]["orchestrator"]["condition"] == "service_healthy"
+    health = _parse(svc["healthcheck"]["test"][1:])
+    assert health.command == "health" and health.url.endswith(f":{args.port}/health")
+    assert svc["build"]["target"] == "fog"
+    fog = (ROOT / "Dockerfile").read_text().split("AS fog", 1)[1]
+    assert "gateway" in fog  # the fog image installs the gateway extra
+
+
+def test_broker_init_writes_the_gateway_api_key(tmp_path: Path) -> None:
+    pytest.importorskip("aiohttp")
+    from e2llm_edge.fog.gateway import read_api_keys
+    from e2llm_edge.ops.broker_cli import API_KEYS_FILE, init
+
+    if shutil.which("mosquitto_passwd") is None:
+        pytest.skip("mosquitto_passwd not installed")
+    _, files = init(["d1"], tmp_path, cluster="c", clients=["client"], force=False)
+    path = tmp_path / API_KEYS_FILE
+    assert path in files and path.stat().st_mode & 0o777 == 0o600
+    (key,) = read_api_keys(path)
+    assert key.startswith("sk-e2llm-") and len(key) > 40

@@ -117,6 +117,7 @@ def test_orchestrator_killed_mid_stream_loses_no_request(
     with its full answer, identical to the local path."""
     serving = asyncio.run(_serving_orchestrator(six))
     idle = "orch-b" if serving == "orch-a" else "orch-a"
+    loads = {d: c.loads for d, c in asyncio.run(six.telemetry(sorted(six.agents))).items()}
     if not standby:
         six.orchestrator_proc(idle).kill()  # nobody stands by: the killed one is restarted
     six.standby = standby
@@ -145,6 +146,8 @@ def test_orchestrator_killed_mid_stream_loses_no_request(
     (kill,) = res.orchestrator_kills
     # targets: 3 s with a standby, 5 s + process start without; generous on a shared box
     assert kill["serving_again_s"] is not None and kill["serving_again_s"] < 20, chaos.report(res)
+    after = {d: c.loads for d, c in asyncio.run(six.telemetry(sorted(six.agents))).items()}
+    assert after == loads, (loads, after)  # the new orchestrator's plan reloaded nothing
     if not standby:  # the restarted orchestrator serves: bring the standby back
         six.restart_orchestrator(idle, standby=True)
 
