@@ -42,7 +42,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 from fast_decode import batched, llamacpp_engine, local_engine, measure  # noqa: E402
 from machine import cpu_model  # noqa: E402
 
-from e2llm_edge.device.fast_runner import FastLayerStack, VariantEmbedder, VariantHead  # noqa: E402
+from e2llm_edge.device.fast_runner import FastLayerStack, VariantEmbedder  # noqa: E402
 from e2llm_edge.device.local import LocalModel  # noqa: E402
 from e2llm_edge.device.runner import configure_threads, make_session  # noqa: E402
 from e2llm_edge.sysinfo import rss_bytes  # noqa: E402
@@ -117,32 +117,52 @@ def reference_worker(gguf: str, prompts_json: str, new_tokens: int) -> None:
     print(json.dumps({"ids": out, "peak_rss": peak}))
 
 
+def resident() -> tuple[int, int]:
+    """(private, file-backed) resident bytes of this process: mapped tables are the latter,
+    pages the kernel may drop and read again."""
+    fields = {}
+    for line in Path("/proc/self/status").read_text().splitlines():
+        key, _, value = line.partition(":")
+        if key in ("RssAnon", "RssFile", "RssShmem"):
+            fields[key] = int(value.split()[0]) * 1024
+    return fields["RssAnon"], fields["RssFile"] + fields.get("RssShmem", 0)
+
+
 def memory_worker(mdir: str, precision: str, threads: int) -> None:
     """Resident memory of one process holding the whole model (embed, all layers in one
     session, head), after loading and after a 200-token prefill and 32 decode steps."""
     m = Manifest.load(mdir)
     v = ("contrib", precision)
     base = rss_bytes(os.getpid())
+    anon0, file0 = resident()
     n = int(m.config["n_layers"])
     emb = VariantEmbedder(m, v, verify=False, threads=threads)
     after_embed = rss_bytes(os.getpid())
     stack = FastLayerStack(m, 0, n, precision=precision, verify=False, context=4096)
     after_layers = rss_bytes(os.getpid())
-    head = VariantHead(m, v, verify=False, threads=threads)
+    # the screened head alone: VariantHead would time the unscreened one too on a busy
+    # machine, holding both for a moment
+    head = make_session(m.path(m.by_kind("head", *v)[0]), threads)
     loaded = rss_bytes(os.getpid())
+    anon1, file1 = resident()
     cache = stack.new_cache(240)
     ids = np.arange(1000, 1200, dtype=np.int64)[None]
     h = stack.run(emb.run(ids), 0, cache)
-    tok = int(head.run(h[:, -1:])[0, -1].argmax())
+    tok = int(head.run(None, {"hidden": h[:, -1:]})[0][0, -1].argmax())
     for _ in range(32):
         h = stack.run(emb.run(np.asarray([[tok]])), cache.length, cache)
-        tok = int(head.run(h)[0, -1].argmax())
+        tok = int(head.run(None, {"hidden": h})[0][0, -1].argmax())
     gc.collect()
     used = rss_bytes(os.getpid())
+    anon2, file2 = resident()
     print(
         json.dumps(
             {
                 "base": base,
+                "loaded_private": anon1 - anon0,
+                "loaded_file": file1 - file0,
+                "after_decode_private": anon2 - anon0,
+                "after_decode_file": file2 - file0,
                 "embed": after_embed - base,
                 "layers": after_layers - after_embed,
                 "head": loaded - after_layers,
@@ -318,12 +338,17 @@ def where_bytes_go(mdir: Path, precision: str) -> dict[str, int]:
         m.by_kind("head", "contrib", precision)[0],
     ]
     kinds = {"codes": 0, "scales": 0, "block minimums": 0, "zero points": 0, "other": 0}
+    kinds["rope (once per device)"] = 0
     for s in segs:
         model = onnx.load(str(m.path(s)), load_external_data=False)
         for t in model.graph.initializer:
             if t.data_location == onnx.TensorProto.EXTERNAL:
-                continue
-            size = len(t.raw_data) or int(np.prod(t.dims)) * 4
+                size = int(next(e.value for e in t.external_data if e.key == "length"))
+                if t.name.startswith("shared/"):
+                    kinds["rope (once per device)"] = max(kinds["rope (once per device)"], size)
+                    continue
+            else:
+                size = len(t.raw_data) or int(np.prod(t.dims)) * 4
             key = (
                 "codes"
                 if t.name.endswith((".qweight", ".q"))
@@ -467,12 +492,15 @@ def report(name: str, r: dict[str, Any]) -> None:
             if "error" in e:
                 print(f"memory {p}: {e['error']}")
                 continue
-            stored = ", ".join(f"{k} {v / mb:.0f}" for k, v in e["stored"].items())
+            stored = ", ".join(f"{k} {v / mb:.1f}" for k, v in e["stored"].items())
             print(
-                f"memory {p}: loaded {e['loaded'] / mb:.0f} MB ({e['ratio_loaded']:.2f}x GGUF; "
+                f"memory {p}: loaded {e['loaded'] / mb:.0f} MB (private "
+                f"{e['loaded_private'] / mb:.0f}, mapped files {e['loaded_file'] / mb:.0f}; "
+                f"{e['ratio_loaded']:.2f}x GGUF; "
                 f"embed {e['embed'] / mb:.0f}, layers {e['layers'] / mb:.0f}, head "
                 f"{e['head'] / mb:.0f}), after 200+32 tokens {e['after_decode'] / mb:.0f} MB "
-                f"({e['ratio_after_decode']:.2f}x; KV {e['kv_bytes'] / mb:.1f}); manifest "
+                f"({e['ratio_after_decode']:.2f}x; private {e['after_decode_private'] / mb:.0f}; "
+                f"KV {e['kv_bytes'] / mb:.1f}); manifest "
                 f"{e['manifest_bytes'] / mb:.0f} MB; stored: {stored}; process base "
                 f"{e['base'] / mb:.0f} MB"
             )

@@ -246,7 +246,7 @@ def export_model(
         for name, kind, first, stop, build in todo:
             model = build()
             weights = _weights_info(model)
-            data = externalize(model, out)
+            data, mapped = externalize(model, out)
             data_files.update(data)
             path = out / f"{name}.onnx"
             tmp = path.with_suffix(".onnx.tmp")
@@ -265,7 +265,7 @@ def export_model(
                 inputs=_specs(model.graph.input),
                 outputs=_specs(model.graph.output),
                 data=sorted(data),
-                param_bytes=inline_bytes(model),
+                param_bytes=inline_bytes(model) + mapped,
                 weights=weights,
             )
             advance(name)
