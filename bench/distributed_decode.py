@@ -112,6 +112,12 @@ def main() -> int:
     )
     ap.add_argument("--graph", default="standard", choices=["standard", "contrib"])
     ap.add_argument("--precision", default=None, help="fp32 (standard), exact/int8 (contrib)")
+    ap.add_argument(
+        "--plaintext",
+        action="store_true",
+        help="anonymous plain TCP (default: TLS with a certificate per process, as deployed; "
+        "bench/tls_cost.py measures the difference)",
+    )
     args = ap.parse_args()
     precision = args.precision or ("fp32" if args.graph == "standard" else "exact")
     variant = ["--graph", args.graph, "--precision", precision]
@@ -128,7 +134,9 @@ def main() -> int:
     ids = tok.encode_prompt(PROMPT)
     load_or_measure_profile(manifest, threads=args.threads, variant=(args.graph, precision))
     print(
-        f"CPU: {cpu_model()}, {os.cpu_count()} cores; local path with 1 and 2 threads; "
+        f"CPU: {cpu_model()}, {os.cpu_count()} cores; "
+        f"{'plaintext' if args.plaintext else 'TLS with client certificates'}; "
+        "local path with 1 and 2 threads; "
         f"agents {args.threads} thread(s) each; prompt {len(ids)} "
         f"tokens, up to {args.new_tokens} new tokens, {args.rounds} rounds; graph "
         f"{args.graph}/{precision}"
@@ -143,6 +151,7 @@ def main() -> int:
             orchestrator_args=pipe,
             agent_args=variant,
             verbose=False,
+            tls=not args.plaintext,
         ) as c2,
         LocalCluster(
             model_dir,
@@ -152,6 +161,7 @@ def main() -> int:
             orchestrator_args=pipe,
             agent_args=variant,
             verbose=False,
+            tls=not args.plaintext,
         ) as c4,
     ):
         p2 = c2.wait_serving(timeout=180)
@@ -197,7 +207,13 @@ def main() -> int:
         ],
     }
     with LocalCluster(
-        model_dir, inv, cluster="benchkv", threads=args.threads, agent_args=variant, verbose=False
+        model_dir,
+        inv,
+        cluster="benchkv",
+        threads=args.threads,
+        agent_args=variant,
+        verbose=False,
+        tls=not args.plaintext,
     ) as ck:
         pk = ck.wait_serving(timeout=180)
         roles = sorted(r.role for r in pk.replicas)

@@ -3,7 +3,10 @@
 A round trip is client A -> broker -> echo client B -> broker -> A (two broker hops),
 with the project's Bus on both ends. Optionally the same through amqtt (pure Python).
 
-    .venv/bin/python bench/mqtt_roundtrip.py [--n 200] [--amqtt] [--pauses 0,5,20]
+    .venv/bin/python bench/mqtt_roundtrip.py [--n 200] [--amqtt] [--pauses 0,5,20] [--tls]
+
+`--tls` compares TLS with client certificates against plaintext with passwords, both
+with the cluster's ACL (A and B are devices), in alternating rounds: what TLS alone costs.
 
 `--pauses` adds the case a pipeline lives in: the echo client in another process, and a
 pause (ms) before each ping, as stages idle between their turns. Each hop is timed on its
@@ -24,10 +27,18 @@ import tempfile
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
-from e2llm_edge.ops.broker import MosquittoBroker, MosquittoConfig, free_port
+from e2llm_edge.ops import broker_cli
+from e2llm_edge.ops.broker import (
+    BrokerTLS,
+    Credentials,
+    MosquittoBroker,
+    MosquittoConfig,
+    free_port,
+)
 from e2llm_edge.wire import messages as m
 from e2llm_edge.wire import topics as t
 from e2llm_edge.wire.bus import Bus, BusConfig
@@ -35,8 +46,24 @@ from e2llm_edge.wire.bus import Bus, BusConfig
 SIZES = {"2 KB": (1, 1, 512), "1.2 MB": (1, 520, 576)}
 
 
-async def roundtrips(port: int, nodelay: bool, shape: tuple[int, int, int], n: int) -> list[float]:
-    cfg = BusConfig(port=port, cluster="bench", tcp_nodelay=nodelay)
+async def roundtrips(
+    port: int,
+    nodelay: bool,
+    shape: tuple[int, int, int],
+    n: int,
+    logins: tuple[dict[str, Any], dict[str, Any]] = ({}, {}),
+) -> list[float]:
+    """``n`` round trips of a ``shape`` activation; ``logins``: A's and B's BusConfig
+    fields (identity or password)."""
+    a_cfg, b_cfg = (
+        BusConfig.from_url(
+            f"{'mqtts' if 'identity' in login else 'mqtt'}://127.0.0.1:{port}",
+            cluster="bench",
+            tcp_nodelay=nodelay,
+            **login,
+        )
+        for login in logins
+    )
     act = m.Activation(
         request_id="r",
         attempt=0,
@@ -45,7 +72,7 @@ async def roundtrips(port: int, nodelay: bool, shape: tuple[int, int, int], n: i
         position_start=0,
         step=0,
     )
-    async with Bus(cfg) as a, Bus(cfg) as b:
+    async with Bus(a_cfg) as a, Bus(b_cfg) as b:
         await a.subscribe(t.DEVICE_INBOX, device_id="a")
         await b.subscribe(t.DEVICE_INBOX, device_id="b")
 
@@ -70,6 +97,56 @@ async def roundtrips(port: int, nodelay: bool, shape: tuple[int, int, int], n: i
 async def mosquitto(nodelay: bool) -> AsyncIterator[int]:
     async with MosquittoBroker(MosquittoConfig(tcp_nodelay=nodelay)) as broker:
         yield broker.port
+
+
+Logins = tuple[dict[str, Any], dict[str, Any]]
+
+
+@contextlib.asynccontextmanager
+async def secured(tls: bool) -> AsyncIterator[tuple[int, Logins]]:
+    """Mosquitto as `e2llm broker init` secures it (TLS with a certificate per device, or
+    the plaintext lab mode's passwords; the same ACL either way); yields its port and the
+    logins of devices "a" and "b"."""
+    with tempfile.TemporaryDirectory() as tmp:
+        secrets = Path(tmp) / "secrets"
+        broker_cli.init(["a", "b"], secrets, cluster="bench", clients=[], force=False, tls=tls)
+        if tls:
+            cfg = MosquittoConfig(acl_file=secrets / "acl", tls=BrokerTLS.from_dir(secrets))
+
+            def login(d: str) -> dict[str, Any]:
+                return {"identity": broker_cli.identity_dir(secrets, d)}
+        else:
+            users = Credentials.load(secrets / "credentials.json").users
+            cfg = MosquittoConfig(password_file=secrets / "passwd", acl_file=secrets / "acl")
+
+            def login(d: str) -> dict[str, Any]:
+                return {"username": d, "password": users[d]}
+
+        logins = (login("a"), login("b"))
+        async with MosquittoBroker(cfg) as broker:
+            yield broker.port, logins
+
+
+async def tls_case(n: int, rounds: int) -> dict[str, dict[str, list[float]]]:
+    """Round trips (s) per size and transport ("plaintext", "tls"), measured in
+    alternating rounds of ``n // rounds``; printed as they come."""
+    out: dict[str, dict[str, list[float]]] = {}
+    async with secured(False) as plain, secured(True) as tls:
+        for size, shape in SIZES.items():
+            k = max(10, (n if size == "2 KB" else max(20, n // 4)) // rounds)
+            got: dict[str, list[float]] = {"plaintext": [], "tls": []}
+            for _ in range(rounds):
+                for name, (port, logins) in (("plaintext", plain), ("tls", tls)):
+                    got[name] += await roundtrips(port, True, shape, k, logins)
+            ratio = statistics.median(got["tls"]) / statistics.median(got["plaintext"])
+            for name, label in (
+                ("plaintext", "mosquitto, plaintext + passwords + ACL"),
+                ("tls", "mosquitto, TLS + client certificates + ACL"),
+            ):
+                print(f"{label:45s} {size:>7s}  n={len(got[name]):4d}  {fmt(got[name])}")
+            print(f"{'  TLS / plaintext (median round trip)':45s} {size:>7s}  {ratio:.2f}x")
+            out[size] = got
+    return out
 
 
 @contextlib.asynccontextmanager
@@ -179,10 +256,17 @@ async def main() -> None:
         default="",
         help="comma list of pauses (ms) for the two-process case, e.g. 0,5,20",
     )
+    ap.add_argument(
+        "--tls", action="store_true", help="TLS + certificates vs plaintext + passwords"
+    )
+    ap.add_argument("--rounds", type=int, default=4, help="alternating rounds with --tls")
     ap.add_argument("--echo", type=int, default=None, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.echo is not None:
         await echo_process(args.echo)
+        return
+    if args.tls:
+        await tls_case(args.n, args.rounds)
         return
     if args.pauses:
         await pauses_case([float(x) for x in args.pauses.split(",")], min(args.n, 100))

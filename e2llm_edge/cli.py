@@ -11,9 +11,14 @@ import sys
 import time
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from e2llm_edge.errors import ConfigError, E2LLMError
 from onnx_export.errors import ExportError
+
+if TYPE_CHECKING:
+    from e2llm_edge.params import GenerationParams
+    from e2llm_edge.wire.bus import BusConfig
 
 log = logging.getLogger("e2llm")
 
@@ -58,30 +63,39 @@ def cmd_export(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sampling(args: argparse.Namespace) -> object:
-    from e2llm_edge.device.sampling import Sampling
+def generation_params(args: argparse.Namespace) -> GenerationParams:
+    """The request's parameters from the flags, checked before anything is loaded or sent
+    (the same checks the cluster makes; the context window is checked once tokenized)."""
+    from e2llm_edge.params import GenerationParams, check_prompt
 
-    return Sampling(temperature=args.temperature, top_p=args.top_p, seed=args.seed)
+    check_prompt(args.prompt)
+    return GenerationParams(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        seed=args.seed,
+        raw=args.raw,
+    )
 
 
 def cmd_generate(args: argparse.Namespace) -> int:
+    params = generation_params(args)
     if args.broker:
         from e2llm_edge.client import run_generate_cli
 
         return run_generate_cli(args)
     from e2llm_edge.device.local import GenerationStats, LocalModel
-    from e2llm_edge.device.sampling import Sampling
     from e2llm_edge.fog.textio import ChatTokenizer, StreamDecoder
+    from e2llm_edge.params import validate
 
-    sampling = _sampling(args)
-    assert isinstance(sampling, Sampling)
     model = LocalModel(_model_dir(args), threads=args.threads, variant=_variant(args))
     tok = ChatTokenizer(model.manifest)
-    ids = tok.encode_prompt(args.prompt, raw=args.raw)
+    ids = tok.encode_prompt(args.prompt, raw=params.raw)
+    validate(params, ids, model.limits)
     stats = GenerationStats()
     stream = StreamDecoder(tok)
     new_ids: list[int] = []
-    for t in model.generate(ids, args.max_new_tokens, sampling, stats):
+    for t in model.generate(ids, params.max_new_tokens, params.sampling(), stats):
         new_ids.append(t)
         if not args.json:
             sys.stdout.write(stream.push(t))
@@ -122,6 +136,29 @@ def _variant(args: argparse.Namespace) -> tuple[str, str] | None:
     return graph, precision or {"standard": "fp32", "contrib": "exact"}[graph]
 
 
+def _number(kind: type[float] | type[int], minimum: float, inclusive: bool) -> Any:
+    """An argparse ``type`` that also refuses values out of range, in argparse's one line."""
+    bound = f">= {minimum:g}" if inclusive else f"> {minimum:g}"
+
+    def parse(text: str) -> float | int:
+        try:
+            value = kind(text)
+        except ValueError:
+            what = "an integer" if kind is int else "a number"
+            raise argparse.ArgumentTypeError(f"expected {what}, got {text!r}") from None
+        if not (value >= minimum if inclusive else value > minimum):  # also refuses nan
+            raise argparse.ArgumentTypeError(f"must be {bound}, got {text}")
+        return value
+
+    return parse
+
+
+positive_int = _number(int, 1, inclusive=True)
+non_negative_int = _number(int, 0, inclusive=True)
+positive_float = _number(float, 0, inclusive=False)
+non_negative_float = _number(float, 0, inclusive=True)
+
+
 def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt", help="the prompt (a user message unless --raw)")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -132,17 +169,57 @@ def add_generate_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", action="store_true", help="print one JSON object at the end")
 
 
-def _bus_config(args: argparse.Namespace, client_id: str | None = None) -> object:
+def read_password_file(path: str) -> str:
+    """The password in a ``--password-file`` (one line, as ``e2llm broker init`` writes)."""
+    try:
+        password = Path(path).read_text().strip()
+    except (OSError, UnicodeDecodeError) as exc:
+        why = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        raise ConfigError(f"--password-file {path}: cannot read it ({why})") from None
+    if not password:
+        raise ConfigError(f"--password-file {path}: the file is empty")
+    return password
+
+
+def _bus_config(
+    args: argparse.Namespace, client_id: str | None = None, *, service: bool = False
+) -> BusConfig:
+    """The broker settings from the flags: TLS with ``--identity DIR`` (its certificate's
+    name is the user name), or ``--username``/``--password-file`` (the plaintext lab mode).
+    A ``service`` (agent, orchestrator) waits for a broker that is not up yet; one-shot
+    commands fail at once with the reason."""
     from e2llm_edge.wire.bus import BusConfig
 
-    over: dict[str, object] = {"cluster": args.cluster}
+    over: dict[str, object] = {"cluster": args.cluster, "wait_for_broker": service}
     if client_id:
         over["client_id"] = client_id
     if getattr(args, "username", None):
         over["username"] = args.username
     if getattr(args, "password_file", None):
-        over["password"] = Path(args.password_file).read_text().strip()
-    return BusConfig.from_url(args.broker, **over)
+        over["password"] = read_password_file(args.password_file)
+    identity = getattr(args, "identity", None)
+    if identity:
+        _check_identity(args, identity)
+    return BusConfig.from_url(args.broker, identity=identity, **over)
+
+
+def _check_identity(args: argparse.Namespace, identity: str) -> None:
+    """An identity used where the ACL will deny it everything is refused here, in words:
+    another cluster's, a device's for another device, the orchestrator's role."""
+    from e2llm_edge.errors import BusTLSError
+    from e2llm_edge.wire.tls import read_identity
+
+    info = read_identity(identity)
+    name, role, cluster = info["name"], info.get("role"), info.get("cluster")
+    why = None
+    if cluster and cluster != args.cluster:
+        why = f"is for cluster {cluster!r}, not {args.cluster!r}: pass --cluster {cluster}"
+    elif args.command == "agent" and name != args.device_id:
+        why = f"is {name!r}, not device {args.device_id!r}"
+    elif args.command == "orchestrator" and role and role != "orchestrator":
+        why = f"is the {role} {name!r}, not the orchestrator"
+    if why:
+        raise BusTLSError("bad_identity", args.broker, f"identity {identity} {why}")
 
 
 def _link(args: argparse.Namespace) -> Any:
@@ -157,13 +234,10 @@ def cmd_agent(args: argparse.Namespace) -> int:
     import asyncio
 
     from e2llm_edge.device.agent import Agent, AgentConfig
-    from e2llm_edge.wire.bus import BusConfig
 
-    bus = _bus_config(args, client_id=f"agent-{args.device_id}")
-    assert isinstance(bus, BusConfig)
     cfg = AgentConfig(
         device_id=args.device_id,
-        bus=bus,
+        bus=_bus_config(args, client_id=f"agent-{args.device_id}", service=True),
         model_dir=_model_dir(args),
         memory_mb=args.memory_mb,
         threads=args.threads,
@@ -177,21 +251,41 @@ def cmd_agent(args: argparse.Namespace) -> int:
     return 0
 
 
+def check_orchestrator_files(args: argparse.Namespace) -> None:
+    """Read ``--inventory`` and ``--plan`` now, so a bad file is one line at start and not
+    a crash when the first plan is made. The inventory needs only ids and memory budgets:
+    agents announce their measured profiles and links."""
+    import yaml
+
+    from planner import Plan, load_inventory
+    from planner.errors import PlanError, yaml_problem
+
+    if args.inventory:
+        load_inventory(args.inventory, require_costs=False)
+    if args.plan:
+        try:
+            Plan.from_dict(yaml.safe_load(Path(args.plan).read_text()))
+        except OSError as exc:
+            raise ConfigError(f"--plan {args.plan}: cannot read it ({exc.strerror})") from None
+        except yaml.YAMLError as exc:
+            raise ConfigError(f"--plan {args.plan}: not valid YAML: {yaml_problem(exc)}") from None
+        except PlanError as exc:
+            raise ConfigError(f"--plan {args.plan}: {exc}") from None
+
+
 def cmd_orchestrator(args: argparse.Namespace) -> int:
     import asyncio
 
     from e2llm_edge.fog.orchestrator import Orchestrator, OrchestratorConfig
-    from e2llm_edge.wire.bus import BusConfig
     from planner import Workload
 
+    check_orchestrator_files(args)
     name = args.id or f"orchestrator-{socket.gethostname()}-{os.getpid()}"
-    bus = _bus_config(args, client_id=name)
-    assert isinstance(bus, BusConfig)
     cfg = OrchestratorConfig(
         orchestrator_id=name,
         standby=args.standby,
         lease_ttl_s=args.lease_ttl,
-        bus=bus,
+        bus=_bus_config(args, client_id=name, service=True),
         model_dir=_model_dir(args),
         inventory_path=Path(args.inventory) if args.inventory else None,
         expect_devices=args.expect_devices,
@@ -230,9 +324,10 @@ def cmd_profile(args: argparse.Namespace) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from e2llm_edge.ops.demo import run_demo
+    from e2llm_edge.ops.demo import check_demo_args, run_demo
 
-    return run_demo(args, _model_dir(args))
+    inventory = check_demo_args(args)  # before a model is exported or a process started
+    return run_demo(args, _model_dir(args), inventory)
 
 
 def cmd_gateway(args: argparse.Namespace) -> int:
@@ -276,7 +371,9 @@ def add_gateway_args(p: argparse.ArgumentParser, port: int = 8000) -> None:
 def add_run_args(p: argparse.ArgumentParser) -> None:
     """What runs the model here: which model directory, threads and graph variant."""
     p.add_argument("--model", help="model directory or source (default: SmolLM2-135M)")
-    p.add_argument("--threads", type=int, help="onnxruntime threads (default: usable CPUs)")
+    p.add_argument(
+        "--threads", type=positive_int, help="onnxruntime threads (default: usable CPUs)"
+    )
     p.add_argument(
         "--graph",
         choices=["standard", "contrib"],
@@ -286,13 +383,25 @@ def add_run_args(p: argparse.ArgumentParser) -> None:
 
 
 def add_broker_args(p: argparse.ArgumentParser, required: bool = True) -> None:
-    p.add_argument("--broker", required=required, help="mqtt://host:port (mqtts:// for TLS)")
+    p.add_argument("--broker", required=required, help="mqtts://host:8883 (mqtt:// for a lab)")
     p.add_argument("--cluster", default="default", help="topics live under e2llm/<cluster>/")
-    p.add_argument("--username", help="broker user (default: anonymous)")
-    p.add_argument("--password-file", help="file holding the broker password")
+    add_login_args(p)
+
+
+def add_login_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument(
+        "--identity",
+        metavar="DIR",
+        help="this process's identity directory from `e2llm broker init` "
+        "(ca.crt, client.crt, client.key): TLS with a client certificate",
+    )
+    p.add_argument("--username", help="broker user, plaintext lab mode (default: anonymous)")
+    p.add_argument("--password-file", help="file holding the broker password (lab mode)")
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from planner.methods import METHODS
+
     ap = argparse.ArgumentParser(prog="e2llm", description=__doc__)
     ap.add_argument("-v", "--verbose", action="count", default=0)
     sub = ap.add_subparsers(dest="command", required=True)
@@ -314,11 +423,12 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("generate", help="generate locally, or on a cluster with --broker")
     add_generate_args(p)
     add_run_args(p)
-    p.add_argument("--broker", help="mqtt://[user:pass@]host:port of a running cluster")
+    p.add_argument("--broker", help="mqtts://host:8883 of a running cluster")
     p.add_argument("--cluster", default="default")
-    p.add_argument("--username", help="broker user (with --broker; also the client id)")
-    p.add_argument("--password-file", help="file holding the broker password")
-    p.add_argument("--timeout", type=float, default=120.0, help="seconds to wait for the answer")
+    add_login_args(p)
+    p.add_argument(
+        "--timeout", type=positive_float, default=120.0, help="seconds to wait for the answer"
+    )
     p.set_defaults(func=cmd_generate)
 
     p = sub.add_parser("agent", help="run a device agent")
@@ -326,22 +436,22 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--device-id", required=True)
     p.add_argument(
         "--memory-mb",
-        type=float,
+        type=positive_float,
         required=True,
         help="memory budget for weights + KV cache announced to the planner",
     )
     add_run_args(p)
-    p.add_argument("--bandwidth-mbps", type=float, help="this device's link to the broker")
-    p.add_argument("--latency-ms", type=float)
+    p.add_argument("--bandwidth-mbps", type=positive_float, help="this device's link to the broker")
+    p.add_argument("--latency-ms", type=non_negative_float)
     p.add_argument(
         "--request-timeout",
-        type=float,
+        type=positive_float,
         default=120.0,
         help="seconds without progress before a request's KV cache is freed",
     )
     p.add_argument(
         "--stage-timeout",
-        type=float,
+        type=positive_float,
         default=30.0,
         help="seconds of queued work without progress before reporting error",
     )
@@ -357,7 +467,9 @@ def build_parser() -> argparse.ArgumentParser:
     add_broker_args(p)
     p.add_argument("--model", help="model directory (default: the exported default model)")
     p.add_argument("--inventory", help="YAML naming expected devices (hardware, links)")
-    p.add_argument("--expect-devices", type=int, help="devices to wait for before planning")
+    p.add_argument(
+        "--expect-devices", type=positive_int, help="devices to wait for before planning"
+    )
     p.add_argument("--plan", help="pin this plan (YAML) while all its devices are present")
     p.add_argument(
         "--id",
@@ -374,46 +486,51 @@ def build_parser() -> argparse.ArgumentParser:
         default=3.0,
         help="seconds without a lease renewal after which a standby takes over",
     )
-    p.add_argument(
-        "--method", default="e2llm", choices=["e2llm", "splitwise", "pipeline", "memprop"]
-    )
+    p.add_argument("--method", default="e2llm", choices=METHODS)
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--mean-prompt", type=float, default=256, help="workload: mean prompt tokens")
-    p.add_argument("--mean-output", type=float, default=128, help="workload: mean new tokens")
-    p.add_argument("--rate", type=float, default=0.5, help="workload: requests per second")
+    p.add_argument(
+        "--mean-prompt", type=positive_float, default=256, help="workload: mean prompt tokens"
+    )
+    p.add_argument(
+        "--mean-output", type=positive_float, default=128, help="workload: mean new tokens"
+    )
+    p.add_argument("--rate", type=positive_float, default=0.5, help="workload: requests per second")
     p.add_argument(
         "--request-timeout",
-        type=float,
+        type=positive_float,
         default=60.0,
         help="seconds without progress before a request is restarted",
     )
     p.add_argument(
         "--heartbeat-timeout",
-        type=float,
+        type=positive_float,
         default=6.0,
         help="seconds of silence before a device of the plan counts as lost",
     )
     p.add_argument(
         "--drain-timeout",
-        type=float,
+        type=non_negative_float,
         default=10.0,
         help="how long requests in flight may finish before a plan switch",
     )
     p.add_argument(
         "--regroup-after",
-        type=float,
+        type=non_negative_float,
         default=30.0,
         help="after a device loss, seconds before devices left without a replica "
         "are regrouped by a new plan (the surviving replicas serve at once)",
     )
     p.add_argument(
-        "--max-retries", type=int, default=5, help="restarts after faults before a request fails"
+        "--max-retries",
+        type=non_negative_int,
+        default=5,
+        help="restarts after faults before a request fails",
     )
     p.set_defaults(func=cmd_orchestrator)
 
     p = sub.add_parser("profile", help="measure this device's per-layer costs")
     p.add_argument("--model", help="model directory (default: the exported default model)")
-    p.add_argument("--threads", type=int)
+    p.add_argument("--threads", type=positive_int)
     p.add_argument("--fresh", action="store_true", help="measure even if a profile is cached")
     p.set_defaults(func=cmd_profile)
 
@@ -423,15 +540,24 @@ def build_parser() -> argparse.ArgumentParser:
         nargs="?",
         default="Explain in two sentences why small devices can serve a language model together.",
     )
-    p.add_argument("--broker", help="use a running broker instead of starting one")
+    p.add_argument("--broker", help="use a running broker (anonymous) instead of starting one")
     p.add_argument(
-        "--mosquitto", action="store_true", help="start Mosquitto (default: the embedded broker)"
+        "--mosquitto",
+        action="store_true",
+        help="require Mosquitto (the default when installed: TLS, a certificate per process)",
+    )
+    p.add_argument(
+        "--embedded",
+        action="store_true",
+        help="the embedded pure-Python broker instead (plaintext on loopback, no ACL)",
     )
     p.add_argument("--inventory", help="devices to start (default: the bundled 4-device one)")
     p.add_argument("--model", help="model directory (default: the exported default model)")
     p.add_argument("--max-new-tokens", type=int, default=48)
-    p.add_argument("--requests", type=int, default=1, help="concurrent copies of the prompt")
-    p.add_argument("--method", default="e2llm")
+    p.add_argument(
+        "--requests", type=positive_int, default=1, help="concurrent copies of the prompt"
+    )
+    p.add_argument("--method", default="e2llm", choices=METHODS)
     p.add_argument("--cluster", default="demo")
     p.set_defaults(func=cmd_demo)
 
@@ -441,7 +567,12 @@ def build_parser() -> argparse.ArgumentParser:
     add_broker_args(p)
     p.add_argument("--model", help="the model directory the cluster serves (chat template)")
     add_gateway_args(p)
-    p.add_argument("--monitor-username", help="broker user for /metrics (default: --username)")
+    p.add_argument(
+        "--monitor-identity",
+        metavar="DIR",
+        help="identity for /metrics, read from the monitor topics (default: --identity)",
+    )
+    p.add_argument("--monitor-username", help="lab mode: broker user for /metrics")
     p.add_argument("--monitor-password-file", help="password file of --monitor-username")
     p.set_defaults(func=cmd_gateway)
 
@@ -464,10 +595,9 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("chat", help="interactive multi-turn chat in the terminal")
     where = p.add_mutually_exclusive_group(required=True)
     where.add_argument("--url", help="an e2llm gateway (or any OpenAI-compatible server)")
-    where.add_argument("--broker", help="mqtt://host:port of a cluster (no gateway needed)")
+    where.add_argument("--broker", help="mqtts://host:8883 of a cluster (no gateway needed)")
     p.add_argument("--cluster", default="default", help="with --broker")
-    p.add_argument("--username", help="with --broker: broker user")
-    p.add_argument("--password-file", help="with --broker: its password file")
+    add_login_args(p)
     p.add_argument("--model", help="with --broker: the model directory (chat template)")
     p.add_argument("--api-key-file", help="with --url: file holding the API key to send")
     p.add_argument("--system", help="a system message opening the conversation")
@@ -498,13 +628,31 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     level = [logging.WARNING, logging.INFO, logging.DEBUG][min(args.verbose, 2)]
     logging.basicConfig(level=level, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
     try:
         return int(args.func(args))
-    except ExportError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
     except KeyboardInterrupt:
         return 130
+    except Exception as exc:
+        shown = user_error(exc)
+        if shown is None:
+            raise
+        log.debug("%s", shown, exc_info=exc)
+        print(f"error: {shown}", file=sys.stderr)
+        return 2
+
+
+def user_error(exc: BaseException) -> BaseException | None:
+    """The error to show in one line if ``exc`` is one raised on purpose (also when a task
+    group wrapped it alone), else None: anything else is a bug and keeps its traceback."""
+    from planner.errors import PlannerError  # here: the planner imports numpy
+
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    if isinstance(exc, OSError) and exc.filename is not None:
+        # a path the user named cannot be read or written (e.g. an --out directory)
+        return ConfigError(f"{exc.filename}: {exc.strerror}")
+    return exc if isinstance(exc, E2LLMError | ExportError | PlannerError) else None
 
 
 if __name__ == "__main__":

@@ -27,7 +27,6 @@ import logging
 import sys
 import uuid
 from collections.abc import AsyncGenerator
-from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 
@@ -255,13 +254,9 @@ async def collect(client: Client, prompt: str | None = None, **kw: Any) -> dict[
 
 def run_generate_cli(args: argparse.Namespace) -> int:
     """`e2llm generate --broker URL PROMPT`: stream (or --json) an answer from a cluster."""
+    from e2llm_edge.cli import _bus_config
 
-    over: dict[str, Any] = {"cluster": args.cluster}
-    if getattr(args, "username", None):
-        over["username"] = args.username
-    if getattr(args, "password_file", None):
-        over["password"] = Path(args.password_file).read_text().strip()
-    cfg = BusConfig.from_url(args.broker, **over)
+    cfg = _bus_config(args)
 
     async def main() -> int:
         async with Client(cfg) as c:

@@ -57,6 +57,17 @@ class BusTimeout(BusError):
         super().__init__(f"{operation}{where} timed out after {timeout:.3g} s")
 
 
+class BusConnectError(BusError):
+    """The broker could not be reached before the first connection (refused, unknown host,
+    no answer, TLS failure): ``reason`` says which, in words a user can act on."""
+
+    def __init__(self, host: str, port: int, reason: str) -> None:
+        self.host = host
+        self.port = port
+        self.reason = reason
+        super().__init__(f"cannot reach the broker at {host}:{port}: {reason}")
+
+
 class BusAuthError(BusError):
     """The broker refused the connection's credentials (CONNACK not authorised)."""
 
@@ -66,6 +77,24 @@ class BusAuthError(BusError):
         super().__init__(f"broker refused user {username!r}: {reason}")
 
 
+class BusTLSError(BusError):
+    """A TLS link to the broker failed in a way retrying will not mend: its certificate is
+    not from our CA, has expired or names another host; or the broker refused ours.
+
+    ``problem`` is a stable code (``unknown_ca``, ``expired``, ``host_mismatch``,
+    ``client_unknown_ca``, ``client_expired``, ``client_revoked``, ``client_rejected``,
+    ``no_client_certificate``, ``bad_identity``, ``expects_tls``); ``broker`` is
+    ``host:port``; ``path`` the file to look at, when one is to blame.
+    """
+
+    def __init__(self, problem: str, broker: str, reason: str, *, path: str | None = None) -> None:
+        self.problem = problem
+        self.broker = broker
+        self.reason = reason
+        self.path = path
+        super().__init__(f"TLS with broker {broker}: {reason}")
+
+
 class SubscriptionRefused(BusError):
     """The broker answered a SUBSCRIBE with a failure code (usually an ACL denial)."""
 
@@ -73,6 +102,21 @@ class SubscriptionRefused(BusError):
         self.topic_filter = topic_filter
         self.reason_code = reason_code
         super().__init__(f"subscription to {topic_filter!r} refused (code {reason_code})")
+
+
+class ConfigError(E2LLMError, ValueError):
+    """A setting given by a user (a flag, a URL, a file) is unusable; the message names
+    the setting, and the file or value."""
+
+
+class ParamError(E2LLMError, ValueError):
+    """A generation request a model cannot serve as asked (a parameter, the prompt, or
+    both against the model's limits). ``field`` names the offending parameter."""
+
+    def __init__(self, field: str, reason: str) -> None:
+        self.field = field
+        self.reason = reason
+        super().__init__(reason)
 
 
 class BrokerError(E2LLMError):

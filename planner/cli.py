@@ -13,7 +13,7 @@ from typing import Any
 
 import yaml
 
-from planner.errors import PlannerError
+from planner.errors import ModelSpecError, PlannerError, yaml_problem
 from planner.inventory import load_inventory
 from planner.methods import METHODS
 from planner.model import ModelSpec, load_model_description
@@ -90,7 +90,10 @@ def cmd_plan(args: argparse.Namespace) -> int:
     try:
         inventory = load_inventory(args.inventory)
         if args.manifest:
-            manifest = yaml.safe_load(Path(args.manifest).read_text())
+            try:
+                manifest = yaml.safe_load(Path(args.manifest).read_text())
+            except yaml.YAMLError as e:
+                raise ModelSpecError(f"{args.manifest}: not valid YAML: {yaml_problem(e)}") from e
             model = ModelSpec.from_manifest(manifest)
         else:
             model = _model(args.model)
@@ -117,8 +120,15 @@ def cmd_plan(args: argparse.Namespace) -> int:
     return 0
 
 
-def _floats(text: str) -> list[float]:
-    return [float(x) for x in text.split(",") if x.strip()]
+def _floats(text: str, flag: str) -> list[float]:
+    """Comma-separated positive numbers (intervals and rates: a zero would divide by it)."""
+    try:
+        values = [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        values = []
+    if not values or any(not v > 0 for v in values):
+        raise ValueError(f"{flag}: expected comma-separated numbers > 0, got {text!r}")
+    return values
 
 
 def cmd_simulate(args: argparse.Namespace) -> int:
@@ -141,7 +151,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
             inventory,
             model,
             workloads=[(w[0], w[1]) for w in workloads],
-            intervals=_floats(args.intervals),
+            intervals=_floats(args.intervals, "--intervals"),
             n_requests=args.requests,
             seed=args.seed,
             methods=methods,
@@ -153,7 +163,7 @@ def cmd_simulate(args: argparse.Namespace) -> int:
                 inventory,
                 model,
                 args.trace,
-                rates_rps=_floats(args.trace_rates),
+                rates_rps=_floats(args.trace_rates, "--trace-rates"),
                 n_requests=args.requests,
                 seed=args.seed,
                 methods=methods,

@@ -32,3 +32,10 @@ class PlanInfeasible(PlannerError):
 
     The message says what is short (e.g. which memory, by how much).
     """
+
+
+def yaml_problem(e: Exception) -> str:
+    """A YAML parse error in one line: where, then what (PyYAML's own text spans several)."""
+    mark = getattr(e, "problem_mark", None)
+    what = getattr(e, "problem", None) or (str(e).splitlines() or [type(e).__name__])[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {what}" if mark else what

@@ -25,7 +25,10 @@ and the field. Schema (units in the comments; unknown keys are errors, to catch 
           mem_bw_gbps: 8.0        # memory bandwidth, GB/s
           efficiency: 0.5         # optional (default 0.5): fraction of peak achieved
 
-A device needs a profile, hardware figures, or both. Profiles are interpolated piecewise
+A device needs a profile, hardware figures, or both, unless loaded with
+``require_costs=False``: the orchestrator's inventory may name devices with only ``id`` and
+``memory_mb``, because their agents announce a measured profile and their link live
+(a device without a link then gets ``ASSUMED_LINK``). Profiles are interpolated piecewise
 linearly in tokens and extrapolated linearly beyond the last sample (below the first
 sample the first value is used: fixed per-call overhead dominates tiny prompts).
 Concurrency beyond the measured list extrapolates linearly from the last two points.
@@ -43,7 +46,7 @@ from typing import Any
 
 import yaml
 
-from planner.errors import InventoryError
+from planner.errors import InventoryError, yaml_problem
 
 _BYTES_PER_MB = 1_000_000
 
@@ -60,6 +63,10 @@ class Link:
     def one_way_s(self, nbytes: float) -> float:
         """Seconds to push `nbytes` across this link (latency plus serialisation)."""
         return self.latency_ms * 1e-3 + nbytes * 8.0 / (self.bandwidth_mbps * 1e6)
+
+
+ASSUMED_LINK = Link(bandwidth_mbps=1000.0, latency_ms=0.5)
+"""A wired LAN: the link of a device that names none, until its agent announces its own."""
 
 
 def hop_s(src: Link, dst: Link, nbytes: float) -> float:
@@ -191,9 +198,14 @@ class Inventory:
         return Inventory(tuple(self.device(i) for i in device_ids), source=self.source)
 
     @classmethod
-    def from_dict(cls, d: Mapping[str, Any], source: str = "<dict>") -> Inventory:
-        """Validate and build an inventory from the YAML structure in the module docstring."""
-        v = _Validator(source)
+    def from_dict(
+        cls, d: Mapping[str, Any], source: str = "<dict>", *, require_costs: bool = True
+    ) -> Inventory:
+        """Validate and build an inventory from the YAML structure in the module docstring.
+
+        ``require_costs=False``: a device may lack profile, hardware and link (see above).
+        """
+        v = _Validator(source, require_costs=require_costs)
         if not isinstance(d, Mapping):
             raise InventoryError(
                 f"{source}: expected a mapping at top level, got {type(d).__name__}"
@@ -248,8 +260,8 @@ class Inventory:
         return {"devices": out}
 
 
-def load_inventory(path: str | Path) -> Inventory:
-    """Read and validate an inventory YAML file."""
+def load_inventory(path: str | Path, *, require_costs: bool = True) -> Inventory:
+    """Read and validate an inventory YAML file (``require_costs``: see ``from_dict``)."""
     p = Path(path)
     try:
         text = p.read_text()
@@ -258,15 +270,16 @@ def load_inventory(path: str | Path) -> Inventory:
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as e:
-        raise InventoryError(f"{p}: not valid YAML: {e}") from e
-    return Inventory.from_dict(data, source=str(p))
+        raise InventoryError(f"{p}: not valid YAML: {yaml_problem(e)}") from e
+    return Inventory.from_dict(data, source=str(p), require_costs=require_costs)
 
 
 class _Validator:
     """Builds dataclasses from raw YAML, raising errors that say where and what."""
 
-    def __init__(self, source: str) -> None:
+    def __init__(self, source: str, *, require_costs: bool = True) -> None:
         self.source = source
+        self.require_costs = require_costs
 
     def fail(self, where: str, msg: str) -> InventoryError:
         prefix = f"{self.source}: {where}: " if where else f"{self.source}: "
@@ -396,12 +409,14 @@ class _Validator:
             link = self.link(raw["link"], where, "link")
         elif defaults is not None:
             link = defaults
+        elif not self.require_costs:
+            link = ASSUMED_LINK
         else:
             raise self.fail(where, "link is required when there are no link_defaults")
         profile = self.profile(raw["profile"], where) if raw.get("profile") is not None else None
         hardware = (
             self.hardware(raw["hardware"], where) if raw.get("hardware") is not None else None
         )
-        if profile is None and hardware is None:
+        if profile is None and hardware is None and self.require_costs:
             raise self.fail(where, "needs a profile or hardware figures, got neither")
         return Device(dev_id, memory_mb, link, profile, hardware)

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from planner.errors import ModelSpecError
+from planner.errors import ModelSpecError, yaml_problem
 
 
 @dataclass(frozen=True)
@@ -204,8 +204,10 @@ def load_model_description(path: str | Path) -> ModelSpec:
     p = Path(path)
     try:
         data = yaml.safe_load(p.read_text())
-    except (OSError, yaml.YAMLError) as e:
+    except OSError as e:
         raise ModelSpecError(f"{p}: cannot read model description: {e}") from e
+    except yaml.YAMLError as e:
+        raise ModelSpecError(f"{p}: not valid YAML: {yaml_problem(e)}") from e
     if not isinstance(data, Mapping):
         raise ModelSpecError(f"{p}: expected a mapping, got {type(data).__name__}")
     if "config" in data and "cost" in data:

@@ -20,10 +20,21 @@ fi
 
 extras="${E2LLM_EXTRAS:-dev}"
 stamp=".venv/.e2llm-installed-$extras"
+fresh() { [ -f "$1" ] && ! [ pyproject.toml -nt "$1" ]; }
+in_dev() {  # pyproject's dev extra holds fog, export, sim and demo
+  local e
+  for e in ${1//,/ }; do
+    case "$e" in fog | export | sim | demo | dev) ;; *) return 1 ;; esac
+  done
+}
+# so after scripts/test.sh, scripts/demo.sh installs nothing
+if in_dev "$extras" && fresh .venv/.e2llm-installed-dev; then
+  stamp=.venv/.e2llm-installed-dev
+fi
 if [ ! -x .venv/bin/python ]; then
   python3 -m venv .venv
 fi
-if [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if ! fresh "$stamp"; then
   echo "installing e2llm-edge[$extras] into .venv (log: .venv/setup.log)" >&2
   if ! { .venv/bin/python -m pip install -q --upgrade pip &&
          .venv/bin/python -m pip install -q -e ".[$extras]"; } >.venv/setup.log 2>&1; then

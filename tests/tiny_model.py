@@ -140,3 +140,40 @@ def write_gguf(
     wr.write_tensors_to_file()
     wr.close()
     return expected
+
+
+def write_hf_dir(d: Path, work: Path) -> None:
+    """The same model as a Hugging Face directory in ``d`` (model.safetensors, config.json,
+    tokenizer.json); its tokenizer.json comes from exporting the GGUF form into ``work``."""
+    import json
+
+    from safetensors.numpy import save_file
+
+    from onnx_export.export import export_model
+
+    c = CFG
+    d.mkdir(parents=True, exist_ok=True)
+    save_file(hf_weights(), str(d / "model.safetensors"))
+    (d / "config.json").write_text(
+        json.dumps(
+            {
+                "architectures": ["LlamaForCausalLM"],
+                "num_hidden_layers": c["n_layers"],
+                "hidden_size": c["hidden_size"],
+                "intermediate_size": c["intermediate_size"],
+                "num_attention_heads": c["n_heads"],
+                "num_key_value_heads": c["n_kv_heads"],
+                "vocab_size": c["vocab_size"],
+                "rope_theta": c["rope_theta"],
+                "rms_norm_eps": c["rms_norm_eps"],
+                "tie_word_embeddings": True,
+                "max_position_embeddings": 256,
+                "bos_token_id": 1,
+                "eos_token_id": 2,
+            }
+        )
+    )
+    work.mkdir(parents=True, exist_ok=True)
+    write_gguf(work / "t.gguf", quantize=False)
+    exported = export_model(work / "t.gguf", work / "from_gguf", progress=False)
+    (d / "tokenizer.json").write_bytes((exported.directory / "tokenizer.json").read_bytes())

@@ -22,7 +22,7 @@ from e2llm_edge.device.fast_runner import (
 )
 from e2llm_edge.device.runner import Stage, StageCache
 from e2llm_edge.device.sampling import Sampling, sample
-from onnx_export.errors import ExportError
+from e2llm_edge.params import GenerationParams, ModelLimits, validate
 from onnx_export.manifest import Manifest
 
 
@@ -59,7 +59,8 @@ class LocalModel:
         self.manifest = Manifest.load(model_dir)
         cfg = self.manifest.config
         self.n_layers = int(cfg["n_layers"])
-        self.context_length = int(cfg["max_position"])
+        self.limits = ModelLimits.from_config(cfg)
+        self.context_length = self.limits.context_length
         self.eos_token_id: int | None = cfg.get("eos_token_id")
         self.variant = variant or choose_variant(self.manifest)
         check_variant(self.manifest, *self.variant)
@@ -98,13 +99,13 @@ class LocalModel:
         """Yield new token ids one by one (streaming). `logits_out` collects each step's
         logits and bound (`Head.run_with_bound`)."""
         sampling = sampling or Sampling()
-        if not prompt_ids:
-            raise ExportError("empty prompt: nothing to generate from")
-        if len(prompt_ids) + max_new_tokens > self.context_length:
-            raise ExportError(
-                f"prompt ({len(prompt_ids)} tokens) + max_new_tokens "
-                f"({max_new_tokens}) exceeds the context of {self.context_length}"
-            )
+        params = GenerationParams(
+            max_new_tokens=max_new_tokens,
+            temperature=sampling.temperature,
+            top_p=sampling.top_p,
+            seed=sampling.seed,
+        )
+        validate(params, prompt_ids, self.limits)
         stats = stats if stats is not None else GenerationStats()
         stats.prompt_tokens = len(prompt_ids)
         cache = self.layers.new_cache(len(prompt_ids) + max_new_tokens)

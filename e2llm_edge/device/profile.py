@@ -168,7 +168,10 @@ def load_or_measure_profile(
     threads: int | None = None,
     path: Path | None = None,
     variant: tuple[str, str] | None = None,
+    on_measure: Callable[[], None] | None = None,
 ) -> dict[str, Any]:
+    """The cached profile of this device, measured first if there is none (then
+    ``on_measure`` is called, so a caller can tell its user why it waits)."""
     from e2llm_edge.device.fast_runner import choose_variant
 
     variant = variant or choose_variant(manifest)
@@ -184,6 +187,8 @@ def load_or_measure_profile(
         except yaml.YAMLError:
             log.warning("%s: unreadable cached profile, measuring again", path)
     log.info("measuring the device profile (%d threads)...", n)
+    if on_measure is not None:
+        on_measure()
     prof = measure_profile(manifest, threads, variant=variant)
     problem = profile_problem(prof)
     if problem is not None:  # a bug, not noise: _fill keeps measured figures valid

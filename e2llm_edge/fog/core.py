@@ -30,9 +30,11 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any, Protocol
 
+from e2llm_edge.errors import ParamError
 from e2llm_edge.fog.registry import Registry
 from e2llm_edge.fog.router import ReplicaLoad, choose_decoder, choose_prefill
 from e2llm_edge.fog.textio import StreamDecoder
+from e2llm_edge.params import GenerationParams, ModelLimits, check_prompt, validate
 from e2llm_edge.wire import messages as m
 from e2llm_edge.wire.messages import (
     AttemptKey,
@@ -43,7 +45,6 @@ from e2llm_edge.wire.messages import (
     RequestEventKind,
     RequestId,
     Sampling,
-    SamplingError,
 )
 from planner import Inventory, Plan, Workload
 from planner.errors import InventoryError
@@ -362,6 +363,7 @@ class FogCore:
         self.cfg = cfg
         self.model = model
         self.text = text
+        self.limits = ModelLimits(model.context_length, model.vocab_size)
         self.registry = registry or Registry()
         self.epoch = epoch
         self.pinned = pinned
@@ -692,22 +694,27 @@ class FogCore:
             self._replay(client, rid)
             return
         try:
-            ids = self._prompt_ids(msg)
-            sampling = Sampling(
+            params = GenerationParams(
+                max_new_tokens=msg.max_new_tokens,
                 temperature=msg.temperature,
                 top_p=msg.top_p,
                 seed=0 if msg.seed is None else msg.seed,
+                raw=msg.raw,
             )
+            ids = self._prompt_ids(msg)
+            validate(params, ids, self.limits, prompt=msg.prompt)
             resume = list(msg.resume)
             if len(resume) > msg.max_new_tokens:
-                raise ValueError(
-                    f"resume holds {len(resume)} tokens, max_new_tokens is {msg.max_new_tokens}"
+                raise ParamError(
+                    "resume",
+                    f"resume holds {len(resume)} tokens, max_new_tokens is {msg.max_new_tokens}",
                 )
             if any(not 0 <= t < self.model.vocab_size for t in resume):
-                raise ValueError(f"resume ids must be in [0, {self.model.vocab_size})")
-        except (ValueError, SamplingError) as exc:
+                raise ParamError("resume", f"resume ids must be in [0, {self.model.vocab_size})")
+        except ParamError as exc:  # the one validation the local path applies too
             self._answer_error(client, rid, ErrorCode.BAD_REQUEST, str(exc))
             return
+        sampling = params.sampling()
         if self.phase == PlanPhase.NO_PLAN and self.plan_error is not None:
             self._answer_error(client, rid, ErrorCode.NO_PLAN, self.plan_error)
             return
@@ -740,34 +747,20 @@ class FogCore:
             self.queue.append(rid)
 
     def _prompt_ids(self, msg: m.GenerateRequest) -> list[int]:
-        """The prompt's token ids, or ValueError saying what is wrong with the request."""
+        """The prompt's token ids; ParamError when the request's prompt forms are wrong."""
         given = [x is not None for x in (msg.prompt, msg.messages, msg.prompt_ids)]
         if sum(given) != 1:
-            raise ValueError("give exactly one of prompt, messages or prompt_ids")
+            raise ParamError("prompt", "give exactly one of prompt, messages or prompt_ids")
         if msg.prompt is not None:
-            if not msg.prompt.strip():
-                raise ValueError("empty prompt")
-            ids = self.text.encode_prompt(msg.prompt, raw=msg.raw)
-        elif msg.messages is not None:
-            if not msg.messages or not any(x.content.strip() for x in msg.messages):
-                raise ValueError("empty conversation")
-            ids = self.text.encode_messages(
+            check_prompt(msg.prompt)
+            return self.text.encode_prompt(msg.prompt, raw=msg.raw)
+        if msg.messages is not None:
+            if not any(x.content.strip() for x in msg.messages):
+                raise ParamError("messages", "empty conversation: nothing to generate from")
+            return self.text.encode_messages(
                 [{"role": x.role, "content": x.content} for x in msg.messages]
             )
-        else:
-            ids = list(msg.prompt_ids or [])
-            vocab = self.model.vocab_size
-            if not ids or min(ids) < 0 or max(ids) >= vocab:
-                raise ValueError(f"prompt_ids must be non-empty ids in [0, {vocab})")
-        ctx = self.model.context_length
-        if not 1 <= msg.max_new_tokens <= ctx:
-            raise ValueError(f"max_new_tokens must be in [1, {ctx}], got {msg.max_new_tokens}")
-        if len(ids) + msg.max_new_tokens > ctx:
-            raise ValueError(
-                f"prompt of {len(ids)} tokens + max_new_tokens {msg.max_new_tokens} exceeds "
-                f"the context of {ctx} tokens"
-            )
-        return ids
+        return list(msg.prompt_ids or [])
 
     def _on_bad_request(self, ev: BadRequestArrived) -> None:
         rid = ev.request_id or "invalid"

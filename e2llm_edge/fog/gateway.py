@@ -507,22 +507,29 @@ def _error_response(exc: api.ApiError) -> web.Response:
     return _json(exc.body(), status=exc.status, headers=headers)
 
 
-def _login(args: argparse.Namespace, user: str | None, password_file: str | None) -> BusConfig:
+def _login(
+    args: argparse.Namespace,
+    user: str | None,
+    password_file: str | None,
+    identity: str | None = None,
+) -> BusConfig:
     over: dict[str, Any] = {"cluster": args.cluster}
     if user:
         over["username"] = user
     if password_file:
         over["password"] = Path(password_file).read_text().strip()
-    return BusConfig.from_url(args.broker, **over)
+    return BusConfig.from_url(args.broker, identity=identity, **over)
 
 
 def config_from_args(args: argparse.Namespace, model_dir: Path) -> GatewayConfig:
     """The gateway's settings from `e2llm gateway`'s options."""
     monitor = None
-    if args.monitor_username:
-        monitor = _login(args, args.monitor_username, args.monitor_password_file)
+    if args.monitor_identity or args.monitor_username:
+        monitor = _login(
+            args, args.monitor_username, args.monitor_password_file, args.monitor_identity
+        )
     return GatewayConfig(
-        bus=_login(args, args.username, args.password_file),
+        bus=_login(args, args.username, args.password_file, args.identity),
         model_dir=model_dir,
         host=args.host,
         port=args.port,

@@ -139,7 +139,10 @@ class Orchestrator:
         self.inventory_file: dict[str, Any] = {}
         if config.inventory_path:
             self.inventory_file = yaml.safe_load(Path(config.inventory_path).read_text()) or {}
-            Inventory.from_dict(self.inventory_file, source=str(config.inventory_path))
+            # ids and memory are enough here: the devices announce their measured costs
+            Inventory.from_dict(
+                self.inventory_file, source=str(config.inventory_path), require_costs=False
+            )
         self.pinned = (
             Plan.from_yaml(Path(config.fixed_plan).read_text()) if config.fixed_plan else None
         )

@@ -1,8 +1,9 @@
-"""Mosquitto as a child process, and the cluster's ACL and password tooling.
+"""Mosquitto as a child process, and the cluster's ACL, identities and password tooling.
 
 ``start_mosquitto`` renders a config (loopback listener, TCP_NODELAY, packet limit that
-fits the largest message, optional passwords + ACL, persistence) and waits until the
-broker accepts connections; ``render_acl`` derives every rule from ``topics``.
+fits the largest message, TLS with client certificates or passwords, ACL, persistence)
+and waits until the broker accepts connections; ``render_acl`` derives every rule from
+``topics``; ``Roster`` records who belongs to a cluster (``cluster.json``).
 """
 
 from __future__ import annotations
@@ -24,13 +25,15 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 from e2llm_edge.errors import BrokerError
 from e2llm_edge.wire import codec, topics
 
 log = logging.getLogger(__name__)
 
+PID_FILE = "mosquitto.pid"
+"""Written into the broker's work directory; ``e2llm broker revoke`` signals that pid."""
 PACKET_HEADROOM = 64 * 1024
 """Room for the MQTT fixed header, topic and properties above the largest message."""
 
@@ -80,6 +83,40 @@ def free_port(host: str = "127.0.0.1") -> int:
 
 
 @dataclass(frozen=True)
+class BrokerTLS:
+    """The broker's TLS: its certificate, the CA every client certificate must come from,
+    and the CRL of revoked ones (re-read on SIGHUP, see ``MosquittoBroker.reload``)."""
+
+    cafile: Path
+    """CA certificate (``ca.crt``)."""
+    certfile: Path
+    """The broker's certificate (``broker.crt``)."""
+    keyfile: Path
+    """Its private key (``broker.key``)."""
+    crlfile: Path
+    """Certificate revocation list (``crl.pem``)."""
+
+    @classmethod
+    def from_dir(cls, secrets: Path) -> BrokerTLS:
+        """The files ``e2llm broker init`` writes into ``secrets``."""
+        d = secrets.resolve()
+        return cls(d / "ca.crt", d / "broker.crt", d / "broker.key", d / "crl.pem")
+
+    def lines(self) -> list[str]:
+        """Listener settings: a client must show a certificate from our CA, not revoked,
+        and its common name becomes its user name, which the ACL is written for."""
+        return [
+            f"cafile {self.cafile}",
+            f"certfile {self.certfile}",
+            f"keyfile {self.keyfile}",
+            f"crlfile {self.crlfile}",
+            "require_certificate true",
+            "use_identity_as_username true",
+            "tls_version tlsv1.2",
+        ]
+
+
+@dataclass(frozen=True)
 class MosquittoConfig:
     """What goes into the rendered mosquitto.conf."""
 
@@ -91,6 +128,8 @@ class MosquittoConfig:
     """Mosquitto password file; set it (with ``acl_file``) to require authentication."""
     acl_file: Path | None = None
     """ACL file, see ``render_acl``."""
+    tls: BrokerTLS | None = None
+    """Listen with TLS and require client certificates (identity = common name)."""
     persistence: bool = False
     """Keep retained messages and persistent sessions across restarts."""
     max_packet_size: int = codec.MAX_MESSAGE_BYTES + PACKET_HEADROOM
@@ -102,16 +141,18 @@ class MosquittoConfig:
 
 
 def render_config(cfg: MosquittoConfig, *, port: int, workdir: Path) -> str:
-    """mosquitto.conf text for ``cfg`` listening on ``port``; logs go to ``workdir``."""
-    auth = cfg.password_file is not None
+    """mosquitto.conf text for ``cfg`` listening on ``port``; logs and pid go to ``workdir``."""
+    auth = cfg.password_file is not None or cfg.tls is not None
     lines = [
         "# rendered by e2llm_edge.ops.broker.start_mosquitto",
         "per_listener_settings false",
         f"listener {port} {cfg.host}",
+        *(cfg.tls.lines() if cfg.tls is not None else []),
         f"allow_anonymous {'false' if auth else 'true'}",
         f"set_tcp_nodelay {'true' if cfg.tcp_nodelay else 'false'}",
         f"max_packet_size {cfg.max_packet_size}",
         f"log_dest file {workdir / 'mosquitto.log'}",
+        f"pid_file {workdir / PID_FILE}",
         "log_type error",
         "log_type warning",
         "log_type notice",
@@ -157,7 +198,8 @@ class MosquittoBroker:
 
     @property
     def url(self) -> str:
-        return f"mqtt://{self.host}:{self.port}"
+        scheme = "mqtts" if self.config.tls is not None else "mqtt"
+        return f"{scheme}://{self.host}:{self.port}"
 
     @property
     def log_path(self) -> Path:
@@ -224,6 +266,33 @@ class MosquittoBroker:
             proc.kill()
             proc.wait()
 
+    def reload(self, timeout: float = 5.0) -> None:
+        """SIGHUP: Mosquitto re-reads its ACL, CRL and certificates and re-applies the ACL
+        to the clients connected. Returns once done: the reload runs between two turns of
+        its event loop, so a connection it logs as accepted after "Reloading config." was
+        accepted by the reloaded broker."""
+        proc = self._proc
+        if proc is None or proc.poll() is not None:
+            raise BrokerError(f"mosquitto on port {self.port} is not running: nothing to reload")
+        start = self.log_path.stat().st_size if self.log_path.exists() else 0
+        proc.send_signal(signal.SIGHUP)
+        deadline = time.monotonic() + timeout
+        self._await_log("Reloading config.", start, deadline)
+        with socket.create_connection((self.host, self.port), timeout=timeout) as probe:
+            here = probe.getsockname()
+            self._await_log(f"New connection from {here[0]}:{here[1]} ", start, deadline)
+
+    def _await_log(self, needle: str, offset: int, deadline: float) -> None:
+        while time.monotonic() < deadline:
+            with contextlib.suppress(OSError), self.log_path.open("rb") as f:
+                f.seek(offset)
+                if needle.encode() in f.read():
+                    return
+            time.sleep(0.01)
+        raise BrokerError(
+            f"mosquitto on port {self.port}: no {needle!r} in its log", log_tail=self.log_tail()
+        )
+
     def kill(self) -> None:
         """SIGKILL: the broker vanishes without saving (fault injection)."""
         proc, self._proc = self._proc, None
@@ -285,7 +354,7 @@ def start_mosquitto(
     return MosquittoBroker(cfg, workdir=workdir, ready_timeout=ready_timeout)
 
 
-# --------------------------------------------------------------------------- ACL, passwords
+# --------------------------------------------------------------------------- ACL, identities
 
 
 def render_acl(
@@ -295,6 +364,7 @@ def render_acl(
     cluster: str = topics.DEFAULT_CLUSTER,
     *,
     client_pattern: bool = True,
+    revoked: Iterable[str] = (),
 ) -> str:
     """Mosquitto ACL for one cluster, every rule built from ``topics``.
 
@@ -309,6 +379,8 @@ def render_acl(
     - clients (a ``pattern`` with ``%u``, so it applies to every user): write
       ``request/<own username>``, read ``response/<own username>/+`` and the
       orchestrator's state only.
+    - revoked identities: denied everything, so a connection opened before the
+      revocation (the CRL only stops new handshakes) is useless from the next reload.
     """
     c = {"cluster": cluster}
     t = topics
@@ -368,6 +440,8 @@ def render_acl(
             )
         ]
         out.append("")
+    for r in revoked:
+        out += [f"user {topics.check_id(r, 'revoked user')}", "topic deny #", ""]
     if client_pattern:
         out += [
             "# clients: only their own requests and responses, and whether an orchestrator",
@@ -378,6 +452,119 @@ def render_acl(
             "",
         ]
     return "\n".join(out)
+
+
+ROLES = ("device", "orchestrator", "monitor", "client")
+AUTH_TLS, AUTH_PASSWORD = "tls", "password"
+
+
+@dataclass
+class Roster:
+    """Who belongs to a cluster (``cluster.json`` in its secrets directory): identity
+    names by role, how they prove it, and the revoked names the ACL still shuts out."""
+
+    cluster: str
+    roles: dict[str, list[str]]
+    auth: str = AUTH_TLS
+    """``tls``: client certificates (the default); ``password``: the plaintext lab mode."""
+    hosts: list[str] = field(default_factory=list)
+    """Names and addresses in the broker's certificate."""
+    revoked: list[str] = field(default_factory=list)
+
+    FILE = "cluster.json"
+
+    def __post_init__(self) -> None:
+        names = self.names()
+        if len(set(names)) != len(names):
+            raise BrokerError(f"identity names must be unique across roles: {names}")
+        for role in ("orchestrator", "monitor"):
+            if len(self.roles.get(role, [])) != 1:
+                raise BrokerError(f"exactly one {role} identity, got {self.roles.get(role)}")
+        for n in names:
+            self._check_name(n)
+
+    @staticmethod
+    def _check_name(name: str) -> str:
+        if name == "broker":  # the CA's register files the broker's certificate under it
+            raise BrokerError("'broker' is reserved for the broker's own certificate")
+        return topics.check_id(name, "identity name")
+
+    def names(self) -> list[str]:
+        return [n for role in ROLES for n in self.roles.get(role, [])]
+
+    def role_of(self, name: str) -> str | None:
+        return next((r for r in ROLES if name in self.roles.get(r, [])), None)
+
+    def add(self, name: str, role: str) -> None:
+        """Admit ``name`` (again, if it was revoked: a new board under the old id)."""
+        if role not in ("device", "client"):
+            raise BrokerError(f"role must be device or client, got {role!r}")
+        if self.role_of(name) is not None:
+            raise BrokerError(f"{name!r} is already a {self.role_of(name)} of this cluster")
+        self.roles.setdefault(role, []).append(self._check_name(name))
+        if name in self.revoked:
+            self.revoked.remove(name)
+
+    def revoke(self, name: str) -> str:
+        """Move ``name`` out of its role into ``revoked``; returns the role it had."""
+        role = self.role_of(name)
+        if role is None:
+            raise BrokerError(f"{name!r} is not an identity of cluster {self.cluster!r}")
+        if role in ("orchestrator", "monitor"):
+            raise BrokerError(
+                f"{name!r} is the cluster's {role}: renew it (`e2llm broker renew {name}`) "
+                "instead, or re-key the cluster (`e2llm broker init --force`)"
+            )
+        self.roles[role].remove(name)
+        self.revoked.append(name)
+        return role
+
+    def acl(self) -> str:
+        return render_acl(
+            self.roles.get("device", []),
+            self.roles["orchestrator"][0],
+            self.roles["monitor"][0],
+            self.cluster,
+            revoked=self.revoked,
+        )
+
+    def save(self, directory: Path) -> None:
+        data = {
+            "cluster": self.cluster,
+            "auth": self.auth,
+            "roles": self.roles,
+            "hosts": self.hosts,
+            "revoked": self.revoked,
+        }
+        write_private(directory / self.FILE, (json.dumps(data, indent=2) + "\n").encode())
+        write_private(directory / "acl", self.acl().encode())
+
+    @classmethod
+    def load(cls, directory: Path) -> Roster:
+        path = directory / cls.FILE
+        try:
+            data = json.loads(path.read_text())
+            return cls(
+                data["cluster"],
+                data["roles"],
+                data.get("auth", AUTH_TLS),
+                data.get("hosts", []),
+                data.get("revoked", []),
+            )
+        except (OSError, ValueError, KeyError, TypeError) as exc:
+            raise BrokerError(
+                f"{path}: cannot read the cluster roster ({exc}); run `e2llm broker init`"
+            ) from exc
+
+
+def write_private(path: Path, data: bytes) -> Path:
+    """Write ``data`` readable by its owner only (created 0600, never world-readable)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    path.chmod(0o600)
+    return path
 
 
 @dataclass
@@ -420,6 +607,30 @@ def write_password_file(path: Path, users: dict[str, str]) -> None:
             )
 
 
+def roster(
+    devices: Sequence[str],
+    *,
+    cluster: str = topics.DEFAULT_CLUSTER,
+    orchestrator_user: str = "orchestrator",
+    monitor_user: str = "monitor",
+    clients: Sequence[str] = ("client",),
+    auth: str = AUTH_TLS,
+    hosts: Sequence[str] = (),
+) -> Roster:
+    """The identities of a new cluster: each device, the orchestrator, the monitor, clients."""
+    return Roster(
+        cluster,
+        {
+            "device": list(devices),
+            "orchestrator": [orchestrator_user],
+            "monitor": [monitor_user],
+            "client": list(clients),
+        },
+        auth,
+        list(hosts),
+    )
+
+
 def init_secrets(
     out_dir: Path,
     devices: Sequence[str],
@@ -429,20 +640,43 @@ def init_secrets(
     monitor_user: str = "monitor",
     clients: Sequence[str] = ("client",),
 ) -> Credentials:
-    """Generate passwords, write ``passwd``, ``acl`` and ``credentials.json`` (0600) into
-    ``out_dir`` (``broker/secrets/`` is gitignored)."""
-    roles = {
-        "device": list(devices),
-        "orchestrator": [orchestrator_user],
-        "monitor": [monitor_user],
-        "client": list(clients),
-    }
-    names = [u for group in roles.values() for u in group]
-    if len(set(names)) != len(names):
-        raise BrokerError(f"user names must be unique across roles: {names}")
-    creds = Credentials(cluster, {u: secrets.token_urlsafe(24) for u in names}, roles)
+    """The plaintext lab mode: generate passwords, write ``passwd``, ``acl``,
+    ``cluster.json`` and ``credentials.json`` (0600) into ``out_dir`` (gitignored)."""
+    r = roster(
+        devices,
+        cluster=cluster,
+        orchestrator_user=orchestrator_user,
+        monitor_user=monitor_user,
+        clients=clients,
+        auth=AUTH_PASSWORD,
+    )
+    creds = Credentials(cluster, {u: secrets.token_urlsafe(24) for u in r.names()}, r.roles)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_password_file(out_dir / "passwd", creds.users)
-    (out_dir / "acl").write_text(render_acl(devices, orchestrator_user, monitor_user, cluster))
+    r.save(out_dir)
     creds.save(out_dir / "credentials.json")
     return creds
+
+
+def cluster_ca() -> Any:
+    """``pki.ClusterCA``, imported on use: only the fog node mints certificates, and the
+    ``cryptography`` library it needs is not among a device's dependencies."""
+    try:
+        from e2llm_edge.ops.pki import ClusterCA
+    except ImportError as exc:
+        raise BrokerError(
+            f"making certificates needs the cryptography package ({exc}): "
+            "pip install 'e2llm-edge[fog]'"
+        ) from exc
+    return ClusterCA
+
+
+def init_identities(out_dir: Path, r: Roster) -> None:
+    """The default: a cluster CA, the broker's certificate for ``r.hosts``, one client
+    certificate per identity (``identities/<name>/``), the CRL, ACL and ``cluster.json``."""
+    ca = cluster_ca().create(out_dir, r.cluster)
+    ca.issue_server(r.hosts)
+    for role in ROLES:
+        for name in r.roles.get(role, []):
+            ca.issue_identity(name, role)
+    r.save(out_dir)

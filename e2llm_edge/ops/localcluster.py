@@ -3,7 +3,8 @@
 What the demo, the end-to-end tests, the benchmarks and the chaos script run: every
 process is the real CLI entry point a user would start on a device or the fog node, and
 every byte between them crosses the broker. Agents can be killed (SIGKILL, like a power
-cut) and started again.
+cut) and started again. By default the cluster is secured as a deployment is: a
+throwaway CA, one certificate per process, TLS on every link and the ACL enforced.
 """
 
 from __future__ import annotations
@@ -24,7 +25,8 @@ from typing import Any, Self
 import yaml
 
 from e2llm_edge.errors import E2LLMError
-from e2llm_edge.ops.broker import Credentials, MosquittoConfig
+from e2llm_edge.ops import broker_cli
+from e2llm_edge.ops.broker import AUTH_TLS, BrokerTLS, Credentials, MosquittoConfig, Roster
 from e2llm_edge.sysinfo import rss_bytes
 from e2llm_edge.wire import messages as m
 from e2llm_edge.wire import topics as t
@@ -104,8 +106,13 @@ class LocalCluster:
     workdir: Path | None = None
     verbose: bool = True
     secrets_dir: Path | None = None
-    """Output of ``e2llm broker init`` (passwd, acl, credentials.json): the broker requires
-    auth, and every process logs in as its own user (``observer`` for ``bus_config``)."""
+    """Output of ``e2llm broker init`` (identities, or the lab mode's passwords): the
+    broker requires them, and every process logs in as itself (``observer`` for
+    ``bus_config``)."""
+    tls: bool = True
+    """With no ``secrets_dir`` when starting its own Mosquitto: make a throwaway CA and
+    one identity per process, so every link is TLS with client certificates and the ACL
+    applies, as in a deployment. False: anonymous plain TCP (baselines, embedded broker)."""
     observer: str = "monitor"
     standby: bool = False
     """Also run a standby orchestrator (``orch-b``) that takes over if ``orch-a`` dies."""
@@ -115,6 +122,7 @@ class LocalCluster:
     _stack: contextlib.ExitStack = field(default_factory=contextlib.ExitStack)
     broker: Any = None
     credentials: Credentials | None = None
+    roster: Roster | None = None
 
     def __enter__(self) -> Self:
         try:
@@ -133,12 +141,25 @@ class LocalCluster:
         self.close()
 
     def _start(self) -> None:
-        if self.secrets_dir is not None:
-            self.credentials = Credentials.load(self.secrets_dir / "credentials.json")
         if self.workdir is None:
             self.workdir = Path(
                 self._stack.enter_context(tempfile.TemporaryDirectory(prefix="e2llm-cluster-"))
             )
+        own_mosquitto = self.broker_url is None and self.broker_kind == "mosquitto"
+        if self.secrets_dir is None and self.tls and own_mosquitto:
+            self.secrets_dir = self.workdir / "secrets"
+            broker_cli.init(
+                [d["id"] for d in self.inventory["devices"]],
+                self.secrets_dir,
+                cluster=self.cluster,
+                clients=["client"],
+                force=False,
+                hosts=["127.0.0.1"],
+            )
+        if self.secrets_dir is not None:
+            self.roster = Roster.load(self.secrets_dir)
+            if self.roster.auth != AUTH_TLS:
+                self.credentials = Credentials.load(self.secrets_dir / "credentials.json")
         if self.broker_url is None:
             if self.broker_kind == "embedded":
                 from e2llm_edge.ops.embedded_broker import start_embedded
@@ -166,7 +187,7 @@ class LocalCluster:
 
     def _orchestrator(self, name: str, *, standby: bool) -> Proc:
         assert self.workdir is not None and self.broker_url is not None
-        orch_user = self.credentials.roles["orchestrator"][0] if self.credentials else ""
+        orch_user = self.roster.roles["orchestrator"][0] if self.roster else ""
         return Proc(
             name,
             [
@@ -179,7 +200,7 @@ class LocalCluster:
                 self.broker_url,
                 "--cluster",
                 self.cluster,
-                *self._login(orch_user),
+                *self.login_args(orch_user),
                 "--id",
                 name,
                 *(["--standby"] if standby else []),
@@ -212,7 +233,16 @@ class LocalCluster:
         return p
 
     def add_agent(self, device: dict[str, Any], start: bool = True) -> Proc:
+        """Start an agent; a device the cluster's CA does not know yet is admitted first
+        (``e2llm broker add-device``, then the broker reloads its ACL)."""
         assert self.workdir is not None and self.broker_url is not None
+        r = self.roster
+        if r is not None and r.auth == AUTH_TLS and r.role_of(device["id"]) is None:
+            assert self.secrets_dir is not None
+            broker_cli.add_identity(self.secrets_dir, device["id"], "device")
+            self.roster = Roster.load(self.secrets_dir)
+            if self.broker is not None:
+                self.broker.reload()
         cmd = [
             sys.executable,
             "-m",
@@ -223,7 +253,7 @@ class LocalCluster:
             self.broker_url,
             "--cluster",
             self.cluster,
-            *self._login(device["id"]),
+            *self.login_args(device["id"]),
             "--device-id",
             device["id"],
             "--memory-mb",
@@ -260,19 +290,22 @@ class LocalCluster:
         return {p.name: p.rss_bytes() for p in procs if p is not None and p.alive}
 
     def _mosquitto_config(self) -> MosquittoConfig:
-        if self.secrets_dir is None:
+        d = self.secrets_dir
+        if d is None:
             return MosquittoConfig()
-        return MosquittoConfig(
-            password_file=self.secrets_dir / "passwd", acl_file=self.secrets_dir / "acl"
-        )
+        if self.credentials is None:
+            return MosquittoConfig(acl_file=d / "acl", tls=BrokerTLS.from_dir(d))
+        return MosquittoConfig(password_file=d / "passwd", acl_file=d / "acl")
 
-    def _login(self, user: str) -> list[str]:
-        """``--username/--password-file`` of ``user`` (nothing without auth)."""
-        if self.secrets_dir is None:
+    def login_args(self, user: str) -> list[str]:
+        """``--identity`` of ``user`` (``--username/--password-file`` in the lab mode;
+        nothing without auth)."""
+        d = self.secrets_dir
+        if d is None:
             return []
-        from e2llm_edge.ops.broker_cli import password_file
-
-        return ["--username", user, "--password-file", str(password_file(self.secrets_dir, user))]
+        if self.credentials is None:
+            return ["--identity", str(broker_cli.identity_dir(d, user))]
+        return ["--username", user, "--password-file", str(broker_cli.password_file(d, user))]
 
     def close(self) -> None:
         for p in self.agents.values():
@@ -285,9 +318,11 @@ class LocalCluster:
     def bus_config(self, user: str | None = None, **over: Any) -> BusConfig:
         """How to reach the cluster; with auth, as ``user`` (default: the observer)."""
         assert self.broker_url is not None
+        name = user or self.observer
         if self.credentials is not None:
-            name = user or self.observer
             over = {"username": name, "password": self.credentials.users[name], **over}
+        elif self.secrets_dir is not None:
+            over["identity"] = broker_cli.identity_dir(self.secrets_dir, name)
         return BusConfig.from_url(self.broker_url, cluster=self.cluster, **over)
 
     def logs(self) -> str:

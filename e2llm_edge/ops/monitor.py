@@ -586,15 +586,16 @@ def cmd_health(args: argparse.Namespace) -> int:
                 timeout=args.timeout,
             )
         )
-    except E2LLMError as exc:
-        ok, text = False, f"error: {exc}"
+    except E2LLMError as exc:  # could not ask (broker, credentials): not an answer
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     print(text, file=sys.stdout if ok else sys.stderr)
     return 0 if ok else 1
 
 
 def register(sub: Any) -> None:
     """Add ``monitor`` and ``health`` to the ``e2llm`` command."""
-    from e2llm_edge.cli import add_broker_args
+    from e2llm_edge.cli import add_broker_args, positive_float
 
     p = sub.add_parser("monitor", help="live view of a cluster from its telemetry topics")
     add_broker_args(p)
@@ -606,8 +607,8 @@ def register(sub: Any) -> None:
     p.add_argument(
         "--once", action="store_true", help="print one snapshot of the current state and exit"
     )
-    p.add_argument("--duration", type=float, help="exit after this many seconds")
-    p.add_argument("--interval", type=float, default=1.0, help="seconds between refreshes")
+    p.add_argument("--duration", type=positive_float, help="exit after this many seconds")
+    p.add_argument("--interval", type=positive_float, default=1.0, help="seconds between refreshes")
     p.set_defaults(func=cmd_monitor)
 
     p = sub.add_parser(
@@ -628,9 +629,9 @@ def register(sub: Any) -> None:
     )
     p.add_argument(
         "--max-age",
-        type=float,
+        type=positive_float,
         default=15.0,
         help="a device state older than this (seconds) is stale",
     )
-    p.add_argument("--timeout", type=float, default=5.0)
+    p.add_argument("--timeout", type=positive_float, default=5.0)
     p.set_defaults(func=cmd_health)

@@ -10,6 +10,10 @@ the caller can answer the requester.
 Timeouts are parameters (not left to callers' ``asyncio.timeout``) because they turn into
 ``BusTimeout`` naming the operation and topic; hence the ASYNC109 waivers.
 
+Before the first connection the bus says why the broker cannot be reached (refused,
+unknown host, no answer, TLS): one-shot tools fail at once with that reason
+(``BusConnectError``); services (``wait_for_broker``) log it once and keep retrying.
+
 Delivery is at least once for QoS 1 topics (a publish interrupted by a disconnect is sent
 again after reconnecting): receivers drop duplicates by (request id, seq).
 """
@@ -28,6 +32,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Self
 from urllib.parse import unquote, urlsplit
@@ -37,33 +42,41 @@ from aiomqtt.exceptions import MqttConnectError
 
 from e2llm_edge.errors import (
     BusAuthError,
+    BusConnectError,
     BusError,
     BusTimeout,
+    BusTLSError,
     CodecError,
+    ConfigError,
     SubscriptionRefused,
     TopicError,
 )
 from e2llm_edge.wire import codec, messages, topics
+from e2llm_edge.wire.tls import (
+    TLSConfig,
+    WatchedContext,
+    client_context,
+    explain,
+    read_identity,
+    speaks_tls,
+)
 from e2llm_edge.wire.topics import Topic
 
 log = logging.getLogger(__name__)
 
+
+class _DropSocketErrors(logging.Filter):
+    """paho logs each failed socket read at ERROR; the bus reports the same event in one
+    line of its own (the broker's TLS verdict, or the lost connection), so drop paho's."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("failed to receive on socket")
+
+
+_MQTT_LOG = logging.getLogger(__name__ + ".mqtt")
+_MQTT_LOG.addFilter(_DropSocketErrors())
 _AUTH_CODES = frozenset({4, 5, 134, 135})  # MQTT 3.1.1 CONNACK 4/5; MQTT 5 0x86/0x87
 NODELAY_OPTION = (socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-
-
-@dataclass(frozen=True)
-class TLSConfig:
-    """TLS towards the broker."""
-
-    ca_certs: str | None = None
-    """CA bundle that signed the broker's certificate (None: system store)."""
-    certfile: str | None = None
-    """Client certificate, for brokers that require one."""
-    keyfile: str | None = None
-    """Private key of ``certfile``."""
-    insecure: bool = False
-    """Skip hostname verification (test setups with self-signed certificates only)."""
 
 
 @dataclass(frozen=True)
@@ -95,7 +108,12 @@ class BusConfig:
     publish_timeout: float = 10.0
     """Default timeout of ``publish`` (including waiting for a reconnect)."""
     connect_timeout: float = 10.0
-    """How long entering the context keeps trying to reach the broker."""
+    """How long one connection attempt may take, and entering the context at most unless
+    ``wait_for_broker``."""
+    wait_for_broker: bool = False
+    """Before the first connection: False (one-shot tools) raises ``BusConnectError`` with
+    the reason as soon as an attempt fails; True (services, which may start before their
+    broker) logs the reason once and retries with backoff until the broker answers."""
     backoff_initial: float = 0.05
     """First reconnect delay in seconds."""
     backoff_max: float = 2.0
@@ -106,15 +124,35 @@ class BusConfig:
     """False: the broker keeps this client's subscriptions and QoS 1 backlog across drops."""
 
     @classmethod
-    def from_url(cls, url: str, **overrides: Any) -> BusConfig:
-        """``mqtt://[user:password@]host[:port]`` or ``mqtts://...`` (TLS, system CAs)."""
+    def from_url(
+        cls, url: str, *, identity: str | Path | None = None, **overrides: Any
+    ) -> BusConfig:
+        """``mqtts://host[:port]`` with ``identity`` (a directory from ``e2llm broker
+        init``: TLS with its client certificate, whose name is the user name), plain
+        ``mqtts://`` (system CAs, no certificate), or ``mqtt://[user:password@]host[:port]``
+        (the plaintext lab mode)."""
         parts = urlsplit(url)
-        if parts.scheme not in ("mqtt", "mqtts", "tcp"):
-            raise ValueError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
+        if parts.scheme not in ("mqtt", "mqtts", "tcp") or not parts.netloc:
+            raise ConfigError(
+                f"broker URL {url!r}: expected mqtt://host[:port] or mqtts://host[:port]"
+            )
+        try:
+            port = parts.port
+        except ValueError as exc:  # not a number, or outside 0-65535
+            raise ConfigError(f"broker URL {url!r}: bad port ({exc})") from None
+        if not parts.hostname:
+            raise ConfigError(f"broker URL {url!r}: no host name")
         tls = TLSConfig() if parts.scheme == "mqtts" else None
+        if identity is not None:
+            if tls is None:
+                raise BusTLSError(
+                    "bad_identity", url, f"an identity needs TLS: use mqtts://, not {url}"
+                )
+            tls = TLSConfig.from_identity(identity)
+            overrides.setdefault("username", read_identity(identity)["name"])
         values: dict[str, Any] = {
-            "host": parts.hostname or "127.0.0.1",
-            "port": parts.port or (8883 if tls else 1883),
+            "host": parts.hostname,
+            "port": port or (8883 if tls else 1883),
             "tls": tls,
         }
         if parts.username:
@@ -200,6 +238,55 @@ class _Connection:
     lost: asyncio.Event = field(default_factory=asyncio.Event)
 
 
+class _Client(aiomqtt.Client):
+    """aiomqtt's client, also saying when its socket closes: before a CONNACK that is a
+    refusal (a TLS port answering plaintext, a broker shedding load), which aiomqtt would
+    only report at its connect timeout."""
+
+    on_close: Callable[[], object] | None = None
+
+    def _on_socket_close(self, client: Any, userdata: Any, sock: Any) -> None:
+        super()._on_socket_close(client, userdata, sock)
+        if self.on_close is not None:
+            self.on_close()
+
+
+class _Attempt:
+    """The wait for one connection's CONNACK, cut short by ``fail()`` (from any thread)
+    once the attempt is known to have failed, instead of running to the timeout."""
+
+    def __init__(self) -> None:
+        self._deadline = asyncio.timeout(None)
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._settled = False
+
+    async def __aenter__(self) -> Self:
+        self._loop = asyncio.get_running_loop()
+        await self._deadline.__aenter__()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self._settled = True
+        await self._deadline.__aexit__(exc_type, exc, tb)
+
+    def connected(self) -> None:
+        """From now on a failure is a lost connection, reported as such."""
+        self._settled = True
+
+    def fail(self) -> None:
+        if not self._settled and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._expire)
+
+    def _expire(self) -> None:
+        if not self._settled and not self._deadline.expired():
+            self._deadline.reschedule(-1.0)
+
+
 BadMessageHook = Callable[[BadMessage], Awaitable[None] | None]
 
 
@@ -254,7 +341,17 @@ class Bus:
             tg.create_task(self._bad_message_worker(), name="bus-bad-messages"),
         ]
         try:
-            await self.wait_connected(self.config.connect_timeout)
+            if self.config.wait_for_broker:
+                await self.wait_connected(None)
+            else:
+                try:
+                    await self.wait_connected(self.config.connect_timeout)
+                except BusTimeout:
+                    raise BusConnectError(
+                        self.config.host,
+                        self.config.port,
+                        f"no answer within {self.config.connect_timeout:.3g} s",
+                    ) from None
         except BaseException:
             await self._shutdown()
             raise
@@ -291,7 +388,9 @@ class Bus:
         return self._up.is_set()
 
     async def wait_connected(self, timeout: float | None = None) -> None:
-        """Wait until connected; BusAuthError if the broker refused the credentials."""
+        """Wait until connected; BusAuthError if the broker refused the credentials,
+        BusConnectError if it could not be reached at first (unless ``wait_for_broker``),
+        BusTLSError if the TLS handshake failed (with the reason)."""
         up = asyncio.ensure_future(self._up.wait())
         fatal = asyncio.ensure_future(self._fatal_event.wait())
         try:
@@ -304,7 +403,22 @@ class Bus:
         if self._fatal is not None:
             raise self._fatal
         if not done:
+            if await self._expects_tls():
+                raise self._expects_tls_error()
             raise BusTimeout("connect", f"{self.config.host}:{self.config.port}", timeout or 0.0)
+
+    async def _expects_tls(self) -> bool:
+        """A plaintext client that got no answer: is it talking to a TLS port?"""
+        cfg = self.config
+        return cfg.tls is None and await asyncio.to_thread(speaks_tls, cfg.host, cfg.port)
+
+    def _expects_tls_error(self) -> BusTLSError:
+        where = f"{self.config.host}:{self.config.port}"
+        return BusTLSError(
+            "expects_tls",
+            where,
+            f"the broker speaks TLS on this port: use mqtts://{where} with --identity DIR",
+        )
 
     def tcp_nodelay_active(self) -> bool:
         """Whether the live socket has TCP_NODELAY set (read back from the kernel)."""
@@ -498,7 +612,7 @@ class Bus:
 
     # ----------------------------------------------------------------- connection
 
-    def _new_client(self) -> aiomqtt.Client:
+    def _new_client(self) -> tuple[_Client, WatchedContext | None]:
         cfg = self.config
         will = None
         if self._will_payload is not None and self._will is not None:
@@ -510,12 +624,8 @@ class Bus:
             )
         tls_context = None
         if cfg.tls is not None:
-            tls_context = ssl.create_default_context(cafile=cfg.tls.ca_certs)
-            if cfg.tls.certfile:
-                tls_context.load_cert_chain(cfg.tls.certfile, cfg.tls.keyfile)
-            if cfg.tls.insecure:
-                tls_context.check_hostname = False
-        return aiomqtt.Client(
+            tls_context = client_context(cfg.tls, f"{cfg.host}:{cfg.port}")
+        client = _Client(
             cfg.host,
             cfg.port,
             username=cfg.username,
@@ -529,39 +639,100 @@ class Bus:
             socket_options=[NODELAY_OPTION] if cfg.tcp_nodelay else [],
             # Bounded too, but drained at once by _dispatch; the real bound is self._queue.
             max_queued_incoming_messages=cfg.queue_size * 4,
-            logger=logging.getLogger(__name__ + ".mqtt"),
+            logger=_MQTT_LOG,
         )
+        # paho's TCP connect has its own 5 s limit; one limit per attempt is less surprising
+        client._client.connect_timeout = cfg.connect_timeout
+        return client, tls_context
+
+    def _give_up(self, exc: BusError) -> bool:
+        """At the first connect a refusal is final (the caller hears it at once); later,
+        the broker may be mid-restart or the files renewed: warn and keep trying."""
+        if self.stats.connects == 0:
+            self._fatal = exc
+            self._fatal_event.set()
+            return True
+        self._ratelog.warning("connect", "%s", exc)
+        return False
 
     async def _connection_loop(self) -> None:
         delay = self.config.backoff_initial
+        last_reason: str | None = None
         while not self._closing:
             conn: _Connection | None = None
+            tls: WatchedContext | None = None
+            client: _Client | None = None
             try:
-                client = self._new_client()
-                async with client:
-                    conn = _Connection(client)
-                    await self._restore(client)
-                    self._conn = conn
-                    self._up.set()
-                    self.stats.connects += 1
-                    delay = self.config.backoff_initial
-                    log.info(
-                        "connected to %s:%d as %s (connect #%d)",
-                        self.config.host,
-                        self.config.port,
-                        self.config.client_id,
-                        self.stats.connects,
-                    )
-                    async for raw in client.messages:
-                        self._dispatch(raw)
-            except MqttConnectError as exc:
-                if _rc_value(exc) in _AUTH_CODES and self.stats.connects == 0:
-                    self._fatal = BusAuthError(self.config.username, str(exc))
-                    self._fatal_event.set()
+                client, tls = self._new_client()
+                async with _Attempt() as attempt:
+                    client.on_close = attempt.fail
+                    if tls is not None:  # the broker's verdict on our certificate
+                        tls.on_failure = attempt.fail
+                    async with client:
+                        attempt.connected()
+                        if tls is not None:
+                            tls.connected()
+                        conn = _Connection(client)
+                        await self._restore(client)
+                        self._conn = conn
+                        self._up.set()
+                        self.stats.connects += 1
+                        delay = self.config.backoff_initial
+                        if last_reason is not None:  # close the warning the user saw
+                            last_reason = None
+                            log.warning(
+                                "the broker at %s:%d answers now",
+                                self.config.host,
+                                self.config.port,
+                            )
+                        log.info(
+                            "connected to %s:%d as %s (connect #%d)",
+                            self.config.host,
+                            self.config.port,
+                            self.config.client_id,
+                            self.stats.connects,
+                        )
+                        async for raw in client.messages:
+                            self._dispatch(raw)
+            except asyncio.CancelledError:
+                if conn is None and client is not None:
+                    _abandon_connect(client)
+                raise
+            except BusTLSError as exc:  # this identity's files cannot be loaded
+                if self._give_up(exc):
                     return
-                self._ratelog.warning("connect", "broker refused connection: %s", exc)
-            except (aiomqtt.MqttError, BusError) as exc:
-                self._ratelog.warning("connect", "broker connection lost or failed: %s", exc)
+            except (aiomqtt.MqttError, BusError, TimeoutError) as exc:
+                cfg = self.config
+                if tls is not None and tls.failure is not None:
+                    assert cfg.tls is not None
+                    if self._give_up(explain(tls.failure, cfg.tls, cfg.host, cfg.port)):
+                        return
+                elif self.stats.connects == 0:
+                    if isinstance(exc, MqttConnectError) and _rc_value(exc) in _AUTH_CODES:
+                        where = f"broker at {cfg.host}:{cfg.port}"
+                        self._fatal = BusAuthError(cfg.username, f"{exc} ({where})")
+                        self._fatal_event.set()
+                        return
+                    if await self._expects_tls():
+                        self._give_up(self._expects_tls_error())
+                        return
+                    reason = connect_failure(exc, cfg.connect_timeout)
+                    if not cfg.wait_for_broker:
+                        self._fatal = BusConnectError(cfg.host, cfg.port, reason)
+                        self._fatal_event.set()
+                        return
+                    if reason != last_reason:  # one line per cause, not one per attempt
+                        last_reason = reason
+                        log.warning(
+                            "cannot reach the broker at %s:%d: %s; retrying until it answers",
+                            cfg.host,
+                            cfg.port,
+                            reason,
+                        )
+                elif isinstance(exc, MqttConnectError):
+                    self._ratelog.warning("connect", "broker refused connection: %s", exc)
+                else:
+                    self._ratelog.warning("connect", "broker connection lost or failed: %s", exc)
             finally:
                 self._up.clear()
                 self._conn = None
@@ -625,3 +796,43 @@ def _rc_value(exc: aiomqtt.MqttCodeError) -> int:
     if rc is None:
         return -1
     return int(rc.value) if hasattr(rc, "value") else int(rc)
+
+
+def connect_failure(exc: BaseException, timeout: float) -> str:
+    """Why a connection attempt failed, in words a user can act on.
+
+    aiomqtt turns the socket's OSError into a bare MqttError (``raise ... from None``);
+    the original stays reachable as the exception's context, and its type is what tells a
+    refused connection from an unknown host, a silent one or a TLS failure.
+    """
+    cause: BaseException | None = exc
+    for _ in range(4):
+        if cause is None or isinstance(cause, OSError):
+            break
+        cause = cause.__cause__ or cause.__context__
+    if isinstance(cause, socket.gaierror):
+        return f"unknown host ({cause.strerror})"
+    if isinstance(cause, ConnectionRefusedError):
+        return "connection refused"
+    if isinstance(cause, TimeoutError):
+        return f"no answer within {timeout:.3g} s"
+    if isinstance(cause, ssl.SSLError):
+        return f"TLS failed: {cause.reason or cause}"
+    if isinstance(cause, OSError) and cause.strerror:
+        return cause.strerror[0].lower() + cause.strerror[1:]
+    if isinstance(exc, MqttConnectError):
+        return f"the broker refused the connection: {exc}"
+    if "timed out" in str(exc):  # TCP connected but no CONNACK: not an MQTT broker?
+        return f"no MQTT answer within {timeout:.3g} s (is it an MQTT broker?)"
+    return str(exc) or type(exc).__name__
+
+
+def _abandon_connect(client: aiomqtt.Client) -> None:
+    """Close a client whose connect was cancelled before the CONNACK.
+
+    aiomqtt keeps the socket registered and its CONNACK future cancelled; the socket's next
+    event then calls ``exception()`` on that future and asyncio logs a traceback. Closing
+    the socket and resetting the future (as aiomqtt does after a failed connect) avoids it.
+    """
+    client._connected = asyncio.get_running_loop().create_future()
+    client._client._sock_close()

@@ -28,7 +28,7 @@ from typing import Annotated, ClassVar, Literal, NamedTuple, NewType, TypeVar
 
 import numpy as np
 
-from e2llm_edge.errors import CodecError
+from e2llm_edge.errors import CodecError, ParamError
 from e2llm_edge.wire import codec
 from e2llm_edge.wire.codec import Converter, Header, array
 from planner.plan import Plan
@@ -131,19 +131,21 @@ class Sampling:
 
     def __post_init__(self) -> None:
         if not (_number(self.temperature) and 0.0 <= self.temperature <= 10.0):
-            raise SamplingError(f"temperature must be in [0, 10], got {self.temperature!r}")
+            raise SamplingError(
+                "temperature", f"temperature must be in [0, 10], got {self.temperature!r}"
+            )
         if not (_number(self.top_p) and 0.0 < self.top_p <= 1.0):
-            raise SamplingError(f"top_p must be in (0, 1], got {self.top_p!r}")
+            raise SamplingError("top_p", f"top_p must be in (0, 1], got {self.top_p!r}")
         if isinstance(self.seed, bool) or not isinstance(self.seed, int) or self.seed < 0:
-            raise SamplingError(f"seed must be a non-negative integer, got {self.seed!r}")
+            raise SamplingError("seed", f"seed must be a non-negative integer, got {self.seed!r}")
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
 
 
-class SamplingError(ValueError):
-    """An invalid sampling parameter; the message names it."""
+class SamplingError(ParamError):
+    """An invalid sampling parameter; ``field`` and the message name it."""
 
 
 def _number(x: object) -> bool:

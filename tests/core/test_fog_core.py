@@ -319,12 +319,14 @@ def test_a_resumed_request_that_already_ended_is_answered_at_once() -> None:
     ("kw", "needle"),
     [
         ({"prompt": "  "}, "empty prompt"),
-        ({"max_new_tokens": 0}, "max_new_tokens must be in [1, 256]"),
-        ({"max_new_tokens": 300}, "max_new_tokens must be in"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be at least 1, got 0"),
+        ({"max_new_tokens": 300}, "exceeds the context of 256 tokens"),
         ({"prompt": "x" * 250, "max_new_tokens": 10}, "exceeds the context of 256"),
         ({"temperature": -1.0}, "temperature must be in [0, 10]"),
         ({"top_p": 0.0}, "top_p must be in (0, 1]"),
-        ({"prompt": None, "prompt_ids": [1, 9999]}, "prompt_ids must be non-empty ids"),
+        ({"prompt": None, "prompt_ids": [1, 9999]}, "token id 9999 is outside the vocabulary"),
+        ({"prompt": None, "prompt_ids": []}, "empty prompt"),
+        ({"prompt": None}, "give exactly one of prompt, messages or prompt_ids"),
     ],
 )
 def test_bad_requests_get_one_clear_error(kw: dict[str, object], needle: str) -> None:

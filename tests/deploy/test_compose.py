@@ -23,8 +23,8 @@ from e2llm_edge.ops.demo import bundled_inventory
 
 ROOT = Path(__file__).resolve().parents[2]
 COMPOSE = ROOT / "compose.yaml"
-PASSWORDS = "/run/e2llm-secrets"
-FOG_ONLY = ("tokenizers", "jinja2", "deap", "rich", "onnx", "gguf", "safetensors")
+IDENTITIES = "/run/e2llm-secrets/identities"
+FOG_ONLY = ("tokenizers", "jinja2", "deap", "rich", "onnx", "gguf", "safetensors", "cryptography")
 
 
 @pytest.fixture(scope="module")
@@ -125,7 +125,7 @@ def test_agents_match_the_inventory_and_are_unequal(config: dict[str, Any]) -> N
         assert svc["depends_on"]["model"]["condition"] == "service_completed_successfully"
         health = _parse(svc["healthcheck"]["test"][1:])
         assert health.command == "health" and health.device_id == dev
-        assert health.username == "monitor"  # read-only user: retained device state
+        assert health.identity == f"{IDENTITIES}/monitor"  # read-only: retained state
     assert len(limits) == len(agents), "every device gets its own CPU/memory limits"
 
 
@@ -148,42 +148,63 @@ def test_one_model_export_serves_everyone(config: dict[str, Any]) -> None:
         assert any(v.startswith("models:/" + volume) for v in mounts), (name, mounts)
 
 
-def test_each_process_logs_in_as_itself_with_only_its_secret(config: dict[str, Any]) -> None:
-    secrets = config["secrets"]
-    for name, path in ((n, s["file"]) for n, s in secrets.items()):
-        assert Path(path).parent == ROOT / "broker" / "secrets", name
-    check = subprocess.run(["git", "check-ignore", "-q", "broker/secrets/x.password"], cwd=ROOT)
+def _mounts(svc: dict[str, Any]) -> list[tuple[str, str]]:
+    """(source, target) of a service's bind mounts and volumes."""
+    out = []
+    for v in svc.get("volumes", []):
+        if isinstance(v, str):
+            src, dst = v.split(":")[:2]
+        else:
+            src, dst = v.get("source", ""), v.get("target", "")
+        out.append((src, dst))
+    return out
+
+
+def test_each_process_speaks_tls_as_itself_with_only_its_identity(
+    config: dict[str, Any],
+) -> None:
+    check = subprocess.run(["git", "check-ignore", "-q", "broker/secrets/x.key"], cwd=ROOT)
     assert check.returncode == 0, "broker/secrets/ must be gitignored"
+    assert "secrets" not in config or not config["secrets"], "passwords are the lab mode"
+    identities = ROOT / "broker" / "secrets" / "identities"
+    used: dict[str, set[str]] = {}
     for where, argv in _commands(config):
         args = _parse(argv)
         if getattr(args, "broker", None) is None:
             continue
-        assert args.username, f"{where}: connects anonymously"
-        assert args.password_file == f"{PASSWORDS}/{args.username}.password", where
-        if getattr(args, "monitor_username", None):  # the gateway's second login
-            want = f"{PASSWORDS}/{args.monitor_username}.password"
-            assert args.monitor_password_file == want, where
-        svc = config["services"][where.split()[0]]
-        mounted = {s["source"] for s in svc.get("secrets", [])}
-        assert f"{args.username}.password" in mounted, where
+        assert args.broker == "mqtts://mosquitto:8883", where
+        assert args.username is None and args.password_file is None, where
+        assert args.identity and args.identity.startswith(f"{IDENTITIES}/"), where
+        idents = [args.identity, getattr(args, "monitor_identity", None)]  # gateway: two
+        for ident in filter(None, idents):
+            assert ident.startswith(f"{IDENTITIES}/"), where
+            used.setdefault(where.split()[0], set()).add(ident.rsplit("/", 1)[1])
+        assert getattr(args, "monitor_username", None) is None, where
     for name, svc in config["services"].items():
-        mounted = {s["source"] for s in svc.get("secrets", [])}
-        users = {
-            getattr(_parse(a), attr, None)
-            for w, a in _commands(config)
-            if w.split()[0] == name
-            for attr in ("username", "monitor_username")
-        }
-        api_keys = {
-            Path(a.api_key_file).name
-            for w, a in ((w, _parse(a)) for w, a in _commands(config))
-            if w.split()[0] == name and getattr(a, "api_key_file", None)
-        }
-        if _project(svc):
-            assert mounted == {f"{u}.password" for u in users if u} | api_keys, name
-        for v in svc.get("volumes", []):
-            src = v.split(":")[0] if isinstance(v, str) else v.get("source", "")
+        mounts = _mounts(svc)
+        for src, _ in mounts:
             assert not src.rstrip("/").endswith("broker/secrets"), f"{name} mounts all secrets"
+            assert not src.endswith("ca.key"), f"{name} holds the CA's key"
+        mounted = {Path(src).name for src, _ in mounts if Path(src).parent == identities}
+        if _project(svc):
+            assert mounted == used.get(name, set()), name
+            for ident in mounted:  # where the entrypoint copies it from
+                assert (str(identities / ident), f"/run/secrets/identities/{ident}") in mounts
+    broker_files = {
+        Path(src).name
+        for src, _ in _mounts(config["services"]["mosquitto"])
+        if Path(src).parent == ROOT / "broker" / "secrets"
+    }
+    assert broker_files == {"ca.crt", "broker.crt", "broker.key", "crl.pem", "acl"}
+    conf = (ROOT / "broker" / "mosquitto.conf").read_text().splitlines()
+    for line in (
+        "require_certificate true",
+        "use_identity_as_username true",
+        "listener 8883 0.0.0.0",
+    ):
+        assert line in conf, line
+    assert not [x for x in conf if x.startswith("listener") and "8883" not in x], "plaintext"
+    assert not [x for x in conf if x.startswith("password_file")]
 
 
 def test_agent_image_commands_need_no_fog_extras() -> None:
@@ -197,11 +218,11 @@ class Block(importlib.abc.MetaPathFinder):
 sys.meta_path.insert(0, Block())
 from e2llm_edge.cli import build_parser
 p = build_parser()
-for argv in (['agent', '--broker', 'mqtt://b', '--device-id', 'd', '--memory-mb', '1'],
-             ['health', '--broker', 'mqtt://b', '--device-id', 'd'],
-             ['generate', '--broker', 'mqtt://b', 'hi']):
+for argv in (['agent', '--broker', 'mqtts://b', '--device-id', 'd', '--memory-mb', '1'],
+             ['health', '--broker', 'mqtts://b', '--device-id', 'd'],
+             ['generate', '--broker', 'mqtts://b', 'hi']):
     p.parse_args(argv)
-import e2llm_edge.device.agent, e2llm_edge.client, e2llm_edge.ops.monitor
+import e2llm_edge.device.agent, e2llm_edge.client, e2llm_edge.ops.monitor, e2llm_edge.wire.tls
 """
     proc = subprocess.run(
         [sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=60
@@ -209,16 +230,18 @@ import e2llm_edge.device.agent, e2llm_edge.client, e2llm_edge.ops.monitor
     assert proc.returncode == 0, proc.stderr
 
 
-def test_gateway_is_published_with_its_api_key_from_a_secret(config: dict[str, Any]) -> None:
+def test_gateway_is_published_with_its_api_key_from_broker_init(config: dict[str, Any]) -> None:
     svc = config["services"]["gateway"]
     args = _parse(svc["command"])
     assert args.command == "gateway" and args.host == "0.0.0.0"
     published = {(str(p["target"]), str(p.get("published"))) for p in svc["ports"]}
     assert (str(args.port), str(args.port)) in published
     key = Path(args.api_key_file)
-    assert key.parent == Path(PASSWORDS) and key.name in {s["source"] for s in svc["secrets"]}
-    assert Path(config["secrets"][key.name]["file"]).name == "gateway.api-keys"  # broker init
-    assert args.monitor_username == "monitor" and args.username == "client"
+    assert key == Path("/run/e2llm-secrets/gateway.api-keys")  # copied by the entrypoint
+    src = ROOT / "broker" / "secrets" / "gateway.api-keys"  # written by broker init
+    assert (str(src), "/run/secrets/gateway.api-keys") in _mounts(svc)
+    assert args.identity == f"{IDENTITIES}/client"
+    assert args.monitor_identity == f"{IDENTITIES}/monitor"
     assert svc["depends_on"]["orchestrator"]["condition"] == "service_healthy"
     health = _parse(svc["healthcheck"]["test"][1:])
     assert health.command == "health" and health.url.endswith(f":{args.port}/health")
@@ -232,8 +255,6 @@ def test_broker_init_writes_the_gateway_api_key(tmp_path: Path) -> None:
     from e2llm_edge.fog.gateway import read_api_keys
     from e2llm_edge.ops.broker_cli import API_KEYS_FILE, init
 
-    if shutil.which("mosquitto_passwd") is None:
-        pytest.skip("mosquitto_passwd not installed")
     _, files = init(["d1"], tmp_path, cluster="c", clients=["client"], force=False)
     path = tmp_path / API_KEYS_FILE
     assert path in files and path.stat().st_mode & 0o777 == 0o600

@@ -47,7 +47,15 @@ def cluster(
 
 def _cli(c: LocalCluster, *args: str) -> list[str]:
     assert c.broker_url is not None
-    return [*E2LLM, *args, "--broker", c.broker_url, "--cluster", c.cluster]
+    return [
+        *E2LLM,
+        *args,
+        "--broker",
+        c.broker_url,
+        "--cluster",
+        c.cluster,
+        *c.login_args("monitor"),
+    ]
 
 
 def _lines(out: str) -> list[dict[str, Any]]:

@@ -1,12 +1,14 @@
-"""A real cluster with authentication on: Mosquitto from the project's rendered config with
-passwords and the ACL that `e2llm broker init` generates, the orchestrator and 4 agents as
-processes, each logged in as its own user.
+"""A real cluster secured as documented: Mosquitto with TLS, client certificates and the
+ACL that `e2llm broker init` generates, the orchestrator and 4 agents as processes, each
+connected with its own identity.
 
-Proves: the pipeline still answers exactly as the local path does (Python client and the
-`e2llm generate` CLI); wrong passwords are refused (library and a real agent process);
-a device that spies on another device's inbox or forges a plan gets nothing through while
-real traffic flows; the monitor user reads telemetry and request events but never
-requests or responses.
+Proves: the pipeline answers exactly as the local path does (Python client and the
+`e2llm generate` CLI); plaintext clients and certificates from another CA are refused
+(library and a real agent process, which prints one line); a device that spies on another
+device's inbox or forges a plan gets nothing through while real traffic flows; the
+monitor reads telemetry and request events but never requests or responses; a capture of
+the broker's port holds no prompt or answer text; a revoked device is locked out while
+the rest keep serving.
 """
 
 from __future__ import annotations
@@ -17,23 +19,27 @@ import dataclasses
 import json
 import subprocess
 import sys
+import time
+import urllib.request
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 import yaml
+from sniffer import LoopbackSniffer, can_sniff
 
 from e2llm_edge.client import Client, collect
 from e2llm_edge.device.local import LocalModel
-from e2llm_edge.errors import BusAuthError, BusTimeout, SubscriptionRefused
+from e2llm_edge.errors import BusTimeout, BusTLSError, SubscriptionRefused
 from e2llm_edge.fog.textio import ChatTokenizer
-from e2llm_edge.ops.broker_cli import init, password_file
+from e2llm_edge.ops.broker import MosquittoBroker, free_port
+from e2llm_edge.ops.broker_cli import identity_dir, init
 from e2llm_edge.ops.demo import bundled_inventory
-from e2llm_edge.ops.localcluster import LocalCluster
+from e2llm_edge.ops.localcluster import LocalCluster, Proc
 from e2llm_edge.wire import messages as m
 from e2llm_edge.wire import topics as t
-from e2llm_edge.wire.bus import Bus, BusConfig, Envelope
+from e2llm_edge.wire.bus import Bus, BusConfig, Envelope, TLSConfig
 
 pytestmark = [pytest.mark.model, pytest.mark.mosquitto, pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -77,14 +83,17 @@ def local_ids(default_model: Path) -> tuple[list[int], list[int]]:
 
 
 @contextlib.asynccontextmanager
-async def login(
-    c: LocalCluster, user: str, password: str | None = None, **over: Any
-) -> AsyncIterator[Bus]:
+async def login(c: LocalCluster, user: str, **over: Any) -> AsyncIterator[Bus]:
     cfg = c.bus_config(user, connect_timeout=5, **over)
-    if password is not None:
-        cfg = BusConfig(**{**cfg.__dict__, "password": password})
     async with Bus(cfg, publish_will_on_close=False) as bus:
         yield bus
+
+
+async def refused(cfg: BusConfig) -> BusTLSError:
+    with pytest.raises(BusTLSError) as info:
+        async with Bus(cfg, publish_will_on_close=False):
+            pass
+    return info.value
 
 
 async def subscribe_or_refused(bus: Bus, topic: t.Topic, **ids: str) -> None:
@@ -118,7 +127,7 @@ def roles(c: LocalCluster) -> dict[str, list[str]]:
     return out
 
 
-def test_pipeline_answers_like_the_local_path_with_auth_on(
+def test_pipeline_answers_like_the_local_path_over_tls(
     cluster: LocalCluster, local_ids: tuple[list[int], list[int]]
 ) -> None:
     prompt_ids, new_ids = local_ids
@@ -135,10 +144,8 @@ def test_pipeline_answers_like_the_local_path_with_auth_on(
             cluster.broker_url,
             "--cluster",
             CLUSTER,
-            "--username",
-            "other-client",
-            "--password-file",
-            str(password_file(cluster.secrets_dir, "other-client")),
+            "--identity",
+            str(identity_dir(cluster.secrets_dir, "other-client")),
             "--max-new-tokens",
             str(MAX_NEW),
             "--json",
@@ -152,57 +159,36 @@ def test_pipeline_answers_like_the_local_path_with_auth_on(
     assert json.loads(cli.stdout)["new_ids"] == new_ids
 
 
-def test_wrong_password_is_refused(cluster: LocalCluster, tmp_path: Path) -> None:
-    async def attempt(user: str, password: str) -> None:
-        with pytest.raises(BusAuthError):
-            async with login(cluster, user, password):
-                pass
-
-    async def anonymous() -> None:
-        assert cluster.broker_url is not None
-        with pytest.raises(BusAuthError):
-            async with Bus(BusConfig.from_url(cluster.broker_url, connect_timeout=5)):
-                pass
-
-    asyncio.run(attempt("pi-a", "guess"))
-    asyncio.run(
-        attempt(
-            "orchestrator",
-            cluster.credentials.users["pi-a"],  # type: ignore[union-attr]
-        )
-    )
-    asyncio.run(anonymous())
-    # a real agent process with a wrong password file gives up instead of serving
-    bad = tmp_path / "bad.password"
-    bad.write_text("not-the-password\n")
-    assert cluster.broker_url is not None
+def test_plaintext_and_foreign_certificates_are_refused(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    assert cluster.broker_url is not None and cluster.broker_url.startswith("mqtts://")
+    plain = cluster.broker_url.replace("mqtts://", "mqtt://")
+    err = asyncio.run(refused(BusConfig.from_url(plain, cluster=CLUSTER, connect_timeout=3)))
+    assert err.problem == "expects_tls"
+    other = tmp_path / "other"  # another cluster's CA, with the same names
+    devices = [d["id"] for d in yaml.safe_load(bundled_inventory().read_text())["devices"]]
+    init(devices, other, cluster=CLUSTER, clients=["client"], force=False)
+    stranger = identity_dir(other, "pi-a")
+    assert cluster.secrets_dir is not None
+    ours = cluster.secrets_dir / "ca.crt"
+    tls = TLSConfig(str(ours), str(stranger / "client.crt"), str(stranger / "client.key"))
+    cfg = BusConfig.from_url(cluster.broker_url, cluster=CLUSTER, tls=tls, connect_timeout=5)
+    assert asyncio.run(refused(cfg)).problem == "client_unknown_ca"
+    # a real agent process with that identity prints one line and gives up
     proc = subprocess.run(
-        [
-            *E2LLM,
-            "agent",
-            "--broker",
-            cluster.broker_url,
-            "--cluster",
-            CLUSTER,
-            "--username",
-            "pi-a",
-            "--password-file",
-            str(bad),
-            "--device-id",
-            "pi-a",
-            "--memory-mb",
-            "400",
-            "--model",
-            str(cluster.model_dir),
-            "--threads",
-            "1",
-        ],
-        capture_output=True,
-        text=True,
-        timeout=90,
-    )
-    assert proc.returncode != 0
-    assert "BusAuthError" in proc.stderr or "refused" in proc.stderr.lower(), proc.stderr[-2000:]
+        [*E2LLM, "agent", "--broker", cluster.broker_url, "--cluster", CLUSTER,
+         "--identity", str(stranger), "--device-id", "pi-a", "--memory-mb", "400",
+         "--model", str(cluster.model_dir), "--threads", "1"],
+        capture_output=True, text=True, timeout=90,
+    )  # fmt: skip
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in proc.stderr, proc.stderr[-2000:]
+    assert lines[0].startswith("error: TLS with broker 127.0.0.1:"), lines
+    # its own CA did not sign our broker: it stops at the broker's certificate
+    assert "the broker's certificate is not signed by the CA in" in lines[0], lines
+    assert lines[0].endswith("(unknown CA): is this identity from this cluster?"), lines
     assert roles(cluster)  # the impostor did not disturb the plan
 
 
@@ -291,10 +277,8 @@ def test_monitor_reads_telemetry_but_no_requests_or_responses(cluster: LocalClus
             cluster.broker_url,
             "--cluster",
             CLUSTER,
-            "--username",
-            "monitor",
-            "--password-file",
-            str(password_file(cluster.secrets_dir, "monitor")),
+            "--identity",
+            str(identity_dir(cluster.secrets_dir, "monitor")),
         ],
         capture_output=True,
         text=True,
@@ -304,3 +288,105 @@ def test_monitor_reads_telemetry_but_no_requests_or_responses(cluster: LocalClus
     assert "warning" not in snap.stderr
     last = json.loads(snap.stdout.splitlines()[-1])
     assert len(last["devices"]) == 4 and last["cluster_summary"]["completed"] >= 1
+
+
+def test_the_gateway_serves_over_tls_with_a_client_and_a_monitor_identity(
+    cluster: LocalCluster, tmp_path: Path
+) -> None:
+    """`e2llm gateway` as compose runs it: requests as `client`, /metrics as `monitor`."""
+    pytest.importorskip("aiohttp")
+    assert cluster.broker_url is not None and cluster.secrets_dir is not None
+    port = free_port()
+    gw = Proc(
+        "gateway",
+        [*E2LLM, "gateway", "--broker", cluster.broker_url, "--cluster", CLUSTER,
+         "--identity", str(identity_dir(cluster.secrets_dir, "client")),
+         "--monitor-identity", str(identity_dir(cluster.secrets_dir, "monitor")),
+         "--model", str(cluster.model_dir), "--port", str(port)],
+        tmp_path / "gateway.log",
+    )  # fmt: skip
+    gw.start()
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 90
+        while True:
+            assert gw.alive, gw.tail()
+            with (
+                contextlib.suppress(OSError),
+                urllib.request.urlopen(f"{url}/health", timeout=2) as r,
+            ):
+                if r.status == 200:
+                    break
+            assert time.monotonic() < deadline, f"gateway not healthy:\n{gw.tail()}"
+            time.sleep(0.2)
+        body = {
+            "model": cluster.model_dir.name,
+            "messages": [{"role": "user", "content": PROMPT}],
+            "max_tokens": MAX_NEW,
+            "temperature": 0,
+        }
+        req = urllib.request.Request(
+            f"{url}/v1/chat/completions",
+            json.dumps(body).encode(),
+            {"Content-Type": "application/json"},
+        )
+        with urllib.request.urlopen(req, timeout=90) as r:
+            answer = json.loads(r.read())["choices"][0]["message"]["content"]
+        assert answer == asyncio.run(ask(cluster))["text"]
+        with urllib.request.urlopen(f"{url}/metrics", timeout=10) as r:
+            text = r.read().decode()
+        assert "e2llm_device_status{" in text  # read from the monitor topics
+    finally:
+        gw.stop()
+
+
+@pytest.mark.skipif(not can_sniff(), reason="capturing loopback needs root (AF_PACKET)")
+def test_a_capture_of_the_broker_port_holds_no_prompt_or_answer_text(
+    cluster: LocalCluster, mosquitto: MosquittoBroker
+) -> None:
+    prompt = "Repeat after me: the violet heron sleeps under quartz mountains."
+    # the sniffer itself: through a plaintext broker the same prompt is there to read
+    with LoopbackSniffer(mosquitto.port) as control:
+
+        async def publish_plain() -> None:
+            cfg = BusConfig.from_url(mosquitto.url, cluster="sniff")
+            async with Bus(cfg) as bus:
+                req = m.GenerateRequest(request_id="s", client_id="c", prompt=prompt)
+                await bus.publish(t.REQUEST, req, client_id="c")
+
+        asyncio.run(publish_plain())
+    assert prompt.encode() in control.captured()
+
+    assert cluster.broker is not None
+    with LoopbackSniffer(cluster.broker.port) as tap:
+        answer = asyncio.run(ask(cluster, prompt))
+    seen = tap.captured()
+    assert answer["new_ids"] and len(answer["text"]) >= 12, answer
+    assert tap.packets > 20 and len(seen) > 50_000, (tap.packets, len(seen))  # KV, activations
+    assert b"\x17\x03\x03" in seen  # TLS application data records
+    for secret in (prompt, answer["text"], "violet heron", "quartz mountains"):
+        assert secret.encode() not in seen, secret
+
+
+def test_revoked_device_is_locked_out_while_the_rest_keep_serving(
+    cluster: LocalCluster, local_ids: tuple[list[int], list[int]]
+) -> None:
+    """Last in this module: it changes the cluster. The stolen board is a decoder."""
+    plan = cluster.wait_serving(timeout=10)
+    stolen = roles(cluster)["decoder"][0]
+    assert cluster.secrets_dir is not None and cluster.broker is not None
+    proc = subprocess.run(
+        [*E2LLM, "broker", "revoke", stolen, "--out", str(cluster.secrets_dir)],
+        capture_output=True, text=True, timeout=60, check=True,
+    )  # fmt: skip
+    assert f"{stolen!r} revoked" in proc.stdout
+    cluster.broker.reload()  # a broker the CLI did not start: reloaded by its owner
+    # its heartbeats no longer reach the orchestrator: a new plan without it
+    new = cluster.wait_serving(timeout=120, min_version=plan.version + 1)
+    assert stolen not in {s.device_id for r in new.replicas for s in r.stages}
+    assert asyncio.run(ask(cluster))["new_ids"] == local_ids[1]  # the rest keep serving
+    # the board cannot come back: restarted, its agent prints one line and exits
+    agent = cluster.restart_agent(stolen)
+    assert agent.proc is not None
+    assert agent.proc.wait(60) == 2
+    assert agent.tail(3).splitlines()[-1].endswith("it has been revoked"), agent.tail()

@@ -9,7 +9,7 @@ import pytest
 from planner_factories import hardware_device, profile_device
 
 from planner import InventoryError, load_inventory
-from planner.inventory import Inventory, Link, hop_s
+from planner.inventory import ASSUMED_LINK, Inventory, Link, hop_s
 
 GOOD = """
 link_defaults: {bandwidth_mbps: 920, latency_ms: 1.0}
@@ -154,3 +154,48 @@ def test_packaged_paper_testbed_loads() -> None:
     inv = paper_inventory()
     assert len(inv) == 7
     assert {d.id for d in inv.devices} >= {"rtx5070", "m1-a", "m2max-a", "orin-agx"}
+
+
+MINIMAL = """
+devices:
+  - id: pi-1
+    memory_mb: 300
+  - id: pi-2
+    memory_mb: 512
+    link: {bandwidth_mbps: 100, latency_ms: 2.0}
+"""
+
+
+def test_minimal_inventory_is_for_the_orchestrator_only(tmp_path: Path) -> None:
+    """Devices with only id and memory_mb: their agents announce profile and link live, so
+    the orchestrator accepts them; the planner, which must cost them, does not."""
+    path = tmp_path / "devices.yaml"
+    path.write_text(MINIMAL)
+    inv = load_inventory(path, require_costs=False)
+    assert [(d.id, d.memory_mb) for d in inv.devices] == [("pi-1", 300), ("pi-2", 512)]
+    assert inv.device("pi-1").link == ASSUMED_LINK
+    assert inv.device("pi-2").link == Link(100, 2.0)
+    assert inv.device("pi-1").profile is None and inv.device("pi-1").hardware is None
+    with pytest.raises(InventoryError, match="device 'pi-1': link is required"):
+        load_inventory(path)
+
+
+@pytest.mark.parametrize(
+    ("devices", "message"),
+    [
+        ([{"id": "pi-1", "memroy_mb": 300}], "device 'pi-1': unknown field 'memroy_mb'"),
+        ([{"id": "pi-1"}], "device 'pi-1': memory_mb is required"),
+        ([{"id": "pi-1", "memory_mb": 0}], "device 'pi-1': memory_mb must be > 0, got 0"),
+        ([{"memory_mb": 1}], "devices[0]: id must be a non-empty string"),
+        (
+            [{"id": "pi-1", "memory_mb": 1, "hardware": {"tflops": 1}}],
+            "device 'pi-1': hardware.mem_bw_gbps is required",
+        ),
+    ],
+)
+def test_minimal_inventory_still_checks_every_field_it_has(
+    devices: list[dict[str, Any]], message: str
+) -> None:
+    with pytest.raises(InventoryError) as err:
+        Inventory.from_dict({"devices": devices}, source="devices.yaml", require_costs=False)
+    assert str(err.value).startswith("devices.yaml: ") and message in str(err.value)

@@ -32,3 +32,24 @@ def test_rendered_config_has_nodelay_packet_limit_and_auth(tmp_path: Path) -> No
         f"password_file {tmp_path / 'passwd'}",
     ):
         assert line in text.splitlines()
+
+
+def test_rendered_tls_config_requires_client_certificates_and_checks_the_crl(
+    tmp_path: Path,
+) -> None:
+    cfg = broker.MosquittoConfig(acl_file=tmp_path / "acl", tls=broker.BrokerTLS.from_dir(tmp_path))
+    lines = broker.render_config(cfg, port=8883, workdir=tmp_path).splitlines()
+    d = tmp_path.resolve()
+    assert lines.index("listener 8883 127.0.0.1") < lines.index(f"cafile {d / 'ca.crt'}")
+    for line in (
+        f"certfile {d / 'broker.crt'}",
+        f"keyfile {d / 'broker.key'}",
+        f"crlfile {d / 'crl.pem'}",
+        "require_certificate true",
+        "use_identity_as_username true",
+        "allow_anonymous false",
+        f"acl_file {tmp_path / 'acl'}",
+        f"pid_file {tmp_path / 'mosquitto.pid'}",
+    ):
+        assert line in lines
+    assert not [x for x in lines if x.startswith("password_file")]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import socket
 import subprocess
 import sys
 import textwrap
@@ -13,8 +14,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from e2llm_edge.errors import BusTimeout, CodecError
-from e2llm_edge.ops.broker import MosquittoBroker, MosquittoConfig
+from e2llm_edge.errors import BusConnectError, BusTimeout, CodecError
+from e2llm_edge.ops.broker import MosquittoBroker, MosquittoConfig, free_port
 from e2llm_edge.wire import messages as m
 from e2llm_edge.wire import topics as t
 from e2llm_edge.wire.bus import BadMessage, Bus, BusConfig, Will
@@ -319,9 +320,58 @@ async def test_publish_times_out_while_broker_down(tmp_path: Path, cluster: str)
         assert info.value.operation == "publish" and "device/d/inbox" in str(info.value)
 
 
-async def test_connect_timeout_when_no_broker(cluster: str) -> None:
-    from e2llm_edge.ops.broker import free_port
-
-    with pytest.raises(BusTimeout):
-        async with Bus(BusConfig(port=free_port(), cluster=cluster, connect_timeout=0.5)):
+async def test_refused_connection_fails_at_once_with_the_reason(cluster: str) -> None:
+    """Nothing listens: the kernel refuses, so there is nothing to wait 10 s for."""
+    port = free_port()
+    loop = asyncio.get_running_loop()
+    t0 = loop.time()
+    with pytest.raises(BusConnectError) as info:
+        async with Bus(BusConfig(port=port, cluster=cluster)):
             pass
+    assert loop.time() - t0 < 2.0
+    assert str(info.value) == f"cannot reach the broker at 127.0.0.1:{port}: connection refused"
+    assert (info.value.host, info.value.port, info.value.reason) == (
+        "127.0.0.1",
+        port,
+        "connection refused",
+    )
+
+
+async def test_unknown_host_and_silent_listener_have_their_own_reasons(cluster: str) -> None:
+    with pytest.raises(BusConnectError) as info:
+        async with Bus(BusConfig(host="no-such-host.invalid", cluster=cluster)):
+            pass
+    assert info.value.reason.startswith("unknown host (")
+    # a TCP listener that never speaks MQTT: connected, but no CONNACK
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        port = silent.getsockname()[1]
+        with pytest.raises(BusConnectError) as info:
+            async with Bus(BusConfig(port=port, cluster=cluster, connect_timeout=0.5)):
+                pass
+    assert str(info.value) == f"cannot reach the broker at 127.0.0.1:{port}: no answer within 0.5 s"
+
+
+async def test_a_service_waits_for_a_broker_that_starts_later(
+    tmp_path: Path, cluster: str, caplog: pytest.LogCaptureFixture
+) -> None:
+    """wait_for_broker: one line saying why, retries with backoff, connects once it is up."""
+    port = free_port()
+    broker = MosquittoBroker(MosquittoConfig(port=port), workdir=tmp_path)
+    cfg = BusConfig(port=port, cluster=cluster, wait_for_broker=True, backoff_max=0.2)
+    with caplog.at_level("WARNING", logger="e2llm_edge.wire.bus"):
+        entering = asyncio.ensure_future(Bus(cfg).__aenter__())
+        await asyncio.sleep(1.0)  # several attempts, all refused
+        assert not entering.done()
+        async with broker:
+            bus = await asyncio.wait_for(entering, 10)
+            try:
+                assert bus.connected
+            finally:
+                await bus.__aexit__(None, None, None)
+    where = f"the broker at 127.0.0.1:{port}"
+    assert [r.getMessage() for r in caplog.records] == [
+        f"cannot reach {where}: connection refused; retrying until it answers",
+        f"{where} answers now",
+    ]

@@ -157,35 +157,8 @@ def test_corrupted_segment_is_refused(
 
 def test_hf_directory_source(tmp_path: Path) -> None:
     """A Hugging Face directory (safetensors + tokenizer.json) exports to the same model."""
-    from safetensors.numpy import save_file
-
-    w = tiny_model.hf_weights()
-    save_file(w, str(tmp_path / "model.safetensors"))
-    c = tiny_model.CFG
-    (tmp_path / "config.json").write_text(
-        json.dumps(
-            {
-                "architectures": ["LlamaForCausalLM"],
-                "num_hidden_layers": c["n_layers"],
-                "hidden_size": c["hidden_size"],
-                "intermediate_size": c["intermediate_size"],
-                "num_attention_heads": c["n_heads"],
-                "num_key_value_heads": c["n_kv_heads"],
-                "vocab_size": c["vocab_size"],
-                "rope_theta": c["rope_theta"],
-                "rms_norm_eps": c["rms_norm_eps"],
-                "tie_word_embeddings": True,
-                "max_position_embeddings": 256,
-                "bos_token_id": 1,
-                "eos_token_id": 2,
-            }
-        )
-    )
-    gguf_dir = tmp_path / "g"
-    gguf_dir.mkdir()
-    tiny_model.write_gguf(gguf_dir / "t.gguf", quantize=False)
-    g_manifest = export_model(gguf_dir / "t.gguf", tmp_path / "from_gguf", progress=False)
-    shutil.copy(g_manifest.directory / "tokenizer.json", tmp_path / "tokenizer.json")
+    tiny_model.write_hf_dir(tmp_path, tmp_path / "g")
+    g_manifest = Manifest.load(tmp_path / "g" / "from_gguf")
     hf = load_hf_dir(tmp_path)
     assert hf.config.n_kv_heads == 2 and hf.config.tie_word_embeddings
     m = export_model(tmp_path, tmp_path / "from_hf", progress=False)

@@ -3,8 +3,12 @@
 from __future__ import annotations
 
 import itertools
+from pathlib import Path
 
-from e2llm_edge.device.profile import _fill, profile_problem
+import tiny_model
+
+from e2llm_edge.device.profile import _fill, load_or_measure_profile, profile_problem
+from onnx_export.export import export_model
 
 
 def test_fill_is_non_decreasing_and_non_negative() -> None:
@@ -32,3 +36,14 @@ def test_profile_problem_names_the_bad_field() -> None:
     bad = {**good, "head_decode_s": [0.002, -0.001]}
     problem = profile_problem(bad)
     assert problem is not None and "head_decode_s" in problem
+
+
+def test_profile_message_only_when_it_measures(tmp_path: Path) -> None:
+    """`on_measure` fires when the profile is measured, not when it comes from the cache."""
+    tiny_model.write_gguf(tmp_path / "tiny.gguf")
+    manifest = export_model(tmp_path / "tiny.gguf", tmp_path / "m", progress=False)
+    calls: list[str] = []
+    where = tmp_path / "profile.yaml"
+    first = load_or_measure_profile(manifest, 1, where, on_measure=lambda: calls.append("m"))
+    again = load_or_measure_profile(manifest, 1, where, on_measure=lambda: calls.append("m"))
+    assert calls == ["m"] and first == again
