@@ -162,7 +162,7 @@ def main() -> int:
     std_dir = Path(args.standard_dir) if args.standard_dir else default_model_dir()
     fast_dir = Path(args.fast_dir)
     if not args.standard_dir:
-        export_model(None, std_dir, progress=False)
+        export_model(None, std_dir, progress=False, graph_name="standard")
     n_layers = int(Manifest.load(std_dir).config["n_layers"])
     for precision in ("exact", "int8"):
         export_model(

@@ -47,13 +47,13 @@ def cmd_export(args: argparse.Namespace) -> int:
     from onnx_export.export import export_model
 
     t0 = time.perf_counter()
+    variant = _variant(args)
     m = export_model(
         args.source,
         args.out,
         ranges=args.ranges,
         progress=not args.quiet,
-        graph_name=args.graph,
-        precision=args.precision,
+        variants=[variant] if variant else None,
     )
     total = sum(s.bytes for s in m.segments)
     print(
@@ -412,11 +412,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--ranges", help="extra layer-range segments, e.g. 0-10,10-20,20-30")
     p.add_argument(
         "--graph",
-        default="standard",
         choices=["standard", "contrib"],
-        help="standard ONNX ops (portable) or com.microsoft contrib ops (fast)",
+        help="standard ONNX ops (portable) or com.microsoft contrib ops (fast); "
+        "default: both, standard/fp32 and contrib/exact",
     )
-    p.add_argument("--precision", default="fp32", help="fp32 (standard); exact or int8 (contrib)")
+    p.add_argument("--precision", help="fp32 (standard); exact or int8 (contrib)")
     p.add_argument("--quiet", action="store_true")
     p.set_defaults(func=cmd_export)
 

@@ -4,11 +4,17 @@ tokenizer and manifest. Re-running on an unchanged input is a no-op.
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
+import fcntl
 import functools
 import hashlib
 import json
 import logging
 import os
+import shutil
+import sys
+import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -18,6 +24,7 @@ import onnx
 
 from onnx_export.errors import ExportError
 from onnx_export.manifest import Manifest, Segment, TensorSpec, sha256_path
+from onnx_export.onnx_writer import SegmentModel
 from onnx_export.shared_data import WEIGHTS_KEY, externalize, inline_bytes
 from onnx_export.source import ModelConfig, ModelWeights, open_model
 from onnx_export.tokenizer import write_tokenizer
@@ -67,10 +74,12 @@ def _specs(values: Sequence[onnx.ValueInfoProto]) -> list[TensorSpec]:
 def model_cost(w: ModelWeights, manifest: Manifest) -> dict[str, Any]:
     """Bytes and FLOPs the planner needs. Weight bytes are those the exported segments hold
     (`Segment.param_bytes`), per complete variant under `variants`; the top level is the
-    variant runtimes prefer (`Manifest.variant_of_cost`), the one devices load."""
+    variant runtimes prefer (`Manifest.variant_of_cost`), the one devices load. FLOPs come
+    from the tensors' shapes; no weight is read."""
     c = w.config
     layer_flops = [
-        2 * sum(_numel(w, t) for t in w.layer_tensor_names(i)) for i in range(c.n_layers)
+        2 * sum(int(np.prod(w.shape(t))) for t in w.layer_tensor_names(i))
+        for i in range(c.n_layers)
     ]
     emb = c.vocab_size * c.hidden_size
     variants: dict[str, dict[str, Any]] = {}
@@ -114,14 +123,6 @@ def _variant_bytes(m: Manifest, graph: str, precision: str, n_layers: int) -> di
     }
 
 
-def _numel(w: ModelWeights, name: str) -> int:
-    """Elements of a tensor, from its stored shape when there is one (no dequantizing)."""
-    try:
-        return int(np.prod(w.raw(name).shape))
-    except ExportError:
-        return int(w.get(name).size)
-
-
 def _fingerprint(w: ModelWeights, source_digest: str) -> str:
     h = hashlib.sha256()
     h.update(
@@ -154,13 +155,13 @@ def default_model_dir() -> Path:
 class GraphBuilders(Protocol):
     """A graph family: standard ONNX ops (`onnx_export.graph`) or contrib ops (fast)."""
 
-    def embed_model(self, cfg: ModelConfig, w: ModelWeights, precision: str) -> onnx.ModelProto: ...
+    def embed_model(self, cfg: ModelConfig, w: ModelWeights, precision: str) -> SegmentModel: ...
 
     def layers_model(
         self, cfg: ModelConfig, start: int, end: int, w: ModelWeights, precision: str
-    ) -> onnx.ModelProto: ...
+    ) -> SegmentModel: ...
 
-    def head_model(self, cfg: ModelConfig, w: ModelWeights, precision: str) -> onnx.ModelProto: ...
+    def head_model(self, cfg: ModelConfig, w: ModelWeights, precision: str) -> SegmentModel: ...
 
 
 def graph_family(name: str) -> GraphBuilders:
@@ -179,124 +180,238 @@ def segment_prefix(graph_name: str, precision: str) -> str:
     return "" if (graph_name, precision) == ("standard", "fp32") else f"{graph_name}_{precision}_"
 
 
+DEFAULT_VARIANTS: tuple[tuple[str, str], ...] = (("standard", "fp32"), ("contrib", "exact"))
+"""What `e2llm export` writes unless told: the portable graph and the fast exact one, so a
+first `e2llm generate` and the demo run the fast path."""
+
+
+def _check_variants(variants: Sequence[tuple[str, str]]) -> list[tuple[str, GraphBuilders]]:
+    out = []
+    for graph_name, precision in variants:
+        builders = graph_family(graph_name)
+        supported = getattr(builders, "PRECISIONS", ("fp32",))
+        if precision not in supported:
+            raise ExportError(
+                f"--precision: graph {graph_name!r} supports {', '.join(supported)}, "
+                f"not {precision!r}"
+            )
+        out.append((precision, builders))
+    return out
+
+
+Job = tuple[str, str, int | None, int | None, str, str, Callable[[], SegmentModel]]
+
+
+def _jobs(
+    w: ModelWeights,
+    variants: Sequence[tuple[str, str]],
+    family: list[tuple[str, GraphBuilders]],
+    wanted_ranges: list[tuple[int, int]],
+) -> list[Job]:
+    """(name, kind, first, stop, graph, precision, build) for every segment of `variants`."""
+    cfg = w.config
+    jobs: list[Job] = []
+    for (graph_name, precision), (_, builders) in zip(variants, family, strict=True):
+        pre = segment_prefix(graph_name, precision)
+        tag = (graph_name, precision)
+        jobs.append(
+            (pre + "embed", "embed", None, None, *tag,
+             functools.partial(builders.embed_model, cfg, w, precision))
+        )  # fmt: skip
+        spans = [(i, i + 1) for i in range(cfg.n_layers)]
+        spans += [r for r in wanted_ranges if r[1] - r[0] > 1]
+        for a, b in spans:
+            name = f"{pre}layer_{a:02d}" if b == a + 1 else f"{pre}layers_{a:02d}_{b:02d}"
+            layers = functools.partial(builders.layers_model, cfg, a, b, w, precision)
+            jobs.append((name, "layers", a, b, *tag, layers))
+        jobs.append(
+            (pre + "head", "head", None, None, *tag,
+             functools.partial(builders.head_model, cfg, w, precision))
+        )  # fmt: skip
+        alternatives = getattr(builders, "alternative_heads", None)  # same kind; runtime picks
+        for suffix, build in (alternatives(cfg, w, precision) if alternatives else {}).items():
+            jobs.append((pre + suffix, "head", None, None, *tag, build))
+    return jobs
+
+
 def export_model(
     source: str | Path | None,
     out_dir: str | Path | None = None,
     ranges: str | None = None,
     progress: bool = True,
-    graph_name: str = "standard",
-    precision: str = "fp32",
+    graph_name: str | None = None,
+    precision: str | None = None,
+    variants: Sequence[tuple[str, str]] | None = None,
 ) -> Manifest:
     """Export (or update) a model directory and return its manifest.
 
-    Several graph variants may live in one directory; each call adds or refreshes one.
+    Writes `variants` (default: `DEFAULT_VARIANTS`; `graph_name`/`precision` name a single
+    one). Several variants live in one directory; each call adds or refreshes the ones it
+    names and keeps the others. Everything is written into a temporary sibling directory
+    that replaces `out_dir` only when complete, so an interrupted or refused export leaves
+    the previous directory (or none) as it was; unchanged input is a no-op. Weights are read
+    per segment, so peak memory is about one segment's fp32 weights, not the model's.
     """
-    builders = graph_family(graph_name)
-    supported = getattr(builders, "PRECISIONS", ("fp32",))
-    if precision not in supported:
-        raise ExportError(
-            f"--precision: graph {graph_name!r} supports {', '.join(supported)}, not {precision!r}"
-        )
+    if variants is None:
+        if graph_name is None and precision is None:
+            variants = DEFAULT_VARIANTS
+        else:
+            g = graph_name or "standard"
+            variants = [(g, precision or ("fp32" if g == "standard" else "exact"))]
+    family = _check_variants(variants)
     w = open_model(source)
+    for _, builders in family:
+        check = getattr(builders, "check_config", None)
+        problem = check(w.config) if check else None
+        if problem:
+            raise ExportError(f"{w.source['path']}: {problem}")
     out = Path(out_dir) if out_dir else default_model_dir()
-    out.mkdir(parents=True, exist_ok=True)
+    wanted_ranges = parse_ranges(ranges, w.config.n_layers)
     digest = _source_digest(w)
     fp = _fingerprint(w, digest)
-    wanted_ranges = parse_ranges(ranges, w.config.n_layers)
-
-    existing: dict[str, Segment] = {}
-    old: Manifest | None = None
-    try:
-        old = Manifest.load(out)
-        if old.fingerprint == fp:
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with _locked(out):
+        old: Manifest | None = None
+        existing: dict[str, Segment] = {}
+        with contextlib.suppress(ExportError):
+            old = Manifest.load(out)
+        if old is not None and old.fingerprint == fp:
             existing = {
                 s.name: s
                 for s in old.segments
                 if (out / s.file).is_file() and (out / s.file).stat().st_size == s.bytes
             }
-    except ExportError:
-        pass
-
-    w.cache()
-    cfg, pre = w.config, segment_prefix(graph_name, precision)
-    jobs: list[tuple[str, str, int | None, int | None, Callable[[], onnx.ModelProto]]] = [
-        (pre + "embed", "embed", None, None, lambda: builders.embed_model(cfg, w, precision)),
-    ]
-    spans = [(i, i + 1) for i in range(cfg.n_layers)]
-    spans += [r for r in wanted_ranges if r[1] - r[0] > 1]
-    for a, b in spans:
-        name = f"{pre}layer_{a:02d}" if b == a + 1 else f"{pre}layers_{a:02d}_{b:02d}"
-        layers = functools.partial(builders.layers_model, cfg, a, b, w, precision)
-        jobs.append((name, "layers", a, b, layers))
-    jobs.append((pre + "head", "head", None, None, lambda: builders.head_model(cfg, w, precision)))
-    alternatives = getattr(builders, "alternative_heads", None)  # same kind; runtime picks
-    for suffix, build in (alternatives(cfg, w, precision) if alternatives else {}).items():
-        jobs.append((pre + suffix, "head", None, None, build))
-    # Keep range segments from earlier runs with other --ranges: adding is cheap, losing is not.
-    kept = [s for n, s in existing.items() if n not in {j[0] for j in jobs}]
-
-    todo = [j for j in jobs if j[0] not in existing]
-    tok_files = ["tokenizer.json", "tokenizer_config.json"]
-    if not todo and all((out / f).is_file() for f in tok_files):
-        assert old is not None
-        return old  # unchanged input, nothing missing: a no-op
-    segments: dict[str, Segment] = {n: existing[n] for n, *_ in jobs if n in existing}
-    data_files = dict(old.data_files) if old is not None and existing else {}
-    with _progress(progress, len(todo), f"exporting {w.name}") as advance:
-        for name, kind, first, stop, build in todo:
-            model = build()
-            weights = _weights_info(model)
-            data, mapped = externalize(model, out)
-            data_files.update(data)
-            path = out / f"{name}.onnx"
-            tmp = path.with_suffix(".onnx.tmp")
-            onnx.save_model(model, str(tmp))
-            os.replace(tmp, path)
-            segments[name] = Segment(
-                name=name,
-                kind=kind,
-                file=path.name,
-                sha256=sha256_path(path),
-                bytes=path.stat().st_size,
-                layer_start=first,
-                layer_end=stop,
-                graph=graph_name,
-                precision=precision,
-                inputs=_specs(model.graph.input),
-                outputs=_specs(model.graph.output),
-                data=sorted(data),
-                param_bytes=inline_bytes(model) + mapped,
-                weights=weights,
+        jobs = _jobs(w, variants, family, wanted_ranges)
+        job_names = {j[0] for j in jobs}
+        # Keep segments from earlier runs (other variants, other --ranges): adding is cheap,
+        # losing is not.
+        kept = [s for n, s in existing.items() if n not in job_names]
+        todo = [j for j in jobs if j[0] not in existing]
+        tok_files = ["tokenizer.json", "tokenizer_config.json"]
+        if old is not None and not todo and all((out / f).is_file() for f in tok_files):
+            return old  # unchanged input, nothing missing: a no-op
+        stale = (
+            {s.file for s in old.segments} - {s.file for s in existing.values()} if old else set()
+        )
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.export-", dir=out.parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # what mkdir would have made, not mkdtemp's 0700
+        try:
+            if out.is_dir():
+                _carry_over(out, tmp, skip=stale | {f"{j[0]}.onnx" for j in todo})
+            segments = {n: s for n, s in existing.items()}
+            data_files = dict(old.data_files) if old is not None and existing else {}
+            with _progress(progress, len(todo), f"exporting {w.name}") as advance:
+                for name, kind, first, stop, g_name, prec, build in todo:
+                    model = build()
+                    weights = _weights_info(model)
+                    data, mapped = externalize(model, tmp)
+                    data_files.update(data)
+                    path = tmp / f"{name}.onnx"
+                    digest_, size = model.save(path)
+                    segments[name] = Segment(
+                        name=name,
+                        kind=kind,
+                        file=path.name,
+                        sha256=digest_,
+                        bytes=size,
+                        layer_start=first,
+                        layer_end=stop,
+                        graph=g_name,
+                        precision=prec,
+                        inputs=_specs(model.graph.input),
+                        outputs=_specs(model.graph.output),
+                        data=sorted(data),
+                        param_bytes=inline_bytes(model) + mapped,
+                        weights=weights,
+                    )
+                    del model
+                    w.release()  # drop the source pages this segment read from memory
+                    advance(name)
+            write_tokenizer(w.tokenizer, tmp)
+            all_segments = [segments[j[0]] for j in jobs] + kept
+            used = {f for seg in all_segments for f in seg.data}
+            for f in tmp.glob("shared_*.bin"):  # carried over, no longer mapped by anyone
+                if f.name not in used:
+                    f.unlink()
+            manifest = Manifest(
+                name=w.name,
+                config=w.config.to_dict(),
+                cost={},
+                source={**w.source, "sha256": digest},
+                fingerprint=fp,
+                segments=all_segments,
+                tokenizer={"file": "tokenizer.json", "config": "tokenizer_config.json"},
+                directory=tmp,
+                data_files={f: h for f, h in data_files.items() if f in used},
             )
-            advance(name)
-
-    if not existing or not all((out / f).is_file() for f in tok_files):
-        write_tokenizer(w.tokenizer, out)
-    all_segments = [segments[n] for n, *_ in jobs] + kept
-    used = {f for s in all_segments for f in s.data}
-    manifest = Manifest(
-        name=w.name,
-        config=w.config.to_dict(),
-        cost={},
-        source={**w.source, "sha256": digest},
-        fingerprint=fp,
-        segments=all_segments,
-        tokenizer={"file": "tokenizer.json", "config": "tokenizer_config.json"},
-        directory=out,
-        data_files={f: h for f, h in data_files.items() if f in used},
-    )
-    manifest.cost = model_cost(w, manifest)
-    manifest.write()
+            manifest.cost = model_cost(w, manifest)
+            manifest.write()
+            _replace_dir(tmp, out)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    manifest.directory = out
     return manifest
 
 
-def _weights_info(model: onnx.ModelProto) -> dict[str, Any] | None:
-    """What the graph builder recorded about its weights (`fast_graph.WEIGHTS_KEY`)."""
-    for prop in model.metadata_props:
+def _weights_info(model: SegmentModel) -> dict[str, Any] | None:
+    """What the graph builder recorded about its weights (`shared_data.WEIGHTS_KEY`)."""
+    for prop in model.proto.metadata_props:
         if prop.key == WEIGHTS_KEY:
             info: dict[str, Any] = json.loads(prop.value)
             return info
     return None
+
+
+def _carry_over(src: Path, dst: Path, skip: set[str]) -> None:
+    """Hard-link (same file system: no copy) every file of `src` the new export keeps."""
+    for f in src.iterdir():
+        if f.is_file() and f.name not in skip and not f.name.endswith(".tmp"):
+            try:
+                os.link(f, dst / f.name)
+            except OSError:
+                shutil.copy2(f, dst / f.name)
+
+
+_RENAME_EXCHANGE = 2  # linux/fs.h
+
+
+def _replace_dir(new: Path, out: Path) -> None:
+    """Make `new` become `out`: one rename when `out` is absent, else an atomic exchange
+    (Linux renameat2) so readers never see a missing directory; elsewhere, two renames."""
+    if not out.exists():
+        os.rename(new, out)
+        return
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        fn = getattr(libc, "renameat2", None)
+        if fn is not None and fn(-100, bytes(new), -100, bytes(out), _RENAME_EXCHANGE) == 0:
+            shutil.rmtree(new)  # it now holds the previous directory
+            return
+    aside = new.with_name(new.name + ".old")
+    os.rename(out, aside)
+    os.rename(new, out)
+    shutil.rmtree(aside)
+
+
+class _locked:
+    """One export at a time per model directory (the orchestrator adds ranges while a
+    person may be exporting): an flock on a sibling lock file."""
+
+    def __init__(self, out: Path) -> None:
+        self.path = out.parent / f".{out.name}.lock"
+        self._fd: int | None = None
+
+    def __enter__(self) -> None:
+        self._fd = os.open(self.path, os.O_CREAT | os.O_RDWR, 0o644)
+        fcntl.flock(self._fd, fcntl.LOCK_EX)
+
+    def __exit__(self, *exc: object) -> None:
+        if self._fd is not None:
+            fcntl.flock(self._fd, fcntl.LOCK_UN)
+            os.close(self._fd)
 
 
 class _progress:

@@ -16,14 +16,15 @@ import itertools
 import json
 import logging
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
-import onnx
 from onnx import TensorProto, helper
 
-from onnx_export import quant
+from onnx_export import quant, rope
 from onnx_export.errors import ExportError
-from onnx_export.graph import GraphBuilder
+from onnx_export.graph import GraphBuilder, gelu_tanh, softcap
+from onnx_export.onnx_writer import SegmentModel
 from onnx_export.quant import QMatrix, pack4
 from onnx_export.shared_data import MAPPED, SHARED, WEIGHTS_KEY
 from onnx_export.source import ModelConfig, ModelWeights, RawTensor
@@ -244,15 +245,10 @@ def gather_rows(g: GraphBuilder, qm: QMatrix, ids: str, inits: Table) -> str:
     return out
 
 
-def rope_cache(cfg: ModelConfig) -> tuple[np.ndarray, np.ndarray]:
-    """cos/sin `(max_position, d/2)` as transformers computes them (fp32 angles)."""
-    d = cfg.head_dim
-    inv_freq = (
-        1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.int64).astype(np.float32) / d))
-    ).astype(np.float32)
-    ang = np.arange(cfg.max_position, dtype=np.float32)[:, None] * inv_freq[None, :]
-    ang64 = ang.astype(np.float64)
-    return np.cos(ang64).astype(np.float32), np.sin(ang64).astype(np.float32)
+def rope_cache(cfg: ModelConfig, sliding: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    """cos/sin `(max_position, rot_dim/2)` as transformers computes them (fp32 angles), for
+    full-attention layers or, where their RoPE differs (Gemma 3), sliding-window ones."""
+    return rope.cos_sin(cfg, sliding)
 
 
 def _skip_norm(g: GraphBuilder, x: str, skip: str, gamma: str, eps: float) -> tuple[str, str]:
@@ -276,17 +272,27 @@ def _norm(g: GraphBuilder, x: str, gamma: str, eps: float) -> str:
     )
 
 
-def _finish(g: GraphBuilder, *linears: Linear) -> onnx.ModelProto:
-    """The model, with what its weights became in `metadata_props` (`WEIGHTS_KEY`, JSON)."""
-    m = g.model()
-    m.opset_import.append(helper.make_opsetid(MS, 1))
+def _finish(g: GraphBuilder, *linears: Linear) -> SegmentModel:
+    """The segment, with what its weights became in `metadata_props` (`WEIGHTS_KEY`, JSON)."""
+    seg = g.segment((MS, 1))
     forms = {t: f for lin in linears for t, f in lin.forms.items()}
     fallbacks = {t: f for lin in linears for t, f in lin.fallbacks.items()}
     if forms or fallbacks:
-        entry = m.metadata_props.add()
+        entry = seg.proto.metadata_props.add()
         entry.key = WEIGHTS_KEY
         entry.value = json.dumps({"forms": forms, "fallbacks": fallbacks}, sort_keys=True)
-    return m
+    return seg
+
+
+def check_config(cfg: ModelConfig) -> str | None:
+    """Why this graph cannot hold `cfg`, or None: GroupQueryAttention's rotary kernel wants
+    a rotating part of each head that is a multiple of 16 wide."""
+    if (cfg.rot_dim // 2) % 8:
+        return (
+            f"the contrib graph needs a rotary dimension that is a multiple of 16 "
+            f"(this model rotates {cfg.rot_dim} of {cfg.head_dim}); use --graph standard"
+        )
+    return None
 
 
 def _check(precision: str) -> None:
@@ -299,7 +305,7 @@ def _check(precision: str) -> None:
 
 def layers_model(
     cfg: ModelConfig, start: int, end: int, w: ModelWeights, precision: str = "exact"
-) -> onnx.ModelProto:
+) -> SegmentModel:
     """Layers [start, end) in one graph.
 
     Inputs: hidden (B,T,H) f32, seqlens_k (B,) i32 = tokens in cache after this step - 1,
@@ -321,14 +327,29 @@ def layers_model(
     x = g.op("Reshape", [x_in, g.const([-1, cfg.hidden_size])])  # (M = B T, H) from here on
     seqlens = g.add_input("seqlens_k", I32, ["batch"])
     total = g.add_input("total_sequence_length", I32, [])
-    cos, sin = rope_cache(cfg)
-    cos_n, sin_n = g.init(SHARED + "rope.cos", cos), g.init(SHARED + "rope.sin", sin)
+    tables: dict[bool, tuple[str, str]] = {}
+
+    def rope_inputs(layer: int) -> tuple[str, str]:
+        local = cfg.is_sliding(layer) and cfg.rope_local_theta is not None
+        if local not in tables:
+            cos, sin = rope_cache(cfg, local)
+            tag = SHARED + ("rope.local" if local else "rope")
+            tables[local] = (g.init(tag + ".cos", cos), g.init(tag + ".sin", sin))
+        return tables[local]
+
+    def head_norm(t: str, n_heads: int, weight: str) -> str:  # (M, n d) -> (M, n d)
+        per_head = g.op("Reshape", [t, g.const([-1, n_heads, d])])
+        return g.op("Reshape", [_norm(g, per_head, weight, eps), g.const([-1, n_heads * d])])
 
     delta: str | None = None  # the last sublayer output not yet added to the residual `x`
     out_kv: list[tuple[int, str, str]] = []
     for i in range(start, end):
         p = f"model.layers.{i}."
-        ln1 = g.init(p + "input_layernorm.weight", w.get(p + "input_layernorm.weight"))
+
+        def gamma(n: str, p: str = p) -> str:
+            return g.init(p + n, w.get(p + n))
+
+        ln1 = gamma("input_layernorm.weight")
         if delta is None:
             h = _norm(g, x, ln1, eps)
         else:
@@ -336,29 +357,51 @@ def layers_model(
         names = [f"{p}self_attn.{n}_proj" for n in "qkv"]
         bias = np.concatenate([w.get(n + ".bias") for n in names]) if cfg.attention_bias else None
         qkv = lin(h, [n + ".weight" for n in names], p + "qkv_proj", bias)  # (M, (nh + 2 nkv) d)
+        if cfg.qk_norm:
+            q, k, v = g.fresh("q"), g.fresh("k"), g.fresh("v")
+            g.nodes.append(
+                helper.make_node(
+                    "Split", [qkv, g.const([nh * d, nkv * d, nkv * d])], [q, k, v], axis=-1
+                )
+            )
+            q = head_norm(q, nh, gamma("self_attn.q_norm.weight"))
+            k = head_norm(k, nkv, gamma("self_attn.k_norm.weight"))
+            qkv_in = [g.op("Reshape", [t, bt_shape]) for t in (q, k, v)]
+        else:
+            qkv_in = [g.op("Reshape", [qkv, bt_shape]), "", ""]
         pk = g.add_input(f"past_key_{i}", F32, kv_shape)
         pv = g.add_input(f"past_value_{i}", F32, kv_shape)
         attn, pres_k, pres_v = g.fresh("attn"), g.fresh("present_k"), g.fresh("present_v")
+        cos_n, sin_n = rope_inputs(i)
+        extra: dict[str, Any] = {}
+        if cfg.attn_softcap is not None:
+            extra["softcap"] = float(cfg.attn_softcap)
+        if cfg.is_sliding(i):
+            assert cfg.sliding_window is not None
+            extra["local_window_size"] = int(cfg.sliding_window)
         g.nodes.append(
             helper.make_node(
                 "GroupQueryAttention",
-                [g.op("Reshape", [qkv, bt_shape]), "", "", pk, pv, seqlens, total, cos_n, sin_n],
+                [*qkv_in, pk, pv, seqlens, total, cos_n, sin_n],
                 [attn, pres_k, pres_v],
                 domain=MS,
                 num_heads=nh,
                 kv_num_heads=nkv,
                 do_rotary=1,
                 rotary_interleaved=0,
-                scale=float(1.0 / np.sqrt(d)),
+                scale=float(cfg.scale),
+                **extra,
             )
         )  # (B, T, nh d)
         out_kv.append((i, pres_k, pres_v))
         o_name = p + "self_attn.o_proj.weight"
         attn2 = g.op("Reshape", [attn, g.const([-1, nh * d])])  # (M, nh d)
         o = lin(attn2, [o_name], p + "o_proj")
-        ln2 = g.init(
-            p + "post_attention_layernorm.weight", w.get(p + "post_attention_layernorm.weight")
-        )
+        if cfg.sandwich_norm:
+            o = _norm(g, o, gamma("post_attention_layernorm.weight"), eps)
+            ln2 = gamma("pre_feedforward_layernorm.weight")
+        else:
+            ln2 = gamma("post_attention_layernorm.weight")
         h2, x = _skip_norm(g, o, x, ln2, eps)
         gu_names = [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
         gu = lin(h2, gu_names, p + "gate_up_proj")  # (M, 2 I)
@@ -368,9 +411,14 @@ def layers_model(
                 "Split", [gu, g.const([cfg.intermediate_size] * 2)], [gate, up], axis=-1
             )
         )
-        act = g.op("Mul", [g.op("QuickGelu", [gate], domain=MS, alpha=1.0), up])  # SiLU * up
+        if cfg.hidden_act == "gelu_tanh":
+            act = g.op("Mul", [gelu_tanh(g, gate), up])
+        else:
+            act = g.op("Mul", [g.op("QuickGelu", [gate], domain=MS, alpha=1.0), up])  # SiLU * up
         d_name = p + "mlp.down_proj.weight"
         delta = lin(act, [d_name], p + "down_proj")
+        if cfg.sandwich_norm:
+            delta = _norm(g, delta, gamma("post_feedforward_layernorm.weight"), eps)
     assert delta is not None
     g.add_output(
         "hidden_out",
@@ -392,7 +440,7 @@ def stored(w: ModelWeights, name: str) -> RawTensor | None:
         return None
 
 
-def embed_model(cfg: ModelConfig, w: ModelWeights, precision: str = "exact") -> onnx.ModelProto:
+def embed_model(cfg: ModelConfig, w: ModelWeights, precision: str = "exact") -> SegmentModel:
     """input_ids (B,T) i64 -> hidden (B,T,H). A quantized table stays quantized in its most
     compact exact form (8-bit codes allowed: a lookup needs no fast kernel) and only the
     rows looked up are dequantized."""
@@ -410,13 +458,15 @@ def embed_model(cfg: ModelConfig, w: ModelWeights, precision: str = "exact") -> 
         )
     else:
         hidden = g.op("Gather", [g.init(name, w.get(name)), ids], axis=0)
+    if cfg.embed_scale is not None:
+        hidden = g.op("Mul", [hidden, g.const(cfg.embed_scale, np.float32)])
     g.add_output("hidden", hidden, F32, ["batch", "tokens", cfg.hidden_size])
     return _finish(g, lin)
 
 
 def head_model(
     cfg: ModelConfig, w: ModelWeights, precision: str = "exact", *, screened: bool = True
-) -> onnx.ModelProto:
+) -> SegmentModel:
     """hidden (B,T,H) -> logits (B,T,V), logit_bound (B,T): final RMSNorm and the lm_head.
 
     A head with a one-part form without block minimum (Q8_0, Q6_K, Q5_0, Q4_0, ... in
@@ -441,6 +491,9 @@ def head_model(
         logits = lin(h, [name], "lm_head")
         rows = g.op("Slice", [g.op("Shape", [h]), g.const([0]), g.const([1])])
         bound = g.op("ConstantOfShape", [rows], value=helper.make_tensor("zero", F32, [1], [0]))
+    if cfg.final_softcap is not None:
+        # monotonic and 1-Lipschitz: the argmax and the bound survive it
+        logits = softcap(g, logits, cfg.final_softcap)
     bt = g.op("Slice", [g.op("Shape", [x_in]), g.const([0]), g.const([2])])
     g.add_output(
         "logits",
@@ -470,7 +523,7 @@ def _screenable_type(raw: RawTensor | None) -> bool:
 
 def alternative_heads(
     cfg: ModelConfig, w: ModelWeights, precision: str
-) -> dict[str, Callable[[], onnx.ModelProto]]:
+) -> dict[str, Callable[[], SegmentModel]]:
     """Extra head segments, by name suffix: the unscreened head beside a screened one.
 
     The screen needs onnxruntime's 8-bit int8 kernel (x86 AVX2/AVX512, ARM with dotprod);

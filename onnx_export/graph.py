@@ -8,6 +8,7 @@ nkv key/value heads, g = nh / nkv, d head dim.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -16,6 +17,8 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
+from onnx_export import rope
+from onnx_export.onnx_writer import SegmentModel, is_deferred
 from onnx_export.source import ModelConfig, ModelWeights
 
 OPSET = 18
@@ -30,6 +33,7 @@ class GraphBuilder:
     name: str
     nodes: list[onnx.NodeProto] = field(default_factory=list)
     inits: list[onnx.TensorProto] = field(default_factory=list)
+    arrays: list[tuple[str, np.ndarray]] = field(default_factory=list)  # streamed when saved
     inputs: list[onnx.ValueInfoProto] = field(default_factory=list)
     outputs: list[onnx.ValueInfoProto] = field(default_factory=list)
     _n: int = 0
@@ -47,7 +51,11 @@ class GraphBuilder:
         return outs[0]
 
     def init(self, name: str, array: np.ndarray) -> str:
-        self.inits.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        array = np.ascontiguousarray(array)
+        if is_deferred(array):
+            self.arrays.append((name, array))
+        else:
+            self.inits.append(numpy_helper.from_array(array, name))
         return name
 
     def const(self, value: np.ndarray | list[int] | float, dtype: type = np.int64) -> str:
@@ -65,15 +73,24 @@ class GraphBuilder:
         self.nodes.append(helper.make_node("Identity", [src], [name]))
         self.outputs.append(helper.make_tensor_value_info(name, elem, shape))
 
-    def model(self) -> onnx.ModelProto:
+    def segment(self, *domains: tuple[str, int]) -> SegmentModel:
+        """The model, its large initializers kept as arrays until saved (`SegmentModel`);
+        `domains` adds operator sets (e.g. com.microsoft) to the default one."""
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, self.inits)
         m = helper.make_model(
             graph,
-            opset_imports=[helper.make_opsetid("", OPSET)],
+            opset_imports=[
+                helper.make_opsetid("", OPSET),
+                *(helper.make_opsetid(d, v) for d, v in domains),
+            ],
             producer_name="e2llm-edge onnx_export",
         )
         m.ir_version = 9
-        return m
+        return SegmentModel(m, list(self.arrays))
+
+    def model(self) -> onnx.ModelProto:
+        """The whole model as one proto (small graphs and tests)."""
+        return self.segment().to_proto()
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -87,47 +104,84 @@ def rms_norm(g: GraphBuilder, x: str, weight: str, eps: float) -> str:
     return g.op("Mul", [weight, g.op("Mul", [x, inv])], hint="rmsnorm")
 
 
-def rope_tables(g: GraphBuilder, position_ids: str, head_dim: int, theta: float) -> tuple[str, str]:
-    """cos/sin `[B, 1, T, d]` for rotate-half RoPE from int64 positions `[B, T]`."""
-    inv_freq = (
-        1.0 / (theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim))
-    ).astype(np.float32)  # (d/2,)
+def rope_tables(
+    g: GraphBuilder, position_ids: str, cfg: ModelConfig, sliding: bool = False
+) -> tuple[str, str]:
+    """cos/sin `[B, 1, T, r]` for rotate-half RoPE over the first r = rot_dim dims of each
+    head, from int64 positions `[B, T]` (`onnx_export.rope` holds the frequencies)."""
     pos = g.op("Cast", [position_ids], to=TensorProto.FLOAT)  # (B, T)
     pos3 = g.op("Unsqueeze", [pos, g.const([-1])])  # (B, T, 1)
-    freqs = g.op("Mul", [pos3, g.const(inv_freq, np.float32)])  # (B, T, d/2)
-    emb = g.op("Concat", [freqs, freqs], axis=-1)  # (B, T, d)
-    emb4 = g.op("Unsqueeze", [emb, g.const([1])])  # (B, 1, T, d)
-    return g.op("Cos", [emb4], hint="cos"), g.op("Sin", [emb4], hint="sin")
+    freqs = g.op("Mul", [pos3, g.const(rope.inv_freq(cfg, sliding), np.float32)])  # (B, T, r/2)
+    emb = g.op("Concat", [freqs, freqs], axis=-1)  # (B, T, r)
+    emb4 = g.op("Unsqueeze", [emb, g.const([1])])  # (B, 1, T, r)
+    cos, sin = g.op("Cos", [emb4], hint="cos"), g.op("Sin", [emb4], hint="sin")
+    factor = rope.attention_factor(cfg, sliding)
+    if factor != 1.0:
+        cos = g.op("Mul", [cos, g.const(factor, np.float32)])
+        sin = g.op("Mul", [sin, g.const(factor, np.float32)])
+    return cos, sin
 
 
-def apply_rope(g: GraphBuilder, x: str, cos: str, sin: str, head_dim: int) -> str:
-    """x * cos + rotate_half(x) * sin with rotate_half(x) = [-x2, x1]; x is (B, h, T, d)."""
-    half = head_dim // 2
+def apply_rope(g: GraphBuilder, x: str, cos: str, sin: str, head_dim: int, rot_dim: int) -> str:
+    """x * cos + rotate_half(x) * sin with rotate_half(x) = [-x2, x1] over the first
+    `rot_dim` dims of each head (the rest pass through); x is (B, h, T, d)."""
+    rest = None
+    if rot_dim != head_dim:
+        xr, rest = g.fresh("x_rot"), g.fresh("x_pass")
+        g.nodes.append(
+            helper.make_node(
+                "Split", [x, g.const([rot_dim, head_dim - rot_dim])], [xr, rest], axis=-1
+            )
+        )
+        x = xr
+    half = rot_dim // 2
     x1, x2 = g.fresh("x1"), g.fresh("x2")
     g.nodes.append(helper.make_node("Split", [x, g.const([half, half])], [x1, x2], axis=-1))
     rot = g.op("Concat", [g.op("Neg", [x2]), x1], axis=-1)
-    return g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rot, sin])], hint="rope")
+    out = g.op("Add", [g.op("Mul", [x, cos]), g.op("Mul", [rot, sin])], hint="rope")
+    return out if rest is None else g.op("Concat", [out, rest], axis=-1)
 
 
-def attention_bias(g: GraphBuilder, attention_mask: str, t_len: str, s_len: str) -> str:
+def attention_bias(
+    g: GraphBuilder, attention_mask: str, t_len: str, s_len: str, window: int | None = None
+) -> str:
     """Additive mask `[B, 1, 1, T, S]`: causal over the S = P + T positions and padding.
 
-    Query i (absolute index P + i) may see key j when j <= P + i and attention_mask[b, j].
+    Query i (absolute index P + i) may see key j when j <= P + i and attention_mask[b, j],
+    and, with a sliding `window`, when j > P + i - window.
     """
     zero, one = g.const(0), g.const(1)
     p_len = g.op("Sub", [s_len, t_len])
     q_idx = g.op("Add", [g.op("Range", [zero, t_len, one]), p_len])  # (T,)
     k_idx = g.op("Range", [zero, s_len, one])  # (S,)
-    causal = g.op(
-        "LessOrEqual",
-        [g.op("Unsqueeze", [k_idx, g.const([0])]), g.op("Unsqueeze", [q_idx, g.const([1])])],
-    )  # (T, S)
+    k_row = g.op("Unsqueeze", [k_idx, g.const([0])])  # (1, S)
+    q_col = g.op("Unsqueeze", [q_idx, g.const([1])])  # (T, 1)
+    causal = g.op("LessOrEqual", [k_row, q_col])  # (T, S)
+    if window is not None:
+        lower = g.op("Sub", [q_col, g.const(window)])
+        causal = g.op("And", [causal, g.op("Greater", [k_row, lower])])
     pad = g.op("Cast", [attention_mask], to=TensorProto.BOOL)  # (B, S)
     pad5 = g.op("Unsqueeze", [pad, g.const([1, 2, 3])])  # (B, 1, 1, 1, S)
     allowed = g.op("And", [causal, pad5])  # (B, 1, 1, T, S)
     return g.op(
         "Where", [allowed, g.const(0.0, np.float32), g.const(FLOAT_MIN, np.float32)], hint="mask"
     )
+
+
+def gelu_tanh(g: GraphBuilder, x: str) -> str:
+    """GELU, tanh approximation, in torch's order of operations (Gemma's MLP)."""
+    cube = g.op("Mul", [g.op("Mul", [x, x]), x])
+    inner = g.op("Add", [x, g.op("Mul", [cube, g.const(0.044715, np.float32)])])
+    beta = math.sqrt(2.0) * (2.0 / math.sqrt(math.pi)) * 0.5
+    t = g.op("Tanh", [g.op("Mul", [inner, g.const(beta, np.float32)])])
+    half_x = g.op("Mul", [x, g.const(0.5, np.float32)])
+    return g.op("Mul", [half_x, g.op("Add", [t, g.const(1.0, np.float32)])], hint="gelu")
+
+
+def softcap(g: GraphBuilder, x: str, cap: float) -> str:
+    """tanh(x / cap) * cap (Gemma 2's attention and final logits)."""
+    t = g.op("Tanh", [g.op("Div", [x, g.const(cap, np.float32)])])
+    return g.op("Mul", [t, g.const(cap, np.float32)], hint="softcap")
 
 
 def linear(
@@ -140,15 +194,39 @@ def linear(
     return y
 
 
-@dataclass(frozen=True)
+@dataclass
 class LayerIO:
-    """Names shared by all layers of one segment (computed once per segment)."""
+    """Names shared by all layers of one segment: RoPE tables and masks are built once per
+    kind of layer (full or sliding window) that the segment holds."""
 
-    cos: str
-    sin: str
-    mask: str
+    position_ids: str
+    attention_mask: str
     b_dim: str  # (1,) int64 tensors holding B and T
     t_dim: str
+    t_scalar: str
+    s_scalar: str
+    _cache: dict[tuple[str, bool], tuple[str, str]] = field(default_factory=dict)
+
+    def rope(self, g: GraphBuilder, cfg: ModelConfig, layer: int) -> tuple[str, str]:
+        sliding = cfg.is_sliding(layer) and cfg.rope_local_theta is not None
+        key = ("rope", sliding)
+        if key not in self._cache:
+            self._cache[key] = rope_tables(g, self.position_ids, cfg, sliding)
+        return self._cache[key]
+
+    def mask(self, g: GraphBuilder, cfg: ModelConfig, layer: int) -> str:
+        sliding = cfg.is_sliding(layer)
+        key = ("mask", sliding)
+        if key not in self._cache:
+            window = cfg.sliding_window if sliding else None
+            m = attention_bias(g, self.attention_mask, self.t_scalar, self.s_scalar, window)
+            self._cache[key] = (m, m)
+        return self._cache[key][0]
+
+
+def head_norm(g: GraphBuilder, x: str, weight: np.ndarray, name: str, eps: float) -> str:
+    """RMSNorm over the last axis of (B, h, T, d) with a (d,) weight (Q/K norms)."""
+    return rms_norm(g, x, g.init(name, weight), eps)
 
 
 def decoder_layer(
@@ -161,20 +239,19 @@ def decoder_layer(
     get: Callable[[str], np.ndarray],
     idx: int,
 ) -> tuple[str, str, str]:
-    """One Llama decoder layer. Returns (hidden, present_k, present_v)."""
+    """One decoder layer. Returns (hidden, present_k, present_v)."""
     p = f"model.layers.{idx}."
     nh, nkv, d = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim
     grp = nh // nkv
+    eps = cfg.rms_norm_eps
 
     def bias(n: str) -> np.ndarray | None:
         return get(p + n) if cfg.attention_bias else None
 
-    h = rms_norm(
-        g,
-        x,
-        g.init(p + "input_layernorm.weight", get(p + "input_layernorm.weight")),
-        cfg.rms_norm_eps,
-    )
+    def norm(t: str, n: str) -> str:
+        return rms_norm(g, t, g.init(p + n, get(p + n)), eps)
+
+    h = norm(x, "input_layernorm.weight")
     q, k, v = (
         linear(
             g,
@@ -190,8 +267,13 @@ def decoder_layer(
         shape = g.op("Concat", [io.b_dim, io.t_dim, g.const([n, d])], axis=0)
         return g.op("Transpose", [g.op("Reshape", [t, shape])], perm=[0, 2, 1, 3])
 
-    q4 = apply_rope(g, heads(q, nh), io.cos, io.sin, d)  # (B, nh, T, d)
-    k4 = apply_rope(g, heads(k, nkv), io.cos, io.sin, d)  # (B, nkv, T, d)
+    q4, k4 = heads(q, nh), heads(k, nkv)  # (B, nh, T, d), (B, nkv, T, d)
+    if cfg.qk_norm:
+        q4 = norm(q4, "self_attn.q_norm.weight")
+        k4 = norm(k4, "self_attn.k_norm.weight")
+    cos, sin = io.rope(g, cfg, idx)
+    q4 = apply_rope(g, q4, cos, sin, d, cfg.rot_dim)
+    k4 = apply_rope(g, k4, cos, sin, d, cfg.rot_dim)
     v4 = heads(v, nkv)
     present_k = g.op("Concat", [past_k, k4], axis=2, hint="present_k")  # (B, nkv, S, d)
     present_v = g.op("Concat", [past_v, v4], axis=2, hint="present_v")
@@ -204,7 +286,10 @@ def decoder_layer(
     k5 = g.op("Unsqueeze", [present_k, g.const([2])])  # (B, nkv, 1, S, d)
     v5 = g.op("Unsqueeze", [present_v, g.const([2])])
     scores = g.op("MatMul", [q5, g.op("Transpose", [k5], perm=[0, 1, 2, 4, 3])])  # (B,nkv,g,T,S)
-    scores = g.op("Add", [g.op("Mul", [scores, g.const(1.0 / np.sqrt(d), np.float32)]), io.mask])
+    scores = g.op("Mul", [scores, g.const(cfg.scale, np.float32)])
+    if cfg.attn_softcap is not None:
+        scores = softcap(g, scores, cfg.attn_softcap)
+    scores = g.op("Add", [scores, io.mask(g, cfg, idx)])
     probs = g.op("Softmax", [scores], axis=-1)
     ctx = g.op("MatMul", [probs, v5])  # (B, nkv, g, T, d)
     ctx = g.op(
@@ -212,18 +297,26 @@ def decoder_layer(
     )  # (B, nh, T, d)
     ctx = g.op("Transpose", [ctx], perm=[0, 2, 1, 3])  # (B, T, nh, d)
     ctx = g.op("Reshape", [ctx, g.op("Concat", [io.b_dim, io.t_dim, g.const([nh * d])], axis=0)])
-    x = g.op("Add", [x, linear(g, ctx, get(p + "self_attn.o_proj.weight"), p + "o_proj")])
+    attn = linear(g, ctx, get(p + "self_attn.o_proj.weight"), p + "o_proj")
+    if cfg.sandwich_norm:
+        attn = norm(attn, "post_attention_layernorm.weight")
+    x = g.op("Add", [x, attn])
 
-    h2 = rms_norm(
-        g,
+    h2 = norm(
         x,
-        g.init(p + "post_attention_layernorm.weight", get(p + "post_attention_layernorm.weight")),
-        cfg.rms_norm_eps,
+        "pre_feedforward_layernorm.weight"
+        if cfg.sandwich_norm
+        else "post_attention_layernorm.weight",
     )
     gate = linear(g, h2, get(p + "mlp.gate_proj.weight"), p + "gate_proj")
     up = linear(g, h2, get(p + "mlp.up_proj.weight"), p + "up_proj")
-    act = g.op("Mul", [gate, g.op("Sigmoid", [gate])])  # SiLU
+    if cfg.hidden_act == "gelu_tanh":
+        act = gelu_tanh(g, gate)
+    else:
+        act = g.op("Mul", [gate, g.op("Sigmoid", [gate])])  # SiLU
     down = linear(g, g.op("Mul", [act, up]), get(p + "mlp.down_proj.weight"), p + "down_proj")
+    if cfg.sandwich_norm:
+        down = norm(down, "post_feedforward_layernorm.weight")
     return g.op("Add", [x, down], hint="hidden"), present_k, present_v
 
 
@@ -234,7 +327,7 @@ F32, I64 = TensorProto.FLOAT, TensorProto.INT64
 
 def layers_model(
     cfg: ModelConfig, start: int, end: int, w: ModelWeights, precision: str = "fp32"
-) -> onnx.ModelProto:
+) -> SegmentModel:
     """Layers [start, end) in one graph.
 
     Inputs: hidden (B,T,H) f32, position_ids (B,T) i64, attention_mask (B,S) i64 (1 = real
@@ -250,16 +343,9 @@ def layers_model(
     b_dim = g.op("Slice", [shape, g.const([0]), g.const([1])])
     t_dim = g.op("Slice", [shape, g.const([1]), g.const([2])])
     s_dim = g.op("Slice", [g.op("Shape", [mask_in]), g.const([1]), g.const([2])])
-    cos, sin = rope_tables(g, pos, cfg.head_dim, cfg.rope_theta)
     t_scalar = g.op("Squeeze", [t_dim, g.const([0])])
     s_scalar = g.op("Squeeze", [s_dim, g.const([0])])
-    io = LayerIO(
-        cos=cos,
-        sin=sin,
-        mask=attention_bias(g, mask_in, t_scalar, s_scalar),
-        b_dim=b_dim,
-        t_dim=t_dim,
-    )
+    io = LayerIO(pos, mask_in, b_dim, t_dim, t_scalar, s_scalar)
     out_kv: list[tuple[int, str, str]] = []
     for i in range(start, end):
         pk = g.add_input(f"past_key_{i}", F32, kv_shape)
@@ -271,26 +357,29 @@ def layers_model(
     for i, k, v in out_kv:
         g.add_output(f"present_key_{i}", k, F32, present_shape)
         g.add_output(f"present_value_{i}", v, F32, present_shape)
-    return g.model()
+    return g.segment()
 
 
-def embed_model(cfg: ModelConfig, w: ModelWeights, precision: str = "fp32") -> onnx.ModelProto:
-    """input_ids (B,T) i64 -> hidden (B,T,H)."""
+def embed_model(cfg: ModelConfig, w: ModelWeights, precision: str = "fp32") -> SegmentModel:
+    """input_ids (B,T) i64 -> hidden (B,T,H), scaled where the model scales embeddings."""
     g = GraphBuilder("embed")
     ids = g.add_input("input_ids", I64, ["batch", "tokens"])
     table = g.init("model.embed_tokens.weight", w.get("model.embed_tokens.weight"))
-    g.add_output(
-        "hidden", g.op("Gather", [table, ids], axis=0), F32, ["batch", "tokens", cfg.hidden_size]
-    )
-    return g.model()
+    hidden = g.op("Gather", [table, ids], axis=0)
+    if cfg.embed_scale is not None:
+        hidden = g.op("Mul", [hidden, g.const(cfg.embed_scale, np.float32)])
+    g.add_output("hidden", hidden, F32, ["batch", "tokens", cfg.hidden_size])
+    return g.segment()
 
 
-def head_model(cfg: ModelConfig, w: ModelWeights, precision: str = "fp32") -> onnx.ModelProto:
+def head_model(cfg: ModelConfig, w: ModelWeights, precision: str = "fp32") -> SegmentModel:
     """hidden (B,T,H) -> logits (B,T,V): final RMSNorm and lm_head (tied or not)."""
     g = GraphBuilder("head")
     x = g.add_input("hidden", F32, ["batch", "tokens", cfg.hidden_size])
     h = rms_norm(g, x, g.init("model.norm.weight", w.get("model.norm.weight")), cfg.rms_norm_eps)
     w_name = "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
-    logits = linear(g, h, w.get(w_name), "lm_head")
+    logits = g.op("MatMul", [h, g.init("lm_head", w.get_t(w_name))])  # as `linear`, one copy
+    if cfg.final_softcap is not None:
+        logits = softcap(g, logits, cfg.final_softcap)
     g.add_output("logits", logits, F32, ["batch", "tokens", cfg.vocab_size])
-    return g.model()
+    return g.segment()

@@ -18,8 +18,11 @@ import hashlib
 import os
 from pathlib import Path
 
+import numpy as np
 import onnx
-from onnx import TensorProto
+from onnx import TensorProto, helper
+
+from onnx_export.onnx_writer import SegmentModel
 
 SHARED = "shared/"
 """Prefix of initializers every segment of a model holds alike (not counted per segment)."""
@@ -32,50 +35,54 @@ JSON {"forms": {GGUF type: storage}, "fallbacks": {tensor: why}}; copied into th
 manifest's `Segment.weights`."""
 
 
-def externalize(model: onnx.ModelProto, directory: Path) -> tuple[dict[str, str], int]:
-    """Move `SHARED` and `MAPPED` initializers of `model` to files in `directory`; returns
-    {file: sha256} and the bytes of the `MAPPED` ones.
-
-    Writes a file only when it is missing (content-addressed), atomically.
+def externalize(model: SegmentModel, directory: Path) -> tuple[dict[str, str], int]:
+    """Move the `SHARED` and `MAPPED` arrays of `model` (those large enough to be streamed:
+    smaller ones stay inline) to files in `directory`; returns {file: sha256} and the
+    bytes of the `MAPPED` ones. A file is written only when missing (content-addressed),
+    atomically.
     """
     files: dict[str, str] = {}
     mapped = 0
-    for t in model.graph.initializer:
-        own = t.name.startswith(MAPPED)
-        if not (own or t.name.startswith(SHARED)) or t.data_location == TensorProto.EXTERNAL:
+    keep: list[tuple[str, np.ndarray]] = []
+    for name, arr in model.arrays:
+        own = name.startswith(MAPPED)
+        if not (own or name.startswith(SHARED)):
+            keep.append((name, arr))
             continue
-        data = t.raw_data
-        digest = hashlib.sha256(data).hexdigest()
-        name = f"shared_{digest[:16]}.bin"
-        path = directory / name
-        if not path.is_file() or path.stat().st_size != len(data):
+        arr = np.ascontiguousarray(arr, dtype=arr.dtype.newbyteorder("<"))
+        data = arr.reshape(-1).view(np.uint8)
+        digest = hashlib.sha256(data.data).hexdigest()
+        file = f"shared_{digest[:16]}.bin"
+        path = directory / file
+        if not path.is_file() or path.stat().st_size != data.nbytes:
             tmp = path.with_suffix(".bin.tmp")
-            tmp.write_bytes(data)
+            with tmp.open("wb") as f:
+                f.write(data.data)
             os.replace(tmp, path)
-        t.ClearField("raw_data")
+        t = onnx.TensorProto(
+            name=name, dims=list(arr.shape), data_type=helper.np_dtype_to_tensor_dtype(arr.dtype)
+        )
         t.data_location = TensorProto.EXTERNAL
-        del t.external_data[:]
-        for key, value in (("location", name), ("offset", "0"), ("length", str(len(data)))):
+        for key, value in (("location", file), ("offset", "0"), ("length", str(data.nbytes))):
             entry = t.external_data.add()
             entry.key, entry.value = key, value
-        files[name] = digest
-        mapped += len(data) if own else 0
+        model.proto.graph.initializer.append(t)
+        files[file] = digest
+        mapped += data.nbytes if own else 0
+    model.arrays = keep
     return files, mapped
 
 
-def inline_bytes(model: onnx.ModelProto) -> int:
-    """Bytes of the initializers stored in the model itself: what a session holds for it
-    (shared tables excluded: mapped, one copy per device)."""
-    total = 0
-    for t in model.graph.initializer:
+def inline_bytes(model: SegmentModel) -> int:
+    """Bytes of the initializers stored in the segment itself: what a session holds for it
+    (mapped files excluded)."""
+    total = sum(arr.nbytes for _, arr in model.arrays)
+    for t in model.proto.graph.initializer:
         if t.data_location == TensorProto.EXTERNAL:
             continue
         if t.raw_data:
             total += len(t.raw_data)
         else:  # typed fields (small constants written by helper.make_tensor)
-            elem = onnx.helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
-            n = 1
-            for d in t.dims:
-                n *= d
-            total += n * elem
+            n = int(np.prod(t.dims)) if t.dims else 1
+            total += n * helper.tensor_dtype_to_np_dtype(t.data_type).itemsize
     return total

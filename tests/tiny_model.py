@@ -67,9 +67,15 @@ def tokens() -> tuple[list[str], list[str], list[int]]:
 
 
 def write_gguf(
-    path: Path, arch: str = "llama", seed: int = 0, quantize: bool = True
+    path: Path,
+    arch: str = "llama",
+    seed: int = 0,
+    quantize: bool = True,
+    raw: dict[str, np.ndarray] | None = None,
 ) -> dict[str, np.ndarray]:
-    """Write the tiny model; returns the HF-layout fp32 weights the file should decode to."""
+    """Write the tiny model; returns the HF-layout fp32 weights the file should decode to.
+
+    `raw` stores some tensors (by HF name) as the given arrays instead, dtype and all."""
     import gguf
     from gguf import GGMLQuantizationType as Q
 
@@ -124,6 +130,9 @@ def write_gguf(
             stored = permute_qk(arr, c["n_heads"])
         elif hf_name.endswith("k_proj.weight"):
             stored = permute_qk(arr, c["n_kv_heads"])
+        if raw and hf_name in raw:
+            wr.add_tensor(names[hf_name], raw[hf_name])
+            continue
         qtype = None
         if quantize and arr.ndim == 2:
             qtype = Q.Q8_0 if "embed" in hf_name else Q.Q4_1

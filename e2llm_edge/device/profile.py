@@ -93,6 +93,12 @@ def measure_profile(
     n = configure_threads(threads)
     cfg = manifest.config
     h = int(cfg["hidden_size"])
+    # a small model's context may be shorter than the usual sample points
+    ctx = int(cfg["max_position"])
+    points = [t for t in PREFILL_TOKENS if t <= ctx]
+    if len(points) < 2 and ctx not in points:
+        points.append(ctx)
+    past_tokens = max(1, min(PAST_TOKENS, ctx - 16))
     stack = load_stage(
         manifest,
         0,
@@ -100,12 +106,12 @@ def measure_profile(
         variant,
         prefer_ranges=False,
         max_batch=max(DECODE_BATCHES),
-        context=PAST_TOKENS + 16,
+        context=min(past_tokens + 16, ctx),
     )
     emb, head = VariantEmbedder(manifest, variant), VariantHead(manifest, variant)
     rng = np.random.default_rng(0)
     prefill = []
-    for tokens in PREFILL_TOKENS:
+    for tokens in points:
         x = rng.normal(0, 1, (1, tokens, h)).astype(np.float32)
 
         def pre(x: np.ndarray = x, n: int = tokens) -> None:
@@ -114,11 +120,11 @@ def measure_profile(
         prefill.append(_best(pre, reps))
     decode: dict[int, float] = {}
     head_decode: dict[int, float] = {}
-    past = rng.normal(0, 1, (1, PAST_TOKENS, h)).astype(np.float32)
+    past = rng.normal(0, 1, (1, past_tokens, h)).astype(np.float32)
     for b in DECODE_BATCHES:
         caches = []
         for _ in range(b):
-            c = stack.new_cache(PAST_TOKENS + 8)
+            c = stack.new_cache(min(past_tokens + 8, ctx))
             stack.run(past, 0, c)
             caches.append(c)
         step = rng.normal(0, 1, (b, 1, h)).astype(np.float32)
@@ -134,11 +140,12 @@ def measure_profile(
             head.run(step)
 
         head_decode[b] = _best(head_step, reps)
-    ids = rng.integers(0, int(cfg["vocab_size"]), (1, 256), dtype=np.int64)
-    embed_s = _best(lambda: emb.run(ids), reps) / 256
+    n_ids = min(256, ctx)
+    ids = rng.integers(0, int(cfg["vocab_size"]), (1, n_ids), dtype=np.int64)
+    embed_s = _best(lambda: emb.run(ids), reps) / n_ids
     one = rng.normal(0, 1, (1, 1, h)).astype(np.float32)
     return {
-        "prefill_tokens": list(PREFILL_TOKENS),
+        "prefill_tokens": points,
         "layer_prefill_s": [round(v, 7) for v in prefill],
         "layer_decode_s": [round(v, 7) for v in _fill(decode, MAX_CONCURRENCY)],
         "embed_s": round(embed_s, 9),
@@ -148,7 +155,7 @@ def measure_profile(
             "threads": n,
             "graph": variant[0],
             "precision": variant[1],
-            "past_tokens": PAST_TOKENS,
+            "past_tokens": past_tokens,
             "decode_batches": list(DECODE_BATCHES),
             "model": manifest.name,
             "at": time.strftime("%Y-%m-%dT%H:%M:%S"),

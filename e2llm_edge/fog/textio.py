@@ -36,11 +36,7 @@ class ChatTokenizer:
         if not self.chat_template:
             raise ExportError("this model has no chat template; use --raw")
         if self._template is None:
-            from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-            env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-            env.globals["raise_exception"] = _raise_exception
-            self._template = env.from_string(self.chat_template)
+            self._template = _environment().from_string(self.chat_template)
         return str(
             self._template.render(
                 messages=messages,
@@ -51,7 +47,11 @@ class ChatTokenizer:
         )
 
     def encode_prompt(self, prompt: str, raw: bool = False) -> list[int]:
-        text = prompt if raw else self.render_chat([{"role": "user", "content": prompt}])
+        """Token ids of `prompt`: rendered by the chat template (which writes any BOS itself)
+        or, `raw`, as is with the tokenizer's own BOS/EOS rule (as transformers does)."""
+        if raw:
+            return list(self.tokenizer.encode(prompt, add_special_tokens=True).ids)
+        text = self.render_chat([{"role": "user", "content": prompt}])
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
 
     def encode_messages(self, messages: list[dict[str, str]]) -> list[int]:
@@ -83,6 +83,31 @@ def _raise_exception(message: str) -> None:
 
 class Detokenizer(Protocol):
     def decode(self, ids: list[int]) -> str: ...
+
+
+def _environment() -> Any:
+    """The sandboxed Jinja environment transformers renders chat templates in: loop controls,
+    `raise_exception` (a ValueError), `strftime_now` and a `tojson` that keeps non-ASCII text."""
+    from datetime import datetime
+
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def tojson(
+        x: Any, ensure_ascii: bool = False, indent: int | None = None, separators: Any = None,
+        sort_keys: bool = False,
+    ) -> str:  # fmt: skip
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
+
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols]
+    )
+    env.filters["tojson"] = tojson
+    env.globals["raise_exception"] = _raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    return env
 
 
 class StreamDecoder:

@@ -72,7 +72,7 @@ def session(tmp_path: Path, raw: RawTensor, screen_only: bool) -> object:
     g.add_output("logits", logits, onnx.TensorProto.FLOAT, ["rows", V])
     g.add_output("bound", bound, onnx.TensorProto.FLOAT, ["rows"])
     path = tmp_path / f"head_{raw.qtype}_{screen_only}.onnx"
-    onnx.save(_finish(g), path)
+    _finish(g).save(path)
     assert any(n.domain == MS for n in onnx.load(path).graph.node)
     return make_session(path, 1)
 

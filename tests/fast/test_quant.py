@@ -182,7 +182,7 @@ def _run(
     y = lin(xi, list(raws), "w", bias)
     g.add_output("y", y, onnx.TensorProto.FLOAT, ["m", n])
     path = tmp_path / f"{precision}.onnx"
-    onnx.save_model(_finish(g, lin), str(path))
+    _finish(g, lin).save(path)
     return make_session(path).run(None, {"x": x})[0], lin
 
 

@@ -3,6 +3,7 @@ scripts/make_reference.py): identical greedy tokens, logits within 1e-3."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -106,3 +107,21 @@ def test_sampling_is_seeded_and_bounded(model: LocalModel, reference: dict[str, 
     for bad in ({"temperature": -1}, {"top_p": 0}, {"top_p": 1.5}, {"seed": -2}):
         with pytest.raises(SamplingError):
             Sampling(**bad)  # type: ignore[arg-type]
+
+
+def test_tokenizer_matches_llama_cpp(default_model: Path) -> None:
+    """The real SmolLM2 vocabulary (pre-tokenizer smollm) on the tokenizer corpus, as
+    llama.cpp tokenizes the same GGUF."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python not installed")
+    import tokenizer_vocab as tv
+    from llama_cpp import Llama
+
+    from onnx_export.manifest import Manifest
+    from onnx_export.source import fetch_default_gguf
+
+    tok = ChatTokenizer(Manifest.load(default_model))
+    llm = Llama(str(fetch_default_gguf()), vocab_only=True, verbose=False)
+    for text in tv.CORPUS:
+        ids = tok.tokenizer.encode(text, add_special_tokens=False).ids
+        assert ids == llm.tokenize(text.encode(), add_bos=False, special=True), text

@@ -40,7 +40,9 @@ def test_reader_dequantizes_and_unpermutes(tiny: tuple[Path, dict]) -> None:
 def test_manifest_lists_segments_and_costs(exported: Manifest) -> None:
     m = Manifest.load(exported.directory)
     names = [s.name for s in m.segments]
-    assert names == ["embed", "layer_00", "layer_01", "layer_02", "layers_00_02", "head"]
+    std = ["embed", "layer_00", "layer_01", "layer_02", "layers_00_02", "head"]
+    # the default export holds the portable graph and the fast exact one
+    assert names == [*std, *(f"contrib_exact_{n}" for n in std), "contrib_exact_head_unscreened"]
     seg = m.segment("layers_00_02")
     assert (seg.layer_start, seg.layer_end) == (0, 2)
     ins = {t.name: t for t in seg.inputs}
@@ -54,10 +56,15 @@ def test_manifest_lists_segments_and_costs(exported: Manifest) -> None:
     assert cost["activation_bytes_per_token"] == 64 * 4
     assert len(cost["layer_param_bytes"]) == 3
     per_layer = 4 * (2 * 64 + 64 * 64 * 2 + 2 * 32 * 64 + 3 * 64 * 96)
-    # The bytes the layer's segment holds: its fp32 weights and a few graph constants.
-    assert cost["variant"] == "standard/fp32"
-    assert cost["layer_param_bytes"][0] == m.segment("layer_00").param_bytes
-    assert per_layer <= cost["layer_param_bytes"][0] <= per_layer + 1024
+    # The bytes each layer's segment holds, for the variant runtimes prefer (the fast one,
+    # its Q4_1 matrices quantized); the portable graph's are its fp32 weights and a few
+    # graph constants.
+    assert cost["variant"] == "contrib/exact"
+    assert cost["layer_param_bytes"][0] == m.segment("contrib_exact_layer_00").param_bytes
+    fp32 = cost["variants"]["standard/fp32"]["layer_param_bytes"][0]
+    assert fp32 == m.segment("layer_00").param_bytes
+    assert per_layer <= fp32 <= per_layer + 1024
+    assert cost["layer_param_bytes"][0] < fp32 / 2
     tok = json.loads((m.directory / "tokenizer_config.json").read_text())
     assert "<|im_start|>" in tok["chat_template"]
 
@@ -141,18 +148,19 @@ def test_corrupted_segment_is_refused(
     data = bytearray(seg.read_bytes())
     data[len(data) // 2] ^= 0xFF
     seg.write_bytes(bytes(data))
+    std = ("standard", "fp32")
     with pytest.raises(ExportError, match=r"layer_01\.onnx: sha256 mismatch"):
-        LocalModel(bad, prefer_ranges=False)
+        LocalModel(bad, prefer_ranges=False, variant=std)
     # the range segment covering layer 1 is intact, so the default path still runs...
-    assert list(LocalModel(bad).generate([1, 2], 2, stop_at_eos=False))
-    emb = bad / "embed.onnx"
+    assert list(LocalModel(bad, variant=std).generate([1, 2], 2, stop_at_eos=False))
+    emb = bad / "contrib_exact_embed.onnx"
     emb.write_bytes(emb.read_bytes()[:-10] + b"0123456789")
     line = _cli_error(capsys, "generate", "hi", "--model", str(bad), "--max-new-tokens", "1")
-    assert "embed.onnx: sha256 mismatch" in line
-    shutil.copy(exported.directory / "embed.onnx", emb)
+    assert "contrib_exact_embed.onnx: sha256 mismatch" in line
+    shutil.copy(exported.directory / emb.name, emb)
     (bad / "head.onnx").unlink()
     with pytest.raises(ExportError, match=r"head\.onnx: segment file missing"):
-        LocalModel(bad)
+        LocalModel(bad, variant=std)
 
 
 def test_hf_directory_source(tmp_path: Path) -> None:
@@ -169,3 +177,55 @@ def test_hf_directory_source(tmp_path: Path) -> None:
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["MambaForCausalLM"]}))
     with pytest.raises(ExportError, match="unsupported architecture"):
         load_hf_dir(tmp_path)
+
+
+def test_unreadable_tensor_types_and_dtypes_are_named(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """An integer weight in a GGUF and an int8 safetensors tensor: one line each, nothing
+    written."""
+    gg = tmp_path / "int.gguf"
+    q = tiny_model.hf_weights()["model.layers.1.self_attn.q_proj.weight"]
+    tiny_model.write_gguf(gg, raw={"model.layers.1.self_attn.q_proj.weight": q.astype(np.int32)})
+    out = tmp_path / "o"
+    line = _cli_error(capsys, "export", str(gg), "--out", str(out))
+    assert str(gg) in line and "blk.1.attn_q.weight has type I32" in line
+    assert not out.exists()
+    from safetensors.numpy import save_file
+
+    hf = tmp_path / "hf"
+    hf.mkdir()
+    w = tiny_model.hf_weights()
+    w["model.norm.weight"] = w["model.norm.weight"].astype(np.int8)
+    save_file(w, str(hf / "model.safetensors"))
+    (hf / "config.json").write_text(json.dumps({"architectures": ["LlamaForCausalLM"]}))
+    line = _cli_error(capsys, "export", str(hf), "--out", str(out))
+    assert "model.norm.weight has dtype I8" in line and not out.exists()
+
+
+def test_failed_export_leaves_the_previous_directory(
+    tiny: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A failure mid-way (here: building the new range) changes nothing: the old directory
+    stays as it was and no temporary directory is left beside it."""
+    from onnx_export import graph
+
+    out = tmp_path / "m"
+    export_model(tiny[0], out, progress=False, graph_name="standard")
+    before = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    real = graph.layers_model
+
+    def broken(cfg: object, start: int, end: int, *a: object, **k: object) -> object:
+        if end - start > 1:
+            raise KeyboardInterrupt  # as a person pressing Ctrl-C
+        return real(cfg, start, end, *a, **k)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(graph, "layers_model", broken)
+    with pytest.raises(KeyboardInterrupt):
+        export_model(tiny[0], out, ranges="0-2", progress=False, graph_name="standard")
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir()} == before
+    assert sorted(p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")) == ["m"]
+    monkeypatch.setattr(graph, "layers_model", real)
+    m = export_model(tiny[0], out, ranges="0-2", progress=False, graph_name="standard")
+    assert "layers_00_02" in [s.name for s in m.segments]
+    assert (out / "layer_00.onnx").stat().st_mtime_ns == before["layer_00.onnx"]  # kept, linked

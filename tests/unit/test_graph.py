@@ -107,8 +107,9 @@ def test_rope_matches_reference() -> None:
     g = graph.GraphBuilder("t")
     x = g.add_input("x", TensorProto.FLOAT, ["b", 4, "t", 16])
     pos = g.add_input("pos", TensorProto.INT64, ["b", "t"])
-    cos, sin = graph.rope_tables(g, pos, 16, 10000.0)
-    g.add_output("y", graph.apply_rope(g, x, cos, sin, 16), TensorProto.FLOAT, ["b", 4, "t", 16])
+    cos, sin = graph.rope_tables(g, pos, cfg(head_dim=16, rope_theta=10000.0))
+    y = graph.apply_rope(g, x, cos, sin, 16, 16)
+    g.add_output("y", y, TensorProto.FLOAT, ["b", 4, "t", 16])
     xv = np.random.default_rng(3).normal(size=(2, 4, 7, 16)).astype(np.float32)
     pv = np.array([np.arange(7), np.arange(100, 107)], np.int64)
     got = session(g.model()).run(None, {"x": xv, "pos": pv})[0]
