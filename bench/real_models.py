@@ -339,13 +339,17 @@ def where_bytes_go(mdir: Path, precision: str) -> dict[str, int]:
     ]
     kinds = {"codes": 0, "scales": 0, "block minimums": 0, "zero points": 0, "other": 0}
     kinds["rope (once per device)"] = 0
+    rope_files: set[str] = set()
     for s in segs:
         model = onnx.load(str(m.path(s)), load_external_data=False)
         for t in model.graph.initializer:
             if t.data_location == onnx.TensorProto.EXTERNAL:
-                size = int(next(e.value for e in t.external_data if e.key == "length"))
+                ext = {e.key: e.value for e in t.external_data}
+                size = int(ext["length"])
                 if t.name.startswith("shared/"):
-                    kinds["rope (once per device)"] = max(kinds["rope (once per device)"], size)
+                    if ext["location"] not in rope_files:
+                        rope_files.add(ext["location"])
+                        kinds["rope (once per device)"] += size
                     continue
             else:
                 size = len(t.raw_data) or int(np.prod(t.dims)) * 4
