@@ -8,8 +8,8 @@ graph in both precisions (time and peak memory of the exporting process); greedy
 of the local path vs transformers on the dequantized GGUF (fp32); perplexity on a fixed
 text vs llama.cpp on the same file; prefill and decode tokens/s vs llama.cpp, engines
 taking turns in every round; batched decode at concurrency 8 vs 1; resident memory of a
-process holding the whole model vs the GGUF bytes, and where the bytes go; for the 0.5B,
-a 4-agent cluster whose memory budgets make every replica span two devices, answering
+process holding the whole model vs the GGUF bytes, and where the bytes go; a 4-agent
+cluster whose memory budgets make every replica span two devices, answering
 identically to the local path. Heavy parts (export, transformers, memory) run in child
 processes, so each one's memory is its own. Needs the `reference` extra (transformers)
 and llama-cpp-python for the comparisons: CMAKE_ARGS=-DGGML_NATIVE=ON pip install
@@ -582,7 +582,7 @@ def main() -> int:
             r["batch"] = batch(out, prompts["short"], args.rounds, args.steps)
         if "memory" not in skip:
             r["memory"] = memory(out, gguf, args.threads)
-        if "cluster" not in skip and key == "0.5b":
+        if "cluster" not in skip:
             r["cluster"] = cluster(out, chats, args.new_tokens, 1)
         r["load_after"] = uptime()
         report(name, r)

@@ -123,7 +123,7 @@ class Manifest:
     directory: Path = Path(".")
     data_files: dict[str, str] = field(default_factory=dict)
     """Shared data files (`Segment.data`) by name: their sha256."""
-    _verified: set[str] = field(default_factory=set, repr=False, compare=False)
+    _verified: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
