@@ -77,6 +77,15 @@ ROLE_TYPES = {  # a mix like llama.cpp's Q4_K_M with every other type somewhere
     "ffn_up": "Q3_K",
     "ffn_down": "Q4_1",
 }
+Q4_K_M = {  # llama.cpp's Q4_K_M mix on rows of 256: v and down in Q6_K
+    "attn_q": "Q4_K",
+    "attn_k": "Q4_K",
+    "attn_v": "Q6_K",
+    "attn_output": "Q4_K",
+    "ffn_gate": "Q4_K",
+    "ffn_up": "Q4_K",
+    "ffn_down": "Q6_K",
+}
 LAYER_VARIANTS = [  # layer i uses these instead, so every type is in some matrix
     {},
     {"attn_q": "Q8_0", "attn_k": "Q4_0", "attn_v": "Q5_1", "ffn_down": "IQ4_NL"},

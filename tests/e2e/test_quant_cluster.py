@@ -25,15 +25,6 @@ pytestmark = [pytest.mark.mosquitto, pytest.mark.slow]
 
 N_LAYERS = 4
 VARIANT = ("contrib", "exact")
-Q4_K_M = {  # llama.cpp's Q4_K_M mix on rows of 256: v and down in Q6_K every other layer
-    "attn_q": "Q4_K",
-    "attn_k": "Q4_K",
-    "attn_v": "Q6_K",
-    "attn_output": "Q4_K",
-    "ffn_gate": "Q4_K",
-    "ffn_up": "Q4_K",
-    "ffn_down": "Q6_K",
-}
 PROMPTS = [[5, 17, 42, 99, 7, 250, 3], [1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12], [200, 100, 50]]
 
 
@@ -46,8 +37,8 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
         n_layers=N_LAYERS,
         embed_type="Q5_0",
         head_type="Q8_0",
-        roles=Q4_K_M,
-        variants=[{}, {"attn_v": "Q5_0", "ffn_down": "Q4_K"}],
+        roles=quant_model.Q4_K_M,
+        variants=[{}, {"attn_v": "Q5_0", "ffn_down": "Q4_K"}],  # llama.cpp alternates
     )
     return export_model(
         d / "tiny-qwen2.gguf", d / "model", ranges=f"0-{N_LAYERS}", progress=False,
