@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
+import sys
 
 
 def rss_bytes(pid: int | str = "self") -> int:
@@ -12,3 +15,17 @@ def rss_bytes(pid: int | str = "self") -> int:
             return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
     except OSError:
         return 0
+
+
+def release_freed_memory() -> None:
+    """Hand memory the allocator holds but no longer uses back to the system (glibc's
+    malloc_trim; nothing elsewhere). Loading a session parses the whole model file and
+    copies its weights before freeing the parsed copy: without this a device kept up to
+    ~350 MB of freed heap resident per Qwen2.5-0.5B-sized segment."""
+    if not sys.platform.startswith("linux"):
+        return
+    name = ctypes.util.find_library("c")
+    try:
+        ctypes.CDLL(name or "libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
+        return

@@ -25,6 +25,7 @@ import onnx
 from onnx_export.errors import ExportError
 from onnx_export.manifest import Manifest, Segment, TensorSpec, sha256_path
 from onnx_export.onnx_writer import SegmentModel
+from onnx_export.shared_data import WEIGHTS_KEY, externalize, inline_bytes
 from onnx_export.source import ModelConfig, ModelWeights, fetch_default_gguf, open_model
 from onnx_export.tokenizer import write_tokenizer
 
@@ -32,8 +33,9 @@ log = logging.getLogger(__name__)
 
 # Part of every manifest fingerprint: bump when any builder writes a different graph, so model
 # directories exported by older code are rebuilt instead of reused (5: the screened head and
-# its unscreened alternative; 6: its finiteness check reads the row sum once).
-EXPORTER_VERSION = "6"
+# its unscreened alternative; 6: its finiteness check reads the row sum once; 7: every GGUF
+# type quantized (`onnx_export.quant`), RoPE tables in shared files, measured weight bytes).
+EXPORTER_VERSION = "7"
 _ELEM: dict[int, str] = {
     onnx.TensorProto.FLOAT: "float32",
     onnx.TensorProto.INT64: "int64",
@@ -69,25 +71,55 @@ def _specs(values: Sequence[onnx.ValueInfoProto]) -> list[TensorSpec]:
     return out
 
 
-def model_cost(w: ModelWeights) -> dict[str, Any]:
-    """Bytes and FLOPs the planner needs, from the tensors' shapes (fp32 as the standard
-    graph writes them); no weight is read."""
+def model_cost(w: ModelWeights, manifest: Manifest) -> dict[str, Any]:
+    """Bytes and FLOPs the planner needs. Weight bytes are those the exported segments hold
+    (`Segment.param_bytes`), per complete variant under `variants`; the top level is the
+    variant runtimes prefer (`Manifest.variant_of_cost`), the one devices load. FLOPs come
+    from the tensors' shapes; no weight is read."""
     c = w.config
-    layer_bytes, layer_flops = [], []
-    for i in range(c.n_layers):
-        n = sum(int(np.prod(w.shape(t))) for t in w.layer_tensor_names(i))
-        layer_bytes.append(4 * n)
-        layer_flops.append(2 * n)
+    layer_flops = [
+        2 * sum(int(np.prod(w.shape(t))) for t in w.layer_tensor_names(i))
+        for i in range(c.n_layers)
+    ]
     emb = c.vocab_size * c.hidden_size
+    variants: dict[str, dict[str, Any]] = {}
+    for graph, precision in manifest.variants():
+        v = _variant_bytes(manifest, graph, precision, c.n_layers)
+        if v is not None:
+            variants[f"{graph}/{precision}"] = v
+    chosen = manifest.variant_of_cost()
+    top = variants.get(f"{chosen[0]}/{chosen[1]}") if chosen else None
+    if top is None:  # nothing measured (no complete variant): fp32 weights
+        top = {
+            "layer_param_bytes": [f // 2 * 4 for f in layer_flops],
+            "embed_param_bytes": 4 * emb,
+            "head_param_bytes": 4 * (emb + c.hidden_size),
+        }
     return {
-        "dtype": "float32",
-        "layer_param_bytes": layer_bytes,
-        "embed_param_bytes": 4 * emb,
-        "head_param_bytes": 4 * (emb + c.hidden_size),
+        "variant": f"{chosen[0]}/{chosen[1]}" if chosen else None,
+        **top,
         "kv_bytes_per_token_per_layer": 2 * c.n_kv_heads * c.head_dim * 4,
         "activation_bytes_per_token": c.hidden_size * 4,
         "layer_flops_per_token": layer_flops,
         "head_flops_per_token": 2 * emb,
+        "variants": variants,
+    }
+
+
+def _variant_bytes(m: Manifest, graph: str, precision: str, n_layers: int) -> dict[str, Any] | None:
+    single = {
+        s.layer_start: s.param_bytes
+        for s in m.by_kind("layers", graph, precision)
+        if len(s.layers) == 1 and s.param_bytes is not None
+    }
+    embed = [s.param_bytes for s in m.by_kind("embed", graph, precision)]
+    head = [s.param_bytes for s in m.by_kind("head", graph, precision)]  # the first: screened
+    if len(single) != n_layers or not embed or not head or None in (embed[0], head[0]):
+        return None
+    return {
+        "layer_param_bytes": [single[i] for i in range(n_layers)],
+        "embed_param_bytes": embed[0],
+        "head_param_bytes": head[0],
     }
 
 
@@ -171,6 +203,8 @@ def _still_current(
         if not f.is_file() or f.stat().st_size != seg.bytes:
             return None
     if not all((out / f).is_file() for f in ("tokenizer.json", "tokenizer_config.json")):
+        return None
+    if not all((out / f).is_file() for f in old.data_files):  # shared tables segments map
         return None
     return old
 
@@ -339,9 +373,13 @@ def export_model(
             if out.is_dir():
                 _carry_over(out, tmp, skip=stale | {f"{j[0]}.onnx" for j in todo})
             segments = {n: s for n, s in existing.items()}
+            data_files = dict(old.data_files) if old is not None and existing else {}
             with _progress(progress, len(todo), f"exporting {w.name}") as advance:
                 for name, kind, first, stop, g_name, prec, build in todo:
                     model = build()
+                    weights = _weights_info(model)
+                    data, mapped = externalize(model, tmp)
+                    data_files.update(data)
                     path = tmp / f"{name}.onnx"
                     digest_, size = model.save(path)
                     segments[name] = Segment(
@@ -356,21 +394,31 @@ def export_model(
                         precision=prec,
                         inputs=_specs(model.graph.input),
                         outputs=_specs(model.graph.output),
+                        data=sorted(data),
+                        param_bytes=inline_bytes(model) + mapped,
+                        weights=weights,
                     )
                     del model
                     w.release()  # drop the source pages this segment read from memory
                     advance(name)
             write_tokenizer(w.tokenizer, tmp)
+            all_segments = [segments[j[0]] for j in jobs] + kept
+            used = {f for seg in all_segments for f in seg.data}
+            for f in tmp.glob("shared_*.bin"):  # carried over, no longer mapped by anyone
+                if f.name not in used:
+                    f.unlink()
             manifest = Manifest(
                 name=w.name,
                 config=w.config.to_dict(),
-                cost=model_cost(w),
+                cost={},
                 source={**w.source, "sha256": digest, "stat": stat},
                 fingerprint=fp,
-                segments=[segments[j[0]] for j in jobs] + kept,
+                segments=all_segments,
                 tokenizer={"file": "tokenizer.json", "config": "tokenizer_config.json"},
                 directory=tmp,
+                data_files={f: h for f, h in data_files.items() if f in used},
             )
+            manifest.cost = model_cost(w, manifest)
             manifest.write()
             _replace_dir(tmp, out)
         except BaseException:
@@ -378,6 +426,15 @@ def export_model(
             raise
     manifest.directory = out
     return manifest
+
+
+def _weights_info(model: SegmentModel) -> dict[str, Any] | None:
+    """What the graph builder recorded about its weights (`shared_data.WEIGHTS_KEY`)."""
+    for prop in model.proto.metadata_props:
+        if prop.key == WEIGHTS_KEY:
+            info: dict[str, Any] = json.loads(prop.value)
+            return info
+    return None
 
 
 def _carry_over(src: Path, dst: Path, skip: set[str]) -> None:

@@ -12,249 +12,243 @@ screening, exact rescoring of the tokens near the top, so greedy tokens are exac
 
 from __future__ import annotations
 
+import itertools
+import json
+import logging
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 from onnx import TensorProto, helper
 
-from onnx_export import rope
+from onnx_export import quant, rope
 from onnx_export.errors import ExportError
 from onnx_export.graph import GraphBuilder, gelu_tanh, softcap
 from onnx_export.onnx_writer import SegmentModel
+from onnx_export.quant import QMatrix, pack4
+from onnx_export.shared_data import MAPPED, SHARED, WEIGHTS_KEY
 from onnx_export.source import ModelConfig, ModelWeights, RawTensor
 
+log = logging.getLogger(__name__)
+
 PRECISIONS = ("exact", "int8")
+
 MS = "com.microsoft"
-BLOCK = 32
 F32, I32, I64 = TensorProto.FLOAT, TensorProto.INT32, TensorProto.INT64
 _ACCURACY = {"exact": 0, "int8": 4}
 
 
-# ----------------------------------------------------------------------------- GGUF repacking
+# ----------------------------------------------------------------------------- linear layers
 
 
-@dataclass(frozen=True)
-class NBits:
-    """One MatMulNBits weight: `packed` (N, nb, 32*bits/8) uint8, `scales` (N, nb) f32,
-    optional packed uint8 `zero_points`; dequantized value = (q - zp) * scale."""
-
-    bits: int
-    packed: np.ndarray
-    scales: np.ndarray
-    zero_points: np.ndarray | None = None
+def widest_fast_codes(precision: str) -> int:
+    """Widest MatMulNBits codes worth using: with fp32 activations only the 4-bit kernel is
+    fast (8-bit measured 15-30x slower), with int8 activations 8 bits is as fast as 4."""
+    return 4 if precision == "exact" else 8
 
 
-@dataclass(frozen=True)
-class Quantized:
-    """A `[N, K]` GGUF matrix as a sum of MatMulNBits parts plus an optional block term:
-    W[n, k] = sum(parts)[n, k] + block[n, k // 32] (the Q4_1 minimum, per block)."""
-
-    n: int
-    k: int
-    parts: list[NBits]
-    block: np.ndarray | None  # (N, nb) f32
-
-
-def _blocks(raw: RawTensor, block_bytes: int) -> np.ndarray:
-    n, k = raw.shape
-    if k % BLOCK:
-        raise ValueError(f"{raw.qtype} tensor {raw.shape}: K not a multiple of {BLOCK}")
-    return np.ascontiguousarray(raw.data).reshape(n, k // BLOCK, block_bytes)
-
-
-def _f16(b: np.ndarray) -> np.ndarray:
-    """Little-endian fp16 from two uint8 columns (…, 2) -> f32 (…)."""
-    return np.ascontiguousarray(b).view(np.float16)[..., 0].astype(np.float32)
-
-
-def _nibbles_gguf(qs: np.ndarray) -> np.ndarray:
-    """GGUF Q4 block bytes (…, 16): element i in the low nibble of byte i, i+16 in the high."""
-    return np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # (…, 32) values 0..15
-
-
-def pack4(q: np.ndarray) -> np.ndarray:
-    """MatMulNBits 4-bit packing of (…, 32) values 0..15: byte i = q[2i] | q[2i+1] << 4."""
-    q = q.astype(np.uint8)
-    return np.ascontiguousarray(q[..., 0::2] | (q[..., 1::2] << 4))
-
-
-def quantize_raw(raw: RawTensor, bits8: bool = False) -> Quantized | None:
-    """The GGUF blocks of `raw` as MatMulNBits parts, or None for unsupported types.
-
-    Q4_0: d*(q-8) is MatMulNBits' default zero point. Q4_1: d*q + m = d*(q-8) + (m + 8d), the
-    second term a per-block constant. Q8_0: q + 128 = 16*hi + lo split in two 4-bit parts,
-    16d*(hi-8) + d*(lo-0), or with `bits8` one 8-bit part. Measured for the 49152 x 576 head
-    (onnxruntime 1.32, 2 threads, M=1 / M=8): the pair 3.2 / 11.9 ms with fp32 activations,
-    2.5 / 4.9 ms with int8; one 8-bit part 86 / 105 ms with fp32 (no fast kernel), 1.5 /
-    3.5 ms with int8 (the screened head's choice).
-    """
-    n, k = raw.shape
-    if raw.qtype in ("Q4_0", "Q4_1"):
-        off = 2 if raw.qtype == "Q4_0" else 4
-        b = _blocks(raw, off + 16)
-        d = _f16(b[..., 0:2])
-        q = _nibbles_gguf(b[..., off:])
-        block = None
-        if raw.qtype == "Q4_1":
-            block = (_f16(b[..., 2:4]) + np.float32(8) * d).astype(np.float32)
-        return Quantized(n, k, [NBits(4, pack4(q), d)], block)
-    if raw.qtype == "Q8_0":
-        b = _blocks(raw, 34)
-        d = _f16(b[..., 0:2])
-        u = (b[..., 2:].view(np.int8).astype(np.int16) + 128).astype(np.uint8)  # (N, nb, 32)
-        if bits8:
-            return Quantized(n, k, [NBits(8, np.ascontiguousarray(u), d)], None)
-        nb = k // BLOCK
-        zero = np.zeros((n, (nb + 1) // 2), np.uint8)
-        return Quantized(
-            n,
-            k,
-            [NBits(4, pack4(u >> 4), np.float32(16) * d), NBits(4, pack4(u & 0x0F), d, zero)],
-            None,
-        )
-    return None
-
-
-def dequantize_nbits(qz: Quantized) -> np.ndarray:
-    """The `[N, K]` fp32 matrix a `Quantized` represents, by MatMulNBits' own formula."""
-    n, k = qz.n, qz.k
-    nb = k // BLOCK
-    w = np.zeros((n, nb, BLOCK), np.float32)
-    for p in qz.parts:
-        if p.bits == 4:
-            q = np.stack([p.packed & 0x0F, p.packed >> 4], axis=-1).reshape(n, nb, BLOCK)
-            zp = (
-                np.full((n, nb), 8, np.float32)
-                if p.zero_points is None
-                else np.stack([p.zero_points & 0x0F, p.zero_points >> 4], -1).reshape(n, -1)[:, :nb]
-            )
-        else:
-            q = p.packed.reshape(n, nb, BLOCK)
-            zp = (
-                np.full((n, nb), 128, np.float32)
-                if p.zero_points is None
-                else p.zero_points.reshape(n, nb)
-            )
-        w += (q.astype(np.float32) - zp.astype(np.float32)[..., None]) * p.scales[..., None]
-    if qz.block is not None:
-        w += qz.block[..., None]
-    return w.reshape(n, k)
-
-
-def concat_rows(parts: list[Quantized]) -> Quantized | None:
-    """Stack matrices with the same K and layout along N (packed QKV, gate+up), else None."""
-    first = parts[0]
-    shapes = [[(p.bits, p.zero_points is not None) for p in q.parts] for q in parts]
-    if (
-        any(s != shapes[0] for s in shapes)
-        or any(q.k != first.k for q in parts)
-        or len({q.block is None for q in parts}) != 1
-    ):
-        return None
-
-    def cat(xs: list[np.ndarray | None]) -> np.ndarray | None:
-        return None if xs[0] is None else np.concatenate(xs, axis=0)  # type: ignore[arg-type]
-
-    merged = [
-        NBits(
-            ps[0].bits,
-            np.concatenate([p.packed for p in ps]),
-            np.concatenate([p.scales for p in ps]),
-            cat([p.zero_points for p in ps]),
-        )
-        for ps in zip(*(q.parts for q in parts), strict=True)
-    ]
-    return Quantized(sum(q.n for q in parts), first.k, merged, cat([q.block for q in parts]))
-
-
-# ----------------------------------------------------------------------------- pieces
+def form(qm: QMatrix) -> str:
+    """How a GGUF type is stored, for the manifest: e.g. 'MatMulNBits 4-bit x2, block 32'."""
+    p = qm.parts[0]
+    text = f"MatMulNBits {p.bits}-bit" + (f" x{len(qm.parts)}" if len(qm.parts) > 1 else "")
+    text += f", block {p.block}"
+    return text + (", block minimum" if qm.offsets is not None else "")
 
 
 class Linear:
-    """x @ W.T for GGUF matrices, x flat `(M, K)`: MatMulNBits parts plus the block term, or
-    fp32 MatMul for types without an exact 4/8-bit form (F32, F16, k-quants).
+    """x @ W.T for GGUF matrices stacked along N (packed QKV, gate+up), x flat `(M, K)`.
 
-    The Q4_1 block term is (per-block sums of x) @ block.T: one small MatMul against a 0/1
-    block indicator and one Gemm that adds onto the MatMulNBits output (few ops: at decode
-    each costs more in dispatch than in arithmetic).
+    Each matrix becomes a `QMatrix` (`onnx_export.quant`): its exact GGUF values as
+    MatMulNBits parts (4-bit for `exact`, 8-bit allowed for `int8`). Consecutive matrices
+    with the same layout share one MatMulNBits (zero points become an input where they
+    differ); parts of one matrix run as one MatMulNBits over [x, x] (K concatenated); a block
+    minimum adds (per-block sums of x) @ offsets.T with one Gemm. A matrix with no exact
+    form (F32/F16 tensors, HF sources, a block minimum gguf rounds) is an fp32 MatMul of
+    its own: never the whole stack. `forms` and `fallbacks` record what each type became.
     """
 
-    def __init__(self, g: GraphBuilder, precision: str) -> None:
-        self.g, self.precision = g, precision
-        self._sums: dict[str, str] = {}
+    def __init__(
+        self, g: GraphBuilder, precision: str, w: ModelWeights, max_bits: int | None = None
+    ) -> None:
+        self.g, self.precision, self.w = g, precision, w
+        self.max_bits = max_bits or widest_fast_codes(precision)
+        self._sums: dict[tuple[str, int], str] = {}
+        self._tiled: dict[tuple[str, int], str] = {}
+        self.forms: dict[str, str] = {}
+        self.fallbacks: dict[str, str] = {}
 
-    def block_sums(self, x: str, k: int) -> str:
-        """(M, K) -> (M, K/32), once per input."""
-        if x not in self._sums:
-            ind = np.kron(np.eye(k // BLOCK, dtype=np.float32), np.ones((BLOCK, 1), np.float32))
-            self._sums[x] = self.g.op(
-                "MatMul", [x, self.g.const(ind, np.float32)], hint="block_sums"
-            )
-        return self._sums[x]
+    def matrix(self, name: str) -> QMatrix | None:
+        """The exact MatMulNBits form of tensor `name`, or None (fp32 MatMul instead)."""
+        raw = stored(self.w, name)
+        if raw is None or raw.qtype in ("F32", "F16", "BF16"):  # fp32 holds these exactly
+            return None
+        try:
+            qm = quant.to_nbits(raw.qtype, raw.data, raw.shape[1], self.max_bits)
+        except quant.NoExactForm as exc:
+            why = str(exc)
+        else:
+            if not quant.rounding_free(qm):
+                why = f"{raw.qtype}: gguf rounds d*q + m in fp32"
+            elif not quant.supported(raw.qtype) and not quant.products_exact(qm):
+                why = f"{raw.qtype}: re-encoded scales too wide for 4-bit parts"
+            else:
+                why = ""
+        if why:
+            log.warning("%s: %s; fp32 MatMul", name, why)
+            self.fallbacks[name] = why + "; fp32 MatMul"
+            return None
+        self.forms[raw.qtype] = form(qm) + ("" if quant.supported(raw.qtype) else ", re-encoded")
+        return qm
 
-    def __call__(
-        self,
-        x: str,
-        raws: list[RawTensor | None],
-        name: str,
-        dense: Callable[[], np.ndarray],
-        bias: np.ndarray | None = None,
-    ) -> str:
-        g = self.g
-        qs = [quantize_raw(r) if r is not None else None for r in raws]
-        qz = concat_rows([q for q in qs if q is not None]) if None not in qs else None
-        if qz is None:
-            y = g.op("MatMul", [x, g.init(name, np.ascontiguousarray(dense().T))])
-            return g.op("Add", [y, g.init(name + ".bias", bias)]) if bias is not None else y
-        acc = _ACCURACY[self.precision]
-        out = None
-        for j, p in enumerate(qz.parts):
-            pre = f"{name}.p{j}"
-            ins = [
-                x,
-                g.init(pre + ".qweight", p.packed),
-                g.init(pre + ".scales", p.scales),
-                g.init(pre + ".zp", p.zero_points) if p.zero_points is not None else "",
-            ]
-            if bias is not None and j == 0:
-                ins += ["", g.init(name + ".bias", bias)]
-            y = g.op(
-                "MatMulNBits",
-                ins,
-                hint="mmnb",
-                domain=MS,
-                K=qz.k,
-                N=qz.n,
-                bits=p.bits,
-                block_size=BLOCK,
-                accuracy_level=acc,
-            )
-            out = y if out is None else g.op("Add", [out, y])
-        assert out is not None
-        if qz.block is not None:
-            out = g.op(
-                "Gemm",
-                [
-                    self.block_sums(x, qz.k),
-                    g.init(name + ".block_min", np.ascontiguousarray(qz.block.T)),
-                    out,
-                ],
-                hint="q4_1",
-            )
-        return out
+    def block_sums(self, x: str, k: int, block: int) -> str:
+        """(M, K) -> (M, K/block), once per input and block size."""
+        key = (x, block)
+        if key not in self._sums:
+            g = self.g
+            blocks = g.op("Reshape", [x, g.const([-1, k // block, block])])
+            self._sums[key] = g.op("ReduceSum", [blocks, g.const([-1])], keepdims=0)
+        return self._sums[key]
+
+    def tiled(self, x: str, times: int) -> str:
+        """[x, x, ...] along K, for matrices stored as several parts."""
+        if times == 1:
+            return x
+        if (x, times) not in self._tiled:
+            self._tiled[(x, times)] = self.g.op("Concat", [x] * times, axis=-1)
+        return self._tiled[(x, times)]
+
+    def __call__(self, x: str, names: list[str], out: str, bias: np.ndarray | None = None) -> str:
+        mats = [(n, self.matrix(n)) for n in names]
+        ys: list[str] = []
+        row = 0
+        for _, run_iter in itertools.groupby(mats, key=lambda m: m[1] and m[1].layout):
+            run = list(run_iter)
+            qs = [q for _, q in run if q is not None]
+            label = f"{out}.{len(ys)}" if len(mats) > 1 else out
+            if len(qs) == len(run):
+                rows = sum(q.n for q in qs)
+                y = self._nbits(x, qs, label, _rows(bias, row, rows))
+            else:
+                w = np.concatenate([self.w.get(n) for n, _ in run])  # (rows, K) fp32
+                rows = w.shape[0]
+                y = self.g.op("MatMul", [x, self.g.init(label, np.ascontiguousarray(w.T))])
+                if (b := _rows(bias, row, rows)) is not None:
+                    y = self.g.op("Add", [y, self.g.init(label + ".bias", b)])
+            ys.append(y)
+            row += rows
+        return ys[0] if len(ys) == 1 else self.g.op("Concat", ys, axis=-1)
+
+    def _nbits(self, x: str, qs: list[QMatrix], name: str, bias: np.ndarray | None) -> str:
+        g, first = self.g, qs[0]
+        n_parts, bits, block = len(first.parts), first.parts[0].bits, first.parts[0].block
+        k = first.k
+        packed = np.concatenate([np.concatenate([p.packed for p in q.parts], 1) for q in qs])
+        scales = np.concatenate([np.concatenate([p.scales for p in q.parts], 1) for q in qs])
+        ins = [self.tiled(x, n_parts), g.init(name + ".qweight", packed)]
+        ins.append(g.init(name + ".scales", scales))
+        if all(p.default_zero for q in qs for p in q.parts):
+            ins.append("")
+        else:
+            nb = k // block
+            zp = np.concatenate(
+                [np.repeat([[p.zero for p in q.parts]], q.n, 0).repeat(nb, 1) for q in qs]
+            )  # (N, parts * nb)
+            ins.append(zero_points(g, name, zp, bits))
+        if bias is not None:
+            ins += ["", g.init(name + ".bias", bias)]
+        y = g.op(
+            "MatMulNBits",
+            ins,
+            hint="mmnb",
+            domain=MS,
+            K=k * n_parts,
+            N=packed.shape[0],
+            bits=bits,
+            block_size=block,
+            accuracy_level=_ACCURACY[self.precision],
+        )
+        if first.offsets is None:
+            return y
+        offsets = np.concatenate([q.offsets for q in qs if q.offsets is not None])  # (N, K/b)
+        sums = self.block_sums(x, k, first.offset_block)  # (M, K/b)
+        return g.op(
+            "Gemm",
+            [sums, g.init(name + ".block_min", np.ascontiguousarray(offsets.T)), y],
+            hint="block_min",
+        )
+
+
+def zero_points(g: GraphBuilder, name: str, zp: np.ndarray, bits: int) -> str:
+    """MatMulNBits' zero_points input from (N, blocks) values: 4-bit ones two per byte."""
+    zp = zp.astype(np.uint8)
+    if bits == 4:
+        zp = pack4(np.pad(zp, ((0, 0), (0, zp.shape[1] % 2))))
+    return g.init(name + ".zero_points", zp)
+
+
+def _rows(bias: np.ndarray | None, start: int, n: int) -> np.ndarray | None:
+    return None if bias is None else bias[start : start + n]
+
+
+def codes_f32(g: GraphBuilder, packed: str, bits: int, block: int) -> str:
+    """Gathered MatMulNBits codes (..., nb, block*bits/8) uint8 -> (..., nb, block) f32."""
+    if bits == 8:
+        return g.op("Cast", [packed], to=F32)
+    lo = g.op("BitwiseAnd", [packed, g.const(15, np.uint8)])
+    hi = g.op("BitShift", [packed, g.const(4, np.uint8)], direction="RIGHT")
+    pairs = g.op(
+        "Concat",
+        [g.op("Unsqueeze", [lo, g.const([-1])]), g.op("Unsqueeze", [hi, g.const([-1])])],
+        axis=-1,
+    )  # (..., nb, block/2, 2): element 2i in the low nibble of byte i
+    shape = g.op(
+        "Concat",
+        [g.op("Slice", [g.op("Shape", [pairs]), g.const([0]), g.const([-2])]), g.const([block])],
+        axis=0,
+    )
+    return g.op("Cast", [g.op("Reshape", [pairs, shape])], to=F32)
+
+
+Table = tuple[list[tuple[str, str]], str | None]
+"""A `QMatrix` registered as initializers: (codes, scales) per part, block minimums."""
+
+
+def table(g: GraphBuilder, qm: QMatrix, name: str) -> Table:
+    """Register a table that rows are gathered from (embedding, screened head) as mapped
+    data (`onnx_export.shared_data`): only the rows looked up become resident (Qwen2.5
+    0.5B's 153 MB embedding: 29 MB after load instead of 176), pages the kernel may drop
+    again, and the same table in two variants is one file. The screened head's codes are
+    also prepacked by MatMulNBits (private memory); inline they were held twice (318 MB
+    resident for 153), mapped the second copy is reclaimable page cache."""
+    name = MAPPED + name
+    parts = [
+        (g.init(f"{name}.p{j}.q", p.packed), g.init(f"{name}.p{j}.scales", p.scales))
+        for j, p in enumerate(qm.parts)
+    ]
+    return parts, (None if qm.offsets is None else g.init(name + ".block_min", qm.offsets))
+
+
+def gather_rows(g: GraphBuilder, qm: QMatrix, ids: str, inits: Table) -> str:
+    """Rows `ids` (any shape S) of a `QMatrix`, dequantized in the graph -> (*S, nb, block)
+    f32: the table stays quantized, only the rows looked up are expanded."""
+    out: str | None = None
+    for p, (q_name, s_name) in zip(qm.parts, inits[0], strict=True):
+        rows = g.op("Gather", [q_name, ids], axis=0)
+        q = g.op("Sub", [codes_f32(g, rows, p.bits, p.block), g.const(float(p.zero), np.float32)])
+        s = g.op("Gather", [s_name, ids], axis=0)
+        term = g.op("Mul", [q, g.op("Unsqueeze", [s, g.const([-1])])])
+        out = term if out is None else g.op("Add", [out, term])
+    assert out is not None
+    if inits[1] is not None:
+        o = g.op("Gather", [inits[1], ids], axis=0)
+        out = g.op("Add", [out, g.op("Unsqueeze", [o, g.const([-1])])])
+    return out
 
 
 def rope_cache(cfg: ModelConfig, sliding: bool = False) -> tuple[np.ndarray, np.ndarray]:
     """cos/sin `(max_position, rot_dim/2)` as transformers computes them (fp32 angles), for
     full-attention layers or, where their RoPE differs (Gemma 3), sliding-window ones."""
     return rope.cos_sin(cfg, sliding)
-
-
-def _dense(w: ModelWeights, names: list[str]) -> Callable[[], np.ndarray]:
-    """fp32 rows of `names` stacked, read only if no exact quantized form exists."""
-    return lambda: np.concatenate([w.get(n) for n in names])
 
 
 def _skip_norm(g: GraphBuilder, x: str, skip: str, gamma: str, eps: float) -> tuple[str, str]:
@@ -278,8 +272,16 @@ def _norm(g: GraphBuilder, x: str, gamma: str, eps: float) -> str:
     )
 
 
-def _finish(g: GraphBuilder) -> SegmentModel:
-    return g.segment((MS, 1))
+def _finish(g: GraphBuilder, *linears: Linear) -> SegmentModel:
+    """The segment, with what its weights became in `metadata_props` (`WEIGHTS_KEY`, JSON)."""
+    seg = g.segment((MS, 1))
+    forms = {t: f for lin in linears for t, f in lin.forms.items()}
+    fallbacks = {t: f for lin in linears for t, f in lin.fallbacks.items()}
+    if forms or fallbacks:
+        entry = seg.proto.metadata_props.add()
+        entry.key = WEIGHTS_KEY
+        entry.value = json.dumps({"forms": forms, "fallbacks": fallbacks}, sort_keys=True)
+    return seg
 
 
 def check_config(cfg: ModelConfig) -> str | None:
@@ -314,7 +316,7 @@ def layers_model(
     """
     _check(precision)
     g = GraphBuilder(f"contrib_{precision}_layers_{start}_{end}")
-    lin = Linear(g, precision)
+    lin = Linear(g, precision, w)
     nh, nkv, d, eps = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rms_norm_eps
     kv_shape: list[int | str] = ["batch", nkv, "capacity", d]
     x_in = g.add_input("hidden", F32, ["batch", "tokens", cfg.hidden_size])
@@ -331,12 +333,9 @@ def layers_model(
         local = cfg.is_sliding(layer) and cfg.rope_local_theta is not None
         if local not in tables:
             cos, sin = rope_cache(cfg, local)
-            tag = "rope.local" if local else "rope"
+            tag = SHARED + ("rope.local" if local else "rope")
             tables[local] = (g.init(tag + ".cos", cos), g.init(tag + ".sin", sin))
         return tables[local]
-
-    def raw(n: str) -> RawTensor | None:
-        return stored(w, n)
 
     def head_norm(t: str, n_heads: int, weight: str) -> str:  # (M, n d) -> (M, n d)
         per_head = g.op("Reshape", [t, g.const([-1, n_heads, d])])
@@ -357,13 +356,7 @@ def layers_model(
             h, x = _skip_norm(g, delta, x, ln1, eps)
         names = [f"{p}self_attn.{n}_proj" for n in "qkv"]
         bias = np.concatenate([w.get(n + ".bias") for n in names]) if cfg.attention_bias else None
-        qkv = lin(
-            h,
-            [raw(n + ".weight") for n in names],
-            p + "qkv_proj",
-            _dense(w, [n + ".weight" for n in names]),
-            bias,
-        )  # (M, (nh + 2 nkv) d)
+        qkv = lin(h, [n + ".weight" for n in names], p + "qkv_proj", bias)  # (M, (nh + 2 nkv) d)
         if cfg.qk_norm:
             q, k, v = g.fresh("q"), g.fresh("k"), g.fresh("v")
             g.nodes.append(
@@ -403,7 +396,7 @@ def layers_model(
         out_kv.append((i, pres_k, pres_v))
         o_name = p + "self_attn.o_proj.weight"
         attn2 = g.op("Reshape", [attn, g.const([-1, nh * d])])  # (M, nh d)
-        o = lin(attn2, [raw(o_name)], p + "o_proj", _dense(w, [o_name]))
+        o = lin(attn2, [o_name], p + "o_proj")
         if cfg.sandwich_norm:
             o = _norm(g, o, gamma("post_attention_layernorm.weight"), eps)
             ln2 = gamma("pre_feedforward_layernorm.weight")
@@ -411,9 +404,7 @@ def layers_model(
             ln2 = gamma("post_attention_layernorm.weight")
         h2, x = _skip_norm(g, o, x, ln2, eps)
         gu_names = [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
-        gu = lin(
-            h2, [raw(n) for n in gu_names], p + "gate_up_proj", _dense(w, gu_names)
-        )  # (M, 2 I)
+        gu = lin(h2, gu_names, p + "gate_up_proj")  # (M, 2 I)
         gate, up = g.fresh("gate"), g.fresh("up")
         g.nodes.append(
             helper.make_node(
@@ -425,7 +416,7 @@ def layers_model(
         else:
             act = g.op("Mul", [g.op("QuickGelu", [gate], domain=MS, alpha=1.0), up])  # SiLU * up
         d_name = p + "mlp.down_proj.weight"
-        delta = lin(act, [raw(d_name)], p + "down_proj", _dense(w, [d_name]))
+        delta = lin(act, [d_name], p + "down_proj")
         if cfg.sandwich_norm:
             delta = _norm(g, delta, gamma("post_feedforward_layernorm.weight"), eps)
     assert delta is not None
@@ -438,7 +429,7 @@ def layers_model(
     for i, k, v in out_kv:
         g.add_output(f"present_key_{i}", k, F32, kv_shape)
         g.add_output(f"present_value_{i}", v, F32, kv_shape)
-    return _finish(g)
+    return _finish(g, lin)
 
 
 def stored(w: ModelWeights, name: str) -> RawTensor | None:
@@ -450,26 +441,17 @@ def stored(w: ModelWeights, name: str) -> RawTensor | None:
 
 
 def embed_model(cfg: ModelConfig, w: ModelWeights, precision: str = "exact") -> SegmentModel:
-    """input_ids (B,T) i64 -> hidden (B,T,H); a Q8_0 table stays int8 with its block scales."""
+    """input_ids (B,T) i64 -> hidden (B,T,H). A quantized table stays quantized in its most
+    compact exact form (8-bit codes allowed: a lookup needs no fast kernel) and only the
+    rows looked up are dequantized."""
     _check(precision)
     g = GraphBuilder(f"contrib_{precision}_embed")
     ids = g.add_input("input_ids", I64, ["batch", "tokens"])
     name = "model.embed_tokens.weight"
-    raw = stored(w, name)
-    if raw is not None and raw.qtype == "Q8_0":
-        b = _blocks(raw, 34)
-        q = np.ascontiguousarray(b[..., 2:]).view(np.int8).reshape(raw.shape)  # (V, H)
-        d = _f16(b[..., 0:2])  # (V, H/32)
-        rows = g.op(
-            "Cast", [g.op("Gather", [g.init(name + ".q8", q), ids], axis=0)], to=F32
-        )  # (B, T, H)
-        scales = g.op("Gather", [g.init(name + ".scales", d), ids], axis=0)  # (B, T, H/32)
-        shape = g.op(
-            "Concat", [g.op("Shape", [ids]), g.const([cfg.hidden_size // BLOCK, BLOCK])], axis=0
-        )
-        blocks = g.op(
-            "Mul", [g.op("Reshape", [rows, shape]), g.op("Unsqueeze", [scales, g.const([-1])])]
-        )
+    lin = Linear(g, precision, w, max_bits=8)
+    qm = lin.matrix(name)
+    if qm is not None:
+        blocks = gather_rows(g, qm, ids, table(g, qm, name))  # (B, T, nb, block)
         hidden = g.op(
             "Reshape",
             [blocks, g.op("Concat", [g.op("Shape", [ids]), g.const([cfg.hidden_size])], axis=0)],
@@ -479,7 +461,7 @@ def embed_model(cfg: ModelConfig, w: ModelWeights, precision: str = "exact") -> 
     if cfg.embed_scale is not None:
         hidden = g.op("Mul", [hidden, g.const(cfg.embed_scale, np.float32)])
     g.add_output("hidden", hidden, F32, ["batch", "tokens", cfg.hidden_size])
-    return _finish(g)
+    return _finish(g, lin)
 
 
 def head_model(
@@ -487,9 +469,10 @@ def head_model(
 ) -> SegmentModel:
     """hidden (B,T,H) -> logits (B,T,V), logit_bound (B,T): final RMSNorm and the lm_head.
 
-    A Q8_0 head (the tied embedding) is screened (`_screened_head`): greedy tokens are those
-    of the exact fp32 product in both precisions, in 0.6-0.7x the exact head's time. Other
-    heads, or `screened=False` (`alternative_heads`), are one `Linear`, their bound 0: not
+    A head with a one-part form without block minimum (Q8_0, Q6_K, Q5_0, Q4_0, ... in
+    8-bit or 4-bit codes) is screened (`_screened_head`): greedy tokens are those of the
+    exact fp32 product in both precisions, in 0.6-0.7x the exact head's time. Other heads,
+    or `screened=False` (`alternative_heads`), are one `Linear`, their bound 0: not
     screened, logits as the precision computes them.
     """
     _check(precision)
@@ -498,12 +481,14 @@ def head_model(
     x = g.op("Reshape", [x_in, g.const([-1, cfg.hidden_size])])  # (B T, H)
     h = _norm(g, x, g.init("model.norm.weight", w.get("model.norm.weight")), cfg.rms_norm_eps)
     name = _head_name(cfg)
-    raw = stored(w, name)
-    if screened and _screenable(raw):
-        assert raw is not None
-        logits, bound = _screened_head(g, h, raw)
+    screen = Linear(g, precision, w, max_bits=8)
+    qm = screen.matrix(name) if screened else None
+    if qm is not None and _screenable(qm):
+        logits, bound = _screened_head(g, h, qm)
+        lin = screen
     else:
-        logits = Linear(g, precision)(h, [raw], "lm_head", _dense(w, [name]))
+        lin = Linear(g, precision, w)
+        logits = lin(h, [name], "lm_head")
         rows = g.op("Slice", [g.op("Shape", [h]), g.const([0]), g.const([1])])
         bound = g.op("ConstantOfShape", [rows], value=helper.make_tensor("zero", F32, [1], [0]))
     if cfg.final_softcap is not None:
@@ -517,15 +502,23 @@ def head_model(
         ["batch", "tokens", cfg.vocab_size],
     )
     g.add_output("logit_bound", g.op("Reshape", [bound, bt]), F32, ["batch", "tokens"])
-    return _finish(g)
+    return _finish(g, lin)
 
 
 def _head_name(cfg: ModelConfig) -> str:
     return "model.embed_tokens.weight" if cfg.tie_word_embeddings else "lm_head.weight"
 
 
-def _screenable(raw: RawTensor | None) -> bool:
-    return raw is not None and raw.qtype == "Q8_0"
+def _screenable(qm: QMatrix) -> bool:
+    """One part, no block minimum: the screen's codes serve the exact rescoring as well."""
+    return len(qm.parts) == 1 and qm.offsets is None
+
+
+def _screenable_type(raw: RawTensor | None) -> bool:
+    """Whether `head_model` may screen this tensor (no block minimum: one part)."""
+    if raw is None or raw.qtype in ("F32", "F16", "BF16"):
+        return False
+    return raw.qtype not in quant.LAYOUTS or not quant.LAYOUTS[raw.qtype].has_offsets
 
 
 def alternative_heads(
@@ -538,7 +531,7 @@ def alternative_heads(
     ~25x slower than the 4-bit pair, so `VariantHead` times both and keeps the unscreened
     one where the screen is that slow.
     """
-    if not _screenable(stored(w, _head_name(cfg))):
+    if not _screenable_type(stored(w, _head_name(cfg))):
         return {}
     return {"head_unscreened": lambda: head_model(cfg, w, precision, screened=False)}
 
@@ -547,18 +540,19 @@ RESCORE_CAP = 1024
 """Most tokens of one row rescored (about 9 KB of working memory each)."""
 
 
-def _screened_head(g: GraphBuilder, h: str, raw: RawTensor) -> tuple[str, str]:
-    """Logits of a Q8_0 head, (M, V), exact near the top, and their bound eps, (M,).
+def _screened_head(g: GraphBuilder, h: str, qm: QMatrix) -> tuple[str, str]:
+    """Logits of a one-part head (`_screenable`), (M, V), exact near the top, and their
+    bound eps, (M,).
 
-    1. Screen: one 8-bit MatMulNBits with int8 activations (`accuracy_level=4`, about 0.5x
-       the exact 4-bit pair's time; 0.6-0.7x with the rescoring). The weights are exact;
-       the only error is the activations' per-32-block int8 rounding, at most amax_b/254
-       per element, so every logit is within
+    1. Screen: one MatMulNBits (8-bit codes, 4-bit where 16 values suffice) with int8
+       activations (`accuracy_level=4`, about 0.5x the exact 4-bit pair's time; 0.6-0.7x
+       with the rescoring). The weights are exact; the only error is the activations'
+       per-block int8 rounding, at most amax_b/254 per element, so every logit is within
        eps = sum_b amax_b/254 * max_n |W[n, block b]|_1 (+ slack) of exact.
     2. Rescore: the band, every token whose screened logit is within 2 eps of the row's
-       best, gets its exact fp32 dot product (Gather of its int8 row; measured at decode:
-       median 26 tokens of 49152, at most 927). Any token outside the band has an exact
-       logit below best - eps, under the exact logit of the screened best: the argmax
+       best, gets its exact fp32 dot product (Gather of its row of codes; measured at
+       decode: median 26 tokens of 49152, at most 927). Any token outside the band has an
+       exact logit below best - eps, under the exact logit of the screened best: the argmax
        (greedy token) is the exact one, certified per row.
     Tokens outside the band keep screened logits (within eps); `logit_bound` reports eps,
     so callers and tests can tell which logits are exact. A row whose band holds more than
@@ -568,38 +562,38 @@ def _screened_head(g: GraphBuilder, h: str, raw: RawTensor) -> tuple[str, str]:
     tokens per row.
 
     "Certified" rests on how onnxruntime quantizes activations for this kernel: per block
-    of 32, scale amax/127, round to nearest (MLAS `QuantizeARow_CompInt8` on x86, the 8-bit
-    dotprod kernels on ARM), with x1.01 and +0.01 for fp32 sums. `tests/fast/test_head.py`
-    checks the bound against the exact product on this machine's kernels.
+    of the weights' block size (16 or 32), scale amax/127, round to nearest (MLAS
+    `QuantizeARow_CompInt8` on x86, the 8-bit dotprod kernels on ARM), with x1.01 and +0.01
+    for fp32 sums. `tests/fast/test_head.py` checks the bound against the exact product on
+    this machine's kernels.
     """
-    qz = quantize_raw(raw, bits8=True)
-    assert qz is not None
-    p = qz.parts[0]
-    n, k, nb = qz.n, qz.k, qz.k // BLOCK
-    wq = g.init("lm_head.q8", p.packed)  # (V, nb, 32) uint8 = q + 128, for both steps
-    sc = g.init("lm_head.scales", p.scales)  # (V, nb) f32
+    p = qm.parts[0]
+    n, k, block = qm.n, qm.k, p.block
+    nb = k // block
+    inits = table(g, qm, "lm_head")  # codes and scales, for both steps
+    wq, sc = inits[0][0]
     screened = g.op(
         "MatMulNBits",
-        [h, wq, sc],
+        [h, wq, sc]
+        + ([] if p.default_zero else [zero_points(g, "lm_head", np.full((n, nb), p.zero), p.bits)]),
         hint="screen",
         domain=MS,
         K=k,
         N=n,
-        bits=8,
-        block_size=BLOCK,
+        bits=p.bits,
+        block_size=block,
         accuracy_level=4,
     )  # (M, V)
-    l1 = np.concatenate(
-        [
-            np.abs(p.packed[a : a + 4096].astype(np.float64) - 128).sum(-1)
-            * p.scales[a : a + 4096].astype(np.float64)
-            for a in range(0, n, 4096)  # in row blocks: float64 of a whole head is GBs
-        ]
-    )  # (V, nb): |W[n, block]|_1
+    l1 = np.zeros((n, nb))  # |W[n, block]|_1, by row chunks (a 151936-row head is large)
+    for a in range(0, n, quant.ROWS_PER_CHUNK):
+        chunk = slice(a, min(n, a + quant.ROWS_PER_CHUNK))
+        codes = quant.Part(p.bits, block, p.packed[chunk], p.scales[chunk], p.zero).codes()
+        q = np.abs(codes.reshape(-1, nb, block).astype(np.float64) - p.zero).sum(-1)
+        l1[chunk] = q * p.scales[chunk].astype(np.float64)
     per_amax = (l1.max(0) / 254.0 * 1.01).astype(np.float32)[:, None]  # (nb, 1)
     amax = g.op(
         "ReduceMax",
-        [g.op("Abs", [g.op("Reshape", [h, g.const([-1, nb, BLOCK])])]), g.const([-1])],
+        [g.op("Abs", [g.op("Reshape", [h, g.const([-1, nb, block])])]), g.const([-1])],
         keepdims=0,
     )  # (M, nb)
     eps = g.op(
@@ -621,20 +615,8 @@ def _screened_head(g: GraphBuilder, h: str, raw: RawTensor) -> tuple[str, str]:
     )  # (c, 2): (row, token) pairs to rescore
     rows = g.op("Squeeze", [g.op("Gather", [idx, g.const([0])], axis=1), g.const([1])])  # (c,)
     toks = g.op("Squeeze", [g.op("Gather", [idx, g.const([1])], axis=1), g.const([1])])
-    wr = g.op(
-        "Mul",
-        [
-            g.op(
-                "Sub",
-                [
-                    g.op("Cast", [g.op("Gather", [wq, toks], axis=0)], to=F32),
-                    g.const(128.0, np.float32),
-                ],
-            ),
-            g.op("Unsqueeze", [g.op("Gather", [sc, toks], axis=0), g.const([-1])]),
-        ],
-    )
-    xr = g.op("Reshape", [g.op("Gather", [h, rows], axis=0), g.const([-1, nb, BLOCK])])
+    wr = gather_rows(g, qm, toks, inits)  # (c, nb, block)
+    xr = g.op("Reshape", [g.op("Gather", [h, rows], axis=0), g.const([-1, nb, block])])
     exact = g.op("ReduceSum", [g.op("Mul", [wr, xr]), g.const([-1, -2])], keepdims=0)  # (c,)
     logits = g.op("ScatterND", [screened, idx, exact])
     bound = g.op("Where", [certified, eps, g.const(np.inf, np.float32)])

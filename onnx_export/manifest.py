@@ -31,9 +31,19 @@ class TensorSpec:
         return {"name": self.name, "dtype": self.dtype, "shape": list(self.shape)}
 
 
+VARIANT_PREFERENCE = (("contrib", "exact"), ("standard", "fp32"), ("contrib", "int8"))
+"""(graph, precision) in the order runtimes prefer them: exact contrib (fast, same tokens),
+the portable graph, int8 (fastest, tokens drift) only when it is all there is or asked for."""
+
+
 @dataclass(frozen=True)
 class Segment:
-    """One ONNX file: kind 'embed', 'layers' (layer range [start, end)) or 'head'."""
+    """One ONNX file: kind 'embed', 'layers' (layer range [start, end)) or 'head'.
+
+    `data`: shared files it maps (`onnx_export.shared_data`); `param_bytes`: bytes of the
+    weights it holds itself (what a device pays to load it); `weights`: how its GGUF types
+    are stored and which tensors fell back to fp32, and why.
+    """
 
     name: str
     kind: str
@@ -46,6 +56,9 @@ class Segment:
     precision: str
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
+    data: list[str] = field(default_factory=list)
+    param_bytes: int | None = None
+    weights: dict[str, Any] | None = None
 
     @property
     def layers(self) -> range:
@@ -69,6 +82,12 @@ class Segment:
             inputs=[t.to_dict() for t in self.inputs],
             outputs=[t.to_dict() for t in self.outputs],
         )
+        if self.data:
+            d["data"] = list(self.data)
+        if self.param_bytes is not None:
+            d["param_bytes"] = self.param_bytes
+        if self.weights:
+            d["weights"] = self.weights
         return d
 
     @classmethod
@@ -86,6 +105,9 @@ class Segment:
             precision=d.get("precision", "fp32"),
             inputs=[TensorSpec(**t) for t in d["inputs"]],
             outputs=[TensorSpec(**t) for t in d["outputs"]],
+            data=list(d.get("data", [])),
+            param_bytes=d.get("param_bytes"),
+            weights=d.get("weights"),
         )
 
 
@@ -99,6 +121,9 @@ class Manifest:
     segments: list[Segment] = field(default_factory=list)
     tokenizer: dict[str, str] = field(default_factory=dict)
     directory: Path = Path(".")
+    data_files: dict[str, str] = field(default_factory=dict)
+    """Shared data files (`Segment.data`) by name: their sha256."""
+    _verified: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -109,6 +134,7 @@ class Manifest:
             "config": self.config,
             "cost": self.cost,
             "tokenizer": self.tokenizer,
+            "data_files": dict(self.data_files),
             "segments": [s.to_dict() for s in self.segments],
         }
 
@@ -143,6 +169,7 @@ class Manifest:
                 tokenizer=d.get("tokenizer", {}),
                 segments=[Segment.from_dict(s) for s in d["segments"]],
                 directory=directory,
+                data_files=dict(d.get("data_files") or {}),
             )
         except (KeyError, TypeError) as exc:
             raise ExportError(f"{path}: malformed manifest ({type(exc).__name__}: {exc})") from exc
@@ -207,7 +234,8 @@ class Manifest:
         return self.directory / seg.file
 
     def verify(self, seg: Segment) -> Path:
-        """The segment's path after checking size and sha256; ExportError names the file."""
+        """The segment's path after checking size and sha256 (and those of the shared data
+        files it maps, each once per manifest); ExportError names the file."""
         p = self.path(seg)
         if not p.is_file():
             raise ExportError(f"{p}: segment file missing")
@@ -229,6 +257,39 @@ class Manifest:
                 f"{p}: sha256 mismatch (corrupted segment): "
                 f"{got[:12]}... != manifest's {seg.sha256[:12]}..."
             )
+        self._verify_data(seg)
+
+    def _verify_data(self, seg: Segment) -> None:
+        """Check the shared data files `seg` maps (present, sha256), each once per
+        manifest: the mapped tables are weights too."""
+        for name in seg.data:
+            if name in self._verified:
+                continue
+            want = self.data_files.get(name)
+            if want is None:
+                raise ExportError(
+                    f"{self.directory / MANIFEST}: {seg.name} maps {name}, not listed"
+                )
+            f = self.directory / name
+            if not f.is_file():
+                raise ExportError(f"{f}: shared data file missing")
+            _check_digest(f, want, "shared data")
+            self._verified.add(name)
+
+    def variant_of_cost(self) -> tuple[str, str] | None:
+        """The variant whose weight bytes `cost` holds: the first complete one runtimes
+        prefer (`VARIANT_PREFERENCE`)."""
+        have = set(self.variants())
+        return next((v for v in VARIANT_PREFERENCE if v in have), None)
+
+
+def _check_digest(path: Path, want: str, what: str) -> None:
+    digest = sha256_path(path)
+    if digest != want:
+        raise ExportError(
+            f"{path}: sha256 mismatch (corrupted {what}): "
+            f"{digest[:12]}... != manifest's {want[:12]}..."
+        )
 
 
 def sha256_path(path: Path) -> str:

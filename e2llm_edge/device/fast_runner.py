@@ -30,7 +30,7 @@ from e2llm_edge.device.runner import (
     open_segments,
 )
 from onnx_export.errors import ExportError
-from onnx_export.manifest import Manifest, Segment
+from onnx_export.manifest import VARIANT_PREFERENCE, Manifest, Segment
 
 log = logging.getLogger(__name__)
 _serials = itertools.count()
@@ -438,7 +438,7 @@ def _best_of(session: Any, hidden: np.ndarray, runs: int = 3) -> float:
     return best
 
 
-PREFERENCE = (("contrib", "exact"), ("standard", "fp32"), ("contrib", "int8"))
+PREFERENCE = VARIANT_PREFERENCE
 
 
 def choose_variant(manifest: Manifest) -> tuple[str, str]:

@@ -21,6 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from e2llm_edge.device.ranges import compose
+from e2llm_edge.sysinfo import release_freed_memory
 from onnx_export.errors import ExportError
 from onnx_export.manifest import Manifest, Segment
 
@@ -93,10 +94,12 @@ def make_session(
         )
     try:
         src = path if isinstance(path, bytes) else str(path)
-        return ort.InferenceSession(src, sess_options=so, providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(src, sess_options=so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
         where = name or ("<model bytes>" if isinstance(path, bytes) else path)
         raise ExportError(f"{where}: onnxruntime cannot load it ({exc})") from exc
+    release_freed_memory()
+    return session
 
 
 def open_segments(

@@ -20,6 +20,7 @@ import dataclasses
 import logging
 import time
 import uuid
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -124,13 +125,37 @@ class OrchestratorConfig:
         )
 
 
-def planning_model(manifest: Manifest) -> ModelSpec:
-    """What the planner is told about the model (the simulator of a run is told the same)."""
+def planning_model(manifest: Manifest, variant: str | None = None) -> ModelSpec:
+    """What the planner is told about the model (the simulator of a run is told the same):
+    the weight bytes of `variant` ("graph/precision") when the manifest measured it, else
+    of the variant runtimes prefer."""
     # Our embed and head segments each carry their own copy of a tied weight, so a
     # device holding both pays for both: tell the planner the truth about the files.
     md = manifest.to_dict()
     md["config"] = {**md["config"], "tie_word_embeddings": False}
+    measured = (md.get("cost") or {}).get("variants") or {}
+    if variant is not None and variant in measured:
+        md["cost"] = {**md["cost"], **measured[variant], "variant": variant}
     return ModelSpec.from_manifest(md)
+
+
+def running_variant(
+    profiles: Iterable[m.DeviceProfileMsg | None], manifest: Manifest
+) -> str | None:
+    """The variant the devices run (from their announced capabilities); when they differ,
+    the one whose weights take the most bytes, so that every device's stage fits."""
+    measured = (manifest.cost or {}).get("variants") or {}
+    running = {
+        f"{p.capabilities.running[0]}/{p.capabilities.running[1]}"
+        for p in profiles
+        if p is not None and p.capabilities is not None
+    } & set(measured)
+
+    def size(v: str) -> float:
+        c = measured[v]
+        return float(sum(c["layer_param_bytes"]) + c["embed_param_bytes"] + c["head_param_bytes"])
+
+    return max(running, key=size, default=None)
 
 
 class Superseded(E2LLMError):
@@ -437,12 +462,20 @@ class Orchestrator:
         """The GA runs in a thread; its answer comes back as an event. Owned by the serving
         TaskGroup; only one runs at a time (the core asks for one version at a time)."""
 
+        assert self.core is not None
+        entries = self.core.registry.devices
+        profiles = [
+            entries[d.id].profile if d.id in entries else None for d in cmd.inventory.devices
+        ]
+        variant = running_variant(profiles, self.manifest)
+        model = planning_model(self.manifest, variant) if variant else self.model
+
         async def run() -> None:
             try:
                 plan = await asyncio.to_thread(
                     make_plan,
                     cmd.inventory,
-                    self.model,
+                    model,
                     cmd.workload,
                     method=cmd.method,
                     seed=cmd.seed,

@@ -1,8 +1,9 @@
 """The distributed runtime end to end: a real Mosquitto, the orchestrator and four agents
-as separate processes, two replicas (PREFILL and DECODER). Answers must equal the local
-path (and transformers) token for token; the KV cache must really move. The model
-directory is read-only and holds per-layer segments only: every device composes the session
-of its layer range itself, and nobody writes a file there."""
+as separate processes, two replicas (PREFILL and DECODER, pinned: the planner's own role
+search prefers mixed replicas on this pool, and the KV handoff is what this module proves).
+Answers must equal the local path (and transformers) token for token; the KV cache must
+really move. The model directory is read-only and holds per-layer segments only: every
+device composes the session of its layer range itself, and nobody writes a file there."""
 
 from __future__ import annotations
 
@@ -51,12 +52,49 @@ def live(
             inv,
             broker_url=mosquitto.url,
             cluster="e2e",
+            orchestrator_args=["--plan", str(_pinned(tmp_path_factory))],
             agent_args=["--graph", "standard", "--precision", "fp32"],
         ) as c,
     ):
         c.readonly = (ro, snapshot(ro))  # type: ignore[attr-defined]
         c.plan = c.wait_serving(timeout=180)  # type: ignore[attr-defined]
         yield c
+
+
+def _stage(dev: str, a: int, b: int) -> dict[str, object]:
+    return {
+        "device_id": dev,
+        "layer_start": a,
+        "layer_end": b,
+        "embed": a == 0,
+        "head": b == 30,
+        "predicted_prefill_s": 0.1,
+        "predicted_decode_s": 0.01,
+    }
+
+
+def _pinned(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """PREFILL on the Pi and the Jetson, DECODER on the other Pi and the mini PC."""
+    plan = {
+        "version": 1,
+        "method": "pinned",
+        "n_layers": 30,
+        "predicted": {},
+        "replicas": [
+            {
+                "replica_id": i,
+                "role": role,
+                "concurrency": 1 if role == "prefill" else 4,
+                "stages": [_stage(a, 0, 14), _stage(b, 14, 30)],
+            }
+            for i, (role, a, b) in enumerate(
+                (("prefill", "pi-a", "jetson"), ("decoder", "pi-b", "minipc"))
+            )
+        ],
+    }
+    path = tmp_path_factory.mktemp("plan") / "plan.yaml"
+    path.write_text(yaml.safe_dump(plan))
+    return path
 
 
 def expected(case: dict[str, Any]) -> list[int]:
@@ -67,9 +105,19 @@ def expected(case: dict[str, Any]) -> list[int]:
 
 def test_plan_has_prefill_and_decoder_replicas(live: LocalCluster) -> None:
     plan: Plan = live.plan  # type: ignore[attr-defined]
-    roles = sorted(r.role for r in plan.replicas)
-    assert roles == ["decoder", "prefill"]
+    assert sorted(r.role for r in plan.replicas) == ["decoder", "prefill"], plan
     assert all(len(r.stages) >= 2 for r in plan.replicas)
+
+
+def test_no_bundled_device_holds_the_model_alone(default_model: Path) -> None:
+    """The planner, on the same pool and graph, must pipeline every replica."""
+    from e2llm_edge.fog.orchestrator import planning_model
+    from planner import Inventory, Workload, make_plan
+
+    model = planning_model(Manifest.load(default_model), "standard/fp32")
+    inv = Inventory.from_dict(yaml.safe_load(bundled_inventory().read_text()), source="bundled")
+    plan = make_plan(inv, model, Workload(256, 128, 0.5), method="e2llm", seed=0, version=1)
+    assert plan.replicas and all(len(r.stages) >= 2 for r in plan.replicas), plan
 
 
 async def test_greedy_output_equals_local_path(

@@ -67,6 +67,10 @@ COMMANDS: dict[str, str] = {
     "e2llm export model.gguf --out models/m": RUN,
     "e2llm export path/to/hf-dir --out models/m": RUN,
     "e2llm export --ranges 0-10,10-20,20-30": PARSE,
+    "e2llm export qwen2.5-coder-0.5b-instruct-q4_k_m.gguf --out models/qwen --graph contrib "
+    "--precision exact": RUN,
+    "e2llm generate 'def fibonacci(n):' --model models/qwen --raw --max-new-tokens 16": RUN,
+    ".venv/bin/python bench/real_models.py --models 0.5b --skip speed,batch": BENCH,
     "e2llm export --graph standard": RUN,
     "e2llm export --graph contrib --precision exact --ranges 0-30": PARSE,
     "e2llm export --graph contrib --precision int8 --ranges 0-30": PARSE,
@@ -105,6 +109,7 @@ COMMANDS: dict[str, str] = {
     "docker-compose run --rm monitor": COMPOSE,
     "docker-compose down": COMPOSE,
     ".venv/bin/python bench/local_decode.py": BENCH,
+    ".venv/bin/python bench/real_models.py": BENCH,
     ".venv/bin/python bench/fast_decode.py": BENCH,
     ".venv/bin/python bench/agreement.py": BENCH,
     ".venv/bin/python bench/op_profile.py": BENCH,
@@ -158,6 +163,8 @@ PLACEHOLDERS = {
     "devices.yaml": "your inventory: a copy of e2llm_edge/examples/demo-devices.yaml",
     "model.gguf": "any Llama-family GGUF: the tiny one of tests/tiny_model.py",
     "path/to/hf-dir": "a Hugging Face directory: the same tiny model in that form",
+    "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf": "a tiny qwen2 GGUF stored like llama.cpp's "
+    "Q4_K_M (tests/quant_model.py: Q4_K, Q6_K, Q5_0, Q8_0, mixed within q/k/v)",
     "./pi-a": "the device's copy of broker/secrets/identities/pi-a/",
     "~/.cache/e2llm": "HOME is a fresh directory whose .cache/e2llm is this run's cache",
     "fog:8883": "the fog node: 127.0.0.1 and the port the README's Mosquitto listens on",
@@ -169,6 +176,7 @@ EXPECT = {
     "e2llm export": r"\d+ segments, [\d.]+ MB",
     "e2llm export model.gguf --out models/m": r"models/m: 5 segments",
     "e2llm export path/to/hf-dir --out models/m": r"models/m: 5 segments",
+    "e2llm export qwen2.5-coder-0.5b-instruct-q4_k_m.gguf": r"models/qwen: \d+ segments",
     "e2llm generate 'Once upon a time' --raw --json": r'^\{"prompt_ids": \[.*"new_ids": \[',
     "e2llm broker init --devices devices.yaml": r"identities: device: pi-a, pi-b, jetson, minipc",
     "e2llm plan --inventory devices.yaml": r"(?m)^replicas:",
@@ -327,12 +335,20 @@ def test_compose_commands_are_accepted_by_docker_compose() -> None:
 def placeholders(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """What stands in for the names a reader supplies (``PLACEHOLDERS``), copied into
     each block's directory."""
-    import tiny_model  # tests/ is on sys.path (conftest.py)
+    import quant_model  # tests/ is on sys.path (conftest.py)
+    import tiny_model
 
     src = tmp_path_factory.mktemp("readme-placeholders")
     shutil.copy(bundled_inventory(), src / "devices.yaml")
     tiny_model.write_gguf(src / "model.gguf")
     tiny_model.write_hf_dir(src / "path" / "to" / "hf-dir", tmp_path_factory.mktemp("hf-work"))
+    quant_model.write_quant_gguf(
+        src / "qwen2.5-coder-0.5b-instruct-q4_k_m.gguf",
+        arch="qwen2",
+        embed_type="Q5_0",
+        head_type="Q8_0",
+        roles=quant_model.Q4_K_M,
+    )
     (src / "e2llm_edge").mkdir()
     (src / "e2llm_edge" / "examples").symlink_to(bundled_inventory().parent)
     return src

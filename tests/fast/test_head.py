@@ -1,7 +1,8 @@
-"""The screened Q8_0 head: int8 screening, exact rescoring near the top, certified argmax.
+"""The screened head: int8 screening, exact rescoring near the top, certified argmax.
 
-Random int8 rows with near-twins give near-ties, the hard case for screening: the screen
-alone picks a wrong token in some rows, the rescored head never does.
+Random rows with near-twins give near-ties, the hard case for screening: the screen alone
+picks a wrong token in some rows, the rescored head never does. Q8_0 (8-bit codes, blocks
+of 32) and Q6_K (8-bit codes, blocks of 16: activations quantized per 16) are both checked.
 """
 
 from __future__ import annotations
@@ -11,15 +12,17 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+from gguf import GGMLQuantizationType, quants
 
 from e2llm_edge.device.fast_runner import VariantHead, contrib_supported
 from e2llm_edge.device.runner import make_session
+from onnx_export import quant
 from onnx_export.fast_graph import MS, RESCORE_CAP, _finish, _screened_head
 from onnx_export.graph import GraphBuilder
 from onnx_export.manifest import Manifest
 from onnx_export.source import RawTensor
 
-V, K, M = 4096, 128, 48
+V, K, M = 4096, 128, 48  # Q6_K rows: 256 (one super-block)
 
 pytestmark = pytest.mark.skipif(
     not contrib_supported(), reason="this onnxruntime lacks the com.microsoft contrib operators"
@@ -41,24 +44,44 @@ def q8_head(rng: np.random.Generator) -> tuple[RawTensor, np.ndarray]:
     return RawTensor("Q8_0", np.ascontiguousarray(blocks.reshape(V, -1)), (V, K)), exact
 
 
+def q6k_head(rng: np.random.Generator) -> tuple[RawTensor, np.ndarray]:
+    """Random Q6_K rows (random bytes, realistic scale d), the second half near-twins of the
+    first (a few low bits of their codes flipped), and their exact values."""
+    blocks = rng.integers(0, 256, (V, 1, 210), dtype=np.uint8)
+    blocks[..., 192:208] = rng.integers(1, 40, (V, 1, 16), dtype=np.uint8)  # scales
+    d = rng.uniform(1e-4, 1e-3, (V, 1)).astype(np.float16)
+    blocks[..., 208:210] = d[..., None].view(np.uint8)
+    flip = (rng.random((V // 2, 1, 128)) < 0.03).astype(np.uint8)
+    blocks[V // 2 :] = blocks[: V // 2]
+    blocks[V // 2 :, :, :128] ^= flip
+    raw = RawTensor("Q6_K", np.ascontiguousarray(blocks.reshape(V, -1)), (V, 256))
+    exact = quants.dequantize(raw.data, GGMLQuantizationType.Q6_K).astype(np.float64)
+    return raw, exact.reshape(V, 256)
+
+
+HEADS = {"Q8_0": q8_head, "Q6_K": q6k_head}
+
+
 def session(tmp_path: Path, raw: RawTensor, screen_only: bool) -> object:
     g = GraphBuilder("head_test")
-    h = g.add_input("h", onnx.TensorProto.FLOAT, ["rows", K])
-    logits, bound = _screened_head(g, h, raw)
+    k = raw.shape[1]
+    h = g.add_input("h", onnx.TensorProto.FLOAT, ["rows", k])
+    logits, bound = _screened_head(g, h, quant.to_nbits(raw.qtype, raw.data, k, 8))
     if screen_only:  # the screen's own output, for contrast
         logits = next(n.output[0] for n in g.nodes if n.op_type == "MatMulNBits")
     g.add_output("logits", logits, onnx.TensorProto.FLOAT, ["rows", V])
     g.add_output("bound", bound, onnx.TensorProto.FLOAT, ["rows"])
-    path = tmp_path / f"head_{screen_only}.onnx"
+    path = tmp_path / f"head_{raw.qtype}_{screen_only}.onnx"
     _finish(g).save(path)
     assert any(n.domain == MS for n in onnx.load(path).graph.node)
     return make_session(path, 1)
 
 
-def test_screened_head_argmax_is_the_exact_one(tmp_path: Path) -> None:
+@pytest.mark.parametrize("qtype", list(HEADS))
+def test_screened_head_argmax_is_the_exact_one(tmp_path: Path, qtype: str) -> None:
     rng = np.random.default_rng(7)
-    raw, w = q8_head(rng)
-    x = rng.standard_normal((M, K)).astype(np.float32)
+    raw, w = HEADS[qtype](rng)
+    x = rng.standard_normal((M, raw.shape[1])).astype(np.float32)
     x[:, 5] *= 20  # an outlier channel, as RMSNorm gains make: coarse int8 blocks
     exact = x.astype(np.float64) @ w.T
     full = session(tmp_path, raw, screen_only=False)

@@ -56,7 +56,15 @@ def test_manifest_lists_segments_and_costs(exported: Manifest) -> None:
     assert cost["activation_bytes_per_token"] == 64 * 4
     assert len(cost["layer_param_bytes"]) == 3
     per_layer = 4 * (2 * 64 + 64 * 64 * 2 + 2 * 32 * 64 + 3 * 64 * 96)
-    assert cost["layer_param_bytes"][0] == per_layer
+    # The bytes each layer's segment holds, for the variant runtimes prefer (the fast one,
+    # its Q4_1 matrices quantized); the portable graph's are its fp32 weights and a few
+    # graph constants.
+    assert cost["variant"] == "contrib/exact"
+    assert cost["layer_param_bytes"][0] == m.segment("contrib_exact_layer_00").param_bytes
+    fp32 = cost["variants"]["standard/fp32"]["layer_param_bytes"][0]
+    assert fp32 == m.segment("layer_00").param_bytes
+    assert per_layer <= fp32 <= per_layer + 1024
+    assert cost["layer_param_bytes"][0] < fp32 / 2
     tok = json.loads((m.directory / "tokenizer_config.json").read_text())
     assert "<|im_start|>" in tok["chat_template"]
 
