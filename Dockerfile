@@ -1,7 +1,8 @@
 # e2llm-edge image, two targets:
-#   agent: a device; only the base dependencies (numpy, onnxruntime, msgpack, aiomqtt, pyyaml)
+#   agent: a device; only the base dependencies (numpy, onnxruntime, onnx, msgpack, aiomqtt,
+#          pyyaml)
 #   fog:   orchestrator, exporter, monitor, HTTP gateway (extras "fog" and "gateway": tokenizer,
-#          planner GA, rich, onnx, aiohttp, prometheus-client)
+#          planner GA, rich, gguf, aiohttp, prometheus-client)
 # docker-compose builds both (compose.yaml); by hand:
 #   docker build --target agent -t e2llm-edge:agent .
 #   docker build --target fog -t e2llm-edge:fog .

@@ -40,7 +40,8 @@ ids = [(7 * i + 11) % 40000 + 100 for i in range(prompt_len)]
 list(m.generate(ids[:8], 4, stop_at_eos=False))  # warm-up
 st = GenerationStats()
 list(m.generate(ids, n, stats=st, stop_at_eos=False))
-print(json.dumps({"sessions": len(m.layers.segments), "decode": st.decode_tokens_per_s,
+sessions = len(getattr(m.layers, "parts", None) or m.layers.segments)  # older trees: segments
+print(json.dumps({"sessions": sessions, "decode": st.decode_tokens_per_s,
                   "prefill": st.prefill_tokens_per_s}))
 """
 

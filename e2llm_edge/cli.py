@@ -245,6 +245,7 @@ def cmd_agent(args: argparse.Namespace) -> int:
         request_timeout=args.request_timeout,
         variant=_variant(args),
         stage_timeout=args.stage_timeout,
+        kv_window=max(1, args.kv_window),
         telemetry_interval=args.telemetry_interval,
     )
     asyncio.run(Agent(cfg).run())
@@ -454,6 +455,12 @@ def build_parser() -> argparse.ArgumentParser:
         type=positive_float,
         default=30.0,
         help="seconds of queued work without progress before reporting error",
+    )
+    p.add_argument(
+        "--kv-window",
+        type=int,
+        default=4,
+        help="KV chunks of a handoff in flight at once (1: each acknowledged before the next)",
     )
     p.add_argument(
         "--telemetry-interval",

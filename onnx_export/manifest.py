@@ -7,6 +7,8 @@ and never guesses. Agents verify each segment's sha256 before loading it.
 from __future__ import annotations
 
 import hashlib
+import mmap
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -237,10 +239,24 @@ class Manifest:
         p = self.path(seg)
         if not p.is_file():
             raise ExportError(f"{p}: segment file missing")
-        size = p.stat().st_size
+        self._check(seg, p.stat().st_size, lambda: sha256_path(p))
+        return p
+
+    def check(self, seg: Segment, data: bytes | mmap.mmap) -> None:
+        """Check the segment's bytes as read (size and sha256): what is parsed is what was
+        verified, in one read. ExportError names the file."""
+        self._check(seg, len(data), lambda: hashlib.sha256(data).hexdigest())
+
+    def _check(self, seg: Segment, size: int, digest: Callable[[], str]) -> None:
+        p = self.path(seg)
         if size != seg.bytes:
             raise ExportError(f"{p}: size {size} != manifest's {seg.bytes} (corrupted segment)")
-        _check_digest(p, seg.sha256, "segment")
+        got = digest()
+        if got != seg.sha256:
+            raise ExportError(
+                f"{p}: sha256 mismatch (corrupted segment): "
+                f"{got[:12]}... != manifest's {seg.sha256[:12]}..."
+            )
         for name in seg.data:
             if name in self._verified:
                 continue
@@ -254,7 +270,6 @@ class Manifest:
                 raise ExportError(f"{f}: shared data file missing")
             _check_digest(f, want, "shared data")
             self._verified.add(name)
-        return p
 
     def variant_of_cost(self) -> tuple[str, str] | None:
         """The variant whose weight bytes `cost` holds: the first complete one runtimes

@@ -64,6 +64,8 @@ class AgentConfig:
     """Seconds a decode step may wait for its KV cache to arrive."""
     max_batch: int = 16
     """Largest decode batch run in one pass."""
+    kv_window: int = 4
+    """KV chunks of a handoff in flight at once (1: one acknowledged before the next)."""
     max_inbox: int = 4096
     """Inbox messages waiting beyond this are refused (each answered 'overloaded')."""
     variant: tuple[str, str] | None = None
@@ -278,18 +280,38 @@ class Agent:
             await self._do(self.core.computed(result, time.monotonic()))
 
     async def _do(self, cmds: list[c.Command]) -> None:
-        """Execute the core's commands in order."""
-        for cmd in cmds:
-            try:
-                await self._do_one(cmd)
-            except E2LLMError as exc:  # the broker is down: the orchestrator will time out
-                self._ratelog.warning(
-                    f"do:{type(cmd).__name__}",
-                    "%s: %s failed: %s",
-                    self.id,
-                    type(cmd).__name__,
-                    exc,
+        """Execute the core's commands in order; a run of KV chunks goes out `kv_window`
+        at a time (their order does not matter to the receiver, and waiting for the
+        broker's acknowledgement of each before sending the next left the link idle)."""
+        i = 0
+        while i < len(cmds):
+            j = i
+            while j < len(cmds) and _is_kv_send(cmds[j]) and j - i < self.cfg.kv_window:
+                j += 1
+            window = cmds[i : max(j, i + 1)]
+            results: list[BaseException | None] = []
+            if len(window) == 1:  # the hot path (a decode step's sends): no task per message
+                try:
+                    await self._do_one(window[0])
+                    results.append(None)
+                except E2LLMError as exc:
+                    results.append(exc)
+            else:
+                results = await asyncio.gather(
+                    *(self._do_one(cmd) for cmd in window), return_exceptions=True
                 )
+            for cmd, res in zip(window, results, strict=True):
+                if isinstance(res, E2LLMError):  # the broker is down: the request times out
+                    self._ratelog.warning(
+                        f"do:{type(cmd).__name__}",
+                        "%s: %s failed: %s",
+                        self.id,
+                        type(cmd).__name__,
+                        res,
+                    )
+                elif isinstance(res, BaseException):
+                    raise res
+            i += len(window)
 
     async def _do_one(self, cmd: c.Command) -> None:
         bus = self.bus
@@ -371,3 +393,7 @@ class Agent:
                     device_id=self.id,
                 )
             self.wake.set()
+
+
+def _is_kv_send(cmd: c.Command) -> bool:
+    return isinstance(cmd, c.Send) and isinstance(cmd.msg, m.KVChunk)

@@ -22,10 +22,12 @@ from e2llm_edge.device.runner import (
     Embedder,
     Head,
     LayerStack,
+    Part,
     Stage,
     StageCache,
     in_chunks,
-    make_session,
+    open_parts,
+    open_segments,
 )
 from onnx_export.errors import ExportError
 from onnx_export.manifest import VARIANT_PREFERENCE, Manifest, Segment
@@ -186,9 +188,9 @@ class KVPool:
 class _Bound:
     """A session with its IO binding and the identity of what is currently bound."""
 
-    def __init__(self, seg: Segment, session: Any) -> None:
-        self.seg, self.session = seg, session
-        self.io = session.io_binding()
+    def __init__(self, part: Part) -> None:
+        self.layers, self.session = part.layers, part.session
+        self.io = part.session.io_binding()
         self.key: tuple[Any, ...] | None = None
 
 
@@ -208,7 +210,11 @@ class FastLayerStack:
         max_batch: int = 8,
         context: int | None = None,
         profile: str | None = None,
+        prefer_ranges: bool = True,
+        one_session: bool = True,
+        parts: list[Part] | None = None,
     ) -> None:
+        """`parts`: sessions opened elsewhere (bench/range_sessions.py compares loaders)."""
         cfg = manifest.config
         self.start, self.end = start, end
         self.precision = precision
@@ -218,16 +224,18 @@ class FastLayerStack:
             int(cfg["hidden_size"]),
         )
         self.context = min(int(context or cfg["max_position"]), int(cfg["max_position"]))
-        self.segments = manifest.cover(start, end, "contrib", precision)
-        self.bound = [
-            _Bound(
-                s,
-                make_session(
-                    manifest.verify(s) if verify else manifest.path(s), threads, profile=profile
-                ),
-            )
-            for s in self.segments
-        ]
+        self.parts = parts or open_parts(
+            manifest,
+            start,
+            end,
+            ("contrib", precision),
+            prefer_ranges=prefer_ranges,
+            one_session=one_session,
+            verify=verify,
+            threads=threads,
+            profile=profile,
+        )
+        self.bound = [_Bound(p) for p in self.parts]
         self.max_batch = max_batch
         self._pool: KVPool | None = None
         self._seqlens = np.zeros(max(1, max_batch), np.int32)
@@ -330,7 +338,7 @@ class FastLayerStack:
         for bd in self.bound:
             io = bd.io
             if bd.key != key:  # bind the KV buffers once per cache (or batch), not per step
-                for i in bd.seg.layers:
+                for i in bd.layers:
                     for nm, arr in ((f"key_{i}", keys[i]), (f"value_{i}", values[i])):
                         _bind(io.bind_input, "past_" + nm, arr)
                         _bind(io.bind_output, "present_" + nm, arr)
@@ -362,7 +370,7 @@ def _segments(manifest: Manifest, kind: str, variant: tuple[str, str]) -> list[S
 
 
 def _session(manifest: Manifest, seg: Segment, verify: bool, threads: int | None) -> Any:
-    return make_session(manifest.verify(seg) if verify else manifest.path(seg), threads)
+    return open_segments(manifest, [seg], verify=verify, threads=threads)
 
 
 class VariantEmbedder(Embedder):
@@ -453,8 +461,7 @@ def check_variant(manifest: Manifest, graph: str, precision: str) -> None:
         raise ExportError(
             f"{manifest.directory}: no complete {graph}/{precision} variant "
             f"(have {manifest.variants()}); export it with "
-            f"e2llm export --graph {graph} --precision {precision} "
-            f"--ranges 0-{manifest.config['n_layers']} (one session for all layers)"
+            f"e2llm export --graph {graph} --precision {precision}"
         )
 
 
@@ -467,12 +474,16 @@ def load_stage(
     verify: bool = True,
     threads: int | None = None,
     prefer_ranges: bool = True,
+    one_session: bool = True,
     max_batch: int = 0,
     context: int | None = None,
 ) -> Stage:
     """The `Stage` running layers [start, end) of `variant`: the one place that picks the
-    runner class. `max_batch` > 0 gives contrib stages a pool of that many adjacent KV
-    slots of `context` tokens for batched decode (0: every cache its own buffer)."""
+    runner class. The layers run as one session composed on the device from the segments
+    the manifest has (exported ranges where present and `prefer_ranges`, else per-layer;
+    `one_session=False`: a session per segment). `max_batch` > 0 gives contrib stages a
+    pool of that many adjacent KV slots of `context` tokens for batched decode (0: every
+    cache its own buffer)."""
     if variant[0] == "contrib":
         return FastLayerStack(
             manifest,
@@ -483,7 +494,15 @@ def load_stage(
             threads=threads,
             max_batch=max_batch,
             context=context,
+            prefer_ranges=prefer_ranges,
+            one_session=one_session,
         )
     return LayerStack(
-        manifest, start, end, verify=verify, prefer_ranges=prefer_ranges, threads=threads
+        manifest,
+        start,
+        end,
+        verify=verify,
+        prefer_ranges=prefer_ranges,
+        one_session=one_session,
+        threads=threads,
     )

@@ -20,6 +20,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from e2llm_edge.device.ranges import compose
 from e2llm_edge.sysinfo import release_freed_memory
 from onnx_export.errors import ExportError
 from onnx_export.manifest import Manifest, Segment
@@ -55,11 +56,18 @@ def configure_threads(threads: int | None = None) -> int:
 
 
 def make_session(
-    path: Path | bytes, threads: int | None = None, *, profile: str | None = None
+    path: Path | bytes,
+    threads: int | None = None,
+    *,
+    profile: str | None = None,
+    external_dir: Path | None = None,
+    name: str | None = None,
 ) -> Any:
     """An InferenceSession with the process's thread settings (a file path or model bytes).
     `profile`: a file prefix; onnxruntime then records every operator's time
     (`session.end_profiling()` writes the JSON, `bench/op_profile.py` reads it).
+    `external_dir`: where the external data of a model given as bytes lives; `name`: what
+    an error calls the model (default: its path).
 
     One thread: no pool, each run executes on the calling thread. More: a per-session pool
     that spins during a run (between operators) and sleeps as soon as the run ends, so an
@@ -80,14 +88,71 @@ def make_session(
     if profile:
         so.enable_profiling = True
         so.profile_file_prefix = profile
+    if external_dir is not None:
+        so.add_session_config_entry(
+            "session.model_external_initializers_file_folder_path", str(external_dir)
+        )
     try:
         src = path if isinstance(path, bytes) else str(path)
         session = ort.InferenceSession(src, sess_options=so, providers=["CPUExecutionProvider"])
     except Exception as exc:  # onnxruntime raises its own Fail/InvalidProtobuf types
-        where = "<model bytes>" if isinstance(path, bytes) else path
+        where = name or ("<model bytes>" if isinstance(path, bytes) else path)
         raise ExportError(f"{where}: onnxruntime cannot load it ({exc})") from exc
     release_freed_memory()
     return session
+
+
+def open_segments(
+    manifest: Manifest,
+    segments: list[Segment],
+    *,
+    verify: bool = True,
+    threads: int | None = None,
+    profile: str | None = None,
+) -> Any:
+    """One session running `segments` in order (one segment, or a chain of contiguous layer
+    segments), composed on the device with the weights read where they lie in the model
+    directory (`e2llm_edge.device.ranges`); with `verify`, every file is checked against the
+    manifest's sha256 first."""
+    model, folder = compose(manifest, segments, verify=verify)
+    files = [manifest.path(s) for s in segments]
+    name = str(files[0]) if len(files) == 1 else f"{files[0]} .. {files[-1].name}"
+    return make_session(model, threads, profile=profile, external_dir=folder, name=name)
+
+
+@dataclass(frozen=True)
+class Part:
+    """One session of a stage and the layers it runs."""
+
+    layers: range
+    session: Any
+
+
+def open_parts(
+    manifest: Manifest,
+    start: int,
+    end: int,
+    variant: tuple[str, str],
+    *,
+    prefer_ranges: bool = True,
+    one_session: bool = True,
+    verify: bool = True,
+    threads: int | None = None,
+    profile: str | None = None,
+) -> list[Part]:
+    """The sessions for layers [start, end) of `variant`: the manifest's cover (exported
+    ranges where present and `prefer_ranges`, else per-layer segments), composed into one
+    session, or with `one_session=False` one session per segment (slower, and each file's
+    copy of shared constants stays separate: bench/range_sessions.py)."""
+    segs = manifest.cover(start, end, *variant, longest=prefer_ranges)
+    groups = [segs] if one_session else [[s] for s in segs]
+    return [
+        Part(
+            range(g[0].layers.start, g[-1].layers.stop),
+            open_segments(manifest, g, verify=verify, threads=threads, profile=profile),
+        )
+        for g in groups
+    ]
 
 
 class StageCache(Protocol):
@@ -191,15 +256,27 @@ class LayerStack:
         *,
         verify: bool = True,
         prefer_ranges: bool = True,
+        one_session: bool = True,
         threads: int | None = None,
+        parts: list[Part] | None = None,
     ) -> None:
+        """`parts`: sessions opened elsewhere (bench/range_sessions.py compares loaders)."""
         cfg = manifest.config
         self.start, self.end = start, end
         self.n_kv_heads, self.head_dim = int(cfg["n_kv_heads"]), int(cfg["head_dim"])
-        self.segments = manifest.cover(start, end, longest=prefer_ranges)
-        self.sessions = [
-            make_session(manifest.verify(s) if verify else manifest.path(s), threads)
-            for s in self.segments
+        self.parts = parts or open_parts(
+            manifest,
+            start,
+            end,
+            ("standard", "fp32"),
+            prefer_ranges=prefer_ranges,
+            one_session=one_session,
+            verify=verify,
+            threads=threads,
+        )
+        self.outputs = [
+            ["hidden_out", *(f"present_{kv}_{i}" for i in p.layers for kv in ("key", "value"))]
+            for p in self.parts
         ]
 
     def empty_past(self, batch: int) -> KVCache:
@@ -234,18 +311,18 @@ class LayerStack:
         cache: KVCache,
     ) -> np.ndarray:
         """Advance `hidden` (B, T, H) through the layers; `cache` grows by T in place."""
-        for seg, sess in zip(self.segments, self.sessions, strict=True):
+        for part, names in zip(self.parts, self.outputs, strict=True):
             feeds: dict[str, np.ndarray] = {
                 "hidden": hidden,
                 "position_ids": position_ids,
                 "attention_mask": attention_mask,
             }
-            for i in seg.layers:
+            for i in part.layers:
                 feeds[f"past_key_{i}"] = cache.keys[i]
                 feeds[f"past_value_{i}"] = cache.values[i]
-            outs = sess.run(None, feeds)
+            outs = part.session.run(names, feeds)
             hidden = outs[0]
-            for j, i in enumerate(seg.layers):
+            for j, i in enumerate(part.layers):
                 cache.keys[i] = outs[1 + 2 * j]
                 cache.values[i] = outs[2 + 2 * j]
         return hidden
@@ -253,8 +330,9 @@ class LayerStack:
 
 class Embedder:
     def __init__(self, manifest: Manifest, *, verify: bool = True, threads: int | None = None):
-        seg = _only(manifest, "embed")
-        self.session = make_session(manifest.verify(seg) if verify else manifest.path(seg), threads)
+        self.session = open_segments(
+            manifest, [_only(manifest, "embed")], verify=verify, threads=threads
+        )
 
     def run(self, ids: np.ndarray) -> np.ndarray:
         """(B, T) int64 -> (B, T, H) float32."""
@@ -264,8 +342,9 @@ class Embedder:
 
 class Head:
     def __init__(self, manifest: Manifest, *, verify: bool = True, threads: int | None = None):
-        seg = _only(manifest, "head")
-        self.session = make_session(manifest.verify(seg) if verify else manifest.path(seg), threads)
+        self.session = open_segments(
+            manifest, [_only(manifest, "head")], verify=verify, threads=threads
+        )
 
     def run(self, hidden: np.ndarray) -> np.ndarray:
         """(B, T, H) -> (B, T, V) logits."""

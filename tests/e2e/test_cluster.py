@@ -1,6 +1,8 @@
 """The distributed runtime end to end: a real Mosquitto, the orchestrator and four agents
 as separate processes, two replicas (PREFILL and DECODER). Answers must equal the local
-path (and transformers) token for token; the KV cache must really move."""
+path (and transformers) token for token; the KV cache must really move. The model
+directory is read-only and holds per-layer segments only: every device composes the session
+of its layer range itself, and nobody writes a file there."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import msgpack
 import numpy as np
 import pytest
 import yaml
+from readonly import readonly_model, snapshot
 
 from e2llm_edge.client import Client, GenerationError, collect
 from e2llm_edge.device.local import LocalModel
@@ -22,6 +25,7 @@ from e2llm_edge.ops.localcluster import LocalCluster
 from e2llm_edge.wire import messages as m
 from e2llm_edge.wire import topics as t
 from e2llm_edge.wire.bus import Bus
+from onnx_export.manifest import Manifest, Segment
 from planner import Plan
 
 pytestmark = [pytest.mark.model, pytest.mark.mosquitto, pytest.mark.slow]
@@ -30,16 +34,27 @@ EOS = 2
 
 
 @pytest.fixture(scope="module")
-def live(mosquitto: MosquittoBroker, default_model: Path) -> Iterator[LocalCluster]:
+def live(
+    mosquitto: MosquittoBroker, default_model: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[LocalCluster]:
     inv = yaml.safe_load(bundled_inventory().read_text())
+    manifest = Manifest.load(default_model)
+
+    def portable_no_ranges(s: Segment) -> bool:
+        return (s.graph, s.precision) == ("standard", "fp32") and len(s.layers) <= 1
+
     # the portable graph here; tests/e2e/test_pinned_plan.py runs the contrib graph
-    with LocalCluster(
-        default_model,
-        inv,
-        broker_url=mosquitto.url,
-        cluster="e2e",
-        agent_args=["--graph", "standard", "--precision", "fp32"],
-    ) as c:
+    with (
+        readonly_model(manifest, portable_no_ranges, tmp_path_factory.mktemp("ro")) as ro,
+        LocalCluster(
+            ro,
+            inv,
+            broker_url=mosquitto.url,
+            cluster="e2e",
+            agent_args=["--graph", "standard", "--precision", "fp32"],
+        ) as c,
+    ):
+        c.readonly = (ro, snapshot(ro))  # type: ignore[attr-defined]
         c.plan = c.wait_serving(timeout=180)  # type: ignore[attr-defined]
         yield c
 
@@ -165,3 +180,13 @@ async def test_bad_input_is_answered_and_service_continues(live: LocalCluster) -
     for p in live.agents.values():
         assert p.alive, p.tail()
     assert live.orchestrator is not None and live.orchestrator.alive
+
+
+def test_the_model_directory_was_only_read(live: LocalCluster) -> None:
+    """After every test above: the plan's stages span several layers, no range file was
+    ever in the directory, and nothing was written to it."""
+    plan: Plan = live.plan  # type: ignore[attr-defined]
+    assert any(s.layer_end - s.layer_start > 1 for r in plan.replicas for s in r.stages)
+    ro, before = live.readonly  # type: ignore[attr-defined]
+    assert snapshot(ro) == before
+    assert not [p.name for p in ro.iterdir() if p.name.startswith("layers_")]
