@@ -1,0 +1,102 @@
+"""gpt-oss (mixture of experts, attention sinks, alternating sliding/full layers, YaRN) from
+a GGUF written as llama.cpp writes it (experts in MXFP4) and from a bf16 Hugging Face folder,
+against transformers' GptOssForCausalLM on the same weights: greedy tokens identical, logits
+within fp32 rounding, for a prompt three times the sliding window and for batched decode of
+requests of different lengths. Tiny random models (8 experts, 2 per token): seconds."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pytest
+
+pytest.importorskip("torch")
+pytest.importorskip("transformers")
+
+import arch_models
+
+from e2llm_edge.device.fast_runner import contrib_supported
+from e2llm_edge.device.local import LocalModel
+from onnx_export.export import export_model
+from onnx_export.manifest import Manifest
+
+PROMPT = [5, 17, 42, 99, 7, 200, 31, 64, 150, 3, 88, 12]  # window 4: 3x longer
+NEW = 6
+CASES = ["gguf-MXFP4", "hf-bfloat16"]
+VARIANTS = [("standard", "fp32")]
+
+Case = tuple[Manifest, Any]
+
+
+@pytest.fixture(scope="module", params=CASES)
+def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Case:
+    """The exported model and the transformers model it was made from."""
+    fmt = request.param
+    tmp = tmp_path_factory.mktemp(f"gpt-oss-{fmt}")
+    model = arch_models.reference_model("gpt-oss")
+    kind, what = fmt.split("-", 1)
+    if kind == "gguf":
+        src: Path = tmp / "model.gguf"
+        arch_models.write_gguf(model, "gpt-oss", src, what)
+        ref: Any = model
+    else:
+        src = arch_models.write_hf_dir(model, tmp / "hf", what)
+        ref = arch_models.load_hf_reference(src)
+    manifest = export_model(src, tmp / "out", ranges="0-3", progress=False, variants=VARIANTS)
+    return manifest, ref
+
+
+def _skip_unsupported(variant: tuple[str, str]) -> None:
+    if variant[0] == "contrib" and not contrib_supported():
+        pytest.skip("this onnxruntime lacks the com.microsoft contrib operators")
+
+
+def test_config_read_from_both_sources(case: Case) -> None:
+    manifest, _ = case
+    c = manifest.config
+    assert c["architecture"] == "gpt-oss"
+    assert (c["n_experts"], c["n_experts_used"]) == (8, 2)
+    assert c["sliding_window"] == 4 and c["sliding_layers"] == [0, 2]
+    assert c["attn_sinks"] and c["o_bias"] and c["swiglu_limit"] == 7.0
+    assert c["rope_scaling"]["type"] == "yarn" and c["rope_scaling"]["truncate"] is False
+    assert c["rope_scaling"]["attention_factor"] == pytest.approx(0.1 * np.log(4.0) + 1)
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=[v[0] for v in VARIANTS])
+def test_greedy_tokens_and_logits_match_transformers(case: Case, variant: tuple[str, str]) -> None:
+    _skip_unsupported(variant)
+    manifest, ref = case
+    want, ref_logits = arch_models.greedy_reference(ref, PROMPT, NEW)
+    for prefer_ranges in (True, False):
+        model = LocalModel(manifest.directory, variant=variant, prefer_ranges=prefer_ranges)
+        steps: list[tuple[np.ndarray, float]] = []
+        got = list(model.generate(PROMPT, NEW, stop_at_eos=False, logits_out=steps))
+        assert got == want
+        for (row, _), r in zip(steps, ref_logits, strict=True):
+            assert np.abs(row - r).max() < 1e-4
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=[v[0] for v in VARIANTS])
+def test_batched_decode_of_different_lengths(case: Case, variant: tuple[str, str]) -> None:
+    """Three requests (2, 7 and 12 prompt tokens: below, near and beyond the window) decode
+    together in one run per step and give transformers' tokens for each."""
+    _skip_unsupported(variant)
+    manifest, ref = case
+    prompts = [PROMPT[:2], PROMPT[3:10], PROMPT]
+    model = LocalModel(manifest.directory, variant=variant)
+    caches, tokens = [], []
+    for p in prompts:
+        cache = model.layers.new_cache(len(p) + NEW)
+        logits = model.forward(p, 0, cache)
+        caches.append(cache)
+        tokens.append([int(logits.argmax())])
+    for _ in range(NEW - 1):
+        x = model.embed.run(np.asarray([[t[-1]] for t in tokens], np.int64))
+        h = model.layers.run_batch(x, caches)
+        logits = model.head.run(h)[:, -1]
+        for t, row in zip(tokens, logits, strict=True):
+            t.append(int(row.argmax()))
+    for p, got in zip(prompts, tokens, strict=True):
+        assert got == arch_models.greedy_reference(ref, p, NEW)[0], f"{len(p)} prompt tokens"
