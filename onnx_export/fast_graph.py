@@ -23,7 +23,7 @@ from onnx import TensorProto, helper
 
 from onnx_export import quant, rope
 from onnx_export.errors import ExportError
-from onnx_export.graph import GraphBuilder, gelu_tanh, softcap
+from onnx_export.graph import GraphBuilder, gelu_tanh, moe_block, softcap
 from onnx_export.onnx_writer import SegmentModel
 from onnx_export.quant import QMatrix, pack4
 from onnx_export.shared_data import MAPPED, SHARED, WEIGHTS_KEY
@@ -379,10 +379,13 @@ def layers_model(
         if cfg.is_sliding(i):
             assert cfg.sliding_window is not None
             extra["local_window_size"] = int(cfg.sliding_window)
+        sink = []  # gpt-oss: position_ids and attention_bias absent, then head_sink
+        if cfg.attn_sinks:
+            sink = ["", "", g.init(p + "self_attn.sinks", w.get(p + "self_attn.sinks"))]
         g.nodes.append(
             helper.make_node(
                 "GroupQueryAttention",
-                [*qkv_in, pk, pv, seqlens, total, cos_n, sin_n],
+                [*qkv_in, pk, pv, seqlens, total, cos_n, sin_n, *sink],
                 [attn, pres_k, pres_v],
                 domain=MS,
                 num_heads=nh,
@@ -396,13 +399,17 @@ def layers_model(
         out_kv.append((i, pres_k, pres_v))
         o_name = p + "self_attn.o_proj.weight"
         attn2 = g.op("Reshape", [attn, g.const([-1, nh * d])])  # (M, nh d)
-        o = lin(attn2, [o_name], p + "o_proj")
+        o_bias = w.get(p + "self_attn.o_proj.bias") if cfg.o_bias else None
+        o = lin(attn2, [o_name], p + "o_proj", o_bias)
         if cfg.sandwich_norm:
             o = _norm(g, o, gamma("post_attention_layernorm.weight"), eps)
             ln2 = gamma("pre_feedforward_layernorm.weight")
         else:
             ln2 = gamma("post_attention_layernorm.weight")
         h2, x = _skip_norm(g, o, x, ln2, eps)
+        if cfg.moe:
+            delta = _moe(g, cfg, lin, w, h2, p)
+            continue
         gu_names = [p + "mlp.gate_proj.weight", p + "mlp.up_proj.weight"]
         gu = lin(h2, gu_names, p + "gate_up_proj")  # (M, 2 I)
         gate, up = g.fresh("gate"), g.fresh("up")
@@ -430,6 +437,77 @@ def layers_model(
         g.add_output(f"present_key_{i}", k, F32, kv_shape)
         g.add_output(f"present_value_{i}", v, F32, kv_shape)
     return _finish(g, lin)
+
+
+# MXFP4 (GGUF): per block of 32, one E8M0 exponent byte e and 16 bytes whose low nibbles are
+# elements 0-15 and high nibbles 16-31; value = KVALUES[nibble] * 2^(e - 128) (gguf's doubled
+# E2M1 table times half the block scale), exact in fp32 for every e.
+MXFP4_KVALUES = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], np.float32)
+MXFP4_FORM = "MXFP4 as stored (gathered per chosen expert, decoded by table lookup)"
+
+
+def _mxfp4_tables(g: GraphBuilder) -> tuple[str, str, str]:
+    """Lookup tables by byte value: low-nibble value, high-nibble value, E8M0 half-scale."""
+    b = np.arange(256)
+    scale = np.ldexp(np.float32(1.0), b - 128).astype(np.float32)  # 2^-128 is subnormal: exact
+    return (
+        g.const(MXFP4_KVALUES[b & 15], np.float32),
+        g.const(MXFP4_KVALUES[b >> 4], np.float32),
+        g.const(scale, np.float32),
+    )
+
+
+class _Experts:
+    """One layer's experts as the fast graph stores them: MXFP4 tensors exactly as the GGUF
+    holds them (4.25 bits a weight: codes and exponents of all experts, one tensor each),
+    of which a step gathers and decodes only the experts some token chose; any other type
+    through `Linear` per expert (MatMulNBits or fp32), which runs on the chosen rows only."""
+
+    def __init__(self, g: GraphBuilder, cfg: ModelConfig, lin: Linear, w: ModelWeights, p: str):
+        self.g, self.cfg, self.lin, self.w, self.p = g, cfg, lin, w, p
+        self.mx: dict[str, tuple[str, str, int, int]] = {}
+        for n in ("gate", "up", "down"):
+            raws = [stored(w, self._name(e, n) + "weight") for e in range(cfg.n_experts)]
+            if all(r is not None and r.qtype == "MXFP4" for r in raws):
+                rows, k = raws[0].shape if raws[0] is not None else (0, 0)
+                blocks = np.stack(
+                    [np.asarray(r.data).reshape(rows, k // 32, 17) for r in raws if r]
+                )
+                self.mx[n] = (
+                    g.init(f"{p}mlp.experts.{n}_proj.e8m0", np.ascontiguousarray(blocks[..., 0])),
+                    g.init(f"{p}mlp.experts.{n}_proj.qs", np.ascontiguousarray(blocks[..., 1:])),
+                    rows,
+                    k,
+                )
+                lin.forms["MXFP4"] = MXFP4_FORM
+
+    def _name(self, e: int, n: str) -> str:
+        return f"{self.p}mlp.experts.{e}.{n}_proj."
+
+    def __call__(self, x: str, e: int, n: str) -> str:
+        g, name = self.g, self._name(e, n)
+        bias = self.w.get(name + "bias")
+        if n not in self.mx:
+            return self.lin(x, [name + "weight"], name[:-1], bias)
+        e8m0, qs, rows, k = self.mx[n]
+        lo_t, hi_t, scale_t = _mxfp4_tables(g)
+        # [e] when a token chose this expert, else []: an unchosen expert decodes nothing
+        used = g.op("Min", [g.op("Shape", [x], start=0, end=1), g.const([1])])
+        sel = g.op("Slice", [g.const([e]), g.const([0]), used])
+        q = g.op("Cast", [g.op("Gather", [qs, sel], axis=0)], to=I32)  # (u, N, nb, 16)
+        vals = g.op("Concat", [g.op("Gather", [lo_t, q]), g.op("Gather", [hi_t, q])], axis=-1)
+        ex = g.op("Cast", [g.op("Gather", [e8m0, sel], axis=0)], to=I32)  # (u, N, nb)
+        scale = g.op("Unsqueeze", [g.op("Gather", [scale_t, ex]), g.const([-1])])
+        mat = g.op("Reshape", [g.op("Mul", [vals, scale]), g.const([-1, rows, k])])  # (u, N, K)
+        y = g.op("MatMul", [x, g.op("Transpose", [mat], perm=[0, 2, 1])])  # (u, n, N)
+        y = g.op("Reshape", [y, g.const([-1, rows])])
+        return g.op("Add", [y, g.init(name + "bias", bias)])
+
+
+def _moe(g: GraphBuilder, cfg: ModelConfig, lin: Linear, w: ModelWeights, h: str, p: str) -> str:
+    """The mixture-of-experts block of layer prefix `p` on normed tokens `h (M, H)`."""
+    router = (w.get(p + "mlp.router.weight"), w.get(p + "mlp.router.bias"))
+    return moe_block(g, cfg, h, *router, p + "mlp.router", _Experts(g, cfg, lin, w, p))
 
 
 def stored(w: ModelWeights, name: str) -> RawTensor | None:

@@ -255,7 +255,7 @@ def moe_block(
     for e in range(cfg.n_experts):
         hit = g.op("NonZero", [g.op("Equal", [idx, g.const(e)])])  # (2, n): token, slot
         pairs = g.op("Transpose", [hit], perm=[1, 0])  # (n, 2)
-        tok = g.op("Gather", [hit, g.const(0)], axis=0)  # (n,)
+        tok = g.op("Reshape", [g.op("Gather", [hit, g.const([0])], axis=0), g.const([-1])])
         rows = g.op("Gather", [x, tok], axis=0)  # (n, H)
         act = clamped_swiglu(g, cfg, expert(rows, e, "gate"), expert(rows, e, "up"))
         out = expert(act, e, "down")  # (n, H)

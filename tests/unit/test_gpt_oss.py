@@ -25,7 +25,7 @@ from onnx_export.manifest import Manifest
 PROMPT = [5, 17, 42, 99, 7, 200, 31, 64, 150, 3, 88, 12]  # window 4: 3x longer
 NEW = 6
 CASES = ["gguf-MXFP4", "hf-bfloat16"]
-VARIANTS = [("standard", "fp32")]
+VARIANTS = [("standard", "fp32"), ("contrib", "exact")]
 
 Case = tuple[Manifest, Any]
 
@@ -100,3 +100,24 @@ def test_batched_decode_of_different_lengths(case: Case, variant: tuple[str, str
             t.append(int(row.argmax()))
     for p, got in zip(prompts, tokens, strict=True):
         assert got == arch_models.greedy_reference(ref, p, NEW)[0], f"{len(p)} prompt tokens"
+
+
+def test_fast_graph_keeps_mxfp4_experts_as_stored(case: Case) -> None:
+    """From the GGUF, the contrib layers hold the expert matrices in the GGUF's own bytes
+    (17 per 32 weights: 4.25 bits), named in the manifest, where the standard graph holds
+    fp32; from the HF folder both hold fp32."""
+    manifest, _ = case
+    c = manifest.config
+
+    def layer(graph: str, precision: str) -> Any:
+        return next(s for s in manifest.by_kind("layers", graph, precision) if len(s.layers) == 1)
+
+    fast, std = layer("contrib", "exact"), layer("standard", "fp32")
+    n = c["n_experts"] * 3 * c["hidden_size"] * c["intermediate_size"]
+    saved = std.param_bytes - fast.param_bytes
+    if manifest.source["kind"] == "gguf":
+        assert fast.weights["forms"]["MXFP4"].startswith("MXFP4 as stored")
+        # the difference: lookup tables (3 KB) and RoPE tables, inline at this tiny size (16 KB)
+        assert abs(saved - (4 * n - n // 32 * 17)) < 20480
+    else:
+        assert abs(saved) < 20480
