@@ -77,10 +77,20 @@ def model_cost(w: ModelWeights, manifest: Manifest) -> dict[str, Any]:
     variant runtimes prefer (`Manifest.variant_of_cost`), the one devices load. FLOPs come
     from the tensors' shapes; no weight is read."""
     c = w.config
-    layer_flops = [
-        2 * sum(int(np.prod(w.shape(t))) for t in w.layer_tensor_names(i))
-        for i in range(c.n_layers)
-    ]
+    # A token runs n_experts_used of a layer's n_experts: its FLOPs follow the active weights.
+    active = c.n_experts_used / c.n_experts if c.moe else 1.0
+
+    def elements(i: int, experts: bool, matrices: bool = False) -> int:
+        return sum(
+            int(np.prod(w.shape(t)))
+            for t in w.layer_tensor_names(i)
+            if (".mlp.experts." in t) == experts and (not matrices or t.endswith(".weight"))
+        )
+
+    dense = [elements(i, False) for i in range(c.n_layers)]
+    expert = [elements(i, True) for i in range(c.n_layers)]
+    matrices = [elements(i, True, matrices=True) for i in range(c.n_layers)]
+    layer_flops = [round(2 * (d + e * active)) for d, e in zip(dense, expert, strict=True)]
     emb = c.vocab_size * c.hidden_size
     variants: dict[str, dict[str, Any]] = {}
     for graph, precision in manifest.variants():
@@ -91,7 +101,7 @@ def model_cost(w: ModelWeights, manifest: Manifest) -> dict[str, Any]:
     top = variants.get(f"{chosen[0]}/{chosen[1]}") if chosen else None
     if top is None:  # nothing measured (no complete variant): fp32 weights
         top = {
-            "layer_param_bytes": [f // 2 * 4 for f in layer_flops],
+            "layer_param_bytes": [4 * (d + e) for d, e in zip(dense, expert, strict=True)],
             "embed_param_bytes": 4 * emb,
             "head_param_bytes": 4 * (emb + c.hidden_size),
         }
@@ -103,7 +113,36 @@ def model_cost(w: ModelWeights, manifest: Manifest) -> dict[str, Any]:
         "layer_flops_per_token": layer_flops,
         "head_flops_per_token": 2 * emb,
         "variants": variants,
+        **(
+            {
+                "n_experts": c.n_experts,
+                "experts_per_token": c.n_experts_used,
+                "layer_expert_bytes": [
+                    _expert_bytes(
+                        manifest, i, top["layer_param_bytes"][i], dense[i], expert[i], matrices[i]
+                    )
+                    for i in range(c.n_layers)
+                ],
+            }
+            if c.moe
+            else {}
+        ),
     }
+
+
+def _expert_bytes(
+    manifest: Manifest, layer: int, total: int, dense: int, expert: int, matrices: int
+) -> int:
+    """Bytes of one layer's experts in the variant devices load: MXFP4 matrices kept as
+    stored are 17 bytes per 32 weights (`fast_graph._Experts`), their biases fp32;
+    otherwise the experts' share of the layer's elements, an estimate when experts and
+    attention are stored alike."""
+    chosen = manifest.variant_of_cost()
+    segs = [] if chosen is None else manifest.by_kind("layers", *chosen)
+    seg = next((s for s in segs if s.layers == range(layer, layer + 1)), None)
+    if seg is not None and "MXFP4" in (seg.weights or {}).get("forms", {}):
+        return matrices * 17 // 32 + 4 * (expert - matrices)
+    return round(total * expert / max(1, dense + expert))
 
 
 def _variant_bytes(m: Manifest, graph: str, precision: str, n_layers: int) -> dict[str, Any] | None:

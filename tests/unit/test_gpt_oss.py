@@ -121,3 +121,47 @@ def test_fast_graph_keeps_mxfp4_experts_as_stored(case: Case) -> None:
         assert abs(saved - (4 * n - n // 32 * 17)) < 20480
     else:
         assert abs(saved) < 20480
+
+
+def test_planner_costs_follow_active_experts_and_memory_all(case: Case) -> None:
+    """The manifest's FLOPs per token count the 2 chosen experts of 8; its bytes all 8; the
+    planner reads both (and the experts' bytes for decode traffic)."""
+    from planner.model import ModelSpec
+
+    manifest, _ = case
+    c = manifest.config
+    spec = ModelSpec.from_manifest(manifest.to_dict())
+    h, inter, nh, nkv, d = (c[k] for k in ("hidden_size", "intermediate_size", "n_heads",
+                                          "n_kv_heads", "head_dim"))  # fmt: skip
+    attn = h * d * (2 * nh + 2 * nkv) + nh * d + 2 * nkv * d + h + nh  # with biases, sinks
+    router = h * c["n_experts"] + c["n_experts"]
+    expert = 3 * h * inter + 2 * inter + h
+    norms = 2 * h
+    assert spec.layer_flops_per_token[0] == 2 * (attn + router + norms + 2 * expert)
+    assert (spec.n_experts, spec.experts_per_token) == (8, 2)
+    assert spec.layer_param_bytes[0] > spec.layer_expert_bytes[0] > 0
+    if manifest.source["kind"] == "gguf":  # the contrib graph's MXFP4 experts
+        assert spec.layer_expert_bytes[0] == 8 * (3 * h * inter * 17 // 32 + 4 * (2 * inter + h))
+    full = spec.decode_weight_bytes(0, 1000)
+    assert spec.decode_weight_bytes(0, 1) < full == pytest.approx(spec.layer_param_bytes[0])
+
+
+def test_paper_model_is_gpt_oss_20b() -> None:
+    """The simulated reproduction's model is read from gpt-oss-20b's config.json."""
+    from planner.model import load_model_description
+    from planner.sim.paper import paper_model
+
+    spec = paper_model()
+    assert spec == load_model_description(
+        Path(__file__).parents[2] / "planner" / "data" / "paper_model_20b.yaml"
+    )
+    assert (spec.name, spec.n_layers, spec.hidden_size, spec.n_heads) == (
+        "gpt-oss-20b",
+        24,
+        2880,
+        64,
+    )
+    assert (spec.n_experts, spec.experts_per_token) == (32, 4)
+    active = sum(spec.layer_flops_per_token) / 2 + spec.head_flops_per_token / 2
+    assert 3.5e9 < active < 3.7e9  # the model card: 3.6B active parameters (embedding aside)
+    assert 12.5e9 < spec.total_param_bytes < 14e9  # the released checkpoint: ~13 GB
