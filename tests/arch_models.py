@@ -124,7 +124,7 @@ ARCHS: dict[str, Arch] = {
 }
 
 
-def reference_model(name: str, seed: int = 0) -> Any:
+def reference_model(name: str, seed: int = 0, layers: int | None = None) -> Any:
     """The transformers model (fp32, eager attention) with weights drawn large enough that
     greedy choices are clear."""
     import torch
@@ -132,6 +132,8 @@ def reference_model(name: str, seed: int = 0) -> Any:
 
     spec = ARCHS[name]
     cfg_kwargs = {**BASE, **spec.config}
+    if layers is not None:
+        cfg_kwargs["num_hidden_layers"] = layers
     if "rope_parameters" in spec.config:
         cfg_kwargs.pop("rope_theta")
     if name == "gemma3":
