@@ -169,8 +169,16 @@ def greedy_reference(model: Any, prompt: list[int], n: int) -> tuple[list[int], 
     return ids[len(prompt) :], logits
 
 
-def _tokenizer() -> TokenizerData:
+HARMONY_SPECIALS = ["<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>", "<|call|>"]
+
+
+def _tokenizer(harmony: bool = False) -> TokenizerData:
+    """The tiny byte-level vocabulary; `harmony`: gpt-oss's o200k pre-tokenizer and its
+    harmony markers as control tokens (ids 3-8; <|return|> the EOS)."""
     toks, merges, types = tiny_model.tokens()
+    if harmony:
+        toks = [*toks[:3], *HARMONY_SPECIALS, *toks[3:]]
+        types = [3] * (3 + len(HARMONY_SPECIALS)) + types[3:]
     return TokenizerData(
         chat_template=None,
         bos_token=toks[1],
@@ -178,7 +186,7 @@ def _tokenizer() -> TokenizerData:
         tokens=toks,
         token_types=types,
         merges=merges,
-        pre="qwen2",
+        pre="gpt-4o" if harmony else "qwen2",
     )
 
 
@@ -248,15 +256,16 @@ def write_gguf(model: Any, name: str, path: Path, qtype: str) -> None:
     _write_gguf(model, name, path, qtype)
 
 
-def _gguf_tokenizer(wr: Any) -> None:
-    tok = _tokenizer()
+def _gguf_tokenizer(wr: Any, harmony: bool = False) -> None:
+    tok = _tokenizer(harmony)
     wr.add_tokenizer_model("gpt2")
+    assert tok.pre is not None
     wr.add_tokenizer_pre(tok.pre)
     wr.add_token_list(tok.tokens)
     wr.add_token_merges(tok.merges)
     wr.add_token_types(tok.token_types)
     wr.add_bos_token_id(1)
-    wr.add_eos_token_id(2)
+    wr.add_eos_token_id(tok.tokens.index("<|return|>") if harmony else 2)
 
 
 def write_gguf_gpt_oss(model: Any, path: Path, expert_qtype: str) -> None:
@@ -291,7 +300,7 @@ def write_gguf_gpt_oss(model: Any, path: Path, expert_qtype: str) -> None:
     wr.add_rope_scaling_type(gguf.RopeScalingType.YARN)
     wr.add_rope_scaling_factor(rope["factor"])
     wr.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
-    _gguf_tokenizer(wr)
+    _gguf_tokenizer(wr, harmony=True)
     qt = Q[expert_qtype]
     state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
     names = {

@@ -44,7 +44,7 @@ def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
     else:
         src = arch_models.write_hf_dir(model, tmp / "hf", what)
         ref = arch_models.load_hf_reference(src)
-    manifest = export_model(src, tmp / "out", ranges="0-3", progress=False, variants=VARIANTS)
+    manifest = export_model(src, tmp / "out", progress=False, variants=VARIANTS)
     return manifest, ref
 
 
@@ -69,13 +69,12 @@ def test_greedy_tokens_and_logits_match_transformers(case: Case, variant: tuple[
     _skip_unsupported(variant)
     manifest, ref = case
     want, ref_logits = arch_models.greedy_reference(ref, PROMPT, NEW)
-    for prefer_ranges in (True, False):
-        model = LocalModel(manifest.directory, variant=variant, prefer_ranges=prefer_ranges)
-        steps: list[tuple[np.ndarray, float]] = []
-        got = list(model.generate(PROMPT, NEW, stop_at_eos=False, logits_out=steps))
-        assert got == want
-        for (row, _), r in zip(steps, ref_logits, strict=True):
-            assert np.abs(row - r).max() < 1e-4
+    model = LocalModel(manifest.directory, variant=variant)
+    steps: list[tuple[np.ndarray, float]] = []
+    got = list(model.generate(PROMPT, NEW, stop_at_eos=False, logits_out=steps))
+    assert got == want
+    for (row, _), r in zip(steps, ref_logits, strict=True):
+        assert np.abs(row - r).max() < 1e-4
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=[v[0] for v in VARIANTS])
@@ -165,3 +164,30 @@ def test_paper_model_is_gpt_oss_20b() -> None:
     active = sum(spec.layer_flops_per_token) / 2 + spec.head_flops_per_token / 2
     assert 3.5e9 < active < 3.7e9  # the model card: 3.6B active parameters (embedding aside)
     assert 12.5e9 < spec.total_param_bytes < 14e9  # the released checkpoint: ~13 GB
+
+
+def test_harmony_answer_is_the_final_channel(case: Case) -> None:
+    """The GGUF's o200k-style tokenizer with harmony markers: the client sees the final
+    channel only, streamed as a growing prefix; the reasoning never shows."""
+    from e2llm_edge.fog.textio import ChatTokenizer, StreamDecoder, harmony_answer
+
+    manifest, _ = case
+    if manifest.source["kind"] != "gguf":
+        pytest.skip("the HF folder's tokenizer has no harmony markers")
+    tok = ChatTokenizer(manifest)
+    assert tok.harmony
+    text = (
+        "<|channel|>analysis<|message|>they say hello<|end|>"
+        "<|start|>assistant<|channel|>final<|message|>hello hello<|return|>"
+    )
+    ids = tok.encode_raw(text)
+    assert tok.tokenizer.token_to_id("<|return|>") == manifest.config["eos_token_id"] == ids[-1]
+    assert tok.decode(ids) == "hello hello"
+    stream = StreamDecoder(tok)
+    deltas = [stream.push(i) for i in ids]
+    assert "".join(deltas) == "hello hello"
+    message = tok.tokenizer.token_to_id("<|message|>")
+    last_marker = len(ids) - 1 - ids[::-1].index(message)  # the final channel's <|message|>
+    assert all(d == "" for d in deltas[: last_marker + 1]) and deltas[last_marker + 1]
+    assert harmony_answer("<|channel|>analysis<|message|>no answer yet") == ""
+    assert harmony_answer("<|channel|>final<|message|>partial") == "partial"
