@@ -113,6 +113,8 @@ COMMANDS: dict[str, str] = {
     ".venv/bin/python bench/chaos.py": BENCH,
     ".venv/bin/python bench/soak.py --minutes 5": BENCH,
     ".venv/bin/python bench/gateway_bench.py": BENCH,
+    ".venv/bin/python bench/moe.py": BENCH,
+    ".venv/bin/python bench/real_models.py": BENCH,
     "bash scripts/setup.sh": SUITE,
     ".venv/bin/e2llm up": PARSE,
     "e2llm up --agents 2 --port 8000": PARSE,
