@@ -8,8 +8,8 @@ graph in both precisions (time and peak memory of the exporting process); greedy
 of the local path vs transformers on the dequantized GGUF (fp32); perplexity on a fixed
 text vs llama.cpp on the same file; prefill and decode tokens/s vs llama.cpp, engines
 taking turns in every round; batched decode at concurrency 8 vs 1; resident memory of a
-process holding the whole model vs the GGUF bytes, and where the bytes go; for the 0.5B,
-a 4-agent cluster whose memory budgets make every replica span two devices, answering
+process holding the whole model vs the GGUF bytes, and where the bytes go; a 4-agent
+cluster whose memory budgets make every replica span two devices, answering
 identically to the local path. Heavy parts (export, transformers, memory) run in child
 processes, so each one's memory is its own. Needs the `reference` extra (transformers)
 and llama-cpp-python for the comparisons: CMAKE_ARGS=-DGGML_NATIVE=ON pip install
@@ -339,13 +339,17 @@ def where_bytes_go(mdir: Path, precision: str) -> dict[str, int]:
     ]
     kinds = {"codes": 0, "scales": 0, "block minimums": 0, "zero points": 0, "other": 0}
     kinds["rope (once per device)"] = 0
+    rope_files: set[str] = set()
     for s in segs:
         model = onnx.load(str(m.path(s)), load_external_data=False)
         for t in model.graph.initializer:
             if t.data_location == onnx.TensorProto.EXTERNAL:
-                size = int(next(e.value for e in t.external_data if e.key == "length"))
+                ext = {e.key: e.value for e in t.external_data}
+                size = int(ext["length"])
                 if t.name.startswith("shared/"):
-                    kinds["rope (once per device)"] = max(kinds["rope (once per device)"], size)
+                    if ext["location"] not in rope_files:
+                        rope_files.add(ext["location"])
+                        kinds["rope (once per device)"] += size
                     continue
             else:
                 size = len(t.raw_data) or int(np.prod(t.dims)) * 4
@@ -394,7 +398,10 @@ async def _cluster_answers(cluster: Any, prompts: list[list[int]], n: int) -> li
 
 
 def cluster(mdir: Path, prompts: list[list[int]], new_tokens: int, threads: int) -> dict[str, Any]:
-    """4 agents, each with a budget under the model's size: every replica spans >= 2."""
+    """4 agents, each with a budget under the model's size: every replica spans >= 2.
+    The decode-speed floor plans must meet is lowered to 1 token/s: four agents sharing
+    this machine's cores (and its other users) cannot promise the default 15 per request,
+    and what is measured here is that the cluster answers as the local path does."""
     from e2llm_edge.device.profile import load_or_measure_profile
     from e2llm_edge.ops.localcluster import LocalCluster
 
@@ -416,7 +423,13 @@ def cluster(mdir: Path, prompts: list[list[int]], new_tokens: int, threads: int)
     del local
     agent_args = ["--graph", variant[0], "--precision", variant[1]]
     with LocalCluster(
-        mdir, inv, cluster="realqwen", threads=threads, agent_args=agent_args, verbose=False
+        mdir,
+        inv,
+        cluster="realqwen",
+        threads=threads,
+        agent_args=agent_args,
+        orchestrator_args=["--min-tokens-per-s", "1"],
+        verbose=False,
     ) as lc:
         plan = lc.wait_serving(timeout=1800)
         got = asyncio.run(_cluster_answers(lc, prompts, new_tokens))
@@ -578,7 +591,7 @@ def main() -> int:
             r["batch"] = batch(out, prompts["short"], args.rounds, args.steps)
         if "memory" not in skip:
             r["memory"] = memory(out, gguf, args.threads)
-        if "cluster" not in skip and key == "0.5b":
+        if "cluster" not in skip:
             r["cluster"] = cluster(out, chats, args.new_tokens, 1)
         r["load_after"] = uptime()
         report(name, r)

@@ -294,6 +294,7 @@ def cmd_orchestrator(args: argparse.Namespace) -> int:
         seed=args.seed,
         fixed_plan=Path(args.plan) if args.plan else None,
         workload=Workload(args.mean_prompt, args.mean_output, args.rate),
+        min_tokens_per_s=args.min_tokens_per_s,
         request_timeout=args.request_timeout,
         heartbeat_timeout=args.heartbeat_timeout,
         drain_timeout=args.drain_timeout,
@@ -502,6 +503,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--mean-output", type=positive_float, default=128, help="workload: mean new tokens"
     )
     p.add_argument("--rate", type=positive_float, default=0.5, help="workload: requests per second")
+    p.add_argument(
+        "--min-tokens-per-s",
+        type=positive_float,
+        default=15.0,
+        help="floor on a request's decode speed that plans must reach (as for e2llm plan)",
+    )
     p.add_argument(
         "--request-timeout",
         type=positive_float,

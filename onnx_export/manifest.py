@@ -123,7 +123,7 @@ class Manifest:
     directory: Path = Path(".")
     data_files: dict[str, str] = field(default_factory=dict)
     """Shared data files (`Segment.data`) by name: their sha256."""
-    _verified: set[str] = field(default_factory=set, repr=False, compare=False)
+    _verified: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -257,6 +257,11 @@ class Manifest:
                 f"{p}: sha256 mismatch (corrupted segment): "
                 f"{got[:12]}... != manifest's {seg.sha256[:12]}..."
             )
+        self._verify_data(seg)
+
+    def _verify_data(self, seg: Segment) -> None:
+        """Check the shared data files `seg` maps (present, sha256), each once per
+        manifest: the mapped tables are weights too."""
         for name in seg.data:
             if name in self._verified:
                 continue

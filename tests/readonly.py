@@ -57,16 +57,23 @@ def readonly_model(
     manifest: Manifest, keep: Callable[[Segment], bool], workdir: Path
 ) -> Iterator[Path]:
     """A model directory holding the segments `keep` selects (its manifest lists only them),
-    the tokenizer files, read-only for the duration of the context."""
+    the shared data files they map, the tokenizer files, read-only for the duration of the
+    context."""
     src, view = workdir / "files", workdir / "model"
     src.mkdir(parents=True)
     view.mkdir()
     kept = [s for s in manifest.segments if keep(s)]
     for s in kept:
         shutil.copyfile(manifest.path(s), src / s.file)
-    for f in manifest.tokenizer.values():
+    data = {f for s in kept for f in s.data}
+    for f in [*manifest.tokenizer.values(), *data]:
         shutil.copyfile(manifest.directory / f, src / f)
-    copy = dataclasses.replace(manifest, segments=kept, directory=src)
+    copy = dataclasses.replace(
+        manifest,
+        segments=kept,
+        directory=src,
+        data_files={f: h for f, h in manifest.data_files.items() if f in data},
+    )
     copy.write()
     for p in src.iterdir():
         p.chmod(stat.S_IRUSR | stat.S_IRGRP | stat.S_IROTH)

@@ -201,6 +201,24 @@ class _Composer:
     ) -> tuple[str | None, int]:
         """Add `t` (renamed, its bytes left in the file when large) unless an identical
         tensor is already in; return the name of that one (or None) and where to search next."""
+        if t.data_location == TensorProto.EXTERNAL:
+            # Already external: a table the exporter moved to a shared file (RoPE caches,
+            # embedding rows, `onnx_export.shared_data`). Every segment names the same
+            # file, so it is referenced once and onnxruntime maps it once.
+            ext = {e.key: e.value for e in t.external_data}
+            if not (path.parent / ext.get("location", "")).is_file():
+                raise ExportError(
+                    f"{path}: initializer {t.name} is in {ext.get('location')!r}, "
+                    f"not found in {path.parent}"
+                )
+            where = (t.data_type, tuple(t.dims), ext["location"], ext.get("offset", "0"))
+            ext_key = ("external", *where, ext.get("length"))
+            for k in self.kept.get(ext_key, []):
+                return k.name, start
+            t.name = name(t.name)
+            self.kept[ext_key] = [_Kept(t.name, None, None, 0, 0)]
+            self.inits.append(_copy(t))
+            return None, start
         if not t.HasField("raw_data"):
             t.name = name(t.name)
             self.inits.append(_copy(t))

@@ -5,15 +5,21 @@ nothing falls back to fp32, and each layer holds about its GGUF bytes (measured 
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import numpy as np
 import numpy_ref as ref
+import onnx
 import pytest
 import quant_model
 from gguf import GGUFReader
 
 from e2llm_edge.device.fast_runner import contrib_supported
 from e2llm_edge.device.local import LocalModel
+from e2llm_edge.device.ranges import compose
 from onnx_export import quant
+from onnx_export.errors import ExportError
 from onnx_export.export import export_model
 from onnx_export.manifest import Manifest
 
@@ -69,9 +75,49 @@ def test_exact_greedy_tokens_equal_the_float64_reference(model: tuple[Manifest, 
     want = numpy_greedy(w, prompt, 8)
     local = LocalModel(m.directory, variant=("contrib", "exact"))
     assert list(local.generate(prompt, 8, stop_at_eos=False)) == want
+    # the same layers composed in place from the per-layer files (shared tables and all)
+    per_layer = LocalModel(m.directory, variant=("contrib", "exact"), prefer_ranges=False)
+    assert list(per_layer.generate(prompt, 8, stop_at_eos=False)) == want
     int8 = LocalModel(m.directory, variant=("contrib", "int8"))
     got = list(int8.generate(prompt, 8, stop_at_eos=False))
     assert got[0] == want[0]  # int8 activations: the first token at least; drift allowed
+
+
+def test_a_composed_range_maps_each_shared_table_once(model: tuple[Manifest, dict]) -> None:
+    """Composing per-layer quantized segments (e2llm_edge/device/ranges.py) keeps their
+    weights where they lie and references each shared file (RoPE caches) once, by its
+    verified name: one mapping per device, not one per layer."""
+    m, _ = model
+    segs = m.cover(0, N_LAYERS, "contrib", "exact", longest=False)
+    shared = {f for s in segs for f in s.data}
+    assert shared and shared <= set(m.data_files)
+    graph, folder = compose(m, segs)
+    refs = [
+        {e.key: e.value for e in t.external_data}
+        for t in onnx.load_model_from_string(graph).graph.initializer
+        if t.data_location == onnx.TensorProto.EXTERNAL
+    ]
+    in_shared = [r["location"] for r in refs if r["location"] in shared]
+    assert sorted(in_shared) == sorted(shared)  # each once
+    assert {r["location"] for r in refs} == shared | {s.file for s in segs}
+    assert all((folder / r["location"]).is_file() for r in refs)
+
+
+def test_a_missing_or_corrupted_shared_table_is_named(
+    model: tuple[Manifest, dict], tmp_path: Path
+) -> None:
+    m, _ = model
+    d = tmp_path / "m"
+    shutil.copytree(m.directory, d)
+    copy = Manifest.load(d)
+    segs = copy.cover(0, N_LAYERS, "contrib", "exact", longest=False)
+    table = d / segs[0].data[0]
+    table.write_bytes(table.read_bytes()[::-1])
+    with pytest.raises(ExportError, match=rf"{table.name}: sha256 mismatch \(corrupted shared"):
+        compose(copy, segs)
+    table.unlink()
+    with pytest.raises(ExportError, match=rf"{table.name}: shared data file missing"):
+        compose(Manifest.load(d), segs)
 
 
 def test_layer_bytes_follow_the_types(model: tuple[Manifest, dict]) -> None:
