@@ -80,16 +80,15 @@ def model_cost(w: ModelWeights, manifest: Manifest) -> dict[str, Any]:
     # A token runs n_experts_used of a layer's n_experts: its FLOPs follow the active weights.
     active = c.n_experts_used / c.n_experts if c.moe else 1.0
 
-    def elements(i: int, experts: bool, matrices: bool = False) -> int:
+    def elements(i: int, experts: bool) -> int:
         return sum(
             int(np.prod(w.shape(t)))
             for t in w.layer_tensor_names(i)
-            if (".mlp.experts." in t) == experts and (not matrices or t.endswith(".weight"))
+            if (".mlp.experts." in t) == experts
         )
 
     dense = [elements(i, False) for i in range(c.n_layers)]
     expert = [elements(i, True) for i in range(c.n_layers)]
-    matrices = [elements(i, True, matrices=True) for i in range(c.n_layers)]
     layer_flops = [round(2 * (d + e * active)) for d, e in zip(dense, expert, strict=True)]
     emb = c.vocab_size * c.hidden_size
     variants: dict[str, dict[str, Any]] = {}
@@ -119,7 +118,7 @@ def model_cost(w: ModelWeights, manifest: Manifest) -> dict[str, Any]:
                 "experts_per_token": c.n_experts_used,
                 "layer_expert_bytes": [
                     _expert_bytes(
-                        manifest, i, top["layer_param_bytes"][i], dense[i], expert[i], matrices[i]
+                        manifest, i, top["layer_param_bytes"][i], expert[i], dense[i] + expert[i]
                     )
                     for i in range(c.n_layers)
                 ],
@@ -130,19 +129,17 @@ def model_cost(w: ModelWeights, manifest: Manifest) -> dict[str, Any]:
     }
 
 
-def _expert_bytes(
-    manifest: Manifest, layer: int, total: int, dense: int, expert: int, matrices: int
-) -> int:
-    """Bytes of one layer's experts in the variant devices load: MXFP4 matrices kept as
-    stored are 17 bytes per 32 weights (`fast_graph._Experts`), their biases fp32;
-    otherwise the experts' share of the layer's elements, an estimate when experts and
-    attention are stored alike."""
+def _expert_bytes(manifest: Manifest, layer: int, total: int, expert: int, all_: int) -> int:
+    """Bytes of one layer's experts in the variant devices load: as the contrib graph
+    measured them (`fast_graph._finish`), else the experts' share of the layer's elements
+    (exact for the standard graph, which stores everything in fp32)."""
     chosen = manifest.variant_of_cost()
     segs = [] if chosen is None else manifest.by_kind("layers", *chosen)
     seg = next((s for s in segs if s.layers == range(layer, layer + 1)), None)
-    if seg is not None and "MXFP4" in (seg.weights or {}).get("forms", {}):
-        return matrices * 17 // 32 + 4 * (expert - matrices)
-    return round(total * expert / max(1, dense + expert))
+    measured = (seg.weights or {}).get("expert_bytes") if seg is not None else None
+    if measured is not None:
+        return int(measured)
+    return round(total * expert / max(1, all_))
 
 
 def _variant_bytes(m: Manifest, graph: str, precision: str, n_layers: int) -> dict[str, Any] | None:

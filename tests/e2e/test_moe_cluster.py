@@ -1,5 +1,5 @@
 """gpt-oss across devices: a 4-agent cluster whose memory budgets make every replica span
-two devices serves a tiny gpt-oss (MXFP4 experts kept as stored, attention sinks, sliding
+two devices serves a tiny gpt-oss (MXFP4 experts as exact 4-bit parts, attention sinks, sliding
 layers of a 4-token window alternating with full ones) in the contrib graph, with a PREFILL
 and a DECODER replica: the prompt's KV (sliding layers included) moves from one to the
 other, and every answer equals the local path's token for token, for prompts several times
