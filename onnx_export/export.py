@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 # Part of every manifest fingerprint: bump when any builder writes a different graph, so model
 # directories exported by older code are rebuilt instead of reused (5: the screened head and
 # its unscreened alternative; 6: its finiteness check reads the row sum once; 7: every GGUF
-# type quantized (`onnx_export.quant`), RoPE tables in shared files, measured weight bytes).
-EXPORTER_VERSION = "7"
+# type quantized (`onnx_export.quant`), RoPE tables in shared files, measured weight bytes;
+# 8: gpt-oss, MXFP4 decoded from its blocks instead of re-encoded).
+EXPORTER_VERSION = "8"
 _ELEM: dict[int, str] = {
     onnx.TensorProto.FLOAT: "float32",
     onnx.TensorProto.INT64: "int64",
