@@ -439,7 +439,23 @@ class FogCore:
         if dev in self.registry.lost and not ev.retained:
             self.registry.lost.discard(dev)
             self._schedule_replan(f"device {dev} is back")
+        if watched and not ev.retained and msg.plan_version > self.version:
+            self._moved_on(dev, msg.plan_version)
         self._check_serving()
+
+    def _moved_on(self, dev: str, version: int) -> None:
+        """A device of ours runs a newer plan than ours: another orchestrator has taken
+        over (ours will see its lease and step down). Stop dispatching into a cluster we
+        no longer steer; what runs here restarts (not the requests' fault)."""
+        if self.phase == PlanPhase.SERVING:
+            self._log(
+                "warning",
+                "moved-on",
+                f"device {dev} runs plan v{version}, ours is v{self.version}: "
+                "another orchestrator serves; dispatch stops",
+            )
+            self.phase = PlanPhase.LOADING
+        self._requeue(lambda r: True, f"device {dev} moved on to plan v{version}", fault=False)
 
     def _on_profile(self, ev: DeviceProfileSeen) -> None:
         if self.registry.profile(ev.device_id, ev.msg, self.now):
@@ -1057,6 +1073,9 @@ class FogCore:
         if req is None or msg.attempt not in (None, req.attempt) or not req.running:
             return  # about an abandoned attempt, or not ours
         why = f"device {ev.device_id}: {msg.code.value}: {msg.message}"
+        if msg.code == ErrorCode.PLAN_VERSION and msg.plan_version > self.version:
+            self._moved_on(ev.device_id, msg.plan_version)
+            return
         if req.retries >= self.cfg.max_retries:
             self._fail(req, msg.code, why)
             return

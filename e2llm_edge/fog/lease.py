@@ -43,6 +43,14 @@ class LeaseView:
         ):
             self.holder_gone = True
 
+    def reconnected(self, now: float) -> None:
+        """We were cut off from the broker (e.g. it restarted): renewals we missed prove
+        nothing, and a last-will seen around the outage may be the broker's own shutdown.
+        The holder gets a fresh `ttl_s` to renew before we take over."""
+        if self.holder is not None and self.holder != self.me:
+            self.renewed_at = now
+            self.holder_gone = False
+
     def vacant(self, now: float, *, started: float, wait_s: float) -> bool:
         """A standby may take over: the holder is gone, its lease lapsed, or nobody has
         held one since we started `wait_s` ago (an empty cluster)."""

@@ -180,10 +180,15 @@ class Orchestrator:
             await bus.subscribe(t.ORCHESTRATOR_LEASE)
             await bus.subscribe(t.ORCHESTRATOR_STATE)
             log.info("%s: standing by", self.cfg.orchestrator_id)
+            connects = bus.stats.connects
             while True:
                 with contextlib.suppress(E2LLMError):
                     env = await bus.recv(timeout=TICK_S)
                     self._lease_message(env)
+                if bus.stats.connects != connects:
+                    # our own reconnect (a broker restart) says nothing of the holder
+                    connects = bus.stats.connects
+                    self.lease.reconnected(time.monotonic())
                 if self.lease.vacant(
                     time.monotonic(), started=started, wait_s=2 * self.cfg.lease_ttl_s
                 ):

@@ -394,3 +394,38 @@ def test_broker_reconnect_restarts_attempts_and_waits_for_devices() -> None:
     assert len(d.starts("r1")) == 1, "no dispatch before the devices are heard again"
     d.ready(d.published[-1])
     assert d.core.phase == c.PlanPhase.SERVING and len(d.starts("r1")) == 2
+
+
+def test_devices_moved_on_by_another_orchestrator_stop_dispatch_without_burning_retries() -> None:
+    """Split brain (a standby took over while we were cut off): a device refusing our
+    plan version because it runs a newer one is no fault of the request; we stop
+    dispatching instead of retrying into a cluster someone else steers."""
+    d = FogDriver(two_by_two())
+    d.boot()
+    d.submit("r1", max_new_tokens=4)
+    assert len(d.starts("r1")) == 1
+    for _ in range(d.cfg.max_retries + 2):
+        d.feed(
+            c.DeviceErrorArrived(
+                "p0",
+                m.ErrorReport(
+                    request_id=m.RequestId("r1"),
+                    attempt=d.core.requests["r1"].attempt,
+                    device_id=m.DeviceId("p0"),
+                    code=ErrorCode.PLAN_VERSION,
+                    message="message for plan v1, device p0 runs v2",
+                    plan_version=2,
+                ),
+            )
+        )
+    req = d.core.requests["r1"]
+    assert req.status == c.RequestStatus.QUEUED and req.retries == 0
+    assert d.core.phase == c.PlanPhase.LOADING and not d.finals("r1")
+    assert len(d.starts("r1")) == 1, "nothing dispatched into the other orchestrator's plan"
+    # the same news from a live device state
+    d2 = FogDriver(two_by_two())
+    d2.boot()
+    d2.submit("r2", max_new_tokens=4)
+    d2.state("d0", DeviceStatus.READY, version=2)
+    assert d2.core.phase == c.PlanPhase.LOADING
+    assert d2.core.requests["r2"].status == c.RequestStatus.QUEUED

@@ -52,3 +52,16 @@ def test_a_holder_that_sees_a_newer_epoch_steps_down() -> None:
     assert not v.superseded(3)
     v.seen_lease(lease("b", 4), 1.0)
     assert v.superseded(3)
+
+
+def test_a_standby_cut_off_by_a_broker_restart_gives_the_holder_a_fresh_ttl() -> None:
+    """Renewals missed while we were disconnected prove nothing: no takeover right after
+    our own reconnect, only if the holder then stays silent for a whole ttl."""
+    v = LeaseView("b")
+    v.seen_lease(lease("a", 4), 10.0)
+    v.seen_state(OrchestratorState(orchestrator_id="a", status="offline"))  # broker shutdown
+    v.reconnected(14.0)
+    assert not v.vacant(14.5, started=0.0, wait_s=6.0)
+    v.seen_lease(lease("a", 4), 15.0)
+    assert not v.vacant(17.5, started=0.0, wait_s=6.0)
+    assert v.vacant(18.5, started=0.0, wait_s=6.0)

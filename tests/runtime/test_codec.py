@@ -281,7 +281,7 @@ _plain = st.recursive(
 )
 
 
-@settings(max_examples=1500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@settings(max_examples=500, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 @given(
     kind=st.sampled_from([int(k) for k in m.Kind] + [0, 99]),
     rid=st.none() | st.text(max_size=4) | st.integers(),

@@ -105,6 +105,54 @@ def test_rerun_is_a_noop_and_ranges_add(tiny: tuple, tmp_path: Path) -> None:
     assert [s.name for s in m3.cover(0, 3)] == ["layer_00", "layers_01_03"]
 
 
+def test_an_unchanged_source_is_not_even_opened(
+    tiny: tuple, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every command that runs a model starts with export_model: with the source's size
+    and mtime as recorded, it neither parses nor hashes the GGUF; a touched file is hashed
+    once (same bytes: nothing re-exported) and a changed one is exported again."""
+    import onnx_export.export as ex
+
+    src = tmp_path / "m.gguf"
+    shutil.copy(tiny[0], src)
+    out = tmp_path / "out"
+    export_model(src, out, progress=False)
+    opened: list[Path] = []
+    real_open = ex.open_model
+
+    def counting_open(spec: object) -> object:
+        opened.append(Path(str(spec)))
+        return real_open(spec)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ex, "open_model", counting_open)
+    mtimes = {p.name: p.stat().st_mtime_ns for p in out.iterdir()}
+    export_model(src, out, progress=False)
+    assert opened == []
+    src.touch()
+    export_model(src, out, progress=False)
+    assert len(opened) == 1
+    assert {p.name: p.stat().st_mtime_ns for p in out.iterdir() if p.suffix == ".onnx"} == {
+        n: t for n, t in mtimes.items() if n.endswith(".onnx")
+    }
+    export_model(src, out, progress=False)
+    assert len(opened) == 1, "the new mtime was recorded"
+    m = export_model(src, out, ranges="1-3", progress=False)  # asks for more: opened
+    assert len(opened) == 2 and "layers_01_03" in [s.name for s in m.segments]
+    # same size and mtime but other bytes would fool the check, as it fools make: a real
+    # change moves the mtime
+    data = bytearray(src.read_bytes())
+    data[-1] ^= 1
+    src.write_bytes(bytes(data))
+    m = export_model(src, out, progress=False)
+    assert len(opened) == 3 and m.source["sha256"] != tiny_sha(tiny[0])
+
+
+def tiny_sha(p: Path) -> str:
+    from onnx_export.manifest import sha256_path
+
+    return sha256_path(p)
+
+
 def test_parse_ranges() -> None:
     assert parse_ranges("0-10,10-30", 30) == [(0, 10), (10, 30)]
     with pytest.raises(ExportError, match="START-END"):
