@@ -34,8 +34,9 @@ log = logging.getLogger(__name__)
 # Part of every manifest fingerprint: bump when any builder writes a different graph, so model
 # directories exported by older code are rebuilt instead of reused (5: the screened head and
 # its unscreened alternative; 6: its finiteness check reads the row sum once; 7: every GGUF
-# type quantized (`onnx_export.quant`), RoPE tables in shared files, measured weight bytes).
-EXPORTER_VERSION = "7"
+# type quantized (`onnx_export.quant`), RoPE tables in shared files, measured weight bytes;
+# 8: gpt-oss, MXFP4 decoded from its blocks instead of re-encoded).
+EXPORTER_VERSION = "8"
 _ELEM: dict[int, str] = {
     onnx.TensorProto.FLOAT: "float32",
     onnx.TensorProto.INT64: "int64",
@@ -77,10 +78,19 @@ def model_cost(w: ModelWeights, manifest: Manifest) -> dict[str, Any]:
     variant runtimes prefer (`Manifest.variant_of_cost`), the one devices load. FLOPs come
     from the tensors' shapes; no weight is read."""
     c = w.config
-    layer_flops = [
-        2 * sum(int(np.prod(w.shape(t))) for t in w.layer_tensor_names(i))
-        for i in range(c.n_layers)
-    ]
+    # A token runs n_experts_used of a layer's n_experts: its FLOPs follow the active weights.
+    active = c.n_experts_used / c.n_experts if c.moe else 1.0
+
+    def elements(i: int, experts: bool) -> int:
+        return sum(
+            int(np.prod(w.shape(t)))
+            for t in w.layer_tensor_names(i)
+            if (".mlp.experts." in t) == experts
+        )
+
+    dense = [elements(i, False) for i in range(c.n_layers)]
+    expert = [elements(i, True) for i in range(c.n_layers)]
+    layer_flops = [round(2 * (d + e * active)) for d, e in zip(dense, expert, strict=True)]
     emb = c.vocab_size * c.hidden_size
     variants: dict[str, dict[str, Any]] = {}
     for graph, precision in manifest.variants():
@@ -91,7 +101,7 @@ def model_cost(w: ModelWeights, manifest: Manifest) -> dict[str, Any]:
     top = variants.get(f"{chosen[0]}/{chosen[1]}") if chosen else None
     if top is None:  # nothing measured (no complete variant): fp32 weights
         top = {
-            "layer_param_bytes": [f // 2 * 4 for f in layer_flops],
+            "layer_param_bytes": [4 * (d + e) for d, e in zip(dense, expert, strict=True)],
             "embed_param_bytes": 4 * emb,
             "head_param_bytes": 4 * (emb + c.hidden_size),
         }
@@ -103,7 +113,34 @@ def model_cost(w: ModelWeights, manifest: Manifest) -> dict[str, Any]:
         "layer_flops_per_token": layer_flops,
         "head_flops_per_token": 2 * emb,
         "variants": variants,
+        **(
+            {
+                "n_experts": c.n_experts,
+                "experts_per_token": c.n_experts_used,
+                "layer_expert_bytes": [
+                    _expert_bytes(
+                        manifest, i, top["layer_param_bytes"][i], expert[i], dense[i] + expert[i]
+                    )
+                    for i in range(c.n_layers)
+                ],
+            }
+            if c.moe
+            else {}
+        ),
     }
+
+
+def _expert_bytes(manifest: Manifest, layer: int, total: int, expert: int, all_: int) -> int:
+    """Bytes of one layer's experts in the variant devices load: as the contrib graph
+    measured them (`fast_graph._finish`), else the experts' share of the layer's elements
+    (exact for the standard graph, which stores everything in fp32)."""
+    chosen = manifest.variant_of_cost()
+    segs = [] if chosen is None else manifest.by_kind("layers", *chosen)
+    seg = next((s for s in segs if s.layers == range(layer, layer + 1)), None)
+    measured = (seg.weights or {}).get("expert_bytes") if seg is not None else None
+    if measured is not None:
+        return int(measured)
+    return round(total * expert / max(1, all_))
 
 
 def _variant_bytes(m: Manifest, graph: str, precision: str, n_layers: int) -> dict[str, Any] | None:

@@ -194,6 +194,80 @@ def linear(
     return y
 
 
+def softmax_with_sink(
+    g: GraphBuilder, scores: str, sinks: np.ndarray, name: str, nkv: int, grp: int
+) -> str:
+    """gpt-oss's attention sinks: each head's learned logit joins the softmax over the keys
+    `(B, nkv, g, T, S)` as one more column, which is then dropped (probabilities sum to
+    less than one)."""
+    sink = g.init(name, sinks.astype(np.float32).reshape(1, nkv, grp, 1, 1))
+    lead = g.op("Slice", [g.op("Shape", [scores]), g.const([0]), g.const([4])])
+    col = g.op("Expand", [sink, g.op("Concat", [lead, g.const([1])], axis=0)])
+    probs = g.op("Softmax", [g.op("Concat", [scores, col], axis=-1)], axis=-1)
+    return g.op("Slice", [probs, g.const([0]), g.const([-1]), g.const([-1])], hint="probs")
+
+
+def clamped_swiglu(g: GraphBuilder, cfg: ModelConfig, gate: str, up: str) -> str:
+    """gpt-oss's expert activation, in transformers' order of operations:
+    (clip(up, -l, l) + 1) * min(gate, l) * sigmoid(alpha * min(gate, l))."""
+    if cfg.swiglu_limit is not None:
+        lim = cfg.swiglu_limit
+        gate = g.op("Min", [gate, g.const(lim, np.float32)])
+        up = g.op("Clip", [up, g.const(-lim, np.float32), g.const(lim, np.float32)])
+    glu = g.op(
+        "Mul", [gate, g.op("Sigmoid", [g.op("Mul", [gate, g.const(cfg.swiglu_alpha, np.float32)])])]
+    )
+    return g.op("Mul", [g.op("Add", [up, g.const(1.0, np.float32)]), glu], hint="swiglu")
+
+
+def moe_block(
+    g: GraphBuilder,
+    cfg: ModelConfig,
+    x: str,
+    router_w: np.ndarray,
+    router_b: np.ndarray,
+    name: str,
+    expert: Callable[[str, int, str], str],
+) -> str:
+    """The mixture of experts over tokens `x (M, H)` -> `(M, H)`: the router's top-k logits,
+    softmaxed, weigh the chosen experts' outputs.
+
+    Each expert runs only on the tokens that chose it: its token rows are found with NonZero,
+    gathered, passed through `expert(rows, e, "gate"|"up"|"down")` (rows @ W.T + b, however
+    the weights are stored) and added back with ScatterND, in expert order as transformers
+    adds them. An expert no token chose runs on zero rows, which costs nothing, so a decode
+    step computes k experts per token, never all of them.
+    """
+    logits = linear(g, x, router_w, name, router_b)  # (M, E)
+    top, idx = g.fresh("top"), g.fresh("experts")
+    g.nodes.append(
+        helper.make_node(
+            "TopK",
+            [logits, g.const([cfg.n_experts_used])],
+            [top, idx],
+            axis=-1,
+            largest=1,
+            sorted=1,
+        )
+    )
+    weights = g.op("Softmax", [top], axis=-1)  # (M, k)
+    acc = g.op("Mul", [x, g.const(0.0, np.float32)])  # zeros (M, H)
+    for e in range(cfg.n_experts):
+        hit = g.op("NonZero", [g.op("Equal", [idx, g.const(e)])])  # (2, n): token, slot
+        pairs = g.op("Transpose", [hit], perm=[1, 0])  # (n, 2)
+        tok = g.op("Reshape", [g.op("Gather", [hit, g.const([0])], axis=0), g.const([-1])])
+        rows = g.op("Gather", [x, tok], axis=0)  # (n, H)
+        act = clamped_swiglu(g, cfg, expert(rows, e, "gate"), expert(rows, e, "up"))
+        out = expert(act, e, "down")  # (n, H)
+        w = g.op("Unsqueeze", [g.op("GatherND", [weights, pairs]), g.const([-1])])
+        acc = g.op(
+            "ScatterND",
+            [acc, g.op("Unsqueeze", [tok, g.const([-1])]), g.op("Mul", [out, w])],
+            reduction="add",
+        )
+    return acc
+
+
 @dataclass
 class LayerIO:
     """Names shared by all layers of one segment: RoPE tables and masks are built once per
@@ -290,14 +364,18 @@ def decoder_layer(
     if cfg.attn_softcap is not None:
         scores = softcap(g, scores, cfg.attn_softcap)
     scores = g.op("Add", [scores, io.mask(g, cfg, idx)])
-    probs = g.op("Softmax", [scores], axis=-1)
+    if cfg.attn_sinks:
+        probs = softmax_with_sink(g, scores, get(p + "self_attn.sinks"), p + "sinks", nkv, grp)
+    else:
+        probs = g.op("Softmax", [scores], axis=-1)
     ctx = g.op("MatMul", [probs, v5])  # (B, nkv, g, T, d)
     ctx = g.op(
         "Reshape", [ctx, g.op("Concat", [io.b_dim, g.const([nh]), io.t_dim, g.const([d])], axis=0)]
     )  # (B, nh, T, d)
     ctx = g.op("Transpose", [ctx], perm=[0, 2, 1, 3])  # (B, T, nh, d)
     ctx = g.op("Reshape", [ctx, g.op("Concat", [io.b_dim, io.t_dim, g.const([nh * d])], axis=0)])
-    attn = linear(g, ctx, get(p + "self_attn.o_proj.weight"), p + "o_proj")
+    o_bias = get(p + "self_attn.o_proj.bias") if cfg.o_bias else None
+    attn = linear(g, ctx, get(p + "self_attn.o_proj.weight"), p + "o_proj", o_bias)
     if cfg.sandwich_norm:
         attn = norm(attn, "post_attention_layernorm.weight")
     x = g.op("Add", [x, attn])
@@ -308,6 +386,17 @@ def decoder_layer(
         if cfg.sandwich_norm
         else "post_attention_layernorm.weight",
     )
+    if cfg.moe:
+
+        def expert(x: str, e: int, n: str) -> str:
+            q = f"{p}mlp.experts.{e}.{n}_proj."
+            return linear(g, x, get(q + "weight"), q[:-1], get(q + "bias"))
+
+        flat = g.op("Reshape", [h2, g.const([-1, cfg.hidden_size])])
+        router = (get(p + "mlp.router.weight"), get(p + "mlp.router.bias"))
+        moe = moe_block(g, cfg, flat, *router, p + "mlp.router", expert)
+        moe = g.op("Reshape", [moe, g.op("Shape", [x])])
+        return g.op("Add", [x, moe], hint="hidden"), present_k, present_v
     gate = linear(g, h2, get(p + "mlp.gate_proj.weight"), p + "gate_proj")
     up = linear(g, h2, get(p + "mlp.up_proj.weight"), p + "up_proj")
     if cfg.hidden_act == "gelu_tanh":

@@ -169,6 +169,17 @@ def _iq4_xs(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     return _IQ4[q], d * ls, None
 
 
+_MXFP4 = np.array([0, 1, 2, 3, 4, 6, 8, 12, 0, -1, -2, -3, -4, -6, -8, -12], np.int16)
+
+
+def _mxfp4(b: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """gpt-oss's experts: an E8M0 exponent e and 32 E2M1 codes (low nibbles 0-15, high
+    16-31); gguf's value is the doubled E2M1 value (an integer in [-12, 12]) times
+    2^(e - 128), a power of two exact in fp32 for every e (2^-128 is subnormal)."""
+    q = _shifts(b[:, 1:17], (b.shape[0], 1, 16), [0, 4], 0x0F).reshape(b.shape[0], 32)
+    return _MXFP4[q], np.ldexp(np.float32(1), b[:, :1].astype(np.int32) - 128), None
+
+
 LAYOUTS: dict[str, Layout] = {
     "Q4_0": Layout(32, -8, 7, False, _q4_0),
     "Q4_1": Layout(32, 0, 15, True, _q4_1),
@@ -182,6 +193,7 @@ LAYOUTS: dict[str, Layout] = {
     "Q6_K": Layout(16, -32, 31, False, _q6_k),
     "IQ4_NL": Layout(32, -127, 113, False, _iq4_nl),
     "IQ4_XS": Layout(32, -127, 113, False, _iq4_xs),
+    "MXFP4": Layout(32, -12, 12, False, _mxfp4),
 }
 """Every GGUF type with an exact MatMulNBits form. IQ4_NL/IQ4_XS (a 16-entry codebook of
 int8 values) are llama.cpp's fallback for K-quants on rows not a multiple of 256."""
@@ -318,7 +330,7 @@ def to_nbits(qtype: str, data: np.ndarray, k: int, max_bits: int = 4) -> QMatrix
     exact in fp32 (always so in both real Qwen files and SmolLM2); a matrix where it is not
     keeps uncentred codes.
 
-    Other types gguf can read (IQ1-IQ3, TQ1_0/TQ2_0, MXFP4: codebooks of small integers)
+    Other types gguf can read (IQ1-IQ3, TQ1_0/TQ2_0: codebooks of small integers)
     get the nearest exact wider form, Q8_0's: 8-bit codes times one scale per block of 32
     (else 16) found in gguf's own values (`reencode`). NoExactForm when neither works.
     """

@@ -33,6 +33,8 @@ def inv_freq(cfg: ModelConfig, sliding: bool = False) -> np.ndarray:
         return (base / np.asarray(s["factors"], np.float32)).astype(np.float32)
     if s["type"] == "llama3":
         return _llama3(base, s)
+    if s["type"] == "yarn":
+        return _yarn(cfg.rope_theta, dim, s)
     raise ValueError(f"unknown rope scaling {s['type']!r}")
 
 
@@ -56,6 +58,33 @@ def _llama3(base: np.ndarray, s: dict[str, Any]) -> np.ndarray:
     smoothed = (f32(1) - smooth) * scaled / factor + smooth * scaled
     medium = ~(wavelen < high_wavelen) & ~(wavelen > low_wavelen)
     return np.where(medium, smoothed, scaled).astype(f32)
+
+
+def _yarn(theta: float, dim: int, s: dict[str, Any]) -> np.ndarray:
+    """transformers' `_compute_yarn_parameters` (gpt-oss): inverse frequencies blended between
+    interpolated and extrapolated by a linear ramp over the dimensions, in fp32 as torch
+    computes them (float64 correction range, as Python floats there)."""
+    f32 = np.float32
+    factor, old = float(s["factor"]), float(s["original_max_position_embeddings"])
+    beta_fast, beta_slow = float(s.get("beta_fast") or 32), float(s.get("beta_slow") or 1)
+
+    def corr(rot: float) -> float:
+        return (dim * math.log(old / (rot * 2 * math.pi))) / (2 * math.log(theta))
+
+    low, high = corr(beta_fast), corr(beta_slow)
+    if s.get("truncate", True):
+        low, high = math.floor(low), math.ceil(high)
+    low, high = max(low, 0), min(high, dim - 1)
+    if low == high:
+        high += 0.001
+    ramp = np.clip((np.arange(dim // 2, dtype=f32) - f32(low)) / f32(high - low), 0, 1).astype(f32)
+    pos_freqs = (
+        f32(theta) ** (np.arange(0, dim, 2, dtype=np.int64).astype(f32) / f32(dim))
+    ).astype(f32)
+    extra = (f32(1.0) / pos_freqs).astype(f32)
+    inter = (f32(1.0) / (f32(factor) * pos_freqs)).astype(f32)
+    keep = (f32(1) - ramp).astype(f32)
+    return (inter * (f32(1) - keep) + extra * keep).astype(f32)
 
 
 def cos_sin(cfg: ModelConfig, sliding: bool = False) -> tuple[np.ndarray, np.ndarray]:

@@ -39,7 +39,7 @@ DEFAULT_MODEL_NAME = "smollm2-135m-instruct-q4_1"
 
 # GGUF `general.architecture` values the graph builders cover. Mistral models are written by
 # llama.cpp's converter as "llama" (the same layer; a sliding window, if any, is ignored there).
-GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3")
+GGUF_ARCHITECTURES = ("llama", "qwen2", "qwen3", "phi3", "gemma2", "gemma3", "gpt-oss")
 HF_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
     "MistralForCausalLM": "mistral",
@@ -48,12 +48,11 @@ HF_ARCHITECTURES = {
     "Phi3ForCausalLM": "phi3",
     "Gemma2ForCausalLM": "gemma2",
     "Gemma3ForCausalLM": "gemma3",
+    "GptOssForCausalLM": "gpt-oss",
 }
 SUPPORTED_ARCHITECTURES = sorted({*GGUF_ARCHITECTURES, *HF_ARCHITECTURES.values()})
 # Refused with a reason rather than the generic list.
 _KNOWN_UNSUPPORTED = {
-    "gpt-oss": "a mixture-of-experts model (its own issue)",
-    "GptOssForCausalLM": "a mixture-of-experts model (its own issue)",
     "Gemma3ForConditionalGeneration": "the multimodal Gemma 3 (export its text model, or a GGUF)",
 }
 # llama.cpp's converter permutes Q/K rows (interleaved rotary) only for the llama family.
@@ -167,6 +166,18 @@ class ModelConfig:
     final_softcap: float | None = None
     attn_scale: float | None = None
     """Attention score scale; None = 1/sqrt(head_dim)."""
+    n_experts: int = 0
+    """Mixture of experts (gpt-oss): experts per layer (0 = a dense MLP); each has
+    `intermediate_size` hidden units, `n_experts_used` of them run per token."""
+    n_experts_used: int = 0
+    swiglu_alpha: float = 1.702
+    swiglu_limit: float | None = None
+    """gpt-oss's clamped SwiGLU: gate <= limit, -limit <= up <= limit,
+    out = (up + 1) * gate * sigmoid(alpha * gate)."""
+    attn_sinks: bool = False
+    """A learned logit per head joins each query's softmax and is dropped (gpt-oss)."""
+    o_bias: bool = False
+    """The attention output projection has a bias (gpt-oss)."""
 
     @property
     def rot_dim(self) -> int:
@@ -175,6 +186,10 @@ class ModelConfig:
     @property
     def scale(self) -> float:
         return self.attn_scale if self.attn_scale is not None else 1.0 / math.sqrt(self.head_dim)
+
+    @property
+    def moe(self) -> bool:
+        return self.n_experts > 0
 
     def is_sliding(self, layer: int) -> bool:
         return self.sliding_window is not None and layer in self.sliding_layers
@@ -285,8 +300,21 @@ def required_tensors(cfg: ModelConfig) -> list[str]:
         "input_layernorm.weight",
         "post_attention_layernorm.weight",
         *(f"self_attn.{n}_proj.weight" for n in "qkvo"),
-        *(f"mlp.{n}_proj.weight" for n in ("gate", "up", "down")),
     ]
+    if cfg.moe:
+        per_layer += ["mlp.router.weight", "mlp.router.bias"]
+        per_layer += [
+            f"mlp.experts.{e}.{n}_proj.{k}"
+            for e in range(cfg.n_experts)
+            for n in ("gate", "up", "down")
+            for k in ("weight", "bias")
+        ]
+    else:
+        per_layer += [f"mlp.{n}_proj.weight" for n in ("gate", "up", "down")]
+    if cfg.o_bias:
+        per_layer.append("self_attn.o_proj.bias")
+    if cfg.attn_sinks:
+        per_layer.append("self_attn.sinks")
     if cfg.attention_bias:
         per_layer += [f"self_attn.{n}_proj.bias" for n in "qkv"]
     if cfg.qk_norm:
@@ -342,6 +370,19 @@ _GGUF_TO_HF_SANDWICH = {
     "ffn_norm.weight": "pre_feedforward_layernorm.weight",
     "post_ffw_norm.weight": "post_feedforward_layernorm.weight",
 }
+# gpt-oss: a norm before the MoE block, attention biases and sinks, a router; its experts are
+# 3-D tensors (expert, out, in), split per expert by `_GGUF_EXPERTS`.
+_GGUF_TO_HF_MOE = {
+    **{k: v for k, v in _GGUF_TO_HF.items() if not k.startswith(("ffn_", "attn_q_", "attn_k_"))},
+    "post_attention_norm.weight": "post_attention_layernorm.weight",
+    "attn_output.bias": "self_attn.o_proj.bias",
+    "attn_sinks.weight": "self_attn.sinks",
+    "ffn_gate_inp.weight": "mlp.router.weight",
+    "ffn_gate_inp.bias": "mlp.router.bias",
+}
+_GGUF_EXPERTS = {
+    f"ffn_{n}_exps.{k}": f"{n}_proj.{k}" for n in ("gate", "up", "down") for k in ("weight", "bias")
+}
 # Phi-3 fuses projections: GGUF tensor -> HF names of its row blocks.
 _FUSED = {"attn_qkv.weight": ("q", "k", "v"), "ffn_up.weight": ("gate", "up")}
 
@@ -370,6 +411,7 @@ class _Slice:
     gguf: str
     rows: tuple[int, int] | None = None
     heads: int = 0  # > 0: un-permute Q/K rows for this many heads
+    expert: int | None = None  # one expert's slab of a 3-D (expert, out, in) tensor
 
 
 def load_gguf(path: Path) -> ModelWeights:
@@ -404,6 +446,8 @@ def load_gguf(path: Path) -> ModelWeights:
     cfg = _gguf_config(path, str(arch), key, req, tensors, reader)
     permute = arch in _PERMUTED_QK
     table = _GGUF_TO_HF_SANDWICH if cfg.sandwich_norm else _GGUF_TO_HF
+    if cfg.moe:
+        table = _GGUF_TO_HF_MOE
     where: dict[str, _Slice] = {
         "model.embed_tokens.weight": _Slice("token_embd.weight"),
         "model.norm.weight": _Slice("output_norm.weight"),
@@ -426,6 +470,10 @@ def load_gguf(path: Path) -> ModelWeights:
                 where[f"{p}{sub}.{part}_proj.weight"] = _Slice(name, (start, start + size))
                 start += size
             continue
+        if cfg.moe and rest in _GGUF_EXPERTS:
+            for e in range(cfg.n_experts):
+                where[f"{p}mlp.experts.{e}.{_GGUF_EXPERTS[rest]}"] = _Slice(name, expert=e)
+            continue
         hf = table.get(rest)
         if hf is None:
             continue
@@ -445,6 +493,8 @@ def load_gguf(path: Path) -> ModelWeights:
     def shape_of(hf_name: str) -> tuple[int, ...]:
         s = where[hf_name]
         shape = tuple(int(x) for x in reversed(tensors[s.gguf].shape))
+        if s.expert is not None:
+            shape = shape[1:]
         if s.rows is not None:
             shape = (s.rows[1] - s.rows[0], *shape[1:])
         return shape
@@ -461,6 +511,9 @@ def load_gguf(path: Path) -> ModelWeights:
         t = tensors[s.gguf]
         full = tuple(int(x) for x in reversed(t.shape))
         data = np.asarray(t.data)
+        if s.expert is not None:
+            data = data.reshape(full[0], -1)[s.expert]
+            full = full[1:]
         if len(full) == 1:
             return place(s, quants.dequantize(data, t.tensor_type).astype(np.float32).ravel())
         rows = data.reshape(full[0], -1)
@@ -490,6 +543,9 @@ def load_gguf(path: Path) -> ModelWeights:
         t = tensors[s.gguf]
         data = np.asarray(t.data)
         full = tuple(int(x) for x in reversed(t.shape))
+        if s.expert is not None:
+            data = data.reshape(full[0], -1)[s.expert]
+            full = full[1:]
         if data.ndim == 1 and len(full) > 1:
             data = data.reshape(full[0], -1)
         return RawTensor(t.tensor_type.name, place(s, data), shape_of(hf_name))
@@ -606,6 +662,10 @@ def _gguf_config(
         sliding_window = int(window)
         sliding_layers = [i for i in range(n_layers) if i % 6 < 5]
         local_theta = float(key("rope.freq_base_swa", 10000.0))
+    elif arch == "gpt-oss" and window:
+        # llama.cpp's swa pattern 2 and transformers' default layer_types: even layers slide.
+        sliding_window = int(window)
+        sliding_layers = [i for i in range(n_layers) if i % 2 == 0]
     elif arch == "phi3" and window:
         # transformers applies Phi-3's window (llama.cpp disables it): same tokens within it.
         sliding_window = int(window)
@@ -624,11 +684,14 @@ def _gguf_config(
         big = (arch, n_layers) in (("gemma2", 46), ("gemma3", 62))
         attn_scale = 1.0 / math.sqrt(hidden // n_heads if big else head_dim)
     attn_softcap = key("attn_logit_softcapping") if arch == "gemma2" else None
+    moe = arch == "gpt-oss"
+    n_experts = int(req("expert_count")) if moe else 0
+    ffn = int(key("expert_feed_forward_length") or req("feed_forward_length")) if moe else 0
     return ModelConfig(
         architecture=arch,
         n_layers=n_layers,
         hidden_size=hidden,
-        intermediate_size=int(req("feed_forward_length")),
+        intermediate_size=ffn or int(req("feed_forward_length")),
         n_heads=n_heads,
         n_kv_heads=int(key("attention.head_count_kv", n_heads)),
         head_dim=head_dim,
@@ -652,6 +715,12 @@ def _gguf_config(
         attn_softcap=float(attn_softcap) if attn_softcap else None,
         final_softcap=float(key("final_logit_softcapping") or 0) or None,
         attn_scale=attn_scale,
+        n_experts=n_experts,
+        n_experts_used=int(req("expert_used_count")) if moe else 0,
+        # llama.cpp's gpt-oss constants (its GGUFs carry no keys for them)
+        swiglu_limit=float(key("swiglu_limit", 7.0)) if moe else None,
+        attn_sinks="blk.0.attn_sinks.weight" in tensors,
+        o_bias="blk.0.attn_output.bias" in tensors,
     )
 
 
@@ -677,10 +746,45 @@ def _gguf_rope_scaling(
         return None
     if kind == "linear":
         return {"type": "linear", "factor": float(key("rope.scaling.factor", 1.0))}
+    if kind == "yarn":
+        orig = key("rope.scaling.original_context_length")
+        if orig is None:
+            raise ExportError(
+                f"{path}: metadata {arch}.rope.scaling.original_context_length missing"
+            )
+        return yarn_scaling(
+            {
+                "factor": float(key("rope.scaling.factor", 1.0)),
+                "original_max_position_embeddings": int(orig),
+                "beta_fast": float(key("rope.scaling.yarn_beta_fast", 32.0)),
+                "beta_slow": float(key("rope.scaling.yarn_beta_slow", 1.0)),
+                # gpt-oss's reference (and transformers' gpt-oss config) does not round the
+                # correction range; a GGUF does not say.
+                "truncate": arch != "gpt-oss",
+            }
+        )
     raise ExportError(
         f"{path}: metadata {arch}.rope.scaling.type = {kind!r} is not supported "
-        "(supported: none, linear, Llama 3 rope_freqs, Phi-3 rope factors)"
+        "(supported: none, linear, yarn, Llama 3 rope_freqs, Phi-3 rope factors)"
     )
+
+
+def yarn_scaling(p: dict[str, Any]) -> dict[str, Any]:
+    """The config's YaRN parameters with the cos/sin factor resolved (0.1 ln(factor) + 1 when
+    not given, as transformers)."""
+    factor = float(p["factor"])
+    attn = p.get("attention_factor")
+    if attn is None:
+        attn = 1.0 if factor <= 1 else 0.1 * math.log(factor) + 1.0
+    return {
+        "type": "yarn",
+        "factor": factor,
+        "original_max_position_embeddings": float(p["original_max_position_embeddings"]),
+        "beta_fast": float(p.get("beta_fast") or 32),
+        "beta_slow": float(p.get("beta_slow") or 1),
+        "truncate": bool(p.get("truncate", True)),
+        "attention_factor": float(attn),
+    }
 
 
 def _opt_int(v: Any) -> int | None:
@@ -733,9 +837,12 @@ def _index_safetensors(files: list[Path]) -> dict[str, _StEntry]:
     return index
 
 
-def _read_st(e: _StEntry) -> np.ndarray:
+def _read_st(e: _StEntry, first: int | None = None) -> np.ndarray:
+    """The tensor as fp32; with `first`, only that index of its first axis (one expert)."""
     raw = np.memmap(e.file, dtype=np.uint8, mode="r", offset=e.start, shape=(e.end - e.start,))
     arr = raw.view(_ST_DTYPES[e.dtype]).reshape(e.shape)
+    if first is not None:
+        arr = arr[first]
     if e.dtype == "BF16":  # the top half of a float32
         return (arr.astype(np.uint32) << 16).view(np.float32)
     return arr.astype(np.float32)
@@ -767,8 +874,10 @@ def _hf_rope_scaling(cfg_path: Path, p: dict[str, Any], dim: int) -> dict[str, A
     if kind == "llama3":
         keys = ("factor", "low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
         return {"type": "llama3", **{k: float(p[k]) for k in keys}}
+    if kind == "yarn":
+        return yarn_scaling(p)
     raise ExportError(
-        f"{cfg_path}: rope scaling {kind!r} is not supported (supported: linear, llama3)"
+        f"{cfg_path}: rope scaling {kind!r} is not supported (supported: linear, llama3, yarn)"
     )
 
 
@@ -794,6 +903,9 @@ def load_hf_dir(path: Path) -> ModelWeights:
     fused = arch == "phi3"
     gemma = arch in ("gemma2", "gemma3")
     where: dict[str, tuple[str, tuple[int, int] | None]] = {}
+    # gpt-oss experts: name -> (tensor, expert, part); gate/up interleaved along the last
+    # axis of gate_up_proj (E, H, 2I), matrices stored (in, out).
+    experts: dict[str, tuple[str, int, str]] = {}
     q_rows, kv_rows = cfg.n_heads * cfg.head_dim, cfg.n_kv_heads * cfg.head_dim
     for k in index:
         if fused and k.endswith("self_attn.qkv_proj.weight"):
@@ -801,6 +913,19 @@ def load_hf_dir(path: Path) -> ModelWeights:
             where[p + "q_proj.weight"] = (k, (0, q_rows))
             where[p + "k_proj.weight"] = (k, (q_rows, q_rows + kv_rows))
             where[p + "v_proj.weight"] = (k, (q_rows + kv_rows, q_rows + 2 * kv_rows))
+        elif cfg.moe and ".mlp.experts." in k:
+            p = k[: k.index("experts.") + len("experts.")]
+            stem = k[len(p) :]
+            parts = {
+                "gate_up_proj": (("gate", "weight"), ("up", "weight")),
+                "gate_up_proj_bias": (("gate", "bias"), ("up", "bias")),
+                "down_proj": (("down", "weight"),),
+                "down_proj_bias": (("down", "bias"),),
+            }.get(stem, ())
+            for e in range(cfg.n_experts):
+                for j, (proj, kind) in enumerate(parts):
+                    part = proj if len(parts) == 1 else ("even", "odd")[j]
+                    experts[f"{p}{e}.{proj}_proj.{kind}"] = (k, e, part)
         elif fused and k.endswith("mlp.gate_up_proj.weight"):
             p = k[: -len("gate_up_proj.weight")]
             n = cfg.intermediate_size
@@ -809,7 +934,16 @@ def load_hf_dir(path: Path) -> ModelWeights:
         else:
             where[k] = (k, None)
 
+    def expert(name: str) -> np.ndarray:
+        k, e, part = experts[name]
+        arr = _read_st(index[k], e)
+        if part in ("even", "odd"):
+            arr = arr[..., 0 if part == "even" else 1 :: 2]
+        return np.ascontiguousarray(arr.T, dtype=np.float32)  # (out, in) as every matrix
+
     def get(name: str) -> np.ndarray:
+        if name in experts:
+            return expert(name)
         k, rows = where[name]
         arr = _read_st(index[k])
         if rows is not None:
@@ -819,6 +953,12 @@ def load_hf_dir(path: Path) -> ModelWeights:
         return np.ascontiguousarray(arr, dtype=np.float32)
 
     def shape_of(name: str) -> tuple[int, ...]:
+        if name in experts:
+            k, _, part = experts[name]
+            inner = index[k].shape[1:]
+            if part in ("even", "odd"):
+                inner = (*inner[:-1], inner[-1] // 2)
+            return tuple(reversed(inner))
         k, rows = where[name]
         shape = index[k].shape
         return shape if rows is None else (rows[1] - rows[0], *shape[1:])
@@ -847,7 +987,7 @@ def load_hf_dir(path: Path) -> ModelWeights:
         config=cfg,
         tokenizer=tok,
         _get=get,
-        names=set(where),
+        names=set(where) | set(experts),
         _shape=shape_of,
         source={"kind": "hf", "path": str(path.resolve())},
     )
@@ -896,6 +1036,7 @@ def _hf_config(cfg_path: Path, hf: dict[str, Any], arch: str, has_head: bool) ->
         if act not in acts:
             raise ExportError(f"{cfg_path}: hidden activation {act!r} is not supported")
         eos = hf.get("eos_token_id")
+        moe = arch == "gpt-oss"
         return ModelConfig(
             architecture=arch,
             n_layers=n_layers,
@@ -924,6 +1065,12 @@ def _hf_config(cfg_path: Path, hf: dict[str, Any], arch: str, has_head: bool) ->
             attn_softcap=_opt_float(hf.get("attn_logit_softcapping")),
             final_softcap=_opt_float(hf.get("final_logit_softcapping")),
             attn_scale=float(hf["query_pre_attn_scalar"]) ** -0.5 if gemma else None,
+            n_experts=int(hf["num_local_experts"]) if moe else 0,
+            n_experts_used=int(hf["num_experts_per_tok"]) if moe else 0,
+            swiglu_alpha=float(hf.get("swiglu_alpha", 1.702)),
+            swiglu_limit=float(hf.get("swiglu_limit", 7.0)) if moe else None,
+            attn_sinks=moe,
+            o_bias=moe and bool(hf.get("attention_bias", True)),
         )
     except KeyError as exc:
         raise ExportError(f"{cfg_path}: field {exc.args[0]!r} is missing") from None

@@ -120,6 +120,15 @@ class ModelSpec:
             activation_bytes_per_token=_num(cost, "activation_bytes_per_token", f"{name}: cost"),
             layer_flops_per_token=_list(cost, "layer_flops_per_token", f"{name}: cost"),
             head_flops_per_token=_num(cost, "head_flops_per_token", f"{name}: cost"),
+            # mixture of experts (gpt-oss manifests): FLOPs already follow the active
+            # experts; these let decode traffic follow the experts a batch touches
+            n_experts=_int(cost, "n_experts", f"{name}: cost") if "n_experts" in cost else 1,
+            experts_per_token=(
+                _int(cost, "experts_per_token", f"{name}: cost") if "n_experts" in cost else 1
+            ),
+            layer_expert_bytes=(
+                _list(cost, "layer_expert_bytes", f"{name}: cost") if "n_experts" in cost else ()
+            ),
         )
 
     @classmethod
@@ -213,11 +222,47 @@ def load_model_description(path: str | Path) -> ModelSpec:
     if "config" in data and "cost" in data:
         return ModelSpec.from_manifest(data)
     kwargs = dict(data)
+    if "hf_config" in kwargs:
+        kwargs = {**_from_hf_config(p, p.parent / str(kwargs.pop("hf_config"))), **kwargs}
     kwargs.setdefault("name", p.stem)
     try:
         return ModelSpec.from_description(**kwargs)
     except TypeError as e:
         raise ModelSpecError(f"{p}: {e}") from e
+
+
+# config.json field -> description field (Llama lineage and gpt-oss/Mixtral MoE names)
+_HF_FIELDS = {
+    "num_hidden_layers": "n_layers",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_attention_heads": "n_heads",
+    "num_key_value_heads": "n_kv_heads",
+    "head_dim": "head_dim",
+    "vocab_size": "vocab_size",
+    "tie_word_embeddings": "tie_word_embeddings",
+    "num_local_experts": "n_experts",
+    "num_experts_per_tok": "experts_per_token",
+}
+
+
+def _from_hf_config(desc: Path, path: Path) -> dict[str, Any]:
+    """Description fields from a Hugging Face config.json named by a description."""
+    import json
+
+    try:
+        hf = json.loads(path.read_text())
+    except OSError as e:
+        raise ModelSpecError(f"{desc}: hf_config: cannot read {path}: {e}") from e
+    except json.JSONDecodeError as e:
+        raise ModelSpecError(f"{desc}: hf_config: {path} is not valid JSON: {e}") from e
+    if not isinstance(hf, Mapping):
+        raise ModelSpecError(f"{desc}: hf_config: {path} is not a JSON object")
+    out = {ours: hf[theirs] for theirs, ours in _HF_FIELDS.items() if theirs in hf}
+    if "head_dim" not in out and "hidden_size" in hf and "num_attention_heads" in hf:
+        out["head_dim"] = int(hf["hidden_size"]) // int(hf["num_attention_heads"])
+    out.setdefault("n_kv_heads", out.get("n_heads"))
+    return out
 
 
 def _section(d: Mapping[str, Any], key: str, name: str) -> Mapping[str, Any]:

@@ -100,10 +100,31 @@ ARCHS: dict[str, Arch] = {
         "gemma3",
         {"sliding_window": 4, "sliding_window_pattern": 3, "rope_freq_base_swa": 1000.0},
     ),
+    # 8 experts, 2 per token; alternating 4-token sliding and full layers (prompts longer than
+    # the window), YaRN (truncate false, as gpt-oss ships it), attention sinks.
+    "gpt-oss": Arch(
+        "GptOssForCausalLM",
+        {
+            "intermediate_size": 32,
+            "num_local_experts": 8,
+            "num_experts_per_tok": 2,
+            "sliding_window": 4,
+            "rope_parameters": {
+                "rope_type": "yarn",
+                "rope_theta": 10000.0,
+                "factor": 4.0,
+                "beta_fast": 32.0,
+                "beta_slow": 1.0,
+                "truncate": False,
+                "original_max_position_embeddings": 64,
+            },
+        },
+        "gpt-oss",
+    ),
 }
 
 
-def reference_model(name: str, seed: int = 0) -> Any:
+def reference_model(name: str, seed: int = 0, layers: int | None = None) -> Any:
     """The transformers model (fp32, eager attention) with weights drawn large enough that
     greedy choices are clear."""
     import torch
@@ -111,6 +132,10 @@ def reference_model(name: str, seed: int = 0) -> Any:
 
     spec = ARCHS[name]
     cfg_kwargs = {**BASE, **spec.config}
+    if layers is not None:
+        cfg_kwargs["num_hidden_layers"] = layers
+    if "rope_parameters" in spec.config:
+        cfg_kwargs.pop("rope_theta")
     if name == "gemma3":
         cfg = transformers.Gemma3TextConfig(**cfg_kwargs)
     else:
@@ -144,8 +169,16 @@ def greedy_reference(model: Any, prompt: list[int], n: int) -> tuple[list[int], 
     return ids[len(prompt) :], logits
 
 
-def _tokenizer() -> TokenizerData:
+HARMONY_SPECIALS = ["<|start|>", "<|end|>", "<|message|>", "<|channel|>", "<|return|>", "<|call|>"]
+
+
+def _tokenizer(harmony: bool = False) -> TokenizerData:
+    """The tiny byte-level vocabulary; `harmony`: gpt-oss's o200k pre-tokenizer and its
+    harmony markers as control tokens (ids 3-8; <|return|> the EOS)."""
     toks, merges, types = tiny_model.tokens()
+    if harmony:
+        toks = [*toks[:3], *HARMONY_SPECIALS, *toks[3:]]
+        types = [3] * (3 + len(HARMONY_SPECIALS)) + types[3:]
     return TokenizerData(
         chat_template=None,
         bos_token=toks[1],
@@ -153,7 +186,7 @@ def _tokenizer() -> TokenizerData:
         tokens=toks,
         token_types=types,
         merges=merges,
-        pre="qwen2",
+        pre="gpt-4o" if harmony else "qwen2",
     )
 
 
@@ -217,6 +250,114 @@ def _gguf_name(hf: str, sandwich: bool) -> str:
 
 
 def write_gguf(model: Any, name: str, path: Path, qtype: str) -> None:
+    if name == "gpt-oss":
+        write_gguf_gpt_oss(model, path, qtype)
+        return
+    _write_gguf(model, name, path, qtype)
+
+
+def _gguf_tokenizer(wr: Any, harmony: bool = False) -> None:
+    tok = _tokenizer(harmony)
+    wr.add_tokenizer_model("gpt2")
+    assert tok.pre is not None
+    wr.add_tokenizer_pre(tok.pre)
+    wr.add_token_list(tok.tokens)
+    wr.add_token_merges(tok.merges)
+    wr.add_token_types(tok.token_types)
+    wr.add_bos_token_id(1)
+    wr.add_eos_token_id(tok.tokens.index("<|return|>") if harmony else 2)
+
+
+def write_gguf_gpt_oss(model: Any, path: Path, expert_qtype: str) -> None:
+    """gpt-oss as llama.cpp's converter writes it: experts as 3-D tensors (expert, out, in)
+    with gate and up de-interleaved, stored as `expert_qtype` (MXFP4 in the released
+    GGUFs), everything else F32; router `ffn_gate_inp`, `attn_sinks`, `post_attention_norm`,
+    YaRN keys. The reference is then loaded with what the file decodes to."""
+    import gguf
+    import torch
+    from gguf import GGMLQuantizationType as Q
+
+    c = model.config
+    rope = c.rope_parameters
+    wr = gguf.GGUFWriter(str(path), "gpt-oss")
+    wr.add_name("tiny-gpt-oss")
+    wr.add_block_count(c.num_hidden_layers)
+    wr.add_context_length(c.max_position_embeddings)
+    wr.add_embedding_length(c.hidden_size)
+    wr.add_feed_forward_length(c.intermediate_size)
+    wr.add_expert_feed_forward_length(c.intermediate_size)
+    wr.add_expert_count(c.num_local_experts)
+    wr.add_expert_used_count(c.num_experts_per_tok)
+    wr.add_head_count(c.num_attention_heads)
+    wr.add_head_count_kv(c.num_key_value_heads)
+    wr.add_key_length(c.head_dim)
+    wr.add_value_length(c.head_dim)
+    wr.add_layer_norm_rms_eps(c.rms_norm_eps)
+    wr.add_sliding_window(c.sliding_window)
+    wr.add_vocab_size(VOCAB)
+    wr.add_rope_freq_base(rope["rope_theta"])
+    wr.add_rope_dimension_count(c.head_dim)
+    wr.add_rope_scaling_type(gguf.RopeScalingType.YARN)
+    wr.add_rope_scaling_factor(rope["factor"])
+    wr.add_rope_scaling_orig_ctx_len(rope["original_max_position_embeddings"])
+    _gguf_tokenizer(wr, harmony=True)
+    qt = Q[expert_qtype]
+    state = {k: v.detach().float().numpy() for k, v in model.state_dict().items()}
+    names = {
+        "model.embed_tokens.weight": "token_embd.weight",
+        "model.norm.weight": "output_norm.weight",
+        "lm_head.weight": "output.weight",
+    }
+    per_layer = {
+        "input_layernorm.weight": "attn_norm.weight",
+        "post_attention_layernorm.weight": "post_attention_norm.weight",
+        "self_attn.sinks": "attn_sinks.weight",
+        "mlp.router.weight": "ffn_gate_inp.weight",
+        "mlp.router.bias": "ffn_gate_inp.bias",
+        **{f"self_attn.{n}_proj.{k}": f"attn_{g}.{k}" for n, g in
+           (("q", "q"), ("k", "k"), ("v", "v"), ("o", "output")) for k in ("weight", "bias")},
+    }  # fmt: skip
+    decoded = dict(state)
+    for hf_name, arr in state.items():
+        if hf_name in names:
+            wr.add_tensor(names[hf_name], arr)
+            continue
+        _, _, idx, rest = hf_name.split(".", 3)
+        if rest in per_layer:
+            wr.add_tensor(f"blk.{idx}.{per_layer[rest]}", arr)
+            continue
+        stem = f"blk.{idx}.ffn_"
+        if rest == "mlp.experts.gate_up_proj":  # (E, H, 2I), interleaved
+            mats = {"gate": arr[..., ::2], "up": arr[..., 1::2]}
+            back = np.empty_like(arr)
+            for j, (n, m) in enumerate(mats.items()):
+                out_in = np.ascontiguousarray(m.transpose(0, 2, 1))  # (E, I, H)
+                q = gguf.quants.quantize(out_in, qt)
+                wr.add_tensor(f"{stem}{n}_exps.weight", q, raw_dtype=qt)
+                back[..., j::2] = gguf.quants.dequantize(q, qt).transpose(0, 2, 1)
+            decoded[hf_name] = back
+        elif rest == "mlp.experts.down_proj":  # (E, I, H)
+            out_in = np.ascontiguousarray(arr.transpose(0, 2, 1))  # (E, H, I)
+            q = gguf.quants.quantize(out_in, qt)
+            wr.add_tensor(f"{stem}down_exps.weight", q, raw_dtype=qt)
+            decoded[hf_name] = gguf.quants.dequantize(q, qt).transpose(0, 2, 1)
+        elif rest == "mlp.experts.gate_up_proj_bias":
+            wr.add_tensor(f"{stem}gate_exps.bias", np.ascontiguousarray(arr[:, ::2]))
+            wr.add_tensor(f"{stem}up_exps.bias", np.ascontiguousarray(arr[:, 1::2]))
+        elif rest == "mlp.experts.down_proj_bias":
+            wr.add_tensor(f"{stem}down_exps.bias", arr)
+        else:
+            raise AssertionError(f"unmapped {hf_name}")
+    wr.write_header_to_file()
+    wr.write_kv_data_to_file()
+    wr.write_tensors_to_file()
+    wr.close()
+    with torch.no_grad():
+        for hf_name, p in model.state_dict().items():
+            p.copy_(torch.from_numpy(np.ascontiguousarray(decoded[hf_name])))
+
+
+def _write_gguf(model: Any, name: str, path: Path, qtype: str) -> None:
     """Write `model` as llama.cpp's converter would, its matrices stored as `qtype`, and load
     into `model` the weights the file decodes to (the reference then runs what was written)."""
     import gguf

@@ -1,7 +1,9 @@
 """Tokenization and chat templates for the orchestrator and the local path (not agents).
 
 The chat template is the model's own Jinja template, rendered in a sandbox as transformers
-does; `--raw` skips it.
+does; `--raw` skips it. A model speaking OpenAI's harmony format (gpt-oss: its vocabulary
+has the `<|channel|>`/`<|message|>` markers) answers in channels, reasoning first; the
+client sees only the final channel (`harmony_answer`).
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ class ChatTokenizer:
         self.eos_token_id: int | None = manifest.config.get("eos_token_id")
         self.context_length = int(manifest.config.get("max_position", 2048))
         self._template: Any = None
+        self.harmony = all(self.tokenizer.token_to_id(t) is not None for t in HARMONY_MARKERS)
 
     def render_chat(self, messages: list[dict[str, str]]) -> str:
         if not self.chat_template:
@@ -59,12 +62,33 @@ class ChatTokenizer:
         return list(self.tokenizer.encode(self.render_chat(messages), add_special_tokens=False).ids)
 
     def decode(self, ids: list[int]) -> str:
+        """The answer's text: for a harmony model, what its final channel says so far."""
+        if self.harmony:
+            return harmony_answer(str(self.tokenizer.decode(ids, skip_special_tokens=False)))
         return str(self.tokenizer.decode(ids, skip_special_tokens=True))
 
     def encode_raw(self, text: str) -> list[int]:
         """Ids of text as is (no template, no added special tokens), as the orchestrator
         encodes a ``raw`` prompt."""
         return list(self.tokenizer.encode(text, add_special_tokens=False).ids)
+
+
+HARMONY_MARKERS = ("<|start|>", "<|channel|>", "<|message|>", "<|end|>", "<|return|>")
+_FINAL = "<|channel|>final<|message|>"
+_MESSAGE_ENDS = ("<|return|>", "<|end|>", "<|call|>")
+
+
+def harmony_answer(text: str) -> str:
+    """The final channel's message in generated harmony text (special tokens kept):
+    `<|channel|>analysis<|message|>..<|end|><|start|>assistant<|channel|>final<|message|>
+    ANSWER<|return|>` -> ANSWER. Empty until the final channel starts (the reasoning is
+    not the answer); a growing prefix while it streams, so deltas stay valid."""
+    at = text.rfind(_FINAL)
+    if at < 0:
+        return ""
+    body = text[at + len(_FINAL) :]
+    ends = [i for i in (body.find(m) for m in _MESSAGE_ENDS) if i >= 0]
+    return body[: min(ends)] if ends else body
 
 
 def encode_chat(tok: ChatTokenizer, messages: list[dict[str, str]]) -> list[int]:

@@ -130,6 +130,7 @@ COMMANDS: dict[str, str] = {
     "e2llm testbed run --methods e2llm,splitwise,pipeline --requests 60 --rate 0.1,0.2,0.3 "
     "--workload 128/64 --seed 0 --json runs/testbed.json --plot runs/testbed.png": PARSE,
     "e2llm testbed predict --json runs/testbed.json --out runs/again.json": PARSE,
+    ".venv/bin/python bench/moe.py": BENCH,
     "bash scripts/setup.sh": SUITE,
     ".venv/bin/e2llm up": PARSE,
     "e2llm up --agents 2 --port 8000": PARSE,

@@ -100,7 +100,9 @@ def test_stored_weights_are_gguf_values_bit_for_bit(qtype: str, max_bits: int) -
     np.testing.assert_array_equal(got, gguf_values(raw).astype(np.float64))
 
 
-REENCODED = {  # types without a decoder here: where their fp16/e8m0 scale sits, its value
+# Codebook types (re-encoded from gguf's values; MXFP4 decoded from its blocks, an e8m0
+# exponent per 32): where their fp16/e8m0 scale sits, its value.
+REENCODED = {
     "IQ1_S": (0, np.float16(0.01)),
     "IQ2_XXS": (0, np.float16(0.01)),
     "IQ3_XXS": (0, np.float16(0.01)),
