@@ -69,7 +69,7 @@ def inventory(n: int, memory_mb: float) -> dict[str, Any]:
 def cluster(
     model_dir: Path,
     n_agents: int = 6,
-    memory_mb: float = 420,
+    memory_mb: float = 140,
     *,
     stall_s: float = 10.0,
     agent_request_timeout: float = 30.0,
@@ -469,8 +469,8 @@ def main() -> int:
     ap.add_argument(
         "--memory-mb",
         type=float,
-        default=420,
-        help="per agent; 420 makes every replica need two devices",
+        default=140,
+        help="per agent (planner budget): 140 makes every contrib replica span two devices",
     )
     ap.add_argument("--max-new-tokens", type=int, default=24)
     ap.add_argument("--kills", type=int, default=4)
