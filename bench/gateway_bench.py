@@ -207,7 +207,8 @@ async def measure(args: argparse.Namespace, bus: BusConfig, url: str, model: str
 def own_cluster(args: argparse.Namespace) -> Iterator[tuple[BusConfig, str]]:
     """Mosquitto, orchestrator, two agents and a gateway process, for this run only."""
     profile = load_or_measure_profile(Manifest.load(args.model_dir), threads=1)
-    with LocalCluster(args.model_dir, local_inventory(2, profile), cluster="bench") as c:
+    # plain TCP: both paths cross the same broker, and the tap must read every topic
+    with LocalCluster(args.model_dir, local_inventory(2, profile), cluster="bench", tls=False) as c:
         c.wait_serving(timeout=300)
         assert c.broker_url is not None and c.workdir is not None
         port = free_port()
