@@ -15,12 +15,13 @@ import asyncio
 import contextlib
 import statistics
 import sys
+import tempfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from distributed_decode import kv_handoff
+from distributed_decode import kv_handoff, pinned_handoff_plan
 
 from e2llm_edge.fog.textio import ChatTokenizer
 from e2llm_edge.ops.localcluster import LocalCluster
@@ -46,6 +47,11 @@ def main() -> int:
         ],
     }
     with contextlib.ExitStack() as stack:
+        n_layers = int(Manifest.load(model_dir).config["n_layers"])
+        tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
+        plan_file = pinned_handoff_plan(
+            tmp / "plan.json", [d["id"] for d in inv["devices"]], n_layers
+        )
         clusters = {
             w: stack.enter_context(
                 LocalCluster(
@@ -53,6 +59,7 @@ def main() -> int:
                     inv,
                     cluster=f"kvw{w}",
                     agent_args=["--kv-window", str(w)],
+                    orchestrator_args=["--plan", str(plan_file)],
                     verbose=False,
                     tls=not args.plaintext,
                 )

@@ -33,7 +33,13 @@ sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
 
 import mqtt_roundtrip  # noqa: E402
-from distributed_decode import PROMPT, inventory, kv_handoff, remote_decode  # noqa: E402
+from distributed_decode import (  # noqa: E402
+    PROMPT,
+    inventory,
+    kv_handoff,
+    pinned_handoff_plan,
+    remote_decode,
+)
 from machine import cpu_model  # noqa: E402
 
 from e2llm_edge.device.profile import load_or_measure_profile  # noqa: E402
@@ -151,7 +157,18 @@ def main() -> int:
     }
     kv: dict[str, list[float]] = {m: [] for m in MODES}
     kv_mb: dict[str, list[float]] = {m: [] for m in MODES}
-    with clusters(model_dir, kv_inv, "tlskv", threads=args.threads, agent_args=variant) as pair:
+    n_layers = int(Manifest.load(model_dir).config["n_layers"])
+    plan_file = pinned_handoff_plan(
+        Path(tempfile.mkdtemp()) / "plan.json", [d["id"] for d in kv_inv["devices"]], n_layers
+    )
+    with clusters(
+        model_dir,
+        kv_inv,
+        "tlskv",
+        threads=args.threads,
+        agent_args=variant,
+        orchestrator_args=["--plan", str(plan_file)],
+    ) as pair:
         plans = {mode: c.wait_serving(timeout=30) for mode, c in pair.items()}
         for mode, plan in plans.items():
             roles = sorted(r.role for r in plan.replicas)
