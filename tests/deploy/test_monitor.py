@@ -17,6 +17,7 @@ from typing import Any
 
 import pytest
 import yaml
+from plans import pinned_pd
 
 from e2llm_edge.client import Client, collect
 from e2llm_edge.ops.demo import bundled_inventory
@@ -40,6 +41,18 @@ def cluster(
         cluster="mon",
         verbose=False,
         workdir=tmp_path_factory.mktemp("mon-cluster"),
+        # both roles on screen: pinned (the role search may pick mixed replicas here)
+        orchestrator_args=[
+            "--plan",
+            str(
+                pinned_pd(
+                    tmp_path_factory.mktemp("plan") / "plan.yaml",
+                    ("pi-a", "jetson"),
+                    ("pi-b", "minipc"),
+                    30,
+                )
+            ),
+        ],
     ) as c:
         c.wait_serving(timeout=150)
         yield c

@@ -27,6 +27,7 @@ from typing import Any
 
 import pytest
 import yaml
+from plans import pinned_pd
 from sniffer import LoopbackSniffer, can_sniff
 
 from e2llm_edge.client import Client, collect
@@ -69,6 +70,18 @@ def cluster(
         verbose=False,
         secrets_dir=secrets_dir,
         workdir=tmp_path_factory.mktemp("secure-cluster"),
+        # both roles on screen: pinned (the role search may pick mixed replicas here)
+        orchestrator_args=[
+            "--plan",
+            str(
+                pinned_pd(
+                    tmp_path_factory.mktemp("plan") / "plan.yaml",
+                    ("pi-a", "jetson"),
+                    ("pi-b", "minipc"),
+                    30,
+                )
+            ),
+        ],
     ) as c:
         c.wait_serving(timeout=150)  # as the monitor user: plan + cluster telemetry
         yield c

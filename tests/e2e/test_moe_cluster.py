@@ -11,12 +11,12 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import yaml
 
 pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import arch_models
+from plans import pinned_pd
 
 from e2llm_edge.client import Client, collect
 from e2llm_edge.device.local import LocalModel
@@ -43,39 +43,6 @@ def model_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     ).directory
 
 
-def _pinned(model_dir: Path) -> Path:
-    def stage(dev: str, a: int, b: int) -> dict[str, object]:
-        return {
-            "device_id": dev,
-            "layer_start": a,
-            "layer_end": b,
-            "embed": a == 0,
-            "head": b == N_LAYERS,
-            "predicted_prefill_s": 0.01,
-            "predicted_decode_s": 0.001,
-        }
-
-    half = N_LAYERS // 2
-    plan = {
-        "version": 1,
-        "method": "pinned",
-        "n_layers": N_LAYERS,
-        "predicted": {},
-        "replicas": [
-            {
-                "replica_id": i,
-                "role": role,
-                "concurrency": 1 if role == "prefill" else 4,
-                "stages": [stage(a, 0, half), stage(b, half, N_LAYERS)],
-            }
-            for i, (role, a, b) in enumerate((("prefill", "m0", "m1"), ("decoder", "m2", "m3")))
-        ],
-    }
-    path = model_dir.parent / "plan.yaml"
-    path.write_text(yaml.safe_dump(plan))
-    return path
-
-
 @pytest.fixture(scope="module")
 def live(mosquitto: MosquittoBroker, model_dir: Path) -> Iterator[LocalCluster]:
     cost = Manifest.load(model_dir).cost
@@ -99,7 +66,12 @@ def live(mosquitto: MosquittoBroker, model_dir: Path) -> Iterator[LocalCluster]:
             *("--mean-prompt", "16", "--mean-output", "10", "--rate", "4"),
             # PREFILL and DECODER pinned: the role search prefers mixed replicas here, and
             # the KV handoff between them is what this module proves
-            *("--plan", str(_pinned(model_dir))),
+            *(
+                "--plan",
+                str(
+                    pinned_pd(model_dir.parent / "plan.yaml", ("m0", "m1"), ("m2", "m3"), N_LAYERS)
+                ),
+            ),
         ],
         agent_args=["--graph", VARIANT[0], "--precision", VARIANT[1]],
     ) as c:
