@@ -58,44 +58,6 @@ async def remote_decode(cluster: LocalCluster, prompt_ids: list[int], n: int) ->
     return float(r["stats"]["decode_tokens_per_s"])
 
 
-def pinned_handoff_plan(path: Path, devices: list[str], n_layers: int) -> Path:
-    """A PREFILL replica on the first two devices and a DECODER on the last two, written to
-    `path` for `e2llm orchestrator --plan`: the KV handoff figures need exactly that pair,
-    whatever roles the planner would pick for these devices today."""
-    half = n_layers // 2
-
-    def stage(dev: str, a: int, b: int) -> dict[str, Any]:
-        return {
-            "device_id": dev,
-            "layer_start": a,
-            "layer_end": b,
-            "embed": a == 0,
-            "head": b == n_layers,
-            "predicted_prefill_s": 0.1,
-            "predicted_decode_s": 0.01,
-        }
-
-    plan = {
-        "version": 1,
-        "method": "pinned",
-        "n_layers": n_layers,
-        "predicted": {},
-        "replicas": [
-            {
-                "replica_id": i,
-                "role": role,
-                "concurrency": 1 if role == "prefill" else 4,
-                "stages": [stage(a, 0, half), stage(b, half, n_layers)],
-            }
-            for i, (role, a, b) in enumerate(
-                (("prefill", *devices[:2]), ("decoder", *devices[2:4]))
-            )
-        ],
-    }
-    path.write_text(json.dumps(plan))
-    return path
-
-
 def local_decode(model_dir: Path, threads: int, n: int, variant: list[str]) -> float:
     """`e2llm generate --json` in its own process (its own thread settings)."""
     out = subprocess.run(

@@ -21,10 +21,10 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from distributed_decode import kv_handoff, pinned_handoff_plan
+from distributed_decode import kv_handoff
 
 from e2llm_edge.fog.textio import ChatTokenizer
-from e2llm_edge.ops.localcluster import LocalCluster
+from e2llm_edge.ops.localcluster import LocalCluster, pinned_prefill_decoder
 from onnx_export.export import default_model_dir, export_model
 from onnx_export.manifest import Manifest
 
@@ -49,8 +49,11 @@ def main() -> int:
     with contextlib.ExitStack() as stack:
         n_layers = int(Manifest.load(model_dir).config["n_layers"])
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        plan_file = pinned_handoff_plan(
-            tmp / "plan.json", [d["id"] for d in inv["devices"]], n_layers
+        plan_file = pinned_prefill_decoder(
+            tmp / "plan.json",
+            ("kv0", "kv1"),
+            ("kv2", "kv3"),
+            n_layers,
         )
         clusters = {
             w: stack.enter_context(

@@ -37,7 +37,6 @@ from distributed_decode import (  # noqa: E402
     PROMPT,
     inventory,
     kv_handoff,
-    pinned_handoff_plan,
     remote_decode,
 )
 from machine import cpu_model  # noqa: E402
@@ -45,7 +44,7 @@ from machine import cpu_model  # noqa: E402
 from e2llm_edge.device.profile import load_or_measure_profile  # noqa: E402
 from e2llm_edge.fog.textio import ChatTokenizer  # noqa: E402
 from e2llm_edge.ops import broker_cli  # noqa: E402
-from e2llm_edge.ops.localcluster import LocalCluster  # noqa: E402
+from e2llm_edge.ops.localcluster import LocalCluster, pinned_prefill_decoder  # noqa: E402
 from onnx_export.export import default_model_dir, export_model  # noqa: E402
 from onnx_export.manifest import Manifest  # noqa: E402
 
@@ -158,8 +157,11 @@ def main() -> int:
     kv: dict[str, list[float]] = {m: [] for m in MODES}
     kv_mb: dict[str, list[float]] = {m: [] for m in MODES}
     n_layers = int(Manifest.load(model_dir).config["n_layers"])
-    plan_file = pinned_handoff_plan(
-        Path(tempfile.mkdtemp()) / "plan.json", [d["id"] for d in kv_inv["devices"]], n_layers
+    plan_file = pinned_prefill_decoder(
+        Path(tempfile.mkdtemp()) / "plan.json",
+        ("kv0", "kv1"),
+        ("kv2", "kv3"),
+        n_layers,
     )
     with clusters(
         model_dir,

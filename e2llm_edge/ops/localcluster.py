@@ -397,3 +397,47 @@ class LocalCluster:
                 if isinstance(env.msg, m.DeviceTelemetry) and env.msg.device_id in device_ids:
                     out[env.msg.device_id] = env.msg.counters
         return out
+
+
+def pinned_prefill_decoder(
+    path: Path,
+    prefill: tuple[str, str],
+    decoder: tuple[str, str],
+    n_layers: int,
+    split: int | None = None,
+    decoder_concurrency: int = 4,
+) -> Path:
+    """Write to `path` a plan of two 2-device replicas, PREFILL then DECODER, layers split at
+    `split` (default: the middle), for `e2llm orchestrator --plan`; returns `path`. Tests and
+    benchmarks that prove the KV handoff pin this pair: the planner's role search may prefer
+    mixed replicas on a small pool, and its choice follows measured, noisy profiles."""
+    cut = n_layers // 2 if split is None else split
+
+    def stage(dev: str, a: int, b: int) -> dict[str, object]:
+        return {
+            "device_id": dev,
+            "layer_start": a,
+            "layer_end": b,
+            "embed": a == 0,
+            "head": b == n_layers,
+            "predicted_prefill_s": 0.1,
+            "predicted_decode_s": 0.01,
+        }
+
+    plan = {
+        "version": 1,
+        "method": "pinned",
+        "n_layers": n_layers,
+        "predicted": {},
+        "replicas": [
+            {
+                "replica_id": i,
+                "role": role,
+                "concurrency": 1 if role == "prefill" else decoder_concurrency,
+                "stages": [stage(a, 0, cut), stage(b, cut, n_layers)],
+            }
+            for i, (role, (a, b)) in enumerate((("prefill", prefill), ("decoder", decoder)))
+        ],
+    }
+    path.write_text(yaml.safe_dump(plan))
+    return path

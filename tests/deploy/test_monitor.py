@@ -17,11 +17,10 @@ from typing import Any
 
 import pytest
 import yaml
-from plans import pinned_pd
 
 from e2llm_edge.client import Client, collect
 from e2llm_edge.ops.demo import bundled_inventory
-from e2llm_edge.ops.localcluster import LocalCluster
+from e2llm_edge.ops.localcluster import LocalCluster, pinned_prefill_decoder
 
 pytestmark = [pytest.mark.model, pytest.mark.mosquitto, pytest.mark.slow, pytest.mark.timeout(240)]
 
@@ -45,7 +44,7 @@ def cluster(
         orchestrator_args=[
             "--plan",
             str(
-                pinned_pd(
+                pinned_prefill_decoder(
                     tmp_path_factory.mktemp("plan") / "plan.yaml",
                     ("pi-a", "jetson"),
                     ("pi-b", "minipc"),

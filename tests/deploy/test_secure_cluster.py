@@ -27,7 +27,6 @@ from typing import Any
 
 import pytest
 import yaml
-from plans import pinned_pd
 from sniffer import LoopbackSniffer, can_sniff
 
 from e2llm_edge.client import Client, collect
@@ -37,7 +36,7 @@ from e2llm_edge.fog.textio import ChatTokenizer
 from e2llm_edge.ops.broker import MosquittoBroker, free_port
 from e2llm_edge.ops.broker_cli import identity_dir, init
 from e2llm_edge.ops.demo import bundled_inventory
-from e2llm_edge.ops.localcluster import LocalCluster, Proc
+from e2llm_edge.ops.localcluster import LocalCluster, Proc, pinned_prefill_decoder
 from e2llm_edge.wire import messages as m
 from e2llm_edge.wire import topics as t
 from e2llm_edge.wire.bus import Bus, BusConfig, Envelope, TLSConfig
@@ -74,7 +73,7 @@ def cluster(
         orchestrator_args=[
             "--plan",
             str(
-                pinned_pd(
+                pinned_prefill_decoder(
                     tmp_path_factory.mktemp("plan") / "plan.yaml",
                     ("pi-a", "jetson"),
                     ("pi-b", "minipc"),

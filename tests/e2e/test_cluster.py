@@ -16,14 +16,13 @@ import msgpack
 import numpy as np
 import pytest
 import yaml
-from plans import pinned_pd
 from readonly import readonly_model, snapshot
 
 from e2llm_edge.client import Client, GenerationError, collect
 from e2llm_edge.device.local import LocalModel
 from e2llm_edge.ops.broker import MosquittoBroker
 from e2llm_edge.ops.demo import bundled_inventory
-from e2llm_edge.ops.localcluster import LocalCluster
+from e2llm_edge.ops.localcluster import LocalCluster, pinned_prefill_decoder
 from e2llm_edge.wire import messages as m
 from e2llm_edge.wire import topics as t
 from e2llm_edge.wire.bus import Bus
@@ -56,7 +55,7 @@ def live(
             orchestrator_args=[
                 "--plan",
                 str(
-                    pinned_pd(
+                    pinned_prefill_decoder(
                         tmp_path_factory.mktemp("plan") / "plan.yaml",
                         ("pi-a", "jetson"),
                         ("pi-b", "minipc"),

@@ -16,12 +16,11 @@ pytest.importorskip("torch")
 pytest.importorskip("transformers")
 
 import arch_models
-from plans import pinned_pd
 
 from e2llm_edge.client import Client, collect
 from e2llm_edge.device.local import LocalModel
 from e2llm_edge.ops.broker import MosquittoBroker
-from e2llm_edge.ops.localcluster import LocalCluster
+from e2llm_edge.ops.localcluster import LocalCluster, pinned_prefill_decoder
 from onnx_export.export import export_model
 from onnx_export.manifest import Manifest
 from planner import Plan
@@ -69,7 +68,9 @@ def live(mosquitto: MosquittoBroker, model_dir: Path) -> Iterator[LocalCluster]:
             *(
                 "--plan",
                 str(
-                    pinned_pd(model_dir.parent / "plan.yaml", ("m0", "m1"), ("m2", "m3"), N_LAYERS)
+                    pinned_prefill_decoder(
+                        model_dir.parent / "plan.yaml", ("m0", "m1"), ("m2", "m3"), N_LAYERS
+                    )
                 ),
             ),
         ],

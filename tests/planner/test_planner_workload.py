@@ -9,9 +9,7 @@ import pytest
 
 from planner import Workload, load_azure_trace
 from planner.errors import WorkloadError
-from planner.workload import workload_of
-
-CONV = Path("/work/shared/data/traces/AzureLLMInferenceTrace_conv.csv")
+from planner.workload import trace_path, workload_of
 
 
 def test_sampling_is_seeded_and_has_the_requested_means() -> None:
@@ -62,9 +60,9 @@ def test_trace_missing_columns(tmp_path: Path) -> None:
         load_azure_trace(csv)
 
 
-@pytest.mark.skipif(not CONV.exists(), reason="Azure conversation trace not present")
 def test_real_conversation_trace() -> None:
-    reqs = load_azure_trace(CONV, rate_rps=1.0, limit=500)
+    """The shipped trace (gzip of Azure's CSV), as `e2llm simulate --trace conv` reads it."""
+    reqs = load_azure_trace(trace_path("conv"), rate_rps=1.0, limit=500)
     assert len(reqs) == 500
     wl = workload_of(reqs)
     assert wl.arrival_rate_rps == pytest.approx(1.0, rel=1e-6)
