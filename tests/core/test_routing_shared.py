@@ -4,7 +4,7 @@ at the same moments, as the simulator does (issue 14, one routing policy)."""
 
 from __future__ import annotations
 
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import pytest
@@ -14,38 +14,12 @@ from e2llm_edge.fog.registry import Registry
 from e2llm_edge.wire import messages as m
 from e2llm_edge.wire.messages import DeviceStatus
 from planner import Plan, make_plan
-from planner.routing import Dispatch, Router
+from planner.routing import Dispatch
 from planner.sim import cluster
 from planner.sim.paper import paper_inventory, paper_model
 from planner.workload import Request, Workload
 from tests.core.fogharness import VOCAB, CharCodec, profile
-
-
-class Recording(Router):
-    """The real router, logging the simulator's calls and what it decided."""
-
-    log: ClassVar[list[tuple[str, tuple[Any, ...], Any]]] = []
-
-    def arrive(self, *a: Any) -> None:
-        Recording.log.append(("arrive", a, None))
-        super().arrive(*a)
-
-    def prefill_done(self, *a: Any) -> None:
-        Recording.log.append(("prefill_done", a, None))
-        super().prefill_done(*a)
-
-    def kv_moved(self, *a: Any) -> None:
-        Recording.log.append(("kv_moved", a, None))
-        super().kv_moved(*a)
-
-    def finish(self, *a: Any) -> None:
-        Recording.log.append(("finish", a, None))
-        super().finish(*a)
-
-    def decide(self, now: float) -> list[Any]:
-        out = super().decide(now)
-        Recording.log.append(("decide", (now,), out))
-        return out
+from tests.core.routing_log import Recording
 
 
 def serving_core(plan: Plan, workload: Workload, policy: Any) -> c.FogCore:

@@ -16,7 +16,7 @@ import yaml
 
 from e2llm_edge.client import Client, collect
 from e2llm_edge.ops.broker import MosquittoBroker
-from e2llm_edge.ops.localcluster import LocalCluster
+from e2llm_edge.ops.localcluster import LocalCluster, pinned_prefill_decoder
 from planner import Plan
 from planner.switch import same_layout
 
@@ -25,46 +25,15 @@ pytestmark = [pytest.mark.model, pytest.mark.mosquitto, pytest.mark.slow]
 DEVICES = ("p0", "p1", "d0", "d1")
 
 
-def stage(dev: str, a: int, b: int) -> dict[str, object]:
-    return {
-        "device_id": dev,
-        "layer_start": a,
-        "layer_end": b,
-        "embed": a == 0,
-        "head": b == 30,
-        "predicted_prefill_s": 0.1,
-        "predicted_decode_s": 0.01,
-    }
-
-
-PLAN = {
-    "version": 1,
-    "method": "pinned",
-    "n_layers": 30,
-    "predicted": {},
-    "replicas": [
-        {
-            "replica_id": 0,
-            "role": "prefill",
-            "concurrency": 1,
-            "stages": [stage("p0", 0, 15), stage("p1", 15, 30)],
-        },
-        {
-            "replica_id": 1,
-            "role": "decoder",
-            "concurrency": 1,
-            "stages": [stage("d0", 0, 15), stage("d1", 15, 30)],
-        },
-    ],
-}
-
-
 async def test_a_prompt_heavy_burst_flips_roles_without_reloading(
     mosquitto: MosquittoBroker, default_model: Path, tmp_path: Path
 ) -> None:
     started = time.monotonic()
-    plan_file = tmp_path / "plan.yaml"
-    plan_file.write_text(yaml.safe_dump(PLAN))
+    # made for a trickle: one request at a time on the decoder
+    plan_file = pinned_prefill_decoder(
+        tmp_path / "plan.yaml", ("p0", "p1"), ("d0", "d1"), 30, decoder_concurrency=1
+    )
+    pinned = Plan.from_dict(yaml.safe_load(plan_file.read_text()))
     inv = {
         "link_defaults": {"bandwidth_mbps": 1000, "latency_ms": 0.5},
         "devices": [
@@ -124,7 +93,7 @@ async def test_a_prompt_heavy_burst_flips_roles_without_reloading(
             for a, n in [*((a, 48) for a in answers), (late, 16)]
         )
         assert late["stats"]["plan_version"] >= 2
-        assert same_layout(flipped, Plan.from_dict(PLAN)), "a flip keeps every layout"
+        assert same_layout(flipped, pinned), "a flip keeps every layout"
         assert [(r.role, r.concurrency) for r in flipped.replicas] != [
             (r.role, r.concurrency) for r in first.replicas
         ]

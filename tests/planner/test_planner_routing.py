@@ -4,7 +4,7 @@ driving exactly this code."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import pytest
@@ -18,6 +18,7 @@ from planner.routing import BUFFER, Bind, Dispatch, Phase, Reject, Router
 from planner.sim import cluster
 from planner.sim.paper import paper_inventory, paper_model
 from planner.workload import Workload
+from tests.core.routing_log import Recording
 
 
 def replica(
@@ -236,33 +237,6 @@ def test_same_events_same_decisions() -> None:
         return out
 
     assert run() == run()
-
-
-class Recording(Router):
-    """The real router, logging every call the simulator makes and what it answered."""
-
-    log: ClassVar[list[tuple[str, tuple[Any, ...], Any]]] = []
-
-    def arrive(self, *a: Any) -> None:
-        Recording.log.append(("arrive", a, None))
-        super().arrive(*a)
-
-    def prefill_done(self, *a: Any) -> None:
-        Recording.log.append(("prefill_done", a, None))
-        super().prefill_done(*a)
-
-    def kv_moved(self, *a: Any) -> None:
-        Recording.log.append(("kv_moved", a, None))
-        super().kv_moved(*a)
-
-    def finish(self, *a: Any) -> None:
-        Recording.log.append(("finish", a, None))
-        super().finish(*a)
-
-    def decide(self, now: float) -> list[Any]:
-        out = super().decide(now)
-        Recording.log.append(("decide", (now,), out))
-        return out
 
 
 def test_simulator_drives_the_same_router_a_runtime_would(
