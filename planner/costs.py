@@ -299,6 +299,23 @@ class CostModel:
             out = min(out, (float(self.capacity[d]) - base[i]) / (kv * n) if kv > 0 else out)
         return out
 
+    def kv_pieces(
+        self, src: Layout, dst: Layout, prompt_tokens: float
+    ) -> list[tuple[int, int, int, float]]:
+        """The pieces a prompt's KV moves in from a prefill replica to a decoder: (source
+        stage, sending device, receiving device, bytes), in source stage order; each
+        source stage sends the KV of its layers to the devices holding them in the
+        decoder."""
+        kv = self.model.kv_bytes_per_token_per_layer * prompt_tokens
+        out = []
+        for i, s in enumerate(src.devices):
+            for j, t in enumerate(dst.devices):
+                lo = max(src.bounds[i], dst.bounds[j])
+                hi = min(src.bounds[i + 1], dst.bounds[j + 1])
+                if hi > lo:
+                    out.append((i, s, t, kv * (hi - lo)))
+        return out
+
     def kv_flows(
         self, src: Layout, dst: Layout, prompt_tokens: float
     ) -> tuple[dict[int, float], dict[int, float]]:
@@ -307,16 +324,11 @@ class CostModel:
         Each source device sends the KV of its layers to the devices holding them in the
         decoder (every byte crosses the broker: source uplink, then destination downlink).
         """
-        kv = self.model.kv_bytes_per_token_per_layer * prompt_tokens
         send: dict[int, float] = {}
         recv: dict[int, float] = {}
-        for i, s in enumerate(src.devices):
-            for j, t in enumerate(dst.devices):
-                lo = max(src.bounds[i], dst.bounds[j])
-                hi = min(src.bounds[i + 1], dst.bounds[j + 1])
-                if hi > lo:
-                    send[s] = send.get(s, 0.0) + kv * (hi - lo)
-                    recv[t] = recv.get(t, 0.0) + kv * (hi - lo)
+        for _, s, t, nbytes in self.kv_pieces(src, dst, prompt_tokens):
+            send[s] = send.get(s, 0.0) + nbytes
+            recv[t] = recv.get(t, 0.0) + nbytes
         return send, recv
 
     def kv_transfer_s(self, src: Layout, dst: Layout, prompt_tokens: float) -> float:

@@ -83,6 +83,9 @@ class _Live:
     """Bumped when the request restarts, so its stale events do nothing."""
     paused_at: float = float("nan")
     """When a re-layout interrupted its decoding (the gap counts as a stall)."""
+    kv_ready: tuple[float, ...] = ()
+    """When each stage of its PREFILL replica finished its pass: its layers' KV can leave
+    then, while the later stages still compute."""
 
     @property
     def rid(self) -> str:
@@ -297,11 +300,14 @@ class _Cluster:
         times = self.cm.stage_times(
             node.layout, decode=False, tokens=lv.prompt, kv_out=node.replica.role == "prefill"
         )
+        ready = []
         for i, s in enumerate(times):
             t = max(t, node.stage_free[i]) + s
             node.stage_free[i] = t
             self.busy[node.layout.devices[i]] += s
             service += s
+            ready.append(t)
+        lv.kv_ready = tuple(ready)
         if lv.generated == 0:
             lv.rec.prefill_service_s += service
         epoch, node_epoch = lv.epoch, node.epoch
@@ -343,20 +349,21 @@ class _Cluster:
             )
             return
         self._kv_add(node, lv, lv.prompt)
-        send, recv = self.cm.kv_flows(src.layout, node.layout, lv.prompt)
-        t0 = now + message_s
         links = self.cm.links
-        up_done = t0
-        for d, nbytes in sorted(send.items()):
-            end = max(t0, float(self.up_free[d])) + links[d].one_way_s(nbytes)
-            self.up_free[d] = end
-            up_done = max(up_done, end)
-        done = up_done
-        for d, nbytes in sorted(recv.items()):
-            end = max(up_done, float(self.down_free[d])) + links[d].one_way_s(nbytes)
-            self.down_free[d] = end
-            end += self.cm.agent_io_s(d, nbytes)  # the receiving agent takes it in
-            done = max(done, end)
+        # Bound at dispatch (no bind message), each prefill stage sent its layers' KV as
+        # soon as its pass was done, while the later stages computed; bound later, the KV
+        # leaves when the bind arrives. Each piece crosses its sender's uplink, then
+        # (store and forward) its receiver's downlink, then the receiving agent takes it in.
+        k = len(src.layout.devices)
+        early = message_s == 0.0 and len(lv.kv_ready) == k
+        done = now
+        for i, s, d, nbytes in self.cm.kv_pieces(src.layout, node.layout, lv.prompt):
+            start = lv.kv_ready[i] if early else now + message_s
+            up = max(start, float(self.up_free[s])) + links[s].one_way_s(nbytes)
+            self.up_free[s] = up
+            down = max(up, float(self.down_free[d])) + links[d].one_way_s(nbytes)
+            self.down_free[d] = down
+            done = max(done, down + self.cm.agent_io_s(d, nbytes))
         self.events.schedule(
             done, _KV, lambda at: self._kv_arrived(src, node, lv, at, epoch, node_epoch)
         )

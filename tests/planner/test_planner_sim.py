@@ -165,3 +165,51 @@ def test_small_paper_grid_runs_and_tabulates() -> None:
     assert reduction(rows, "576/588", 1.0) == pytest.approx(
         1 - e2.result.summary.waiting.mean / sw.result.summary.waiting.mean
     )
+
+
+def test_each_prefill_stage_sends_its_kv_when_its_pass_is_done() -> None:
+    """Bound at dispatch, a PREFILL stage's KV leaves as soon as that stage has computed,
+    while the later stages still compute (as the agents do); bound later, when the bind
+    message arrives. Slow links make the difference visible."""
+    from planner.costs import CostModel, Layout
+
+    inv = Inventory.from_dict(
+        {
+            "devices": [
+                hardware_device(name, 1000, tflops=0.5, bw=10.0, mbps=20.0)
+                for name in ("p0", "p1", "d0", "d1")
+            ]
+        }
+    )
+    model = tiny_model(n_layers=4)
+
+    def stages(a: str, b: str) -> list[Stage]:
+        return [Stage(a, 0, 3, True, False, 0.0, 0.0), Stage(b, 3, 4, False, True, 0.0, 0.0)]
+
+    plan = Plan(
+        1,
+        "manual",
+        4,
+        [
+            Replica(0, "prefill", 1, stages("p0", "p1")),
+            Replica(1, "decoder", 4, stages("d0", "d1")),
+        ],
+    )
+    prompt = 512
+    wl = Workload(prompt, 3, 0.01, length_dist="fixed")
+    cm = CostModel(inv, model, wl)
+    src = Layout((0, 1), (0, 3, 4), False)
+    times = cm.stage_times(src, decode=False, tokens=prompt, kv_out=True)
+    ready = [times[0], times[0] + times[1]]
+    arrive = [
+        ready[i] + cm.links[s].one_way_s(b) + cm.links[d].one_way_s(b) + cm.agent_io_s(d, b)
+        for i, s, d, b in cm.kv_pieces(src, Layout((2, 3), (0, 3, 4), False), prompt)
+    ]
+    req = [Request(0, 0.0, prompt, 3)]
+    early = simulate(plan, inv, model, wl, req, bind="dispatch").records[0]
+    assert early.first_token_s == pytest.approx(ready[1])
+    assert early.decode_start_s == pytest.approx(max(arrive))
+    # stage 0's three layers left before stage 1 was done: less wait than all after it
+    assert arrive[0] - ready[0] > ready[1] - ready[0]
+    late = simulate(plan, inv, model, wl, req, bind="ready", bind_message_s=0.001).records[0]
+    assert late.wait_for_decoder_s > early.wait_for_decoder_s

@@ -249,7 +249,9 @@ def analyse(
     from onnx_export.manifest import Manifest
 
     expected = local_answers(cfg, stream, progress) if cfg.check_answers else None
-    model = planning_model(Manifest.load(cfg.model_dir))
+    # the weights of the variant the agents ran, as the orchestrator planned with
+    variant = f"{cfg.inventory.graph}/{cfg.inventory.precision}"
+    model = planning_model(Manifest.load(cfg.model_dir), variant)
     for run in out["runs"]:
         if "error" in run:  # the method found no plan for these devices
             continue
@@ -343,7 +345,9 @@ def predict_again(out: dict[str, Any], model_dir: Path) -> dict[str, Any]:
 
     if "stream" not in out:
         raise TestbedError("this JSON holds no stream (written before streams were kept)")
-    model = planning_model(Manifest.load(model_dir))
+    bed = out.get("inventory") or {}
+    variant = f"{bed.get('graph', 'standard')}/{bed.get('precision', 'fp32')}"
+    model = planning_model(Manifest.load(model_dir), variant)
     stream = out["stream"]
     for run in out["runs"]:
         if "error" in run:
