@@ -22,6 +22,7 @@ state publications. Nothing here touches a socket, a file, a thread or the clock
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from collections import deque
 from dataclasses import dataclass, field
@@ -253,6 +254,16 @@ class _Pending:
     items: tuple[tuple[Work, float], ...]
     """The messages behind the rows, with the time their wait ended (queue wait known)."""
     waits: tuple[float, ...]
+    stalls: tuple[float, ...] = ()
+    """Decode rows: seconds each has waited behind prompts' prefill passes so far (on
+    this device, plus what the message carried from the stages before)."""
+    started: float = 0.0
+    """When the job was handed to the engine."""
+
+
+PREFILL_RUNS_KEPT = 64
+"""Recent prefill passes a device remembers, to tell how long a decode step waited
+behind them (a step waits behind at most the few passes queued before it)."""
 
 
 @dataclass
@@ -284,6 +295,8 @@ class DeviceCore:
         self.busy: int | None = None
         """The job the engine is running (None: idle)."""
         self.pending: dict[int, _Pending] = {}
+        self.prefill_runs: deque[tuple[float, float]] = deque(maxlen=PREFILL_RUNS_KEPT)
+        """(start, end) of this device's recent prefill passes."""
         self._jobs = itertools.count(1)
         self.beat = now
         """Last time the worker finished something or had nothing to do."""
@@ -576,7 +589,7 @@ class DeviceCore:
 
     def _new_job(self, pending: _Pending, **kw: object) -> Compute:
         job = next(self._jobs)
-        self.pending[job] = pending
+        self.pending[job] = dataclasses.replace(pending, started=self.now)
         return Compute(job=job, **kw)  # type: ignore[arg-type]
 
     def _prefill_job(self, item: Inbound, now: float) -> Compute | None:
@@ -693,6 +706,7 @@ class DeviceCore:
         rows: list[Row] = []
         items: list[tuple[Work, float]] = []
         waits: list[float] = []
+        stalls: list[float] = []
         embed_only: list[Inbound] = []
         for item in batch:
             msg = item.msg
@@ -724,6 +738,8 @@ class DeviceCore:
                 items.append((msg, item.arrived))
                 carried = msg.queued_s if isinstance(msg, m.Activation) else 0.0
                 waits.append(carried + (now - item.arrived))
+                stalled = msg.stalled_s if isinstance(msg, m.Activation) else 0.0
+                stalls.append(stalled + self._behind_prefill(item.arrived, now))
             except Failure as exc:
                 self._fail(_key(msg), exc.code, str(exc))
             except (CodecError, ValueError) as exc:
@@ -735,8 +751,9 @@ class DeviceCore:
             msg = embed_only[0].msg
             assert isinstance(msg, m.DecodeStep) and place0 is not None
             key = AttemptKey(msg.request_id, msg.attempt)
+            stall = self._behind_prefill(embed_only[0].arrived, now)
             return self._new_job(
-                _Pending("decode_embed", ((msg, embed_only[0].arrived),), (0.0,)),
+                _Pending("decode_embed", ((msg, embed_only[0].arrived),), (0.0,), (stall,)),
                 rows=(Row(key, msg.position, ids=np.asarray([[msg.token_id]], np.int64)),),
                 layers=False,
                 head=False,
@@ -747,10 +764,18 @@ class DeviceCore:
             return None
         assert place0 is not None
         return self._new_job(
-            _Pending("decode", tuple(items), tuple(waits)),
+            _Pending("decode", tuple(items), tuple(waits), tuple(stalls)),
             rows=tuple(rows),
             layers=True,
             head=place0.is_last,
+        )
+
+    def _behind_prefill(self, arrived: float, now: float) -> float:
+        """Seconds between `arrived` and `now` this device spent on prompts' prefill: what
+        a decode step that arrived then waited behind them (a stall, in the standard
+        metrics: waiting, not service)."""
+        return sum(
+            max(0.0, min(end, now) - max(start, arrived)) for start, end in self.prefill_runs
         )
 
     def _decode_state(
@@ -793,6 +818,8 @@ class DeviceCore:
             return self._take()
         if pending.kind == "decode":
             self.counters["decode_batches"] += 1
+        elif pending.kind in ("prefill", "prefill_embed"):
+            self.prefill_runs.append((pending.started, now))
         place = self.placement
         for i, (msg, _) in enumerate(pending.items):
             key = keys[i]
@@ -809,9 +836,9 @@ class DeviceCore:
                 elif pending.kind == "prefill":
                     self._after_prefill(place, msg, out, res.kv, pending.waits[i], now)
                 elif pending.kind == "decode_embed":
-                    self._after_decode_embed(place, msg, out)
+                    self._after_decode_embed(place, msg, out, pending.stalls[i])
                 else:
-                    self._after_decode(place, msg, out, pending.waits[i], now)
+                    self._after_decode(place, msg, out, pending.waits[i], pending.stalls[i], now)
             except Failure as exc:
                 self._fail(key, exc.code, str(exc))
         return self._take()
@@ -911,7 +938,9 @@ class DeviceCore:
                 sent += chunk.key.nbytes + chunk.value.nbytes
         self.counters["kv_bytes_out"] += sent
 
-    def _after_decode_embed(self, place: Placement, msg: Work, hidden: np.ndarray) -> None:
+    def _after_decode_embed(
+        self, place: Placement, msg: Work, hidden: np.ndarray, stalled: float
+    ) -> None:
         assert isinstance(msg, m.DecodeStep)
         self._send(
             place.replica.stages[0].device_id,
@@ -923,13 +952,20 @@ class DeviceCore:
                 position_start=msg.position,
                 step=msg.step,
                 context=msg.context,
+                stalled_s=stalled,
                 plan_version=place.version,
                 seq=msg.step,
             ),
         )
 
     def _after_decode(
-        self, place: Placement, msg: Work, out: np.ndarray, waited: float, now: float
+        self,
+        place: Placement,
+        msg: Work,
+        out: np.ndarray,
+        waited: float,
+        stalled: float,
+        now: float,
     ) -> None:
         assert isinstance(msg, m.DecodeStep | m.Activation)
         key = AttemptKey(msg.request_id, msg.attempt)
@@ -940,7 +976,14 @@ class DeviceCore:
         self.counters["decode_steps"] += 1
         first = msg.step == st.ctx.index0 + 1
         if place.is_last:
-            timings = m.StepTimings(kv_wait_s=round(waited, 6)) if first else None
+            # the first step's wait is all waiting (for the KV, behind others); a later
+            # step's, only what it spent behind other prompts' prefill
+            if first:
+                timings: m.StepTimings | None = m.StepTimings(kv_wait_s=round(waited, 6))
+            elif stalled > 0:
+                timings = m.StepTimings(decode_stall_s=round(stalled, 6))
+            else:
+                timings = None
             self._sample(place, key, st, out[0, -1], msg.step, None, timings)
             return
         self._send(
@@ -954,6 +997,7 @@ class DeviceCore:
                 step=msg.step,
                 context=st.ctx if first else None,
                 queued_s=waited if first else 0.0,
+                stalled_s=0.0 if first else stalled,
                 plan_version=place.version,
                 seq=msg.step,
             ),

@@ -997,6 +997,8 @@ class FogCore:
                 self.router.kv_moved(req.rid, self.now)  # the decoder ran a step: it has it
             if msg.timings is not None:
                 req.waiting_s += msg.timings.kv_wait_s
+        elif msg.timings is not None:  # decoding: stalled behind other prompts' prefill
+            req.waiting_s += msg.timings.decode_stall_s
         req.generated.append(msg.token_id)
         text = req.text.push(msg.token_id)
         req.texts.append(text)

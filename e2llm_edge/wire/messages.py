@@ -219,12 +219,16 @@ class RequestStats:
 
 @dataclass(frozen=True)
 class StepTimings:
-    """Where a request's first token spent its time on the devices (seconds)."""
+    """Where a request waited on the devices (seconds): for its first token, in the prefill
+    stages and for its KV; for a later token, behind other prompts' prefill."""
 
     prefill_queued_s: float = 0.0
     """Summed over the prefill stages: time its activation waited behind other work."""
     kv_wait_s: float = 0.0
     """Time its first decode step waited on the decoder for the KV cache to arrive."""
+    decode_stall_s: float = 0.0
+    """A later decode step: time it waited, summed over the stages, while they prefilled
+    other prompts (a mixed replica's stall)."""
 
 
 @dataclass(frozen=True)
@@ -666,6 +670,9 @@ class Activation(Message):
     """On the first message a device sees for an attempt; None afterwards."""
     queued_s: float = 0.0
     """Prefill: time this prompt has waited behind other work at the stages so far."""
+    stalled_s: float = 0.0
+    """Decode: time this step has waited behind other prompts' prefill at the stages so
+    far."""
 
 
 @register

@@ -320,3 +320,57 @@ def test_a_malformed_message_naming_a_request_reports_it() -> None:
     ]
     assert isinstance(report.msg, m.ErrorReport) and report.msg.attempt is None
     assert report.msg.code == ErrorCode.BAD_MESSAGE and not core.attempts
+
+
+def test_a_decode_step_held_up_by_another_prompts_prefill_reports_the_stall() -> None:
+    """On a mixed replica, a decode step that arrives while the device prefills another
+    prompt waits for it: the step carries that wait on (`Activation.stalled_s`) so the
+    orchestrator counts it as waiting, as the standard metrics define it."""
+    plan = Plan(
+        1,
+        "pinned",
+        8,
+        [Replica(0, "mixed", 2, [stage("m0", 0, 4, True, False), stage("m1", 4, 8, False, True)])],
+    )
+    core = dc.DeviceCore(
+        dc.DeviceConfig(
+            device_id="m0", vocab_size=512, max_position=256, hidden_size=HIDDEN, eos_token_id=2
+        )
+    )
+    core.plan(plan, 0.0)
+    core.loaded(1, None, 0.0)
+
+    def start(rid: str) -> m.PrefillStart:
+        return m.PrefillStart(
+            request_id=m.RequestId(rid),
+            attempt=0,
+            token_ids=[5, 6, 7],
+            decoder_replica=0,
+            sampling=m.Sampling(),
+            max_new_tokens=8,
+            plan_version=1,
+        )
+
+    def run(at: float, t_done: float, rows: int, tokens: int) -> list[m.Activation]:
+        job, _ = core.next_job(at)
+        assert job is not None
+        out = np.zeros((rows, tokens, HIDDEN), np.float32)
+        cmds = core.computed(dc.Computed(job.job, out), t_done)
+        return [c.msg for c in cmds if isinstance(c, dc.Send) and isinstance(c.msg, m.Activation)]
+
+    core.accept(start("r0"), 0.0)
+    run(0.0, 0.1, 1, 3)
+    core.accept(step("r0", 1, 3), 0.2)
+    (first,) = run(0.2, 0.25, 1, 1)
+    assert first.stalled_s == 0.0 and first.context is not None
+    core.accept(start("r1"), 1.0)
+    job, _ = core.next_job(1.0)  # r1's prefill runs from 1.0 ...
+    assert job is not None
+    core.accept(step("r0", 2, 4), 1.5)  # ... r0's next step arrives at 1.5 and waits
+    assert core.next_job(1.5)[0] is None
+    core.computed(dc.Computed(job.job, np.zeros((1, 3, HIDDEN), np.float32)), 2.0)
+    (held,) = run(2.0, 2.05, 1, 1)
+    assert held.request_id == "r0" and held.stalled_s == pytest.approx(0.5)
+    core.accept(step("r0", 3, 5), 2.3)  # nothing in the way
+    (free,) = run(2.3, 2.35, 1, 1)
+    assert free.stalled_s == 0.0

@@ -71,8 +71,21 @@ def test_waiting_time_counts_queueing_and_what_devices_report() -> None:
             ),
         )
     )
-    d.token("a", 7, finished=True)
-    assert req.waiting_s == pytest.approx(0.25 + 0.125)
+    d.feed(
+        c.TokenArrived(
+            "d1",
+            m.TokenOut(
+                request_id=m.RequestId("a"),
+                attempt=0,
+                token_id=7,
+                index=2,
+                finished=True,
+                plan_version=1,
+                timings=m.StepTimings(decode_stall_s=0.5),  # behind another prompt's prefill
+            ),
+        )
+    )
+    assert req.waiting_s == pytest.approx(0.25 + 0.125 + 0.5)
     assert d.starts("b") and not d.starts("c"), "b took the prefill pipeline a left"
     wake = d.core.next_wakeup()
     assert wake is not None and d.now < wake <= d.now + 0.05 + 1e-9, "when b leaves stage 0"
