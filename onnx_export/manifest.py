@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import mmap
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -281,6 +281,16 @@ class Manifest:
         prefer (`VARIANT_PREFERENCE`)."""
         have = set(self.variants())
         return next((v for v in VARIANT_PREFERENCE if v in have), None)
+
+
+def kv_windows(config: Mapping[str, Any]) -> dict[int, int]:
+    """Layer -> window for the sliding-window layers of a manifest's `config`: the KV those
+    layers keep (on a device, in a handoff) is their last `window` positions, which is all
+    a later query sees (keys q - window < k <= q). Full-attention layers are absent."""
+    window = config.get("sliding_window")
+    if not window:
+        return {}
+    return {int(i): int(window) for i in config.get("sliding_layers") or []}
 
 
 def _check_digest(path: Path, want: str, what: str) -> None:

@@ -111,6 +111,81 @@ def test_batched_decode_of_different_lengths(case: Case, variant: tuple[str, str
         assert got == reference(ref, p)[0], f"{len(p)} prompt tokens"
 
 
+def _prefill_and_decode(model: LocalModel, cache: Any, steps: int) -> list[Any]:
+    """Greedy from PROMPT on `cache`: each step's logits."""
+    out = [model.forward(PROMPT, 0, cache)]
+    for _ in range(steps):
+        out.append(model.forward([int(out[-1].argmax())], cache.length, cache))
+    return out
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=[v[0] for v in VARIANTS])
+def test_sliding_layers_hold_their_window_only(case: Case, variant: tuple[str, str]) -> None:
+    """After a prompt 3x the window and some decode steps, a sliding layer holds its last 4
+    positions (on the device: a 4-row buffer in the contrib graph), a full layer all of
+    them; logits equal those of the same graph keeping every position (the standard
+    graph's cache told to keep all) within fp32 rounding."""
+    _skip_unsupported(variant)
+    manifest, _ = case
+    window, sliding = manifest.config["sliding_window"], manifest.config["sliding_layers"]
+    model = LocalModel(manifest.directory, variant=variant)
+    cache = model.layers.new_cache(len(PROMPT) + NEW)
+    got = _prefill_and_decode(model, cache, NEW - 1)
+    total = len(PROMPT) + NEW - 1
+    for i in range(manifest.config["n_layers"]):
+        start, k, v = cache.kv(i)
+        held = window if i in sliding else total
+        assert (start, k.shape[2], v.shape[2]) == (total - held, held, held), i
+    if variant[0] == "contrib":
+        assert {cache.keys[i].shape[2] for i in sliding} == {window}
+    full_model = LocalModel(manifest.directory, variant=("standard", "fp32"))
+    full = full_model.layers.new_cache(len(PROMPT) + NEW)
+    full.windows.clear()  # type: ignore[attr-defined]
+    want = _prefill_and_decode(full_model, full, NEW - 1)
+    assert full.kv(sliding[0])[1].shape[2] == total
+    for a, b in zip(got, want, strict=True):
+        assert a.argmax() == b.argmax() and np.abs(a - b).max() < 1e-4
+
+
+@pytest.mark.parametrize("variant", VARIANTS, ids=[v[0] for v in VARIANTS])
+def test_kv_handoff_sends_the_window_of_sliding_layers(
+    case: Case, variant: tuple[str, str]
+) -> None:
+    """A prompt's KV cut into messages as a PREFILL device sends it and put back together
+    on a fresh cache as a DECODER device does: sliding layers send their last 4 positions
+    (the bytes counted), and decoding from the handed-over cache gives transformers'
+    tokens."""
+    from e2llm_edge.device.kv_transfer import KVAssembler, kv_chunks
+    from e2llm_edge.wire.messages import AttemptKey, RequestId
+
+    _skip_unsupported(variant)
+    manifest, ref = case
+    c = manifest.config
+    model = LocalModel(manifest.directory, variant=variant)
+    prefill = model.layers.new_cache(len(PROMPT) + NEW)
+    first = int(model.forward(PROMPT, 0, prefill).argmax())
+    who, asm = AttemptKey(RequestId("r"), 0), KVAssembler()
+    decode = model.layers.new_cache(len(PROMPT) + NEW)
+    sent = 0
+    for i in range(c["n_layers"]):
+        start, k, v = prefill.kv(i)
+        chunks = kv_chunks(who, i, k, v, token_start=start, target_bytes=k.nbytes // 3)
+        sent += sum(ch.key.nbytes + ch.value.nbytes for ch in chunks)
+        assert [asm.add(ch) for ch in chunks][-1]
+        got_start, got_k, got_v = asm.take(who, i)
+        assert got_start == start
+        decode.load(i, got_k, got_v, got_start)
+    per_token = 2 * c["n_kv_heads"] * c["head_dim"] * 4
+    n_sliding = len(c["sliding_layers"])
+    held = n_sliding * c["sliding_window"] + (c["n_layers"] - n_sliding) * len(PROMPT)
+    assert sent == per_token * held < per_token * c["n_layers"] * len(PROMPT)
+    assert decode.length == len(PROMPT)
+    tokens = [first]
+    for _ in range(NEW - 1):
+        tokens.append(int(model.forward([tokens[-1]], decode.length, decode).argmax()))
+    assert tokens == reference(ref, PROMPT)[0]
+
+
 def test_fast_graph_keeps_mxfp4_experts_quantized(case: Case) -> None:
     """From the GGUF, the contrib layers hold the MXFP4 experts as MatMulNBits 4-bit x2
     (doubled E2M1 codes split in two 4-bit parts, a scale per 32: 1.25 bytes a weight),
@@ -154,6 +229,7 @@ def test_planner_costs_follow_active_experts_and_memory_all(case: Case) -> None:
     norms = 2 * h
     assert spec.layer_flops_per_token[0] == 2 * (attn + router + norms + 2 * expert)
     assert (spec.n_experts, spec.experts_per_token) == (8, 2)
+    assert spec.layer_kv_window == (4, 0, 4)  # sliding layers keep 4 positions
     assert spec.layer_param_bytes[0] > spec.layer_expert_bytes[0] > 0
     if manifest.source["kind"] == "gguf":  # the contrib graph's MXFP4 experts, measured
         assert spec.layer_expert_bytes[0] == 8 * (3 * h * inter * 5 // 4 + 4 * (2 * inter + h))
