@@ -120,11 +120,15 @@ def _prefill_and_decode(model: LocalModel, cache: Any, steps: int) -> list[Any]:
 
 
 @pytest.mark.parametrize("variant", VARIANTS, ids=[v[0] for v in VARIANTS])
-def test_sliding_layers_hold_their_window_only(case: Case, variant: tuple[str, str]) -> None:
+def test_sliding_layers_hold_their_window_only(
+    case: Case, variant: tuple[str, str], monkeypatch: pytest.MonkeyPatch
+) -> None:
     """After a prompt 3x the window and some decode steps, a sliding layer holds its last 4
     positions (on the device: a 4-row buffer in the contrib graph), a full layer all of
-    them; logits equal those of the same graph keeping every position (the standard
-    graph's cache told to keep all) within fp32 rounding."""
+    them; logits equal those of the standard graph keeping every position (its cache told
+    to keep all) within fp32 rounding, also with the prompt prefilled in chunks of 5."""
+    from e2llm_edge.device import runner
+
     _skip_unsupported(variant)
     manifest, _ = case
     window, sliding = manifest.config["sliding_window"], manifest.config["sliding_layers"]
@@ -144,6 +148,10 @@ def test_sliding_layers_hold_their_window_only(case: Case, variant: tuple[str, s
     want = _prefill_and_decode(full_model, full, NEW - 1)
     assert full.kv(sliding[0])[1].shape[2] == total
     for a, b in zip(got, want, strict=True):
+        assert a.argmax() == b.argmax() and np.abs(a - b).max() < 1e-4
+    monkeypatch.setattr(runner, "PREFILL_CHUNK", 5)  # 12 = 5 + 5 + 2, each past the window
+    chunked = _prefill_and_decode(model, model.layers.new_cache(len(PROMPT) + NEW), NEW - 1)
+    for a, b in zip(chunked, want, strict=True):
         assert a.argmax() == b.argmax() and np.abs(a - b).max() < 1e-4
 
 
