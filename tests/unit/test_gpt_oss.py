@@ -194,6 +194,36 @@ def test_kv_handoff_sends_the_window_of_sliding_layers(
     assert tokens == reference(ref, PROMPT)[0]
 
 
+def test_default_export_is_the_contrib_graph_alone(
+    case: Case, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """`e2llm export` of a mixture of experts writes the contrib graph only (the standard
+    one holds every expert in fp32); a source whose experts are unquantized past
+    MOE_FP32_EXPERTS_MAX is refused in one line naming the size and the flag, before
+    anything is written."""
+    from e2llm_edge.cli import main
+    from onnx_export import export
+
+    manifest, _ = case
+    src = manifest.source["path"]
+    out = tmp_path / "default"
+    if manifest.source["kind"] == "gguf":  # MXFP4 experts: they stay quantized
+        assert main(["export", src, "--out", str(out), "--quiet"]) == 0
+        assert Manifest.load(out).variants() == [("contrib", "exact")]
+        assert export_model(src, out, progress=False).variants() == [("contrib", "exact")]
+        return
+    monkeypatch.setattr(export, "MOE_FP32_EXPERTS_MAX", 1000)
+    assert main(["export", src, "--out", str(out), "--quiet"]) == 2
+    err = capsys.readouterr().err.strip()
+    c = manifest.config
+    size = 4 * c["n_layers"] * c["n_experts"] * 3 * c["hidden_size"] * c["intermediate_size"]
+    assert (
+        err.count("\n") == 0 and f"({export.size_text(size)})" in err and "--graph contrib" in err
+    )
+    assert not out.exists()
+    assert main(["export", src, "--out", str(out), "--quiet", "--graph", "contrib"]) == 0
+
+
 def test_fast_graph_keeps_mxfp4_experts_quantized(case: Case) -> None:
     """From the GGUF, the contrib layers hold the MXFP4 experts as MatMulNBits 4-bit x2
     (doubled E2M1 codes split in two 4-bit parts, a scale per 32: 1.25 bytes a weight),
