@@ -1,7 +1,8 @@
 """gpt-oss (mixture of experts, attention sinks, alternating sliding/full layers, YaRN) from
-a GGUF written as llama.cpp writes it (experts in MXFP4) and from a bf16 Hugging Face folder,
-against transformers' GptOssForCausalLM on the same weights: greedy tokens identical, logits
-within fp32 rounding, for a prompt three times the sliding window and for batched decode of
+a GGUF written as llama.cpp writes it (experts in MXFP4), from a bf16 Hugging Face folder and
+from one as the released checkpoints ship it (MXFP4 `*_blocks`/`*_scales`), against
+transformers' GptOssForCausalLM on the same weights: greedy tokens identical, logits within
+fp32 rounding, for a prompt three times the sliding window and for batched decode of
 requests of different lengths. Tiny random models (8 experts, 2 per token): seconds."""
 
 from __future__ import annotations
@@ -20,11 +21,13 @@ import arch_models
 from e2llm_edge.device.fast_runner import contrib_supported
 from e2llm_edge.device.local import LocalModel
 from onnx_export.export import export_model
+from onnx_export.fast_graph import stored
 from onnx_export.manifest import Manifest
+from onnx_export.source import open_model
 
 PROMPT = [5, 17, 42, 99, 7, 200, 31, 64, 150, 3, 88, 12]  # window 4: 3x longer
 NEW = 6
-CASES = ["gguf-MXFP4", "hf-bfloat16"]
+CASES = ["gguf-MXFP4", "hf-bfloat16", "hf-MXFP4"]
 VARIANTS = [("standard", "fp32"), ("contrib", "exact")]
 
 Case = tuple[Manifest, Any]
@@ -51,11 +54,20 @@ def case(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactor
         src: Path = tmp / "model.gguf"
         arch_models.write_gguf(model, "gpt-oss", src, what)
         ref: Any = model
+    elif what == "MXFP4":  # the released checkpoints' form, from the same MXFP4 bytes
+        arch_models.write_gguf(model, "gpt-oss", tmp / "model.gguf", what)
+        src, ref = arch_models.write_hf_mxfp4(model, tmp / "model.gguf", tmp / "hf"), model
     else:
         src = arch_models.write_hf_dir(model, tmp / "hf", what)
         ref = arch_models.load_hf_reference(src)
     manifest = export_model(src, tmp / "out", progress=False, variants=VARIANTS)
     return manifest, ref
+
+
+def mxfp4(manifest: Manifest) -> bool:
+    """Whether the source stores the experts in MXFP4 (a GGUF, or HF `*_blocks`)."""
+    w = open_model(manifest.source["path"])
+    return stored(w, "model.layers.0.mlp.experts.0.gate_proj.weight") is not None
 
 
 def _skip_unsupported(variant: tuple[str, str]) -> None:
@@ -207,7 +219,7 @@ def test_default_export_is_the_contrib_graph_alone(
     manifest, _ = case
     src = manifest.source["path"]
     out = tmp_path / "default"
-    if manifest.source["kind"] == "gguf":  # MXFP4 experts: they stay quantized
+    if mxfp4(manifest):  # the experts stay quantized
         assert main(["export", src, "--out", str(out), "--quiet"]) == 0
         assert Manifest.load(out).variants() == [("contrib", "exact")]
         assert export_model(src, out, progress=False).variants() == [("contrib", "exact")]
@@ -224,11 +236,46 @@ def test_default_export_is_the_contrib_graph_alone(
     assert main(["export", src, "--out", str(out), "--quiet", "--graph", "contrib"]) == 0
 
 
+def test_hf_mxfp4_dequantizes_as_transformers_and_the_gguf(case: Case) -> None:
+    """The HF MXFP4 experts read back bit for bit as transformers' dequantization of the
+    same blocks and scales (`convert_moe_packed_tensors`) and as the GGUF holding the same
+    MXFP4 bytes."""
+    import torch
+    from safetensors.torch import load_file
+    from transformers.integrations.mxfp4 import convert_moe_packed_tensors
+
+    manifest, _ = case
+    if manifest.source["kind"] != "hf" or not mxfp4(manifest):
+        pytest.skip("HF MXFP4 safetensors only")
+    src = Path(manifest.source["path"])
+    hf, gg = open_model(src), open_model(src.parent / "model.gguf")
+    st = load_file(src / "model.safetensors")
+    for i in range(manifest.config["n_layers"]):
+        p = f"model.layers.{i}.mlp.experts."
+        want = {  # (E, in, out) as transformers runs them
+            proj: convert_moe_packed_tensors(
+                st[f"{p}{proj}_blocks"], st[f"{p}{proj}_scales"], dtype=torch.float32
+            ).numpy()
+            for proj in ("gate_up_proj", "down_proj")
+        }
+        for e in range(manifest.config["n_experts"]):
+            for n, ref in (
+                ("gate", want["gate_up_proj"][e][:, 0::2]),
+                ("up", want["gate_up_proj"][e][:, 1::2]),
+                ("down", want["down_proj"][e]),
+            ):
+                got = hf.get(f"{p}{e}.{n}_proj.weight")
+                assert np.array_equal(got, ref.T), (i, e, n)
+                assert np.array_equal(got, gg.get(f"{p}{e}.{n}_proj.weight")), (i, e, n)
+                a, b = hf.raw(f"{p}{e}.{n}_proj.weight"), gg.raw(f"{p}{e}.{n}_proj.weight")
+                assert (a.qtype, a.shape) == (b.qtype, b.shape) and np.array_equal(a.data, b.data)
+
+
 def test_fast_graph_keeps_mxfp4_experts_quantized(case: Case) -> None:
-    """From the GGUF, the contrib layers hold the MXFP4 experts as MatMulNBits 4-bit x2
-    (doubled E2M1 codes split in two 4-bit parts, a scale per 32: 1.25 bytes a weight),
-    named in the manifest with the bytes they take; from the HF folder, fp32 as the
-    standard graph."""
+    """From MXFP4 (a GGUF, or the HF `*_blocks`/`*_scales`), the contrib layers hold the
+    experts as MatMulNBits 4-bit x2 (doubled E2M1 codes split in two 4-bit parts, a scale
+    per 32: 1.25 bytes a weight), named in the manifest with the bytes they take; from a
+    bf16 HF folder, fp32 as the standard graph."""
     manifest, _ = case
     c = manifest.config
 
@@ -239,7 +286,7 @@ def test_fast_graph_keeps_mxfp4_experts_quantized(case: Case) -> None:
     h, inter, e = c["hidden_size"], c["intermediate_size"], c["n_experts"]
     n = e * 3 * h * inter
     biases = 4 * e * (2 * inter + h)
-    if manifest.source["kind"] == "gguf":
+    if mxfp4(manifest):
         assert fast.weights["forms"]["MXFP4"] == "MatMulNBits 4-bit x2, block 32"
         assert fast.weights["expert_bytes"] == n * 5 // 4 + biases
     else:
@@ -269,7 +316,7 @@ def test_planner_costs_follow_active_experts_and_memory_all(case: Case) -> None:
     assert (spec.n_experts, spec.experts_per_token) == (8, 2)
     assert spec.layer_kv_window == (4, 0, 4)  # sliding layers keep 4 positions
     assert spec.layer_param_bytes[0] > spec.layer_expert_bytes[0] > 0
-    if manifest.source["kind"] == "gguf":  # the contrib graph's MXFP4 experts, measured
+    if mxfp4(manifest):  # the contrib graph's MXFP4 experts, measured
         assert spec.layer_expert_bytes[0] == 8 * (3 * h * inter * 5 // 4 + 4 * (2 * inter + h))
     full = spec.decode_weight_bytes(0, 1000)
     assert spec.decode_weight_bytes(0, 1) < full == pytest.approx(spec.layer_param_bytes[0])
