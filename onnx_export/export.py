@@ -27,7 +27,7 @@ from onnx_export.manifest import Manifest, Segment, TensorSpec, sha256_path
 from onnx_export.onnx_writer import SegmentModel
 from onnx_export.shared_data import WEIGHTS_KEY, externalize, inline_bytes
 from onnx_export.source import ModelConfig, ModelWeights, fetch_default_gguf, open_model
-from onnx_export.tokenizer import write_tokenizer
+from onnx_export.tokenizer import profile_ids, write_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 # its unscreened alternative; 6: its finiteness check reads the row sum once; 7: every GGUF
 # type quantized (`onnx_export.quant`), RoPE tables in shared files, measured weight bytes;
 # 8: gpt-oss, MXFP4 decoded from its blocks instead of re-encoded).
-EXPORTER_VERSION = "9"
+EXPORTER_VERSION = "10"
 _ELEM: dict[int, str] = {
     onnx.TensorProto.FLOAT: "float32",
     onnx.TensorProto.INT64: "int64",
@@ -492,6 +492,7 @@ def export_model(
                     w.release()  # drop the source pages this segment read from memory
                     advance(name)
             write_tokenizer(w.tokenizer, tmp)
+            text_ids = profile_ids(tmp / "tokenizer.json")
             all_segments = [segments[j[0]] for j in jobs] + kept
             used = {f for seg in all_segments for f in seg.data}
             for f in tmp.glob("shared_*.bin"):  # carried over, no longer mapped by anyone
@@ -507,6 +508,7 @@ def export_model(
                 tokenizer={"file": "tokenizer.json", "config": "tokenizer_config.json"},
                 directory=tmp,
                 data_files={f: h for f, h in data_files.items() if f in used},
+                profile_ids=text_ids,
             )
             manifest.cost = model_cost(w, manifest)
             manifest.write()

@@ -142,9 +142,22 @@ def measure_profile(
     )
     emb, head = VariantEmbedder(manifest, variant), VariantHead(manifest, variant)
     rng = np.random.default_rng(0)
+    text = np.asarray(manifest.profile_ids, np.int64)
+    if text.size and int(text.max()) >= int(cfg["vocab_size"]):
+        text = text[:0]  # not this model's ids: random hidden states instead
+
+    def inputs(rows: int, n: int, at: int) -> np.ndarray:
+        """(rows, n, H) layer inputs: the embedded profile text, row r reading it from
+        position at + 97 r (cycled), so a mixture of experts routes each token as on real
+        text; without it, random hidden states."""
+        if not text.size:
+            return rng.normal(0, 1, (rows, n, h)).astype(np.float32)
+        pos = at + 97 * np.arange(rows)[:, None] + np.arange(n)[None, :]
+        return emb.run(text[pos % text.size])
+
     prefill = []
     for tokens in points:
-        x = rng.normal(0, 1, (1, tokens, h)).astype(np.float32)
+        x = inputs(1, tokens, 0)
 
         def pre(x: np.ndarray = x, n: int = tokens) -> None:
             stack.run(x, 0, stack.new_cache(n))
@@ -152,29 +165,37 @@ def measure_profile(
         prefill.append(_best(pre, reps))
     decode: dict[int, float] = {}
     head_decode: dict[int, float] = {}
-    past = rng.normal(0, 1, (1, past_tokens, h)).astype(np.float32)
+    past = inputs(1, past_tokens, 0)
     # a window's steps grow the past; a small model's context bounds how many fit
     cache_len = min(past_tokens + DECODE_STEPS + 8, ctx)
     steps = min(DECODE_STEPS, cache_len - past_tokens)
     for b in DECODE_BATCHES:
         caches: list[StageCache] = []
+        # each step feeds every request its next token: the experts a batch touches change
+        # from step to step as in a real decode, not one fixed set
+        steps_x = np.ascontiguousarray(
+            inputs(b, steps, past_tokens).transpose(1, 0, 2)[..., None, :]
+        )
+        done = [0]
 
-        def fresh(b: int = b, caches: list[StageCache] = caches) -> None:
+        def fresh(b: int = b, caches: list[StageCache] = caches, done: list[int] = done) -> None:
             caches.clear()
+            done[0] = 0
             for _ in range(b):
                 c = stack.new_cache(cache_len)
                 stack.run(past, 0, c)
                 caches.append(c)
 
-        step = rng.normal(0, 1, (b, 1, h)).astype(np.float32)
-
-        def one_step(step: np.ndarray = step, caches: list[StageCache] = caches) -> None:
-            stack.run_batch(step, caches)
+        def one_step(
+            steps_x: np.ndarray = steps_x, caches: list[StageCache] = caches, done: list[int] = done
+        ) -> None:
+            stack.run_batch(steps_x[done[0] % len(steps_x)], caches)  # (b, 1, H)
+            done[0] += 1
 
         decode[b] = _best(one_step, reps, max_calls=steps, setup=fresh)
         caches.clear()
 
-        def head_step(step: np.ndarray = step) -> None:
+        def head_step(step: np.ndarray = steps_x[0]) -> None:
             head.run(step)
 
         head_decode[b] = _best(head_step, reps)
@@ -195,6 +216,7 @@ def measure_profile(
             "precision": variant[1],
             "past_tokens": past_tokens,
             "decode_batches": list(DECODE_BATCHES),
+            "inputs": "text" if text.size else "random",
             "model": manifest.name,
             "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         },

@@ -271,6 +271,26 @@ def test_hf_mxfp4_dequantizes_as_transformers_and_the_gguf(case: Case) -> None:
                 assert (a.qtype, a.shape) == (b.qtype, b.shape) and np.array_equal(a.data, b.data)
 
 
+def test_profile_feeds_the_layers_real_text(case: Case) -> None:
+    """The manifest holds the profile text in the model's own tokenizer; the device profile
+    feeds its embeddings to the layers (a token each request each decode step), so the
+    router picks experts as on real inputs."""
+    from tokenizers import Tokenizer
+
+    from e2llm_edge.device.profile import measure_profile, profile_problem
+    from onnx_export.tokenizer import PROFILE_TEXT
+
+    manifest, _ = case
+    if manifest.source["kind"] != "gguf":
+        pytest.skip("one source is enough")
+    tok = Tokenizer.from_file(str(manifest.directory / "tokenizer.json"))
+    assert manifest.profile_ids == tok.encode(PROFILE_TEXT, add_special_tokens=False).ids
+    assert len(manifest.profile_ids) > 300
+    variant = ("contrib", "exact") if contrib_supported() else ("standard", "fp32")
+    prof = measure_profile(manifest, threads=1, reps=1, variant=variant)
+    assert profile_problem(prof) is None and prof["measured"]["inputs"] == "text"
+
+
 def test_fast_graph_keeps_mxfp4_experts_quantized(case: Case) -> None:
     """From MXFP4 (a GGUF, or the HF `*_blocks`/`*_scales`), the contrib layers hold the
     experts as MatMulNBits 4-bit x2 (doubled E2M1 codes split in two 4-bit parts, a scale
