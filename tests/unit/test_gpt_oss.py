@@ -102,14 +102,22 @@ def test_greedy_tokens_and_logits_match_transformers(case: Case, variant: tuple[
 @pytest.mark.parametrize("variant", VARIANTS, ids=[v[0] for v in VARIANTS])
 def test_batched_decode_of_different_lengths(case: Case, variant: tuple[str, str]) -> None:
     """Three requests (2, 7 and 12 prompt tokens: below, near and beyond the window) decode
-    together in one run per step and give transformers' tokens for each."""
+    together in one run per step (contrib: slots of one KV pool, the sliding layers'
+    window-sized, each row at its own length) and give transformers' tokens for each."""
+    from e2llm_edge.device.fast_runner import load_stage
+
     _skip_unsupported(variant)
     manifest, ref = case
     prompts = [PROMPT[:2], PROMPT[3:10], PROMPT]
     model = LocalModel(manifest.directory, variant=variant)
+    model.layers = load_stage(
+        manifest, 0, manifest.config["n_layers"], variant, max_batch=3, context=32
+    )
     caches, tokens = [], []
     for p in prompts:
         cache = model.layers.new_cache(len(p) + NEW)
+        if variant[0] == "contrib":
+            assert cache.slot is not None  # type: ignore[attr-defined]
         logits = model.forward(p, 0, cache)
         caches.append(cache)
         tokens.append([int(logits.argmax())])
