@@ -29,3 +29,26 @@ def release_freed_memory() -> None:
         ctypes.CDLL(name or "libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
         return
+
+
+def last_level_cache_bytes() -> int:
+    """Size of this CPU's largest cache (Linux sysfs); 0 where it cannot be read."""
+    best = 0
+    base = "/sys/devices/system/cpu/cpu0/cache"
+    try:
+        entries = os.listdir(base)
+    except OSError:
+        return 0
+    for name in entries:
+        try:
+            with open(f"{base}/{name}/size") as f:
+                text = f.read().strip()
+        except OSError:
+            continue
+        units = {"K": 1024, "M": 1024**2, "G": 1024**3}
+        try:
+            size = int(text[:-1]) * units[text[-1]] if text[-1] in units else int(text)
+        except ValueError:
+            continue
+        best = max(best, size)
+    return best

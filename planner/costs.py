@@ -3,7 +3,9 @@
 Per device and layer: prefill seconds for a prompt of P tokens and decode seconds for one
 step of a batch, from the measured profile or else a roofline estimate
 (max(FLOPs / achieved FLOP/s, bytes / achieved bandwidth)). A stage's time is its
-compute plus the hop that brings its input (device -> broker -> device). Decoders run
+compute, the hop that brings its input (device -> broker -> device) and the agent's own
+work per pass (`DeviceProfile.pass_s`, `io_s_per_mb`: messages in and out, and the KV a
+PREFILL stage hands on). Decoders run
 their batch as up to k micro-batches through a k-stage pipeline, so one token of every
 request takes a *cycle* = max(sum of stage times, k x slowest stage).
 """
@@ -154,7 +156,46 @@ class CostModel:
             positions * m.head_flops_per_token / hw.flops_per_s, m.head_param_bytes / hw.bytes_per_s
         )
 
+    def agent_pass_s(self, d: int) -> float:
+        """The agent's own seconds per pass on device d beyond its layers (0: unmeasured)."""
+        prof = self.inventory.devices[d].profile
+        return prof.pass_s if prof is not None else 0.0
+
+    def agent_io_s(self, d: int, nbytes: float) -> float:
+        """The agent's own seconds on device d to send or receive `nbytes` (0: unmeasured)."""
+        prof = self.inventory.devices[d].profile
+        return prof.io_s_per_mb * nbytes * 1e-6 if prof is not None else 0.0
+
     # ---- stages -----------------------------------------------------------------------
+
+    def in_bytes_per_token(
+        self, devices: Sequence[int], i: int, embed_last: bool, decode: bool
+    ) -> float:
+        """Bytes per token of the message that feeds stage i (0 for a lone stage, and for
+        stage 0 of a prefill: the prompt comes from the client)."""
+        if len(devices) == 1:
+            return 0.0
+        act = self.model.activation_bytes_per_token
+        if i > 0 or embed_last:
+            return float(act)
+        return float(TOKEN_ID_BYTES) if decode else 0.0
+
+    def agent_stage_s(
+        self, layout: Layout, i: int, *, decode: bool, tokens: float, kv_out: bool = False
+    ) -> float:
+        """The agent's own seconds for one pass of stage i: a pass's fixed cost, its input
+        and output messages, and (a PREFILL replica's stage, `kv_out`) the KV of its
+        layers sent on to the decoder."""
+        d, k = layout.devices[i], len(layout.devices)
+        per_token = self.in_bytes_per_token(layout.devices, i, layout.embed_last, decode)
+        if k > 1:
+            per_token += self.in_bytes_per_token(
+                layout.devices, (i + 1) % k, layout.embed_last, decode
+            )
+        nbytes = per_token * tokens
+        if kv_out and not decode:  # a sliding-window layer sends its window
+            nbytes += self.model.request_kv_bytes(tokens, layout.bounds[i], layout.bounds[i + 1])
+        return self.agent_pass_s(d) + self.agent_io_s(d, nbytes)
 
     def in_hop_s(
         self, devices: Sequence[int], i: int, embed_last: bool, decode: bool, tokens: float
@@ -204,8 +245,11 @@ class CostModel:
         result: np.ndarray = latency + tokens * per_token * per_byte
         return result
 
-    def stage_times(self, layout: Layout, *, decode: bool, tokens: float) -> list[float]:
-        """Time of each stage for one pass of `tokens` prompt tokens or a decode micro-batch.
+    def stage_times(
+        self, layout: Layout, *, decode: bool, tokens: float, kv_out: bool = False
+    ) -> list[float]:
+        """Time of each stage for one pass of `tokens` prompt tokens or a decode micro-batch
+        (`kv_out`: a PREFILL replica's pass, which also sends its KV on).
 
         Written plainly (per-layer sums) so tests can check the vectorised DP against it.
         """
@@ -220,6 +264,7 @@ class CostModel:
             if layout.head_on(i):
                 t += self.head_s(d, decode, batch)
             t += self.in_hop_s(layout.devices, i, layout.embed_last, decode, tokens)
+            t += self.agent_stage_s(layout, i, decode=decode, tokens=tokens, kv_out=kv_out)
             out.append(t)
         return out
 
@@ -294,10 +339,12 @@ class CostModel:
     def kv_transfer_s(self, src: Layout, dst: Layout, prompt_tokens: float) -> float:
         """Seconds to move a prompt's KV cache from a prefill replica to a decoder on idle
         links: sends from one device share its uplink, receives share the downlink, and
-        the downlinks start once the uplinks are done (store and forward)."""
+        the downlinks start once the uplinks are done (store and forward); each receiving
+        agent then takes its part in (the senders' work is in their prefill pass,
+        `stage_times(kv_out=True)`)."""
         send, recv = self.kv_flows(src, dst, prompt_tokens)
         up = max(self.links[s].one_way_s(b) for s, b in send.items())
-        down = max(self.links[t].one_way_s(b) for t, b in recv.items())
+        down = max(self.links[t].one_way_s(b) + self.agent_io_s(t, b) for t, b in recv.items())
         return up + down
 
     def kv_link_s(self, layout: Layout, prompt_tokens: float) -> float:

@@ -100,13 +100,13 @@ class SplitSolver:
         self._wdiff = wp[None, :] - wp[:, None]  # (L+1, L+1) weight bytes of [a, b)
         kp = cm.kv_prefix
         self._kvdiff = kp[None, :] - kp[:, None]  # (L+1, L+1) KV bytes per token of [a, b)
-        self._prefill_pre: dict[int, np.ndarray] = {}
+        self._prefill_pre: dict[tuple[int, bool], np.ndarray] = {}
         self._decode_pre: dict[int, np.ndarray] = {}
         self.concurrencies = np.array(
             [c for c in CONCURRENCY_STEPS if c <= cm.max_concurrency]
             + ([cm.max_concurrency] if cm.max_concurrency not in CONCURRENCY_STEPS else [])
         )
-        self._base: dict[tuple[int, bool, bool, bool, int, bool], np.ndarray] = {}
+        self._base: dict[tuple[int, bool, bool, bool, int, bool, bool], np.ndarray] = {}
         self._prefill_total: dict[tuple[tuple[int, ...], tuple[int, ...], bool], float] = {}
         m = cm.model
         self._weights = m.total_param_bytes
@@ -134,11 +134,18 @@ class SplitSolver:
         need = self._weights + kv_tokens * self._kv_all_layers + self.cm.workspace_bytes(work)
         return have < need
 
-    def _prefill_prefix(self, d: int) -> np.ndarray:
-        if d not in self._prefill_pre:
-            per_layer = self.cm.prefill_layers(d, self.cm.prompt_tokens)
-            self._prefill_pre[d] = np.concatenate([[0.0], np.cumsum(per_layer)])[None, :]
-        return self._prefill_pre[d]  # (1, L+1)
+    def _prefill_prefix(self, d: int, kv_out: bool) -> np.ndarray:
+        key = (d, kv_out)
+        if key not in self._prefill_pre:
+            cm = self.cm
+            per_layer = cm.prefill_layers(d, cm.prompt_tokens)
+            if kv_out:  # each layer's KV is sent on: the agent's work grows with the layers
+                kv = cm.model.request_kv_bytes
+                per_layer = per_layer + np.array(
+                    [cm.agent_io_s(d, kv(cm.prompt_tokens, i, i + 1)) for i in range(cm.n_layers)]
+                )
+            self._prefill_pre[key] = np.concatenate([[0.0], np.cumsum(per_layer)])[None, :]
+        return self._prefill_pre[key]  # (1, L+1)
 
     def _decode_prefix(self, d: int) -> np.ndarray:
         if d not in self._decode_pre:
@@ -165,6 +172,7 @@ class SplitSolver:
                 kv_tokens=np.array([kv]),
                 workspace_tokens=np.array([cm.peak_prompt_tokens]),
                 rows=None,
+                kv_out=True,
             )[0]
             for embed_last in self._variants(devices)
         ]
@@ -216,19 +224,21 @@ class SplitSolver:
         kv_tokens: np.ndarray,
         workspace_tokens: np.ndarray,
         rows: np.ndarray | None,
+        kv_out: bool = False,
     ) -> np.ndarray:
         """Time of stage i holding layers [a, b) (inf if invalid): C[n, a, b] for a middle
-        stage, C[n, b] (a = 0) for the first, C[n, a] (b = L) for the last."""
+        stage, C[n, b] (a = 0) for the first, C[n, a] (b = L) for the last; the same sums
+        as `CostModel.stage_times` (`kv_out`: a PREFILL replica's)."""
         cm = self.cm
         d = devices[i]
         k = len(devices)
         layout = Layout(devices, (0,) * (k + 1), embed_last)
         embed, head = layout.embed_on(i), layout.head_on(i)
         mixed = bool(decode and workspace_tokens.max() > tokens.max())
-        key = (d, decode, embed, head, k, mixed)
+        key = (d, decode, embed, head, k, mixed, kv_out)
         base = self._base.get(key)
         if base is None:
-            pre = self._decode_prefix(d)[rows] if decode else self._prefill_prefix(d)
+            pre = self._decode_prefix(d)[rows] if decode else self._prefill_prefix(d, kv_out)
             cost = pre[:, None, :] - pre[:, :, None]
             edge = cm.model.edge_bytes(embed=embed, head=head)
             fixed = edge + np.array([cm.workspace_bytes(w) for w in workspace_tokens])
@@ -243,6 +253,10 @@ class SplitSolver:
                 self._base.pop(next(iter(self._base)))
             self._base[key] = base
         const = cm.in_hop_vec(devices, i, embed_last, decode, tokens)
+        io_per_token = cm.in_bytes_per_token(devices, i, embed_last, decode)
+        if k > 1:
+            io_per_token += cm.in_bytes_per_token(devices, (i + 1) % k, embed_last, decode)
+        const = const + cm.agent_pass_s(d) + cm.agent_io_s(d, 1.0) * io_per_token * tokens
         if embed:
             const = const + np.array([cm.embed_s(d, t) for t in tokens])
         if head:
@@ -266,6 +280,7 @@ class SplitSolver:
         kv_tokens: np.ndarray,
         workspace_tokens: np.ndarray,
         rows: np.ndarray | None,
+        kv_out: bool = False,
     ) -> list[Split | None]:
         L = self.cm.n_layers
         k = len(devices)
@@ -282,6 +297,7 @@ class SplitSolver:
                 kv_tokens=kv_tokens,
                 workspace_tokens=workspace_tokens,
                 rows=rows,
+                kv_out=kv_out,
             )
             for i in range(k)
         ]
@@ -297,7 +313,9 @@ class SplitSolver:
                 f = np.maximum(f[:, :, None], costs[i]).min(axis=1)
             best = np.maximum(f, costs[-1]).min(axis=1)  # (n,)
             # Pass 2: least sum with every stage <= best; keep argmins to backtrack.
-            cap = best[:, None]
+            # within rounding of the least bottleneck: equal stages summed in another
+            # order differ in the last bit, and must not lose the least sum
+            cap = best[:, None] * (1 + 1e-12)
             g = np.where(costs[0] <= cap, costs[0], INF)
             back = []
             for i in range(1, k - 1):

@@ -207,7 +207,7 @@ def plan_capacity(
         k = len(devices)
         if r.role == "prefill":
             if _fits(cm, lay, cm.prefill_kv_tokens(k), cm.peak_prompt_tokens):
-                st = cm.stage_times(lay, decode=False, tokens=cm.prompt_tokens)
+                st = cm.stage_times(lay, decode=False, tokens=cm.prompt_tokens, kv_out=True)
                 prefill += 1.0 / max(max(st), cm.kv_link_s(lay, cm.prompt_tokens))
             continue
         c = r.concurrency

@@ -20,6 +20,10 @@ and the field. Schema (units in the comments; unknown keys are errors, to catch 
           embed_s: 0.0001         # embedding, per token
           head_prefill_s: 0.002   # head (final norm + lm_head) for one position
           head_decode_s: [..]     # head per decode step at concurrency 1..len
+          pass_s: 0.0015          # optional (default 0): the agent's own time per pass
+                                  # beyond its layers (take in one message, send one)
+          io_s_per_mb: 0.9        # optional (default 0): the agent's time per MB it sends
+                                  # or receives (encoding, TLS, the socket), beyond the link
         hardware:                 # alternative: roofline estimate
           tflops: 1.5             # peak fp32 TFLOP/s usable
           mem_bw_gbps: 8.0        # memory bandwidth, GB/s
@@ -90,6 +94,14 @@ class DeviceProfile:
     """Head (final norm + lm_head) seconds for one position."""
     head_decode_s: tuple[float, ...]
     """Head seconds per decode step at concurrency 1..len."""
+    pass_s: float = 0.0
+    """The agent's own seconds per pass beyond its layers: taking in one message and
+    sending one (decoding, encoding, the MQTT client, the socket). On small CPUs it is a
+    large part of a pipeline stage: 1-3 ms of CPU per pass on a server core, so 10-30 ms
+    on a device with a tenth of one. Zero: not measured."""
+    io_s_per_mb: float = 0.0
+    """The agent's own seconds per MB it sends or receives (encoding, TLS, system calls),
+    beyond what the link takes; what a KV hand-off costs the devices at both ends."""
 
     def layer_prefill(self, tokens: float) -> float:
         """Seconds for one layer to prefill `tokens` tokens."""
@@ -248,6 +260,8 @@ class Inventory:
                     "embed_s": p.embed_s,
                     "head_prefill_s": p.head_prefill_s,
                     "head_decode_s": list(p.head_decode_s),
+                    "pass_s": p.pass_s,
+                    "io_s_per_mb": p.io_s_per_mb,
                 }
             if dev.hardware is not None:
                 h = dev.hardware
@@ -355,6 +369,8 @@ class _Validator:
                 "embed_s",
                 "head_prefill_s",
                 "head_decode_s",
+                "pass_s",
+                "io_s_per_mb",
             },
             where,
         )
@@ -380,6 +396,12 @@ class _Validator:
             embed_s=self.number(raw, "embed_s", where, pre, positive=False),
             head_prefill_s=self.number(raw, "head_prefill_s", where, pre, positive=False),
             head_decode_s=self.number_list(raw, "head_decode_s", where, pre, positive=False),
+            pass_s=self.number(
+                raw, "pass_s", where, pre, positive=False, required=False, default=0.0
+            ),
+            io_s_per_mb=self.number(
+                raw, "io_s_per_mb", where, pre, positive=False, required=False, default=0.0
+            ),
         )
 
     def hardware(self, raw: Any, where: str) -> Hardware:

@@ -221,7 +221,9 @@ def build_plan(
     for role, option, rid in triples:
         split, conc = _split_for(option, role)
         lay = split.layout
-        prefill_s = cm.stage_times(lay, decode=False, tokens=cm.prompt_tokens)
+        prefill_s = cm.stage_times(
+            lay, decode=False, tokens=cm.prompt_tokens, kv_out=role == "prefill"
+        )
         decode_s = cm.stage_times(lay, decode=True, tokens=micro_batch(conc, len(lay.devices)))
         stages = [
             Stage(
@@ -324,7 +326,8 @@ def timing_for(cm: CostModel, lay: Layout, role: str, concurrency: int) -> Timin
     return Timing(
         prefill_tokens=PREFILL_GRID,
         prefill_stage_s=tuple(
-            tuple(cm.stage_times(lay, decode=False, tokens=t)) for t in PREFILL_GRID
+            tuple(cm.stage_times(lay, decode=False, tokens=t, kv_out=role == "prefill"))
+            for t in PREFILL_GRID
         ),
         decode_cycle_s=tuple(
             decode_cycle(cm.stage_times(lay, decode=True, tokens=micro_batch(n, k)), n)

@@ -111,7 +111,7 @@ def evaluate_layout(
     prefill: Split | None = None
     prefill_rps = 0.0
     if fits(cm.prefill_kv_tokens(k), cm.peak_prompt_tokens):
-        times = cm.stage_times(layout, decode=False, tokens=cm.prompt_tokens)
+        times = cm.stage_times(layout, decode=False, tokens=cm.prompt_tokens, kv_out=True)
         prefill = Split(layout, tuple(times))
         link = cm.kv_link_s(layout, cm.prompt_tokens)
         prefill_rps = 1.0 / max(prefill.bottleneck_s, link)

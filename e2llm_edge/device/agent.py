@@ -27,12 +27,13 @@ from e2llm_edge.device.fast_runner import (
     choose_variant,
     load_stage,
 )
-from e2llm_edge.device.runner import Embedder, Head, Stage, StageCache
+from e2llm_edge.device.probe import probe_message_path
+from e2llm_edge.device.runner import Embedder, Head, Stage, StageCache, configure_threads
 from e2llm_edge.errors import E2LLMError
 from e2llm_edge.sysinfo import rss_bytes
 from e2llm_edge.wire import messages as m
 from e2llm_edge.wire import topics as t
-from e2llm_edge.wire.bus import BadMessage, Bus, BusConfig, RateLimitedLog, Will
+from e2llm_edge.wire.bus import BadMessage, Bus, BusConfig, Envelope, RateLimitedLog, Will
 from e2llm_edge.wire.messages import AttemptKey, DeviceStatus
 from onnx_export.errors import ExportError
 from onnx_export.manifest import Manifest
@@ -204,24 +205,27 @@ class Agent:
         self._tasks: asyncio.TaskGroup | None = None
         self._rate_t0, self._rate_n = time.monotonic(), 0
         self._ratelog = RateLimitedLog(log)
+        self._held: list[Envelope] = []
+        """What arrived while the agent probed its message path, processed first."""
 
     # ------------------------------------------------------------------ lifecycle
 
     async def run(self) -> None:
-        from e2llm_edge.device.profile import load_or_measure_profile, profile_data
+        from e2llm_edge.device.profile import load_or_measure_profile, profile_data, profile_path
 
+        path = self.cfg.profile_path or profile_path(
+            self.manifest, configure_threads(self.cfg.threads), self.variant
+        )
         prof = await asyncio.to_thread(
-            load_or_measure_profile,
-            self.manifest,
-            self.cfg.threads,
-            self.cfg.profile_path,
-            self.variant,
+            load_or_measure_profile, self.manifest, self.cfg.threads, path, self.variant
         )
         self.profile = profile_data(prof)
         will = Will(t.DEVICE_STATE, self._state(DeviceStatus.OFFLINE), {"device_id": self.id})
         async with Bus(self.cfg.bus, will=will, on_bad_message=self._on_bad) as bus:
             self.bus = bus
             await bus.subscribe(t.DEVICE_INBOX, device_id=self.id)
+            if not prof.get("pass_s"):
+                self.profile = profile_data(await self._probe(bus, prof, path))
             await bus.subscribe(t.PLAN)
             await bus.publish(
                 t.DEVICE_PROFILE,
@@ -243,15 +247,53 @@ class Agent:
                 tg.create_task(self._worker())
                 tg.create_task(self._housekeeping())
 
+    async def _probe(self, bus: Bus, prof: dict[str, object], path: Path) -> dict[str, object]:
+        """Measure this agent's cost per pass and per MB (`device.probe`) and cache it with
+        the profile; a failed probe leaves them unmeasured (0), and says so."""
+        from e2llm_edge.device.profile import save_profile, with_message_path
+
+        def keep(env: Envelope) -> None:
+            if len(self._held) < self.cfg.max_inbox:
+                self._held.append(env)
+            else:  # its sender times it out and retries, as for a message lost
+                self._ratelog.warning("probe:held", "%s: inbox full while probing", self.id)
+
+        try:
+            found = await probe_message_path(bus, self.id, keep)
+        except E2LLMError as exc:
+            log.warning(
+                "%s: could not probe the message path (%s): planning without it", self.id, exc
+            )
+            return prof
+        log.info(
+            "%s: message path %.2f ms per pass, %.1f ms per MB (CPU share %.2f)",
+            self.id,
+            found.pass_s * 1e3,
+            found.io_s_per_mb * 1e3,
+            found.cpu_share,
+        )
+        prof = with_message_path(prof, found.pass_s, found.io_s_per_mb, found.cpu_share)
+        try:
+            save_profile(path, prof)
+        except OSError as exc:
+            log.warning("%s: could not cache the profile at %s: %s", self.id, path, exc)
+        return prof
+
     async def _receive(self, bus: Bus) -> None:
+        held, self._held = self._held, []
+        for env in held:
+            await self._dispatch(env)
         async for env in bus:
-            now = time.monotonic()
-            self.core.wall_clock = time.time()
-            if isinstance(env.msg, m.PlanMsg):
-                await self._do(self.core.plan(env.msg.plan, now))
-            elif isinstance(env.msg, c.Work):
-                await self._do(self.core.accept(env.msg, now))
-            self.wake.set()
+            await self._dispatch(env)
+
+    async def _dispatch(self, env: Envelope) -> None:
+        now = time.monotonic()
+        self.core.wall_clock = time.time()
+        if isinstance(env.msg, m.PlanMsg):
+            await self._do(self.core.plan(env.msg.plan, now))
+        elif isinstance(env.msg, c.Work):
+            await self._do(self.core.accept(env.msg, now))
+        self.wake.set()
 
     async def _on_bad(self, bad: BadMessage) -> None:
         """The bus logged it; if it names a request, that request cannot go on here."""

@@ -3,13 +3,21 @@
 The planner's cost model is fitted from these figures, not from FLOP formulas: one decoder
 layer's prefill time at several prompt lengths, one layer's decode step at several batch
 sizes (with a 128-token past), and the embedding and head costs. Layers of a Llama model
-are identical in shape, so layer 0 stands for all. The result is cached per model
+are identical in shape, so the first layers stand for all. The result is cached per model
 fingerprint and thread count, so agents restarting on the same device start at once.
+
+A decode step reads every weight of its layers once, so its speed is the speed of memory:
+it is timed over enough layers that their weights do not fit in the CPU's last-level
+cache, as a stage's do. Timed on one 14 MB layer, which a 32 MB L3 keeps, a decode step
+of SmolLM2's fp32 layer took 0.38 ms; in a stage of 5 or 15 layers, 0.89-0.90 ms per
+layer (prefill, which reuses each weight across the prompt, took 4.9 ms per layer in
+both).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -20,6 +28,7 @@ import yaml
 
 from e2llm_edge.device.fast_runner import VariantEmbedder, VariantHead, load_stage
 from e2llm_edge.device.runner import StageCache, configure_threads
+from e2llm_edge.sysinfo import last_level_cache_bytes
 from e2llm_edge.wire.messages import ProfileData, ProfileMeta
 from onnx_export.manifest import Manifest
 from onnx_export.source import cache_dir
@@ -73,6 +82,20 @@ def _best(
                 break
         best = min(best, elapsed / calls)
     return best
+
+
+def decode_probe_layers(manifest: Manifest, variant: tuple[str, str], llc_bytes: int) -> int:
+    """Layers to time a decode step over: enough that their weights are twice the CPU's
+    last-level cache (`llc_bytes`), so every step reads them from memory as a stage does;
+    at most the model's layers."""
+    cost = manifest.cost or {}
+    per_variant = (cost.get("variants") or {}).get(f"{variant[0]}/{variant[1]}") or cost
+    layer_bytes = per_variant.get("layer_param_bytes") or cost.get("layer_param_bytes") or []
+    n_layers = int(manifest.config["n_layers"])
+    mean = sum(layer_bytes) / len(layer_bytes) if layer_bytes else 0.0
+    if mean <= 0 or llc_bytes <= 0:
+        return 1
+    return max(1, min(n_layers, math.ceil(2 * llc_bytes / mean)))
 
 
 def _fill(points: dict[int, float], upto: int) -> list[float]:
@@ -131,71 +154,75 @@ def measure_profile(
     if len(points) < 2 and ctx not in points:
         points.append(ctx)
     past_tokens = max(1, min(PAST_TOKENS, ctx - 16))
-    stack = load_stage(
-        manifest,
-        0,
-        1,
-        variant,
-        prefer_ranges=False,
-        max_batch=max(DECODE_BATCHES),
-        context=min(past_tokens + DECODE_STEPS + 16, ctx),
-    )
-    emb, head = VariantEmbedder(manifest, variant), VariantHead(manifest, variant)
+    n_decode = decode_probe_layers(manifest, variant, last_level_cache_bytes())
+
+    def stage(n: int) -> Any:
+        return load_stage(
+            manifest,
+            0,
+            n,
+            variant,
+            prefer_ranges=False,
+            max_batch=max(DECODE_BATCHES),
+            context=min(past_tokens + DECODE_STEPS + 16, ctx),
+        )
+
     rng = np.random.default_rng(0)
-    text = np.asarray(manifest.profile_ids, np.int64)
-    if text.size and int(text.max()) >= int(cfg["vocab_size"]):
-        text = text[:0]  # not this model's ids: random hidden states instead
-
-    def inputs(rows: int, n: int, at: int) -> np.ndarray:
-        """(rows, n, H) layer inputs: the embedded profile text, row r reading it from
-        position at + 97 r (cycled), so a mixture of experts routes each token as on real
-        text; without it, random hidden states."""
-        if not text.size:
-            return rng.normal(0, 1, (rows, n, h)).astype(np.float32)
-        pos = at + 97 * np.arange(rows)[:, None] + np.arange(n)[None, :]
-        return emb.run(text[pos % text.size])
-
-    prefill = []
-    for tokens in points:
-        x = inputs(1, tokens, 0)
-
-        def pre(x: np.ndarray = x, n: int = tokens) -> None:
-            stack.run(x, 0, stack.new_cache(n))
-
-        prefill.append(_best(pre, reps))
-    decode: dict[int, float] = {}
-    head_decode: dict[int, float] = {}
-    past = inputs(1, past_tokens, 0)
     # a window's steps grow the past; a small model's context bounds how many fit
     cache_len = min(past_tokens + DECODE_STEPS + 8, ctx)
     steps = min(DECODE_STEPS, cache_len - past_tokens)
+    prefill_in, decode_in, inputs = _layer_inputs(manifest, variant, rng, points, steps)
+    # one stage at a time, then the embedding and head: a small device holds one of them
+    # (each closure gets its stage as a default, so `del` frees it)
+    stack = stage(1)
+    prefill = []
+    for tokens, x in zip(points, prefill_in, strict=True):
+
+        def pre(x: np.ndarray = x, n: int = tokens, stack: Any = stack) -> None:
+            stack.run(x, 0, stack.new_cache(n))
+
+        prefill.append(_best(pre, reps))
+    del stack, pre
+    stack = stage(n_decode)
+    decode: dict[int, float] = {}
+    nkv, hd = int(cfg["n_kv_heads"]), int(cfg["head_dim"])
+    past_k = rng.normal(0, 1, (1, nkv, past_tokens, hd)).astype(np.float32)
+    past_v = rng.normal(0, 1, (1, nkv, past_tokens, hd)).astype(np.float32)
     for b in DECODE_BATCHES:
         caches: list[StageCache] = []
-        # each step feeds every request its next token: the experts a batch touches change
-        # from step to step as in a real decode, not one fixed set
-        steps_x = np.ascontiguousarray(
-            inputs(b, steps, past_tokens).transpose(1, 0, 2)[..., None, :]
-        )
-        done = [0]
+        done = [0]  # steps run since `fresh`: each feeds every request its next token
 
-        def fresh(b: int = b, caches: list[StageCache] = caches, done: list[int] = done) -> None:
+        def fresh(
+            b: int = b,
+            caches: list[StageCache] = caches,
+            stack: Any = stack,
+            done: list[int] = done,
+        ) -> None:
             caches.clear()
             done[0] = 0
             for _ in range(b):
                 c = stack.new_cache(cache_len)
-                stack.run(past, 0, c)
+                for layer in range(n_decode):  # a past of random keys: no prefill to wait for
+                    c.load(layer, past_k, past_v, 0)
                 caches.append(c)
 
         def one_step(
-            steps_x: np.ndarray = steps_x, caches: list[StageCache] = caches, done: list[int] = done
+            xs: np.ndarray = decode_in[b],
+            caches: list[StageCache] = caches,
+            stack: Any = stack,
+            done: list[int] = done,
         ) -> None:
-            stack.run_batch(steps_x[done[0] % len(steps_x)], caches)  # (b, 1, H)
+            stack.run_batch(xs[done[0] % len(xs)], caches)  # (b, 1, H)
             done[0] += 1
 
-        decode[b] = _best(one_step, reps, max_calls=steps, setup=fresh)
+        decode[b] = _best(one_step, reps, max_calls=steps, setup=fresh) / n_decode
         caches.clear()
+    del stack, fresh, one_step
+    emb, head = VariantEmbedder(manifest, variant), VariantHead(manifest, variant)
+    head_decode: dict[int, float] = {}
+    for b in DECODE_BATCHES:
 
-        def head_step(step: np.ndarray = steps_x[0]) -> None:
+        def head_step(step: np.ndarray = decode_in[b][0]) -> None:
             head.run(step)
 
         head_decode[b] = _best(head_step, reps)
@@ -215,12 +242,48 @@ def measure_profile(
             "graph": variant[0],
             "precision": variant[1],
             "past_tokens": past_tokens,
+            "decode_layers": n_decode,
             "decode_batches": list(DECODE_BATCHES),
-            "inputs": "text" if text.size else "random",
+            "inputs": inputs,
             "model": manifest.name,
             "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         },
     }
+
+
+def _layer_inputs(
+    manifest: Manifest,
+    variant: tuple[str, str],
+    rng: np.random.Generator,
+    points: list[int],
+    steps: int,
+) -> tuple[list[np.ndarray], dict[int, np.ndarray], str]:
+    """Layer inputs: `(1, T, H)` for each prefill point, `(steps, b, 1, H)` for each decode
+    batch, and what they are. "text": the embedded profile text (the manifest's
+    `profile_ids`; row r of a batch reads it from 97 r on, a token a step), so a mixture of
+    experts routes as on real inputs; "random" hidden states for a manifest without it.
+    The embedding is loaded, used and dropped here, before any stage is."""
+    cfg = manifest.config
+    h = int(cfg["hidden_size"])
+    text = np.asarray(manifest.profile_ids, np.int64)
+    if not text.size or int(text.max()) >= int(cfg["vocab_size"]):
+        return (
+            [rng.normal(0, 1, (1, t, h)).astype(np.float32) for t in points],
+            {b: rng.normal(0, 1, (steps, b, 1, h)).astype(np.float32) for b in DECODE_BATCHES},
+            "random",
+        )
+    emb = VariantEmbedder(manifest, variant)
+
+    def embed(rows: int, n: int, at: int) -> np.ndarray:  # (rows, n, H)
+        pos = at + 97 * np.arange(rows)[:, None] + np.arange(n)[None, :]
+        return emb.run(text[pos % text.size])
+
+    prefill = [embed(1, t, 0) for t in points]
+    decode = {
+        b: np.ascontiguousarray(embed(b, steps, PAST_TOKENS).transpose(1, 0, 2)[:, :, None, :])
+        for b in DECODE_BATCHES
+    }
+    return prefill, decode, "text"
 
 
 def profile_path(
@@ -248,9 +311,12 @@ def load_or_measure_profile(
         try:
             d = yaml.safe_load(path.read_text())
             problem = profile_problem(d) if isinstance(d, dict) else "not a mapping"
-            if problem is None:
+            if problem is None and "decode_layers" not in (d.get("measured") or {}):
+                log.info("%s: decode timed on one cached layer (an older profile)", path)
+            elif problem is None:
                 return d
-            log.warning("%s: cached profile unusable (%s), measuring again", path, problem)
+            else:
+                log.warning("%s: cached profile unusable (%s), measuring again", path, problem)
         except yaml.YAMLError:
             log.warning("%s: unreadable cached profile, measuring again", path)
     log.info("measuring the device profile (%d threads)...", n)
@@ -260,11 +326,29 @@ def load_or_measure_profile(
     problem = profile_problem(prof)
     if problem is not None:  # a bug, not noise: _fill keeps measured figures valid
         raise ValueError(f"measured profile is invalid: {problem}")
+    save_profile(path, prof)
+    return prof
+
+
+def save_profile(path: Path, prof: dict[str, Any]) -> None:
+    """Write a profile to the cache (atomically: an agent may be killed mid-write)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_text(yaml.safe_dump(prof, sort_keys=False))
     tmp.replace(path)
-    return prof
+
+
+def with_message_path(
+    prof: dict[str, Any], pass_s: float, io_s_per_mb: float, cpu_share: float
+) -> dict[str, Any]:
+    """The profile with the agent's probed message-path costs (`device.probe`)."""
+    measured = {**(prof.get("measured") or {}), "cpu_share": round(cpu_share, 4)}
+    return {
+        **prof,
+        "pass_s": round(pass_s, 7),
+        "io_s_per_mb": round(io_s_per_mb, 7),
+        "measured": measured,
+    }
 
 
 def profile_data(prof: dict[str, Any]) -> ProfileData:
@@ -277,6 +361,8 @@ def profile_data(prof: dict[str, Any]) -> ProfileData:
         embed_s=float(prof["embed_s"]),
         head_prefill_s=float(prof["head_prefill_s"]),
         head_decode_s=[float(x) for x in prof["head_decode_s"]],
+        pass_s=float(prof.get("pass_s", 0.0)),
+        io_s_per_mb=float(prof.get("io_s_per_mb", 0.0)),
         measured=ProfileMeta(
             threads=int(meta["threads"]),
             graph=str(meta["graph"]),
@@ -285,6 +371,8 @@ def profile_data(prof: dict[str, Any]) -> ProfileData:
             decode_batches=[int(x) for x in meta["decode_batches"]],
             model=str(meta["model"]),
             at=str(meta["at"]),
+            decode_layers=int(meta.get("decode_layers", 1)),
+            cpu_share=float(meta["cpu_share"]) if meta.get("cpu_share") is not None else None,
         )
         if isinstance(meta, dict)
         else None,

@@ -116,6 +116,7 @@ class Kind(IntEnum):
     DEVICE_TELEMETRY = 32
     REQUEST_EVENT = 33
     CLUSTER_SUMMARY = 34
+    PROBE = 35
 
 
 # --------------------------------------------------------------------------- structs
@@ -254,6 +255,11 @@ class ProfileMeta:
     decode_batches: list[int]
     model: str
     at: str
+    decode_layers: int = 1
+    """Layers a decode step was timed over (enough to overflow the CPU's cache)."""
+    cpu_share: float | None = None
+    """The share of a CPU this process got while its message path was probed (a CFS
+    quota, a busy machine); None: not probed."""
 
 
 @dataclass(frozen=True)
@@ -266,6 +272,10 @@ class ProfileData:
     embed_s: float
     head_prefill_s: float
     head_decode_s: list[float]
+    pass_s: float = 0.0
+    """The agent's own seconds per pass beyond its layers (0: not measured yet)."""
+    io_s_per_mb: float = 0.0
+    """The agent's own seconds per MB sent or received (0: not measured yet)."""
     measured: ProfileMeta | None = None
 
     def costs(self) -> dict[str, object]:
@@ -720,6 +730,19 @@ class Release(Message):
     request_id: RequestId
     attempt: int | None = None
     reason: str
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class Probe(Message):
+    """A device's message to itself, through the broker, timing its own message path
+    (encode, MQTT, TLS, the socket, decode) once, before it first announces its
+    profile: the agent's cost per pass and per MB that the planner adds to its layers."""
+
+    KIND: ClassVar[Kind] = Kind.PROBE
+    device_id: DeviceId
+    seq: int
+    data: Annotated[np.ndarray, array("float32")]
 
 
 # --------------------------------------------------------------------------- health, telemetry

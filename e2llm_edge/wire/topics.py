@@ -11,7 +11,8 @@ Topics, under ``e2llm/<cluster>/`` (QoS, retained, payload: writer -> reader):
 - ``device/<device_id>/profile``: QoS 1, retained. DeviceProfileMsg:
   the device -> orchestrator, monitors.
 - ``device/<device_id>/inbox``: QoS 1. PrefillStart, Activation, KVChunk, DecodeStep,
-  Release: orchestrator and peer devices (activations, KV handoff) -> that device only.
+  Release: orchestrator and peer devices (activations, KV handoff) -> that device only;
+  Probe: the device to itself, timing its message path once before it announces.
 - ``plan``: QoS 1, retained. PlanMsg: orchestrator only -> devices, monitors.
 - ``orchestrator/state``: QoS 1, retained, last-will. OrchestratorState:
   orchestrator -> devices, monitors.
@@ -155,8 +156,9 @@ DEVICE_INBOX = Topic(
     "device/{device_id}/inbox",
     1,
     False,
-    (m.PrefillStart, m.Activation, m.KVChunk, m.DecodeStep, m.Release),
-    "Work for one device: from the orchestrator, and activations / KV from peer devices.",
+    (m.PrefillStart, m.Activation, m.KVChunk, m.DecodeStep, m.Release, m.Probe),
+    "Work for one device: from the orchestrator, and activations / KV from peer devices"
+    " (and the device's own probe of its message path).",
 )
 PLAN = Topic(
     "plan",

@@ -294,7 +294,9 @@ class _Cluster:
             return
         t = now
         service = 0.0
-        times = self.cm.stage_times(node.layout, decode=False, tokens=lv.prompt)
+        times = self.cm.stage_times(
+            node.layout, decode=False, tokens=lv.prompt, kv_out=node.replica.role == "prefill"
+        )
         for i, s in enumerate(times):
             t = max(t, node.stage_free[i]) + s
             node.stage_free[i] = t
@@ -353,6 +355,7 @@ class _Cluster:
         for d, nbytes in sorted(recv.items()):
             end = max(up_done, float(self.down_free[d])) + links[d].one_way_s(nbytes)
             self.down_free[d] = end
+            end += self.cm.agent_io_s(d, nbytes)  # the receiving agent takes it in
             done = max(done, end)
         self.events.schedule(
             done, _KV, lambda at: self._kv_arrived(src, node, lv, at, epoch, node_epoch)

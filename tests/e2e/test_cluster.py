@@ -152,6 +152,24 @@ async def test_kv_cache_moved_from_prefill_to_decoder(live: LocalCluster) -> Non
             assert c.kv_chunks_in > 0 and c.decode_steps > 0, (dev, c)
 
 
+async def test_devices_announce_the_cost_of_their_message_path(live: LocalCluster) -> None:
+    """Each agent probed its own message path through the broker before announcing, and
+    the profile it announced (what the planner reads) carries the result."""
+    plan: Plan = live.plan  # type: ignore[attr-defined]
+    devices = {s.device_id for r in plan.replicas for s in r.stages}
+    got: dict[str, m.ProfileData] = {}
+    async with Bus(live.bus_config()) as bus:
+        await bus.subscribe(t.DEVICE_PROFILE)
+        while set(got) != devices:
+            env = await bus.recv(timeout=10)
+            if isinstance(env.msg, m.DeviceProfileMsg) and env.msg.device_id in devices:
+                got[env.msg.device_id] = env.msg.profile
+    for dev, p in got.items():
+        assert p.pass_s > 0 and p.io_s_per_mb > 0, (dev, p)
+        assert p.measured is not None and p.measured.cpu_share is not None, (dev, p)
+        assert 0 < p.measured.cpu_share <= 1 and p.measured.decode_layers >= 1, (dev, p)
+
+
 async def test_bad_input_is_answered_and_service_continues(live: LocalCluster) -> None:
     plan: Plan = live.plan  # type: ignore[attr-defined]
     dev = plan.replicas[0].stages[0].device_id

@@ -72,6 +72,8 @@ def profile_device(
             "embed_s": scale * 1e-5,
             "head_prefill_s": scale * 0.003,
             "head_decode_s": [scale * (0.003 + 0.0005 * c) for c in range(1, 9)],
+            "pass_s": scale * 0.0015,
+            "io_s_per_mb": scale * 0.9,
         },
     }
 

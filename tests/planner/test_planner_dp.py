@@ -6,7 +6,13 @@ import itertools
 import random
 
 import pytest
-from planner_factories import hardware_device, random_inventory, tiny_model, workload
+from planner_factories import (
+    hardware_device,
+    profile_device,
+    random_inventory,
+    tiny_model,
+    workload,
+)
 
 from planner.costs import CostModel, Layout, micro_batch
 from planner.dp import CONCURRENCY_STEPS, SplitSolver
@@ -46,7 +52,7 @@ def brute_force(
                     kv_tokens=max(k * cm.prompt_tokens, cm.peak_prompt_tokens),
                     pass_tokens=cm.peak_prompt_tokens,
                 )
-                times = cm.stage_times(lay, decode=False, tokens=cm.prompt_tokens)
+                times = cm.stage_times(lay, decode=False, tokens=cm.prompt_tokens, kv_out=True)
             if any(m > cm.capacity[d] for m, d in zip(mem, devices, strict=True)):
                 continue
             v, s = max(times), sum(times)
@@ -90,9 +96,11 @@ def test_dp_equals_brute_force(case: int) -> None:
         assert got is not None
         assert got.bottleneck_s == pytest.approx(want[0], rel=1e-9)
         assert got.total_s == pytest.approx(want[1], rel=1e-9)
-        # the reported stage times are those of the plain per-layer cost model
+        # the reported stage times are those of the plain per-layer cost model, a
+        # PREFILL replica's (its stages also send their KV on)
         assert list(got.stage_s) == pytest.approx(
-            cm.stage_times(got.layout, decode=False, tokens=cm.prompt_tokens), rel=1e-9
+            cm.stage_times(got.layout, decode=False, tokens=cm.prompt_tokens, kv_out=True),
+            rel=1e-9,
         )
     for c, split in enumerate(solver.decode(devices), start=1):
         if c not in CONCURRENCY_STEPS:
@@ -126,3 +134,37 @@ def test_tied_embedding_moves_next_to_the_head_when_memory_is_tight() -> None:
     assert split is not None
     assert split.layout.embed_last
     assert split.layout.bounds == (0, 3, 4)
+
+
+def test_a_stage_costs_its_layers_and_the_agents_own_work() -> None:
+    """`pass_s` once per pass, `io_s_per_mb` for the messages in and out and, on a PREFILL
+    replica, for the KV of its layers sent on; a decoder's receipt of the KV is part of
+    the hand-off."""
+    model = tiny_model(n_layers=4, layer_mb=10, embed_mb=5, head_mb=5, tied=False)
+    plain = profile_device("a", 500, 1.0)
+    doc = {"devices": [plain, {**profile_device("b", 500, 1.0), "id": "b"}]}
+    inv = Inventory.from_dict(doc)
+    bare = {
+        "devices": [
+            {**d, "profile": {**d["profile"], "pass_s": 0.0, "io_s_per_mb": 0.0}}
+            for d in doc["devices"]
+        ]
+    }
+    wl = workload(prompt=100, output=10)
+    cm, cm0 = CostModel(inv, model, wl), CostModel(Inventory.from_dict(bare), model, wl)
+    lay = Layout((0, 1), (0, 1, 4), False)
+    act = model.activation_bytes_per_token
+    kv = model.kv_bytes_per_token_per_layer
+    per_mb = plain["profile"]["io_s_per_mb"] * 1e-6
+    pass_s = plain["profile"]["pass_s"]
+    pre, pre0 = (c.stage_times(lay, decode=False, tokens=100, kv_out=True) for c in (cm, cm0))
+    # stage 0 sends 100 activations and its 1 layer's KV; stage 1 takes them in and its 3
+    # layers' KV out (the prompt itself comes from the client)
+    assert pre[0] - pre0[0] == pytest.approx(pass_s + per_mb * 100 * (act + kv))
+    assert pre[1] - pre0[1] == pytest.approx(pass_s + per_mb * 100 * (act + 3 * kv))
+    dec, dec0 = (c.stage_times(lay, decode=True, tokens=2) for c in (cm, cm0))
+    # two rows: the last stage sends their token ids back to the first
+    assert dec[0] - dec0[0] == pytest.approx(pass_s + per_mb * 2 * (4 + act))
+    assert dec[1] - dec0[1] == pytest.approx(pass_s + per_mb * 2 * (act + 4))
+    moved = cm.kv_transfer_s(lay, lay, 100) - cm0.kv_transfer_s(lay, lay, 100)
+    assert moved == pytest.approx(per_mb * 100 * 3 * kv)  # the busiest receiver's part

@@ -152,6 +152,7 @@ def examples() -> list[m.Message]:
             message="out of memory",
         ),
         m.Heartbeat(device_id=m.DeviceId("pi-1"), ts=3.0),
+        m.Probe(device_id=m.DeviceId("pi-1"), seq=4, data=f32(576)),
         m.DeviceTelemetry(
             device_id=m.DeviceId("pi-1"),
             counters=m.DeviceCounters(status=m.DeviceStatus.READY, decode_steps=4),
