@@ -43,15 +43,19 @@ CONTRIB_OPS = (
 )
 
 
-def contrib_supported() -> bool:
-    """Whether this onnxruntime has the com.microsoft operators the contrib graph uses."""
+def contrib_supported(windows: bool = False) -> bool:
+    """Whether this onnxruntime has the com.microsoft operators the contrib graph uses and,
+    with `windows` (a model with sliding-window layers), GroupQueryAttention's window-sized
+    KV buffer (`sliding_window_cache`: onnxruntime 1.32 has it)."""
     try:
         import onnxruntime.capi.onnxruntime_pybind11_state as C
 
-        have = {s.name for s in C.get_all_operator_schema() if s.domain == "com.microsoft"}
+        have = {s.name: s for s in C.get_all_operator_schema() if s.domain == "com.microsoft"}
     except (ImportError, AttributeError):
         return False
-    return all(op in have for op in CONTRIB_OPS)
+    if not all(op in have for op in CONTRIB_OPS):
+        return False
+    return not windows or "sliding_window_cache" in have["GroupQueryAttention"].attributes
 
 
 @dataclass
@@ -482,7 +486,7 @@ def choose_variant(manifest: Manifest) -> tuple[str, str]:
     """The best complete variant: exact contrib (fast, same tokens), else the portable
     graph; int8 (fastest, tokens drift) only when it is all there is or asked for."""
     have = set(manifest.variants())
-    if not contrib_supported():
+    if not contrib_supported(windows=bool(kv_windows(manifest.config))):
         have = {v for v in have if v[0] != "contrib"}
     for v in PREFERENCE:
         if v in have:

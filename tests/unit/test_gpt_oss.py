@@ -71,7 +71,7 @@ def mxfp4(manifest: Manifest) -> bool:
 
 
 def _skip_unsupported(variant: tuple[str, str]) -> None:
-    if variant[0] == "contrib" and not contrib_supported():
+    if variant[0] == "contrib" and not contrib_supported(windows=True):
         pytest.skip("this onnxruntime lacks the com.microsoft contrib operators")
 
 
@@ -294,7 +294,7 @@ def test_profile_feeds_the_layers_real_text(case: Case) -> None:
     tok = Tokenizer.from_file(str(manifest.directory / "tokenizer.json"))
     assert manifest.profile_ids == tok.encode(PROFILE_TEXT, add_special_tokens=False).ids
     assert len(manifest.profile_ids) > 300
-    variant = ("contrib", "exact") if contrib_supported() else ("standard", "fp32")
+    variant = ("contrib", "exact") if contrib_supported(windows=True) else ("standard", "fp32")
     prof = measure_profile(manifest, threads=1, reps=1, variant=variant)
     assert profile_problem(prof) is None and prof["measured"]["inputs"] == "text"
 
