@@ -426,7 +426,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--graph",
         choices=["standard", "contrib"],
         help="standard ONNX ops (portable) or com.microsoft contrib ops (fast); "
-        "default: both, standard/fp32 and contrib/exact",
+        "default: both, standard/fp32 and contrib/exact (a mixture of experts: contrib only)",
     )
     p.add_argument("--precision", help="fp32 (standard); exact or int8 (contrib)")
     p.add_argument("--quiet", action="store_true")

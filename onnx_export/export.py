@@ -27,7 +27,7 @@ from onnx_export.manifest import Manifest, Segment, TensorSpec, sha256_path
 from onnx_export.onnx_writer import SegmentModel
 from onnx_export.shared_data import WEIGHTS_KEY, externalize, inline_bytes
 from onnx_export.source import ModelConfig, ModelWeights, fetch_default_gguf, open_model
-from onnx_export.tokenizer import write_tokenizer
+from onnx_export.tokenizer import profile_ids, write_tokenizer
 
 log = logging.getLogger(__name__)
 
@@ -36,7 +36,7 @@ log = logging.getLogger(__name__)
 # its unscreened alternative; 6: its finiteness check reads the row sum once; 7: every GGUF
 # type quantized (`onnx_export.quant`), RoPE tables in shared files, measured weight bytes;
 # 8: gpt-oss, MXFP4 decoded from its blocks instead of re-encoded).
-EXPORTER_VERSION = "8"
+EXPORTER_VERSION = "10"
 _ELEM: dict[int, str] = {
     onnx.TensorProto.FLOAT: "float32",
     onnx.TensorProto.INT64: "int64",
@@ -203,6 +203,14 @@ def _source_stat(p: Path) -> list[list[Any]]:
     return out
 
 
+def _exported_moe(out: Path) -> bool:
+    """Whether `out` holds an export of a mixture of experts."""
+    try:
+        return int(Manifest.load(out).config.get("n_experts") or 0) > 0
+    except (ExportError, OSError, TypeError, ValueError):
+        return False
+
+
 def _still_current(
     source: Path,
     out: Path,
@@ -285,6 +293,45 @@ DEFAULT_VARIANTS: tuple[tuple[str, str], ...] = (("standard", "fp32"), ("contrib
 first `e2llm generate` and the demo run the fast path."""
 
 
+MOE_DEFAULT_VARIANTS: tuple[tuple[str, str], ...] = (("contrib", "exact"),)
+"""What `e2llm export` writes of a mixture of experts unless told: the contrib graph alone,
+which keeps quantized experts quantized (the standard graph holds every expert in fp32:
+~80 GB for gpt-oss-20b)."""
+
+MOE_FP32_EXPERTS_MAX = 1_000_000_000
+"""Bytes of fp32 experts a default export writes at most: past that, a mixture of experts
+whose source stores them unquantized (every graph would write them in fp32) is refused
+until a graph is named."""
+
+
+def default_variants(w: ModelWeights) -> tuple[tuple[str, str], ...]:
+    """The variants an export writes when none is named: `DEFAULT_VARIANTS`, or for a
+    mixture of experts `MOE_DEFAULT_VARIANTS` (refused, before anything is written, when
+    even that graph would hold over `MOE_FP32_EXPERTS_MAX` bytes of fp32 experts)."""
+    c = w.config
+    if not c.moe:
+        return DEFAULT_VARIANTS
+    from onnx_export.fast_graph import stored
+
+    raw = stored(w, "model.layers.0.mlp.experts.0.gate_proj.weight")
+    if raw is not None and raw.qtype not in ("F32", "F16", "BF16"):
+        return MOE_DEFAULT_VARIANTS
+    fp32 = 4 * c.n_layers * c.n_experts * 3 * c.hidden_size * c.intermediate_size
+    if fp32 > MOE_FP32_EXPERTS_MAX:
+        raise ExportError(
+            f"{w.source['path']}: a mixture of experts stored unquantized: every graph would "
+            f"write its experts in fp32 ({size_text(fp32)}); name the graph to write it "
+            f"anyway (--graph contrib, or --graph standard), or export a quantized source "
+            f"(a GGUF, MXFP4 safetensors)"
+        )
+    return MOE_DEFAULT_VARIANTS
+
+
+def size_text(n: float) -> str:
+    """Bytes for a person: GB from 1 GB, else MB."""
+    return f"{n / 1e9:.1f} GB" if n >= 1e9 else f"{n / 1e6:.1f} MB"
+
+
 def _check_variants(variants: Sequence[tuple[str, str]]) -> list[tuple[str, GraphBuilders]]:
     out = []
     for graph_name, precision in variants:
@@ -352,19 +399,25 @@ def export_model(
     the previous directory (or none) as it was; unchanged input is a no-op. Weights are read
     per segment, so peak memory is about one segment's fp32 weights, not the model's.
     """
+    defaulted = variants is None and graph_name is None and precision is None
     if variants is None:
-        if graph_name is None and precision is None:
+        if defaulted:
             variants = DEFAULT_VARIANTS
         else:
             g = graph_name or "standard"
             variants = [(g, precision or ("fp32" if g == "standard" else "exact"))]
-    family = _check_variants(variants)
     out = Path(out_dir) if out_dir else default_model_dir()
     source_path = fetch_default_gguf() if source is None else Path(source)
+    if defaulted and _exported_moe(out):  # what the MoE default wrote earlier is all there is
+        variants = MOE_DEFAULT_VARIANTS
+    family = _check_variants(variants)
     current = _still_current(source_path, out, variants, ranges)
     if current is not None:
         return current
     w = open_model(source_path)
+    if defaulted:
+        variants = default_variants(w)
+        family = _check_variants(variants)
     for _, builders in family:
         check = getattr(builders, "check_config", None)
         problem = check(w.config) if check else None
@@ -439,6 +492,7 @@ def export_model(
                     w.release()  # drop the source pages this segment read from memory
                     advance(name)
             write_tokenizer(w.tokenizer, tmp)
+            text_ids = profile_ids(tmp / "tokenizer.json")
             all_segments = [segments[j[0]] for j in jobs] + kept
             used = {f for seg in all_segments for f in seg.data}
             for f in tmp.glob("shared_*.bin"):  # carried over, no longer mapped by anyone
@@ -454,6 +508,7 @@ def export_model(
                 tokenizer={"file": "tokenizer.json", "config": "tokenizer_config.json"},
                 directory=tmp,
                 data_files={f: h for f, h in data_files.items() if f in used},
+                profile_ids=text_ids,
             )
             manifest.cost = model_cost(w, manifest)
             manifest.write()

@@ -317,7 +317,9 @@ def layers_model(
     total_sequence_length () i32 = max over the batch of seqlens_k + 1, and per layer
     past_key_<i>/past_value_<i> (B,nkv,C,d) f32: a preallocated buffer to bind also as
     present_key_<i>/present_value_<i> (GroupQueryAttention then writes in place). Rotary
-    positions follow from seqlens_k, so each request in a batch has its own position.
+    positions follow from seqlens_k, so each request in a batch has its own position. A
+    sliding-window layer's buffer is window-sized, C = window (`kv_windows`): rows [0, L)
+    hold the L = min(T, window) most recent of the T positions, the operator evicting.
     """
     _check(precision)
     g = GraphBuilder(f"contrib_{precision}_layers_{start}_{end}")
@@ -383,7 +385,10 @@ def layers_model(
             extra["softcap"] = float(cfg.attn_softcap)
         if cfg.is_sliding(i):
             assert cfg.sliding_window is not None
+            # the KV buffer of a sliding layer holds the window only (`kv_windows`): the
+            # operator keeps the most recent positions at its rows [0, L) and evicts itself
             extra["local_window_size"] = int(cfg.sliding_window)
+            extra["sliding_window_cache"] = 1
         sink = []  # gpt-oss: position_ids and attention_bias absent, then head_sink
         if cfg.attn_sinks:
             sink = ["", "", g.init(p + "self_attn.sinks", w.get(p + "self_attn.sinks"))]

@@ -279,7 +279,7 @@ class LayerIO:
     t_dim: str
     t_scalar: str
     s_scalar: str
-    _cache: dict[tuple[str, bool], tuple[str, str]] = field(default_factory=dict)
+    _cache: dict[Any, tuple[str, str]] = field(default_factory=dict)
 
     def rope(self, g: GraphBuilder, cfg: ModelConfig, layer: int) -> tuple[str, str]:
         sliding = cfg.is_sliding(layer) and cfg.rope_local_theta is not None
@@ -288,14 +288,24 @@ class LayerIO:
             self._cache[key] = rope_tables(g, self.position_ids, cfg, sliding)
         return self._cache[key]
 
-    def mask(self, g: GraphBuilder, cfg: ModelConfig, layer: int) -> str:
-        sliding = cfg.is_sliding(layer)
-        key = ("mask", sliding)
-        if key not in self._cache:
-            window = cfg.sliding_window if sliding else None
-            m = attention_bias(g, self.attention_mask, self.t_scalar, self.s_scalar, window)
-            self._cache[key] = (m, m)
-        return self._cache[key][0]
+    def mask(self, g: GraphBuilder, cfg: ModelConfig, layer: int, past_k: str) -> str:
+        """The additive mask of `layer`. A sliding-window layer's past may hold only the
+        last positions (the runner keeps its window, `kv_windows`): its S = P + T columns
+        are the last S of `attention_mask`, and the causal and window tests, relative
+        to the query, hold on those columns as on all."""
+        if cfg.is_sliding(layer):
+            p_dim = g.op("Slice", [g.op("Shape", [past_k]), g.const([2]), g.const([3])])
+            s_dim = g.op("Add", [p_dim, self.t_dim])
+            cols = g.op(
+                "Slice",
+                [self.attention_mask, g.op("Neg", [s_dim]), g.const([2**62]), g.const([1])],
+            )
+            s_len = g.op("Squeeze", [s_dim, g.const([0])])
+            return attention_bias(g, cols, self.t_scalar, s_len, cfg.sliding_window)
+        if "mask" not in self._cache:
+            m = attention_bias(g, self.attention_mask, self.t_scalar, self.s_scalar)
+            self._cache["mask"] = (m, m)
+        return self._cache["mask"][0]
 
 
 def head_norm(g: GraphBuilder, x: str, weight: np.ndarray, name: str, eps: float) -> str:
@@ -363,7 +373,7 @@ def decoder_layer(
     scores = g.op("Mul", [scores, g.const(cfg.scale, np.float32)])
     if cfg.attn_softcap is not None:
         scores = softcap(g, scores, cfg.attn_softcap)
-    scores = g.op("Add", [scores, io.mask(g, cfg, idx)])
+    scores = g.op("Add", [scores, io.mask(g, cfg, idx, past_k)])
     if cfg.attn_sinks:
         probs = softmax_with_sink(g, scores, get(p + "self_attn.sinks"), p + "sinks", nkv, grp)
     else:

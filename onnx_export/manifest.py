@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import hashlib
 import mmap
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -123,6 +123,9 @@ class Manifest:
     directory: Path = Path(".")
     data_files: dict[str, str] = field(default_factory=dict)
     """Shared data files (`Segment.data`) by name: their sha256."""
+    profile_ids: list[int] = field(default_factory=list)
+    """Token ids of real text (`onnx_export.tokenizer.PROFILE_TEXT`) that device profiles
+    feed the layers: a mixture of experts then routes as it does on real inputs."""
     _verified: set[str] = field(default_factory=set, init=False, repr=False, compare=False)
 
     def to_dict(self) -> dict[str, Any]:
@@ -135,6 +138,7 @@ class Manifest:
             "cost": self.cost,
             "tokenizer": self.tokenizer,
             "data_files": dict(self.data_files),
+            "profile_ids": list(self.profile_ids),
             "segments": [s.to_dict() for s in self.segments],
         }
 
@@ -170,8 +174,9 @@ class Manifest:
                 segments=[Segment.from_dict(s) for s in d["segments"]],
                 directory=directory,
                 data_files=dict(d.get("data_files") or {}),
+                profile_ids=[int(i) for i in d.get("profile_ids") or []],
             )
-        except (KeyError, TypeError) as exc:
+        except (KeyError, TypeError, ValueError) as exc:
             raise ExportError(f"{path}: malformed manifest ({type(exc).__name__}: {exc})") from exc
 
     # -- lookups
@@ -281,6 +286,16 @@ class Manifest:
         prefer (`VARIANT_PREFERENCE`)."""
         have = set(self.variants())
         return next((v for v in VARIANT_PREFERENCE if v in have), None)
+
+
+def kv_windows(config: Mapping[str, Any]) -> dict[int, int]:
+    """Layer -> window for the sliding-window layers of a manifest's `config`: the KV those
+    layers keep (on a device, in a handoff) is their last `window` positions, which is all
+    a later query sees (keys q - window < k <= q). Full-attention layers are absent."""
+    window = config.get("sliding_window")
+    if not window:
+        return {}
+    return {int(i): int(window) for i in config.get("sliding_layers") or []}
 
 
 def _check_digest(path: Path, want: str, what: str) -> None:

@@ -798,6 +798,14 @@ def _token_str(tokens: list[str], idx: int | None) -> str | None:
 # --------------------------------------------------------------------------- HF directory
 
 _ST_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64}
+_MXFP4_PARTS = ("_blocks", "_scales")
+"""gpt-oss's MXFP4 experts as the released checkpoints store them: `<proj>_blocks` uint8
+(E, out, in/32, 16), two E2M1 codes a byte (low nibble first), and `<proj>_scales` uint8
+(E, out, in/32), an E8M0 exponent per block: weight = E2M1 value * 2^(scale - 127)."""
+_E2M1 = np.array(
+    [0.0, 0.5, 1.0, 1.5, 2.0, 3.0, 4.0, 6.0, -0.0, -0.5, -1.0, -1.5, -2.0, -3.0, -4.0, -6.0],
+    np.float32,
+)
 
 
 @dataclass(frozen=True)
@@ -827,7 +835,8 @@ def _index_safetensors(files: list[Path]) -> dict[str, _StEntry]:
         for name, meta in header.items():
             if name == "__metadata__":
                 continue
-            if meta["dtype"] not in _ST_DTYPES:
+            mxfp4 = meta["dtype"] == "U8" and name.endswith(_MXFP4_PARTS) and ".experts." in name
+            if meta["dtype"] not in _ST_DTYPES and not mxfp4:
                 raise ExportError(
                     f"{f}: tensor {name} has dtype {meta['dtype']} "
                     f"(supported: {', '.join(_ST_DTYPES)})"
@@ -840,6 +849,8 @@ def _index_safetensors(files: list[Path]) -> dict[str, _StEntry]:
 def _read_st(e: _StEntry, first: int | None = None) -> np.ndarray:
     """The tensor as fp32; with `first`, only that index of its first axis (one expert)."""
     raw = np.memmap(e.file, dtype=np.uint8, mode="r", offset=e.start, shape=(e.end - e.start,))
+    if e.dtype == "U8":  # MXFP4 blocks and scales, as stored
+        return raw.reshape(e.shape) if first is None else raw.reshape(e.shape)[first]
     arr = raw.view(_ST_DTYPES[e.dtype]).reshape(e.shape)
     if first is not None:
         arr = arr[first]
@@ -882,7 +893,8 @@ def _hf_rope_scaling(cfg_path: Path, p: dict[str, Any], dim: int) -> dict[str, A
 
 
 def load_hf_dir(path: Path) -> ModelWeights:
-    """A Hugging Face model directory: config.json, *.safetensors (f32/f16/bf16), tokenizer.json."""
+    """A Hugging Face model directory: config.json, *.safetensors (f32/f16/bf16; gpt-oss
+    experts also as MXFP4 blocks and scales), tokenizer.json."""
     path = Path(path)
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
@@ -918,8 +930,10 @@ def load_hf_dir(path: Path) -> ModelWeights:
             stem = k[len(p) :]
             parts = {
                 "gate_up_proj": (("gate", "weight"), ("up", "weight")),
+                "gate_up_proj_blocks": (("gate", "weight"), ("up", "weight")),
                 "gate_up_proj_bias": (("gate", "bias"), ("up", "bias")),
                 "down_proj": (("down", "weight"),),
+                "down_proj_blocks": (("down", "weight"),),
                 "down_proj_bias": (("down", "bias"),),
             }.get(stem, ())
             for e in range(cfg.n_experts):
@@ -934,8 +948,44 @@ def load_hf_dir(path: Path) -> ModelWeights:
         else:
             where[k] = (k, None)
 
+    def mxfp4_parts(name: str) -> tuple[np.ndarray, np.ndarray]:
+        """One expert matrix's MXFP4 blocks (out, in/32, 16) and scales (out, in/32): the
+        rows of its part (gate and up interleaved in gate_up_proj, as in the bf16 form)."""
+        k, e, part = experts[name]
+        scales = k[: -len("_blocks")] + "_scales"
+        if scales not in index:
+            raise ExportError(f"{path}: tensor {k} has no {scales}")
+        blocks, exps = _read_st(index[k], e), _read_st(index[scales], e)
+        if part in ("even", "odd"):
+            rows = slice(0 if part == "even" else 1, None, 2)
+            blocks, exps = blocks[rows], exps[rows]
+        if blocks.shape[:-1] != exps.shape or blocks.shape[-1] != 16:
+            raise ExportError(
+                f"{path}: {k} {list(index[k].shape)} and {scales} {list(index[scales].shape)} "
+                f"are not MXFP4 blocks of 32 and their scales"
+            )
+        return blocks, exps
+
+    def raw(name: str) -> RawTensor:
+        """An MXFP4 expert matrix in GGUF's block layout (an E8M0 byte, then 16 bytes with
+        codes 0-15 in the low nibbles and 16-31 in the high ones): the contrib graph keeps
+        it as exactly as a GGUF's."""
+        if name not in experts or not experts[name][0].endswith("_blocks"):
+            raise ExportError(f"{path}: no stored (quantized) form of {name!r}")
+        blocks, exps = mxfp4_parts(name)
+        codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1).reshape(*blocks.shape[:-1], 32)
+        qs = codes[..., :16] | (codes[..., 16:] << 4)  # (out, in/32, 16)
+        data = np.concatenate([exps[..., None], qs], axis=-1).reshape(blocks.shape[0], -1)
+        return RawTensor("MXFP4", np.ascontiguousarray(data), shape_of(name))
+
     def expert(name: str) -> np.ndarray:
         k, e, part = experts[name]
+        if k.endswith("_blocks"):  # as transformers dequantizes: value * 2^(scale - 127)
+            blocks, exps = mxfp4_parts(name)
+            codes = np.stack([blocks & 0x0F, blocks >> 4], axis=-1)  # (out, in/32, 16, 2)
+            vals = _E2M1[codes].reshape(*exps.shape, 32)
+            scale = exps.astype(np.int32)[..., None] - 127
+            return np.ascontiguousarray(np.ldexp(vals, scale).reshape(exps.shape[0], -1))
         arr = _read_st(index[k], e)
         if part in ("even", "odd"):
             arr = arr[..., 0 if part == "even" else 1 :: 2]
@@ -956,6 +1006,8 @@ def load_hf_dir(path: Path) -> ModelWeights:
         if name in experts:
             k, _, part = experts[name]
             inner = index[k].shape[1:]
+            if k.endswith("_blocks"):  # (out, in/32, 16), rows of gate and up interleaved
+                return (inner[0] // (2 if part in ("even", "odd") else 1), inner[1] * 32)
             if part in ("even", "odd"):
                 inner = (*inner[:-1], inner[-1] // 2)
             return tuple(reversed(inner))
@@ -989,6 +1041,7 @@ def load_hf_dir(path: Path) -> ModelWeights:
         _get=get,
         names=set(where) | set(experts),
         _shape=shape_of,
+        _raw=raw,
         source={"kind": "hf", "path": str(path.resolve())},
     )
     _check_complete(w)

@@ -199,3 +199,49 @@ def write_tokenizer(tok: TokenizerData, out_dir: Path) -> list[Path]:
     }
     tc.write_text(json.dumps(cfg, indent=1))
     return [tj, tc]
+
+
+PROFILE_TEXT = """\
+The workshop opens at eight, but the first deliveries arrive earlier: a crate of copper
+wire, two boxes of screws and a note from the supplier saying the rest will come on Friday.
+Maria checks the list against the invoice, signs it and carries the crate to the back room.
+By nine the radio is on, the kettle has boiled twice and someone has already asked where
+the good scissors went.
+
+Q: How do I keep a sourdough starter alive while I am away for two weeks?
+A: Feed it, let it rise for an hour, then put it in the fridge in a clean jar with a loose
+lid. Before you bake again, take it out, discard half and feed it twice a day until it
+doubles within six hours.
+
+def moving_average(values, window):
+    \"\"\"The mean of each run of `window` consecutive values.\"\"\"
+    total = sum(values[:window])
+    out = [total / window]
+    for i in range(window, len(values)):
+        total += values[i] - values[i - window]
+        out.append(total / window)
+    return out
+
+Meeting notes, 14 March: the bridge inspection is moved to April because of the weather;
+the council will publish the new timetable next week. Budget: 12,400 euros for repairs,
+3,100 for signs. Action items: Tom calls the contractor, Aisha drafts the letter to the
+residents, everyone reads the safety report before Thursday.
+
+Il pleut depuis ce matin et la rue est presque vide. Un chat traverse la place, s'arrete
+devant la boulangerie, puis repart sans se presser.
+
+When the train finally left the station, the old man by the window took out a notebook and
+began to draw the hills as they passed: quick lines for the ridges, small crosses for the
+churches, and a long curve for the river that followed the tracks all the way to the coast.
+"""
+"""A few kinds of text a model is asked about (prose, a question, code, notes, another
+language), in the exporter's tokenizer as `Manifest.profile_ids`: device profiles feed
+these to the layers, so a mixture of experts routes as on real inputs."""
+
+
+def profile_ids(tokenizer_json: Path) -> list[int]:
+    """`PROFILE_TEXT` in the ids of the tokenizer written at `tokenizer_json`."""
+    from tokenizers import Tokenizer
+
+    tok = Tokenizer.from_file(str(tokenizer_json))
+    return list(tok.encode(PROFILE_TEXT, add_special_tokens=False).ids)

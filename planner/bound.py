@@ -54,7 +54,10 @@ def capacity_bound(cm: CostModel, min_tokens_per_s: float) -> Bound:
     n = len(cm.inventory)
     out = max(cm.workload.mean_output_tokens - 1.0, 1e-6)
     prompt = cm.prompt_tokens
-    kv_token = m.kv_bytes_per_token_per_layer
+    # the least KV a layer takes (a sliding-window layer's, where the model has them): a
+    # relaxation may be optimistic, never pessimistic
+    kv_token = float(cm.kv_layer.min())
+    kv_prompt = min(m.request_kv_bytes(prompt, i, i + 1) for i in range(L))
     act = m.activation_bytes_per_token
     w_layer = min(m.layer_param_bytes)
     mean_ctx = cm.workload.mean_context_tokens
@@ -73,7 +76,7 @@ def capacity_bound(cm: CostModel, min_tokens_per_s: float) -> Bound:
         tp = float(cm.prefill_layers(d, prompt).min())
         td = np.array([float(cm.decode_layers(d, int(b)).min()) for b in batches])
         for ell in range(1, L + 1):
-            kv_out = link.one_way_s(kv_token * prompt * ell)
+            kv_out = link.one_way_s(kv_prompt * ell)
             # PREFILL
             if (
                 ell * (w_layer + cm.peak_prompt_tokens * kv_token)

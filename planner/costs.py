@@ -79,6 +79,24 @@ class CostModel:
         self.peak_prompt_tokens = workload.peak_prompt_tokens
         self.peak_context_tokens = workload.peak_context_tokens
         self._prefill_cache = lru_cache(maxsize=4096)(self._prefill_layers)
+        # KV bytes per KV token of each layer: sliding-window layers hold min(context,
+        # window) of a request's context, counted at the workload's mean context (for a
+        # mix of lengths that over-counts: the mean of min(c, w) is at most min(mean, w))
+        self.kv_layer = np.asarray(model.layer_kv_bytes_per_token(workload.mean_context_tokens))
+        self.kv_prefix = np.concatenate([[0.0], np.cumsum(self.kv_layer)])
+        self._decode_held = self._held(self.decode_context)
+
+    def _held(self, context: float) -> np.ndarray:
+        """Positions each layer holds and attends over for a request of `context`.  # (L,)"""
+        return np.array([self.model.kv_positions(i, context) for i in range(self.n_layers)])
+
+    def least_layer_kv_bytes(self, context: float) -> float:
+        """KV bytes of one request of `context` tokens in the layer that holds the least."""
+        return min(self.model.request_kv_bytes(context, i, i + 1) for i in range(self.n_layers))
+
+    def kv_bytes(self, start: int, end: int) -> float:
+        """KV bytes one KV token (of the workload's requests) takes in layers [start, end)."""
+        return float(self.kv_prefix[end] - self.kv_prefix[start])
 
     # ---- per device, per layer -------------------------------------------------------
 
@@ -92,7 +110,7 @@ class CostModel:
             return dev.profile.layer_prefill(tokens) * self._flop_scale
         hw = _hardware(dev)
         m = self.model
-        flops = tokens * (self._flops + m.attention_flops_per_token(tokens / 2))
+        flops = tokens * (self._flops + m.attention_flops_per_token(1.0) * self._held(tokens / 2))
         nbytes = np.array([m.decode_weight_bytes(layer, tokens) for layer in range(m.n_layers)])
         nbytes = nbytes + tokens * (
             m.kv_bytes_per_token_per_layer + WORKSPACE_BUFFERS * m.activation_bytes_per_token
@@ -107,10 +125,10 @@ class CostModel:
             return dev.profile.layer_decode(batch) * self._flop_scale
         hw = _hardware(dev)
         m = self.model
-        ctx = self.decode_context
-        flops = batch * (self._flops + m.attention_flops_per_token(ctx))
+        held = self._decode_held  # the context each layer attends over
+        flops = batch * (self._flops + m.attention_flops_per_token(1.0) * held)
         nbytes = np.array([m.decode_weight_bytes(layer, batch) for layer in range(m.n_layers)])
-        nbytes = nbytes + batch * ctx * m.kv_bytes_per_token_per_layer
+        nbytes = nbytes + batch * held * m.kv_bytes_per_token_per_layer
         result: np.ndarray = np.maximum(flops / hw.flops_per_s, nbytes / hw.bytes_per_s)
         return result
 
@@ -175,9 +193,8 @@ class CostModel:
                 layout.devices, (i + 1) % k, layout.embed_last, decode
             )
         nbytes = per_token * tokens
-        if kv_out and not decode:
-            n_layers = layout.bounds[i + 1] - layout.bounds[i]
-            nbytes += self.model.kv_bytes_per_token_per_layer * n_layers * tokens
+        if kv_out and not decode:  # a sliding-window layer sends its window
+            nbytes += self.model.request_kv_bytes(tokens, layout.bounds[i], layout.bounds[i + 1])
         return self.agent_pass_s(d) + self.agent_io_s(d, nbytes)
 
     def in_hop_s(
@@ -260,7 +277,7 @@ class CostModel:
             out.append(
                 float(sum(m.layer_param_bytes[a:b]))
                 + m.edge_bytes(embed=layout.embed_on(i), head=layout.head_on(i))
-                + kv_tokens * m.kv_bytes_per_token_per_layer * (b - a)
+                + kv_tokens * self.kv_bytes(a, b)
                 + self.workspace_bytes(pass_tokens)
             )
         return out
@@ -291,12 +308,11 @@ class CostModel:
         """KV tokens the replica can hold at once: the least over its stages of the memory
         left after weights and the workspace of a `pass_tokens` pass, per token of the
         stage's layers (negative: it cannot even hold its weights)."""
-        kv = self.model.kv_bytes_per_token_per_layer
         base = self.stage_memory(layout, kv_tokens=0.0, pass_tokens=pass_tokens)
         out = float("inf")
         for i, d in enumerate(layout.devices):
-            n = layout.bounds[i + 1] - layout.bounds[i]
-            out = min(out, (float(self.capacity[d]) - base[i]) / (kv * n) if kv > 0 else out)
+            kv = self.kv_bytes(layout.bounds[i], layout.bounds[i + 1])
+            out = min(out, (float(self.capacity[d]) - base[i]) / kv if kv > 0 else out)
         return out
 
     def kv_pieces(
@@ -306,14 +322,13 @@ class CostModel:
         stage, sending device, receiving device, bytes), in source stage order; each
         source stage sends the KV of its layers to the devices holding them in the
         decoder."""
-        kv = self.model.kv_bytes_per_token_per_layer * prompt_tokens
         out = []
         for i, s in enumerate(src.devices):
             for j, t in enumerate(dst.devices):
                 lo = max(src.bounds[i], dst.bounds[j])
                 hi = min(src.bounds[i + 1], dst.bounds[j + 1])
                 if hi > lo:
-                    out.append((i, s, t, kv * (hi - lo)))
+                    out.append((i, s, t, self.model.request_kv_bytes(prompt_tokens, lo, hi)))
         return out
 
     def kv_flows(
@@ -322,7 +337,8 @@ class CostModel:
         """Bytes each device sends and receives to move a prompt's KV between replicas.
 
         Each source device sends the KV of its layers to the devices holding them in the
-        decoder (every byte crosses the broker: source uplink, then destination downlink).
+        decoder (every byte crosses the broker: source uplink, then destination downlink);
+        a sliding-window layer sends the prompt's last window of positions.
         """
         send: dict[int, float] = {}
         recv: dict[int, float] = {}
@@ -345,9 +361,9 @@ class CostModel:
     def kv_link_s(self, layout: Layout, prompt_tokens: float) -> float:
         """Seconds the busiest link of a replica is occupied by one prompt's KV (sent out
         by a prefill replica, or received by a decoder): a bound on requests/s."""
-        kv = self.model.kv_bytes_per_token_per_layer * prompt_tokens
+        kv = self.model.request_kv_bytes
         return max(
-            self.links[d].one_way_s(kv * (layout.bounds[i + 1] - layout.bounds[i]))
+            self.links[d].one_way_s(kv(prompt_tokens, layout.bounds[i], layout.bounds[i + 1]))
             for i, d in enumerate(layout.devices)
         )
 

@@ -94,10 +94,12 @@ class SplitSolver:
     def __init__(self, cm: CostModel) -> None:
         self.cm = cm
         L = cm.n_layers
-        self._count = np.arange(L + 1)[None, :] - np.arange(L + 1)[:, None]  # (L+1, L+1)
-        self._valid = self._count > 0
+        count = np.arange(L + 1)[None, :] - np.arange(L + 1)[:, None]  # (L+1, L+1)
+        self._valid = count > 0
         wp = cm.weight_prefix
         self._wdiff = wp[None, :] - wp[:, None]  # (L+1, L+1) weight bytes of [a, b)
+        kp = cm.kv_prefix
+        self._kvdiff = kp[None, :] - kp[:, None]  # (L+1, L+1) KV bytes per token of [a, b)
         self._prefill_pre: dict[tuple[int, bool], np.ndarray] = {}
         self._decode_pre: dict[int, np.ndarray] = {}
         self.concurrencies = np.array(
@@ -108,7 +110,7 @@ class SplitSolver:
         self._prefill_total: dict[tuple[tuple[int, ...], tuple[int, ...], bool], float] = {}
         m = cm.model
         self._weights = m.total_param_bytes
-        self._kv_all_layers = m.kv_bytes_per_token_per_layer * m.n_layers
+        self._kv_all_layers = cm.kv_bytes(0, m.n_layers)
 
     def prefill_s(self, layout: Layout) -> float:
         """Whole-pipeline time of one mean prompt on this layout (cached per layout)."""
@@ -138,8 +140,10 @@ class SplitSolver:
             cm = self.cm
             per_layer = cm.prefill_layers(d, cm.prompt_tokens)
             if kv_out:  # each layer's KV is sent on: the agent's work grows with the layers
-                kv = cm.model.kv_bytes_per_token_per_layer * cm.prompt_tokens
-                per_layer = per_layer + cm.agent_io_s(d, kv)
+                kv = cm.model.request_kv_bytes
+                per_layer = per_layer + np.array(
+                    [cm.agent_io_s(d, kv(cm.prompt_tokens, i, i + 1)) for i in range(cm.n_layers)]
+                )
             self._prefill_pre[key] = np.concatenate([[0.0], np.cumsum(per_layer)])[None, :]
         return self._prefill_pre[key]  # (1, L+1)
 
@@ -236,12 +240,11 @@ class SplitSolver:
         if base is None:
             pre = self._decode_prefix(d)[rows] if decode else self._prefill_prefix(d, kv_out)
             cost = pre[:, None, :] - pre[:, :, None]
-            kv = cm.model.kv_bytes_per_token_per_layer
             edge = cm.model.edge_bytes(embed=embed, head=head)
             fixed = edge + np.array([cm.workspace_bytes(w) for w in workspace_tokens])
             mem = (
                 self._wdiff[None]
-                + (kv_tokens * kv)[:, None, None] * self._count[None]
+                + kv_tokens[:, None, None] * self._kvdiff[None]
                 + fixed[:, None, None]
             )
             ok = self._valid[None] & (mem <= cm.capacity[d])

@@ -89,8 +89,7 @@ def precheck(cm: CostModel, min_tokens_per_s: float) -> str:
     floor against the fastest any single request could decode."""
     m = cm.model
     n = len(cm.inventory)
-    kv_layer = m.kv_bytes_per_token_per_layer
-    kv = cm.peak_context_tokens * kv_layer * m.n_layers
+    kv = m.request_kv_bytes(cm.peak_context_tokens)
     need = m.total_param_bytes + kv
     have = float(cm.capacity.sum())
     if have < need:
@@ -101,7 +100,9 @@ def precheck(cm: CostModel, min_tokens_per_s: float) -> str:
             f"{(need - have) / _MB:.0f} MB"
         )
     usable = usable_devices(cm)
-    stage_extra = cm.workspace_bytes(cm.peak_prompt_tokens) + cm.peak_context_tokens * kv_layer
+    stage_extra = cm.workspace_bytes(cm.peak_prompt_tokens) + cm.least_layer_kv_bytes(
+        cm.peak_context_tokens
+    )
     if not usable:
         piece = min(m.layer_param_bytes) + stage_extra
         return (
@@ -144,9 +145,7 @@ def _why(ev: Evaluator, group: tuple[int, ...]) -> str:
     cm = ev.cm
     names = ", ".join(cm.inventory.devices[d].id for d in group)
     mem = sum(float(cm.capacity[d]) for d in group)
-    need = cm.model.total_param_bytes + cm.peak_context_tokens * (
-        cm.model.kv_bytes_per_token_per_layer * cm.model.n_layers
-    )
+    need = cm.model.total_param_bytes + cm.model.request_kv_bytes(cm.peak_context_tokens)
     if mem < need:
         return f"[{names}] has {mem / _MB:.0f} MB for {need / _MB:.0f} MB"
     one = ev.solver.decode(group)[0]
@@ -321,7 +320,7 @@ def timing_for(cm: CostModel, lay: Layout, role: str, concurrency: int) -> Timin
     per_token = max(
         WORKSPACE_BUFFERS
         * m.activation_bytes_per_token
-        / (m.kv_bytes_per_token_per_layer * (lay.bounds[i + 1] - lay.bounds[i]))
+        / cm.kv_bytes(lay.bounds[i], lay.bounds[i + 1])
         for i in range(k)
     )
     return Timing(

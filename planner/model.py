@@ -54,6 +54,9 @@ class ModelSpec:
     """Experts each token is routed to."""
     layer_expert_bytes: tuple[float, ...] = ()
     """Bytes of all experts of each layer (empty for a dense model)."""
+    layer_kv_window: tuple[int, ...] = ()
+    """Positions each layer's KV keeps per request: its sliding window, 0 for a layer that
+    attends to the whole context (empty: every layer does)."""
 
     def __post_init__(self) -> None:
         if self.n_layers < 1:
@@ -64,10 +67,32 @@ class ModelSpec:
                     f"{self.name}: {field_name} must have n_layers={self.n_layers} entries, "
                     f"got {len(getattr(self, field_name))}"
                 )
-        if self.layer_expert_bytes and len(self.layer_expert_bytes) != self.n_layers:
-            raise ModelSpecError(
-                f"{self.name}: layer_expert_bytes must have n_layers={self.n_layers} entries"
-            )
+        for field_name in ("layer_expert_bytes", "layer_kv_window"):
+            if getattr(self, field_name) and len(getattr(self, field_name)) != self.n_layers:
+                raise ModelSpecError(
+                    f"{self.name}: {field_name} must have n_layers={self.n_layers} entries"
+                )
+
+    def kv_positions(self, layer: int, context: float) -> float:
+        """Positions `layer` holds (and attends over) for one request of `context` tokens:
+        all of them, or a sliding layer's last window of them."""
+        window = self.layer_kv_window[layer] if self.layer_kv_window else 0
+        return min(context, float(window)) if window > 0 else context
+
+    def request_kv_bytes(self, context: float, start: int = 0, end: int | None = None) -> float:
+        """KV bytes one request of `context` tokens holds in layers [start, end) (what a
+        PREFILL replica hands over for a prompt of that length)."""
+        end = self.n_layers if end is None else end
+        return self.kv_bytes_per_token_per_layer * sum(
+            self.kv_positions(i, context) for i in range(start, end)
+        )
+
+    def layer_kv_bytes_per_token(self, context: float) -> tuple[float, ...]:
+        """Each layer's KV bytes per token of requests of `context` tokens: the full
+        figure, or a sliding layer's share min(context, window) / context of it."""
+        c = max(context, 1.0)
+        kv = self.kv_bytes_per_token_per_layer
+        return tuple(kv * self.kv_positions(i, c) / c for i in range(self.n_layers))
 
     @property
     def total_param_bytes(self) -> float:
@@ -129,6 +154,9 @@ class ModelSpec:
             layer_expert_bytes=(
                 _list(cost, "layer_expert_bytes", f"{name}: cost") if "n_experts" in cost else ()
             ),
+            layer_kv_window=_windows(
+                n_layers, config.get("sliding_window"), config.get("sliding_layers"), name
+            ),
         )
 
     @classmethod
@@ -149,13 +177,16 @@ class ModelSpec:
         expert_bytes_per_param: float | None = None,
         kv_bytes_per_element: float = 2.0,
         activation_bytes_per_element: float = 2.0,
+        sliding_window: int | None = None,
+        sliding_layers: list[int] | None = None,
         name: str = "described",
     ) -> ModelSpec:
         """Estimate costs of a Llama-style (optionally MoE) decoder from its dimensions.
 
         Attention: q, k, v, o projections. MLP: gated (3 matrices of hidden x
         intermediate), `n_experts` of them per layer with a router when MoE.
-        FLOPs are 2 per active parameter. Norm weights are ignored (< 0.1%).
+        FLOPs are 2 per active parameter. Norm weights are ignored (< 0.1%). Layers in
+        `sliding_layers` keep the last `sliding_window` positions of a request's KV.
         """
         args = {
             "n_layers": n_layers,
@@ -202,6 +233,7 @@ class ModelSpec:
             n_experts=n_experts,
             experts_per_token=experts_per_token,
             layer_expert_bytes=(float(experts_bytes),) * n_layers if moe else (),
+            layer_kv_window=_windows(n_layers, sliding_window, sliding_layers, name),
         )
 
 
@@ -262,7 +294,26 @@ def _from_hf_config(desc: Path, path: Path) -> dict[str, Any]:
     if "head_dim" not in out and "hidden_size" in hf and "num_attention_heads" in hf:
         out["head_dim"] = int(hf["hidden_size"]) // int(hf["num_attention_heads"])
     out.setdefault("n_kv_heads", out.get("n_heads"))
+    types = hf.get("layer_types")
+    if hf.get("sliding_window") and isinstance(types, list):
+        out["sliding_window"] = hf["sliding_window"]
+        out["sliding_layers"] = [i for i, t in enumerate(types) if t == "sliding_attention"]
     return out
+
+
+def _windows(n_layers: int, window: Any, layers: Any, name: str) -> tuple[int, ...]:
+    """`layer_kv_window` from a window and the layers that slide (none: empty)."""
+    if window is None or not layers:
+        return ()
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        raise ModelSpecError(f"{name}: sliding_window must be a positive integer, got {window!r}")
+    if not isinstance(layers, list) or not all(
+        isinstance(i, int) and 0 <= i < n_layers for i in layers
+    ):
+        raise ModelSpecError(
+            f"{name}: sliding_layers must list layers in [0, {n_layers}), got {layers!r}"
+        )
+    return tuple(window if i in set(layers) else 0 for i in range(n_layers))
 
 
 def _section(d: Mapping[str, Any], key: str, name: str) -> Mapping[str, Any]:

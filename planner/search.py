@@ -266,7 +266,7 @@ def usable_devices(cm: CostModel) -> list[int]:
     need = (
         layer
         + cm.workspace_bytes(cm.peak_prompt_tokens)
-        + cm.peak_context_tokens * m.kv_bytes_per_token_per_layer
+        + cm.least_layer_kv_bytes(cm.peak_context_tokens)
     )
     return [d for d in range(len(cm.inventory)) if cm.capacity[d] >= need]
 

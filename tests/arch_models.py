@@ -202,6 +202,44 @@ def write_hf_dir(model: Any, out: Path, dtype: str) -> Path:
     return out
 
 
+def write_hf_mxfp4(model: Any, gguf_path: Path, out: Path) -> Path:
+    """gpt-oss as the released checkpoints store it: each layer's experts as MXFP4
+    `gate_up_proj_blocks`/`_scales` (gate and up rows interleaved) and `down_proj_blocks`/
+    `_scales`, the bytes of the MXFP4 GGUF `gguf_path` written from `model` (`write_gguf`,
+    which left in `model` what those bytes decode to), re-laid as transformers reads them
+    (a block's codes interleaved in the nibbles of its 16 bytes, where GGUF puts codes 0-15
+    in the low nibbles and 16-31 in the high); everything else fp32."""
+    import gguf
+    from safetensors.numpy import load_file, save_file
+
+    write_hf_dir(model, out, "float32")
+    st = out / "model.safetensors"
+    tensors = load_file(st)
+    stored = {t.name: np.asarray(t.data) for t in gguf.GGUFReader(str(gguf_path)).tensors}
+
+    def hf(name: str) -> tuple[np.ndarray, np.ndarray]:  # (E, out, n*17) -> blocks, scales
+        b = stored[name].reshape(*stored[name].shape[:2], -1, 17)
+        qs = b[..., 1:]
+        codes = np.concatenate([qs & 0x0F, qs >> 4], axis=-1)  # (E, out, n, 32)
+        return codes[..., 0::2] | (codes[..., 1::2] << 4), np.ascontiguousarray(b[..., 0])
+
+    for i in range(model.config.num_hidden_layers):
+        p, g = f"model.layers.{i}.mlp.experts.", f"blk.{i}.ffn_"
+        del tensors[p + "gate_up_proj"], tensors[p + "down_proj"]
+        (gb, gs), (ub, us) = hf(g + "gate_exps.weight"), hf(g + "up_exps.weight")
+        e, rows = gb.shape[:2]
+        tensors[p + "gate_up_proj_blocks"] = np.stack([gb, ub], 2).reshape(e, 2 * rows, -1, 16)
+        tensors[p + "gate_up_proj_scales"] = np.stack([gs, us], 2).reshape(e, 2 * rows, -1)
+        tensors[p + "down_proj_blocks"], tensors[p + "down_proj_scales"] = hf(
+            g + "down_exps.weight"
+        )
+    save_file(tensors, st)
+    cfg = json.loads((out / "config.json").read_text())
+    cfg["quantization_config"] = {"quant_method": "mxfp4"}
+    (out / "config.json").write_text(json.dumps(cfg))
+    return out
+
+
 def load_hf_reference(out: Path) -> Any:
     """The folder read back by transformers in fp32 (an exact upcast of its 16-bit weights)."""
     import torch

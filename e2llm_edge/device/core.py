@@ -222,7 +222,7 @@ class Computed:
 
     job: int
     out: np.ndarray | None
-    kv: dict[int, tuple[np.ndarray, np.ndarray]] | None = None
+    kv: dict[int, tuple[int, np.ndarray, np.ndarray]] | None = None
     error: str | None = None
 
 
@@ -865,7 +865,7 @@ class DeviceCore:
         place: Placement,
         msg: Work,
         out: np.ndarray,
-        kv: dict[int, tuple[np.ndarray, np.ndarray]] | None,
+        kv: dict[int, tuple[int, np.ndarray, np.ndarray]] | None,
         queued: float,
         now: float,
     ) -> None:
@@ -916,19 +916,21 @@ class DeviceCore:
         decoder: Replica,
         key: AttemptKey,
         ctx: RequestContext,
-        kv: dict[int, tuple[np.ndarray, np.ndarray]],
+        kv: dict[int, tuple[int, np.ndarray, np.ndarray]],
         now: float,
     ) -> None:
-        """This stage's KV cache, layer by layer, to the decoder devices holding them."""
+        """This stage's KV cache, layer by layer, to the decoder devices holding them (a
+        sliding-window layer: its last window of positions, all a later query sees)."""
         sent = 0
         for layer in range(place.stage.layer_start, place.stage.layer_end):
-            k, v = kv[layer]
+            token_start, k, v = kv[layer]
             target = layer_owner(decoder, layer)
             for chunk in kv_chunks(
                 key,
                 layer,
                 np.ascontiguousarray(k),
                 np.ascontiguousarray(v),
+                token_start=token_start,
                 plan_version=place.version,
                 context=ctx,
                 sent_at=self.wall_clock,

@@ -30,7 +30,7 @@ from e2llm_edge.device.runner import (
     open_segments,
 )
 from onnx_export.errors import ExportError
-from onnx_export.manifest import VARIANT_PREFERENCE, Manifest, Segment
+from onnx_export.manifest import VARIANT_PREFERENCE, Manifest, Segment, kv_windows
 
 log = logging.getLogger(__name__)
 _serials = itertools.count()
@@ -43,57 +43,78 @@ CONTRIB_OPS = (
 )
 
 
-def contrib_supported() -> bool:
-    """Whether this onnxruntime has the com.microsoft operators the contrib graph uses."""
+def contrib_supported(windows: bool = False) -> bool:
+    """Whether this onnxruntime has the com.microsoft operators the contrib graph uses and,
+    with `windows` (a model with sliding-window layers), GroupQueryAttention's window-sized
+    KV buffer (`sliding_window_cache`: onnxruntime 1.32 has it)."""
     try:
         import onnxruntime.capi.onnxruntime_pybind11_state as C
 
-        have = {s.name for s in C.get_all_operator_schema() if s.domain == "com.microsoft"}
+        have = {s.name: s for s in C.get_all_operator_schema() if s.domain == "com.microsoft"}
     except (ImportError, AttributeError):
         return False
-    return all(op in have for op in CONTRIB_OPS)
+    if not all(op in have for op in CONTRIB_OPS):
+        return False
+    return not windows or "sliding_window_cache" in have["GroupQueryAttention"].attributes
 
 
 @dataclass
 class FastCache:
-    """One request's KV for layers [start, end): views into a pool slot or its own buffer."""
+    """One request's KV for layers [start, end): views into a pool slot or its own buffer.
+    A sliding-window layer's buffer (`windows`: layer -> window) is window-sized: its rows
+    [0, min(T, window)) hold the last positions of the T it has seen (the graph's
+    GroupQueryAttention evicts; `onnx_export.fast_graph.layers_model`)."""
 
     start: int
     end: int
     capacity: int
-    keys: dict[int, np.ndarray]  # layer -> (1, nkv, C, d), C >= capacity
+    keys: dict[int, np.ndarray]  # layer -> (1, nkv, C, d), C >= capacity (window: C = window)
     values: dict[int, np.ndarray]
     slot: int | None = None
-    filled: dict[int, int] = field(default_factory=dict)  # tokens held per layer
+    filled: dict[int, int] = field(default_factory=dict)  # tokens seen per layer
     pool: KVPool | None = None
     serial: int = field(default_factory=lambda: next(_serials))
+    windows: dict[int, int] = field(default_factory=dict)
 
     @property
     def length(self) -> int:
         return min(self.filled.values()) if self.filled else 0
 
+    def held(self, layer: int) -> int:
+        """Positions `layer` holds: all it has seen, or its last window of them."""
+        return min(self.filled[layer], self.windows.get(layer, self.filled[layer]))
+
     @property
     def nbytes(self) -> int:
-        per_token = sum(self.keys[i].shape[1] * self.keys[i].shape[3] * 4 * 2 for i in self.keys)
-        return self.length * per_token
+        return sum(
+            self.held(i) * self.keys[i].shape[1] * self.keys[i].shape[3] * 4 * 2 for i in self.keys
+        )
 
-    def kv(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        n = self.filled[layer]
-        return self.keys[layer][:, :, :n], self.values[layer][:, :, :n]
+    def kv(self, layer: int) -> tuple[int, np.ndarray, np.ndarray]:
+        n = self.held(layer)
+        return self.filled[layer] - n, self.keys[layer][:, :, :n], self.values[layer][:, :, :n]
 
     def load(self, layer: int, key: np.ndarray, value: np.ndarray, token_start: int) -> None:
         have, n = self.filled[layer], key.shape[2]
-        if token_start != have:
+        end = token_start + n
+        if end > self.capacity:
             raise ValueError(
-                f"layer {layer}: chunk starts at token {token_start}, cache holds {have}"
+                f"layer {layer}: {end} tokens exceed the cache capacity {self.capacity}"
             )
-        if token_start + n > self.capacity:
+        window = self.windows.get(layer)
+        if window is not None and have == 0 and n >= min(end, window):
+            keep = min(end, window)  # the operator's layout: the last positions from row 0
+            self.keys[layer][:, :, :keep] = key[:, :, n - keep :]
+            self.values[layer][:, :, :keep] = value[:, :, n - keep :]
+        elif token_start != have or window is not None:
             raise ValueError(
-                f"layer {layer}: {token_start + n} tokens exceed the cache capacity {self.capacity}"
+                f"layer {layer}: chunk holds tokens [{token_start}, {end}), cache holds {have}"
+                + (f" (a window of {window}: send its last positions at once)" if window else "")
             )
-        self.keys[layer][:, :, token_start : token_start + n] = key
-        self.values[layer][:, :, token_start : token_start + n] = value
-        self.filled[layer] = token_start + n
+        else:
+            self.keys[layer][:, :, token_start:end] = key
+            self.values[layer][:, :, token_start:end] = value
+        self.filled[layer] = end
 
     def advance(self, n: int) -> None:
         for i in self.filled:
@@ -109,10 +130,21 @@ class KVPool:
     """`slots` caches of `context` tokens per layer in one buffer per layer, allocated lazily
     (np.zeros maps untouched pages lazily, so unused context costs no resident memory)."""
 
-    def __init__(self, layers: range, slots: int, context: int, nkv: int, d: int) -> None:
+    def __init__(
+        self,
+        layers: range,
+        slots: int,
+        context: int,
+        nkv: int,
+        d: int,
+        windows: dict[int, int] | None = None,
+    ) -> None:
+        """`windows`: layer -> window of the sliding-window layers (buffers of that size)."""
         self.layers, self.slots, self.context = layers, slots, context
-        self.keys = {i: np.zeros((slots, nkv, context, d), np.float32) for i in layers}
-        self.values = {i: np.zeros((slots, nkv, context, d), np.float32) for i in layers}
+        self.windows = dict(windows or {})
+        rows = {i: self.windows.get(i, context) for i in layers}
+        self.keys = {i: np.zeros((slots, nkv, rows[i], d), np.float32) for i in layers}
+        self.values = {i: np.zeros((slots, nkv, rows[i], d), np.float32) for i in layers}
         # Weak: a cache the runtime drops (no explicit release) frees its slot by itself.
         self._owner: list[weakref.ref[FastCache] | None] = [None] * slots
 
@@ -134,6 +166,7 @@ class KVPool:
             slot=s,
             filled={i: 0 for i in self.layers},
             pool=self,
+            windows=self.windows,
         )
         self._owner[s] = weakref.ref(c)
         return c
@@ -154,9 +187,10 @@ class KVPool:
         ca, cb = self.owner(a), self.owner(b)
         n = max(c.length if c is not None else 0 for c in (ca, cb))
         for buf in (*self.keys.values(), *self.values.values()):
-            tmp = buf[a, :, :n].copy()
-            buf[a, :, :n] = buf[b, :, :n]
-            buf[b, :, :n] = tmp
+            rows = min(n, buf.shape[2])
+            tmp = buf[a, :, :rows].copy()
+            buf[a, :, :rows] = buf[b, :, :rows]
+            buf[b, :, :rows] = tmp
         self._owner[a], self._owner[b] = None, None
         if ca is not None:
             self._place(ca, b)
@@ -224,6 +258,7 @@ class FastLayerStack:
             int(cfg["hidden_size"]),
         )
         self.context = min(int(context or cfg["max_position"]), int(cfg["max_position"]))
+        self.windows = {i: w for i, w in kv_windows(cfg).items() if start <= i < end}
         self.parts = parts or open_parts(
             manifest,
             start,
@@ -256,7 +291,12 @@ class FastLayerStack:
     def pool(self) -> KVPool:
         if self._pool is None:
             self._pool = KVPool(
-                range(self.start, self.end), self.max_batch, self.context, self.nkv, self.d
+                range(self.start, self.end),
+                self.max_batch,
+                self.context,
+                self.nkv,
+                self.d,
+                self.windows,
             )
         return self._pool
 
@@ -267,16 +307,17 @@ class FastLayerStack:
             return c
         layers = range(self.start, self.end)
 
-        def buf() -> np.ndarray:
-            return np.zeros((1, self.nkv, capacity, self.d), np.float32)
+        def buf(i: int) -> np.ndarray:
+            return np.zeros((1, self.nkv, self.windows.get(i, capacity), self.d), np.float32)
 
         return FastCache(
             self.start,
             self.end,
             capacity,
-            {i: buf() for i in layers},
-            {i: buf() for i in layers},
+            {i: buf(i) for i in layers},
+            {i: buf(i) for i in layers},
             filled={i: 0 for i in layers},
+            windows=self.windows,
         )
 
     # -- running
@@ -445,7 +486,7 @@ def choose_variant(manifest: Manifest) -> tuple[str, str]:
     """The best complete variant: exact contrib (fast, same tokens), else the portable
     graph; int8 (fastest, tokens drift) only when it is all there is or asked for."""
     have = set(manifest.variants())
-    if not contrib_supported():
+    if not contrib_supported(windows=bool(kv_windows(manifest.config))):
         have = {v for v in have if v[0] != "contrib"}
     for v in PREFERENCE:
         if v in have:

@@ -167,13 +167,16 @@ def measure_profile(
             context=min(past_tokens + DECODE_STEPS + 16, ctx),
         )
 
+    rng = np.random.default_rng(0)
+    # a window's steps grow the past; a small model's context bounds how many fit
+    cache_len = min(past_tokens + DECODE_STEPS + 8, ctx)
+    steps = min(DECODE_STEPS, cache_len - past_tokens)
+    prefill_in, decode_in, inputs = _layer_inputs(manifest, variant, rng, points, steps)
     # one stage at a time, then the embedding and head: a small device holds one of them
     # (each closure gets its stage as a default, so `del` frees it)
     stack = stage(1)
-    rng = np.random.default_rng(0)
     prefill = []
-    for tokens in points:
-        x = rng.normal(0, 1, (1, tokens, h)).astype(np.float32)
+    for tokens, x in zip(points, prefill_in, strict=True):
 
         def pre(x: np.ndarray = x, n: int = tokens, stack: Any = stack) -> None:
             stack.run(x, 0, stack.new_cache(n))
@@ -185,15 +188,18 @@ def measure_profile(
     nkv, hd = int(cfg["n_kv_heads"]), int(cfg["head_dim"])
     past_k = rng.normal(0, 1, (1, nkv, past_tokens, hd)).astype(np.float32)
     past_v = rng.normal(0, 1, (1, nkv, past_tokens, hd)).astype(np.float32)
-    # a window's steps grow the past; a small model's context bounds how many fit
-    cache_len = min(past_tokens + DECODE_STEPS + 8, ctx)
-    steps = min(DECODE_STEPS, cache_len - past_tokens)
-    steps_in = {b: rng.normal(0, 1, (b, 1, h)).astype(np.float32) for b in DECODE_BATCHES}
     for b in DECODE_BATCHES:
         caches: list[StageCache] = []
+        done = [0]  # steps run since `fresh`: each feeds every request its next token
 
-        def fresh(b: int = b, caches: list[StageCache] = caches, stack: Any = stack) -> None:
+        def fresh(
+            b: int = b,
+            caches: list[StageCache] = caches,
+            stack: Any = stack,
+            done: list[int] = done,
+        ) -> None:
             caches.clear()
+            done[0] = 0
             for _ in range(b):
                 c = stack.new_cache(cache_len)
                 for layer in range(n_decode):  # a past of random keys: no prefill to wait for
@@ -201,9 +207,13 @@ def measure_profile(
                 caches.append(c)
 
         def one_step(
-            step: np.ndarray = steps_in[b], caches: list[StageCache] = caches, stack: Any = stack
+            xs: np.ndarray = decode_in[b],
+            caches: list[StageCache] = caches,
+            stack: Any = stack,
+            done: list[int] = done,
         ) -> None:
-            stack.run_batch(step, caches)
+            stack.run_batch(xs[done[0] % len(xs)], caches)  # (b, 1, H)
+            done[0] += 1
 
         decode[b] = _best(one_step, reps, max_calls=steps, setup=fresh) / n_decode
         caches.clear()
@@ -212,7 +222,7 @@ def measure_profile(
     head_decode: dict[int, float] = {}
     for b in DECODE_BATCHES:
 
-        def head_step(step: np.ndarray = steps_in[b]) -> None:
+        def head_step(step: np.ndarray = decode_in[b][0]) -> None:
             head.run(step)
 
         head_decode[b] = _best(head_step, reps)
@@ -234,10 +244,46 @@ def measure_profile(
             "past_tokens": past_tokens,
             "decode_layers": n_decode,
             "decode_batches": list(DECODE_BATCHES),
+            "inputs": inputs,
             "model": manifest.name,
             "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
         },
     }
+
+
+def _layer_inputs(
+    manifest: Manifest,
+    variant: tuple[str, str],
+    rng: np.random.Generator,
+    points: list[int],
+    steps: int,
+) -> tuple[list[np.ndarray], dict[int, np.ndarray], str]:
+    """Layer inputs: `(1, T, H)` for each prefill point, `(steps, b, 1, H)` for each decode
+    batch, and what they are. "text": the embedded profile text (the manifest's
+    `profile_ids`; row r of a batch reads it from 97 r on, a token a step), so a mixture of
+    experts routes as on real inputs; "random" hidden states for a manifest without it.
+    The embedding is loaded, used and dropped here, before any stage is."""
+    cfg = manifest.config
+    h = int(cfg["hidden_size"])
+    text = np.asarray(manifest.profile_ids, np.int64)
+    if not text.size or int(text.max()) >= int(cfg["vocab_size"]):
+        return (
+            [rng.normal(0, 1, (1, t, h)).astype(np.float32) for t in points],
+            {b: rng.normal(0, 1, (steps, b, 1, h)).astype(np.float32) for b in DECODE_BATCHES},
+            "random",
+        )
+    emb = VariantEmbedder(manifest, variant)
+
+    def embed(rows: int, n: int, at: int) -> np.ndarray:  # (rows, n, H)
+        pos = at + 97 * np.arange(rows)[:, None] + np.arange(n)[None, :]
+        return emb.run(text[pos % text.size])
+
+    prefill = [embed(1, t, 0) for t in points]
+    decode = {
+        b: np.ascontiguousarray(embed(b, steps, PAST_TOKENS).transpose(1, 0, 2)[:, :, None, :])
+        for b in DECODE_BATCHES
+    }
+    return prefill, decode, "text"
 
 
 def profile_path(

@@ -23,7 +23,7 @@ import numpy as np
 from e2llm_edge.device.ranges import compose
 from e2llm_edge.sysinfo import release_freed_memory
 from onnx_export.errors import ExportError
-from onnx_export.manifest import Manifest, Segment
+from onnx_export.manifest import Manifest, Segment, kv_windows
 
 log = logging.getLogger(__name__)
 
@@ -164,12 +164,15 @@ class StageCache(Protocol):
     @property
     def nbytes(self) -> int: ...
 
-    def kv(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        """Keys and values of `layer` so far, `(1, nkv, length, d)` (views where possible)."""
+    def kv(self, layer: int) -> tuple[int, np.ndarray, np.ndarray]:
+        """What `layer` holds: the position of its first token and its keys and values
+        `(1, nkv, n, d)` (views where possible). A sliding-window layer holds its last
+        min(length, window) positions; every other layer all `length` from 0."""
         ...
 
     def load(self, layer: int, key: np.ndarray, value: np.ndarray, token_start: int) -> None:
-        """Write a received chunk `(1, nkv, n, d)` at tokens [token_start, token_start + n)."""
+        """Write a received chunk `(1, nkv, n, d)` at tokens [token_start, token_start + n)
+        (a sliding-window layer: into an empty layer, at least the last window of them)."""
         ...
 
 
@@ -194,26 +197,49 @@ class Stage(Protocol):
 
 @dataclass
 class KVCache:
-    """Per-layer past keys/values `(B, nkv, S, d)`, grown by the graph's Concat each step."""
+    """Per-layer past keys/values `(B, nkv, S, d)`, grown by the graph's Concat each step;
+    sliding-window layers (`windows`: layer -> window) are cut back to their last `window`
+    positions after each step (`dropped`: positions no longer held, per layer)."""
 
     keys: dict[int, np.ndarray] = field(default_factory=dict)
     values: dict[int, np.ndarray] = field(default_factory=dict)
+    windows: dict[int, int] = field(default_factory=dict)
+    dropped: dict[int, int] = field(default_factory=dict)
 
     @property
     def length(self) -> int:
-        return next(iter(self.keys.values())).shape[2] if self.keys else 0
+        if not self.keys:
+            return 0
+        i = next(iter(self.keys))
+        return self.dropped.get(i, 0) + self.keys[i].shape[2]
 
-    def kv(self, layer: int) -> tuple[np.ndarray, np.ndarray]:
-        return self.keys[layer], self.values[layer]
+    def kv(self, layer: int) -> tuple[int, np.ndarray, np.ndarray]:
+        return self.dropped.get(layer, 0), self.keys[layer], self.values[layer]
 
     def load(self, layer: int, key: np.ndarray, value: np.ndarray, token_start: int) -> None:
-        have = self.keys[layer].shape[2]
-        if token_start != have:
+        have = self.dropped.get(layer, 0) + self.keys[layer].shape[2]
+        window = self.windows.get(layer)
+        end = token_start + key.shape[2]
+        if window is not None and have == 0 and end - token_start >= min(end, window):
+            self.keys[layer], self.values[layer] = key, value
+            self.dropped[layer] = token_start
+        elif token_start != have:
             raise ValueError(
                 f"layer {layer}: chunk starts at token {token_start}, cache holds {have}"
             )
-        self.keys[layer] = np.concatenate([self.keys[layer], key], axis=2)
-        self.values[layer] = np.concatenate([self.values[layer], value], axis=2)
+        else:
+            self.keys[layer] = np.concatenate([self.keys[layer], key], axis=2)
+            self.values[layer] = np.concatenate([self.values[layer], value], axis=2)
+        self.trim()
+
+    def trim(self) -> None:
+        """Cut sliding-window layers back to their last `window` positions."""
+        for i, w in self.windows.items():
+            n = self.keys[i].shape[2] if i in self.keys else 0
+            if n > w:
+                self.keys[i] = self.keys[i][:, :, n - w :]
+                self.values[i] = self.values[i][:, :, n - w :]
+                self.dropped[i] = self.dropped.get(i, 0) + n - w
 
     @property
     def nbytes(self) -> int:
@@ -264,6 +290,7 @@ class LayerStack:
         cfg = manifest.config
         self.start, self.end = start, end
         self.n_kv_heads, self.head_dim = int(cfg["n_kv_heads"]), int(cfg["head_dim"])
+        self.windows = {i: w for i, w in kv_windows(cfg).items() if start <= i < end}
         self.parts = parts or open_parts(
             manifest,
             start,
@@ -281,9 +308,8 @@ class LayerStack:
 
     def empty_past(self, batch: int) -> KVCache:
         z = np.zeros((batch, self.n_kv_heads, 0, self.head_dim), np.float32)
-        return KVCache(
-            {i: z for i in range(self.start, self.end)}, {i: z for i in range(self.start, self.end)}
-        )
+        layers = range(self.start, self.end)
+        return KVCache({i: z for i in layers}, {i: z for i in layers}, dict(self.windows))
 
     def new_cache(self, capacity: int) -> KVCache:
         return self.empty_past(1)
@@ -325,6 +351,7 @@ class LayerStack:
             for j, i in enumerate(part.layers):
                 cache.keys[i] = outs[1 + 2 * j]
                 cache.values[i] = outs[2 + 2 * j]
+            cache.trim()
         return hidden
 
 

@@ -108,7 +108,7 @@ class ToyEngine:
                 out = _head(out)
             kv = None
             if job.read_kv is not None:
-                kv = {i: (c, c) for i, c in self.caches[job.read_kv].items()}
+                kv = {i: (0, c, c) for i, c in self.caches[job.read_kv].items()}
             return dc.Computed(job.job, out, kv)
         except (AssertionError, KeyError) as exc:
             return dc.Computed(job.job, None, error=f"{type(exc).__name__}: {exc}")

@@ -97,14 +97,29 @@ async def test_answers_equal_the_local_path_with_kv_handed_over(
     live: LocalCluster, model_dir: Path
 ) -> None:
     local = LocalModel(model_dir, variant=VARIANT)
+    plan: Plan = live.plan  # type: ignore[attr-defined]
+    devices = {s.device_id: r.role for r in plan.replicas for s in r.stages}
+    before = await live.telemetry(list(devices), timeout=15)
     async with Client(live.bus_config()) as client:
         for ids in PROMPTS:
             want = list(local.generate(ids, 10))
             got = await collect(client, prompt_ids=ids, max_new_tokens=10, timeout=60)
             assert got["new_ids"] == want, ids
-    plan: Plan = live.plan  # type: ignore[attr-defined]
-    devices = {s.device_id: r.role for r in plan.replicas for s in r.stages}
     tel = await live.telemetry(list(devices), timeout=15)
+    # the handoff carries a sliding layer's last window of positions, a full layer all
+    cfg = local.manifest.config
+    windows = {i: cfg["sliding_window"] for i in cfg["sliding_layers"]}
+    per_token = 2 * cfg["n_kv_heads"] * cfg["head_dim"] * 4
+    want_bytes = per_token * sum(
+        min(len(p), windows.get(i, len(p))) for p in PROMPTS for i in range(N_LAYERS)
+    )
+    for kind, role in (("kv_bytes_out", "prefill"), ("kv_bytes_in", "decoder")):
+        moved = sum(
+            getattr(tel[d], kind) - getattr(before[d], kind)
+            for d, r in devices.items()
+            if r == role
+        )
+        assert moved == want_bytes < per_token * N_LAYERS * sum(map(len, PROMPTS)), kind
     for dev, role in devices.items():
         c = tel[dev]
         if role == "prefill":

@@ -69,8 +69,8 @@ def test_cache_moves_between_stages(exact: FastModel, reference: dict[str, Any])
     h = exact.layers.run(exact.embed.run(np.asarray([prompt], np.int64)), 0, src)
     tok = int(exact.head.run(h[:, -1:])[0, -1].argmax())
     for layer in range(exact.layers.start, exact.layers.end):
-        k, v = src.kv(layer)
-        assert k.shape[2] == len(prompt)
+        start, k, v = src.kv(layer)
+        assert (start, k.shape[2]) == (0, len(prompt))
         for a in range(0, len(prompt), 16):
             dst.load(layer, k[:, :, a : a + 16], v[:, :, a : a + 16], a)
     src.release()

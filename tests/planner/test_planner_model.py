@@ -103,3 +103,48 @@ def test_description_validation() -> None:
             n_experts=2,
             experts_per_token=3,
         )
+
+
+def test_sliding_layers_count_their_window_of_kv() -> None:
+    """A sliding layer holds min(context, window) of a request's KV: in what one request
+    hands over, in a stage's memory (at the workload's mean context), in the KV a replica
+    can hold, and in what a decode step reads; the paper's gpt-oss-20b slides every other
+    layer over 128 positions."""
+    from dataclasses import replace
+
+    from planner_factories import hardware_device
+
+    from planner import Inventory
+    from planner.costs import CostModel, Layout
+    from planner.workload import Workload
+
+    full = tiny_model(n_layers=4)
+    slide = replace(full, layer_kv_window=(100, 0, 100, 0))
+    kv = full.kv_bytes_per_token_per_layer
+    assert slide.request_kv_bytes(1000) == kv * (100 + 1000 + 100 + 1000)
+    assert slide.request_kv_bytes(60, 0, 1) == kv * 60  # within the window: all of it
+    assert slide.request_kv_bytes(1000, 0, 1) == kv * 100
+    assert full.request_kv_bytes(1000) == kv * 4000
+    inv = Inventory.from_dict({"devices": [hardware_device("a", 900, 1.0, 10.0)]})
+    wl = Workload(mean_prompt_tokens=600, mean_output_tokens=400, arrival_rate_rps=1.0)
+    lay = Layout(devices=(0,), bounds=(0, 4), embed_last=False)
+    c_full, c_slide = CostModel(inv, full, wl), CostModel(inv, slide, wl)
+    assert c_slide.kv_bytes(0, 4) == pytest.approx(kv * (2 * 100 / 1000 + 2))
+    mem_full = c_full.stage_memory(lay, kv_tokens=5000, pass_tokens=1)[0]
+    mem_slide = c_slide.stage_memory(lay, kv_tokens=5000, pass_tokens=1)[0]
+    assert mem_full - mem_slide == pytest.approx(5000 * kv * 2 * 0.9)
+    assert c_slide.kv_budget_tokens(lay, 1) > c_full.kv_budget_tokens(lay, 1)
+    send, _ = c_slide.kv_flows(lay, lay, 1000)
+    assert send[0] == slide.request_kv_bytes(1000)
+    # a decode step reads a sliding layer's window, not the whole context
+    assert c_slide.decode_layers(0, 1)[0] < c_slide.decode_layers(0, 1)[1]
+    paper = paper_model()
+    assert paper.layer_kv_window == (128, 0) * 12
+    assert paper.request_kv_bytes(4096) == paper.kv_bytes_per_token_per_layer * 12 * (128 + 4096)
+
+
+def test_sliding_layers_must_name_layers_of_the_model() -> None:
+    bad = manifest()
+    bad["config"].update(sliding_window=4, sliding_layers=[0, 30])
+    with pytest.raises(ModelSpecError, match=r"sliding_layers must list layers in \[0, 30\)"):
+        ModelSpec.from_manifest(bad)
