@@ -774,9 +774,12 @@ class DeviceCore:
         """Seconds between `arrived` and `now` this device spent on prompts' prefill: what
         a decode step that arrived then waited behind them (a stall, in the standard
         metrics: waiting, not service)."""
-        return sum(
-            max(0.0, min(end, now) - max(start, arrived)) for start, end in self.prefill_runs
-        )
+        total = 0.0
+        for start, end in reversed(self.prefill_runs):  # in time order: newest first
+            if end <= arrived:
+                break
+            total += max(0.0, min(end, now) - max(start, arrived))
+        return total
 
     def _decode_state(
         self, place: Placement, msg: m.DecodeStep | m.Activation, now: float
