@@ -354,8 +354,13 @@ class _Cluster:
         # soon as its pass was done, while the later stages computed; bound later, the KV
         # leaves when the bind arrives. Each piece crosses its sender's uplink, then
         # (store and forward) its receiver's downlink, then the receiving agent takes it in.
+        # The first step can start once each decoder stage will have its layers' KV by
+        # the time the step reaches it (a later stage's KV may still be on its way while
+        # the first stages compute).
         k = len(src.layout.devices)
         early = message_s == 0.0 and len(lv.kv_ready) == k
+        _, stage_s = self._cycle(node, 1)
+        reach = dict(zip(node.layout.devices, np.cumsum([0.0, *stage_s[:-1]]), strict=True))
         done = now
         for i, s, d, nbytes in self.cm.kv_pieces(src.layout, node.layout, lv.prompt):
             start = lv.kv_ready[i] if early else now + message_s
@@ -363,7 +368,7 @@ class _Cluster:
             self.up_free[s] = up
             down = max(up, float(self.down_free[d])) + links[d].one_way_s(nbytes)
             self.down_free[d] = down
-            done = max(done, down + self.cm.agent_io_s(d, nbytes))
+            done = max(done, down + self.cm.agent_io_s(d, nbytes) - float(reach[d]))
         self.events.schedule(
             done, _KV, lambda at: self._kv_arrived(src, node, lv, at, epoch, node_epoch)
         )
