@@ -433,10 +433,13 @@ class Testbed:
         self.state.save()
         self.start_broker()
 
-    def dead_processes(self) -> list[str]:
-        """Roles of long-lived processes that exited (with their log's last lines)."""
+    def dead_processes(self, expected: tuple[str, ...] = ()) -> list[str]:
+        """Roles of long-lived processes that exited (with their log's last lines), but
+        for the `expected` ones that exited cleanly (a load driver that finished)."""
         out = []
         for role, p in self.procs.items():
+            if role in expected and p.poll() == 0:
+                continue
             if role in self.state.procs and p.poll() is not None:
                 out.append(f"{role} exited with code {p.returncode}: {self.log_tail(role, 4)}")
         return out

@@ -189,7 +189,7 @@ class Runner:
                 failed += not ev["ok"]
                 self.progress.advance(task)
         rc = driver.wait()
-        dead = bed.dead_processes()
+        dead = bed.dead_processes(expected=("driver",))
         after = bed.device_usage()
         wall = time.monotonic() - t_serving
         bed.stop_role("driver")
