@@ -90,8 +90,9 @@ async def probe_message_path(
                 device_id=device_id,
                 timeout=ROUND_TIMEOUT_S,
             )
-            while True:
-                env = await bus.recv(timeout=ROUND_TIMEOUT_S)
+            deadline = time.monotonic() + ROUND_TIMEOUT_S
+            while True:  # other messages arriving meanwhile do not extend the wait
+                env = await bus.recv(timeout=max(0.0, deadline - time.monotonic()))
                 if isinstance(env.msg, m.Probe) and env.msg.seq == seq:
                     break
                 if not isinstance(env.msg, m.Probe):

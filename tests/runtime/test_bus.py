@@ -375,3 +375,22 @@ async def test_a_service_waits_for_a_broker_that_starts_later(
         f"cannot reach {where}: connection refused; retrying until it answers",
         f"{where} answers now",
     ]
+
+
+async def test_a_device_probes_its_message_path_and_keeps_what_else_arrives(
+    mosquitto: MosquittoBroker, cluster: str
+) -> None:
+    """The agent's probe (`device.probe`) through a real broker: it measures a cost per
+    pass and per MB, and work that arrives on the inbox meanwhile is handed on, not lost."""
+    from e2llm_edge.device.probe import probe_message_path
+
+    cfg = cfg_for(mosquitto, cluster)
+    async with Bus(cfg) as peer, Bus(cfg) as device:
+        await device.subscribe(t.DEVICE_INBOX, device_id="d1")
+        release = m.Release(request_id="r", attempt=0, reason="cancelled")
+        await peer.publish(t.DEVICE_INBOX, release, device_id="d1")
+        kept: list[m.Message] = []
+        found = await probe_message_path(device, "d1", lambda env: kept.append(env.msg))
+        assert found.pass_s > 0 and found.io_s_per_mb > 0 and 0 < found.cpu_share <= 1
+        assert kept == [release]
+        assert device.pending() == 0  # every probe came back and was consumed
