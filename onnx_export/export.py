@@ -35,8 +35,9 @@ log = logging.getLogger(__name__)
 # directories exported by older code are rebuilt instead of reused (5: the screened head and
 # its unscreened alternative; 6: its finiteness check reads the row sum once; 7: every GGUF
 # type quantized (`onnx_export.quant`), RoPE tables in shared files, measured weight bytes;
-# 8: gpt-oss, MXFP4 decoded from its blocks instead of re-encoded).
-EXPORTER_VERSION = "8"
+# 8: gpt-oss, MXFP4 decoded from its blocks instead of re-encoded; 9: the screened head's
+# screen names its codes through initializers of its own, so they are held once).
+EXPORTER_VERSION = "9"
 _ELEM: dict[int, str] = {
     onnx.TensorProto.FLOAT: "float32",
     onnx.TensorProto.INT64: "int64",
