@@ -28,7 +28,9 @@ from e2llm_edge.device.runner import (
     in_chunks,
     open_parts,
     open_segments,
+    prefill_run_options,
 )
+from e2llm_edge.sysinfo import release_freed_memory
 from onnx_export.errors import ExportError
 from onnx_export.manifest import VARIANT_PREFERENCE, Manifest, Segment
 
@@ -335,6 +337,7 @@ class FastLayerStack:
         seqlens: np.ndarray,
     ) -> np.ndarray:
         x = np.ascontiguousarray(hidden, dtype=np.float32)
+        many = x.shape[1] > 1
         for bd in self.bound:
             io = bd.io
             if bd.key != key:  # bind the KV buffers once per cache (or batch), not per step
@@ -348,8 +351,10 @@ class FastLayerStack:
             _bind(io.bind_input, "hidden", x)
             out = np.empty(x.shape, np.float32)
             _bind(io.bind_output, "hidden_out", out)
-            bd.session.run_with_iobinding(io)
+            bd.session.run_with_iobinding(io, prefill_run_options() if many else None)
             x = out
+        if many:
+            release_freed_memory()
         return x
 
 
