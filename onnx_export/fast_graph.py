@@ -142,8 +142,8 @@ class Linear:
         g, first = self.g, qs[0]
         n_parts, bits, block = len(first.parts), first.parts[0].bits, first.parts[0].block
         k = first.k
-        packed = np.concatenate([np.concatenate([p.packed for p in q.parts], 1) for q in qs])
-        scales = np.concatenate([np.concatenate([p.scales for p in q.parts], 1) for q in qs])
+        packed = _joined([[p.packed for p in q.parts] for q in qs])
+        scales = _joined([[p.scales for p in q.parts] for q in qs])
         ins = [self.tiled(x, n_parts), g.init(name + ".qweight", packed)]
         ins.append(g.init(name + ".scales", scales))
         if all(p.default_zero for q in qs for p in q.parts):
@@ -176,6 +176,14 @@ class Linear:
             [sums, g.init(name + ".block_min", np.ascontiguousarray(offsets.T)), y],
             hint="block_min",
         )
+
+
+def _joined(arrays: list[list[np.ndarray]]) -> np.ndarray:
+    """Parts joined along K (axis 1) per matrix, matrices stacked along N: one copy at
+    most, none for a single part of a single matrix (a large head's codes held once)."""
+    if len(arrays) == 1:
+        return arrays[0][0] if len(arrays[0]) == 1 else np.concatenate(arrays[0], 1)
+    return np.concatenate([np.concatenate(parts, 1) for parts in arrays])
 
 
 def zero_points(g: GraphBuilder, name: str, zp: np.ndarray, bits: int) -> str:
@@ -318,7 +326,8 @@ def layers_model(
     positions follow from seqlens_k, so each request in a batch has its own position.
     """
     _check(precision)
-    g = GraphBuilder(f"contrib_{precision}_layers_{start}_{end}")
+    ranged = end - start > 1  # built whole before it is written: spill, release per layer
+    g = GraphBuilder(f"contrib_{precision}_layers_{start}_{end}", spill=ranged)
     lin = Linear(g, precision, w)
     nh, nkv, d, eps = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rms_norm_eps
     kv_shape: list[int | str] = ["batch", nkv, "capacity", d]
@@ -348,6 +357,8 @@ def layers_model(
     out_kv: list[tuple[int, str, str]] = []
     for i in range(start, end):
         p = f"model.layers.{i}."
+        if ranged:
+            w.release()  # the source pages of the layers before: their arrays are spilled
 
         def gamma(n: str, p: str = p) -> str:
             return g.init(p + n, w.get(p + n))

@@ -18,7 +18,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_export import rope
-from onnx_export.onnx_writer import SegmentModel, is_deferred
+from onnx_export.onnx_writer import SegmentModel, is_deferred, spill
 from onnx_export.source import ModelConfig, ModelWeights
 
 OPSET = 18
@@ -36,6 +36,9 @@ class GraphBuilder:
     arrays: list[tuple[str, np.ndarray]] = field(default_factory=list)  # streamed when saved
     inputs: list[onnx.ValueInfoProto] = field(default_factory=list)
     outputs: list[onnx.ValueInfoProto] = field(default_factory=list)
+    spill: bool = False
+    """Large initializers go to temporary files as they are made (`onnx_writer.spill`):
+    for layer ranges, whose arrays would otherwise all be held until the file is written."""
     _n: int = 0
     _consts: dict[tuple[str, bytes], str] = field(default_factory=dict)
 
@@ -53,7 +56,7 @@ class GraphBuilder:
     def init(self, name: str, array: np.ndarray) -> str:
         array = np.ascontiguousarray(array)
         if is_deferred(array):
-            self.arrays.append((name, array))
+            self.arrays.append((name, spill(array) if self.spill else array))
         else:
             self.inits.append(numpy_helper.from_array(array, name))
         return name
