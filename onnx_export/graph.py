@@ -426,7 +426,8 @@ def layers_model(
     token), past_key_<i>/past_value_<i> (B,nkv,P,d) f32 per layer. Outputs: hidden_out,
     present_key_<i>/present_value_<i> (B,nkv,S,d). P = 0 for prefill; one file serves both.
     """
-    g = GraphBuilder(f"layers_{start}_{end}")
+    ranged = end - start > 1  # built whole before it is written: spill, release per layer
+    g = GraphBuilder(f"layers_{start}_{end}", spill=ranged)
     kv_shape: list[int | str] = ["batch", cfg.n_kv_heads, "past", cfg.head_dim]
     x = g.add_input("hidden", F32, ["batch", "tokens", cfg.hidden_size])
     pos = g.add_input("position_ids", I64, ["batch", "tokens"])
@@ -440,6 +441,8 @@ def layers_model(
     io = LayerIO(pos, mask_in, b_dim, t_dim, t_scalar, s_scalar)
     out_kv: list[tuple[int, str, str]] = []
     for i in range(start, end):
+        if ranged:
+            w.release()  # the source pages of the layers before: their arrays are spilled
         pk = g.add_input(f"past_key_{i}", F32, kv_shape)
         pv = g.add_input(f"past_value_{i}", F32, kv_shape)
         x, k, v = decoder_layer(g, cfg, x, io, pk, pv, w.get, i)
