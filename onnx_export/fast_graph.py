@@ -61,10 +61,12 @@ class Linear:
     Each matrix becomes a `QMatrix` (`onnx_export.quant`): its exact GGUF values as
     MatMulNBits parts (4-bit for `exact`, 8-bit allowed for `int8`). Consecutive matrices
     with the same layout share one MatMulNBits (zero points become an input where they
-    differ); parts of one matrix run as one MatMulNBits over [x, x] (K concatenated); a block
-    minimum adds (per-block sums of x) @ offsets.T with one Gemm. A matrix with no exact
-    form (F32/F16 tensors, HF sources, a block minimum gguf rounds) is an fp32 MatMul of
-    its own: never the whole stack. `forms` and `fallbacks` record what each type became.
+    differ); parts of one matrix run as one MatMulNBits each over x times their scale
+    multiplier, all reading part 0's scales (else, for stacks whose multipliers differ, as
+    one MatMulNBits over [x, x], K concatenated, with scales per part); a block minimum adds
+    (per-block sums of x) @ offsets.T with one Gemm. A matrix with no exact form (F32/F16
+    tensors, HF sources, a block minimum gguf rounds) is an fp32 MatMul of its own: never
+    the whole stack. `forms` and `fallbacks` record what each type became.
     """
 
     def __init__(
@@ -138,10 +140,24 @@ class Linear:
             row += rows
         return ys[0] if len(ys) == 1 else self.g.op("Concat", ys, axis=-1)
 
+    def scaled(self, x: str, mult: int) -> str:
+        """x * mult, once per input and power of two (exact in fp32)."""
+        if mult == 1:
+            return x
+        if (x, -mult) not in self._tiled:
+            self._tiled[(x, -mult)] = self.g.op("Mul", [x, self.g.const(float(mult), np.float32)])
+        return self._tiled[(x, -mult)]
+
     def _nbits(self, x: str, qs: list[QMatrix], name: str, bias: np.ndarray | None) -> str:
         g, first = self.g, qs[0]
         n_parts, bits, block = len(first.parts), first.parts[0].bits, first.parts[0].block
         k = first.k
+        mults = [p.mult for p in first.parts]
+        if n_parts > 1 and all(
+            _shared_scales(q) and [p.mult for p in q.parts] == mults for q in qs
+        ):
+            y = self._parts_sharing_scales(x, qs, name, bias)
+            return self._block_min(x, qs, name, y)
         packed = _joined([[p.packed for p in q.parts] for q in qs])
         scales = _joined([[p.scales for p in q.parts] for q in qs])
         ins = [self.tiled(x, n_parts), g.init(name + ".qweight", packed)]
@@ -167,15 +183,64 @@ class Linear:
             block_size=block,
             accuracy_level=_ACCURACY[self.precision],
         )
+        return self._block_min(x, qs, name, y)
+
+    def _parts_sharing_scales(
+        self, x: str, qs: list[QMatrix], name: str, bias: np.ndarray | None
+    ) -> str:
+        """One MatMulNBits per part over x * (its scale multiplier), all reading part 0's
+        scales: the high nibbles' scales are the low ones' times a power of two, which
+        moves exactly onto x, so the scales are stored (and resident) once, not per part."""
+        g, first = self.g, qs[0]
+        k, block = first.k, first.parts[0].block
+        scales = g.init(name + ".scales", _joined([[q.parts[0].scales] for q in qs]))
+        y: str | None = None
+        for j, p in enumerate(first.parts):
+            packed = _joined([[q.parts[j].packed] for q in qs])
+            ins = [self.scaled(x, p.mult), g.init(f"{name}.p{j}.qweight", packed), scales]
+            if all(q.parts[j].default_zero for q in qs):
+                ins.append("")
+            else:
+                zp = np.concatenate([np.full((q.n, k // block), q.parts[j].zero) for q in qs])
+                ins.append(zero_points(g, f"{name}.p{j}", zp, p.bits))
+            if bias is not None and j == 0:
+                ins += ["", g.init(name + ".bias", bias)]
+            part = g.op(
+                "MatMulNBits",
+                ins,
+                hint="mmnb",
+                domain=MS,
+                K=k,
+                N=packed.shape[0],
+                bits=p.bits,
+                block_size=block,
+                accuracy_level=_ACCURACY[self.precision],
+            )
+            y = part if y is None else g.op("Add", [y, part])
+        assert y is not None
+        return y
+
+    def _block_min(self, x: str, qs: list[QMatrix], name: str, y: str) -> str:
+        """y + the block minimums' part: (per-block sums of x) @ offsets.T, one Gemm."""
+        first = qs[0]
         if first.offsets is None:
             return y
         offsets = np.concatenate([q.offsets for q in qs if q.offsets is not None])  # (N, K/b)
-        sums = self.block_sums(x, k, first.offset_block)  # (M, K/b)
-        return g.op(
+        sums = self.block_sums(x, first.k, first.offset_block)  # (M, K/b)
+        return self.g.op(
             "Gemm",
-            [sums, g.init(name + ".block_min", np.ascontiguousarray(offsets.T)), y],
+            [sums, self.g.init(name + ".block_min", np.ascontiguousarray(offsets.T)), y],
             hint="block_min",
         )
+
+
+def _shared_scales(qm: QMatrix) -> bool:
+    """Whether every part's scales are part 0's times its multiplier (a power of two)."""
+    base = qm.parts[0]
+    return base.mult == 1 and all(
+        p.bits == base.bits and np.array_equal(p.scales, base.scales * np.float32(p.mult))
+        for p in qm.parts[1:]
+    )
 
 
 def _joined(arrays: list[list[np.ndarray]]) -> np.ndarray:
@@ -459,7 +524,7 @@ EXPERTS = ".mlp.experts."
 class _Experts:
     """One layer's experts: each matrix through `Linear` on the rows of the tokens that
     chose it (MXFP4 as MatMulNBits 4-bit x2: its doubled E2M1 codes, integers in [-12, 12],
-    split in two 4-bit parts with the block's power-of-two scale, exact; 10 bits a weight
+    split in two 4-bit parts sharing the block's power-of-two scale, exact; 9 bits a weight
     against the GGUF's 4.25). An expert no token chose runs MatMulNBits on zero rows.
 
     Measured on gpt-oss-20b's layer shape (bench/moe.py, 2 layers, random weights, load

@@ -10,8 +10,8 @@ activations 4 and 8 bits are both fast. So every GGUF type becomes a `QMatrix`
 with 4-bit parts (or one 8-bit part where the caller allows it) and `o`, a constant per
 block, for the block minimum of Q4_1, Q5_1, Q2_K, Q4_K and Q5_K (the graph adds it as
 per-block sums of x times o). Codes wider than 4 bits split into a low and a high nibble:
-two parts with scales s and 16 s, concatenated along K so one MatMulNBits over [x, x] runs
-them.
+two parts with scales s and 16 s / r (`Part.mult`, a power of two): the graph runs the high
+part over x times that multiplier, exactly, so both parts read one array of scales.
 
 Why it is exact: every type here decodes to integer codes c (at most 8 bits) times a block
 scale that is an fp16 times an integer of at most 7 bits, so each (q - z) * s has at most
@@ -231,6 +231,7 @@ class Part:
     packed: np.ndarray  # (N, K // block, block * bits // 8) uint8, MatMulNBits' layout
     scales: np.ndarray  # (N, K // block) float32
     zero: int  # zero point of every block (8 or 128: MatMulNBits' default, no input needed)
+    mult: int = 1  # scales are the GGUF's times this power of two (a high nibble's 16 / r)
 
     @property
     def default_zero(self) -> bool:
@@ -431,6 +432,7 @@ def _to_nbits(
                         packed=np.empty((n, *packed.shape[1:]), np.uint8),
                         scales=np.empty((n, k // lay.sub), np.float32),
                         zero=z,
+                        mult=mult,
                     )
                 )
             parts[j].packed[rows] = packed
