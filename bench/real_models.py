@@ -339,17 +339,19 @@ def where_bytes_go(mdir: Path, precision: str) -> dict[str, int]:
     ]
     kinds = {"codes": 0, "scales": 0, "block minimums": 0, "zero points": 0, "other": 0}
     kinds["rope (once per device)"] = 0
-    rope_files: set[str] = set()
+    files: set[str] = set()  # a mapped file counts once (the screened head names its codes twice)
     for s in segs:
         model = onnx.load(str(m.path(s)), load_external_data=False)
         for t in model.graph.initializer:
             if t.data_location == onnx.TensorProto.EXTERNAL:
                 ext = {e.key: e.value for e in t.external_data}
                 size = int(ext["length"])
+                if ext["location"].startswith("shared_"):
+                    if ext["location"] in files:
+                        continue
+                    files.add(ext["location"])
                 if t.name.startswith("shared/"):
-                    if ext["location"] not in rope_files:
-                        rope_files.add(ext["location"])
-                        kinds["rope (once per device)"] += size
+                    kinds["rope (once per device)"] += size
                     continue
             else:
                 size = len(t.raw_data) or int(np.prod(t.dims)) * 4

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import functools
 import os
 import sys
+from typing import Any
 
 
 def rss_bytes(pid: int | str = "self") -> int:
@@ -22,13 +24,21 @@ def release_freed_memory() -> None:
     malloc_trim; nothing elsewhere). Loading a session parses the whole model file and
     copies its weights before freeing the parsed copy: without this a device kept up to
     ~350 MB of freed heap resident per Qwen2.5-0.5B-sized segment."""
+    trim = _malloc_trim()
+    if trim is not None:
+        trim(0)
+
+
+@functools.cache
+def _malloc_trim() -> Any:
+    """glibc's malloc_trim, looked up once (find_library runs ldconfig: milliseconds)."""
     if not sys.platform.startswith("linux"):
-        return
+        return None
     name = ctypes.util.find_library("c")
     try:
-        ctypes.CDLL(name or "libc.so.6").malloc_trim(0)
+        return ctypes.CDLL(name or "libc.so.6").malloc_trim
     except (OSError, AttributeError):  # not glibc (musl has no malloc_trim)
-        return
+        return None
 
 
 def last_level_cache_bytes() -> int:

@@ -35,8 +35,11 @@ log = logging.getLogger(__name__)
 # directories exported by older code are rebuilt instead of reused (5: the screened head and
 # its unscreened alternative; 6: its finiteness check reads the row sum once; 7: every GGUF
 # type quantized (`onnx_export.quant`), RoPE tables in shared files, measured weight bytes;
-# 8: gpt-oss, MXFP4 decoded from its blocks instead of re-encoded).
-EXPORTER_VERSION = "10"
+# 8: gpt-oss, MXFP4 decoded from its blocks instead of re-encoded; 9: the screened head's
+# screen names its codes through initializers of its own, so they are held once; 10: parts of
+# one matrix share its scales, one MatMulNBits each over x times a power of two; 11: also
+# sliding-window layers' KV bounded by the window, and the profile's text in the manifest).
+EXPORTER_VERSION = "11"
 _ELEM: dict[int, str] = {
     onnx.TensorProto.FLOAT: "float32",
     onnx.TensorProto.INT64: "int64",

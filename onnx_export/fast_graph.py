@@ -61,10 +61,12 @@ class Linear:
     Each matrix becomes a `QMatrix` (`onnx_export.quant`): its exact GGUF values as
     MatMulNBits parts (4-bit for `exact`, 8-bit allowed for `int8`). Consecutive matrices
     with the same layout share one MatMulNBits (zero points become an input where they
-    differ); parts of one matrix run as one MatMulNBits over [x, x] (K concatenated); a block
-    minimum adds (per-block sums of x) @ offsets.T with one Gemm. A matrix with no exact
-    form (F32/F16 tensors, HF sources, a block minimum gguf rounds) is an fp32 MatMul of
-    its own: never the whole stack. `forms` and `fallbacks` record what each type became.
+    differ); parts of one matrix run as one MatMulNBits each over x times their scale
+    multiplier, all reading part 0's scales (else, for stacks whose multipliers differ, as
+    one MatMulNBits over [x, x], K concatenated, with scales per part); a block minimum adds
+    (per-block sums of x) @ offsets.T with one Gemm. A matrix with no exact form (F32/F16
+    tensors, HF sources, a block minimum gguf rounds) is an fp32 MatMul of its own: never
+    the whole stack. `forms` and `fallbacks` record what each type became.
     """
 
     def __init__(
@@ -138,12 +140,26 @@ class Linear:
             row += rows
         return ys[0] if len(ys) == 1 else self.g.op("Concat", ys, axis=-1)
 
+    def scaled(self, x: str, mult: int) -> str:
+        """x * mult, once per input and power of two (exact in fp32)."""
+        if mult == 1:
+            return x
+        if (x, -mult) not in self._tiled:
+            self._tiled[(x, -mult)] = self.g.op("Mul", [x, self.g.const(float(mult), np.float32)])
+        return self._tiled[(x, -mult)]
+
     def _nbits(self, x: str, qs: list[QMatrix], name: str, bias: np.ndarray | None) -> str:
         g, first = self.g, qs[0]
         n_parts, bits, block = len(first.parts), first.parts[0].bits, first.parts[0].block
         k = first.k
-        packed = np.concatenate([np.concatenate([p.packed for p in q.parts], 1) for q in qs])
-        scales = np.concatenate([np.concatenate([p.scales for p in q.parts], 1) for q in qs])
+        mults = [p.mult for p in first.parts]
+        if n_parts > 1 and all(
+            _shared_scales(q) and [p.mult for p in q.parts] == mults for q in qs
+        ):
+            y = self._parts_sharing_scales(x, qs, name, bias)
+            return self._block_min(x, qs, name, y)
+        packed = _joined([[p.packed for p in q.parts] for q in qs])
+        scales = _joined([[p.scales for p in q.parts] for q in qs])
         ins = [self.tiled(x, n_parts), g.init(name + ".qweight", packed)]
         ins.append(g.init(name + ".scales", scales))
         if all(p.default_zero for q in qs for p in q.parts):
@@ -167,15 +183,72 @@ class Linear:
             block_size=block,
             accuracy_level=_ACCURACY[self.precision],
         )
+        return self._block_min(x, qs, name, y)
+
+    def _parts_sharing_scales(
+        self, x: str, qs: list[QMatrix], name: str, bias: np.ndarray | None
+    ) -> str:
+        """One MatMulNBits per part over x * (its scale multiplier), all reading part 0's
+        scales: the high nibbles' scales are the low ones' times a power of two, which
+        moves exactly onto x, so the scales are stored (and resident) once, not per part."""
+        g, first = self.g, qs[0]
+        k, block = first.k, first.parts[0].block
+        scales = g.init(name + ".scales", _joined([[q.parts[0].scales] for q in qs]))
+        y: str | None = None
+        for j, p in enumerate(first.parts):
+            packed = _joined([[q.parts[j].packed] for q in qs])
+            ins = [self.scaled(x, p.mult), g.init(f"{name}.p{j}.qweight", packed), scales]
+            if all(q.parts[j].default_zero for q in qs):
+                ins.append("")
+            else:
+                zp = np.concatenate([np.full((q.n, k // block), q.parts[j].zero) for q in qs])
+                ins.append(zero_points(g, f"{name}.p{j}", zp, p.bits))
+            if bias is not None and j == 0:
+                ins += ["", g.init(name + ".bias", bias)]
+            part = g.op(
+                "MatMulNBits",
+                ins,
+                hint="mmnb",
+                domain=MS,
+                K=k,
+                N=packed.shape[0],
+                bits=p.bits,
+                block_size=block,
+                accuracy_level=_ACCURACY[self.precision],
+            )
+            y = part if y is None else g.op("Add", [y, part])
+        assert y is not None
+        return y
+
+    def _block_min(self, x: str, qs: list[QMatrix], name: str, y: str) -> str:
+        """y + the block minimums' part: (per-block sums of x) @ offsets.T, one Gemm."""
+        first = qs[0]
         if first.offsets is None:
             return y
         offsets = np.concatenate([q.offsets for q in qs if q.offsets is not None])  # (N, K/b)
-        sums = self.block_sums(x, k, first.offset_block)  # (M, K/b)
-        return g.op(
+        sums = self.block_sums(x, first.k, first.offset_block)  # (M, K/b)
+        return self.g.op(
             "Gemm",
-            [sums, g.init(name + ".block_min", np.ascontiguousarray(offsets.T)), y],
+            [sums, self.g.init(name + ".block_min", np.ascontiguousarray(offsets.T)), y],
             hint="block_min",
         )
+
+
+def _shared_scales(qm: QMatrix) -> bool:
+    """Whether every part's scales are part 0's times its multiplier (a power of two)."""
+    base = qm.parts[0]
+    return base.mult == 1 and all(
+        p.bits == base.bits and np.array_equal(p.scales, base.scales * np.float32(p.mult))
+        for p in qm.parts[1:]
+    )
+
+
+def _joined(arrays: list[list[np.ndarray]]) -> np.ndarray:
+    """Parts joined along K (axis 1) per matrix, matrices stacked along N: one copy at
+    most, none for a single part of a single matrix (a large head's codes held once)."""
+    if len(arrays) == 1:
+        return arrays[0][0] if len(arrays[0]) == 1 else np.concatenate(arrays[0], 1)
+    return np.concatenate([np.concatenate(parts, 1) for parts in arrays])
 
 
 def zero_points(g: GraphBuilder, name: str, zp: np.ndarray, bits: int) -> str:
@@ -217,9 +290,7 @@ def table(g: GraphBuilder, qm: QMatrix, name: str) -> Table:
     """Register a table that rows are gathered from (embedding, screened head) as mapped
     data (`onnx_export.shared_data`): only the rows looked up become resident (Qwen2.5
     0.5B's 153 MB embedding: 29 MB after load instead of 176), pages the kernel may drop
-    again, and the same table in two variants is one file. The screened head's codes are
-    also prepacked by MatMulNBits (private memory); inline they were held twice (318 MB
-    resident for 153), mapped the second copy is reclaimable page cache."""
+    again, and the same table in two variants is one file."""
     name = MAPPED + name
     parts = [
         (g.init(f"{name}.p{j}.q", p.packed), g.init(f"{name}.p{j}.scales", p.scales))
@@ -322,7 +393,8 @@ def layers_model(
     hold the L = min(T, window) most recent of the T positions, the operator evicting.
     """
     _check(precision)
-    g = GraphBuilder(f"contrib_{precision}_layers_{start}_{end}")
+    ranged = end - start > 1  # built whole before it is written: spill, release per layer
+    g = GraphBuilder(f"contrib_{precision}_layers_{start}_{end}", spill=ranged)
     lin = Linear(g, precision, w)
     nh, nkv, d, eps = cfg.n_heads, cfg.n_kv_heads, cfg.head_dim, cfg.rms_norm_eps
     kv_shape: list[int | str] = ["batch", nkv, "capacity", d]
@@ -352,6 +424,8 @@ def layers_model(
     out_kv: list[tuple[int, str, str]] = []
     for i in range(start, end):
         p = f"model.layers.{i}."
+        if ranged:
+            w.release()  # the source pages of the layers before: their arrays are spilled
 
         def gamma(n: str, p: str = p) -> str:
             return g.init(p + n, w.get(p + n))
@@ -455,7 +529,7 @@ EXPERTS = ".mlp.experts."
 class _Experts:
     """One layer's experts: each matrix through `Linear` on the rows of the tokens that
     chose it (MXFP4 as MatMulNBits 4-bit x2: its doubled E2M1 codes, integers in [-12, 12],
-    split in two 4-bit parts with the block's power-of-two scale, exact; 10 bits a weight
+    split in two 4-bit parts sharing the block's power-of-two scale, exact; 9 bits a weight
     against the GGUF's 4.25). An expert no token chose runs MatMulNBits on zero rows.
 
     Measured on gpt-oss-20b's layer shape (bench/moe.py, 2 layers, random weights, load
@@ -616,8 +690,14 @@ def _screened_head(g: GraphBuilder, h: str, qm: QMatrix) -> tuple[str, str]:
     p = qm.parts[0]
     n, k, block = qm.n, qm.k, p.block
     nb = k // block
-    inits = table(g, qm, "lm_head")  # codes and scales, for both steps
-    wq, sc = inits[0][0]
+    inits = table(g, qm, "lm_head")  # the rows the rescoring gathers
+    # The screen names the same bytes (the same file) as initializers of its own: onnxruntime
+    # drops an initializer that only a prepacking kernel uses once it is prepacked, so the
+    # codes are held once, prepacked, and the gathered table's pages stay untouched until
+    # rows are rescored. One shared initializer stayed mapped after prepacking had read all
+    # of it: Qwen2.5-0.5B's Q8_0 head 334 MB resident after load, 198 MB with its own.
+    wq = g.init(MAPPED + "lm_head.screen.q", p.packed)
+    sc = g.init(MAPPED + "lm_head.screen.scales", p.scales)
     screened = g.op(
         "MatMulNBits",
         [h, wq, sc]

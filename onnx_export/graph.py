@@ -18,7 +18,7 @@ import onnx
 from onnx import TensorProto, helper, numpy_helper
 
 from onnx_export import rope
-from onnx_export.onnx_writer import SegmentModel, is_deferred
+from onnx_export.onnx_writer import SegmentModel, is_deferred, spill
 from onnx_export.source import ModelConfig, ModelWeights
 
 OPSET = 18
@@ -36,6 +36,9 @@ class GraphBuilder:
     arrays: list[tuple[str, np.ndarray]] = field(default_factory=list)  # streamed when saved
     inputs: list[onnx.ValueInfoProto] = field(default_factory=list)
     outputs: list[onnx.ValueInfoProto] = field(default_factory=list)
+    spill: bool = False
+    """Large initializers go to temporary files as they are made (`onnx_writer.spill`):
+    for layer ranges, whose arrays would otherwise all be held until the file is written."""
     _n: int = 0
     _consts: dict[tuple[str, bytes], str] = field(default_factory=dict)
 
@@ -53,7 +56,7 @@ class GraphBuilder:
     def init(self, name: str, array: np.ndarray) -> str:
         array = np.ascontiguousarray(array)
         if is_deferred(array):
-            self.arrays.append((name, array))
+            self.arrays.append((name, spill(array) if self.spill else array))
         else:
             self.inits.append(numpy_helper.from_array(array, name))
         return name
@@ -433,7 +436,8 @@ def layers_model(
     token), past_key_<i>/past_value_<i> (B,nkv,P,d) f32 per layer. Outputs: hidden_out,
     present_key_<i>/present_value_<i> (B,nkv,S,d). P = 0 for prefill; one file serves both.
     """
-    g = GraphBuilder(f"layers_{start}_{end}")
+    ranged = end - start > 1  # built whole before it is written: spill, release per layer
+    g = GraphBuilder(f"layers_{start}_{end}", spill=ranged)
     kv_shape: list[int | str] = ["batch", cfg.n_kv_heads, "past", cfg.head_dim]
     x = g.add_input("hidden", F32, ["batch", "tokens", cfg.hidden_size])
     pos = g.add_input("position_ids", I64, ["batch", "tokens"])
@@ -447,6 +451,8 @@ def layers_model(
     io = LayerIO(pos, mask_in, b_dim, t_dim, t_scalar, s_scalar)
     out_kv: list[tuple[int, str, str]] = []
     for i in range(start, end):
+        if ranged:
+            w.release()  # the source pages of the layers before: their arrays are spilled
         pk = g.add_input(f"past_key_{i}", F32, kv_shape)
         pv = g.add_input(f"past_value_{i}", F32, kv_shape)
         x, k, v = decoder_layer(g, cfg, x, io, pk, pv, w.get, i)

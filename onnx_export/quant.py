@@ -10,8 +10,8 @@ activations 4 and 8 bits are both fast. So every GGUF type becomes a `QMatrix`
 with 4-bit parts (or one 8-bit part where the caller allows it) and `o`, a constant per
 block, for the block minimum of Q4_1, Q5_1, Q2_K, Q4_K and Q5_K (the graph adds it as
 per-block sums of x times o). Codes wider than 4 bits split into a low and a high nibble:
-two parts with scales s and 16 s, concatenated along K so one MatMulNBits over [x, x] runs
-them.
+two parts with scales s and 16 s / r (`Part.mult`, a power of two): the graph runs the high
+part over x times that multiplier, exactly, so both parts read one array of scales.
 
 Why it is exact: every type here decodes to integer codes c (at most 8 bits) times a block
 scale that is an fp16 times an integer of at most 7 bits, so each (q - z) * s has at most
@@ -231,6 +231,7 @@ class Part:
     packed: np.ndarray  # (N, K // block, block * bits // 8) uint8, MatMulNBits' layout
     scales: np.ndarray  # (N, K // block) float32
     zero: int  # zero point of every block (8 or 128: MatMulNBits' default, no input needed)
+    mult: int = 1  # scales are the GGUF's times this power of two (a high nibble's 16 / r)
 
     @property
     def default_zero(self) -> bool:
@@ -413,33 +414,38 @@ def _to_nbits(
     centre: bool,
 ) -> QMatrix:
     mid = (lay.lo + lay.hi + 1) // 2 if centre else 0
-    chunks: list[list[tuple[np.ndarray, np.ndarray, int, int]]] = []
-    offsets: list[np.ndarray] = []
+    # Filled chunk by chunk in place: concatenating the chunks at the end held every table
+    # twice (Qwen2.5's 151936-row embedding and head: +153 MB of export peak each).
+    parts: list[Part] = []
+    offsets: np.ndarray | None = None
     for rows in _row_chunks(n):
         d = dec(rows)
-        pieces = []
-        for q, z, mult, bits in _split(d.codes - mid, lay.lo - mid, lay.hi - mid, max_bits):
+        split = _split(d.codes - mid, lay.lo - mid, lay.hi - mid, max_bits)
+        for j, (q, z, mult, bits) in enumerate(split):
             blocks = q.reshape(q.shape[0], k // lay.sub, lay.sub)
             packed = np.ascontiguousarray(blocks) if bits == 8 else pack4(blocks)
-            pieces.append((packed, d.scales * np.float32(mult), z, bits))
-        chunks.append(pieces)
+            if len(parts) == j:
+                parts.append(
+                    Part(
+                        bits=bits,
+                        block=lay.sub,
+                        packed=np.empty((n, *packed.shape[1:]), np.uint8),
+                        scales=np.empty((n, k // lay.sub), np.float32),
+                        zero=z,
+                        mult=mult,
+                    )
+                )
+            parts[j].packed[rows] = packed
+            parts[j].scales[rows] = d.scales * np.float32(mult)
         if d.offsets is not None:
             exact = d.offsets.astype(np.float64) + mid * d.scales.astype(np.float64)
             off = exact.astype(np.float32)
             if not np.array_equal(off, exact):
                 raise _InexactOffset
-            offsets.append(off)
-    parts = tuple(
-        Part(
-            bits=chunks[0][j][3],
-            block=lay.sub,
-            packed=np.concatenate([c[j][0] for c in chunks]),
-            scales=np.concatenate([c[j][1] for c in chunks]),
-            zero=chunks[0][j][2],
-        )
-        for j in range(len(chunks[0]))
-    )
-    return QMatrix(qtype, n, k, parts, np.concatenate(offsets) if offsets else None, lay.sub)
+            if offsets is None:
+                offsets = np.empty((n, k // lay.sub), np.float32)
+            offsets[rows] = off
+    return QMatrix(qtype, n, k, tuple(parts), offsets, lay.sub)
 
 
 def _row_chunks(n: int) -> Iterator[slice]:

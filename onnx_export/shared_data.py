@@ -38,11 +38,11 @@ manifest's `Segment.weights`."""
 def externalize(model: SegmentModel, directory: Path) -> tuple[dict[str, str], int]:
     """Move the `SHARED` and `MAPPED` arrays of `model` (those large enough to be streamed:
     smaller ones stay inline) to files in `directory`; returns {file: sha256} and the
-    bytes of the `MAPPED` ones. A file is written only when missing (content-addressed),
-    atomically.
+    bytes of the `MAPPED` files (each once: several initializers may name one file). A file
+    is written only when missing (content-addressed), atomically.
     """
     files: dict[str, str] = {}
-    mapped = 0
+    mapped: dict[str, int] = {}  # by file: two initializers over one table count once
     keep: list[tuple[str, np.ndarray]] = []
     for name, arr in model.arrays:
         own = name.startswith(MAPPED)
@@ -68,9 +68,10 @@ def externalize(model: SegmentModel, directory: Path) -> tuple[dict[str, str], i
             entry.key, entry.value = key, value
         model.proto.graph.initializer.append(t)
         files[file] = digest
-        mapped += data.nbytes if own else 0
+        if own:
+            mapped[file] = data.nbytes
     model.arrays = keep
-    return files, mapped
+    return files, sum(mapped.values())
 
 
 def inline_bytes(model: SegmentModel) -> int:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import mmap
 import time
 import weakref
 from dataclasses import dataclass, field
@@ -28,7 +29,9 @@ from e2llm_edge.device.runner import (
     in_chunks,
     open_parts,
     open_segments,
+    prefill_run_options,
 )
+from e2llm_edge.sysinfo import release_freed_memory
 from onnx_export.errors import ExportError
 from onnx_export.manifest import VARIANT_PREFERENCE, Manifest, Segment, kv_windows
 
@@ -126,9 +129,28 @@ class FastCache:
             self.pool.free(self)
 
 
+def kv_buffer(shape: tuple[int, ...]) -> np.ndarray:
+    """fp32 zeros whose pages become resident only as they are written, 4 KB at a time.
+
+    np.zeros is lazy too, but numpy asks for transparent huge pages on arrays over 4 MB
+    (madvise), so the first token written in each head's run of a large KV buffer made 2 MB
+    of it resident: Qwen2.5-0.5B's 24 layers took 96-100 MB for a 200-token request in a
+    4096-token slot (the 1.5B: ~220 MB). An anonymous mapping of its own, huge pages
+    declined, holds what was written: 5.7 MB for those 200 tokens."""
+    n = int(np.prod(shape))
+    size = max(4 * n, 1)
+    if hasattr(mmap, "MAP_ANONYMOUS"):  # Unix: private, as the heap is (not shared memory)
+        buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    else:
+        buf = mmap.mmap(-1, size)
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):  # Linux; elsewhere no huge pages are asked for
+        buf.madvise(mmap.MADV_NOHUGEPAGE)
+    return np.frombuffer(buf, np.float32, count=n).reshape(shape)
+
+
 class KVPool:
     """`slots` caches of `context` tokens per layer in one buffer per layer, allocated lazily
-    (np.zeros maps untouched pages lazily, so unused context costs no resident memory)."""
+    (`kv_buffer`: unused context costs no resident memory)."""
 
     def __init__(
         self,
@@ -143,8 +165,8 @@ class KVPool:
         self.layers, self.slots, self.context = layers, slots, context
         self.windows = dict(windows or {})
         rows = {i: self.windows.get(i, context) for i in layers}
-        self.keys = {i: np.zeros((slots, nkv, rows[i], d), np.float32) for i in layers}
-        self.values = {i: np.zeros((slots, nkv, rows[i], d), np.float32) for i in layers}
+        self.keys = {i: kv_buffer((slots, nkv, rows[i], d)) for i in layers}
+        self.values = {i: kv_buffer((slots, nkv, rows[i], d)) for i in layers}
         # Weak: a cache the runtime drops (no explicit release) frees its slot by itself.
         self._owner: list[weakref.ref[FastCache] | None] = [None] * slots
 
@@ -308,7 +330,7 @@ class FastLayerStack:
         layers = range(self.start, self.end)
 
         def buf(i: int) -> np.ndarray:
-            return np.zeros((1, self.nkv, self.windows.get(i, capacity), self.d), np.float32)
+            return kv_buffer((1, self.nkv, self.windows.get(i, capacity), self.d))
 
         return FastCache(
             self.start,
@@ -376,6 +398,7 @@ class FastLayerStack:
         seqlens: np.ndarray,
     ) -> np.ndarray:
         x = np.ascontiguousarray(hidden, dtype=np.float32)
+        many = x.shape[1] > 1
         for bd in self.bound:
             io = bd.io
             if bd.key != key:  # bind the KV buffers once per cache (or batch), not per step
@@ -389,8 +412,10 @@ class FastLayerStack:
             _bind(io.bind_input, "hidden", x)
             out = np.empty(x.shape, np.float32)
             _bind(io.bind_output, "hidden_out", out)
-            bd.session.run_with_iobinding(io)
+            bd.session.run_with_iobinding(io, prefill_run_options() if many else None)
             x = out
+        if many:
+            release_freed_memory()
         return x
 
 

@@ -20,6 +20,7 @@ from onnx_export import quant
 from onnx_export.fast_graph import MS, RESCORE_CAP, _finish, _screened_head
 from onnx_export.graph import GraphBuilder
 from onnx_export.manifest import Manifest
+from onnx_export.shared_data import externalize
 from onnx_export.source import RawTensor
 
 V, K, M = 4096, 128, 48  # Q6_K rows: 256 (one super-block)
@@ -142,3 +143,46 @@ def test_the_unscreened_head_is_exported_and_chosen_where_the_screen_is_slow(
     assert (bound_b == 0).all()
     ok = np.isfinite(bound_a)
     assert (a.argmax(-1)[ok] == b.argmax(-1)[ok]).all()
+
+
+def _resident(path: Path) -> int:
+    """Bytes of `path` this process has mapped and resident (/proc/self/smaps)."""
+    total, current = 0, ""
+    for line in Path("/proc/self/smaps").read_text().splitlines():
+        fields = line.split()
+        if fields and "-" in fields[0] and not fields[0].endswith(":"):
+            current = fields[-1] if len(fields) > 5 else ""
+        elif fields[:1] == ["Rss:"] and current == str(path):
+            total += int(fields[1]) * 1024
+    return total
+
+
+def test_the_screened_heads_codes_are_held_once(tmp_path: Path) -> None:
+    """The screen and the rescoring name the same file of codes, but the screen through
+    initializers of its own: onnxruntime drops those once MatMulNBits has prepacked them,
+    so after loading, the file the rescoring gathers rows from is not resident (a shared
+    initializer stayed mapped with every page prepacking read: the codes held twice). The
+    manifest counts each file once."""
+    rng = np.random.default_rng(5)
+    v, k = 16384, 256  # 4 MB of codes
+    d = rng.uniform(1e-3, 2e-2, (v, k // 32)).astype(np.float16)
+    q = rng.integers(-127, 128, (v, k // 32, 32)).astype(np.int8)
+    blocks = np.concatenate([d[..., None].view(np.uint8), q.view(np.uint8)], axis=-1)
+    qm = quant.to_nbits("Q8_0", blocks.reshape(v, -1), k, 8)
+    g = GraphBuilder("head_test")
+    h = g.add_input("h", onnx.TensorProto.FLOAT, ["rows", k])
+    logits, bound = _screened_head(g, h, qm)
+    g.add_output("logits", logits, onnx.TensorProto.FLOAT, ["rows", v])
+    g.add_output("bound", bound, onnx.TensorProto.FLOAT, ["rows"])
+    model = _finish(g)
+    files, mapped = externalize(model, tmp_path)
+    assert mapped == qm.nbytes  # codes and scales, each once
+    codes = next(f for f in files if (tmp_path / f).stat().st_size == qm.parts[0].packed.nbytes)
+    path = tmp_path / "head.onnx"
+    model.save(path)
+    sess = make_session(path, 1)
+    assert _resident((tmp_path / codes).resolve()) < 64 * 1024
+    x = rng.standard_normal((2, k)).astype(np.float32)
+    out, _ = sess.run(None, {"h": x})
+    exact = x.astype(np.float64) @ quant.represented(qm).T
+    assert (out.argmax(-1) == exact.argmax(-1)).all()

@@ -236,3 +236,20 @@ def test_a_rounded_block_minimum_falls_back_for_that_matrix_only(tmp_path: Path)
     w64 = np.concatenate([gguf_values(r).astype(np.float64) for r in raws.values()])
     want = x.astype(np.float64) @ w64.T + np.arange(2 * N) / 7
     assert np.abs(y - want).max() <= 2e-6 * float(np.abs(want).max())
+
+
+@pytest.mark.skipif(not contrib_supported(), reason="no com.microsoft contrib operators")
+@pytest.mark.parametrize("qtype", ["Q5_0", "Q6_K", "Q8_0"])
+def test_the_parts_of_a_matrix_share_one_array_of_scales(tmp_path: Path, qtype: str) -> None:
+    """A code wider than 4 bits is two 4-bit parts whose scales differ by a power of two:
+    the high part runs over x times it (exact), so the segment holds the scales once."""
+    rng = np.random.default_rng(6)
+    raws = {"m0": random_rows(qtype, rng)}
+    x = rng.standard_normal((3, K)).astype(np.float32)
+    want = x.astype(np.float64) @ gguf_values(raws["m0"]).astype(np.float64).T + np.arange(N) / 7
+    got, lin = _run(tmp_path, raws, "exact", x)
+    assert np.abs(got - want).max() <= 2e-6 * float(np.abs(want).max())
+    block = 16 if qtype == "Q6_K" else 32
+    scales = [list(t.dims) for t in lin.g.inits if t.name.endswith(".scales")]
+    assert scales == [[N, K // block]]
+    assert sum(n.op_type == "MatMulNBits" for n in lin.g.nodes) == 2
