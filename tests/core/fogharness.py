@@ -254,6 +254,7 @@ class FogDriver:
         dev: str = "d1",
         attempt: int | None = None,
         index: int | None = None,
+        timings: m.StepTimings | None = None,
     ) -> list[c.Command]:
         req = self.core.requests[rid]
         route = req.route
@@ -268,6 +269,7 @@ class FogDriver:
                     index=len(req.generated) if index is None else index,
                     finished=finished,
                     finish_reason="length" if finished else None,
+                    timings=timings,
                     plan_version=route.plan_version,
                 ),
             )

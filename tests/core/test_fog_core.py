@@ -45,46 +45,10 @@ def test_waiting_time_counts_queueing_and_what_devices_report() -> None:
     assert not d.starts("c")
     d.now += 1.0
     req = d.core.requests["a"]
-    d.feed(
-        c.TokenArrived(
-            "p1",
-            m.TokenOut(
-                request_id=m.RequestId("a"),
-                attempt=0,
-                token_id=5,
-                index=0,
-                plan_version=1,
-                timings=m.StepTimings(prefill_queued_s=0.25),
-            ),
-        )
-    )
-    d.feed(
-        c.TokenArrived(
-            "d1",
-            m.TokenOut(
-                request_id=m.RequestId("a"),
-                attempt=0,
-                token_id=6,
-                index=1,
-                plan_version=1,
-                timings=m.StepTimings(kv_wait_s=0.125),
-            ),
-        )
-    )
-    d.feed(
-        c.TokenArrived(
-            "d1",
-            m.TokenOut(
-                request_id=m.RequestId("a"),
-                attempt=0,
-                token_id=7,
-                index=2,
-                finished=True,
-                plan_version=1,
-                timings=m.StepTimings(decode_stall_s=0.5),  # behind another prompt's prefill
-            ),
-        )
-    )
+    d.token("a", 5, dev="p1", timings=m.StepTimings(prefill_queued_s=0.25))
+    d.token("a", 6, timings=m.StepTimings(kv_wait_s=0.125))
+    # a later token that waited behind another prompt's prefill
+    d.token("a", 7, finished=True, timings=m.StepTimings(decode_stall_s=0.5))
     assert req.waiting_s == pytest.approx(0.25 + 0.125 + 0.5)
     assert d.starts("b") and not d.starts("c"), "b took the prefill pipeline a left"
     wake = d.core.next_wakeup()
