@@ -172,13 +172,24 @@ class CostModel:
         self, devices: Sequence[int], i: int, embed_last: bool, decode: bool
     ) -> float:
         """Bytes per token of the message that feeds stage i (0 for a lone stage, and for
-        stage 0 of a prefill: the prompt comes from the client)."""
+        stage 0 of a prefill: the prompt comes from the client). Stage 0 is fed by the
+        last stage: hidden states if the embedding is there, else the sampled token ids."""
         if len(devices) == 1:
             return 0.0
-        act = self.model.activation_bytes_per_token
         if i > 0 or embed_last:
-            return float(act)
+            return float(self.model.activation_bytes_per_token)
         return float(TOKEN_ID_BYTES) if decode else 0.0
+
+    def io_bytes_per_token(
+        self, devices: Sequence[int], i: int, embed_last: bool, decode: bool
+    ) -> float:
+        """Bytes per token of the messages stage i takes in and sends on."""
+        k = len(devices)
+        if k == 1:
+            return 0.0
+        return self.in_bytes_per_token(devices, i, embed_last, decode) + self.in_bytes_per_token(
+            devices, (i + 1) % k, embed_last, decode
+        )
 
     def agent_stage_s(
         self, layout: Layout, i: int, *, decode: bool, tokens: float, kv_out: bool = False
@@ -186,13 +197,8 @@ class CostModel:
         """The agent's own seconds for one pass of stage i: a pass's fixed cost, its input
         and output messages, and (a PREFILL replica's stage, `kv_out`) the KV of its
         layers sent on to the decoder."""
-        d, k = layout.devices[i], len(layout.devices)
-        per_token = self.in_bytes_per_token(layout.devices, i, layout.embed_last, decode)
-        if k > 1:
-            per_token += self.in_bytes_per_token(
-                layout.devices, (i + 1) % k, layout.embed_last, decode
-            )
-        nbytes = per_token * tokens
+        d = layout.devices[i]
+        nbytes = self.io_bytes_per_token(layout.devices, i, layout.embed_last, decode) * tokens
         if kv_out and not decode:  # a sliding-window layer sends its window
             nbytes += self.model.request_kv_bytes(tokens, layout.bounds[i], layout.bounds[i + 1])
         return self.agent_pass_s(d) + self.agent_io_s(d, nbytes)
@@ -200,22 +206,12 @@ class CostModel:
     def in_hop_s(
         self, devices: Sequence[int], i: int, embed_last: bool, decode: bool, tokens: float
     ) -> float:
-        """Seconds of the hop feeding stage i with `tokens` tokens' worth of input."""
-        k = len(devices)
-        if k == 1:
+        """Seconds of the hop feeding stage i with `tokens` tokens' worth of input (the
+        stage before it, or the last stage for stage 0)."""
+        per_token = self.in_bytes_per_token(devices, i, embed_last, decode)
+        if per_token == 0.0:
             return 0.0
-        act = self.model.activation_bytes_per_token
-        if i > 0:
-            return hop_s(self.links[devices[i - 1]], self.links[devices[i]], tokens * act)
-        # Stage 0 is fed by the last stage: hidden states if the embedding is there, else
-        # the sampled token ids (decode only; prompts come from the client, negligible).
-        if embed_last:
-            nbytes = tokens * act
-        elif decode:
-            nbytes = tokens * TOKEN_ID_BYTES
-        else:
-            return 0.0
-        return hop_s(self.links[devices[-1]], self.links[devices[0]], nbytes)
+        return hop_s(self.links[devices[i - 1]], self.links[devices[i]], tokens * per_token)
 
     def in_hop_vec(
         self,
@@ -226,20 +222,10 @@ class CostModel:
         tokens: np.ndarray,
     ) -> np.ndarray:
         """`in_hop_s` for an array of token counts (the hop is affine in the bytes)."""
-        k = len(devices)
-        zero = np.zeros(len(tokens))
-        if k == 1:
-            return zero
-        act = self.model.activation_bytes_per_token
-        if i > 0:
-            src, per_token = self.links[devices[i - 1]], act
-        elif embed_last:
-            src, per_token = self.links[devices[-1]], act
-        elif decode:
-            src, per_token = self.links[devices[-1]], float(TOKEN_ID_BYTES)
-        else:
-            return zero
-        dst = self.links[devices[i]]
+        per_token = self.in_bytes_per_token(devices, i, embed_last, decode)
+        if per_token == 0.0:
+            return np.zeros(len(tokens))
+        src, dst = self.links[devices[i - 1]], self.links[devices[i]]
         latency = (src.latency_ms + dst.latency_ms) * 1e-3
         per_byte = 8.0 / (src.bandwidth_mbps * 1e6) + 8.0 / (dst.bandwidth_mbps * 1e6)
         result: np.ndarray = latency + tokens * per_token * per_byte

@@ -253,9 +253,7 @@ class SplitSolver:
                 self._base.pop(next(iter(self._base)))
             self._base[key] = base
         const = cm.in_hop_vec(devices, i, embed_last, decode, tokens)
-        io_per_token = cm.in_bytes_per_token(devices, i, embed_last, decode)
-        if k > 1:
-            io_per_token += cm.in_bytes_per_token(devices, (i + 1) % k, embed_last, decode)
+        io_per_token = cm.io_bytes_per_token(devices, i, embed_last, decode)
         const = const + cm.agent_pass_s(d) + cm.agent_io_s(d, 1.0) * io_per_token * tokens
         if embed:
             const = const + np.array([cm.embed_s(d, t) for t in tokens])
