@@ -19,7 +19,7 @@ from functools import lru_cache
 
 import numpy as np
 
-from planner.inventory import Device, Hardware, Inventory, Link, hop_s
+from planner.inventory import Device, Hardware, Inventory, Link, hop_s, relay
 from planner.model import ModelSpec
 from planner.workload import Workload
 
@@ -48,6 +48,11 @@ class Layout:
     def head_on(self, i: int) -> bool:
         """Stage i runs the head."""
         return i == len(self.devices) - 1
+
+
+KV_MESSAGE_BYTES = 1024 * 1024
+"""Most KV bytes the agents put in one message (`e2llm_edge.device.kv_transfer.
+KV_CHUNK_BYTES`; a layer's KV is cut into messages of at most this)."""
 
 
 def micro_batch(concurrency: int, n_stages: int) -> int:
@@ -303,18 +308,23 @@ class CostModel:
 
     def kv_pieces(
         self, src: Layout, dst: Layout, prompt_tokens: float
-    ) -> list[tuple[int, int, int, float]]:
+    ) -> list[tuple[int, int, int, float, int]]:
         """The pieces a prompt's KV moves in from a prefill replica to a decoder: (source
-        stage, sending device, receiving device, bytes), in source stage order; each
-        source stage sends the KV of its layers to the devices holding them in the
-        decoder."""
+        stage, sending device, receiving device, bytes, messages), in source stage order;
+        each source stage sends the KV of its layers to the devices holding them in the
+        decoder, one message per layer (more if a layer's KV exceeds `KV_MESSAGE_BYTES`)."""
         out = []
+        kv = self.model.request_kv_bytes
         for i, s in enumerate(src.devices):
             for j, t in enumerate(dst.devices):
                 lo = max(src.bounds[i], dst.bounds[j])
                 hi = min(src.bounds[i + 1], dst.bounds[j + 1])
                 if hi > lo:
-                    out.append((i, s, t, self.model.request_kv_bytes(prompt_tokens, lo, hi)))
+                    messages = sum(
+                        max(1, math.ceil(kv(prompt_tokens, k, k + 1) / KV_MESSAGE_BYTES))
+                        for k in range(lo, hi)
+                    )
+                    out.append((i, s, t, kv(prompt_tokens, lo, hi), messages))
         return out
 
     def kv_flows(
@@ -328,21 +338,53 @@ class CostModel:
         """
         send: dict[int, float] = {}
         recv: dict[int, float] = {}
-        for _, s, t, nbytes in self.kv_pieces(src, dst, prompt_tokens):
+        for _, s, t, nbytes, _ in self.kv_pieces(src, dst, prompt_tokens):
             send[s] = send.get(s, 0.0) + nbytes
             recv[t] = recv.get(t, 0.0) + nbytes
         return send, recv
 
+    def kv_delivery(
+        self,
+        src: Layout,
+        dst: Layout,
+        prompt_tokens: float,
+        ready: Sequence[float],
+        up_free: np.ndarray,
+        down_free: np.ndarray,
+    ) -> list[tuple[int, float]]:
+        """(receiving device, when its agent has taken the piece in) for each piece of a
+        prompt's KV, the pieces of source stage i leaving at `ready[i]`. Pieces queue on
+        the links, whose next free times `up_free` and `down_free` (per device) are moved
+        on; within a piece the broker relays message by message (`relay`), and the
+        receiving agent takes each message in as it arrives."""
+        out = []
+        for i, s, t, nbytes, messages in self.kv_pieces(src, dst, prompt_tokens):
+            r = relay(
+                self.links[s],
+                self.links[t],
+                nbytes,
+                messages,
+                start=ready[i],
+                up_free=float(up_free[s]),
+                down_free=float(down_free[t]),
+            )
+            up_free[s], down_free[t] = r.up_free, r.down_free
+            taken = max(
+                r.last + self.agent_io_s(t, nbytes / messages),
+                r.first + self.agent_io_s(t, nbytes),
+            )
+            out.append((t, taken))
+        return out
+
     def kv_transfer_s(self, src: Layout, dst: Layout, prompt_tokens: float) -> float:
         """Seconds to move a prompt's KV cache from a prefill replica to a decoder on idle
-        links: sends from one device share its uplink, receives share the downlink, and
-        the downlinks start once the uplinks are done (store and forward); each receiving
-        agent then takes its part in (the senders' work is in their prefill pass,
+        links once the prefill is done, until every receiving agent has taken its part in
+        (`kv_delivery`; the senders' work is in their prefill pass,
         `stage_times(kv_out=True)`)."""
-        send, recv = self.kv_flows(src, dst, prompt_tokens)
-        up = max(self.links[s].one_way_s(b) for s, b in send.items())
-        down = max(self.links[t].one_way_s(b) + self.agent_io_s(t, b) for t, b in recv.items())
-        return up + down
+        n = len(self.inventory)
+        k = len(src.devices)
+        done = self.kv_delivery(src, dst, prompt_tokens, [0.0] * k, np.zeros(n), np.zeros(n))
+        return max(t for _, t in done)
 
     def kv_link_s(self, layout: Layout, prompt_tokens: float) -> float:
         """Seconds the busiest link of a replica is occupied by one prompt's KV (sent out

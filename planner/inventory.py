@@ -79,6 +79,51 @@ def hop_s(src: Link, dst: Link, nbytes: float) -> float:
 
 
 @dataclass(frozen=True)
+class Relayed:
+    """Times of a train of messages relayed by the broker (see `relay`)."""
+
+    up_free: float
+    """When the sender's uplink has pushed the last message."""
+    down_free: float
+    """When the receiver's downlink has pushed the last message."""
+    first: float
+    """When the first message has reached the receiver."""
+    last: float
+    """When the last message has reached the receiver."""
+
+
+def relay(
+    src: Link,
+    dst: Link,
+    nbytes: float,
+    messages: int,
+    *,
+    start: float = 0.0,
+    up_free: float = 0.0,
+    down_free: float = 0.0,
+) -> Relayed:
+    """`nbytes` in `messages` equal messages, device -> broker -> device, when the links
+    are next free at `up_free` and `down_free`: the broker stores and forwards each
+    message, so the downlink carries message j while the uplink pushes message j+1 (a
+    train takes about its slower link's time plus one message on the faster, not both
+    links' whole time).
+
+    Message j leaves the uplink at u_j = u0 + j*a (u0 = max(start, up_free), a and b the
+    seconds per message on each link), and the downlink at
+    d_j = max(d_(j-1), u_j + uplink latency) + b, which unrolls to the closed form below.
+    """
+    n = max(1, int(messages))
+    per = nbytes / n
+    a = per * 8.0 / (src.bandwidth_mbps * 1e6)
+    b = per * 8.0 / (dst.bandwidth_mbps * 1e6)
+    lat_up, lat_down = src.latency_ms * 1e-3, dst.latency_ms * 1e-3
+    u0 = max(start, up_free)
+    first = max(down_free, u0 + a + lat_up) + b
+    last = max(down_free + n * b, u0 + lat_up + max(n * a + b, a + n * b))
+    return Relayed(u0 + n * a, last, first + lat_down, last + lat_down)
+
+
+@dataclass(frozen=True)
 class DeviceProfile:
     """Measured per-layer costs of one device for one model."""
 

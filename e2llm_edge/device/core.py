@@ -896,12 +896,14 @@ class DeviceCore:
                     plan_version=place.version,
                 ),
             )
-        if handoff:
-            if kv is None:
-                raise Failure(ErrorCode.INTERNAL, "prefill for a handoff returned no KV")
-            self._hand_over_kv(place, decoder, key, ctx, kv, now)
+        if handoff and kv is None:
+            raise Failure(ErrorCode.INTERNAL, "prefill for a handoff returned no KV")
+        finished = False
         if place.is_last:
-            self._sample(
+            # the first token (and the decoder's first step) go out before this stage's
+            # KV: on a slow uplink they would otherwise queue behind megabytes of it, and
+            # the decoder's stages before this one can compute while the KV travels
+            finished = self._sample(
                 place,
                 key,
                 st,
@@ -911,6 +913,9 @@ class DeviceCore:
                 m.StepTimings(prefill_queued_s=round(queued, 6)),
             )
         if handoff:
+            assert kv is not None
+            if not finished:  # an answer of one token needs no decoder
+                self._hand_over_kv(place, decoder, key, ctx, kv, now)
             self._free(key)
 
     def _hand_over_kv(
@@ -1017,7 +1022,8 @@ class DeviceCore:
         index: int,
         handoff_to: Replica | None,
         timings: m.StepTimings | None,
-    ) -> None:
+    ) -> bool:
+        """Sample the next token and send it on; True if it ended the request."""
         ctx = st.ctx
         token = sample(logits, ctx.sampling, index)
         stop = token == ctx.eos_token_id
@@ -1050,7 +1056,7 @@ class DeviceCore:
                         ),
                     )
             self._free(key)
-            return
+            return True
         step = index + 1
         # The next step goes first: the token's way to the client is off the critical path.
         self._send(
@@ -1067,6 +1073,7 @@ class DeviceCore:
             ),
         )
         self._emit(Report(out))
+        return False
 
     def _send(
         self, device_id: str, msg: m.Activation | m.KVChunk | m.DecodeStep | m.Release

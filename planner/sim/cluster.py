@@ -13,9 +13,12 @@ model (the simulated "truth"); the router only sees the plan's predictions.
   stage times.
 - DECODER replicas run up to `concurrency` requests; one step yields a token for each,
   every cycle(n) seconds for a batch of n; newcomers join at step boundaries.
-- MIXED replicas alternate: a dispatched prompt is prefilled through the whole pipeline
-  while the batch is paused (the paused requests are stalled, i.e. waiting), else the
-  batch takes a decode step.
+- MIXED replicas run stage by stage, as the agents do: every stage is a FIFO server of
+  prompt passes and decode steps, decode steps that meet at a stage run as one batch, and
+  a step that waits at a stage while it prefills someone else's prompt is stalled (i.e.
+  waiting) for that long. A step behind a prompt follows it down the pipeline, doing its
+  own work at each stage while the prompt occupies the next, so it loses the prompt's
+  stage time minus its own at each stage, not the prompt's whole pass.
 - KV memory is checked on every device at every admission and every token: weights,
   workspace and the live KV of the requests it holds must fit its memory, or the run
   stops with `SimulationError` naming the device (the router's reservations prevent it).
@@ -98,6 +101,26 @@ class _Live:
 
 
 @dataclass
+class _Job:
+    """A prompt pass or a batch of decode steps moving down a MIXED replica's stages."""
+
+    prefill: bool
+    lives: list[tuple[_Live, int]]
+    """The requests it carries, each with the epoch it was sent under."""
+    arrived: float = 0.0
+    """When it reached the stage it waits at."""
+
+
+@dataclass
+class _Stage:
+    """One stage of a MIXED replica: what waits there, and when it last prefilled."""
+
+    queue: deque[_Job] = field(default_factory=deque)
+    busy: bool = False
+    prefills: deque[tuple[float, float]] = field(default_factory=lambda: deque(maxlen=16))
+
+
+@dataclass
 class _Node:
     """One replica at run time."""
 
@@ -106,7 +129,8 @@ class _Node:
     stage_free: list[float]
     active: list[_Live] = field(default_factory=list)
     joining: list[_Live] = field(default_factory=list)
-    mixed_queue: deque[_Live] = field(default_factory=deque)
+    stages: list[_Stage] = field(default_factory=list)
+    """A MIXED replica's stages as FIFO servers (empty for other roles)."""
     stepping: bool = False
     kv_live: dict[str, float] = field(default_factory=dict)
     """Live KV tokens per request on this replica."""
@@ -117,6 +141,8 @@ class _Node:
     passes: dict[str, float] = field(default_factory=dict)
     """Prompts being prefilled here (their workspace is in use)."""
     cycles: dict[int, tuple[float, list[float]]] = field(default_factory=dict)
+    stage_s: dict[tuple[bool, int], list[float]] = field(default_factory=dict)
+    """Each stage's time for a decode batch or a prompt of that many tokens (cached)."""
     epoch: int = 0
     """Bumped when the node is dropped by a re-layout (its events do nothing)."""
 
@@ -291,9 +317,7 @@ class _Cluster:
         node.passes[lv.rid] = float(lv.prompt)
         self._kv_add(node, lv, lv.prompt)
         if node.replica.role == "mixed":
-            node.mixed_queue.append(lv)
-            if not node.stepping:
-                self._mixed_iteration(node, now)
+            self._stage_arrive(node, 0, _Job(True, [(lv, lv.epoch)]), now)
             return
         t = now
         service = 0.0
@@ -349,11 +373,11 @@ class _Cluster:
             )
             return
         self._kv_add(node, lv, lv.prompt)
-        links = self.cm.links
         # Bound at dispatch (no bind message), each prefill stage sent its layers' KV as
         # soon as its pass was done, while the later stages computed; bound later, the KV
-        # leaves when the bind arrives. Each piece crosses its sender's uplink, then
-        # (store and forward) its receiver's downlink, then the receiving agent takes it in.
+        # leaves when the bind arrives. Each piece crosses its sender's uplink, then its
+        # receiver's downlink (the broker relays it message by message), then the
+        # receiving agent takes it in (`CostModel.kv_delivery`).
         # The first step can start once each decoder stage will have its layers' KV by
         # the time the step reaches it (a later stage's KV may still be on its way while
         # the first stages compute).
@@ -361,14 +385,11 @@ class _Cluster:
         early = message_s == 0.0 and len(lv.kv_ready) == k
         _, stage_s = self._cycle(node, 1)
         reach = dict(zip(node.layout.devices, np.cumsum([0.0, *stage_s[:-1]]), strict=True))
-        done = now
-        for i, s, d, nbytes in self.cm.kv_pieces(src.layout, node.layout, lv.prompt):
-            start = lv.kv_ready[i] if early else now + message_s
-            up = max(start, float(self.up_free[s])) + links[s].one_way_s(nbytes)
-            self.up_free[s] = up
-            down = max(up, float(self.down_free[d])) + links[d].one_way_s(nbytes)
-            self.down_free[d] = down
-            done = max(done, down + self.cm.agent_io_s(d, nbytes) - float(reach[d]))
+        ready = lv.kv_ready if early else [now + message_s] * k
+        pieces = self.cm.kv_delivery(
+            src.layout, node.layout, lv.prompt, ready, self.up_free, self.down_free
+        )
+        done = max([now, *(t - float(reach[d]) for d, t in pieces)])
         self.events.schedule(
             done, _KV, lambda at: self._kv_arrived(src, node, lv, at, epoch, node_epoch)
         )
@@ -389,21 +410,29 @@ class _Cluster:
         if moved:
             self._kv_free(src, lv)
         self.router.kv_moved(lv.rid, now)
-        node.joining.append(lv)
-        if not node.stepping:
-            self._step(node, now)
+        if node.replica.role == "mixed":
+            self._decode_in_stages(node, [lv], now)
+        else:
+            node.joining.append(lv)
+            if not node.stepping:
+                self._step(node, now)
         self.decide(now)
 
     # ---- decoding ----------------------------------------------------------------------
 
+    @staticmethod
+    def _admit_one(node: _Node, lv: _Live, now: float) -> None:
+        if np.isnan(lv.rec.decode_start_s):
+            lv.rec.decode_start_s = now
+            lv.rec.decoder_replica = node.replica.replica_id
+        elif not np.isnan(lv.paused_at):
+            lv.rec.decode_stall_s += now - lv.paused_at
+            lv.paused_at = float("nan")
+        node.active.append(lv)
+
     def _admit(self, node: _Node, now: float) -> None:
         for lv in node.joining:
-            if np.isnan(lv.rec.decode_start_s):
-                lv.rec.decode_start_s = now
-            elif not np.isnan(lv.paused_at):
-                lv.rec.decode_stall_s += now - lv.paused_at
-                lv.paused_at = float("nan")
-            node.active.append(lv)
+            self._admit_one(node, lv, now)
         node.joining.clear()
 
     def _step(self, node: _Node, now: float) -> None:
@@ -437,14 +466,14 @@ class _Cluster:
                 still.append(lv)
         node.active = still
         self._check_memory(node)
-        if node.replica.role == "mixed":
-            self._mixed_iteration(node, now)
-        else:
-            self._step(node, now)
+        self._step(node, now)
         if finished:
             self.decide(now)
 
     def _finish(self, lv: _Live, now: float) -> None:
+        if not np.isnan(lv.paused_at):  # its restart's prefill gave its last token
+            lv.rec.decode_stall_s += now - lv.paused_at
+            lv.paused_at = float("nan")
         lv.rec.finish_s = now
         lv.rec.output_tokens = lv.req.output_tokens
         lv.rec.status = "done"
@@ -455,46 +484,126 @@ class _Cluster:
 
     # ---- mixed replicas ------------------------------------------------------------------
 
-    def _mixed_iteration(self, node: _Node, now: float) -> None:
-        self._admit(node, now)
-        if node.mixed_queue and len(node.active) < node.replica.concurrency:
-            node.stepping = True
-            lv = node.mixed_queue.popleft()
-            times = self.cm.stage_times(node.layout, decode=False, tokens=lv.prompt)
-            for d, s in zip(node.layout.devices, times, strict=True):
-                self.busy[d] += s
-            total = sum(times)
+    def _stage_arrive(self, node: _Node, i: int, job: _Job, now: float) -> None:
+        if not node.stages:
+            node.stages = [_Stage() for _ in node.layout.devices]
+        stage = node.stages[i]
+        # A batch's steps leave a stage as one message each: an idle stage starts on the
+        # first while the others arrive, and those run together next.
+        parts = [job] if job.prefill else [_Job(False, [x]) for x in job.lives]
+        for n, part in enumerate(parts):
+            part.arrived = now
+            stage.queue.append(part)
+            if n == 0 and not stage.busy:
+                self._stage_start(node, i, now)
+
+    def _stage_start(self, node: _Node, i: int, now: float) -> None:
+        """Stage `i` takes the job at the head of its queue; decode steps queued one after
+        another run as one batch (as an agent batches consecutive decode messages). A
+        decode step is stalled for the time the stage spent prefilling while it waited."""
+        stage = node.stages[i]
+        stage.busy = False
+        job: _Job | None = None
+        while stage.queue and job is None:
+            head = stage.queue.popleft()
+            head.lives = [(lv, e) for lv, e in head.lives if lv.epoch == e]
+            if head.lives:
+                job = head
+        if job is None:
+            return
+        if not job.prefill:
+            self._stall(stage, job, now)
+            cap = max(1, node.replica.concurrency)
+            while stage.queue and not stage.queue[0].prefill:
+                more = stage.queue[0]
+                more.lives = [(lv, e) for lv, e in more.lives if lv.epoch == e]
+                if len(job.lives) + len(more.lives) > cap:
+                    break
+                stage.queue.popleft()
+                self._stall(stage, more, now)
+                job.lives.extend(more.lives)
+        if job.prefill:
+            ((lv, _),) = job.lives
+            s = self._stage_s(node, False, lv.prompt)[i]
+            stage.prefills.append((now, now + s))
             if lv.generated == 0:
-                lv.rec.prefill_service_s += total
-            for other in node.active:
-                other.rec.decode_stall_s += total
-            epoch, node_epoch = lv.epoch, node.epoch
+                lv.rec.prefill_service_s += s
+        else:
+            s = self._stage_s(node, True, len(job.lives))[i]
+        stage.busy = True
+        self.busy[node.layout.devices[i]] += s
+        node_epoch = node.epoch
+        self.events.schedule(
+            now + s, _STEP, lambda at: self._stage_done(node, i, job, at, node_epoch)
+        )
 
-            def prefilled(at: float) -> None:
-                if node.epoch != node_epoch:
-                    return
-                if lv.epoch == epoch:
-                    node.passes.pop(lv.rid, None)
-                    self.router.prefill_done(lv.rid, at)
-                    fresh = lv.generated == 0
-                    self._first_token(lv, at)
-                    if lv.generated >= lv.req.output_tokens:
-                        self._kv_free(node, lv)
-                        self._finish(lv, at)
-                    else:
-                        if fresh:
-                            lv.rec.decode_start_s = at
-                            lv.rec.decoder_replica = node.replica.replica_id
-                        node.joining.append(lv)
-                self._mixed_iteration(node, at)
-                self.decide(at)
+    @staticmethod
+    def _stall(stage: _Stage, job: _Job, now: float) -> None:
+        waited = 0.0
+        for start, end in stage.prefills:
+            waited += max(0.0, min(end, now) - max(start, job.arrived))
+        for lv, _ in job.lives:
+            lv.rec.decode_stall_s += waited
 
-            self.events.schedule(now + total, _STEP, prefilled)
+    def _stage_s(self, node: _Node, decode: bool, tokens: int) -> list[float]:
+        key = (decode, tokens)
+        if key not in node.stage_s:
+            node.stage_s[key] = self.cm.stage_times(node.layout, decode=decode, tokens=tokens)
+        return node.stage_s[key]
+
+    def _stage_done(self, node: _Node, i: int, job: _Job, now: float, node_epoch: int) -> None:
+        if node.epoch != node_epoch:
             return
-        if node.active:
-            self._step(node, now)
+        if i + 1 < len(node.stages):
+            self._stage_arrive(node, i + 1, job, now)
+        elif job.prefill:
+            self._prefilled_in_stages(node, job, now)
+        else:
+            self._stepped_in_stages(node, job, now)
+        self._stage_start(node, i, now)
+
+    def _prefilled_in_stages(self, node: _Node, job: _Job, now: float) -> None:
+        ((lv, epoch),) = job.lives
+        if lv.epoch != epoch:
             return
-        node.stepping = False
+        node.passes.pop(lv.rid, None)
+        self.router.prefill_done(lv.rid, now)
+        self._first_token(lv, now)
+        if lv.generated >= lv.req.output_tokens:
+            self._kv_free(node, lv)
+            self._finish(lv, now)
+        else:
+            self._decode_in_stages(node, [lv], now)
+        self.decide(now)
+
+    def _decode_in_stages(self, node: _Node, lives: list[_Live], now: float) -> None:
+        for lv in lives:
+            self._admit_one(node, lv, now)
+        self._check_memory(node)
+        self._stage_arrive(node, 0, _Job(False, [(lv, lv.epoch) for lv in lives]), now)
+
+    def _stepped_in_stages(self, node: _Node, job: _Job, now: float) -> None:
+        """A batch of steps left the last stage: a token each; the rest go round again."""
+        still = []
+        finished = False
+        for lv, epoch in job.lives:
+            if lv.epoch != epoch:
+                continue
+            lv.generated += 1
+            node.kv_live[lv.rid] += 1.0
+            node.kv_total += 1.0
+            if lv.generated >= lv.req.output_tokens:
+                node.active.remove(lv)
+                self._kv_free(node, lv)
+                self._finish(lv, now)
+                finished = True
+            else:
+                still.append((lv, epoch))
+        self._check_memory(node)
+        if still:
+            self._stage_arrive(node, 0, _Job(False, still), now)
+        if finished:
+            self.decide(now)
 
     # ---- re-planning ---------------------------------------------------------------------
 
@@ -540,6 +649,7 @@ class _Cluster:
                 node = self.nodes[rid]
                 node.replica = new[rid]
                 node.cycles.clear()
+                node.stage_s.clear()
                 node.stage_free = [max(now, f) for f in node.stage_free]
         if self.state == "draining" and self.router.in_flight == 0:
             self._relayout(now)

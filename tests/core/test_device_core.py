@@ -38,6 +38,37 @@ def test_pipelined_prefill_kv_handoff_and_decode_match_the_one_piece_answer() ->
     assert not w.cached_attempts(), "every device freed the request"
 
 
+def test_the_last_prefill_stage_sends_the_first_token_before_its_kv() -> None:
+    """On a slow uplink the first token and the decoder's first step would otherwise queue
+    behind the stage's KV; a one-token answer sends no KV at all (no decoder needs it)."""
+    w = World(two_by_two())
+    w.boot()
+    sent: list[tuple[str, type]] = []
+    do = w._do
+
+    def record(n: str, cmds: list[dc.Command]) -> None:
+        for cmd in cmds:
+            if isinstance(cmd, dc.Send | dc.Report):
+                sent.append((n, type(cmd.msg)))
+        do(n, cmds)
+
+    w._do = record  # type: ignore[method-assign]
+    w.submit("r1", "first token first", 5)
+    w.run()
+    assert answer(w, "r1").token_ids == reference(prompt_ids("first token first"), 5, 8)
+    from_p1 = [kind for n, kind in sent if n == "p1"]
+    first_kv = from_p1.index(m.KVChunk)
+    assert m.DecodeStep in from_p1[:first_kv] and m.TokenOut in from_p1[:first_kv]
+    assert m.KVChunk in [kind for n, kind in sent if n == "p0"]
+
+    sent.clear()
+    w.submit("r2", "one token", 1)
+    w.run()
+    assert answer(w, "r2").token_ids == reference(prompt_ids("one token"), 1, 8)
+    assert ("p1", m.KVChunk) not in sent
+    assert not w.cached_attempts(), "every device freed the request"
+
+
 def test_batched_decoders_and_concurrent_requests_each_get_their_own_answer() -> None:
     wide = three_replicas()
     wide = Plan(

@@ -16,7 +16,7 @@ from planner_factories import (
 
 from planner.costs import CostModel, Layout, micro_batch
 from planner.dp import CONCURRENCY_STEPS, SplitSolver
-from planner.inventory import Inventory
+from planner.inventory import Inventory, relay
 
 
 def compositions(total: int, parts: int) -> list[tuple[int, ...]]:
@@ -166,5 +166,8 @@ def test_a_stage_costs_its_layers_and_the_agents_own_work() -> None:
     # two rows: the last stage sends their token ids back to the first
     assert dec[0] - dec0[0] == pytest.approx(pass_s + per_mb * 2 * (4 + act))
     assert dec[1] - dec0[1] == pytest.approx(pass_s + per_mb * 2 * (act + 4))
+    # the busiest receiver (b, 3 layers) takes each layer's message in as it arrives: its
+    # work starts with the first one and outlasts the network's by the rest
+    train = relay(inv.devices[1].link, inv.devices[1].link, 100 * 3 * kv, 3)
     moved = cm.kv_transfer_s(lay, lay, 100) - cm0.kv_transfer_s(lay, lay, 100)
-    assert moved == pytest.approx(per_mb * 100 * 3 * kv)  # the busiest receiver's part
+    assert moved == pytest.approx(train.first + per_mb * 100 * 3 * kv - train.last)

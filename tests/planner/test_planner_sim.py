@@ -172,6 +172,7 @@ def test_each_prefill_stage_sends_its_kv_when_its_pass_is_done() -> None:
     while the later stages still compute (as the agents do); bound later, when the bind
     message arrives. Slow links make the difference visible."""
     from planner.costs import CostModel, Layout
+    from planner.inventory import relay
 
     inv = Inventory.from_dict(
         {
@@ -202,9 +203,13 @@ def test_each_prefill_stage_sends_its_kv_when_its_pass_is_done() -> None:
     times = cm.stage_times(src, decode=False, tokens=prompt, kv_out=True)
     ready = [times[0], times[0] + times[1]]
     dst = Layout((2, 3), (0, 1, 4), False)
+    pieces = cm.kv_pieces(src, dst, prompt)
+    assert [(i, s, d, n) for i, s, d, _, n in pieces] == [(0, 0, 2, 1), (1, 1, 3, 3)]
+    # each layer a message, relayed one by one; each received as it arrives
+    relayed = [relay(cm.links[s], cm.links[d], b, n, start=ready[i]) for i, s, d, b, n in pieces]
     arrive = [
-        ready[i] + cm.links[s].one_way_s(b) + cm.links[d].one_way_s(b) + cm.agent_io_s(d, b)
-        for i, s, d, b in cm.kv_pieces(src, dst, prompt)
+        max(r.last + cm.agent_io_s(d, b / n), r.first + cm.agent_io_s(d, b))
+        for r, (_, _, d, b, n) in zip(relayed, pieces, strict=True)
     ]
     # the first step may start before the last stage's KV is in: it needs it only when
     # the step reaches that stage, after the stages before it computed
@@ -217,3 +222,78 @@ def test_each_prefill_stage_sends_its_kv_when_its_pass_is_done() -> None:
     assert start < max(arrive)
     late = simulate(plan, inv, model, wl, req, bind="ready", bind_message_s=0.001).records[0]
     assert late.wait_for_decoder_s > early.wait_for_decoder_s
+
+
+def test_a_mixed_replica_interleaves_a_prompt_with_decoding_stage_by_stage() -> None:
+    """As the agents do: a decode step meeting a prompt's pass at a stage waits for it,
+    then computes while the prompt occupies the next stage, and waits there only for the
+    rest of the prompt's pass. It is stalled (waiting) for those waits, not for the
+    prompt's whole pass through the pipeline."""
+    from planner.costs import CostModel, Layout
+
+    inv = Inventory.from_dict(
+        {"devices": [hardware_device(n, 1000, tflops=0.5, bw=10.0) for n in ("m0", "m1")]}
+    )
+    model = tiny_model(n_layers=4)
+    plan = Plan(
+        1,
+        "manual",
+        4,
+        [
+            Replica(
+                0,
+                "mixed",
+                2,
+                [
+                    Stage("m0", 0, 2, True, False, 0.0, 0.0),
+                    Stage("m1", 2, 4, False, True, 0.0, 0.0),
+                ],
+            )
+        ],
+    )
+    wl = Workload(64, 40, 0.01, length_dist="fixed")
+    cm = CostModel(inv, model, wl)
+    lay = Layout((0, 1), (0, 2, 4), False)
+    pa = cm.stage_times(lay, decode=False, tokens=16)
+    p0, p1 = cm.stage_times(lay, decode=False, tokens=256)
+    d0, d1 = cm.stage_times(lay, decode=True, tokens=1)
+    assert p0 > d0 + d1 and p1 > d0
+    first = sum(pa)  # A's first token; its first step then runs m0, m1, m0, ...
+    arrive_b = first + d0 + d1 / 2  # B arrives while A's step is on m1
+    reqs = [Request(0, 0.0, 16, 40), Request(1, arrive_b, 256, 2)]
+    res = simulate(plan, inv, model, wl, reqs)
+    a, b = res.records
+    assert a.first_token_s == pytest.approx(first)
+    # B's pass starts on m0 at once; A's step, back at m0 at first+d0+d1, waits for it,
+    # runs m0 while B runs m1, then waits on m1 for the rest of B's pass there
+    stall = (arrive_b + p0 - (first + d0 + d1)) + (p1 - d0)
+    assert a.decode_stall_s == pytest.approx(stall)
+    assert a.decode_stall_s < p0 + p1  # the whole-pass pause of the old model
+    assert b.first_token_s == pytest.approx(arrive_b + p0 + p1)
+    assert b.waiting_s == pytest.approx(0.0, abs=1e-12)
+
+
+def test_a_relayed_train_of_messages_matches_message_by_message() -> None:
+    """`relay`'s closed form against the recurrence it unrolls, links busy or idle."""
+    from planner.inventory import Link, relay
+
+    rng = np.random.default_rng(7)
+    for _ in range(200):
+        up = Link(float(rng.choice([10, 50, 100, 1000])), float(rng.uniform(0, 5)))
+        down = Link(float(rng.choice([10, 50, 100, 1000])), float(rng.uniform(0, 5)))
+        n = int(rng.integers(1, 12))
+        nbytes = float(rng.uniform(1e3, 5e6))
+        start, up_free, down_free = (float(x) for x in rng.uniform(0, 0.5, 3))
+        a = nbytes / n * 8 / (up.bandwidth_mbps * 1e6)
+        b = nbytes / n * 8 / (down.bandwidth_mbps * 1e6)
+        u = max(start, up_free)
+        d = down_free
+        got = []
+        for _ in range(n):
+            u += a
+            d = max(d, u + up.latency_ms * 1e-3) + b
+            got.append(d + down.latency_ms * 1e-3)
+        r = relay(up, down, nbytes, n, start=start, up_free=up_free, down_free=down_free)
+        assert r.first == pytest.approx(got[0])
+        assert r.last == pytest.approx(got[-1])
+        assert r.up_free == pytest.approx(u) and r.down_free == pytest.approx(d)
