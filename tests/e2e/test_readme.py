@@ -130,6 +130,12 @@ COMMANDS: dict[str, str] = {
     "e2llm testbed run --methods e2llm,splitwise,pipeline --requests 60 --rate 0.1,0.2,0.3 "
     "--workload 128/64 --seed 0 --json runs/testbed.json --plot runs/testbed.png": PARSE,
     "e2llm testbed predict --json runs/testbed.json --out runs/again.json": PARSE,
+    ".venv/bin/python bench/real_models.py --models 0.5b "
+    "--skip reference,ppl,speed,batch,memory,cluster": BENCH,
+    "e2llm testbed run --inventory e2llm_edge/examples/testbed-qwen05.yaml "
+    "--model '~/.cache/e2llm/models/qwen2.5-coder-0.5b-instruct-q4_k_m' "
+    "--methods e2llm,splitwise,pipeline --requests 20 --rate 0.1,0.15,0.2 --workload 64/32 "
+    "--min-tokens-per-s 2 --seed 0 --json runs/qwen.json --plot runs/qwen.png": PARSE,
     ".venv/bin/python bench/moe.py": BENCH,
     "bash scripts/setup.sh": SUITE,
     ".venv/bin/e2llm up": PARSE,

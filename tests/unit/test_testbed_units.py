@@ -50,6 +50,21 @@ def test_bundled_inventory_fits_this_kind_of_machine() -> None:
     assert max(d.budget_mb for d in inv.devices) < 651
 
 
+def test_the_qwen_inventory_needs_two_devices_per_replica() -> None:
+    """The real model's inventory: the same devices, the quantized graph, budgets below
+    the ~690 MB the planner counts for Qwen2.5-Coder-0.5B Q4_K_M in contrib/exact (24
+    layers of 15-17.5 MB, embedding and head 153 MB each), and above half of it."""
+    qwen = load_testbed_inventory(bundled_inventory().with_name("testbed-qwen05.yaml"))
+    base = load_testbed_inventory(bundled_inventory())
+    qwen.check_fits(cpus=2)
+    assert (qwen.graph, qwen.precision) == ("contrib", "exact")
+    assert [(d.id, d.cpu_percent, d.link) for d in qwen.devices] == [
+        (d.id, d.cpu_percent, d.link) for d in base.devices
+    ]
+    budgets = sorted(d.budget_mb for d in qwen.devices)
+    assert budgets[-1] < 690 and budgets[-1] + budgets[-2] > 690
+
+
 @pytest.mark.parametrize(
     ("over", "words"),
     [
