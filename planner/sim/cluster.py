@@ -488,14 +488,20 @@ class _Cluster:
         if not node.stages:
             node.stages = [_Stage() for _ in node.layout.devices]
         stage = node.stages[i]
-        # A batch's steps leave a stage as one message each: an idle stage starts on the
-        # first while the others arrive, and those run together next.
-        parts = [job] if job.prefill else [_Job(False, [x]) for x in job.lives]
-        for n, part in enumerate(parts):
-            part.arrived = now
-            stage.queue.append(part)
-            if n == 0 and not stage.busy:
-                self._stage_start(node, i, now)
+        job.arrived = now
+        if stage.busy or job.prefill or len(job.lives) == 1:
+            stage.queue.append(job)
+        else:
+            # A batch's steps leave a stage as one message each: an idle stage starts on
+            # the first while the others arrive, and those run together next.
+            rest = _Job(False, job.lives[1:], now)
+            job.lives = job.lives[:1]
+            stage.queue.append(job)
+            self._stage_start(node, i, now)
+            stage.queue.append(rest)
+            return
+        if not stage.busy:
+            self._stage_start(node, i, now)
 
     def _stage_start(self, node: _Node, i: int, now: float) -> None:
         """Stage `i` takes the job at the head of its queue; decode steps queued one after
@@ -514,12 +520,16 @@ class _Cluster:
         if not job.prefill:
             self._stall(stage, job, now)
             cap = max(1, node.replica.concurrency)
-            while stage.queue and not stage.queue[0].prefill:
+            while stage.queue and not stage.queue[0].prefill and len(job.lives) < cap:
                 more = stage.queue[0]
                 more.lives = [(lv, e) for lv, e in more.lives if lv.epoch == e]
-                if len(job.lives) + len(more.lives) > cap:
-                    break
-                stage.queue.popleft()
+                room = cap - len(job.lives)
+                if len(more.lives) > room:  # the batch is full: the rest run next
+                    taken = _Job(False, more.lives[:room], more.arrived)
+                    more.lives = more.lives[room:]
+                    more = taken
+                else:
+                    stage.queue.popleft()
                 self._stall(stage, more, now)
                 job.lives.extend(more.lives)
         if job.prefill:
@@ -539,6 +549,8 @@ class _Cluster:
 
     @staticmethod
     def _stall(stage: _Stage, job: _Job, now: float) -> None:
+        if not stage.prefills or stage.prefills[-1][1] <= job.arrived:
+            return  # the stage prefilled nothing since the job arrived
         waited = 0.0
         for start, end in stage.prefills:
             waited += max(0.0, min(end, now) - max(start, job.arrived))
