@@ -524,7 +524,7 @@ def test_chat_in_a_terminal_keeps_history_and_ctrl_c_stops_an_answer(
 
     def say(text: str, interrupt_after: int | None = None) -> tuple[str, float]:
         """Type a line; returns the answer as shown and the prompt tokens it cost."""
-        before = metrics(gateway)[prompt_tokens]
+        before = metrics(gateway).get(prompt_tokens, 0.0)
         mark = len(term.screen)
         term.type(text + "\r")
         if interrupt_after is not None:
