@@ -110,6 +110,11 @@ class _Job:
     arrived: float = 0.0
     """When it reached the stage it waits at."""
 
+    def live(self) -> list[tuple[_Live, int]]:
+        """Its requests not restarted since it was sent (a restart bumps the epoch)."""
+        self.lives = [(lv, e) for lv, e in self.lives if lv.epoch == e]
+        return self.lives
+
 
 @dataclass
 class _Stage:
@@ -452,23 +457,25 @@ class _Cluster:
     def _step_done(self, node: _Node, now: float, node_epoch: int) -> None:
         if node.epoch != node_epoch:
             return
-        still = []
-        finished = False
-        for lv in node.active:
-            lv.generated += 1
-            node.kv_live[lv.rid] += 1.0
-            node.kv_total += 1.0
-            if lv.generated >= lv.req.output_tokens:
-                self._kv_free(node, lv)
-                self._finish(lv, now)
-                finished = True
-            else:
-                still.append(lv)
+        still = [lv for lv in node.active if not self._token(node, lv, now)]
+        finished = len(still) < len(node.active)
         node.active = still
         self._check_memory(node)
         self._step(node, now)
         if finished:
             self.decide(now)
+
+    def _token(self, node: _Node, lv: _Live, now: float) -> bool:
+        """A decode step gave `lv` its next token (its KV grows by one); True if that was
+        its last, and it is finished and its KV freed."""
+        lv.generated += 1
+        node.kv_live[lv.rid] += 1.0
+        node.kv_total += 1.0
+        if lv.generated < lv.req.output_tokens:
+            return False
+        self._kv_free(node, lv)
+        self._finish(lv, now)
+        return True
 
     def _finish(self, lv: _Live, now: float) -> None:
         if not np.isnan(lv.paused_at):  # its restart's prefill gave its last token
@@ -512,8 +519,7 @@ class _Cluster:
         job: _Job | None = None
         while stage.queue and job is None:
             head = stage.queue.popleft()
-            head.lives = [(lv, e) for lv, e in head.lives if lv.epoch == e]
-            if head.lives:
+            if head.live():
                 job = head
         if job is None:
             return
@@ -522,9 +528,8 @@ class _Cluster:
             cap = max(1, node.replica.concurrency)
             while stage.queue and not stage.queue[0].prefill and len(job.lives) < cap:
                 more = stage.queue[0]
-                more.lives = [(lv, e) for lv, e in more.lives if lv.epoch == e]
                 room = cap - len(job.lives)
-                if len(more.lives) > room:  # the batch is full: the rest run next
+                if len(more.live()) > room:  # the batch is full: the rest run next
                     taken = _Job(False, more.lives[:room], more.arrived)
                     more.lives = more.lives[room:]
                     more = taken
@@ -598,16 +603,9 @@ class _Cluster:
         """A batch of steps left the last stage: a token each; the rest go round again."""
         still = []
         finished = False
-        for lv, epoch in job.lives:
-            if lv.epoch != epoch:
-                continue
-            lv.generated += 1
-            node.kv_live[lv.rid] += 1.0
-            node.kv_total += 1.0
-            if lv.generated >= lv.req.output_tokens:
+        for lv, epoch in job.live():
+            if self._token(node, lv, now):
                 node.active.remove(lv)
-                self._kv_free(node, lv)
-                self._finish(lv, now)
                 finished = True
             else:
                 still.append((lv, epoch))
