@@ -21,6 +21,7 @@ import numpy as np
 
 from planner.inventory import Device, Hardware, Inventory, Link, hop_s, relay
 from planner.model import ModelSpec
+from planner.plan import micro_batch
 from planner.workload import Workload
 
 TOKEN_ID_BYTES = 4
@@ -53,11 +54,6 @@ class Layout:
 KV_MESSAGE_BYTES = 1024 * 1024
 """Most KV bytes the agents put in one message (`e2llm_edge.device.kv_transfer.
 KV_CHUNK_BYTES`; a layer's KV is cut into messages of at most this)."""
-
-
-def micro_batch(concurrency: int, n_stages: int) -> int:
-    """Size of each of the min(k, c) micro-batches a k-stage decoder splits c requests into."""
-    return math.ceil(concurrency / min(n_stages, concurrency))
 
 
 class CostModel:

@@ -105,6 +105,12 @@ class Timing:
         return self.decode_cycle_s[max(1, min(n, len(self.decode_cycle_s))) - 1]
 
 
+def micro_batch(concurrency: int, n_stages: int) -> int:
+    """Size of each of the min(k, c) micro-batches a k-stage decoder splits c requests into
+    (the planner's decode model, and the largest batch an agent of such a replica runs)."""
+    return math.ceil(concurrency / min(n_stages, concurrency))
+
+
 @dataclass(frozen=True)
 class Replica:
     """A group of devices that together hold the whole model."""
@@ -125,6 +131,13 @@ class Replica:
     def device_ids(self) -> list[str]:
         """Devices in pipeline order."""
         return [s.device_id for s in self.stages]
+
+    @property
+    def micro_batch(self) -> int:
+        """Decode steps a stage runs and sends on together: the replica's requests in
+        min(stages, concurrency) micro-batches, so every stage has one to work on (a
+        prefill replica decodes nothing: 1)."""
+        return micro_batch(self.concurrency, len(self.stages)) if self.concurrency > 0 else 1
 
     @property
     def embed_last(self) -> bool:

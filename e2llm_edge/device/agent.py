@@ -291,7 +291,7 @@ class Agent:
         self.core.wall_clock = time.time()
         if isinstance(env.msg, m.PlanMsg):
             await self._do(self.core.plan(env.msg.plan, now))
-        elif isinstance(env.msg, c.Work):
+        elif isinstance(env.msg, c.Incoming):
             await self._do(self.core.accept(env.msg, now))
         self.wake.set()
 

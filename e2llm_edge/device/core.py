@@ -39,6 +39,8 @@ from planner.plan import Plan, Replica
 from planner.plan import Stage as PlanStage
 
 Work = m.PrefillStart | m.Activation | m.KVChunk | m.DecodeStep | m.Release
+Incoming = Work | m.DecodeBatch
+"""What `accept` takes: work, or a batch of decode steps (unpacked into the inbox)."""
 
 
 @dataclass(frozen=True)
@@ -114,7 +116,7 @@ class Send:
     """A message to a peer device's inbox."""
 
     device_id: str
-    msg: m.Activation | m.KVChunk | m.DecodeStep | m.Release
+    msg: m.Activation | m.KVChunk | m.DecodeStep | m.DecodeBatch | m.Release
 
 
 @dataclass(frozen=True)
@@ -326,6 +328,9 @@ class DeviceCore:
             0,
         )
         self._out: list[Command] = []
+        self._gather: dict[str, tuple[int, list[m.Activation | m.DecodeStep]]] | None = None
+        """While a decode batch's results go out: per next device, the index in `_out`
+        of its send and the steps it carries (they leave as one `DecodeBatch`)."""
 
     # ------------------------------------------------------------------ helpers
 
@@ -461,10 +466,19 @@ class DeviceCore:
 
     # ------------------------------------------------------------------ inbox
 
-    def accept(self, msg: Work, now: float) -> list[Command]:
+    def accept(self, msg: Incoming, now: float) -> list[Command]:
         """An inbox message arrived. Releases act at once (they free memory); KV chunks are
-        assembled at once (bookkeeping only); the rest waits in the bounded inbox."""
+        assembled at once (bookkeeping only); the rest waits in the bounded inbox, a
+        decode batch's steps side by side (so they are batched again here)."""
         self.now = now
+        if isinstance(msg, m.DecodeBatch):
+            for step in msg.steps:
+                self._enqueue(step, now)
+        else:
+            self._enqueue(msg, now)
+        return self._take()
+
+    def _enqueue(self, msg: Work, now: float) -> None:
         if isinstance(msg, m.Release):
             self._release(msg)
         elif isinstance(msg, m.KVChunk):
@@ -478,7 +492,6 @@ class DeviceCore:
             )
         else:
             self.inbox.append(Inbound(msg, now))
-        return self._take()
 
     def reject_malformed(self, request_id: str | None, error: str) -> list[Command]:
         """A message for us failed to decode. If it named a request, whatever this device
@@ -573,9 +586,8 @@ class DeviceCore:
             first = self.inbox.popleft()
             if _is_decode(first.msg):
                 batch = [first]
-                while (
-                    self.inbox and len(batch) < self.cfg.max_batch and _is_decode(self.inbox[0].msg)
-                ):
+                cap = self._decode_cap()
+                while self.inbox and len(batch) < cap and _is_decode(self.inbox[0].msg):
                     batch.append(self.inbox.popleft())
                 job = self._decode_job(batch, now)
             else:
@@ -586,6 +598,17 @@ class DeviceCore:
         if not self.inbox and self.busy is None:
             self.beat = now
         return None, self._take()
+
+    def _decode_cap(self) -> int:
+        """Most decode steps in one batch: the replica's micro-batch (its concurrency
+        over min(stages, concurrency)), so that its requests circulate as that many
+        micro-batches and every stage has one to work on, as the planner's decode model
+        has it. Merging every step that queued instead would leave fewer, bigger batches
+        and stages idle while they travel."""
+        cap = self.cfg.max_batch
+        if self.placement is not None:
+            cap = min(cap, self.placement.replica.micro_batch)
+        return max(1, cap)
 
     def _new_job(self, pending: _Pending, **kw: object) -> Compute:
         job = next(self._jobs)
@@ -744,22 +767,32 @@ class DeviceCore:
                 self._fail(_key(msg), exc.code, str(exc))
             except (CodecError, ValueError) as exc:
                 self._fail(_key(msg), ErrorCode.BAD_REQUEST, str(exc))
-        # embed-only steps go first, one by one, in front of what is left
-        for item in reversed(embed_only[1:]):
-            self.inbox.appendleft(item)
         if embed_only and not rows:
-            msg = embed_only[0].msg
-            assert isinstance(msg, m.DecodeStep) and place0 is not None
-            key = AttemptKey(msg.request_id, msg.attempt)
-            stall = self._behind_prefill(embed_only[0].arrived, now)
+            # embedding next to the head: embed the steps together, for stage 0 to run
+            # them together
+            embed_rows: list[Row] = []
+            embed_items: list[tuple[Work, float]] = []
+            for item in embed_only:
+                msg = item.msg
+                assert isinstance(msg, m.DecodeStep)
+                key = AttemptKey(msg.request_id, msg.attempt)
+                ids = np.asarray([[msg.token_id]], np.int64)
+                embed_rows.append(Row(key, msg.position, ids=ids))
+                embed_items.append((msg, item.arrived))
+            stalls = [self._behind_prefill(item.arrived, now) for item in embed_only]
             return self._new_job(
-                _Pending("decode_embed", ((msg, embed_only[0].arrived),), (0.0,), (stall,)),
-                rows=(Row(key, msg.position, ids=np.asarray([[msg.token_id]], np.int64)),),
+                _Pending(
+                    "decode_embed",
+                    tuple(embed_items),
+                    (0.0,) * len(embed_items),
+                    tuple(stalls),
+                ),
+                rows=tuple(embed_rows),
                 layers=False,
                 head=False,
             )
-        if embed_only:
-            self.inbox.appendleft(embed_only[0])
+        for item in reversed(embed_only):  # they go next, in front of what is left
+            self.inbox.appendleft(item)
         if not rows:
             return None
         assert place0 is not None
@@ -824,6 +857,27 @@ class DeviceCore:
         elif pending.kind in ("prefill", "prefill_embed"):
             self.prefill_runs.append((pending.started, now))
         place = self.placement
+        if pending.kind in ("decode", "decode_embed"):
+            self._gather = {}
+        try:
+            self._results(pending, res.out, res.kv, keys, place, now)
+        finally:
+            gathered, self._gather = self._gather, None
+        for device_id, (at, steps) in (gathered or {}).items():
+            if len(steps) > 1:
+                batch = m.DecodeBatch(steps=tuple(steps), plan_version=steps[0].plan_version)
+                self._out[at] = Send(device_id, batch)
+        return self._take()
+
+    def _results(
+        self,
+        pending: _Pending,
+        outs: np.ndarray,
+        kv: dict[int, tuple[int, np.ndarray, np.ndarray]] | None,
+        keys: list[AttemptKey | None],
+        place: Placement | None,
+        now: float,
+    ) -> None:
         for i, (msg, _) in enumerate(pending.items):
             key = keys[i]
             if (
@@ -833,18 +887,17 @@ class DeviceCore:
             ):
                 continue  # released, or a new plan, while it ran
             try:
-                out = res.out[i : i + 1]
+                out = outs[i : i + 1]
                 if pending.kind == "prefill_embed":
                     self._after_prefill_embed(place, msg, out, pending.waits[i])
                 elif pending.kind == "prefill":
-                    self._after_prefill(place, msg, out, res.kv, pending.waits[i], now)
+                    self._after_prefill(place, msg, out, kv, pending.waits[i], now)
                 elif pending.kind == "decode_embed":
                     self._after_decode_embed(place, msg, out, pending.stalls[i])
                 else:
                     self._after_decode(place, msg, out, pending.waits[i], pending.stalls[i], now)
             except Failure as exc:
                 self._fail(key, exc.code, str(exc))
-        return self._take()
 
     def _after_prefill_embed(
         self, place: Placement, carry: Work, hidden: np.ndarray, queued: float
@@ -1081,6 +1134,11 @@ class DeviceCore:
         if device_id == self.id and not isinstance(msg, m.KVChunk | m.Release):
             self.inbox.append(Inbound(msg, self.now))
             return
+        if self._gather is not None and isinstance(msg, m.Activation | m.DecodeStep):
+            if device_id in self._gather:
+                self._gather[device_id][1].append(msg)
+                return
+            self._gather[device_id] = (len(self._out), [msg])
         self._emit(Send(device_id, msg))
 
     # ------------------------------------------------------------------ KV receive

@@ -117,6 +117,7 @@ class Kind(IntEnum):
     REQUEST_EVENT = 33
     CLUSTER_SUMMARY = 34
     PROBE = 35
+    DECODE_BATCH = 36
 
 
 # --------------------------------------------------------------------------- structs
@@ -708,6 +709,35 @@ class DecodeStep(Message):
     position: int
     step: int
     context: RequestContext | None = None
+
+
+MAX_DECODE_BATCH = 256
+"""Most steps one `DecodeBatch` may carry (a stage batches at most its replica's
+concurrency, and a plan's concurrency is far below this)."""
+
+
+@register
+@dataclass(frozen=True, kw_only=True)
+class DecodeBatch(Message):
+    """The decode steps a stage ran as one batch, sent on to the next stage as one
+    message, so that the next stage runs them as one batch too.
+
+    Sent one message per request, a batch fell apart at every idle stage (it started on
+    the first step to arrive, and the rest ran after it): a 4-stage decoder serving 8
+    requests measured a mean batch of 1.2 per stage where the planner counts on
+    micro-batches of 2. One message is also one broker round trip instead of one per
+    request. Each step is checked on its own, as if it had come alone."""
+
+    KIND: ClassVar[Kind] = Kind.DECODE_BATCH
+    steps: tuple[Activation | DecodeStep, ...]
+
+    def __post_init__(self) -> None:
+        n = len(self.steps)
+        if not 1 <= n <= MAX_DECODE_BATCH:
+            raise ValueError(f"a decode batch carries 1 to {MAX_DECODE_BATCH} steps, got {n}")
+        for s in self.steps:
+            if isinstance(s, Activation) and s.phase != "decode":
+                raise ValueError(f"a decode batch carries a {s.phase} activation ({s.request_id})")
 
 
 @register

@@ -156,7 +156,15 @@ DEVICE_INBOX = Topic(
     "device/{device_id}/inbox",
     1,
     False,
-    (m.PrefillStart, m.Activation, m.KVChunk, m.DecodeStep, m.Release, m.Probe),
+    (
+        m.PrefillStart,
+        m.Activation,
+        m.KVChunk,
+        m.DecodeStep,
+        m.DecodeBatch,
+        m.Release,
+        m.Probe,
+    ),
     "Work for one device: from the orchestrator, and activations / KV from peer devices"
     " (and the device's own probe of its message path).",
 )

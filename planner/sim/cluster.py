@@ -14,9 +14,10 @@ model (the simulated "truth"); the router only sees the plan's predictions.
 - DECODER replicas run up to `concurrency` requests; one step yields a token for each,
   every cycle(n) seconds for a batch of n; newcomers join at step boundaries.
 - MIXED replicas run stage by stage, as the agents do: every stage is a FIFO server of
-  prompt passes and decode steps, decode steps that meet at a stage run as one batch, and
-  a step that waits at a stage while it prefills someone else's prompt is stalled (i.e.
-  waiting) for that long. A step behind a prompt follows it down the pipeline, doing its
+  prompt passes and decode steps, decode steps that meet at a stage run as one batch of
+  at most the replica's micro-batch and travel on as one message, and a step that waits
+  at a stage while it prefills someone else's prompt is stalled (i.e. waiting) for that
+  long. A step behind a prompt follows it down the pipeline, doing its
   own work at each stage while the prompt occupies the next, so it loses the prompt's
   stage time minus its own at each stage, not the prompt's whole pass.
 - KV memory is checked on every device at every admission and every token: weights,
@@ -496,24 +497,15 @@ class _Cluster:
             node.stages = [_Stage() for _ in node.layout.devices]
         stage = node.stages[i]
         job.arrived = now
-        if stage.busy or job.prefill or len(job.lives) == 1:
-            stage.queue.append(job)
-        else:
-            # A batch's steps leave a stage as one message each: an idle stage starts on
-            # the first while the others arrive, and those run together next.
-            rest = _Job(False, job.lives[1:], now)
-            job.lives = job.lives[:1]
-            stage.queue.append(job)
-            self._stage_start(node, i, now)
-            stage.queue.append(rest)
-            return
+        stage.queue.append(job)  # a batch's steps travel as one message (`DecodeBatch`)
         if not stage.busy:
             self._stage_start(node, i, now)
 
     def _stage_start(self, node: _Node, i: int, now: float) -> None:
         """Stage `i` takes the job at the head of its queue; decode steps queued one after
-        another run as one batch (as an agent batches consecutive decode messages). A
-        decode step is stalled for the time the stage spent prefilling while it waited."""
+        another run as one batch of at most the replica's micro-batch (as an agent
+        batches consecutive decode messages). A decode step is stalled for the time the
+        stage spent prefilling while it waited."""
         stage = node.stages[i]
         stage.busy = False
         job: _Job | None = None
@@ -524,8 +516,11 @@ class _Cluster:
         if job is None:
             return
         if not job.prefill:
+            cap = node.replica.micro_batch
+            if len(job.lives) > cap:  # the rest run next
+                stage.queue.appendleft(_Job(False, job.lives[cap:], job.arrived))
+                job.lives = job.lives[:cap]
             self._stall(stage, job, now)
-            cap = max(1, node.replica.concurrency)
             while stage.queue and not stage.queue[0].prefill and len(job.lives) < cap:
                 more = stage.queue[0]
                 room = cap - len(job.lives)

@@ -36,7 +36,7 @@ def stage(dev: str, a: int, b: int, embed: bool, head: bool) -> Stage:
     return Stage(dev, a, b, embed, head, 0.05, 0.01)
 
 
-def two_by_two(version: int = 1) -> Plan:
+def two_by_two(version: int = 1, concurrency: int = 2) -> Plan:
     """A PREFILL replica (p0, p1) and a DECODER replica (d0, d1) of an 8-layer model."""
     return Plan(
         version,
@@ -47,7 +47,10 @@ def two_by_two(version: int = 1) -> Plan:
                 0, "prefill", 1, [stage("p0", 0, 4, True, False), stage("p1", 4, 8, False, True)]
             ),
             Replica(
-                1, "decoder", 2, [stage("d0", 0, 4, True, False), stage("d1", 4, 8, False, True)]
+                1,
+                "decoder",
+                concurrency,
+                [stage("d0", 0, 4, True, False), stage("d1", 4, 8, False, True)],
             ),
         ],
     )

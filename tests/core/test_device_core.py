@@ -113,6 +113,47 @@ def test_embedding_on_the_last_stage_feeds_stage_zero() -> None:
     assert answer(w, "r1").token_ids == reference(prompt_ids("embedding next to the head"), 9, 8)
 
 
+def test_a_decoder_embedding_next_to_its_head_keeps_its_micro_batches_whole() -> None:
+    """The last stage embeds its sampled tokens together and sends them to stage 0 as one
+    `DecodeBatch`; stage 0 runs them as one batch. Answers stay those of the one-piece
+    model."""
+    embed_last = Plan(
+        1,
+        "pinned",
+        8,
+        [
+            Replica(
+                0, "prefill", 1, [stage("p0", 0, 4, False, False), stage("p1", 4, 8, True, True)]
+            ),
+            Replica(
+                1, "decoder", 4, [stage("d0", 0, 4, False, False), stage("d1", 4, 8, True, True)]
+            ),
+        ],
+    )
+    w = World(embed_last)
+    w.boot()
+    sizes: dict[str, list[int]] = {"d0": [], "d1": []}
+    do = w._do
+
+    def record(n: str, cmds: list[dc.Command]) -> None:
+        for cmd in cmds:
+            if n in sizes and isinstance(cmd, dc.Send) and not isinstance(cmd.msg, m.Release):
+                batch = cmd.msg
+                sizes[n].append(len(batch.steps) if isinstance(batch, m.DecodeBatch) else 1)
+        do(n, cmds)
+
+    w._do = record  # type: ignore[method-assign]
+    prompts = {f"r{i}": "batched " * (i + 1) for i in range(4)}
+    for rid, text in prompts.items():
+        w.submit(rid, text, 12)
+    w.run()
+    for rid, text in prompts.items():
+        assert answer(w, rid).token_ids == reference(prompt_ids(text), 12, 8), rid
+    assert max(sizes["d0"]) == 2 and max(sizes["d1"]) == 2, sizes  # micro-batches of 2
+    assert w.devices["d0"].core.counters["decode_batches"] < sum(sizes["d0"])
+    assert not w.cached_attempts()
+
+
 def test_a_device_lost_mid_stream_the_answer_continues_unchanged() -> None:
     w = World(three_replicas())
     w.boot()
@@ -138,8 +179,8 @@ def test_a_device_lost_mid_stream_the_answer_continues_unchanged() -> None:
 # --------------------------------------------------------------------------- one core
 
 
-def ready_core(**kw: object) -> tuple[dc.DeviceCore, Plan]:
-    plan = two_by_two()
+def ready_core(concurrency: int = 2, **kw: object) -> tuple[dc.DeviceCore, Plan]:
+    plan = two_by_two(concurrency=concurrency)
     core = dc.DeviceCore(
         dc.DeviceConfig(
             device_id="d0",
@@ -152,7 +193,7 @@ def ready_core(**kw: object) -> tuple[dc.DeviceCore, Plan]:
     )  # type: ignore[arg-type]
     cmds = core.plan(plan, 0.0)
     (load,) = [x for x in cmds if isinstance(x, dc.Load)]
-    assert load.layers == (0, 4) and load.embed and not load.head and load.slots == 2
+    assert load.layers == (0, 4) and load.embed and not load.head and load.slots == concurrency
     core.loaded(plan.version, None, 0.0)
     assert core.status == DeviceStatus.READY
     return core, plan
@@ -226,20 +267,48 @@ def test_kv_that_never_arrives_fails_the_request_with_kv_timeout() -> None:
     assert AttemptKey("r1", 0) not in core.attempts
 
 
-def test_consecutive_decode_steps_run_as_one_batch() -> None:
-    core, _ = ready_core(max_batch=2)
+def kv_and_step(core: dc.DeviceCore, rid: str) -> None:
+    for layer in range(4):
+        core.accept(chunk(rid, layer), 0.0)
+    core.accept(step(rid, 1, 3, with_ctx=True), 0.0)
+
+
+def test_consecutive_decode_steps_run_as_one_micro_batch_and_leave_as_one_message() -> None:
+    # 4 requests over 2 stages: micro-batches of 2, so both stages have one to work on
+    core, _ = ready_core(concurrency=4)
     for rid in ("a", "b", "c"):
-        for layer in range(4):
-            core.accept(chunk(rid, layer), 0.0)
-        core.accept(step(rid, 1, 3, with_ctx=True), 0.0)
+        kv_and_step(core, rid)
     job, _ = core.next_job(0.0)
     assert job is not None and [r.key.request_id for r in job.rows] == ["a", "b"]
     out = np.zeros((2, 1, HIDDEN), np.float32)
-    sends = [x for x in core.computed(dc.Computed(job.job, out), 0.0) if isinstance(x, dc.Send)]
-    assert [s.device_id for s in sends] == ["d1", "d1"]
-    assert all(isinstance(s.msg, m.Activation) and s.msg.context is not None for s in sends)
+    (send,) = [x for x in core.computed(dc.Computed(job.job, out), 0.0) if isinstance(x, dc.Send)]
+    assert send.device_id == "d1" and isinstance(send.msg, m.DecodeBatch)
+    assert [s.request_id for s in send.msg.steps] == ["a", "b"]
+    assert all(isinstance(s, m.Activation) and s.context is not None for s in send.msg.steps)
     job2, _ = core.next_job(0.0)
     assert job2 is not None and [r.key.request_id for r in job2.rows] == ["c"]
+    out = np.zeros((1, 1, HIDDEN), np.float32)
+    (send,) = [x for x in core.computed(dc.Computed(job2.job, out), 0.0) if isinstance(x, dc.Send)]
+    assert isinstance(send.msg, m.Activation), "a batch of one travels as itself"
+
+
+def test_the_configured_max_batch_still_caps_a_micro_batch() -> None:
+    core, _ = ready_core(concurrency=4, max_batch=1)
+    for rid in ("a", "b"):
+        kv_and_step(core, rid)
+    job, _ = core.next_job(0.0)
+    assert job is not None and [r.key.request_id for r in job.rows] == ["a"]
+
+
+def test_a_decode_batch_received_runs_as_one_batch() -> None:
+    core, _ = ready_core(concurrency=4)
+    for rid in ("a", "b"):
+        for layer in range(4):
+            core.accept(chunk(rid, layer), 0.0)
+    batch = m.DecodeBatch(steps=(step("a", 1, 3, with_ctx=True), step("b", 1, 3, with_ctx=True)))
+    core.accept(batch, 0.0)
+    job, _ = core.next_job(0.0)
+    assert job is not None and [r.key.request_id for r in job.rows] == ["a", "b"]
 
 
 def test_a_full_inbox_answers_overloaded() -> None:

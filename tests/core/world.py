@@ -253,7 +253,7 @@ class World:
         if isinstance(msg, m.PlanMsg):
             self._do(dest, dev.core.plan(msg.plan, self.now))
         else:
-            assert isinstance(msg, dc.Work)
+            assert isinstance(msg, dc.Incoming)
             self._do(dest, dev.core.accept(msg, self.now))
 
     def step(self) -> bool:

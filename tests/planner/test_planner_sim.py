@@ -297,3 +297,30 @@ def test_a_relayed_train_of_messages_matches_message_by_message() -> None:
         assert r.first == pytest.approx(got[0])
         assert r.last == pytest.approx(got[-1])
         assert r.up_free == pytest.approx(u) and r.down_free == pytest.approx(d)
+
+
+def test_a_mixed_replica_decodes_in_micro_batches_that_travel_whole() -> None:
+    """4 requests decoding on 2 stages circulate as 2 micro-batches of 2 (each stage runs
+    at most the replica's micro-batch, and a batch travels on as one message, as the
+    agents do): a token every decode_cycle of the planner's model, the figure the planner
+    counts on for a DECODER replica. (Here one batch of four would be faster: the head
+    makes m1 the slower stage, and two micro-batches wait on it in turn. The planner's
+    model fixes min(stages, concurrency) micro-batches; it does not choose their number.)"""
+    from planner.costs import CostModel, Layout, decode_cycle
+
+    inv = Inventory.from_dict(
+        {"devices": [hardware_device(n, 1000, tflops=0.5, bw=10.0) for n in ("m0", "m1")]}
+    )
+    model = tiny_model(n_layers=4)
+    stages = [Stage("m0", 0, 2, True, False, 0.0, 0.0), Stage("m1", 2, 4, False, True, 0.0, 0.0)]
+    plan = Plan(1, "manual", 4, [Replica(0, "mixed", 4, stages)])
+    wl = Workload(8, 400, 0.01, length_dist="fixed")
+    cm = CostModel(inv, model, wl)
+    lay = Layout((0, 1), (0, 2, 4), False)
+    cycle = decode_cycle(cm.stage_times(lay, decode=True, tokens=2), 4)
+    whole = sum(cm.stage_times(lay, decode=True, tokens=4))  # one batch of all four
+    assert abs(cycle - whole) > 0.1 * whole  # the two regimes differ here
+    res = simulate(plan, inv, model, wl, [Request(i, 0.0, 8, 400) for i in range(4)])
+    for r in res.records:
+        tbt = (r.finish_s - r.first_token_s) / (r.output_tokens - 1)
+        assert tbt == pytest.approx(cycle, rel=0.02)

@@ -135,6 +135,25 @@ def examples() -> list[m.Message]:
             sent_at=12.5,
         ),
         m.DecodeStep(request_id=m.RequestId("r1"), attempt=0, token_id=42, position=7, step=1),
+        m.DecodeBatch(
+            steps=(
+                m.DecodeStep(
+                    request_id=m.RequestId("r1"), attempt=0, token_id=42, position=7, step=1
+                ),
+                m.Activation(
+                    request_id=m.RequestId("r2"),
+                    attempt=1,
+                    phase="decode",
+                    hidden=f32(1, 1, 576),
+                    position_start=9,
+                    step=2,
+                    stalled_s=0.5,
+                    seq=2,
+                    plan_version=3,
+                ),
+            ),
+            plan_version=3,
+        ),
         m.TokenOut(
             request_id=m.RequestId("r1"),
             attempt=0,
@@ -208,5 +227,9 @@ def assert_same(a: m.Message, b: m.Message) -> None:
             assert isinstance(y, np.ndarray)
             assert x.dtype == y.dtype and x.shape == y.shape, name
             np.testing.assert_array_equal(x, y)
+        elif isinstance(x, tuple) and x and isinstance(x[0], m.Message):  # a batch's steps
+            assert isinstance(y, tuple) and len(x) == len(y), name
+            for xi, yi in zip(x, y, strict=True):
+                assert_same(xi, yi)
         else:
             assert x == y, name

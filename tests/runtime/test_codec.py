@@ -447,3 +447,31 @@ def test_kv_assembler_rejects_inconsistent_chunks_and_discards() -> None:
     with pytest.raises(KeyError):
         asm.take(KEY, 0)
     assert b.token_start == 5
+
+
+def test_a_decode_batch_is_checked_step_by_step() -> None:
+    """A batch's steps are the same structs as lone steps, with the same checks; a batch
+    of none, or one carrying a prompt's activation, names what is wrong."""
+    act = m.Activation(
+        request_id=m.RequestId("r"),
+        attempt=0,
+        phase="decode",
+        hidden=f32(1, 1, 8),
+        position_start=4,
+        step=1,
+    )
+    batch = m.DecodeBatch(steps=(act,))
+    raw = msgpack.unpackb(m.encode(batch), raw=False)
+    cases = [
+        ([], "decode_batch", "1 to 256 steps, got 0"),
+        ([{**raw["b"]["steps"][0], "phase": "prefill"}], "decode_batch", "prefill activation"),
+        ([{**raw["b"]["steps"][0], "step": "1"}], "decode_batch.steps[0]", "expected"),
+        ([{"token_id": 1}], "decode_batch.steps[0]", "expected"),
+    ]
+    for steps, field, needle in cases:
+        with pytest.raises(CodecError) as info:
+            m.decode(_tamper(batch, b__steps=steps))
+        assert info.value.field == field, steps
+        assert needle in info.value.reason, info.value.reason
+    with pytest.raises(ValueError, match="1 to 256"):
+        m.DecodeBatch(steps=())
