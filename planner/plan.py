@@ -133,13 +133,6 @@ class Replica:
         return [s.device_id for s in self.stages]
 
     @property
-    def micro_batch(self) -> int:
-        """Decode steps a stage runs and sends on together: the replica's requests in
-        min(stages, concurrency) micro-batches, so every stage has one to work on (a
-        prefill replica decodes nothing: 1)."""
-        return micro_batch(self.concurrency, len(self.stages)) if self.concurrency > 0 else 1
-
-    @property
     def embed_last(self) -> bool:
         """The embedding sits on the last stage (next to the head)."""
         return self.stages[-1].embed and len(self.stages) > 1

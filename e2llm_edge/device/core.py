@@ -35,7 +35,7 @@ from e2llm_edge.device.sampling import sample
 from e2llm_edge.errors import CodecError
 from e2llm_edge.wire import messages as m
 from e2llm_edge.wire.messages import AttemptKey, DeviceStatus, ErrorCode, RequestContext
-from planner.plan import Plan, Replica
+from planner.plan import Plan, Replica, micro_batch
 from planner.plan import Stage as PlanStage
 
 Work = m.PrefillStart | m.Activation | m.KVChunk | m.DecodeStep | m.Release
@@ -600,14 +600,16 @@ class DeviceCore:
         return None, self._take()
 
     def _decode_cap(self) -> int:
-        """Most decode steps in one batch: the replica's micro-batch (its concurrency
-        over min(stages, concurrency)), so that its requests circulate as that many
+        """Most decode steps in one batch: the micro-batch of the requests held here (n
+        requests on k stages: n over min(k, n)), so that they circulate as min(k, n)
         micro-batches and every stage has one to work on, as the planner's decode model
         has it. Merging every step that queued instead would leave fewer, bigger batches
         and stages idle while they travel."""
         cap = self.cfg.max_batch
-        if self.placement is not None:
-            cap = min(cap, self.placement.replica.micro_batch)
+        p = self.placement
+        if p is not None and p.slots > 0:
+            held = min(max(1, len(self.attempts)), p.slots)
+            cap = min(cap, micro_batch(held, len(p.replica.stages)))
         return max(1, cap)
 
     def _new_job(self, pending: _Pending, **kw: object) -> Compute:

@@ -503,9 +503,9 @@ class _Cluster:
 
     def _stage_start(self, node: _Node, i: int, now: float) -> None:
         """Stage `i` takes the job at the head of its queue; decode steps queued one after
-        another run as one batch of at most the replica's micro-batch (as an agent
-        batches consecutive decode messages). A decode step is stalled for the time the
-        stage spent prefilling while it waited."""
+        another run as one batch of at most the micro-batch of the requests decoding
+        here (as an agent batches consecutive decode messages). A decode step is stalled
+        for the time the stage spent prefilling while it waited."""
         stage = node.stages[i]
         stage.busy = False
         job: _Job | None = None
@@ -516,7 +516,7 @@ class _Cluster:
         if job is None:
             return
         if not job.prefill:
-            cap = node.replica.micro_batch
+            cap = micro_batch(max(1, len(node.active)), len(node.stages))
             if len(job.lives) > cap:  # the rest run next
                 stage.queue.appendleft(_Job(False, job.lives[cap:], job.arrived))
                 job.lives = job.lives[:cap]

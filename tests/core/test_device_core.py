@@ -274,7 +274,7 @@ def kv_and_step(core: dc.DeviceCore, rid: str) -> None:
 
 
 def test_consecutive_decode_steps_run_as_one_micro_batch_and_leave_as_one_message() -> None:
-    # 4 requests over 2 stages: micro-batches of 2, so both stages have one to work on
+    # 3 requests held over 2 stages: micro-batches of 2, so both stages have one to work on
     core, _ = ready_core(concurrency=4)
     for rid in ("a", "b", "c"):
         kv_and_step(core, rid)
@@ -294,7 +294,7 @@ def test_consecutive_decode_steps_run_as_one_micro_batch_and_leave_as_one_messag
 
 def test_the_configured_max_batch_still_caps_a_micro_batch() -> None:
     core, _ = ready_core(concurrency=4, max_batch=1)
-    for rid in ("a", "b"):
+    for rid in ("a", "b", "c"):
         kv_and_step(core, rid)
     job, _ = core.next_job(0.0)
     assert job is not None and [r.key.request_id for r in job.rows] == ["a"]
@@ -302,7 +302,7 @@ def test_the_configured_max_batch_still_caps_a_micro_batch() -> None:
 
 def test_a_decode_batch_received_runs_as_one_batch() -> None:
     core, _ = ready_core(concurrency=4)
-    for rid in ("a", "b"):
+    for rid in ("a", "b", "c", "d"):  # 4 requests held on 2 stages: micro-batches of 2
         for layer in range(4):
             core.accept(chunk(rid, layer), 0.0)
     batch = m.DecodeBatch(steps=(step("a", 1, 3, with_ctx=True), step("b", 1, 3, with_ctx=True)))
@@ -474,3 +474,13 @@ def test_a_decode_step_held_up_by_another_prompts_prefill_reports_the_stall() ->
     core.accept(step("r0", 3, 5), 2.3)  # nothing in the way
     (free,) = run(2.3, 2.35, 1, 1)
     assert free.stalled_s == 0.0
+
+
+def test_fewer_requests_than_slots_make_smaller_micro_batches() -> None:
+    """Two requests held on two stages: one each in flight, not one batch of two that
+    leaves a stage idle while it travels (the planner's micro_batch(n, k) for n held)."""
+    core, _ = ready_core(concurrency=4)
+    for rid in ("a", "b"):
+        kv_and_step(core, rid)
+    job, _ = core.next_job(0.0)
+    assert job is not None and [r.key.request_id for r in job.rows] == ["a"]
