@@ -25,6 +25,7 @@ import aiohttp
 import openai
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
+from terminal import as_from_a_terminal
 
 from e2llm_edge.device.profile import load_or_measure_profile
 from e2llm_edge.fog.textio import encode_chat, load_tokenizer
@@ -475,11 +476,17 @@ class Pty:
             stdout=slave,
             stderr=slave,
             start_new_session=True,
-            preexec_fn=lambda: fcntl.ioctl(0, termios.TIOCSCTTY, 0),
+            preexec_fn=self._terminal,
             env={**os.environ, "PYTHONUNBUFFERED": "1"},
         )
         os.close(slave)
         self.screen = ""
+
+    @staticmethod
+    def _terminal() -> None:
+        """In the child: the pty as its controlling terminal, SIGINT at its default."""
+        fcntl.ioctl(0, termios.TIOCSCTTY, 0)
+        as_from_a_terminal()
 
     def type(self, text: str) -> None:
         os.write(self.master, text.encode())

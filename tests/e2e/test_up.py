@@ -15,6 +15,7 @@ from pathlib import Path
 
 import openai
 import pytest
+from terminal import as_from_a_terminal
 
 from e2llm_edge.ops.broker import free_port
 
@@ -63,6 +64,7 @@ def test_up_serves_openai_and_ctrl_c_leaves_nothing(default_model: Path) -> None
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
+        preexec_fn=as_from_a_terminal,  # Ctrl-C reaches it however the suite started
         env={**os.environ, "PYTHONUNBUFFERED": "1"},
     )
     lines: queue.Queue[str] = queue.Queue()
