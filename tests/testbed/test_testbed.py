@@ -29,7 +29,6 @@ from planner import Workload
 pytestmark = [pytest.mark.model, pytest.mark.mosquitto, pytest.mark.slow]
 
 THREE = {
-    "cpu_period_ms": 10,
     "devices": [
         {
             "id": "fast",

@@ -69,7 +69,6 @@ def test_the_qwen_inventory_needs_two_devices_per_replica() -> None:
     ("over", "words"),
     [
         ({"cpu_percent": -5}, ["device pi-a", "cpu_percent", "-5"]),
-        ({"cpu_percent": 5}, ["device pi-a", "cpu_percent", "1 ms"]),
         ({"memory_mb": "lots"}, ["device pi-a", "memory_mb", "'lots'"]),
         ({"budget_mb": 700}, ["device pi-a", "budget_mb", "memory_mb"]),
         ({"link": {"bandwidth_mbps": 0, "latency_ms": 1}}, ["device pi-a: link", "bandwidth_mbps"]),
@@ -90,6 +89,26 @@ def test_inventory_errors_name_file_device_and_field(
     assert str(p) in msg
     for w in words:
         assert w in msg, msg
+
+
+def test_each_device_gets_the_shortest_cpu_period_its_share_allows() -> None:
+    """A 1 ms quota (the kernel's least) over the period that gives the share: bursts at
+    full speed last at most 1 ms. `cpu_period_ms` sets one period for every device."""
+    dev = doc()["devices"][0]
+    shares = [("a", 50), ("b", 10), ("c", 35), ("d", 5)]
+    devices = [{**dev, "id": i, "cpu_percent": pct} for i, pct in shares]
+    inv = TestbedInventory.from_dict({"devices": devices}, source="x.yaml")
+    periods = [inv.period_us(d) for d in inv.devices]
+    assert periods == [2000, 10000, 2858, 20000]
+    assert [d.quota_us(p) for d, p in zip(inv.devices, periods, strict=True)] == [1000] * 4
+    assert TestbedInventory.from_dict(inv.to_dict(), source="x.yaml") == inv
+    fixed = TestbedInventory.from_dict(
+        {"cpu_period_ms": 10, "devices": devices[:3]}, source="x.yaml"
+    )
+    assert [fixed.period_us(d) for d in fixed.devices] == [10000] * 3
+    assert TestbedInventory.from_dict(fixed.to_dict(), source="x.yaml") == fixed
+    with pytest.raises(TestbedError, match=r"x\.yaml: device d: cpu_percent 5 .* 1 ms"):
+        TestbedInventory.from_dict({"cpu_period_ms": 10, "devices": devices}, source="x.yaml")
 
 
 def test_inventory_rejects_shares_beyond_the_machine_and_duplicates() -> None:

@@ -200,8 +200,9 @@ class Testbed:
                 d.mkdir(exist_ok=True)
         for dev in inv.devices:
             cpu = self.cgroup("cpu", dev.id)
-            system.cg_write(cpu, "cpu.cfs_period_us", inv.period_us)
-            system.cg_write(cpu, "cpu.cfs_quota_us", dev.quota_us(inv.period_us))
+            period = inv.period_us(dev)
+            system.cg_write(cpu, "cpu.cfs_period_us", period)
+            system.cg_write(cpu, "cpu.cfs_quota_us", dev.quota_us(period))
             system.cg_write(cpu, "cpu.shares", max(2, round(1024 * dev.cpu_percent / 100)))
             mem = self.cgroup("memory", dev.id)
             limit = int(dev.memory_mb * 1e6)

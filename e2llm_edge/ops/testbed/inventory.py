@@ -2,7 +2,8 @@
 
 YAML, validated once at load; every error names the file, the device and the field::
 
-    cpu_period_ms: 10        # CFS period of every device's quota (optional, default 10)
+    cpu_period_ms: 10        # CFS period of every device's quota (optional; default: each
+                             # device's shortest, the period whose quota is the kernel's 1 ms)
     graph: standard          # graph variant the agents run and profile (optional)
     precision: fp32
     devices:
@@ -78,6 +79,12 @@ class EmulatedDevice:
         """cpu.cfs_quota_us for a CFS period of `period_us`."""
         return round(self.cpu_percent / 100.0 * period_us)
 
+    @property
+    def shortest_period_us(self) -> int:
+        """The shortest CFS period the kernel allows at this share: the one whose quota is
+        its 1 ms minimum (10 ms at 10 %, 2 ms at 50 %)."""
+        return max(MIN_QUOTA_US, math.ceil(MIN_QUOTA_US * 100.0 / self.cpu_percent))
+
 
 @dataclass(frozen=True)
 class TestbedInventory:
@@ -87,9 +94,16 @@ class TestbedInventory:
 
     devices: tuple[EmulatedDevice, ...]
     """The devices, in the order of the file."""
-    cpu_period_ms: float = 10.0
-    """CFS period of every quota: short, so a slow device is slow evenly rather than fast
-    for a burst and then stopped for most of a long period."""
+    cpu_period_ms: float | None = None
+    """CFS period of every quota; None: each device's shortest (`shortest_period_us`).
+
+    Short, so that a device is slow evenly, as a slow board is, rather than fast for a
+    burst and then stopped. Within a period a device runs at full speed until its quota
+    is spent: a decode step that fits in what is left of it (a stage idles between
+    steps while the others compute theirs) runs at full speed, faster than the profile,
+    which times sustained work. With 10 ms for every device, a 50 % device ran 5 ms
+    bursts; at its shortest period (2 ms) a burst is at most 1 ms, the kernel's smallest
+    quota."""
     graph: str = "standard"
     """Graph variant agents run and profile (the planner's memory figures are those of the
     fp32 weights, which is what the standard graph holds)."""
@@ -98,8 +112,10 @@ class TestbedInventory:
     source: str = "<inventory>"
     """Where it was read from (for messages)."""
 
-    @property
-    def period_us(self) -> int:
+    def period_us(self, dev: EmulatedDevice) -> int:
+        """cpu.cfs_period_us of `dev`."""
+        if self.cpu_period_ms is None:
+            return dev.shortest_period_us
         return round(self.cpu_period_ms * 1000)
 
     @property
@@ -126,7 +142,7 @@ class TestbedInventory:
         if not isinstance(doc, Mapping):
             raise TestbedError(f"{source}: expected a mapping with 'devices', got {_kind(doc)}")
         _unknown(doc, _TOP, source)
-        period = _num(doc, "cpu_period_ms", source, default=10.0, low=1.0)
+        period = _num(doc, "cpu_period_ms", source, low=1.0) if "cpu_period_ms" in doc else None
         graph = str(doc.get("graph", "standard"))
         precision = str(doc.get("precision", "fp32" if graph == "standard" else "exact"))
         raw = doc.get("devices")
@@ -150,7 +166,7 @@ class TestbedInventory:
             seen.add(dev_id)
             _unknown(d, _DEVICE, where)
             cpu = _num(d, "cpu_percent", where, low=0.0)
-            if cpu / 100.0 * period * 1000 < MIN_QUOTA_US:
+            if period is not None and cpu / 100.0 * period * 1000 < MIN_QUOTA_US:
                 raise TestbedError(
                     f"{where}: cpu_percent {cpu:g} of a {period:g} ms period is a quota under "
                     f"the kernel's 1 ms minimum (raise cpu_period_ms or the share)"
@@ -186,7 +202,7 @@ class TestbedInventory:
 
     def to_dict(self) -> dict[str, Any]:
         return {
-            "cpu_period_ms": self.cpu_period_ms,
+            **({} if self.cpu_period_ms is None else {"cpu_period_ms": self.cpu_period_ms}),
             "graph": self.graph,
             "precision": self.precision,
             "devices": [
