@@ -98,6 +98,33 @@ def decode_probe_layers(manifest: Manifest, variant: tuple[str, str], llc_bytes:
     return max(1, min(n_layers, math.ceil(2 * llc_bytes / mean)))
 
 
+PREFILL_PROBE_LAYERS = 4
+"""Layers a prefill is timed over (fewer if the model has fewer, or if they would exceed
+`PREFILL_PROBE_BYTES`)."""
+PREFILL_PROBE_BYTES = 256e6
+
+
+def prefill_probe_layers(manifest: Manifest, variant: tuple[str, str], n_decode: int) -> int:
+    """Layers to time a prefill over: `PREFILL_PROBE_LAYERS` within `PREFILL_PROBE_BYTES`
+    of weights, and at least the decode probe's.
+
+    A pass costs more than its layers: inputs and outputs, and an arena that hands its
+    activations back after a prefill and takes them again on the next. Measured with one
+    thread, about 15 % of one layer's time at every prompt length (Qwen2.5-0.5B contrib
+    and SmolLM2 fp32, 64-256 tokens: a 1-layer pass 45.9 ms, 4 layers 163.6 ms). Timed on
+    one layer, that share was counted once per layer of a stage, not once per pass: a
+    stage of 10 layers came out ~14 % slower than it ran, which the testbed saw as slow
+    devices prefilling 0.2-0.5 s per pass faster than their profiles. Over 4 layers the
+    overcount is a quarter of it."""
+    cost = manifest.cost or {}
+    per_variant = (cost.get("variants") or {}).get(f"{variant[0]}/{variant[1]}") or cost
+    layer_bytes = per_variant.get("layer_param_bytes") or cost.get("layer_param_bytes") or []
+    n_layers = int(manifest.config["n_layers"])
+    mean = sum(layer_bytes) / len(layer_bytes) if layer_bytes else 0.0
+    fit = int(PREFILL_PROBE_BYTES // mean) if mean > 0 else PREFILL_PROBE_LAYERS
+    return max(1, min(n_layers, max(n_decode, min(PREFILL_PROBE_LAYERS, fit))))
+
+
 def _fill(points: dict[int, float], upto: int) -> list[float]:
     """Per-concurrency list 1..upto by linear interpolation/extrapolation of measured points.
 
@@ -155,6 +182,7 @@ def measure_profile(
         points.append(ctx)
     past_tokens = max(1, min(PAST_TOKENS, ctx - 16))
     n_decode = decode_probe_layers(manifest, variant, last_level_cache_bytes())
+    n_prefill = prefill_probe_layers(manifest, variant, n_decode)
 
     def stage(n: int) -> Any:
         return load_stage(
@@ -174,16 +202,18 @@ def measure_profile(
     prefill_in, decode_in, inputs = _layer_inputs(manifest, variant, rng, points, steps)
     # one stage at a time, then the embedding and head: a small device holds one of them
     # (each closure gets its stage as a default, so `del` frees it)
-    stack = stage(1)
+    stack = stage(n_prefill)
     prefill = []
     for tokens, x in zip(points, prefill_in, strict=True):
 
         def pre(x: np.ndarray = x, n: int = tokens, stack: Any = stack) -> None:
             stack.run(x, 0, stack.new_cache(n))
 
-        prefill.append(_best(pre, reps))
-    del stack, pre
-    stack = stage(n_decode)
+        prefill.append(_best(pre, reps) / n_prefill)
+    del pre
+    if n_decode != n_prefill:  # else the same layers serve the decode probe
+        del stack
+        stack = stage(n_decode)
     decode: dict[int, float] = {}
     nkv, hd = int(cfg["n_kv_heads"]), int(cfg["head_dim"])
     past_k = rng.normal(0, 1, (1, nkv, past_tokens, hd)).astype(np.float32)
@@ -243,6 +273,7 @@ def measure_profile(
             "precision": variant[1],
             "past_tokens": past_tokens,
             "decode_layers": n_decode,
+            "prefill_layers": n_prefill,
             "decode_batches": list(DECODE_BATCHES),
             "inputs": inputs,
             "model": manifest.name,
@@ -311,8 +342,8 @@ def load_or_measure_profile(
         try:
             d = yaml.safe_load(path.read_text())
             problem = profile_problem(d) if isinstance(d, dict) else "not a mapping"
-            if problem is None and "decode_layers" not in (d.get("measured") or {}):
-                log.info("%s: decode timed on one cached layer (an older profile)", path)
+            if problem is None and "prefill_layers" not in (d.get("measured") or {}):
+                log.info("%s: prefill timed on one layer (an older profile)", path)
             elif problem is None:
                 return d
             else:
@@ -372,6 +403,7 @@ def profile_data(prof: dict[str, Any]) -> ProfileData:
             model=str(meta["model"]),
             at=str(meta["at"]),
             decode_layers=int(meta.get("decode_layers", 1)),
+            prefill_layers=int(meta.get("prefill_layers", 1)),
             cpu_share=float(meta["cpu_share"]) if meta.get("cpu_share") is not None else None,
         )
         if isinstance(meta, dict)

@@ -262,6 +262,8 @@ class ProfileMeta:
     at: str
     decode_layers: int = 1
     """Layers a decode step was timed over (enough to overflow the CPU's cache)."""
+    prefill_layers: int = 1
+    """Layers a prefill was timed over (so a pass's own cost is not counted per layer)."""
     cpu_share: float | None = None
     """The share of a CPU this process got while its message path was probed (a CFS
     quota, a busy machine); None: not probed."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 from pathlib import Path
 from typing import Any
@@ -12,9 +13,12 @@ import yaml
 
 from e2llm_edge.device.probe import cpu_share, fit
 from e2llm_edge.device.profile import (
+    PREFILL_PROBE_BYTES,
+    PREFILL_PROBE_LAYERS,
     _fill,
     decode_probe_layers,
     load_or_measure_profile,
+    prefill_probe_layers,
     profile_problem,
     save_profile,
     with_message_path,
@@ -98,13 +102,33 @@ def test_a_profile_from_before_the_cache_fix_is_measured_again(
 ) -> None:
     where = tmp_path / "profile.yaml"
     older = {**measured, "measured": dict(measured["measured"])}
-    del older["measured"]["decode_layers"]
+    del older["measured"]["prefill_layers"]  # prefill timed on one layer
     where.write_text(yaml.safe_dump(older))
     calls: list[str] = []
     again = load_or_measure_profile(
         tiny, 1, where, ("standard", "fp32"), on_measure=lambda: calls.append("m")
     )
-    assert calls == ["m"] and "decode_layers" in again["measured"]
+    assert calls == ["m"] and "prefill_layers" in again["measured"]
+
+
+def test_a_prefill_is_timed_over_several_layers_within_a_weight_cap(
+    tiny: Manifest, measured: dict[str, Any]
+) -> None:
+    """A pass's own cost (its inputs, outputs and arena) is shared by its layers: timed
+    over one layer it would be counted once per layer of a stage."""
+    variant = ("standard", "fp32")
+    n_layers = int(tiny.config["n_layers"])
+    want = min(n_layers, PREFILL_PROBE_LAYERS)
+    assert prefill_probe_layers(tiny, variant, 1) == want
+    assert prefill_probe_layers(tiny, variant, n_layers) == n_layers  # the decode probe's
+    huge = dataclasses.replace(
+        tiny,
+        cost={"layer_param_bytes": [PREFILL_PROBE_BYTES] * n_layers},
+    )
+    assert prefill_probe_layers(huge, variant, 1) == 1
+    assert measured["measured"]["prefill_layers"] == prefill_probe_layers(
+        tiny, variant, measured["measured"]["decode_layers"]
+    )
 
 
 def test_message_path_fit_separates_the_cost_per_pass_from_the_cost_per_byte() -> None:
