@@ -92,8 +92,9 @@ def test_batched_decoders_and_concurrent_requests_each_get_their_own_answer() ->
     assert not w.cached_attempts()
 
 
-def test_embedding_on_the_last_stage_feeds_stage_zero() -> None:
-    embed_last = Plan(
+def embed_last(concurrency: int) -> Plan:
+    """Two replicas of two stages whose embedding sits on the last stage, by the head."""
+    return Plan(
         1,
         "pinned",
         8,
@@ -102,11 +103,17 @@ def test_embedding_on_the_last_stage_feeds_stage_zero() -> None:
                 0, "prefill", 1, [stage("p0", 0, 4, False, False), stage("p1", 4, 8, True, True)]
             ),
             Replica(
-                1, "decoder", 2, [stage("d0", 0, 4, False, False), stage("d1", 4, 8, True, True)]
+                1,
+                "decoder",
+                concurrency,
+                [stage("d0", 0, 4, False, False), stage("d1", 4, 8, True, True)],
             ),
         ],
     )
-    w = World(embed_last)
+
+
+def test_embedding_on_the_last_stage_feeds_stage_zero() -> None:
+    w = World(embed_last(2))
     w.boot()
     w.submit("r1", "embedding next to the head", 9)
     w.run()
@@ -117,20 +124,7 @@ def test_a_decoder_embedding_next_to_its_head_keeps_its_micro_batches_whole() ->
     """The last stage embeds its sampled tokens together and sends them to stage 0 as one
     `DecodeBatch`; stage 0 runs them as one batch. Answers stay those of the one-piece
     model."""
-    embed_last = Plan(
-        1,
-        "pinned",
-        8,
-        [
-            Replica(
-                0, "prefill", 1, [stage("p0", 0, 4, False, False), stage("p1", 4, 8, True, True)]
-            ),
-            Replica(
-                1, "decoder", 4, [stage("d0", 0, 4, False, False), stage("d1", 4, 8, True, True)]
-            ),
-        ],
-    )
-    w = World(embed_last)
+    w = World(embed_last(4))
     w.boot()
     sizes: dict[str, list[int]] = {"d0": [], "d1": []}
     do = w._do
