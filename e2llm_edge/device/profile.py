@@ -84,15 +84,20 @@ def _best(
     return best
 
 
+def _mean_layer_bytes(manifest: Manifest, variant: tuple[str, str]) -> float:
+    """Mean weight bytes of one layer of `variant` (0: the manifest does not say)."""
+    cost = manifest.cost or {}
+    per_variant = (cost.get("variants") or {}).get(f"{variant[0]}/{variant[1]}") or cost
+    layer_bytes = per_variant.get("layer_param_bytes") or cost.get("layer_param_bytes") or []
+    return sum(layer_bytes) / len(layer_bytes) if layer_bytes else 0.0
+
+
 def decode_probe_layers(manifest: Manifest, variant: tuple[str, str], llc_bytes: int) -> int:
     """Layers to time a decode step over: enough that their weights are twice the CPU's
     last-level cache (`llc_bytes`), so every step reads them from memory as a stage does;
     at most the model's layers."""
-    cost = manifest.cost or {}
-    per_variant = (cost.get("variants") or {}).get(f"{variant[0]}/{variant[1]}") or cost
-    layer_bytes = per_variant.get("layer_param_bytes") or cost.get("layer_param_bytes") or []
     n_layers = int(manifest.config["n_layers"])
-    mean = sum(layer_bytes) / len(layer_bytes) if layer_bytes else 0.0
+    mean = _mean_layer_bytes(manifest, variant)
     if mean <= 0 or llc_bytes <= 0:
         return 1
     return max(1, min(n_layers, math.ceil(2 * llc_bytes / mean)))
@@ -116,11 +121,8 @@ def prefill_probe_layers(manifest: Manifest, variant: tuple[str, str], n_decode:
     stage of 10 layers came out ~14 % slower than it ran, which the testbed saw as slow
     devices prefilling 0.2-0.5 s per pass faster than their profiles. Over 4 layers the
     overcount is a quarter of it."""
-    cost = manifest.cost or {}
-    per_variant = (cost.get("variants") or {}).get(f"{variant[0]}/{variant[1]}") or cost
-    layer_bytes = per_variant.get("layer_param_bytes") or cost.get("layer_param_bytes") or []
     n_layers = int(manifest.config["n_layers"])
-    mean = sum(layer_bytes) / len(layer_bytes) if layer_bytes else 0.0
+    mean = _mean_layer_bytes(manifest, variant)
     fit = int(PREFILL_PROBE_BYTES // mean) if mean > 0 else PREFILL_PROBE_LAYERS
     return max(1, min(n_layers, max(n_decode, min(PREFILL_PROBE_LAYERS, fit))))
 
