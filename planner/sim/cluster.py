@@ -16,11 +16,11 @@ model (the simulated "truth"); the router only sees the plan's predictions.
 - MIXED replicas run stage by stage, as the agents do: every stage is a FIFO server of
   prompt passes and decode steps, decode steps that meet at a stage run as one batch of
   at most the micro-batch of the requests decoding there (`micro_batch(n, stages)`) and
-  travel on as one message, and a step that waits
-  at a stage while it prefills someone else's prompt is stalled (i.e. waiting) for that
-  long. A step behind a prompt follows it down the pipeline, doing its
-  own work at each stage while the prompt occupies the next, so it loses the prompt's
-  stage time minus its own at each stage, not the prompt's whole pass.
+  travel on as one message, and a step that waits at a stage while it prefills someone
+  else's prompt is stalled (i.e. waiting) for that long. A step behind a prompt follows
+  it down the pipeline, doing its own work at each stage while the prompt occupies the
+  next, so it loses the prompt's stage time minus its own at each stage, not the
+  prompt's whole pass.
 - KV memory is checked on every device at every admission and every token: weights,
   workspace and the live KV of the requests it holds must fit its memory, or the run
   stops with `SimulationError` naming the device (the router's reservations prevent it).
